@@ -1,0 +1,41 @@
+"""
+C{python -m timtx --version}; nodes are started with C{twist tim --config node.ini}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from timtx import __version__
+    from timtx.protocols import codec
+
+    parser = argparse.ArgumentParser(
+        prog="python -m timtx",
+        description="timtx instant-messaging engine. Start a node with: twist tim --config node.ini",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--check-config", metavar="PATH", help="validate a node.ini and exit")
+    args = parser.parse_args(argv)
+    if args.version:
+        accelerated = "C codec" if codec.ACCELERATED else "pure-Python codec (slow)"
+        print(f"timtx {__version__} ({accelerated})")
+        return 0
+    if args.check_config:
+        from timtx.config import ConfigError, load
+
+        try:
+            load(args.check_config)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.check_config}: ok")
+        return 0
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,498 @@
+# -*- test-case-name: timtx.test.test_client -*-
+"""
+A Twisted client for tim servers (timtx or tim itself), over WebSocket or
+raw TCP, in Thrift compact or JSON.
+
+    client = yield connect(reactor, "ws://127.0.0.1:5120/tim", encoding=Encoding.JSON)
+    yield client.login("alice", "secret")
+    frame = yield client.next(TimType.TIMMESSAGE)
+
+Frames from the server are decoded by type and kept in arrival order until
+L{TimClient.next} takes them, or handed to L{TimClient.onFrame} if you set
+it.  Frames that ask for an acknowledgement are acknowledged on arrival
+unless C{autoAck} is false.
+
+Registration and tokens go over HTTP C{/tim2}: see L{register} and
+L{requestToken}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
+from twisted.web.http_headers import Headers
+
+from timtx.protocols import codec
+from timtx.protocols.codec import Encoding
+from timtx.protocols.constants import TimType
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.frames import (
+    LengthPrefixedDecoder,
+    client_ack,
+    client_frame,
+    length_prefixed,
+    parse_server_frame,
+)
+from timtx.protocols.structs import (
+    TimAck,
+    TimAuth,
+    TimMessage,
+    TimMessageList,
+    TimNodes,
+    TimPresence,
+    TimReq,
+    TimStream,
+    TimStruct,
+)
+from timtx.webhook import BytesProducer
+
+#: What the body of each server frame type decodes into; C{None} for frames
+#: without a payload.  Other types arrive as raw bytes.
+SERVER_BODIES: dict[int, type[TimStruct] | None] = {
+    TimType.TIMACK: TimAck,
+    TimType.TIMPING: None,
+    TimType.TIMMESSAGE: TimMessage,
+    TimType.TIMPRESENCE: TimPresence,
+    TimType.TIMNODES: TimNodes,
+    TimType.TIMPULLMESSAGE: TimMessageList,
+    TimType.TIMOFFLINEMSG: TimMessageList,
+    TimType.TIMOFFLINEMSGEND: None,
+    TimType.TIMSTREAM: TimStream,
+}
+
+
+class TimRequestFailed(Exception):
+    """
+    The server answered a request with an error ack.
+
+    @ivar ack: the L{TimAck}.
+    @ivar code: its error code.
+    """
+
+    def __init__(self, ack: TimAck):
+        self.ack = ack
+        self.code = ack.error.code if ack.error else None
+        info = ack.error.info if ack.error else ""
+        super().__init__(f"{self.code}: {info}")
+
+
+class ClientTimeout(Exception):
+    """
+    No matching frame arrived in time.
+    """
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """
+    One frame from the server.
+
+    @ivar body: the decoded struct, C{None} for empty frames, or the raw
+        payload for types not in L{SERVER_BODIES}.
+    """
+
+    timType: int
+    ackId: int | None
+    body: Any
+    payload: bytes
+
+
+Match = Callable[[Incoming], bool]
+
+
+def _matcher(what: int | Match | None) -> Match:
+    if what is None:
+        return lambda incoming: True
+    if isinstance(what, int):
+        return lambda incoming: incoming.timType == what
+    return what
+
+
+def ackFor(timType: int) -> Match:
+    """
+    Matches the TIMACK answering a request of C{timType}.
+    """
+    return lambda i: i.timType == TimType.TIMACK and i.body is not None and i.body.timType == timType
+
+
+class TimClient:
+    """
+    The client side of one connection; see the module docstring.
+
+    @ivar received: frames not yet taken by L{next}, oldest first.
+    @ivar onFrame: if set, called with every L{Incoming} instead of keeping
+        it for L{next}.
+    @ivar uid: the account id once logged in.
+    """
+
+    maxKept = 100_000
+
+    def __init__(self, reactor: Any, encoding: Encoding, autoAck: bool = True):
+        self.reactor = reactor
+        self.encoding = encoding
+        self.autoAck = autoAck
+        self.received: list[Incoming] = []
+        self.onFrame: Callable[[Incoming], Any] | None = None
+        self.uid: str | None = None
+        self._waiters: list[tuple[Match, Deferred[Incoming], Any]] = []
+        self._transport: Any = None
+        self.closed: Deferred[None] = Deferred()
+        self.decodeErrors = 0
+        #: The WebSocket close code, once closed.
+        self.closeCode: int | None = None
+
+    # Wire.
+
+    def _attach(self, transport: Any) -> None:
+        self._transport = transport
+
+    def sendRaw(self, frame: bytes) -> None:
+        """
+        Send one frame's bytes as they are.
+        """
+        self._transport.writeFrame(frame)
+
+    def send(self, timType: int, body: TimStruct | None = None) -> None:
+        """
+        Send a frame, encoding C{body} in this client's encoding.
+        """
+        payload = b"" if body is None else codec.encode(body, self.encoding)
+        self.sendRaw(client_frame(timType, payload, self.encoding))
+
+    def ack(self, ackId: int) -> None:
+        self.sendRaw(client_ack(ackId, json=self.encoding is Encoding.JSON))
+
+    def disconnect(self) -> Deferred[None]:
+        """
+        Close the connection; the result fires once it is closed.
+        """
+        self._transport.loseTransport()
+        return self.closed
+
+    def _frameReceived(self, data: bytes) -> None:
+        try:
+            frame = parse_server_frame(data)
+        except TimProtocolError:
+            self.decodeErrors += 1
+            return
+        if frame.ackId is not None and self.autoAck:
+            self.ack(frame.ackId)
+        bodyType: Any = SERVER_BODIES.get(frame.timType, bytes)
+        body: Any
+        if bodyType is None:
+            body = None
+        elif bodyType is bytes:
+            body = frame.payload
+        else:
+            try:
+                body = codec.decode(bodyType, frame.payload, self.encoding)
+            except TimProtocolError:
+                self.decodeErrors += 1
+                body = frame.payload
+        incoming = Incoming(frame.timType, frame.ackId, body, frame.payload)
+        if self.onFrame is not None:
+            self.onFrame(incoming)
+            return
+        for index, (match, d, timeout) in enumerate(self._waiters):
+            if match(incoming):
+                del self._waiters[index]
+                if timeout.active():
+                    timeout.cancel()
+                d.callback(incoming)
+                return
+        self.received.append(incoming)
+        if len(self.received) > self.maxKept:
+            del self.received[0]
+
+    def _connectionLost(self, reason: Any) -> None:
+        for _, d, timeout in self._waiters:
+            if timeout.active():
+                timeout.cancel()
+            d.errback(ConnectionDone("connection closed while waiting for a frame"))
+        self._waiters = []
+        if not self.closed.called:
+            self.closed.callback(None)
+
+    # Waiting for frames.
+
+    def next(self, what: int | Match | None = None, timeout: float = 10.0) -> Deferred[Incoming]:
+        """
+        The oldest frame not yet taken that matches C{what} (a frame type, a
+        predicate, or anything), now or when it arrives.
+
+        @raise ClientTimeout: through the L{Deferred}, after C{timeout}
+            seconds without one.
+        """
+        match = _matcher(what)
+        for index, incoming in enumerate(self.received):
+            if match(incoming):
+                del self.received[index]
+                return succeed(incoming)
+        d: Deferred[Incoming] = Deferred()
+
+        def expire() -> None:
+            self._waiters = [w for w in self._waiters if w[1] is not d]
+            d.errback(ClientTimeout(f"no matching frame within {timeout}s"))
+
+        self._waiters.append((match, d, self.reactor.callLater(timeout, expire)))
+        return d
+
+    def take(self, what: int | Match | None = None) -> list[Incoming]:
+        """
+        Remove and return every kept frame matching C{what}.
+        """
+        match = _matcher(what)
+        taken = [i for i in self.received if match(i)]
+        self.received = [i for i in self.received if not match(i)]
+        return taken
+
+    @inlineCallbacks
+    def request(self, timType: int, body: TimStruct | None, reply: int | Match, timeout: float = 10.0) -> Any:
+        """
+        Send a frame and wait for the frame C{reply} matches.  A TIMACK
+        reply with C{ok} false raises L{TimRequestFailed}.
+        """
+        waiting = self.next(reply, timeout)
+        self.send(timType, body)
+        incoming = yield waiting
+        if isinstance(incoming.body, TimAck) and not incoming.body.ok:
+            raise TimRequestFailed(incoming.body)
+        return incoming
+
+    # Operations.
+
+    @inlineCallbacks
+    def login(
+        self,
+        name: str | None = None,
+        pwd: str | None = None,
+        domain: str | None = None,
+        *,
+        token: int | str | None = None,
+        resource: str | None = None,
+        termtyp: int | None = None,
+        extend: dict[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> Any:
+        """
+        Log in by name and password, or by C{token}.
+
+        @return: a L{Deferred} firing with the TIMAUTH L{TimAck}; its C{n}
+            is the account id.
+        @raise TimRequestFailed: if the server refuses.
+        """
+        auth = TimAuth(
+            name=name, pwd=pwd, domain=domain, token=token, resource=resource, termtyp=termtyp, extend=extend
+        )
+        incoming = yield self.request(TimType.TIMAUTH, auth, ackFor(TimType.TIMAUTH), timeout)
+        self.uid = incoming.body.n
+        return incoming.body
+
+    @inlineCallbacks
+    def ping(self, timeout: float = 10.0) -> Any:
+        """
+        Send TIMPING and wait for the answer.
+        """
+        yield self.request(TimType.TIMPING, None, TimType.TIMPING, timeout)
+
+    @inlineCallbacks
+    def business(self, rtype: int, timeout: float = 10.0, reply: Match | None = None, **fields: Any) -> Any:
+        """
+        Send a TIMBUSINESS request and wait for its answer (a TIMACK with
+        C{t == rtype} by default).
+        """
+        match = reply or (lambda i: i.timType == TimType.TIMACK and i.body.timType == TimType.TIMBUSINESS)
+        incoming = yield self.request(TimType.TIMBUSINESS, TimReq(rtype=rtype, **fields), match, timeout)
+        return incoming.body
+
+
+# Transports.
+
+
+class _TimClientWebSocketProtocol(WebSocketClientProtocol):
+    client: TimClient
+    opened: Deferred[Any]
+
+    def onOpen(self) -> None:
+        self.client._attach(self)
+        self.opened.callback(self.client)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.client._frameReceived(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionDone(f"WebSocket closed during the handshake: {code} {reason}"))
+        self.client.closeCode = code
+        self.client._connectionLost(reason)
+
+    def writeFrame(self, frame: bytes) -> None:
+        self.sendMessage(frame, isBinary=True)
+
+    def loseTransport(self) -> None:
+        self.sendClose(1000)
+
+
+class _TimClientTcpProtocol(Protocol):
+    client: TimClient
+    opened: Deferred[Any]
+
+    def connectionMade(self) -> None:
+        self._decoder = LengthPrefixedDecoder(1 << 30)
+        self.client._attach(self)
+        self.opened.callback(self.client)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        while (frame := self._decoder.next_frame()) is not None:
+            self.client._frameReceived(frame)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.client._connectionLost(reason)
+
+    def writeFrame(self, frame: bytes) -> None:
+        self.transport.write(length_prefixed(frame))  # type: ignore[union-attr]
+
+    def loseTransport(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def _endpoint(reactor: Any, host: str, port: int, tls: bool, tlsOptions: Any) -> Any:
+    endpoint: Any = TCP4ClientEndpoint(reactor, host, port, timeout=10)
+    if tls:
+        if tlsOptions is None:
+            from twisted.internet.ssl import optionsForClientTLS
+
+            tlsOptions = optionsForClientTLS(host)
+        endpoint = wrapClientTLS(tlsOptions, endpoint)
+    return endpoint
+
+
+def connect(
+    reactor: Any,
+    url: str,
+    encoding: Encoding = Encoding.COMPACT,
+    *,
+    origin: str | None = "https://github.com/donnie4w/tim",
+    autoAck: bool = True,
+    tlsOptions: Any = None,
+) -> Deferred[TimClient]:
+    """
+    Connect to C{url}: C{ws://host:port/tim}, C{wss://...}, C{tcp://host:port}
+    or C{tls://host:port}.
+
+    @param origin: the WebSocket C{Origin} header (tim requires one; timgo
+        sends the one given here by default).  C{None} sends none.
+    @param tlsOptions: client TLS options, for example from
+        L{twisted.internet.ssl.optionsForClientTLS} with a private trust
+        root.
+    @return: a L{Deferred} firing with a connected, not yet logged-in
+        L{TimClient}.
+    """
+    parsed = urlparse(url)
+    client = TimClient(reactor, encoding, autoAck)
+    opened: Deferred[TimClient] = Deferred()
+    host = parsed.hostname or "127.0.0.1"
+    factory: Any
+    if parsed.scheme in ("ws", "wss"):
+        tls = parsed.scheme == "wss"
+        factory = WebSocketClientFactory(url, origin=origin, reactor=reactor)
+        factory.protocol = _TimClientWebSocketProtocol
+        port = parsed.port or (443 if tls else 80)
+    elif parsed.scheme in ("tcp", "tls"):
+        tls = parsed.scheme == "tls"
+        factory = Factory.forProtocol(_TimClientTcpProtocol)
+        port = parsed.port or 5121
+    else:
+        raise ValueError(f"unsupported URL scheme {parsed.scheme!r}")
+    original = factory.buildProtocol
+
+    def buildProtocol(addr: Any) -> Any:
+        protocol = original(addr)
+        protocol.client = client
+        protocol.opened = opened
+        return protocol
+
+    factory.buildProtocol = buildProtocol
+    d = _endpoint(reactor, host, port, tls, tlsOptions).connect(factory)
+    d.addErrback(opened.errback)
+    return opened
+
+
+# HTTP /tim2.
+
+
+@inlineCallbacks
+def _tim2(reactor: Any, url: str, timType: int, auth: TimAuth, encoding: Encoding, trustRoot: Any) -> Any:
+    agent = Agent(
+        reactor, BrowserLikePolicyForHTTPS(trustRoot) if trustRoot is not None else BrowserLikePolicyForHTTPS()
+    )
+    body = client_frame(timType, codec.encode(auth, encoding), encoding)
+    response = yield agent.request(
+        b"POST", url.encode("ascii"), Headers({b"Content-Type": [b"application/octet-stream"]}), BytesProducer(body)
+    )
+    content = yield readBody(response)
+    if response.code != 200:
+        raise TimHttpError(response.code, content)
+    frame = parse_server_frame(content)
+    ack = codec.decode(TimAck, frame.payload, encoding)
+    if not ack.ok:
+        raise TimRequestFailed(ack)
+    return ack
+
+
+class TimHttpError(Exception):
+    """
+    C{/tim2} answered with an HTTP status other than 200 (403 when
+    registration or tokens are forbidden).
+    """
+
+    def __init__(self, status: int, body: bytes):
+        self.status = status
+        self.body = body
+        super().__init__(f"HTTP {status}")
+
+
+def register(
+    reactor: Any,
+    url: str,
+    name: str,
+    pwd: str,
+    domain: str | None = None,
+    encoding: Encoding = Encoding.COMPACT,
+    trustRoot: Any = None,
+) -> Deferred[str]:
+    """
+    Register an account at C{url} (C{http://host:port/tim2}).
+
+    @return: a L{Deferred} firing with the new account id.
+    """
+    d = _tim2(reactor, url, TimType.TIMREGISTER, TimAuth(name=name, pwd=pwd, domain=domain), encoding, trustRoot)
+    d.addCallback(lambda ack: ack.n)
+    return d
+
+
+def requestToken(
+    reactor: Any,
+    url: str,
+    name: str,
+    pwd: str,
+    domain: str | None = None,
+    encoding: Encoding = Encoding.COMPACT,
+    trustRoot: Any = None,
+) -> Deferred[TimAck]:
+    """
+    Ask C{url} (C{http://host:port/tim2}) for a one-time login token.
+
+    @return: a L{Deferred} firing with the L{TimAck}: C{t} holds the token
+        as tim 2.0 sends it, C{n} as tim 2.1 does.
+    """
+    return _tim2(reactor, url, TimType.TIMTOKEN, TimAuth(name=name, pwd=pwd, domain=domain), encoding, trustRoot)

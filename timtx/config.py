@@ -1,0 +1,462 @@
+# -*- test-case-name: timtx.test.test_config -*-
+"""
+The node's configuration: an INI file parsed once into frozen, typed
+sections.
+
+Every key is declared here with its type, default and meaning; the same
+declarations validate files, build L{Config} objects for tests and write the
+reference in C{docs/configuration.md} (C{python -m timtx.config}).  A file
+with an unknown section or key, or a value of the wrong type, raises one
+L{ConfigError} that names the file, section and key and says what was
+expected, before anything listens.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used.
+
+    @ivar path: the file, or C{None} for settings built in code.
+    @ivar section: the section at fault, if any.
+    @ivar key: the key at fault, if any.
+    @ivar message: what was wrong and what was expected.
+    """
+
+    def __init__(self, message: str, path: str | None = None, section: str | None = None, key: str | None = None):
+        self.path = path
+        self.section = section
+        self.key = key
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.path or "configuration"
+        if self.section:
+            where += f": [{self.section}]"
+            if self.key:
+                where += f" {self.key}"
+        return f"{where}: {self.message}"
+
+
+# Value types.  Each parses one string and raises ValueError with a message
+# that says what was expected.
+
+
+@dataclass(frozen=True)
+class Kind:
+    expected: str
+    parse: Callable[[str], Any]
+
+
+def _int(low: int | None = None, high: int | None = None) -> Kind:
+    if low is not None and high is not None:
+        expected = f"an integer from {low} to {high}"
+    elif low is not None:
+        expected = f"an integer of at least {low}"
+    else:
+        expected = "an integer"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.replace("_", ""), 10)
+        except ValueError:
+            raise ValueError(expected) from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ValueError(expected)
+        return value
+
+    return Kind(expected, parse)
+
+
+def _seconds(low: float = 0.0) -> Kind:
+    expected = f"a number of seconds of at least {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(expected) from None
+        if value != value or value < low or value == float("inf"):
+            raise ValueError(expected)
+        return value
+
+    return Kind(expected, parse)
+
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("true or false")
+
+
+BOOL = Kind("true or false", _parse_bool)
+TEXT = Kind("text", lambda text: text)
+
+
+def _choice(*choices: str) -> Kind:
+    expected = "one of " + ", ".join(choices)
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(expected)
+        return text
+
+    return Kind(expected, parse)
+
+
+def _parse_endpoint(text: str) -> str:
+    if not text:
+        return text
+    try:
+        serverFromString(MemoryReactor(), text)
+    except Exception as e:
+        raise ValueError(f"a Twisted server endpoint string such as tcp:5120:interface=127.0.0.1 ({e})") from None
+    return text
+
+
+ENDPOINT = Kind("a Twisted server endpoint string, or empty to disable", _parse_endpoint)
+
+
+def _parse_url(text: str) -> str:
+    if not text:
+        return text
+    parsed = urlparse(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("an http:// or https:// URL, or empty")
+    return text
+
+
+URL = Kind("an http:// or https:// URL, or empty", _parse_url)
+
+
+def _parse_words(text: str) -> tuple[str, ...]:
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
+WORDS = Kind("a comma-separated list", _parse_words)
+
+
+def option(default: Any, kind: Kind, doc: str) -> Any:
+    """
+    Declare one key: its default (as a parsed value), its L{Kind} and a line
+    for the reference.
+    """
+    return field(default=default, metadata={"kind": kind, "doc": doc})
+
+
+# The sections.
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_dir: str = option(
+        "timtx-data",
+        TEXT,
+        "Directory for the node's key and embedded database. Relative paths are taken from the config file's directory.",
+    )
+    key_file: str = option(
+        "",
+        TEXT,
+        "File holding the node secret that keys account ids and token hashes; created (mode 0600) if missing. "
+        "Empty means `node.key` in data_dir. Every node of one cluster needs the same secret.",
+    )
+    worker_threads: int = option(
+        2, _int(1, 64), "Threads for CPU-heavy work off the reactor thread, such as password hashing."
+    )
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    listen: str = option(
+        "tcp:5120:interface=127.0.0.1",
+        ENDPOINT,
+        "Where tim clients connect: WebSocket at `/tim` and HTTP POST at `/tim2`. "
+        "Use an `ssl:` endpoint for TLS (wss:// and https://). Empty disables it.",
+    )
+    tcp_listen: str = option(
+        "tcp:5121:interface=127.0.0.1",
+        ENDPOINT,
+        "Raw TCP clients: each frame prefixed by its 4-byte big-endian length. `ssl:` for TLS; empty disables it.",
+    )
+    allowed_origins: tuple[str, ...] = option(
+        ("*",),
+        WORDS,
+        "WebSocket `Origin` values accepted, comma-separated; `*` accepts any non-empty origin (tim's rule).",
+    )
+    allow_missing_origin: bool = option(
+        False, BOOL, "Accept WebSocket handshakes without an `Origin` header (tim refuses them)."
+    )
+    max_frame_bytes: int = option(
+        1 << 20,
+        _int(64, 1 << 30),
+        "Largest frame accepted, in bytes. A larger WebSocket message is closed with 1009, "
+        "a larger TCP frame with error 4114 and a close, a larger /tim2 body with HTTP 413.",
+    )
+    max_bad_frames: int = option(
+        5, _int(1), "Malformed, unknown or refused frames a connection may send before it is closed."
+    )
+    auth_timeout: float = option(10.0, _seconds(0.1), "Seconds a connection has to log in before it is closed.")
+    idle_timeout: float = option(
+        600.0,
+        _seconds(0),
+        "Seconds an authenticated connection may stay silent before it is closed; tim clients ping every "
+        "10 to 15 s. 0 disables the timeout.",
+    )
+    max_connections: int = option(
+        50000, _int(0), "Client connections this node accepts at once; more are refused. 0 means no limit."
+    )
+    max_queued_frames: int = option(
+        64,
+        _int(1),
+        "Frames from one connection waiting to be handled; past this the node stops reading from that "
+        "connection until it catches up.",
+    )
+    request_rate: float = option(
+        200.0,
+        _seconds(0),
+        "Frames per second one connection may send on average (token bucket; pings and acks included). "
+        "Over it, frames get error 5105. 0 disables the limit.",
+    )
+    request_burst: int = option(400, _int(1), "Frames one connection may send at once above request_rate.")
+    max_login_attempts: int = option(3, _int(1), "Failed logins one connection may make before it is closed.")
+
+
+@dataclass(frozen=True)
+class AccountsConfig:
+    forbid_register: bool = option(False, BOOL, "Refuse registration on /tim2 with HTTP 403 (tim's forbidregister).")
+    forbid_token: bool = option(False, BOOL, "Refuse token requests on /tim2 with HTTP 403 (tim's forbidtoken).")
+    token_ttl: float = option(60.0, _seconds(1), "Seconds a one-time login token stays valid.")
+    scrypt_n: int = option(16384, _int(2, 1 << 20), "scrypt CPU/memory cost for password hashes; a power of two.")
+    scrypt_r: int = option(8, _int(1, 64), "scrypt block size.")
+    scrypt_p: int = option(1, _int(1, 16), "scrypt parallelism.")
+    name_max_length: int = option(64, _int(1, 1024), "Longest login name, in characters.")
+    domain_max_length: int = option(64, _int(0, 1024), "Longest domain, in characters.")
+    password_min_length: int = option(1, _int(1, 1024), "Shortest password accepted at registration or change.")
+    password_max_length: int = option(256, _int(1, 4096), "Longest password accepted.")
+    http_rate: float = option(
+        20.0,
+        _seconds(0),
+        "Requests per second one IP address may make to /tim2 (register, token) on average; over it, "
+        "HTTP 429 with error 5105. 0 disables the limit.",
+    )
+    http_burst: int = option(100, _int(1), "Requests one IP address may make to /tim2 at once above http_rate.")
+    login_webhook: str = option(
+        "",
+        URL,
+        "If set, every login is POSTed to this URL as the TimAuth JSON and allowed only if the response "
+        "body starts with `1` (tim's connectauthurl).",
+    )
+    login_webhook_timeout: float = option(5.0, _seconds(0.1), "Seconds to wait for the login webhook.")
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    limit: int = option(4, _int(0), "Sessions one account may have at once (tim's device.limit). 0 means no limit.")
+    type_limit: int = option(
+        1,
+        _int(0),
+        "Sessions one account may have per terminal type, TimAuth.termtyp (tim's devicetype.limit). 0 means no limit.",
+    )
+    overflow: str = option(
+        "kick-oldest",
+        _choice("kick-oldest", "reject"),
+        "What a login over a limit does: `kick-oldest` sends the oldest session concerned TIMLOGOUT and closes it; "
+        "`reject` refuses the new login with error 4111, as tim 2.0 does.",
+    )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    backend: str = option(
+        "sqlite", TEXT, "Storage plugin: `sqlite` (embedded, the default), `memory` (nothing survives a restart)."
+    )
+    path: str = option("tim.db", TEXT, "SQLite database file; relative paths are taken from data_dir.")
+    synchronous: str = option(
+        "full",
+        _choice("full", "normal"),
+        "SQLite durability: `full` syncs every commit (nothing acknowledged is lost on power failure); "
+        "`normal` may lose the last commits on power failure but not on a crash of the process.",
+    )
+    batch_max: int = option(
+        256, _int(1, 100000), "Most operations the SQLite writer commits in one transaction (group commit)."
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    A whole node configuration.  L{base_dir} is the directory relative paths
+    are resolved against: the config file's, or the working directory.
+    """
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    accounts: AccountsConfig = field(default_factory=AccountsConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    protocols: Mapping[str, str] = field(default_factory=dict)
+    base_dir: str = "."
+    path: str | None = None
+
+    def data_path(self, *parts: str) -> str:
+        """
+        A path under the node's data directory.
+        """
+        return os.path.join(self.resolve(self.node.data_dir), *parts)
+
+    def resolve(self, path: str) -> str:
+        """
+        C{path} made absolute against L{base_dir}.
+        """
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(path)))
+
+    @property
+    def key_path(self) -> str:
+        return self.resolve(self.node.key_file) if self.node.key_file else self.data_path("node.key")
+
+    @property
+    def store_path(self) -> str:
+        return os.path.join(self.resolve(self.node.data_dir), os.path.expanduser(self.store.path))
+
+
+#: Sections with declared keys, by name.  C{[protocols]} is free-form: each
+#: key names a protocol in the registry, each value a C{module:Class}.
+SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "client": ClientConfig,
+    "accounts": AccountsConfig,
+    "devices": DevicesConfig,
+    "store": StoreConfig,
+}
+FREE_SECTIONS = ("protocols",)
+
+
+def _build_section(cls: type, section: str, raw: Mapping[str, str], path: str | None) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, text in raw.items():
+        spec = fields.get(key)
+        if spec is None:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key (known keys: {known})", path, section, key)
+        kind: Kind = spec.metadata["kind"]
+        try:
+            values[key] = kind.parse(text.strip())
+        except ValueError as e:
+            raise ConfigError(f"expected {e}, got {text.strip()!r}", path, section, key) from None
+    return cls(**values)
+
+
+def _check_protocols(raw: Mapping[str, str], path: str | None) -> dict[str, str]:
+    from timtx.protocols.registry import resolveProtocolPath
+
+    for name, target in raw.items():
+        try:
+            resolveProtocolPath(target.strip())
+        except Exception as e:
+            raise ConfigError(
+                f"expected module:Class of a Protocol, got {target.strip()!r} ({e})", path, "protocols", name
+            ) from None
+    return {name: target.strip() for name, target in raw.items()}
+
+
+def from_sections(sections: Mapping[str, Mapping[str, str]], path: str | None = None, base_dir: str = ".") -> Config:
+    """
+    Build a L{Config} from section name -> key -> text.
+
+    @raise ConfigError: for an unknown section or key, or a bad value.
+    """
+    built: dict[str, Any] = {}
+    for section, raw in sections.items():
+        if section in SECTIONS:
+            built[section] = _build_section(SECTIONS[section], section, raw, path)
+        elif section == "protocols":
+            built[section] = _check_protocols(raw, path)
+        else:
+            known = ", ".join(sorted([*SECTIONS, *FREE_SECTIONS]))
+            raise ConfigError(f"unknown section (known sections: {known})", path, section)
+    return Config(**built, base_dir=base_dir, path=path)
+
+
+def load(path: str) -> Config:
+    """
+    Read and check a C{node.ini}.
+
+    @raise ConfigError: if the file cannot be read or parsed, or holds an
+        unknown section or key or a bad value.
+    """
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00no-default\x00")
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read the file ({e.strerror})", path) from None
+    except (configparser.Error, UnicodeDecodeError) as e:
+        raise ConfigError(f"not a valid INI file ({str(e).splitlines()[0]})", path) from None
+    sections = {name: dict(parser.items(name)) for name in parser.sections()}
+    return from_sections(sections, path=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
+    """
+    A copy of C{config} with some keys changed, given as parsed values:
+    C{replace(config, client={"max_frame_bytes": 1024})}.  For tests and
+    embedding.
+    """
+    changes: dict[str, Any] = {}
+    for name, values in sections.items():
+        if name in FREE_SECTIONS:
+            changes[name] = dict(values)
+        else:
+            changes[name] = dataclasses.replace(getattr(config, name), **values)
+    return dataclasses.replace(config, **changes)
+
+
+def reference_markdown() -> str:
+    """
+    The reference table of every section and key, as in
+    C{docs/configuration.md}.
+    """
+    lines: list[str] = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"### `[{section}]`")
+        lines.append("")
+        lines.append("| Key | Default | Type | Meaning |")
+        lines.append("|---|---|---|---|")
+        for f in dataclasses.fields(cls):
+            default = f.default
+            if isinstance(default, bool):
+                shown = "true" if default else "false"
+            elif isinstance(default, tuple):
+                shown = ", ".join(default)
+            else:
+                shown = str(default)
+            shown = f"`{shown}`" if shown else "(empty)"
+            kind: Kind = f.metadata["kind"]
+            lines.append(f"| `{f.name}` | {shown} | {kind.expected} | {f.metadata['doc']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(reference_markdown())

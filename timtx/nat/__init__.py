@@ -1,0 +1,3 @@
+"""
+STUN, UDP hole punching and relay for nodes behind NAT.  Not built yet.
+"""

@@ -1,0 +1,260 @@
+# -*- test-case-name: timtx.test.test_node -*-
+"""
+The composition root: a L{Node} builds every part of a timtx node from a
+L{Config} and a reactor, and starts and stops them in order.
+
+Nothing in timtx reaches for a global reactor or module-level state; each
+part gets what it needs from here.  Tests build nodes the same way with
+their own config and clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from timtx.accounts import AccountService
+from timtx.config import Config
+from timtx.dispatch import Dispatcher
+from timtx.ids import NodeKeys
+from timtx.persistence import storeFactory
+from timtx.protocols import codec
+from timtx.protocols.http import TimSite
+from timtx.protocols.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
+from timtx.protocols.tcp import TimTcpServerFactory
+from timtx.protocols.websocket import TimWebSocketResource, TimWebSocketServerFactory
+from timtx.sessions import AckIds, Session, SessionRegistry
+from timtx.webhook import LoginWebhook
+
+
+class NodeStartError(Exception):
+    """
+    The node could not start; the message says why, for an operator.
+    """
+
+
+class Listener(Service):
+    """
+    Listens on one endpoint string with one factory while running.
+
+    @ivar port: the L{IListeningPort} once listening.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, description: str, factory: Any, name: str):
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.setName(name)
+        self.port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        d = serverFromString(self.reactor, self.description).listen(self.factory)
+        d.addCallback(self._listened)
+        # A TCP or SSL endpoint answers at once; surface its error now so
+        # that `twist tim` exits with a clear message instead of running
+        # with a port missing.
+        failures: list[Any] = []
+        d.addErrback(failures.append)
+        if failures:
+            raise NodeStartError(
+                f"cannot listen on {self.description!r} ({self.name}): {failures[0].getErrorMessage()}"
+            )
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        host: Any = port.getHost()
+        self.log.info("{name} listening on {host}:{port}", name=self.name, host=host.host, port=host.port)
+        self.listening.callback(port)
+        return port
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        return maybeDeferred(port.stopListening)  # type: ignore[call-overload]
+
+
+class Node(MultiService):
+    """
+    One timtx node.
+
+    @param protocols: the protocol registry to serve connections with;
+        C{[protocols]} in the config overrides its entries.
+    @param store: an L{IMessageStore} to use instead of the configured one.
+    @param keys: L{NodeKeys} to use instead of the configured key file.
+    @param clock: the clock for timeouts and periodic work; the reactor by
+        default, a L{twisted.internet.task.Clock} in tests.
+
+    @ivar ready: a L{Deferred} that fires with the node once its store is
+        open and it listens.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        protocols: ProtocolRegistry | None = None,
+        store: Any = None,
+        keys: NodeKeys | None = None,
+        clock: Any = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.keys = keys if keys is not None else NodeKeys.fromFile(config.key_path)
+        self.protocols = (protocols or defaultRegistry()).copy()
+        for name, path in config.protocols.items():
+            self.protocols.register(name, resolveProtocolPath(path))
+        self.store = store if store is not None else storeFactory(config.store.backend).makeStore(config, reactor)
+        self.threadPool = ThreadPool(0, config.node.worker_threads, "timtx-worker")
+        webhook = None
+        if config.accounts.login_webhook:
+            webhook = LoginWebhook(reactor, config.accounts.login_webhook, config.accounts.login_webhook_timeout)
+        self.accounts = AccountService(config.accounts, self.store, self.keys, self.clock, self.runInThread, webhook)
+        self.sessions = SessionRegistry(config.devices)
+        self.ackIds = AckIds()
+        self.dispatcher = Dispatcher()
+        self.connections: set[Any] = set()
+        self.ready: Deferred[Node] = Deferred()
+        self._tokenSweep = LoopingCall(self.accounts.purgeExpiredTokens)
+        self._tokenSweep.clock = self.clock
+        self._listeners: dict[str, Listener] = {}
+        self._addListeners()
+
+    def _addListeners(self) -> None:
+        client = self.config.client
+        if client.listen:
+            wsFactory = TimWebSocketServerFactory(self, self.protocols.lookup("client-ws"))
+            site = TimSite(self, TimWebSocketResource(wsFactory))
+            self._addListener(Listener(self.reactor, client.listen, site, "client-ws"))
+        if client.tcp_listen:
+            tcpFactory = TimTcpServerFactory(self, self.protocols.lookup("client-tcp"))
+            self._addListener(Listener(self.reactor, client.tcp_listen, tcpFactory, "client-tcp"))
+
+    def _addListener(self, listener: Listener) -> None:
+        self._listeners[str(listener.name)] = listener
+        listener.setServiceParent(self)
+
+    def runInThread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """
+        Run C{f(*args)} in the node's worker threads.
+        """
+        return deferToThreadPool(self.reactor, self.threadPool, f, *args)
+
+    # Starting and stopping.
+
+    def startService(self) -> None:
+        if not codec.ACCELERATED:
+            self.log.critical(
+                "thrift's C codec (thrift.protocol.fastbinary) is missing: Thrift compact runs in pure "
+                "Python, many times slower. Reinstall thrift where a C compiler is available."
+            )
+        self.threadPool.start()
+        opened = self.store.open()
+        try:
+            super().startService()
+        except BaseException:
+            self.threadPool.stop()
+            raise
+        self._tokenSweep.start(max(self.config.accounts.token_ttl, 1.0), now=False)
+        listening = [listener.listening for listener in self._listeners.values()]
+        d = gatherResults([opened, *listening], consumeErrors=True)
+        d.addCallbacks(self._started, self._failedToStart)
+
+    def _started(self, _: object) -> None:
+        self.log.info(
+            "timtx node ready ({store} store, compact codec {codec})",
+            store=self.store.name,
+            codec="C" if codec.ACCELERATED else "pure Python",
+        )
+        self.ready.callback(self)
+
+    def _failedToStart(self, failure: Any) -> None:
+        error = getattr(failure.value, "subFailure", failure)
+        self.log.critical("timtx node failed to start: {error}", error=error.getErrorMessage())
+        self.ready.errback(error)
+
+    def stopService(self) -> Deferred[None]:
+        if not self.running:
+            return succeed(None)
+        if self._tokenSweep.running:
+            self._tokenSweep.stop()
+        d = maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self._closeConnections())
+        d.addBoth(lambda _: self.store.close())
+        d.addBoth(lambda _: self.threadPool.stop())
+        return d
+
+    def _closeConnections(self) -> Deferred[Any]:
+        waits = []
+        for protocol in list(self.connections):
+            closed: Deferred[None] = Deferred()
+            protocol._nodeClosed = closed
+            protocol.closeConnection("node shutting down")
+            waits.append(closed)
+        if not waits:
+            return succeed(None)
+        d = DeferredList(waits)
+        timeout = self.reactor.callLater(2.0, self._abortConnections)
+        d.addBoth(lambda r: timeout.cancel() if timeout.active() else None)
+        return d
+
+    def _abortConnections(self) -> None:
+        for protocol in list(self.connections):
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+
+    # What protocols call.
+
+    def canAcceptConnection(self) -> bool:
+        limit = self.config.client.max_connections
+        return not limit or len(self.connections) < limit
+
+    def connectionOpened(self, protocol: Any) -> None:
+        self.connections.add(protocol)
+
+    def connectionClosed(self, protocol: Any) -> None:
+        self.connections.discard(protocol)
+        closed = getattr(protocol, "_nodeClosed", None)
+        if closed is not None and not closed.called:
+            closed.callback(None)
+
+    def sessionStarted(self, session: Session) -> None:
+        """
+        A session logged in and got its ack.
+        """
+
+    def sessionEnded(self, session: Session) -> None:
+        """
+        A session's connection closed.
+        """
+
+    # For tests and tools.
+
+    def listeningAddress(self, name: str) -> Any:
+        """
+        The address a listener is bound to: C{"client-ws"} (WebSocket and
+        /tim2) or C{"client-tcp"}.
+        """
+        port = self._listeners[name].port
+        if port is None:
+            raise RuntimeError(f"{name} is not listening")
+        return port.getHost()

@@ -1,0 +1,185 @@
+# -*- test-case-name: timtx.test.test_store -*-
+"""
+One database thread with group commit.
+
+Blocking drivers (C{sqlite3}) must stay off the reactor thread.  A single
+thread owns the connection: it takes every queued operation, runs them all in
+one transaction (each inside its own savepoint, so one failing operation does
+not undo the others), commits once, and hands the results back to the
+reactor in submission order.
+
+Why one thread and not a pool: SQLite allows one writer at a time anyway, a
+single commit for a burst of writes is what makes durable writes fast, and a
+strict order of operations lets callers reason simply ("a read issued after
+a write sees it").
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.failure import Failure
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class WorkerStopped(Exception):
+    """
+    The worker was stopped before the operation could run.
+    """
+
+
+class SerialWorker:
+    """
+    Runs C{operation(connection)} calls in order on one thread.
+
+    @param connect: called on the worker thread to make the connection.
+    @param begin: called with the connection before each batch.
+    @param commit: called with the connection after each batch; if it
+        raises, every operation of the batch fails with that error.
+    @param rollback: called when a commit fails.
+    @param savepoint: C{(connection, name)} to set a savepoint; the release
+        and rollback-to functions follow the same signature.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        connect: Callable[[], Any],
+        *,
+        begin: Callable[[Any], None],
+        commit: Callable[[Any], None],
+        rollback: Callable[[Any], None],
+        savepoint: Callable[[Any, str], None],
+        release: Callable[[Any, str], None],
+        rollbackTo: Callable[[Any, str], None],
+        close: Callable[[Any], None],
+        batchMax: int = 256,
+        name: str = "timtx-db",
+    ):
+        self._reactor = reactor
+        self._connect = connect
+        self._begin = begin
+        self._commit = commit
+        self._rollback = rollback
+        self._savepoint = savepoint
+        self._release = release
+        self._rollbackTo = rollbackTo
+        self._close = close
+        self._batchMax = batchMax
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started: Deferred[None] = Deferred()
+        self._stopped: Deferred[None] = Deferred()
+        self._stopping = False
+        #: Batches committed, for tests and monitoring.
+        self.batches = 0
+
+    def start(self) -> Deferred[None]:
+        """
+        Start the thread and connect.
+
+        @return: a L{Deferred} that fires once connected, or fails with the
+            connection error.
+        """
+        self._thread.start()
+        return self._started
+
+    def submit(self, operation: Callable[[Any], T]) -> Deferred[T]:
+        """
+        Queue C{operation(connection)}.
+
+        @return: a L{Deferred} with its result, fired on the reactor thread
+            after the batch holding it is committed.
+        """
+        d: Deferred[T] = Deferred()
+        if self._stopping:
+            d.errback(WorkerStopped())
+            return d
+        self._queue.put((operation, d))
+        return d
+
+    def stop(self) -> Deferred[None]:
+        """
+        Run what is queued, then close the connection and end the thread.
+        """
+        if not self._stopping:
+            self._stopping = True
+            self._queue.put(_STOP)
+        return self._stopped
+
+    # The worker thread.
+
+    def _run(self) -> None:
+        try:
+            connection = self._connect()
+        except BaseException:
+            failure = Failure()
+            self._stopping = True
+            self._reactor.callFromThread(self._started.errback, failure)
+            self._reactor.callFromThread(self._stopped.callback, None)
+            return
+        self._reactor.callFromThread(self._started.callback, None)
+        try:
+            while True:
+                first = self._queue.get()
+                batch = [first]
+                while first is not _STOP and len(batch) < self._batchMax:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    batch.append(item)
+                    if item is _STOP:
+                        break
+                work = [item for item in batch if item is not _STOP]
+                if work:
+                    self._runBatch(connection, work)
+                if len(work) != len(batch):
+                    break
+        finally:
+            try:
+                self._close(connection)
+            finally:
+                self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _runBatch(self, connection: Any, batch: list[tuple[Callable[[Any], Any], Deferred[Any]]]) -> None:
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        try:
+            self._begin(connection)
+            for index, (operation, d) in enumerate(batch):
+                name = f"op{index}"
+                self._savepoint(connection, name)
+                try:
+                    value = operation(connection)
+                except BaseException:
+                    self._rollbackTo(connection, name)
+                    self._release(connection, name)
+                    results.append((d, False, Failure()))
+                else:
+                    self._release(connection, name)
+                    results.append((d, True, value))
+            self._commit(connection)
+        except BaseException:
+            failure = Failure()
+            try:
+                self._rollback(connection)
+            except BaseException:
+                pass
+            results = [(d, False, failure) for _, d in batch]
+        self.batches += 1
+        self._reactor.callFromThread(_deliver, results)
+
+
+def _deliver(results: list[tuple[Deferred[Any], bool, Any]]) -> None:
+    for d, ok, value in results:
+        if ok:
+            d.callback(value)
+        else:
+            d.errback(value)

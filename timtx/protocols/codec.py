@@ -1,0 +1,185 @@
+# -*- test-case-name: timtx.test.test_codec -*-
+"""
+Encode and decode tim structs: Thrift compact through the C{thrift} package's
+C codec (C{fastbinary}), and JSON as Go's C{encoding/json} writes them.
+
+Payloads carry no Thrift message envelope, as in tim.  Every decode error
+becomes a L{TimProtocolError}; nothing else escapes from here.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import TypeVar
+
+from timtx.protocols.constants import ErrorCode
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.structs import TIMAUTH_TOKEN_STRING_SPEC, TimAuth, TimStruct
+
+try:
+    from thrift.protocol import fastbinary as _fastbinary
+except ImportError:  # pragma: no cover - depends on how thrift was built
+    _fastbinary = None
+
+#: Whether the C codec is in use.  Without it timtx still works through
+#: thrift's pure-Python protocol, many times slower; the node logs a critical
+#: message at startup (see L{timtx.node}).
+ACCELERATED = _fastbinary is not None
+
+S = TypeVar("S", bound=TimStruct)
+
+
+class Encoding(Enum):
+    """
+    How a payload is encoded.  A client picks it per frame with bit 0x80;
+    a session's pushes use the encoding of its TIMAUTH frame.
+    """
+
+    COMPACT = "compact"
+    JSON = "json"
+
+
+class _DecodeSource:
+    """
+    What C{fastbinary.decode_compact} reads from: a readable transport and
+    the protocol's size limits.  Limits equal to the payload length keep a
+    hostile length prefix from allocating more than the frame could hold.
+    """
+
+    __slots__ = ("trans", "string_length_limit", "container_length_limit")
+
+    def __init__(self, data: bytes):
+        from thrift.transport.TTransport import TMemoryBuffer
+
+        self.trans = TMemoryBuffer(data)
+        self.string_length_limit = len(data)
+        self.container_length_limit = len(data)
+
+
+def encode_compact(struct: TimStruct) -> bytes:
+    """
+    Thrift compact bytes of C{struct}, with no envelope.
+    """
+    struct.fill_required()
+    spec = [type(struct), type(struct).thrift_spec]
+    if _fastbinary is not None:
+        return _fastbinary.encode_compact(struct, spec)
+    return _slow_encode(struct)
+
+
+def decode_compact(cls: type[S], data: bytes) -> S:
+    """
+    Decode Thrift compact bytes into a new C{cls}.  Bytes after the struct's
+    end are ignored, as Thrift does.  Fields of an unexpected wire type are
+    skipped (Thrift's rule for schema evolution); a required field left unset
+    is reported by L{check_required}.
+
+    @raise TimProtocolError: C{ERR_FORMAT} for truncated or malformed bytes.
+    """
+    result = _decode_with_spec(cls, data, cls.thrift_spec)
+    if cls is TimAuth and result.token is None:  # type: ignore[attr-defined]
+        # Perhaps tim 2.1, whose token is a string.
+        again = _decode_with_spec(cls, data, TIMAUTH_TOKEN_STRING_SPEC)
+        result.token = again.token  # type: ignore[attr-defined]
+    return result
+
+
+def _decode_with_spec(cls: type[S], data: bytes, spec: tuple) -> S:
+    result = cls()
+    try:
+        if _fastbinary is not None:
+            _fastbinary.decode_compact(result, _DecodeSource(data), [cls, spec])
+        else:
+            _slow_decode(result, data, spec)
+    except RecursionError:
+        raise TimProtocolError(ErrorCode.ERR_FORMAT, f"malformed {cls.__name__}") from None
+    except Exception as e:
+        # The C codec raises EOFError, TypeError, OverflowError and others;
+        # the pure-Python one raises TProtocolException.  All mean "bad bytes".
+        raise TimProtocolError(ErrorCode.ERR_FORMAT, f"malformed {cls.__name__}: {type(e).__name__}") from None
+    return result
+
+
+def check_required(struct: TimStruct) -> None:
+    """
+    @raise TimProtocolError: C{ERR_PARAMS} naming the first required field
+        that is not set.
+    """
+    missing = struct.missing_required()
+    if missing:
+        raise TimProtocolError(ErrorCode.ERR_PARAMS, f"{type(struct).__name__}.{missing[0]} is required")
+
+
+def encode_json(struct: TimStruct) -> bytes:
+    """
+    UTF-8 JSON of C{struct}, with Go's key names: required fields always,
+    optional fields only when set and (for lists, maps and bytes) non-empty.
+    """
+    return json.dumps(struct.to_json_dict(), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_json(cls: type[S], data: bytes) -> S:
+    """
+    @raise TimProtocolError: C{ERR_FORMAT} for invalid UTF-8 or JSON, or a
+        value of the wrong type.
+    """
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise TimProtocolError(ErrorCode.ERR_FORMAT, f"invalid JSON for {cls.__name__}") from None
+    return cls.from_json_dict(value)  # type: ignore[return-value]
+
+
+def encode(struct: TimStruct, encoding: Encoding) -> bytes:
+    if encoding is Encoding.JSON:
+        return encode_json(struct)
+    return encode_compact(struct)
+
+
+def decode(cls: type[S], data: bytes, encoding: Encoding) -> S:
+    """
+    Decode C{data} into a C{cls} and check its required fields.
+
+    @raise TimProtocolError: see L{decode_compact}, L{decode_json} and
+        L{check_required}.
+    """
+    if encoding is Encoding.JSON:
+        result = decode_json(cls, data)
+    else:
+        result = decode_compact(cls, data)
+    check_required(result)
+    return result
+
+
+# The pure-Python fallback, used only when fastbinary failed to build.
+
+
+def _slow_encode(struct: TimStruct) -> bytes:
+    from thrift.protocol.TCompactProtocol import TCompactProtocol
+    from thrift.transport.TTransport import TMemoryBuffer
+
+    buf = TMemoryBuffer()
+    TCompactProtocol(buf).writeStruct(struct, type(struct).thrift_spec)
+    return bytes(buf.getvalue())
+
+
+def _slow_decode(result: TimStruct, data: bytes, spec: tuple) -> None:
+    from thrift.protocol.TCompactProtocol import TCompactProtocol
+    from thrift.transport.TTransport import TMemoryBuffer
+
+    proto = TCompactProtocol(TMemoryBuffer(data), len(data), len(data))
+    proto.readStruct(result, spec)
+
+
+__all__ = [
+    "ACCELERATED",
+    "Encoding",
+    "check_required",
+    "decode",
+    "decode_compact",
+    "decode_json",
+    "encode",
+    "encode_compact",
+    "encode_json",
+]

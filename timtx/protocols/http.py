@@ -1,0 +1,175 @@
+# -*- test-case-name: timtx.test.test_login -*-
+"""
+HTTP POST C{/tim2}: registration and login tokens, and the twisted.web site
+that serves it beside the WebSocket at C{/tim}.
+
+The request body is one frame in the WebSocket layout; the response body is
+C{[TIMACK]} followed by a TimAck in the request's encoding (the flag bit is
+not echoed), as tim 2.0 answers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from timtx.limits import KeyedBuckets
+from timtx.protocols import codec
+from timtx.protocols.codec import Encoding
+from timtx.protocols.constants import ErrorCode, TimType
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.frames import parse_client_frame, server_frame
+from timtx.protocols.structs import TimAck, TimAuth
+from timtx.sessions import error_ack
+
+if TYPE_CHECKING:
+    from timtx.node import Node
+
+
+class Tim2Resource(Resource):
+    """
+    C{/tim2}: TIMREGISTER and TIMTOKEN.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, node: Node):
+        super().__init__()
+        self.node = node
+        accounts = node.config.accounts
+        self._buckets = KeyedBuckets(accounts.http_rate, accounts.http_burst, node.clock)
+
+    def render_POST(self, request: Any) -> Any:
+        client = self.node.config.client
+        origin = request.getHeader("origin")
+        if origin and "*" not in client.allowed_origins and origin not in client.allowed_origins:
+            request.setResponseCode(http.FORBIDDEN)
+            return b""
+        body = request.content.read()
+        try:
+            frame = parse_client_frame(body)
+        except TimProtocolError as e:
+            return self._reply(request, error_ack(0, e), Encoding.COMPACT)
+        if not self._buckets.take(request.getClientAddress().host):
+            request.setResponseCode(429)  # Too Many Requests
+            error = TimProtocolError(ErrorCode.ERR_OVERHZ, "too many requests")
+            return self._reply(request, error_ack(frame.timType, error), frame.encoding)
+        accounts = self.node.config.accounts
+        if frame.timType == TimType.TIMREGISTER:
+            if accounts.forbid_register:
+                request.setResponseCode(http.FORBIDDEN)
+                return b""
+            work, answer = self.node.accounts.register, lambda uid: {"n": uid}
+        elif frame.timType == TimType.TIMTOKEN:
+            if accounts.forbid_token:
+                request.setResponseCode(http.FORBIDDEN)
+                return b""
+            # t for tim 2.0 (an i64), n for tim 2.1 (a string).
+            work, answer = self.node.accounts.issueToken, lambda token: {"t": token, "n": str(token)}
+        else:
+            error = TimProtocolError(ErrorCode.ERR_INTERFACE, f"frame type {frame.timType} is not served on /tim2")
+            return self._reply(request, error_ack(frame.timType, error), frame.encoding)
+        try:
+            auth = codec.decode(TimAuth, frame.payload, frame.encoding)
+            d = work(auth)
+        except TimProtocolError as e:
+            return self._reply(request, error_ack(frame.timType, e), frame.encoding)
+        finished = [False]
+        request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
+
+        def done(result: Any) -> None:
+            if not finished[0]:
+                ack = TimAck(ok=True, timType=frame.timType, **answer(result))
+                request.write(self._body(ack, frame.encoding))
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            if isinstance(failure.value, TimProtocolError):
+                ack = error_ack(frame.timType, failure.value)
+            else:
+                self.log.failure("/tim2 request failed", failure)
+                ack = error_ack(frame.timType, TimProtocolError(ErrorCode.ERR_UNDEFINED, "internal error"))
+            if not finished[0]:
+                request.write(self._body(ack, frame.encoding))
+                request.finish()
+
+        d.addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+    def _reply(self, request: Any, ack: TimAck, encoding: Encoding) -> bytes:
+        request.setHeader(b"content-type", b"application/octet-stream")
+        return self._body(ack, encoding)
+
+    @staticmethod
+    def _body(ack: TimAck, encoding: Encoding) -> bytes:
+        return server_frame(TimType.TIMACK, codec.encode(ack, encoding))
+
+
+class BoundedRequest(server.Request):
+    """
+    A request whose body may not exceed the site's C{maxBodyBytes}: a longer
+    one is answered with 413 and the connection closed at once, instead of
+    being buffered to disk as twisted.web would.
+    """
+
+    _tooLarge = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.channel.site.maxBodyBytes:  # type: ignore[attr-defined]
+            self._refuseBody()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._tooLarge:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.maxBodyBytes:  # type: ignore[attr-defined]
+            self._refuseBody()
+            return
+        super().handleContentChunk(data)
+
+    def _refuseBody(self) -> None:
+        self._tooLarge = True
+        transport = self.channel.transport
+        if transport is not None:
+            transport.write(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            transport.loseConnection()
+
+
+class TimSite(server.Site):
+    """
+    The client port: C{/tim} (WebSocket), C{/tim2} (HTTP POST) and a short
+    text at C{/} so that a browser pointed at the port sees what it is.
+    """
+
+    requestFactory = BoundedRequest
+
+    def __init__(self, node: Node, websocket: Any):
+        root = Resource()
+        root.putChild(b"", _Banner())
+        root.putChild(b"tim", websocket)
+        root.putChild(b"tim2", Tim2Resource(node))
+        super().__init__(root, reactor=node.reactor)
+        self.maxBodyBytes = node.config.client.max_frame_bytes
+        self.noisy = False
+        self.displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        # No access log per request: it would carry client addresses for
+        # every login; operators who want one can subclass.
+        pass
+
+
+class _Banner(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"timtx node: WebSocket at /tim, HTTP POST at /tim2\n"

@@ -1,0 +1,69 @@
+# -*- test-case-name: timtx.test.test_extending -*-
+"""
+Protocol classes by name.
+
+A node asks the registry for the class to serve each kind of connection:
+C{client-ws} (WebSocket at C{/tim}), C{client-tcp} (raw TCP) and, once the
+cluster lands, C{peer}.  A downstream project registers a subclass under the
+same name, in code (L{ProtocolRegistry.register}) or in C{node.ini}::
+
+    [protocols]
+    client-ws = myapp.protocols:MyWebSocketProtocol
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+def resolveProtocolPath(path: str) -> type:
+    """
+    The class named by C{"package.module:Class"}.
+
+    @raise ValueError: if C{path} has no colon or does not name a class.
+    @raise ImportError: if the module cannot be imported.
+    """
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise ValueError("expected package.module:Class")
+    found = importlib.import_module(module)
+    for part in name.split("."):
+        found = getattr(found, part)
+    if not isinstance(found, type):
+        raise ValueError(f"{path} is not a class")
+    return found
+
+
+class ProtocolRegistry:
+    def __init__(self, protocols: dict[str, type] | None = None):
+        self._protocols: dict[str, type] = dict(protocols or {})
+
+    def register(self, name: str, protocol: type) -> None:
+        """
+        Serve connections of kind C{name} with C{protocol}; it replaces what
+        was registered before.
+        """
+        self._protocols[name] = protocol
+
+    def lookup(self, name: str) -> Any:
+        """
+        @raise KeyError: if nothing is registered under C{name}.
+        """
+        return self._protocols[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._protocols)
+
+    def copy(self) -> ProtocolRegistry:
+        return ProtocolRegistry(self._protocols)
+
+
+def defaultRegistry() -> ProtocolRegistry:
+    """
+    A registry holding timtx's own protocols.
+    """
+    from timtx.protocols.tcp import TimTcpServerProtocol
+    from timtx.protocols.websocket import TimWebSocketServerProtocol
+
+    return ProtocolRegistry({"client-ws": TimWebSocketServerProtocol, "client-tcp": TimTcpServerProtocol})

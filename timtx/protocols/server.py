@@ -1,0 +1,359 @@
+# -*- test-case-name: timtx.test.test_login -*-
+"""
+The half of a client connection that does not depend on the transport.
+
+L{TimServerProtocolMixin} turns frames into work: it answers pings, routes
+acks, logs the client in, and runs every other frame through the handler
+that L{TimServerProtocolMixin.handlerFor} names.  WebSocket and raw TCP
+protocols (L{timtx.protocols.websocket}, L{timtx.protocols.tcp}) only move
+bytes.
+
+Frames of one connection are handled strictly in arrival order: a frame's
+handler starts after the previous handler's L{Deferred} has fired, even when
+the work it waits for (a database write) finishes out of order elsewhere.
+Pings and acks do not wait in that queue.
+
+Hooks for subclasses (see C{docs/extending.md}):
+
+  - L{handlerFor}: which callable handles a frame type.  Override it to add
+    frame types of your own.
+  - L{onLogin} and L{onLogout}: a session began or ended.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from timtx.limits import TokenBucket
+from timtx.protocols import codec
+from timtx.protocols.codec import Encoding
+from timtx.protocols.connection import CLOSED, AckReceived, PingReceived, RequestReceived, TimConnection
+from timtx.protocols.constants import ErrorCode, TimType
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.frames import ClientFrame, server_frame
+from timtx.protocols.structs import TimAuth, TimStruct
+from timtx.sessions import Session, error_ack
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+
+    from timtx.dispatch import Route
+    from timtx.node import Node
+
+S = TypeVar("S", bound=TimStruct)
+FrameHandler = Callable[[ClientFrame], Any]
+
+
+def frameEncoding(data: bytes) -> Encoding:
+    """
+    The encoding a client chose for a frame, by its flag bit.
+    """
+    return Encoding.JSON if data and data[0] & 0x80 else Encoding.COMPACT
+
+
+class BadFrame(TimProtocolError):
+    """
+    A frame that could not be understood; it counts toward C{max_bad_frames}.
+    """
+
+    @classmethod
+    def wrap(cls, error: TimProtocolError) -> BadFrame:
+        return cls(error.code, error.text, fatal=error.fatal)
+
+
+class TimServerProtocolMixin:
+    """
+    Subclasses provide C{writeFrame}, C{writeFrameParts} (see
+    L{timtx.sessions.FrameSink}) and C{loseTransport}, and a C{transport}
+    with C{pauseProducing}/C{resumeProducing}; they call
+    L{timConnectionMade}, L{frameReceived} and L{timConnectionLost}.
+
+    @ivar node: the L{timtx.node.Node}, set by the factory.
+    @ivar session: the L{Session} once logged in, else C{None}.
+    """
+
+    logger = Logger()
+    node: Node
+    transport: Any
+    session: Session | None = None
+
+    # Provided by the transport-specific subclass.
+
+    def writeFrame(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def writeFrameParts(self, header: bytes, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def loseTransport(self, reason: str) -> None:
+        """
+        Close the transport cleanly after what was written.
+        """
+        raise NotImplementedError
+
+    # Lifecycle.
+
+    def closeConnection(self, reason: str) -> None:
+        """
+        Stop handling this connection's frames and close it.  The session
+        ends when the transport reports the close.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._queue.clear()
+        self._cancelTimer()
+        self.loseTransport(reason)
+
+    _closing = False
+
+    def timConnectionMade(self) -> None:
+        config = self.node.config.client
+        self.tim = TimConnection(config.max_bad_frames)
+        self.session = None
+        self._queue: deque[tuple[ClientFrame, FrameHandler]] = deque()
+        self._busy = False
+        self._pumping = False
+        self._readingPaused = False
+        self._loginFailures = 0
+        self._bucket = TokenBucket(config.request_rate, config.request_burst, self.node.clock)
+        self._timer: IDelayedCall | None = self.node.clock.callLater(config.auth_timeout, self._authTimedOut)
+        self.node.connectionOpened(self)
+
+    def timConnectionLost(self) -> None:
+        if getattr(self, "tim", None) is None or self.tim.state is CLOSED:
+            return
+        self.tim.closed()
+        self._closing = True
+        self._queue.clear()
+        self._cancelTimer()
+        session, self.session = self.session, None
+        if session is not None:
+            self.node.sessions.remove(session)
+            session.connectionLost()
+            try:
+                self.onLogout(session)
+            except Exception:
+                self.logger.failure("onLogout failed for {session}", session=session)
+        self.node.connectionClosed(self)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _authTimedOut(self) -> None:
+        self._timer = None
+        self.logger.info(
+            "closing a connection that did not log in within {seconds}s", seconds=self.node.config.client.auth_timeout
+        )
+        self.closeConnection("login timeout")
+
+    def _idleTimedOut(self) -> None:
+        self._timer = None
+        self.logger.info("closing idle {session}", session=self.session)
+        self.closeConnection("idle timeout")
+
+    # Input.
+
+    def frameReceived(self, data: bytes) -> None:
+        """
+        Handle one whole frame from the client.
+        """
+        if self._closing:
+            return
+        try:
+            event = self.tim.receive(data)
+        except TimProtocolError as e:
+            timType, encoding = (data[0] & 0x7F, self.tim.encoding or frameEncoding(data)) if data else (0, None)
+            self._refuse(timType, BadFrame.wrap(e), encoding)
+            return
+        if self.session is not None and self._timer is not None:
+            self._timer.reset(self.node.config.client.idle_timeout)
+        if isinstance(event, AckReceived):
+            if self.session is not None:
+                self.session.ackReceived(event.ackId)
+            return
+        if not self._bucket.take():
+            timType = event.frame.timType if isinstance(event, RequestReceived) else TimType.TIMPING
+            error = TimProtocolError(ErrorCode.ERR_OVERHZ, "too many requests")
+            self._sendError(timType, error, self.tim.encoding or frameEncoding(data))
+            return
+        if isinstance(event, PingReceived):
+            self.writeFrame(server_frame(TimType.TIMPING))
+            return
+        frame = event.frame
+        handler = self.handlerFor(frame.timType)
+        if handler is None:
+            known = frame.timType in TimType._value2member_map_
+            error = TimProtocolError(
+                ErrorCode.ERR_INTERFACE if known else ErrorCode.ERR_PARAMS,
+                f"frame type {frame.timType} is not {'accepted here' if known else 'known'}",
+            )
+            self._refuse(frame.timType, BadFrame.wrap(error), self.tim.replyEncoding(frame))
+            return
+        self._queue.append((frame, handler))
+        if len(self._queue) >= self.node.config.client.max_queued_frames and not self._readingPaused:
+            self._readingPaused = True
+            self.transport.pauseProducing()
+        self._pump()
+
+    def handlerFor(self, timType: int) -> FrameHandler | None:
+        """
+        The callable that handles frames of C{timType}, or C{None} if this
+        connection does not accept them.  It is called with the
+        L{ClientFrame} and may return a L{Deferred}; the next frame waits for
+        it.  A L{TimProtocolError} it raises becomes an error ack.
+
+        Override to handle frame types of your own, and call up for the
+        rest.
+        """
+        if timType == TimType.TIMAUTH:
+            return self.handleAuth
+        if self.session is None:
+            return None
+        route = self.node.dispatcher.lookup(timType)
+        if route is None:
+            return None
+        return lambda frame: self._routed(route, frame)
+
+    def _routed(self, route: Route, frame: ClientFrame) -> Any:
+        session = self.session
+        if session is None:  # logged out while the frame waited
+            return None
+        body: Any = frame.payload if route.bodyType is None else self.decodeBody(frame, route.bodyType)
+        return route.handler(session, body)
+
+    def decodeBody(self, frame: ClientFrame, bodyType: type[S]) -> S:
+        """
+        Decode a frame's payload in the frame's own encoding.
+
+        @raise BadFrame: if it does not decode or lacks a required field.
+        """
+        try:
+            return codec.decode(bodyType, frame.payload, frame.encoding)
+        except TimProtocolError as e:
+            raise BadFrame.wrap(e) from None
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._queue and not self._busy and not self._closing:
+                frame, handler = self._queue.popleft()
+                self._busy = True
+                d = maybeDeferred(handler, frame)
+                d.addErrback(self._handlerFailed, frame)
+                d.addBoth(self._handled)
+        finally:
+            self._pumping = False
+        if self._readingPaused and len(self._queue) <= self.node.config.client.max_queued_frames // 2:
+            self._readingPaused = False
+            if not self._closing:
+                self.transport.resumeProducing()
+
+    def _handled(self, _: object) -> None:
+        self._busy = False
+        if not self._pumping:
+            self._pump()
+
+    def _handlerFailed(self, failure: Failure, frame: ClientFrame) -> None:
+        if self._closing:
+            return
+        error = failure.value
+        encoding = self.tim.replyEncoding(frame)
+        if isinstance(error, BadFrame):
+            self._refuse(frame.timType, error, encoding)
+        elif isinstance(error, TimProtocolError):
+            self._sendError(frame.timType, error, encoding)
+            if error.fatal:
+                self.closeConnection(error.text)
+        else:
+            self.logger.failure("handling a type {timType} frame failed", failure, timType=frame.timType)
+            self._sendError(frame.timType, TimProtocolError(ErrorCode.ERR_UNDEFINED, "internal error"), encoding)
+
+    def _refuse(self, timType: int, error: TimProtocolError, encoding: Encoding | None) -> None:
+        """
+        Answer a bad frame with an error ack, and close if it was fatal or
+        one too many.
+        """
+        self._sendError(timType, error, encoding)
+        if error.fatal or self.tim.badFrame():
+            self.logger.info("closing a connection after a bad frame: {error}", error=str(error))
+            self.closeConnection(error.text)
+
+    def _sendError(self, timType: int, error: TimProtocolError, encoding: Encoding | None) -> None:
+        ack = error_ack(timType, error)
+        self.writeFrame(server_frame(TimType.TIMACK, codec.encode(ack, encoding or Encoding.COMPACT)))
+
+    # Login.
+
+    def handleAuth(self, frame: ClientFrame) -> Deferred[None] | None:
+        """
+        Log in with the TimAuth in C{frame}.  A second TIMAUTH on a logged-in
+        connection is answered with ok and changes nothing, as in tim.
+        """
+        if self.session is not None:
+            self.session.sendAck(TimType.TIMAUTH, n=self.session.uid)
+            return None
+        auth = self.decodeBody(frame, TimAuth)
+        d = self.node.accounts.authenticate(auth)
+        d.addCallback(self._authenticated, auth, frame)
+        d.addErrback(self._loginFailed, frame)
+        return d
+
+    def _authenticated(self, grant: Any, auth: TimAuth, frame: ClientFrame) -> None:
+        if self._closing:
+            return
+        node = self.node
+        session = Session(
+            self,
+            grant.uid,
+            grant.domain,
+            auth.resource,
+            auth.termtyp or 0,
+            frame.encoding,
+            node.clock.seconds(),
+            node.ackIds,
+            auth.extend,
+        )
+        node.sessions.admit(session)
+        self.session = session
+        self.tim.loggedIn(frame.encoding)
+        self._cancelTimer()
+        idle = node.config.client.idle_timeout
+        if idle:
+            self._timer = node.clock.callLater(idle, self._idleTimedOut)
+        self.logger.info("login {uid} termtyp={termtyp}", uid=session.uid, termtyp=session.termtyp)
+        session.sendAck(TimType.TIMAUTH, n=session.uid)
+        self.onLogin(session)
+
+    def _loginFailed(self, failure: Failure, frame: ClientFrame) -> None:
+        failure.trap(TimProtocolError)
+        if isinstance(failure.value, BadFrame):
+            failure.raiseException()
+        self._loginFailures += 1
+        error = failure.value
+        self._sendError(frame.timType, error, self.tim.replyEncoding(frame))
+        if self._loginFailures >= self.node.config.client.max_login_attempts:
+            self.closeConnection("too many failed logins")
+
+    # Hooks.
+
+    def onLogin(self, session: Session) -> None:
+        """
+        Called once the client is logged in and has its TIMAUTH ack.
+        """
+        self.node.sessionStarted(session)
+
+    def onLogout(self, session: Session) -> None:
+        """
+        Called once when a logged-in connection ends, for any reason.
+        """
+        self.node.sessionEnded(session)

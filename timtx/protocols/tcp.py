@@ -1,0 +1,71 @@
+# -*- test-case-name: timtx.test.test_login -*-
+"""
+tim over raw TCP (a timtx extension): each frame is prefixed by its length
+as a 4-byte big-endian integer, in both directions.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.protocol import Factory, Protocol
+
+from timtx.protocols.errors import FrameTooLarge
+from timtx.protocols.frames import LengthPrefixedDecoder, length_prefixed
+from timtx.protocols.server import TimServerProtocolMixin
+
+if TYPE_CHECKING:
+    from timtx.node import Node
+
+_LENGTH = struct.Struct(">I")
+
+
+class TimTcpServerProtocol(TimServerProtocolMixin, Protocol):
+    """
+    A tim client over a raw TCP stream.
+    """
+
+    def connectionMade(self) -> None:
+        self._decoder = LengthPrefixedDecoder(self.node.config.client.max_frame_bytes)
+        self.timConnectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        while not self._closing:
+            try:
+                frame = self._decoder.next_frame()
+            except FrameTooLarge as e:
+                # The rest of the stream cannot be framed: say why, then go.
+                self._sendError(0, e, self.tim.encoding)
+                self.closeConnection(e.text)
+                return
+            if frame is None:
+                return
+            self.frameReceived(frame)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.timConnectionLost()
+
+    def writeFrame(self, frame: bytes) -> None:
+        self.transport.write(length_prefixed(frame))
+
+    def writeFrameParts(self, header: bytes, payload: bytes) -> None:
+        self.transport.writeSequence([_LENGTH.pack(len(header) + len(payload)), header, payload])
+
+    def loseTransport(self, reason: str) -> None:
+        self.transport.loseConnection()
+
+
+class TimTcpServerFactory(Factory):
+    def __init__(self, node: Node, protocol: type[TimTcpServerProtocol]):
+        self.node = node
+        self.protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.node.canAcceptConnection():
+            return None
+        protocol: Any = self.protocol()  # type: ignore[misc]
+        protocol.factory = self
+        protocol.node = self.node
+        return protocol

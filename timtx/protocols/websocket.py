@@ -1,0 +1,105 @@
+# -*- test-case-name: timtx.test.test_login -*-
+"""
+tim over WebSocket: binary messages at C{/tim}, one frame per message.
+
+The protocol is autobahn's L{WebSocketServerProtocol} with
+L{TimServerProtocolMixin} doing the work.  It is served by a twisted.web
+C{Site} (see L{timtx.protocols.site}) so that C{/tim2} can share the port.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+
+from timtx.protocols.server import TimServerProtocolMixin
+
+if TYPE_CHECKING:
+    from timtx.node import Node
+
+#: Close code for a message over the size limit (RFC 6455).
+CLOSE_TOO_BIG = 1009
+
+
+class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol):  # type: ignore[misc]
+    """
+    A tim client over WebSocket.
+    """
+
+    _timOpened = False
+
+    def onConnect(self, request: Any) -> None:
+        client = self.node.config.client
+        origin = request.headers.get("origin")
+        if not origin:
+            if not client.allow_missing_origin:
+                raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "an Origin header is required")
+        elif "*" not in client.allowed_origins and origin not in client.allowed_origins:
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
+        if not self.node.canAcceptConnection():
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many connections")
+        return None
+
+    def onOpen(self) -> None:
+        self._timOpened = True
+        self.timConnectionMade()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        # timjs and timgo send binary messages; a text message carries the
+        # same bytes and is treated alike.
+        self.frameReceived(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._timOpened:
+            self.timConnectionLost()
+
+    def writeFrame(self, frame: bytes) -> None:
+        self.sendMessage(frame, isBinary=True)
+
+    def writeFrameParts(self, header: bytes, payload: bytes) -> None:
+        self.sendMessage(header + payload, isBinary=True)
+
+    def loseTransport(self, reason: str) -> None:
+        self.sendClose(code=1000, reason=reason[:100])
+
+
+class TimWebSocketServerFactory(WebSocketServerFactory):
+    """
+    Builds L{TimWebSocketServerProtocol}s (or the class registered as
+    C{client-ws}) bound to a node.
+    """
+
+    def __init__(self, node: Node, protocol: type[TimWebSocketServerProtocol], url: str = "ws://localhost/tim"):
+        super().__init__(url, reactor=node.reactor)
+        self.node = node
+        self.protocol = protocol
+        config = node.config.client
+        self.setProtocolOptions(
+            maxFramePayloadSize=config.max_frame_bytes,
+            maxMessagePayloadSize=config.max_frame_bytes,
+            openHandshakeTimeout=config.auth_timeout,
+            closeHandshakeTimeout=2,
+            # Say why (1009 for an oversize message) before closing.
+            failByDrop=False,
+            # tim clients ping on their own (TIMPING frames).
+            autoPingInterval=0,
+        )
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol: Any = super().buildProtocol(addr)
+        protocol.node = self.node
+        return protocol
+
+
+class TimWebSocketResource(WebSocketResource):
+    """
+    autobahn's resource, minus the HTTP channel's idle timer, which would
+    otherwise fire on the taken-over connection hours later.
+    """
+
+    def render(self, request: Any) -> Any:
+        request.channel.setTimeout(None)
+        return super().render(request)

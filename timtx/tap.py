@@ -1,0 +1,74 @@
+# -*- test-case-name: timtx.test.test_tap -*-
+"""
+C{twist tim --config node.ini}: the options and service of the C{tim} plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.python import usage
+
+from timtx.config import ConfigError, load
+
+
+class Options(usage.Options):
+    synopsis = "--config node.ini"
+    longdesc = "Run a timtx node. Every setting lives in the INI file; see docs/configuration.md."
+    optParameters = [["config", "c", None, "Path to the node's INI file."]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config is required")
+        try:
+            self.config = load(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class NodeRunner(Service):
+    """
+    Runs a L{Node} under C{twist}: a node that cannot start prints why and
+    makes the process exit with status 1 instead of idling without ports.
+    """
+
+    def __init__(self, config: Any, reactor: Any):
+        from timtx.node import Node
+
+        self.reactor = reactor
+        self.node = Node(config, reactor)
+
+    def startService(self) -> None:
+        from timtx.node import NodeStartError
+
+        super().startService()
+        try:
+            self.node.startService()
+        except NodeStartError as e:
+            self._fail(str(e))
+            return
+        self.node.ready.addErrback(lambda f: self._fail(f.getErrorMessage()))
+
+    def _fail(self, message: str) -> None:
+        print(f"timtx: cannot start: {message}", file=sys.stderr)
+        sys.stderr.flush()
+        if self.reactor.running:
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self.reactor.stop()
+        else:
+            os._exit(1)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.node.running:
+            return self.node.stopService()
+        return None
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    return NodeRunner(options.config, reactor)

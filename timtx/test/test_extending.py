@@ -1,0 +1,75 @@
+"""
+Tests that the downstream example in docs/extending.md works as written.
+"""
+
+import re
+import sys
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from timtx.client import connect
+from timtx.protocols.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
+from timtx.protocols.websocket import TimWebSocketServerProtocol
+from timtx.test.test_config import sourceRoot
+from timtx.testing import loggedInClient, requireOrSkip, startNode, testConfig, wsURL
+
+
+def exampleCode():
+    root = sourceRoot()
+    if root is None:
+        return None
+    text = root.child("docs").child("extending.md").getContent().decode("utf-8")
+    match = re.search(r"<!-- example: extending -->\s*```python\n(.*?)```", text, re.S)
+    return match.group(1)
+
+
+class ExtendingExampleTests(TestCase):
+    @inlineCallbacks
+    def test_example(self):
+        """
+        The documented subclass, registered through [protocols] in the
+        config, answers frame type 100.
+        """
+        code = exampleCode()
+        if code is None:
+            requireOrSkip("no source checkout (docs/ is not installed)")
+        package = FilePath(self.mktemp())
+        package.child("myapp").makedirs()
+        package.child("myapp").child("__init__.py").setContent(b"")
+        package.child("myapp").child("protocols.py").setContent(code.encode("utf-8"))
+        sys.path.insert(0, package.path)
+        self.addCleanup(sys.path.remove, package.path)
+        self.addCleanup(lambda: [sys.modules.pop(m, None) for m in ("myapp", "myapp.protocols")])
+
+        config = testConfig(self.mktemp(), protocols={"client-ws": "myapp.protocols:ShoutProtocol"})
+        node = yield startNode(self, reactor, config)
+        client = yield loggedInClient(reactor, node, testCase=self)
+        client.sendRaw(bytes([100]) + b"hello")
+        reply = yield client.next(100)
+        self.assertEqual(reply.body, b"HELLO")
+        plain = yield connect(reactor, wsURL(node))
+        self.addCleanup(plain.disconnect)
+        plain.sendRaw(bytes([100]) + b"hello")
+        refused = yield plain.next()
+        self.assertFalse(refused.body.ok, "frame 100 before login is refused")
+
+
+class RegistryTests(SynchronousTestCase):
+    def test_register(self):
+        registry = defaultRegistry()
+        self.assertEqual(registry.names(), ["client-tcp", "client-ws"])
+        copy = registry.copy()
+        copy.register("client-ws", object)
+        self.assertIs(registry.lookup("client-ws"), TimWebSocketServerProtocol)
+        self.assertRaises(KeyError, ProtocolRegistry().lookup, "peer")
+
+    def test_resolve(self):
+        self.assertIs(
+            resolveProtocolPath("timtx.protocols.websocket:TimWebSocketServerProtocol"), TimWebSocketServerProtocol
+        )
+        self.assertRaises(ValueError, resolveProtocolPath, "timtx.protocols.websocket")
+        self.assertRaises(ValueError, resolveProtocolPath, "timtx.protocols.websocket:CLOSE_TOO_BIG")
+        self.assertRaises(ImportError, resolveProtocolPath, "no.such:Thing")

@@ -1,0 +1,155 @@
+"""
+Tests for the C{twist tim} plugin and C{python -m timtx}: they run the
+commands a user runs, in child processes.
+"""
+
+import os
+import signal
+import socket
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from timtx import __version__
+from timtx.client import connect, register
+from timtx.tap import Options
+from timtx.test.test_config import sourceRoot
+from timtx.testing import requireOrSkip
+
+
+def childEnv():
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+class PluginTests(SynchronousTestCase):
+    def test_found(self):
+        """
+        The installed package provides the C{tim} plugin to twist.
+        """
+        plugins = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("tim", plugins)
+        self.assertEqual(plugins["tim"].module, "timtx.tap")
+
+    def test_options(self):
+        self.assertRaises(usage.UsageError, Options().parseOptions, [])
+        bad = FilePath(self.mktemp())
+        bad.setContent(b"[client]\nlisten_on = 1\n")
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", bad.path])
+        self.assertIn("[client] listen_on", str(error))
+
+
+class _Collect(ProcessProtocol):
+    def __init__(self):
+        self.output = []
+        self.ended = Deferred()
+
+    def outReceived(self, data):
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+
+def freePort(port):
+    """
+    Whether a listener could bind C{port} on loopback (Twisted sets
+    SO_REUSEADDR, so connections in TIME_WAIT do not count).
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class CommandTests(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_version(self):
+        out, err, code = yield getProcessOutputAndValue(sys.executable, ["-m", "timtx", "--version"], env=childEnv())
+        self.assertEqual(code, 0)
+        self.assertIn(f"timtx {__version__} (C codec)".encode(), out)
+
+    @inlineCallbacks
+    def test_badConfigExits(self):
+        """
+        A bad config makes `twist tim` exit non-zero, naming the file,
+        section and key, before listening.
+        """
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        ini = directory.child("node.ini")
+        ini.setContent(b"[client]\nmax_frame_bytes = lots\n")
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "twisted", "tim", "--config", ini.path], env=childEnv(), path=directory.path
+        )
+        self.assertNotEqual(code, 0)
+        text = (out + err).decode()
+        self.assertIn(f"{ini.path}: [client] max_frame_bytes: expected an integer", text)
+        self.assertNotIn("listening", text)
+        self.assertFalse(directory.child("timtx-data").exists(), "nothing was created")
+
+    @inlineCallbacks
+    def test_exampleStartsAndStops(self):
+        """
+        `twist tim --config examples/node.ini` starts a node that clients can
+        register and log in to, and stops cleanly on SIGTERM.
+        """
+        root = sourceRoot()
+        if root is None:
+            requireOrSkip("no source checkout (examples/ is not installed)")
+        if not (freePort(5120) and freePort(5121)):
+            raise self.skipTest("ports 5120/5121 are in use on this machine")
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        root.child("examples").child("node.ini").copyTo(directory.child("node.ini"))
+        process = _Collect()
+        transport = reactor.spawnProcess(
+            process,
+            sys.executable,
+            [sys.executable, "-m", "twisted", "--log-format=text", "tim", "--config", "node.ini"],
+            env=childEnv(),
+            path=directory.path,
+        )
+        self.addCleanup(lambda: process.ended.called or transport.signalProcess("KILL"))
+        for _ in range(300):
+            if b"timtx node ready" in b"".join(process.output):
+                break
+            if process.ended.called:
+                self.fail(b"".join(process.output).decode())
+            yield deferLater(reactor, 0.05, lambda: None)
+        else:
+            self.fail("node did not start: " + b"".join(process.output).decode())
+        uid = yield register(reactor, "http://127.0.0.1:5120/tim2", "example", "pw1")
+        for url in ("ws://127.0.0.1:5120/tim", "tcp://127.0.0.1:5121"):
+            client = yield connect(reactor, url)
+            login = yield client.login("example", "pw1", termtyp=len(url))
+            self.assertEqual(login.n, uid)
+            yield client.ping()
+            yield client.disconnect()
+        transport.signalProcess(signal.SIGTERM)
+        status = yield process.ended
+        output = b"".join(process.output).decode()
+        # twist ends by re-raising the signal that stopped it, as a shell
+        # expects of a process stopped by SIGTERM.
+        self.assertIn(status, [(0, None), (None, signal.SIGTERM)], output)
+        self.assertIn("Main loop terminated", output)
+        self.assertNotIn("Traceback", output)
+        self.assertTrue(directory.child("timtx-data").child("tim.db").exists())
+        self.assertEqual(os.stat(directory.child("timtx-data").child("node.key").path).st_mode & 0o777, 0o600)
