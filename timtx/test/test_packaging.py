@@ -52,6 +52,20 @@ def dependencyDirectory(target):
         os.symlink(entry.path, plugins.child(entry.basename()).path)
 
 
+def canBuildWheels():
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return True
+    try:
+        from setuptools.command import bdist_wheel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 CHECK = """
 import timtx
 from twisted.application.service import IServiceMaker
@@ -70,6 +84,8 @@ class InstallTests(TestCase):
             requireOrSkip("no source checkout to install")
         if sys.prefix == sys.base_prefix:
             requireOrSkip("needs to run inside a virtual environment")
+        if not canBuildWheels():
+            requireOrSkip("building offline needs setuptools>=70.1 or the wheel package in this environment")
 
     @inlineCallbacks
     def runCommand(self, executable, args, path=None):
