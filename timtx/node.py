@@ -171,7 +171,13 @@ class Node(MultiService):
         try:
             super().startService()
         except BaseException:
+            # Leave nothing half-started: stop the listeners that bound.
+            for child in list(self):
+                if child.running:
+                    child.stopService()
+            self.running = False
             self.threadPool.stop()
+            self.store.close()
             raise
         self._tokenSweep.start(max(self.config.accounts.token_ttl, 1.0), now=False)
         listening = [listener.listening for listener in self._listeners.values()]
