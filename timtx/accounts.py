@@ -10,9 +10,10 @@ not reveal which names exist.
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -57,6 +58,7 @@ class AccountService:
         self.hasher = PasswordHasher(config.scrypt_n, config.scrypt_r, config.scrypt_p)
         self._runInThread = runInThread
         self.webhook = webhook
+        self._known: OrderedDict[str, None] = OrderedDict()
 
     # Checks of what a client sent.
 
@@ -189,6 +191,26 @@ class AccountService:
             raise TimProtocolError(ErrorCode.ERR_MODIFYAUTH)
         newHash = yield self._runInThread(self.hasher.hash, new)
         yield self.store.setPasswordHash(uid, newHash)
+
+    def exists(self, uid: str) -> Deferred[bool]:
+        """
+        Whether an account C{uid} exists.  Known accounts are remembered
+        (accounts are never deleted), so repeated checks cost nothing.
+        """
+        if uid in self._known:
+            self._known.move_to_end(uid)
+            return succeed(True)
+        d = self.store.getAccount(uid)
+        d.addCallback(self._checked, uid)
+        return d
+
+    def _checked(self, account: Any, uid: str) -> bool:
+        if account is None:
+            return False
+        self._known[uid] = None
+        while len(self._known) > 100_000:
+            self._known.popitem(last=False)
+        return True
 
     def purgeExpiredTokens(self) -> Deferred[int]:
         return self.store.purgeTokens(self.clock.seconds())

@@ -42,6 +42,7 @@ from timtx.protocols.frames import (
     parse_server_frame,
 )
 from timtx.protocols.structs import (
+    Tid,
     TimAck,
     TimAuth,
     TimMessage,
@@ -121,6 +122,15 @@ def ackFor(timType: int) -> Match:
     Matches the TIMACK answering a request of C{timType}.
     """
     return lambda i: i.timType == TimType.TIMACK and i.body is not None and i.body.timType == timType
+
+
+def answerTo(timType: int) -> Match:
+    """
+    Matches a frame of C{timType} or the TIMACK refusing a request of it.
+    """
+    return lambda i: (
+        i.timType == timType or (i.timType == TimType.TIMACK and i.body is not None and i.body.timType == timType)
+    )
 
 
 class TimClient:
@@ -302,6 +312,68 @@ class TimClient:
         Send TIMPING and wait for the answer.
         """
         yield self.request(TimType.TIMPING, None, TimType.TIMPING, timeout)
+
+    def sendMessage(
+        self,
+        to: str | None,
+        dataString: str | None = None,
+        *,
+        odType: int = 1,
+        msType: int = 2,
+        timType: int = TimType.TIMMESSAGE,
+        **fields: Any,
+    ) -> TimMessage:
+        """
+        Send a TimMessage to user C{to} (C{None} for group messages, with
+        C{roomTid} in C{fields}).  Nothing is awaited: the server echoes the
+        stored message, or answers with an error ack whose C{t} is the
+        message's C{id}.
+        """
+        message = TimMessage(
+            msType=msType, odType=odType, dataString=dataString, toTid=Tid(node=to) if to else None, **fields
+        )
+        self.send(timType, message)
+        return message
+
+    @inlineCallbacks
+    def offlineMessages(self, timeout: float = 10.0, request: bool = True) -> Any:
+        """
+        Ask for offline messages (unless C{request} is false, for a server
+        that sends them unasked) and collect every list until
+        TIMOFFLINEMSGEND.
+
+        @return: a L{Deferred} firing with the messages in order.
+        """
+        if request:
+            self.send(TimType.TIMOFFLINEMSG)
+        messages: list[TimMessage] = []
+        while True:
+            incoming = yield self.next(
+                lambda i: i.timType in (TimType.TIMOFFLINEMSG, TimType.TIMOFFLINEMSGEND), timeout
+            )
+            if incoming.timType == TimType.TIMOFFLINEMSGEND:
+                return messages
+            messages.extend(incoming.body.messageList or ())
+
+    @inlineCallbacks
+    def history(self, node: str, mid: int = 0, limit: int | None = None, rtype: int = 1, timeout: float = 10.0) -> Any:
+        """
+        TIMPULLMESSAGE: messages with C{node} (a user, or a group with
+        C{rtype=2}) before C{mid}, newest first.
+        """
+        request = TimReq(rtype=rtype, node=node, reqInt=mid, reqInt2=limit)
+        incoming = yield self.request(TimType.TIMPULLMESSAGE, request, answerTo(TimType.TIMPULLMESSAGE), timeout)
+        return incoming.body.messageList or []
+
+    @inlineCallbacks
+    def nodes(self, ntype: int, timeout: float = 10.0, **fields: Any) -> Any:
+        """
+        Send a TimNodes request and wait for the TIMNODES answer or the ack.
+        """
+        incoming = yield self.request(
+            TimType.TIMNODES, TimNodes(ntype=ntype, **fields), answerTo(TimType.TIMNODES), timeout
+        )
+        return incoming.body
 
     @inlineCallbacks
     def business(self, rtype: int, timeout: float = 10.0, reply: Match | None = None, **fields: Any) -> Any:

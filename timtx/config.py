@@ -285,6 +285,82 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class MessagesConfig:
+    noauth: bool = option(
+        False, BOOL, "Let users message anyone, friends or not (tim's message.noauth). Blocks still apply."
+    )
+    recall_window: float = option(
+        0.0,
+        _seconds(0),
+        "Seconds after sending during which a sender may recall a message; 0 means always (tim's rule).",
+    )
+    max_body_bytes: int = option(
+        65536,
+        _int(1, 1 << 30),
+        "Largest message content: dataString and dataBinary together, plus extend and extra, in bytes. "
+        "Larger messages get error 4114.",
+    )
+    dedupe_window: float = option(
+        300.0,
+        _seconds(0),
+        "Seconds during which a resend with the same sender and client id is answered with the original "
+        "message instead of being stored again. 0 turns deduplication off.",
+    )
+    history_limit: int = option(100, _int(1, 10000), "Most messages one TIMPULLMESSAGE returns, whatever it asks for.")
+    offline_batch: int = option(
+        50,
+        _int(1, 1000),
+        "Messages per TIMOFFLINEMSG list; each list waits for its ack before the next (tim sends 10).",
+    )
+    offline_push_after: float = option(
+        3.0,
+        _seconds(0),
+        "Seconds after login the node waits for the client to ask for its offline messages (TIMOFFLINEMSG) "
+        "before sending them unasked. New messages reach the session once its offline messages are out.",
+    )
+    max_unacked: int = option(
+        1000,
+        _int(1),
+        "Pushes one session may leave unacknowledged; past it the node stops pushing to it and sends the rest "
+        "as offline lists once it catches up.",
+    )
+
+
+@dataclass(frozen=True)
+class PresenceConfig:
+    open: bool = option(
+        False, BOOL, "Let users send presence to anyone; by default only to friends (tim lets anyone reach anyone)."
+    )
+    offline_block: bool = option(
+        False,
+        BOOL,
+        "Send no automatic offline presence when a user's last session ends (tim's presence.offline.block).",
+    )
+    max_targets: int = option(100, _int(1, 100000), "Most users one TIMPRESENCE may name in toList.")
+
+
+@dataclass(frozen=True)
+class RosterConfig:
+    notify_block: bool = option(
+        True, BOOL, "Tell a user who was blocked (bnType 7), as tim does. Turn off to block silently."
+    )
+
+
+@dataclass(frozen=True)
+class ProfilesConfig:
+    read: str = option(
+        "anyone",
+        _choice("anyone", "friends"),
+        "Who may read a user's profile (TIMNODES 4): `anyone` (tim's rule) or `friends`. Users always read their own.",
+    )
+    max_batch: int = option(100, _int(1, 10000), "Most users one TIMNODES 4 request may name.")
+    max_field_chars: int = option(1024, _int(1, 1 << 20), "Longest text field of a profile, in characters.")
+    max_profile_bytes: int = option(
+        16384, _int(64, 1 << 24), "Largest encoded profile, in bytes; larger gets error 4114."
+    )
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     backend: str = option(
         "sqlite", TEXT, "Storage plugin: `sqlite` (embedded, the default), `memory` (nothing survives a restart)."
@@ -312,6 +388,10 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     accounts: AccountsConfig = field(default_factory=AccountsConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
+    roster: RosterConfig = field(default_factory=RosterConfig)
+    profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     protocols: Mapping[str, str] = field(default_factory=dict)
     base_dir: str = "."
@@ -345,6 +425,10 @@ SECTIONS: dict[str, type] = {
     "client": ClientConfig,
     "accounts": AccountsConfig,
     "devices": DevicesConfig,
+    "messages": MessagesConfig,
+    "presence": PresenceConfig,
+    "roster": RosterConfig,
+    "profiles": ProfilesConfig,
     "store": StoreConfig,
 }
 FREE_SECTIONS = ("protocols",)
@@ -458,5 +542,27 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+REFERENCE_MARKER = "<!-- generated reference: python -m timtx.config --write docs/configuration.md -->"
+
+
+def write_reference(path: str) -> None:
+    """
+    Replace everything after L{REFERENCE_MARKER} in C{path} with the
+    reference.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, marker, _ = text.partition(REFERENCE_MARKER)
+    if not marker:
+        raise SystemExit(f"{path} has no line {REFERENCE_MARKER}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + marker + "\n\n" + reference_markdown())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    print(reference_markdown())
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:
+        write_reference(sys.argv[2])
+    else:
+        print(reference_markdown())

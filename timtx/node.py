@@ -22,16 +22,27 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from timtx.accounts import AccountService
+from timtx.business import BusinessRouter
 from timtx.config import Config
+from timtx.conversations import Conversations
+from timtx.delivery import Delivery
 from timtx.dispatch import Dispatcher
+from timtx.duplicates import DuplicateFilter
 from timtx.ids import NodeKeys
+from timtx.messaging import MessagingService
 from timtx.persistence import storeFactory
+from timtx.presence import PresenceService
+from timtx.profiles import ProfileService
 from timtx.protocols import codec
+from timtx.protocols.constants import Business, TimType
 from timtx.protocols.http import TimSite
 from timtx.protocols.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
+from timtx.protocols.structs import TimMessage, TimNodes, TimPresence, TimReq
 from timtx.protocols.tcp import TimTcpServerFactory
 from timtx.protocols.websocket import TimWebSocketResource, TimWebSocketServerFactory
+from timtx.relations import RelationCache, RosterService
 from timtx.sessions import AckIds, Session, SessionRegistry
+from timtx.vault import StanzaVault
 from timtx.webhook import LoginWebhook
 
 
@@ -131,12 +142,81 @@ class Node(MultiService):
         self.sessions = SessionRegistry(config.devices)
         self.ackIds = AckIds()
         self.dispatcher = Dispatcher()
+        self._buildMessaging()
         self.connections: set[Any] = set()
+        self._background: set[Deferred[Any]] = set()
         self.ready: Deferred[Node] = Deferred()
         self._tokenSweep = LoopingCall(self.accounts.purgeExpiredTokens)
         self._tokenSweep.clock = self.clock
         self._listeners: dict[str, Listener] = {}
         self._addListeners()
+
+    def _buildMessaging(self) -> None:
+        """
+        Personal messaging: conversations, delivery, roster, presence and
+        profiles, and the routes of their frame types.
+        """
+        config, store, clock = self.config, self.store, self.clock
+        self.vault = StanzaVault(self.keys)
+        self.relations = RelationCache(store)
+        self.delivery = Delivery(config.messages, store, self.vault, self.sessions, self.ackIds, clock)
+        self.conversations = Conversations(store, self.vault, clock, maxBatch=config.store.batch_max)
+        self.duplicates = DuplicateFilter(store, clock, config.messages.dedupe_window)
+        self.messaging = MessagingService(
+            config.messages,
+            store,
+            self.vault,
+            self.conversations,
+            self.delivery,
+            self.relations,
+            self.duplicates,
+            self.accounts,
+            self.sessions,
+            clock,
+        )
+        self.roster = RosterService(config.roster, self.relations, self.accounts, self.delivery, clock)
+        self.presence = PresenceService(config.presence, store, self.relations, self.accounts, self.delivery)
+        self.profiles = ProfileService(config.profiles, store, self.vault, self.relations, clock)
+        self.business = BusinessRouter()
+        self.roster.register(self.business)
+        self.business.register(Business.MODIFYAUTH, self._changePassword)
+
+        route = self.dispatcher.route
+        for timType in (TimType.TIMMESSAGE, TimType.TIMREVOKEMESSAGE, TimType.TIMBURNMESSAGE):
+            route(timType, TimMessage, self.messaging.handleMessage)
+        route(TimType.TIMPULLMESSAGE, TimReq, self.messaging.handlePull)
+        route(TimType.TIMOFFLINEMSG, None, lambda session, payload: self.delivery.drain(session))
+        route(TimType.TIMPRESENCE, TimPresence, self.presence.handlePresence)
+        route(TimType.TIMBROADPRESENCE, TimPresence, self.presence.handleBroadcast)
+        route(TimType.TIMBUSINESS, TimReq, self.business)
+        route(TimType.TIMNODES, TimNodes, self.profiles.handleNodes)
+        self.sessions.onLastSession.append(self._lastSessionEnded)
+        self._duplicateSweep = LoopingCall(self.duplicates.purge)
+        self._duplicateSweep.clock = clock
+
+    def _lastSessionEnded(self, session: Session) -> None:
+        self.runInBackground(self.presence.announceOffline, session.uid, session.domain)
+
+    def runInBackground(self, f: Callable[..., Any], *args: Any) -> None:
+        """
+        Run C{f(*args)} without anyone waiting for it; failures are logged,
+        and the node waits for it before closing its store when it stops.
+        """
+        d = maybeDeferred(f, *args)
+        if d.called and not isinstance(d.result, Exception):
+            d.addErrback(self._backgroundFailed)
+            return
+        self._background.add(d)
+        d.addErrback(self._backgroundFailed)
+        d.addBoth(lambda _: self._background.discard(d))
+
+    def _backgroundFailed(self, failure: Any) -> None:
+        self.log.failure("background work failed", failure)
+
+    def _changePassword(self, session: Session, request: TimReq) -> Deferred[None]:
+        d = self.accounts.changePassword(session.uid, request.reqStr, request.reqStr2)
+        d.addCallback(lambda _: session.sendAck(TimType.TIMBUSINESS, t=Business.MODIFYAUTH))
+        return d
 
     def _addListeners(self) -> None:
         client = self.config.client
@@ -180,6 +260,8 @@ class Node(MultiService):
             self.store.close()
             raise
         self._tokenSweep.start(max(self.config.accounts.token_ttl, 1.0), now=False)
+        if self.duplicates.enabled:
+            self._duplicateSweep.start(max(self.config.messages.dedupe_window, 60.0), now=False)
         listening = [listener.listening for listener in self._listeners.values()]
         d = gatherResults([opened, *listening], consumeErrors=True)
         d.addCallbacks(self._started, self._failedToStart)
@@ -197,13 +279,19 @@ class Node(MultiService):
         self.log.critical("timtx node failed to start: {error}", error=error.getErrorMessage())
         self.ready.errback(error)
 
+    #: Whether L{stopService} has begun.
+    stopping = False
+
     def stopService(self) -> Deferred[None]:
         if not self.running:
             return succeed(None)
-        if self._tokenSweep.running:
-            self._tokenSweep.stop()
+        self.stopping = True
+        for sweep in (self._tokenSweep, self._duplicateSweep):
+            if sweep.running:
+                sweep.stop()
         d = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._closeConnections())
+        d.addBoth(lambda _: DeferredList(list(self._background)))
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: self.threadPool.stop())
         return d
@@ -247,11 +335,13 @@ class Node(MultiService):
         """
         A session logged in and got its ack.
         """
+        self.delivery.sessionStarted(session)
 
     def sessionEnded(self, session: Session) -> None:
         """
         A session's connection closed.
         """
+        self.delivery.sessionEnded(session)
 
     # For tests and tools.
 

@@ -207,8 +207,8 @@ class SessionRegistry:
     it.  Counts are exact: C{limit = 2} allows two sessions (tim 2.0 allows
     one more than C{devicetype.limit}).
 
-    @ivar onFirstSession: called with a uid when its first session arrives.
-    @ivar onLastSession: called with a uid when its last session leaves.
+    @ivar onFirstSession: called with a user's first session when it arrives.
+    @ivar onLastSession: called with a user's last session when it leaves.
     """
 
     log = Logger()
@@ -217,8 +217,8 @@ class SessionRegistry:
         self.devices = devices
         self._byUser: dict[str, list[Session]] = {}
         self._count = 0
-        self.onFirstSession: list[Callable[[str], object]] = []
-        self.onLastSession: list[Callable[[str], object]] = []
+        self.onFirstSession: list[Callable[[Session], object]] = []
+        self.onLastSession: list[Callable[[Session], object]] = []
 
     def __len__(self) -> int:
         return self._count
@@ -283,7 +283,7 @@ class SessionRegistry:
         sessions.append(session)
         self._count += 1
         if len(sessions) == 1:
-            self._notify(self.onFirstSession, session.uid)
+            self._notify(self.onFirstSession, session)
 
     def remove(self, session: Session) -> None:
         """
@@ -296,11 +296,11 @@ class SessionRegistry:
         self._count -= 1
         if not sessions:
             del self._byUser[session.uid]
-            self._notify(self.onLastSession, session.uid)
+            self._notify(self.onLastSession, session)
 
-    def _notify(self, observers: list[Callable[[str], object]], uid: str) -> None:
+    def _notify(self, observers: list[Callable[[Session], object]], session: Session) -> None:
         for observer in observers:
             try:
-                observer(uid)
+                observer(session)
             except Exception:
-                self.log.failure("session observer failed for {uid}", uid=uid)
+                self.log.failure("session observer failed for {session}", session=session)

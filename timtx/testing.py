@@ -150,18 +150,21 @@ def loggedInClient(
     transport: str = "ws",
     registerFirst: bool = True,
     testCase: Any = None,
+    autoAck: bool = True,
     **loginArgs: Any,
 ) -> Any:
     """
     Register C{name} (unless C{registerFirst} is false), connect over
     C{transport} (C{"ws"} or C{"tcp"}) and log in.  With C{testCase}, the
-    client is disconnected when the test ends.
+    client is disconnected when the test ends.  The name is kept as
+    C{client.loginName}.
     """
     name = name or uniqueName()
     if registerFirst:
         yield register(reactor, httpURL(node), name, password, domain)
     url = wsURL(node) if transport == "ws" else tcpURL(node)
-    client = yield connect(reactor, url, encoding)
+    client = yield connect(reactor, url, encoding, autoAck=autoAck)
+    client.loginName = name
     if testCase is not None:
         testCase.addCleanup(lambda: client.disconnect() if client._transport else None)
     yield client.login(name, password, domain, **loginArgs)

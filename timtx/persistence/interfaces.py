@@ -15,9 +15,9 @@ from zope.interface import Attribute, Interface
 
 class IMessageStore(Interface):
     """
-    The node's durable state: accounts and login tokens (this module), and,
-    as later features land, messages, offline queues, rosters, groups and
-    profiles.
+    The node's durable state: accounts, login tokens, conversations and
+    their history, inboxes of undelivered items, duplicate keys, relations
+    between users, profiles.
     """
 
     name = Attribute("The plugin name, such as C{'sqlite'}.")
@@ -82,6 +82,120 @@ class IMessageStore(Interface):
         Forget expired tokens.
 
         @return: a L{Deferred} firing with how many were removed.
+        """
+
+    # Messages, inboxes, duplicates, relations and profiles.  Stanzas are
+    # opaque, already sealed bytes; stores never look inside them.
+
+    def appendMessages(messages):
+        """
+        Write messages, their inbox entries and their duplicate keys in one
+        transaction: all of them or none.
+
+        @type messages: L{list} of L{timtx.persistence.records.NewMessage}
+        @return: a L{Deferred} firing with, per message, the list of inbox
+            qids created, in the order of its C{inbox}.
+        """
+
+    def lastMessage(conv):
+        """
+        @return: a L{Deferred} firing with C{(last seq, last mid)} of
+            C{conv}'s history, C{(0, 0)} if it has none.
+        """
+
+    def getMessage(conv, mid):
+        """
+        @return: a L{Deferred} firing with the
+            L{timtx.persistence.records.StoredMessage} of C{conv} with
+            C{mid}, or C{None}.
+        """
+
+    def replaceMessage(conv, seq, stanza, state, notices, created):
+        """
+        Replace a history row's stanza (with a tombstone, on recall or burn)
+        and add inbox entries telling others, in one transaction.  Inbox
+        entries that refer to the row deliver the tombstone from now on.
+
+        @param notices: C{(recipient, sealed stanza)} pairs.
+        @return: a L{Deferred} firing with the notices' qids.
+        """
+
+    def history(conv, beforeMid, limit):
+        """
+        @param beforeMid: only rows with a smaller mid; C{None} for the newest.
+        @return: a L{Deferred} firing with up to C{limit}
+            L{timtx.persistence.records.StoredMessage}s, newest first.
+        """
+
+    def recentDuplicates(sender, since):
+        """
+        @return: a L{Deferred} firing with a dict of client id to
+            L{timtx.persistence.records.Duplicate} for C{sender}'s messages
+            stored at or after C{since}.
+        """
+
+    def purgeDuplicates(before):
+        """
+        Forget duplicate keys older than C{before}.
+
+        @return: a L{Deferred} firing with how many were removed.
+        """
+
+    def addInbox(entries, created):
+        """
+        @param entries: C{(recipient, sealed stanza)} pairs.
+        @return: a L{Deferred} firing with their qids.
+        """
+
+    def readInbox(uid, afterQid, limit):
+        """
+        @return: a L{Deferred} firing with up to C{limit}
+            L{timtx.persistence.records.InboxEntry}s of C{uid} with a qid
+            above C{afterQid}, in qid order.
+        """
+
+    def deleteInbox(uid, qids):
+        """
+        @return: a L{Deferred} firing with how many entries were removed.
+        """
+
+    def countInbox(uid):
+        """
+        @return: a L{Deferred} firing with the number of entries of C{uid}.
+        """
+
+    def relationsOf(uid):
+        """
+        @return: a L{Deferred} firing with the
+            L{timtx.persistence.records.Relation}s of C{uid} with every user
+            either side has a stance toward.
+        """
+
+    def setStance(owner, other, stance):
+        """
+        Set C{owner}'s stance toward C{other}.
+
+        @return: a L{Deferred} that fires when stored.
+        """
+
+    def getProfile(uid):
+        """
+        @return: a L{Deferred} firing with the sealed profile, or C{None}.
+        """
+
+    def putProfile(uid, stanza):
+        """
+        @return: a L{Deferred} that fires when stored.
+        """
+
+    def getInvisible(uid):
+        """
+        @return: a L{Deferred} firing with whether C{uid} is invisible.
+        """
+
+    def setInvisible(uid, invisible):
+        """
+        @return: a L{Deferred} that fires when stored.
         """
 
 

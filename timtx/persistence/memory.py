@@ -9,11 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
-from timtx.persistence.records import Account, TokenGrant
+from timtx.persistence.records import (
+    Account,
+    Duplicate,
+    InboxEntry,
+    NewMessage,
+    Relation,
+    StoredMessage,
+    TokenGrant,
+)
 
 
 @implementer(IMessageStore)
@@ -23,6 +31,14 @@ class MemoryStore:
     def __init__(self) -> None:
         self._accounts: dict[str, Account] = {}
         self._tokens: dict[bytes, tuple[TokenGrant, float]] = {}
+        self._messages: dict[str, dict[int, StoredMessage]] = {}
+        self._byMid: dict[tuple[str, int], int] = {}
+        self._inbox: dict[str, dict[int, tuple[str | None, int | None, bytes | None]]] = {}
+        self._nextQid = 1
+        self._duplicates: dict[tuple[str, int], Duplicate] = {}
+        self._stances: dict[tuple[str, str], int] = {}
+        self._profiles: dict[str, bytes] = {}
+        self._invisible: set[str] = set()
 
     def open(self) -> Deferred[None]:
         return succeed(None)
@@ -61,6 +77,132 @@ class MemoryStore:
         for key in expired:
             del self._tokens[key]
         return succeed(len(expired))
+
+    # Messages.
+
+    def appendMessages(self, messages: list[NewMessage]) -> Deferred[list[list[int]]]:
+        for m in messages:
+            if m.seq is not None and (m.seq in self._messages.get(m.conv, {}) or (m.conv, m.mid) in self._byMid):
+                return fail(ValueError(f"seq {m.seq} or mid {m.mid} of {m.conv} exists"))
+        result = []
+        for m in messages:
+            if m.seq is not None and m.stanza is not None:
+                self._messages.setdefault(m.conv, {})[m.seq] = StoredMessage(
+                    m.conv, m.seq, m.mid, m.sender, m.stanza, 0, m.created
+                )
+                self._byMid[(m.conv, m.mid)] = m.seq
+            qids = []
+            for uid, stanza in m.inbox:
+                qids.append(self._addInbox(uid, m.conv, m.seq if stanza is None else None, stanza))
+            result.append(qids)
+            if m.dedupe is not None:
+                self._duplicates[m.dedupe] = Duplicate(m.conv, m.seq, m.mid, m.created)
+        return succeed(result)
+
+    def _addInbox(self, uid: str, conv: str | None, seq: int | None, stanza: bytes | None) -> int:
+        qid = self._nextQid
+        self._nextQid += 1
+        self._inbox.setdefault(uid, {})[qid] = (conv, seq, stanza)
+        return qid
+
+    def lastMessage(self, conv: str) -> Deferred[tuple[int, int]]:
+        rows = self._messages.get(conv)
+        if not rows:
+            return succeed((0, 0))
+        last = rows[max(rows)]
+        return succeed((last.seq, last.mid))
+
+    def getMessage(self, conv: str, mid: int) -> Deferred[StoredMessage | None]:
+        seq = self._byMid.get((conv, mid))
+        return succeed(None if seq is None else self._messages[conv][seq])
+
+    def replaceMessage(
+        self, conv: str, seq: int, stanza: bytes, state: int, notices: list[tuple[str, bytes]], created: float
+    ) -> Deferred[list[int]]:
+        old = self._messages[conv][seq]
+        self._messages[conv][seq] = StoredMessage(conv, seq, old.mid, old.sender, stanza, state, old.created)
+        return succeed([self._addInbox(uid, conv, None, body) for uid, body in notices])
+
+    def history(self, conv: str, beforeMid: int | None, limit: int) -> Deferred[list[StoredMessage]]:
+        rows = sorted(self._messages.get(conv, {}).values(), key=lambda m: m.mid, reverse=True)
+        if beforeMid is not None:
+            rows = [m for m in rows if m.mid < beforeMid]
+        return succeed(rows[:limit])
+
+    def recentDuplicates(self, sender: str, since: float) -> Deferred[dict[int, Duplicate]]:
+        return succeed({cid: d for (s, cid), d in self._duplicates.items() if s == sender and d.created >= since})
+
+    def purgeDuplicates(self, before: float) -> Deferred[int]:
+        old = [key for key, d in self._duplicates.items() if d.created < before]
+        for key in old:
+            del self._duplicates[key]
+        return succeed(len(old))
+
+    # Inboxes.
+
+    def addInbox(self, entries: list[tuple[str, bytes]], created: float) -> Deferred[list[int]]:
+        return succeed([self._addInbox(uid, None, None, stanza) for uid, stanza in entries])
+
+    def readInbox(self, uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:
+        entries = []
+        for qid in sorted(self._inbox.get(uid, {})):
+            if qid <= afterQid:
+                continue
+            conv, seq, stanza = self._inbox[uid][qid]
+            if stanza is None:
+                row = self._messages.get(conv or "", {}).get(seq or 0)
+                if row is None:
+                    continue
+                stanza = row.stanza
+            entries.append(InboxEntry(qid, uid, conv, seq, stanza))
+            if len(entries) >= limit:
+                break
+        return succeed(entries)
+
+    def deleteInbox(self, uid: str, qids: list[int]) -> Deferred[int]:
+        box = self._inbox.get(uid, {})
+        removed = sum(1 for qid in qids if box.pop(qid, None) is not None)
+        if not box:
+            self._inbox.pop(uid, None)
+        return succeed(removed)
+
+    def countInbox(self, uid: str) -> Deferred[int]:
+        return succeed(len(self._inbox.get(uid, {})))
+
+    # Relations and profiles.
+
+    def relationsOf(self, uid: str) -> Deferred[list[Relation]]:
+        others: dict[str, list[int]] = {}
+        for (owner, other), stance in self._stances.items():
+            if owner == uid:
+                others.setdefault(other, [0, 0])[0] = stance
+            elif other == uid:
+                others.setdefault(owner, [0, 0])[1] = stance
+        return succeed([Relation(other, mine, theirs) for other, (mine, theirs) in others.items()])
+
+    def setStance(self, owner: str, other: str, stance: int) -> Deferred[None]:
+        if stance:
+            self._stances[(owner, other)] = stance
+        else:
+            self._stances.pop((owner, other), None)
+        return succeed(None)
+
+    def getProfile(self, uid: str) -> Deferred[bytes | None]:
+        return succeed(self._profiles.get(uid))
+
+    def putProfile(self, uid: str, stanza: bytes) -> Deferred[None]:
+        self._profiles[uid] = stanza
+        return succeed(None)
+
+    def getInvisible(self, uid: str) -> Deferred[bool]:
+        return succeed(uid in self._invisible)
+
+    def setInvisible(self, uid: str, invisible: bool) -> Deferred[None]:
+        if invisible:
+            self._invisible.add(uid)
+        else:
+            self._invisible.discard(uid)
+        return succeed(None)
 
 
 @implementer(IStoreFactory)

@@ -30,3 +30,101 @@ class TokenGrant:
 
     uid: str
     domain: str
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """
+    One message to append to a conversation, with the inbox entries it
+    causes, all written in one transaction.
+
+    @ivar seq: its place in the conversation, or C{None} for a message kept
+        only until delivered (custom odTypes): no history row is written.
+    @ivar stanza: the sealed history copy; C{None} when C{seq} is.
+    @ivar inbox: C{(recipient, sealed stanza)} pairs; a C{None} stanza
+        makes the entry refer to the history row instead of carrying a copy.
+    @ivar dedupe: C{(sender, client id)} to remember, so that a resend can be
+        answered with this message instead of stored again.
+    """
+
+    conv: str
+    seq: int | None
+    mid: int
+    sender: str
+    stanza: bytes | None
+    created: float
+    inbox: tuple[tuple[str, bytes | None], ...] = ()
+    dedupe: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """
+    A history row.
+
+    @ivar state: L{MESSAGE_NORMAL}, L{MESSAGE_RECALLED} or L{MESSAGE_BURNED};
+        the stanza of a recalled or burned message is a tombstone without
+        content.
+    """
+
+    conv: str
+    seq: int
+    mid: int
+    sender: str
+    stanza: bytes
+    state: int
+    created: float
+
+
+MESSAGE_NORMAL = 0
+MESSAGE_RECALLED = 1
+MESSAGE_BURNED = 2
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    """
+    Something waiting for a user's acknowledgement.
+
+    @ivar qid: the entry's id; entries of one user are read in qid order.
+    @ivar conv: the conversation the entry belongs to.
+    @ivar seq: for an entry that refers to a history row, its seq; the
+        stanza is then the row's (a tombstone once recalled or burned).
+    @ivar stanza: the sealed stanza to deliver.
+    """
+
+    qid: int
+    uid: str
+    conv: str | None
+    seq: int | None
+    stanza: bytes
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """
+    What a client message id was stored as.
+    """
+
+    conv: str
+    seq: int | None
+    mid: int
+    created: float
+
+
+@dataclass(frozen=True)
+class Relation:
+    """
+    How two users stand toward each other.  A stance is L{STANCE_NONE},
+    L{STANCE_FRIEND} (wants or accepts friendship) or L{STANCE_BLOCK}.
+    Friends are two users whose stances are both L{STANCE_FRIEND}.
+    """
+
+    other: str
+    mine: int
+    theirs: int
+
+
+STANCE_NONE = 0
+STANCE_FRIEND = 1
+STANCE_BLOCK = 2

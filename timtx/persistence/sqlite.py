@@ -17,7 +17,15 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
-from timtx.persistence.records import Account, TokenGrant
+from timtx.persistence.records import (
+    Account,
+    Duplicate,
+    InboxEntry,
+    NewMessage,
+    Relation,
+    StoredMessage,
+    TokenGrant,
+)
 from timtx.persistence.worker import SerialWorker
 
 T = TypeVar("T")
@@ -39,6 +47,48 @@ MIGRATIONS: list[str] = [
         expires REAL NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX login_tokens_expires ON login_tokens (expires);
+    """,
+    # 2: conversations, inboxes, duplicate keys, relations, profiles.
+    """
+    CREATE TABLE messages (
+        conv TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        mid INTEGER NOT NULL,
+        sender TEXT NOT NULL,
+        stanza BLOB NOT NULL,
+        state INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL,
+        PRIMARY KEY (conv, seq)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX messages_mid ON messages (conv, mid);
+    CREATE TABLE inbox (
+        qid INTEGER PRIMARY KEY AUTOINCREMENT,
+        uid TEXT NOT NULL,
+        conv TEXT,
+        seq INTEGER,
+        stanza BLOB,
+        created REAL NOT NULL
+    );
+    CREATE INDEX inbox_uid ON inbox (uid, qid);
+    CREATE TABLE duplicates (
+        sender TEXT NOT NULL,
+        client_id INTEGER NOT NULL,
+        conv TEXT NOT NULL,
+        seq INTEGER,
+        mid INTEGER NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (sender, client_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX duplicates_created ON duplicates (created);
+    CREATE TABLE stances (
+        owner TEXT NOT NULL,
+        other TEXT NOT NULL,
+        stance INTEGER NOT NULL,
+        PRIMARY KEY (owner, other)
+    ) WITHOUT ROWID;
+    CREATE INDEX stances_other ON stances (other, owner);
+    CREATE TABLE profiles (uid TEXT PRIMARY KEY, stanza BLOB NOT NULL) WITHOUT ROWID;
+    CREATE TABLE invisible (uid TEXT PRIMARY KEY) WITHOUT ROWID;
     """,
 ]
 
@@ -163,6 +213,172 @@ class SQLiteStore:
 
     def purgeTokens(self, now: float) -> Deferred[int]:
         return self._run(lambda c: c.execute("DELETE FROM login_tokens WHERE expires < ?", (now,)).rowcount)
+
+    # Messages.
+
+    def appendMessages(self, messages: list[NewMessage]) -> Deferred[list[list[int]]]:
+        def append(c: sqlite3.Connection) -> list[list[int]]:
+            result = []
+            for m in messages:
+                if m.seq is not None:
+                    c.execute(
+                        "INSERT INTO messages (conv, seq, mid, sender, stanza, created) VALUES (?, ?, ?, ?, ?, ?)",
+                        (m.conv, m.seq, m.mid, m.sender, m.stanza, m.created),
+                    )
+                seq = m.seq
+                result.append(
+                    [
+                        _insertInbox(c, uid, m.conv, seq if body is None else None, body, m.created)
+                        for uid, body in m.inbox
+                    ]
+                )
+                if m.dedupe is not None:
+                    c.execute(
+                        "INSERT OR REPLACE INTO duplicates (sender, client_id, conv, seq, mid, created) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (*m.dedupe, m.conv, m.seq, m.mid, m.created),
+                    )
+            return result
+
+        return self._run(append)
+
+    def lastMessage(self, conv: str) -> Deferred[tuple[int, int]]:
+        def last(c: sqlite3.Connection) -> tuple[int, int]:
+            row = c.execute(
+                "SELECT seq, mid FROM messages WHERE conv = ? ORDER BY seq DESC LIMIT 1", (conv,)
+            ).fetchone()
+            return (row[0], row[1]) if row else (0, 0)
+
+        return self._run(last)
+
+    _MESSAGE = "SELECT conv, seq, mid, sender, stanza, state, created FROM messages"
+
+    def getMessage(self, conv: str, mid: int) -> Deferred[StoredMessage | None]:
+        def get(c: sqlite3.Connection) -> StoredMessage | None:
+            row = c.execute(f"{self._MESSAGE} WHERE conv = ? AND mid = ?", (conv, mid)).fetchone()
+            return StoredMessage(*row) if row else None
+
+        return self._run(get)
+
+    def replaceMessage(
+        self, conv: str, seq: int, stanza: bytes, state: int, notices: list[tuple[str, bytes]], created: float
+    ) -> Deferred[list[int]]:
+        def replace(c: sqlite3.Connection) -> list[int]:
+            c.execute(
+                "UPDATE messages SET stanza = ?, state = ? WHERE conv = ? AND seq = ?", (stanza, state, conv, seq)
+            )
+            return [_insertInbox(c, uid, conv, None, body, created) for uid, body in notices]
+
+        return self._run(replace)
+
+    def history(self, conv: str, beforeMid: int | None, limit: int) -> Deferred[list[StoredMessage]]:
+        def read(c: sqlite3.Connection) -> list[StoredMessage]:
+            if beforeMid is None:
+                rows = c.execute(f"{self._MESSAGE} WHERE conv = ? ORDER BY mid DESC LIMIT ?", (conv, limit))
+            else:
+                rows = c.execute(
+                    f"{self._MESSAGE} WHERE conv = ? AND mid < ? ORDER BY mid DESC LIMIT ?", (conv, beforeMid, limit)
+                )
+            return [StoredMessage(*row) for row in rows]
+
+        return self._run(read)
+
+    def recentDuplicates(self, sender: str, since: float) -> Deferred[dict[int, Duplicate]]:
+        def read(c: sqlite3.Connection) -> dict[int, Duplicate]:
+            rows = c.execute(
+                "SELECT client_id, conv, seq, mid, created FROM duplicates WHERE sender = ? AND created >= ?",
+                (sender, since),
+            )
+            return {row[0]: Duplicate(*row[1:]) for row in rows}
+
+        return self._run(read)
+
+    def purgeDuplicates(self, before: float) -> Deferred[int]:
+        return self._run(lambda c: c.execute("DELETE FROM duplicates WHERE created < ?", (before,)).rowcount)
+
+    # Inboxes.
+
+    def addInbox(self, entries: list[tuple[str, bytes]], created: float) -> Deferred[list[int]]:
+        return self._run(lambda c: [_insertInbox(c, uid, None, None, stanza, created) for uid, stanza in entries])
+
+    def readInbox(self, uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:
+        def read(c: sqlite3.Connection) -> list[InboxEntry]:
+            rows = c.execute(
+                "SELECT i.qid, i.conv, i.seq, COALESCE(i.stanza, m.stanza) FROM inbox i "
+                "LEFT JOIN messages m ON i.stanza IS NULL AND m.conv = i.conv AND m.seq = i.seq "
+                "WHERE i.uid = ? AND i.qid > ? ORDER BY i.qid LIMIT ?",
+                (uid, afterQid, limit),
+            )
+            return [InboxEntry(qid, uid, conv, seq, stanza) for qid, conv, seq, stanza in rows if stanza is not None]
+
+        return self._run(read)
+
+    def deleteInbox(self, uid: str, qids: list[int]) -> Deferred[int]:
+        def delete(c: sqlite3.Connection) -> int:
+            return sum(c.execute("DELETE FROM inbox WHERE qid = ? AND uid = ?", (qid, uid)).rowcount for qid in qids)
+
+        return self._run(delete)
+
+    def countInbox(self, uid: str) -> Deferred[int]:
+        return self._run(lambda c: c.execute("SELECT COUNT(*) FROM inbox WHERE uid = ?", (uid,)).fetchone()[0])
+
+    # Relations and profiles.
+
+    def relationsOf(self, uid: str) -> Deferred[list[Relation]]:
+        def read(c: sqlite3.Connection) -> list[Relation]:
+            others: dict[str, list[int]] = {}
+            for other, stance in c.execute("SELECT other, stance FROM stances WHERE owner = ?", (uid,)):
+                others.setdefault(other, [0, 0])[0] = stance
+            for owner, stance in c.execute("SELECT owner, stance FROM stances WHERE other = ?", (uid,)):
+                others.setdefault(owner, [0, 0])[1] = stance
+            return [Relation(other, mine, theirs) for other, (mine, theirs) in others.items()]
+
+        return self._run(read)
+
+    def setStance(self, owner: str, other: str, stance: int) -> Deferred[None]:
+        def store(c: sqlite3.Connection) -> None:
+            if stance:
+                c.execute(
+                    "INSERT OR REPLACE INTO stances (owner, other, stance) VALUES (?, ?, ?)", (owner, other, stance)
+                )
+            else:
+                c.execute("DELETE FROM stances WHERE owner = ? AND other = ?", (owner, other))
+
+        return self._run(store)
+
+    def getProfile(self, uid: str) -> Deferred[bytes | None]:
+        def get(c: sqlite3.Connection) -> bytes | None:
+            row = c.execute("SELECT stanza FROM profiles WHERE uid = ?", (uid,)).fetchone()
+            return row[0] if row else None
+
+        return self._run(get)
+
+    def putProfile(self, uid: str, stanza: bytes) -> Deferred[None]:
+        def store(c: sqlite3.Connection) -> None:
+            c.execute("INSERT OR REPLACE INTO profiles (uid, stanza) VALUES (?, ?)", (uid, stanza))
+
+        return self._run(store)
+
+    def getInvisible(self, uid: str) -> Deferred[bool]:
+        return self._run(lambda c: c.execute("SELECT 1 FROM invisible WHERE uid = ?", (uid,)).fetchone() is not None)
+
+    def setInvisible(self, uid: str, invisible: bool) -> Deferred[None]:
+        def store(c: sqlite3.Connection) -> None:
+            if invisible:
+                c.execute("INSERT OR IGNORE INTO invisible (uid) VALUES (?)", (uid,))
+            else:
+                c.execute("DELETE FROM invisible WHERE uid = ?", (uid,))
+
+        return self._run(store)
+
+
+def _insertInbox(
+    c: sqlite3.Connection, uid: str, conv: str | None, seq: int | None, stanza: bytes | None, created: float
+) -> int:
+    cursor = c.execute(
+        "INSERT INTO inbox (uid, conv, seq, stanza, created) VALUES (?, ?, ?, ?, ?)", (uid, conv, seq, stanza, created)
+    )
+    return int(cursor.lastrowid or 0)
 
 
 @implementer(IStoreFactory)

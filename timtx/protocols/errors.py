@@ -17,7 +17,11 @@ class TimProtocolError(Exception):
     @ivar code: a tim error code, see L{ErrorCode}.
     @ivar text: a short human-readable reason.
     @ivar fatal: whether the connection should be closed after replying.
+    @ivar ackFields: more fields for the error ack, such as C{t} holding the
+        id of the message refused.
     """
+
+    ackFields: dict[str, object]
 
     def __init__(self, code: int, text: str | None = None, *, fatal: bool = False):
         if text is None:
@@ -26,6 +30,7 @@ class TimProtocolError(Exception):
         self.code = code
         self.text = text
         self.fatal = fatal
+        self.ackFields = {}
 
     def __str__(self) -> str:
         return f"{self.code}: {self.text}"

@@ -63,7 +63,9 @@ class BadFrame(TimProtocolError):
 
     @classmethod
     def wrap(cls, error: TimProtocolError) -> BadFrame:
-        return cls(error.code, error.text, fatal=error.fatal)
+        bad = cls(error.code, error.text, fatal=error.fatal)
+        bad.ackFields = error.ackFields
+        return bad
 
 
 class TimServerProtocolMixin:
@@ -289,7 +291,7 @@ class TimServerProtocolMixin:
             self.closeConnection(error.text)
 
     def _sendError(self, timType: int, error: TimProtocolError, encoding: Encoding | None) -> None:
-        ack = error_ack(timType, error)
+        ack = error_ack(timType, error, **error.ackFields)
         self.writeFrame(server_frame(TimType.TIMACK, codec.encode(ack, encoding or Encoding.COMPACT)))
 
     # Login.

@@ -525,6 +525,7 @@ class TimPresence(TimStruct):
         Field(8, "status", STRING),
         Field(9, "extend", MAP(STRING, STRING)),
         Field(10, "extra", MAP(STRING, BINARY)),
+        Field(101, "invisible", BOOL),  # timtx: invisible mode, see docs/messaging.md
     )
     __slots__ = _names(FIELDS)
     id: int | None
@@ -537,6 +538,7 @@ class TimPresence(TimStruct):
     status: str | None
     extend: dict[str, str] | None
     extra: dict[str, bytes] | None
+    invisible: bool | None
 
 
 class TimMessage(TimStruct):
@@ -558,6 +560,7 @@ class TimMessage(TimStruct):
         Field(15, "extend", MAP(STRING, STRING)),
         Field(16, "extra", MAP(STRING, BINARY)),
         Field(17, "toList", LIST(STRING), json="ToList"),  # tim 2.1
+        Field(101, "seq", I64),  # timtx: place in the conversation, see docs/messaging.md
     )
     __slots__ = _names(FIELDS)
     msType: int | None
@@ -577,6 +580,7 @@ class TimMessage(TimStruct):
     extend: dict[str, str] | None
     extra: dict[str, bytes] | None
     toList: list[str] | None
+    seq: int | None
 
 
 class TimStream(TimStruct):

@@ -113,6 +113,6 @@ class LoadTests(SynchronousTestCase):
         if root is None:
             requireOrSkip("no source checkout (docs/ is not installed)")
         docs = root.child("docs").child("configuration.md").getContent().decode("utf-8")
-        self.assertIn(reference_markdown(), docs, "run: python -m timtx.config and paste into docs/configuration.md")
+        self.assertIn(reference_markdown(), docs, "run: python -m timtx.config --write docs/configuration.md")
         for section in configModule.SECTIONS:
             self.assertIn(f"[{section}]", docs)

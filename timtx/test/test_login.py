@@ -13,7 +13,6 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock, deferLater
-from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from timtx.client import (
@@ -30,6 +29,7 @@ from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.frames import LengthPrefixedDecoder, client_frame, length_prefixed, parse_server_frame
 from timtx.protocols.structs import TimAck, TimAuth, TimMessage
+from timtx.test.base import NodeTestCase, within
 from timtx.testing import (
     httpURL,
     loggedInClient,
@@ -40,51 +40,6 @@ from timtx.testing import (
     uniqueName,
     wsURL,
 )
-
-
-def within(d, seconds=10):
-    return d.addTimeout(seconds, reactor)
-
-
-class NodeTestCase(TestCase):
-    """
-    Starts a node per test with C{self.sections} applied to the test config.
-    """
-
-    sections: dict = {}
-    backend = "memory"
-
-    @inlineCallbacks
-    def node(self, clock=None, **sections):
-        merged = {name: dict(values) for name, values in self.sections.items()}
-        for name, values in sections.items():
-            merged.setdefault(name, {}).update(values)
-        config = testConfig(self.mktemp(), backend=self.backend, **merged)
-        self.clock = clock
-        node = yield startNode(self, reactor, config, clock=clock)
-        return node
-
-    @inlineCallbacks
-    def client(self, node, encoding=None, transport=None, **kwargs):
-        url = wsURL(node) if (transport or self.transport) == "ws" else tcpURL(node)
-        client = yield connect(reactor, url, encoding or self.encoding, **kwargs)
-        self.addCleanup(lambda: client.disconnect() if not client.closed.called else None)
-        return client
-
-    def errorOf(self, incoming, timType):
-        """
-        Assert C{incoming} is an error TIMACK for C{timType}; return its code.
-        """
-        self.assertEqual(incoming.timType, TimType.TIMACK)
-        ack = incoming.body
-        self.assertIsInstance(ack, TimAck)
-        self.assertEqual((ack.ok, ack.timType), (False, timType))
-        self.assertTrue(ack.error.info)
-        self.assertNotIn("Traceback", ack.error.info)
-        return ack.error.code
-
-    transport = "ws"
-    encoding = Encoding.COMPACT
 
 
 class LoginTestsMixin:

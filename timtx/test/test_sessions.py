@@ -78,8 +78,8 @@ class SessionRegistryTests(SynchronousTestCase):
     def test_firstAndLast(self):
         registry = SessionRegistry(DevicesConfig(limit=0, type_limit=0))
         events = []
-        registry.onFirstSession.append(lambda uid: events.append(("first", uid)))
-        registry.onLastSession.append(lambda uid: events.append(("last", uid)))
+        registry.onFirstSession.append(lambda session: events.append(("first", session.uid)))
+        registry.onLastSession.append(lambda session: events.append(("last", session.uid)))
         a, b = makeSession(), makeSession()
         registry.admit(a)
         registry.admit(b)

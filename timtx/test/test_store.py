@@ -12,7 +12,16 @@ from zope.interface.verify import verifyObject
 
 from timtx.persistence import BUILTIN_STORES, IMessageStore, storeFactory
 from timtx.persistence.memory import MemoryStore
-from timtx.persistence.records import Account, TokenGrant
+from timtx.persistence.records import (
+    MESSAGE_RECALLED,
+    STANCE_BLOCK,
+    STANCE_FRIEND,
+    Account,
+    Duplicate,
+    NewMessage,
+    Relation,
+    TokenGrant,
+)
 from timtx.persistence.sqlite import MIGRATIONS, SchemaTooNew, SQLiteStore
 from timtx.persistence.worker import SerialWorker, WorkerStopped
 
@@ -85,6 +94,122 @@ class MessageStoreTestsMixin:
             calls.append(d)
         yield gatherResults(calls)
         self.assertEqual(order, [x for i in range(20) for x in (("w", i), ("r", i, True))])
+
+    @inlineCallbacks
+    def test_appendAndHistory(self):
+        """
+        Appended messages are read back newest first, paged by mid; inbox
+        entries refer to them; the last seq and mid are known.
+        """
+        store = yield self.store()
+        self.assertEqual((yield store.lastMessage("c")), (0, 0))
+        batch = [
+            NewMessage("c", i, 100 + i, "alice", b"body%d" % i, float(i), inbox=(("bob", None),)) for i in range(1, 6)
+        ]
+        qids = yield store.appendMessages(batch)
+        self.assertEqual([len(q) for q in qids], [1] * 5)
+        self.assertEqual((yield store.lastMessage("c")), (5, 105))
+        page = yield store.history("c", None, 2)
+        self.assertEqual([(m.seq, m.mid, m.stanza) for m in page], [(5, 105, b"body5"), (4, 104, b"body4")])
+        page = yield store.history("c", 104, 10)
+        self.assertEqual([m.seq for m in page], [3, 2, 1])
+        self.assertEqual((yield store.getMessage("c", 103)).stanza, b"body3")
+        self.assertIsNone((yield store.getMessage("c", 999)))
+        inbox = yield store.readInbox("bob", 0, 10)
+        self.assertEqual([(e.conv, e.seq, e.stanza) for e in inbox], [("c", i, b"body%d" % i) for i in range(1, 6)])
+        self.assertEqual([e.qid for e in inbox], [q[0] for q in qids])
+
+    @inlineCallbacks
+    def test_appendIsAtomic(self):
+        """
+        A batch with a clashing seq writes nothing at all.
+        """
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("c", 1, 1, "a", b"x", 0.0)])
+        bad = [
+            NewMessage("c", 2, 2, "a", b"y", 0.0, inbox=(("bob", None),), dedupe=("a", 7)),
+            NewMessage("c", 1, 3, "a", b"z", 0.0),
+        ]
+        yield self.assertFailure(store.appendMessages(bad), Exception)
+        self.assertEqual((yield store.lastMessage("c")), (1, 1))
+        self.assertEqual((yield store.countInbox("bob")), 0)
+        self.assertEqual((yield store.recentDuplicates("a", 0.0)), {})
+
+    @inlineCallbacks
+    def test_transientAndInbox(self):
+        """
+        A message without seq writes no history row but its inbox copy;
+        entries are read after a qid, counted and deleted.
+        """
+        store = yield self.store()
+        (qids,) = yield store.appendMessages([NewMessage("c", None, 9, "a", None, 1.0, inbox=(("bob", b"copy"),))])
+        self.assertEqual((yield store.history("c", None, 10)), [])
+        more = yield store.addInbox([("bob", b"n1"), ("carol", b"n2")], 2.0)
+        entries = yield store.readInbox("bob", 0, 10)
+        self.assertEqual([e.stanza for e in entries], [b"copy", b"n1"])
+        self.assertEqual((yield store.readInbox("bob", qids[0], 10))[0].qid, more[0])
+        self.assertEqual((yield store.countInbox("bob")), 2)
+        self.assertEqual((yield store.deleteInbox("bob", [qids[0], more[1]])), 1)
+        self.assertEqual((yield store.countInbox("bob")), 1)
+        self.assertEqual((yield store.countInbox("carol")), 1)
+
+    @inlineCallbacks
+    def test_replaceMessage(self):
+        """
+        A tombstone replaces the row everywhere it is read, inbox included,
+        and its notices are queued.
+        """
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("c", 1, 50, "a", b"secret", 0.0, inbox=(("bob", None),))])
+        notices = yield store.replaceMessage("c", 1, b"tomb", MESSAGE_RECALLED, [("bob", b"recalled")], 1.0)
+        self.assertEqual(len(notices), 1)
+        row = yield store.getMessage("c", 50)
+        self.assertEqual((row.stanza, row.state, row.seq), (b"tomb", MESSAGE_RECALLED, 1))
+        self.assertEqual([e.stanza for e in (yield store.readInbox("bob", 0, 10))], [b"tomb", b"recalled"])
+        self.assertEqual([m.stanza for m in (yield store.history("c", None, 10))], [b"tomb"])
+
+    @inlineCallbacks
+    def test_duplicates(self):
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("c", 1, 5, "a", b"x", 10.0, dedupe=("a", 77))])
+        yield store.appendMessages([NewMessage("d", None, 6, "a", None, 20.0, dedupe=("a", 78))])
+        found = yield store.recentDuplicates("a", 0.0)
+        self.assertEqual(found, {77: Duplicate("c", 1, 5, 10.0), 78: Duplicate("d", None, 6, 20.0)})
+        self.assertEqual(list((yield store.recentDuplicates("a", 15.0))), [78])
+        self.assertEqual((yield store.purgeDuplicates(15.0)), 1)
+        self.assertEqual(list((yield store.recentDuplicates("a", 0.0))), [78])
+
+    @inlineCallbacks
+    def test_relations(self):
+        store = yield self.store()
+        yield store.setStance("a", "b", STANCE_FRIEND)
+        yield store.setStance("b", "a", STANCE_FRIEND)
+        yield store.setStance("a", "c", STANCE_BLOCK)
+        yield store.setStance("d", "a", STANCE_FRIEND)
+        relations = sorted((yield store.relationsOf("a")), key=lambda r: r.other)
+        self.assertEqual(
+            relations,
+            [
+                Relation("b", STANCE_FRIEND, STANCE_FRIEND),
+                Relation("c", STANCE_BLOCK, 0),
+                Relation("d", 0, STANCE_FRIEND),
+            ],
+        )
+        yield store.setStance("a", "c", 0)
+        self.assertNotIn("c", [r.other for r in (yield store.relationsOf("a"))])
+
+    @inlineCallbacks
+    def test_profilesAndFlags(self):
+        store = yield self.store()
+        self.assertIsNone((yield store.getProfile("a")))
+        yield store.putProfile("a", b"p1")
+        yield store.putProfile("a", b"p2")
+        self.assertEqual((yield store.getProfile("a")), b"p2")
+        self.assertFalse((yield store.getInvisible("a")))
+        yield store.setInvisible("a", True)
+        self.assertTrue((yield store.getInvisible("a")))
+        yield store.setInvisible("a", False)
+        self.assertFalse((yield store.getInvisible("a")))
 
 
 class MemoryStoreTests(MessageStoreTestsMixin, TestCase):

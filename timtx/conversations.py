@@ -1,0 +1,238 @@
+# -*- test-case-name: timtx.test.test_conversations -*-
+"""
+Conversation owners: the one place that numbers a conversation's messages.
+
+Every conversation (a pair of users, later a group) has an owner that
+assigns each message its C{seq} (1, 2, 3, ... without gaps) and its C{mid},
+and writes it to the store together with the inbox entries it causes.
+Appends are taken in arrival order; while one batch is being written, later
+appends wait and are written together in the next batch, so a busy
+conversation costs one transaction per batch, not per message.  A batch is
+all-or-nothing: if the store fails, none of its messages get numbers and the
+owner reloads its position from the store.  Callbacks fire in seq order,
+after the commit, so nothing is announced before it is durable.
+
+The owner's state is only C{(last seq, last mid)}, read back from the store
+on first use; that is what lets a cluster move ownership of a conversation
+to another node.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from timtx.persistence.records import NewMessage
+from timtx.protocols.constants import ErrorCode
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.structs import TimMessage
+from timtx.vault import StanzaVault
+
+#: mids count milliseconds from here, shifted left by 12 bits: 4096 ids per
+#: millisecond, and below 2**53 (JavaScript's exact integers) until 2093.
+MID_EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+MID_SHIFT = 12
+
+
+def pairConversation(a: str, b: str) -> str:
+    """
+    The conversation id of users C{a} and C{b}, the same both ways.
+    """
+    low, high = (a, b) if a <= b else (b, a)
+    return f"p:{low}:{high}"
+
+
+class MidClock:
+    """
+    Message ids that grow with time and never repeat on this node.
+    """
+
+    def __init__(self, clock: IReactorTime):
+        self._clock = clock
+        self._last = 0
+
+    def next(self, after: int = 0) -> int:
+        """
+        A new mid, greater than every earlier one and than C{after}.
+        """
+        stamp = (int(self._clock.seconds() * 1000) - MID_EPOCH_MS) << MID_SHIFT
+        mid = max(stamp, self._last + 1, after + 1)
+        self._last = mid
+        return mid
+
+
+@dataclass
+class Appended:
+    """
+    A message that is now durable.
+
+    @ivar message: the message with C{mid} (and C{seq} if kept) set.
+    @ivar qids: the inbox entry of each recipient.
+    """
+
+    message: TimMessage
+    qids: dict[str, int]
+
+
+@dataclass
+class _Draft:
+    sender: str
+    message: TimMessage
+    keep: bool
+    recipients: tuple[str, ...]
+    dedupe: tuple[str, int] | None
+    created: float
+    done: Deferred[Appended] = field(default_factory=Deferred)
+
+
+class ConversationLog:
+    """
+    The owner of one conversation on this node.
+    """
+
+    def __init__(self, conv: str):
+        self.conv = conv
+        self.lastSeq: int | None = None
+        self.lastMid = 0
+        self.pending: list[_Draft] = []
+        self.busy = False
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and not self.pending
+
+
+class Conversations:
+    """
+    The conversation owners of this node, kept in memory while busy or
+    recently used (at most C{maxIdle} idle ones).
+
+    @param maxBatch: most messages written in one transaction.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, store: Any, vault: StanzaVault, clock: IReactorTime, maxBatch: int = 256, maxIdle: int = 100_000
+    ):
+        self.store = store
+        self.vault = vault
+        self.clock = clock
+        self.mids = MidClock(clock)
+        self.maxBatch = maxBatch
+        self.maxIdle = maxIdle
+        self._logs: OrderedDict[str, ConversationLog] = OrderedDict()
+
+    def append(
+        self,
+        conv: str,
+        sender: str,
+        message: TimMessage,
+        recipients: tuple[str, ...],
+        *,
+        keep: bool = True,
+        dedupe: tuple[str, int] | None = None,
+    ) -> Deferred[Appended]:
+        """
+        Number C{message}, store it and give each recipient an inbox entry.
+
+        @param keep: keep it in history with a C{seq}; otherwise it is held
+            only in the recipients' inboxes (custom odTypes).
+        @param dedupe: C{(sender, client id)} to remember with it.
+        @return: a L{Deferred} firing with L{Appended} once durable, in the
+            order appends were made; it fails with C{ERR_DATABASE} if the
+            store fails.
+        """
+        log = self._logs.get(conv)
+        if log is None:
+            log = self._logs[conv] = ConversationLog(conv)
+        else:
+            self._logs.move_to_end(conv)
+        draft = _Draft(sender, message, keep, recipients, dedupe, self.clock.seconds())
+        log.pending.append(draft)
+        self._flush(log)
+        return draft.done
+
+    def _flush(self, log: ConversationLog) -> None:
+        if log.busy or not log.pending:
+            return
+        log.busy = True
+        if log.lastSeq is None:
+            d = self.store.lastMessage(log.conv)
+            d.addCallbacks(self._loaded, self._loadFailed, callbackArgs=(log,), errbackArgs=(log,))
+            return
+        batch, log.pending = log.pending[: self.maxBatch], log.pending[self.maxBatch :]
+        seq, mid = log.lastSeq, log.lastMid
+        rows = []
+        for draft in batch:
+            message = draft.message
+            mid = self.mids.next(after=mid)
+            message.mid = mid
+            if draft.keep:
+                seq += 1
+                message.seq = seq
+                stanza: bytes | None = self.vault.sealMessage(log.conv, seq, message)
+                inbox: tuple[tuple[str, bytes | None], ...] = tuple((uid, None) for uid in draft.recipients)
+            else:
+                stanza = None
+                inbox = tuple((uid, self.vault.sealFor(uid, message)) for uid in draft.recipients)
+            rows.append(
+                NewMessage(
+                    log.conv,
+                    message.seq if draft.keep else None,
+                    mid,
+                    draft.sender,
+                    stanza,
+                    draft.created,
+                    inbox,
+                    draft.dedupe,
+                )
+            )
+        d = self.store.appendMessages(rows)
+        d.addCallbacks(self._written, self._writeFailed, callbackArgs=(log, batch, seq, mid), errbackArgs=(log, batch))
+
+    def _loaded(self, last: tuple[int, int], log: ConversationLog) -> None:
+        log.lastSeq, log.lastMid = last
+        log.busy = False
+        self._flush(log)
+
+    def _loadFailed(self, failure: Failure, log: ConversationLog) -> None:
+        self.log.failure("reading the position of {conv} failed", failure, conv=log.conv)
+        log.busy = False
+        pending, log.pending = log.pending, []
+        for draft in pending:
+            draft.done.errback(TimProtocolError(ErrorCode.ERR_DATABASE, "message not stored, try again"))
+
+    def _written(self, qids: list[list[int]], log: ConversationLog, batch: list[_Draft], seq: int, mid: int) -> None:
+        log.lastSeq, log.lastMid = seq, mid
+        log.busy = False
+        for draft, entries in zip(batch, qids, strict=True):
+            draft.done.callback(Appended(draft.message, dict(zip(draft.recipients, entries, strict=True))))
+        self._flush(log)
+        self._evictIdle()
+
+    def _writeFailed(self, failure: Failure, log: ConversationLog, batch: list[_Draft]) -> None:
+        self.log.failure("storing {count} messages of {conv} failed", failure, count=len(batch), conv=log.conv)
+        # Nothing of the batch was written: forget the numbers it used and
+        # read the position again before the next batch.
+        log.lastSeq = None
+        log.busy = False
+        for draft in batch:
+            draft.message.mid = None
+            draft.message.seq = None
+            draft.done.errback(TimProtocolError(ErrorCode.ERR_DATABASE, "message not stored, try again"))
+        self._flush(log)
+
+    def _evictIdle(self) -> None:
+        while len(self._logs) > self.maxIdle:
+            conv, oldest = next(iter(self._logs.items()))
+            if not oldest.idle:
+                self._logs.move_to_end(conv)
+                return
+            del self._logs[conv]

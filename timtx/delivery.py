@@ -1,0 +1,256 @@
+# -*- test-case-name: timtx.test.test_messaging -*-
+"""
+Getting stored items to a user's sessions: at least once, in order.
+
+Everything a user must receive — a message, a recall notice, a friend
+request — is first written to the user's inbox in the store.  An entry
+leaves the inbox only when one of the user's sessions acknowledges the frame
+that carried it.  A session that closes with frames unacknowledged gets them
+again at its next login, through the inbox.
+
+Each session is in one of three states:
+
+  - I{waiting}: just logged in with entries in its inbox.  The node waits up
+    to C{[messages] offline_push_after} seconds for the client to ask
+    (TIMOFFLINEMSG, as tim clients do) and then sends them unasked.
+  - I{draining}: the inbox goes out in TimMessageLists of
+    C{offline_batch} entries, each list waiting for its ack, then
+    TIMOFFLINEMSGEND.
+  - I{live}: new entries are pushed as TIMMESSAGE frames as soon as they
+    are durable.
+
+A session that is not live does not get new entries pushed: they are in the
+inbox behind the older ones and come out in order with the next list.  Reads
+and writes of the inbox go through the store in one order, and their results
+come back in that order, which is why no entry can fall between the last
+list and going live.
+
+A session that leaves more than C{max_unacked} pushes unacknowledged stops
+getting pushes; once it has acknowledged them all, the backlog goes out as
+lists, as after a login.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from timtx.protocols import codec
+from timtx.protocols.codec import Encoding
+from timtx.protocols.constants import TimType
+from timtx.protocols.frames import server_header
+from timtx.protocols.structs import TimMessage, TimMessageList
+from timtx.vault import SealError, StanzaVault
+
+if TYPE_CHECKING:
+    from timtx.config import MessagesConfig
+    from timtx.persistence.records import InboxEntry
+    from timtx.sessions import AckIds, Session, SessionRegistry
+
+
+class Encoded:
+    """
+    A message encoded at most once per encoding, however many sessions get
+    it.
+    """
+
+    __slots__ = ("message", "_compact", "_json")
+
+    def __init__(self, message: TimMessage):
+        self.message = message
+        self._compact: bytes | None = None
+        self._json: bytes | None = None
+
+    def payload(self, encoding: Encoding) -> bytes:
+        if encoding is Encoding.JSON:
+            if self._json is None:
+                self._json = codec.encode_json(self.message)
+            return self._json
+        if self._compact is None:
+            self._compact = codec.encode_compact(self.message)
+        return self._compact
+
+
+class SessionDelivery:
+    """
+    What delivery knows about one session.
+
+    @ivar inFlight: qid -> ack id of entries pushed live and not yet
+        acknowledged.
+    """
+
+    __slots__ = ("live", "draining", "backlogged", "inFlight", "timer")
+
+    def __init__(self) -> None:
+        self.live = False
+        self.draining = False
+        self.backlogged = False
+        self.inFlight: dict[int, int] = {}
+        self.timer: IDelayedCall | None = None
+
+
+class Delivery:
+    log = Logger()
+
+    def __init__(
+        self,
+        config: MessagesConfig,
+        store: Any,
+        vault: StanzaVault,
+        sessions: SessionRegistry,
+        ackIds: AckIds,
+        clock: IReactorTime,
+    ):
+        self.config = config
+        self.store = store
+        self.vault = vault
+        self.sessions = sessions
+        self.ackIds = ackIds
+        self.clock = clock
+        self._states: dict[Session, SessionDelivery] = {}
+
+    # Sessions.
+
+    def sessionStarted(self, session: Session) -> None:
+        state = self._states[session] = SessionDelivery()
+        d = self.store.countInbox(session.uid)
+        d.addCallbacks(self._counted, self._failed, callbackArgs=(session, state), errbackArgs=(session,))
+
+    def _counted(self, count: int, session: Session, state: SessionDelivery) -> None:
+        if session.closed or state.live or state.draining:
+            return
+        if not count:
+            state.live = True
+        elif self.config.offline_push_after:
+            state.timer = self.clock.callLater(self.config.offline_push_after, self.drain, session)
+        else:
+            self.drain(session)
+
+    def sessionEnded(self, session: Session) -> None:
+        state = self._states.pop(session, None)
+        if state is not None and state.timer is not None and state.timer.active():
+            state.timer.cancel()
+
+    def state(self, session: Session) -> SessionDelivery | None:
+        return self._states.get(session)
+
+    # Pushing.
+
+    def deliver(self, uid: str, qid: int, encoded: Encoded) -> None:
+        """
+        Push a durable inbox entry of C{uid} to its live sessions.  Call in
+        the order entries were written.
+        """
+        ackId = header = None
+        for session in self.sessions.sessionsOf(uid):
+            state = self._states.get(session)
+            if state is None or not state.live:
+                continue
+            if len(state.inFlight) >= self.config.max_unacked:
+                # It stopped acknowledging; the entry waits in the inbox.
+                state.live = False
+                state.backlogged = True
+                continue
+            if ackId is None or header is None:
+                # One id for every session: the frame's bytes are the same.
+                ackId = self.ackIds.next()
+                header = server_header(TimType.TIMMESSAGE, ackId)
+            state.inFlight[qid] = ackId
+            session.expectAck(ackId, partial(self._pushAcked, session, state, qid))
+            session.sink.writeFrameParts(header, encoded.payload(session.encoding))
+
+    def _pushAcked(self, session: Session, state: SessionDelivery, qid: int) -> None:
+        state.inFlight.pop(qid, None)
+        self._remove(session.uid, [qid])
+        if state.backlogged and not state.inFlight and not session.closed:
+            state.backlogged = False
+            self.drain(session)
+
+    def _remove(self, uid: str, qids: list[int]) -> None:
+        d = self.store.deleteInbox(uid, qids)
+        d.addErrback(lambda f: self.log.failure("removing acknowledged entries of {uid} failed", f, uid=uid))
+
+    def notify(self, uid: str, message: TimMessage) -> Deferred[None]:
+        """
+        Put C{message} (a notice) in C{uid}'s inbox and push it to its live
+        sessions.
+        """
+        d: Deferred[Any] = self.store.addInbox([(uid, self.vault.sealFor(uid, message))], self.clock.seconds())
+        d.addCallback(self._added, uid, message)
+        return d
+
+    def _added(self, qids: list[int], uid: str, message: TimMessage) -> None:
+        self.deliver(uid, qids[0], Encoded(message))
+
+    def sendNow(self, uid: str, timType: int, encoded: Encoded) -> None:
+        """
+        Send to C{uid}'s sessions without storing or asking for an ack: for
+        what is worthless later (streams, presence).
+        """
+        for session in self.sessions.sessionsOf(uid):
+            session.sendPayload(timType, encoded.payload(session.encoding))
+
+    # Offline lists.
+
+    def drain(self, session: Session) -> None:
+        """
+        Send C{session} its inbox as acknowledged TimMessageLists, then
+        TIMOFFLINEMSGEND, then go live.  A drain already under way is left
+        to finish.
+        """
+        state = self._states.get(session)
+        if state is None or state.draining or session.closed:
+            return
+        if state.timer is not None and state.timer.active():
+            state.timer.cancel()
+        state.timer = None
+        state.draining = True
+        state.live = False
+        self._readNext(session, state, 0)
+
+    def _readNext(self, session: Session, state: SessionDelivery, after: int) -> None:
+        limit = self.config.offline_batch + len(state.inFlight)
+        d = self.store.readInbox(session.uid, after, limit)
+        d.addCallbacks(self._read, self._failed, callbackArgs=(session, state), errbackArgs=(session,))
+
+    def _read(self, entries: list[InboxEntry], session: Session, state: SessionDelivery) -> None:
+        if session.closed:
+            return
+        entries = [e for e in entries if e.qid not in state.inFlight][: self.config.offline_batch]
+        if not entries:
+            state.draining = False
+            state.live = True
+            session.send(TimType.TIMOFFLINEMSGEND)
+            return
+        messages = [m for m in (self._open(session.uid, e) for e in entries) if m is not None]
+        qids = [e.qid for e in entries]
+        batch = TimMessageList(id=secrets.randbits(53), messageList=messages)
+        session.send(TimType.TIMOFFLINEMSG, batch, onAck=lambda: self._listAcked(session, state, qids))
+
+    def _listAcked(self, session: Session, state: SessionDelivery, qids: list[int]) -> None:
+        self._remove(session.uid, qids)
+        if not session.closed:
+            self._readNext(session, state, max(qids))
+
+    def _open(self, uid: str, entry: InboxEntry) -> TimMessage | None:
+        try:
+            if entry.seq is not None and entry.conv is not None:
+                message = self.vault.openMessage(entry.conv, entry.seq, entry.stanza)
+            else:
+                message = self.vault.openFor(uid, entry.stanza)
+        except (SealError, ValueError, Exception):
+            self.log.failure("inbox entry {qid} of {uid} does not open; dropping it", qid=entry.qid, uid=uid)
+            return None
+        message.isOffline = True
+        return message
+
+    def _failed(self, failure: Failure, session: Session) -> None:
+        self.log.failure("reading the inbox of {uid} failed", failure, uid=session.uid)
+        if not session.closed:
+            session.sink.closeConnection("storage error")

@@ -1,0 +1,160 @@
+# -*- test-case-name: timtx.test.test_messaging -*-
+"""
+Recognising a client's resend of a message it already sent.
+
+A client that did not see the echo of its message (a dropped connection,
+say) sends it again with the same C{id}.  Within C{[messages]
+dedupe_window} seconds, such a resend is answered with the first message
+instead of being stored again.
+
+The keys live in the store, written in the same transaction as the message,
+so they survive restarts.  A sender's recent keys are read once, on its
+first message with an id, and kept in memory while the sender is active;
+after that, checks cost no store round trip, and a resend that arrives while
+the first copy is still being written waits for it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Union
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from timtx.conversations import Appended
+from timtx.persistence.records import Duplicate
+
+#: What a client id is known as: the message written in this process, a
+#: key read from the store, or a write still under way.
+Seen = Union[Appended, Duplicate, "InFlight"]
+
+
+class InFlight:
+    """
+    A message being written; resends wait for it.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: list[Deferred[Appended]] = []
+
+    def wait(self) -> Deferred[Appended]:
+        d: Deferred[Appended] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def fire(self, result: Appended | Failure) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+class DuplicateFilter:
+    """
+    @param window: seconds a client id is remembered; 0 disables the filter.
+    @param maxSenders: senders whose keys are kept in memory at once.
+    """
+
+    #: Past this many keys for one sender, expired ones are dropped.
+    pruneAbove = 10_000
+
+    def __init__(self, store: Any, clock: IReactorTime, window: float, maxSenders: int = 100_000):
+        self.store = store
+        self.clock = clock
+        self.window = window
+        self.maxSenders = maxSenders
+        self._senders: OrderedDict[str, dict[int, tuple[float, Seen]]] = OrderedDict()
+        self._loading: dict[str, list[Deferred[dict[int, tuple[float, Seen]]]]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.window > 0
+
+    def check(self, sender: str, clientId: int) -> Deferred[Any]:
+        """
+        @return: a L{Deferred} firing with C{None} for a new message, or
+            what C{clientId} is already known as.
+        """
+        d: Deferred[Any] = self._known(sender)
+        d.addCallback(self._lookup, clientId)
+        return d
+
+    def remember(self, sender: str, clientId: int, appending: Deferred[Appended]) -> None:
+        """
+        Note that C{clientId} is being written.  Once written it is known by
+        its message; if writing fails it is forgotten.  Call after L{check}
+        answered C{None}.
+        """
+        known = self._senders.setdefault(sender, {})
+        if len(known) > self.pruneAbove:
+            self._prune(known)
+        inFlight = InFlight()
+        known[clientId] = (self.clock.seconds(), inFlight)
+
+        def written(appended: Appended) -> Appended:
+            known[clientId] = (self.clock.seconds(), appended)
+            inFlight.fire(appended)
+            return appended
+
+        def failed(failure: Failure) -> Failure:
+            known.pop(clientId, None)
+            inFlight.fire(failure)
+            return failure
+
+        appending.addCallbacks(written, failed)
+
+    def _known(self, sender: str) -> Deferred[dict[int, tuple[float, Seen]]]:
+        known = self._senders.get(sender)
+        if known is not None:
+            self._senders.move_to_end(sender)
+            return succeed(known)
+        d: Deferred[dict[int, tuple[float, Seen]]] = Deferred()
+        waiters = self._loading.get(sender)
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        self._loading[sender] = [d]
+        load = self.store.recentDuplicates(sender, self.clock.seconds() - self.window)
+        load.addCallbacks(self._loaded, self._loadFailed, callbackArgs=(sender,), errbackArgs=(sender,))
+        return d
+
+    def _loaded(self, rows: dict[int, Duplicate], sender: str) -> None:
+        known: dict[int, tuple[float, Seen]] = {cid: (dup.created, dup) for cid, dup in rows.items()}
+        self._senders[sender] = known
+        while len(self._senders) > self.maxSenders:
+            self._senders.popitem(last=False)
+        for d in self._loading.pop(sender):
+            d.callback(known)
+
+    def _loadFailed(self, failure: Failure, sender: str) -> None:
+        for d in self._loading.pop(sender):
+            d.errback(failure)
+
+    def _lookup(self, known: dict[int, tuple[float, Seen]], clientId: int) -> Seen | Deferred[Appended] | None:
+        entry = known.get(clientId)
+        if entry is None:
+            return None
+        created, seen = entry
+        if isinstance(seen, InFlight):
+            return seen
+        if created < self.clock.seconds() - self.window:
+            del known[clientId]
+            return None
+        return seen
+
+    def _prune(self, known: dict[int, tuple[float, Seen]]) -> None:
+        oldest = self.clock.seconds() - self.window
+        for cid in [
+            cid for cid, (created, seen) in known.items() if created < oldest and not isinstance(seen, InFlight)
+        ]:
+            del known[cid]
+
+    def purge(self) -> Deferred[int]:
+        """
+        Forget expired keys in the store.
+        """
+        return self.store.purgeDuplicates(self.clock.seconds() - self.window)

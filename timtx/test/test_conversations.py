@@ -1,0 +1,129 @@
+"""
+Tests for L{timtx.conversations}: gapless numbering, batching, failures.
+"""
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from timtx.conversations import MID_EPOCH_MS, Conversations, MidClock, pairConversation
+from timtx.ids import NodeKeys
+from timtx.persistence.memory import MemoryStore
+from timtx.protocols.constants import ErrorCode
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.structs import TimMessage
+from timtx.vault import StanzaVault
+
+
+class ControlledStore(MemoryStore):
+    """
+    A memory store whose appends wait until the test releases them, and can
+    be made to fail.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = []
+        self.fail = False
+
+    def appendMessages(self, messages):
+        d = Deferred()
+        self.waiting.append((d, messages))
+        return d
+
+    def release(self):
+        d, messages = self.waiting.pop(0)
+        if self.fail:
+            d.errback(RuntimeError("disk full"))
+        else:
+            super().appendMessages(messages).chainDeferred(d)
+
+
+def message(text):
+    return TimMessage(msType=2, odType=1, dataString=text)
+
+
+class ConversationsTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(MID_EPOCH_MS / 1000 + 10)
+        self.store = ControlledStore()
+        self.conversations = Conversations(self.store, StanzaVault(NodeKeys(b"c" * 32)), self.clock)
+
+    def test_batchesWhileWriting(self):
+        """
+        Appends made while a batch is written go out together in the next
+        batch, in order, with consecutive seqs.
+        """
+        done = [self.conversations.append("c", "a", message(f"m{i}"), ("b",)) for i in range(5)]
+        self.assertEqual([len(m) for _, m in self.store.waiting], [1])
+        self.store.release()
+        self.assertEqual([len(m) for _, m in self.store.waiting], [4])
+        self.store.release()
+        appended = [self.successResultOf(d) for d in done]
+        self.assertEqual([a.message.seq for a in appended], [1, 2, 3, 4, 5])
+        mids = [a.message.mid for a in appended]
+        self.assertEqual(mids, sorted(set(mids)))
+        self.assertLess(mids[-1], 1 << 53)
+        self.assertEqual(list(appended[0].qids), ["b"])
+
+    def test_failureLeavesNoGap(self):
+        """
+        A failed batch uses no numbers: the next message takes the seq the
+        failed one would have had.
+        """
+        first = self.conversations.append("c", "a", message("ok"), ("b",))
+        self.store.release()
+        self.assertEqual(self.successResultOf(first).message.seq, 1)
+        self.store.fail = True
+        lost = self.conversations.append("c", "a", message("lost"), ("b",))
+        self.store.release()
+        error = self.failureResultOf(lost, TimProtocolError).value
+        self.assertEqual(error.code, ErrorCode.ERR_DATABASE)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.store.fail = False
+        again = self.conversations.append("c", "a", message("again"), ("b",))
+        self.store.release()
+        self.assertEqual(self.successResultOf(again).message.seq, 2)
+        self.assertEqual(self.successResultOf(self.store.lastMessage("c"))[0], 2)
+
+    def test_resumesFromStore(self):
+        """
+        A new owner continues the numbering found in the store.
+        """
+        d = self.conversations.append("c", "a", message("one"), ("b",))
+        self.store.release()
+        self.successResultOf(d)
+        other = Conversations(self.store, self.conversations.vault, self.clock)
+        d = other.append("c", "a", message("two"), ("b",))
+        self.store.release()
+        self.assertEqual(self.successResultOf(d).message.seq, 2)
+
+    def test_transient(self):
+        """
+        Messages not kept get a mid but no seq, and do not use up a seq.
+        """
+        first = self.conversations.append("c", "a", message("custom"), ("b",), keep=False)
+        second = self.conversations.append("c", "a", message("kept"), ("b",))
+        self.store.release()
+        self.store.release()
+        self.assertIsNone(self.successResultOf(first).message.seq)
+        self.assertEqual(self.successResultOf(second).message.seq, 1)
+
+
+class MidClockTests(SynchronousTestCase):
+    def test_increasing(self):
+        clock = Clock()
+        clock.advance(MID_EPOCH_MS / 1000 + 1)
+        mids = MidClock(clock)
+        values = [mids.next() for _ in range(5000)]
+        self.assertEqual(values, sorted(set(values)))
+        clock.advance(-0.5)  # a clock stepping back does not repeat ids
+        self.assertGreater(mids.next(), values[-1])
+        self.assertGreater(mids.next(after=values[-1] + 10**6), values[-1] + 10**6)
+
+
+class PairTests(SynchronousTestCase):
+    def test_symmetric(self):
+        self.assertEqual(pairConversation("a", "b"), pairConversation("b", "a"))
+        self.assertNotEqual(pairConversation("a", "b"), pairConversation("a", "c"))
