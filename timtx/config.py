@@ -224,6 +224,12 @@ class ClientConfig:
     max_connections: int = option(
         50000, _int(0), "Client connections this node accepts at once; more are refused. 0 means no limit."
     )
+    max_output_bytes: int = option(
+        4 << 20,
+        _int(1024),
+        "Bytes that may wait to be written to one slow connection. Past it the connection is dropped; "
+        "its undelivered messages wait in its inbox for the next login, so a slow reader never holds up others.",
+    )
     max_queued_frames: int = option(
         64,
         _int(1),

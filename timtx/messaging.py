@@ -144,19 +144,20 @@ class MessagingService:
     @inlineCallbacks
     def _mayMessage(self, session: Session, other: str) -> Any:
         """
-        @raise TimProtocolError: 4110 if either blocks the other, 4105 if
-            they are not friends (unless C{noauth}), 4106 if C{other} does
-            not exist.
+        @raise TimProtocolError: 4110 if either blocks the other, 4106 if
+            C{other} does not exist, 4105 if they are not friends (unless
+            C{noauth}).
         """
         relation = yield self.relations.between(session.uid, other)
         if blocked(relation):
             raise TimProtocolError(ErrorCode.ERR_BLOCK, "blocked")
         if areFriends(relation):
             return
-        if not self.config.noauth:
-            raise TimProtocolError(ErrorCode.ERR_AUTH, "not friends")
+        # As tim: an unknown user is 4106 before friendship is looked at.
         if not (yield self.accounts.exists(other)):
             raise TimProtocolError(ErrorCode.ERR_ACCOUNT, "no such user")
+        if not self.config.noauth:
+            raise TimProtocolError(ErrorCode.ERR_AUTH, "not friends")
 
     # TIMMESSAGE, TIMREVOKEMESSAGE, TIMBURNMESSAGE.
 

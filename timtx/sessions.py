@@ -47,6 +47,12 @@ class FrameSink(Protocol):
         Close cleanly after what was written.
         """
 
+    @property
+    def congested(self) -> bool:
+        """
+        Whether the peer is behind in reading what was written.
+        """
+
 
 class AckIds:
     """
@@ -105,6 +111,13 @@ class Session:
 
     def __repr__(self) -> str:
         return f"<Session {self.uid} termtyp={self.termtyp} {self.encoding.value}>"
+
+    @property
+    def congested(self) -> bool:
+        """
+        Whether the client is behind in reading: stream data may be skipped.
+        """
+        return bool(self.sink.congested)
 
     # Sending.
 

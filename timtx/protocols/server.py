@@ -70,10 +70,15 @@ class BadFrame(TimProtocolError):
 
 class TimServerProtocolMixin:
     """
-    Subclasses provide C{writeFrame}, C{writeFrameParts} (see
-    L{timtx.sessions.FrameSink}) and C{loseTransport}, and a C{transport}
-    with C{pauseProducing}/C{resumeProducing}; they call
+    Subclasses provide C{sendBytes} and C{loseTransport}, and a
+    C{transport} with C{pauseProducing}/C{resumeProducing}; they call
     L{timConnectionMade}, L{frameReceived} and L{timConnectionLost}.
+
+    Output is bounded: the protocol registers itself as the producer of its
+    transport, so it learns when the peer stops reading (the transport's
+    buffer is full).  While it is I{congested}, what is written is counted;
+    past C{[client] max_output_bytes} the connection is dropped.  Stream
+    data can look at L{congested} and skip a frame instead.
 
     @ivar node: the L{timtx.node.Node}, set by the factory.
     @ivar session: the L{Session} once logged in, else C{None}.
@@ -84,12 +89,18 @@ class TimServerProtocolMixin:
     transport: Any
     session: Session | None = None
 
+    #: Whether the peer is not reading fast enough: the transport asked its
+    #: producer (this protocol) to pause.
+    congested = False
+    #: Bytes written since the connection became congested.
+    backlog = 0
+
     # Provided by the transport-specific subclass.
 
-    def writeFrame(self, frame: bytes) -> None:
-        raise NotImplementedError
-
-    def writeFrameParts(self, header: bytes, payload: bytes) -> None:
+    def sendBytes(self, parts: list[bytes]) -> None:
+        """
+        Write one frame given in parts.
+        """
         raise NotImplementedError
 
     def loseTransport(self, reason: str) -> None:
@@ -97,6 +108,44 @@ class TimServerProtocolMixin:
         Close the transport cleanly after what was written.
         """
         raise NotImplementedError
+
+    # Output.
+
+    def writeFrame(self, frame: bytes) -> None:
+        self._write([frame], len(frame))
+
+    def writeFrameParts(self, header: bytes, payload: bytes) -> None:
+        self._write([header, payload], len(header) + len(payload))
+
+    def _write(self, parts: list[bytes], size: int) -> None:
+        if self._closing:
+            return
+        if self.congested:
+            self.backlog += size
+            if self.backlog > self.node.config.client.max_output_bytes:
+                self.logger.info(
+                    "dropping {session}: over {limit} bytes unread",
+                    session=self.session,
+                    limit=self.node.config.client.max_output_bytes,
+                )
+                self._closing = True
+                self._queue.clear()
+                self.transport.abortConnection()
+                return
+        self.sendBytes(parts)
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's buffer is full: the peer reads slower than we write.
+        """
+        self.congested = True
+
+    def resumeProducing(self) -> None:
+        self.congested = False
+        self.backlog = 0
+
+    def stopProducing(self) -> None:
+        pass
 
     # Lifecycle.
 
@@ -125,6 +174,7 @@ class TimServerProtocolMixin:
         self._loginFailures = 0
         self._bucket = TokenBucket(config.request_rate, config.request_burst, self.node.clock)
         self._timer: IDelayedCall | None = self.node.clock.callLater(config.auth_timeout, self._authTimedOut)
+        self.transport.registerProducer(self, True)
         self.node.connectionOpened(self)
 
     def timConnectionLost(self) -> None:

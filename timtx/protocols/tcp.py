@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.protocol import Factory, Protocol
 
 from timtx.protocols.errors import FrameTooLarge
-from timtx.protocols.frames import LengthPrefixedDecoder, length_prefixed
+from timtx.protocols.frames import LengthPrefixedDecoder
 from timtx.protocols.server import TimServerProtocolMixin
 
 if TYPE_CHECKING:
@@ -47,11 +47,8 @@ class TimTcpServerProtocol(TimServerProtocolMixin, Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self.timConnectionLost()
 
-    def writeFrame(self, frame: bytes) -> None:
-        self.transport.write(length_prefixed(frame))
-
-    def writeFrameParts(self, header: bytes, payload: bytes) -> None:
-        self.transport.writeSequence([_LENGTH.pack(len(header) + len(payload)), header, payload])
+    def sendBytes(self, parts: list[bytes]) -> None:
+        self.transport.writeSequence([_LENGTH.pack(sum(map(len, parts))), *parts])
 
     def loseTransport(self, reason: str) -> None:
         self.transport.loseConnection()

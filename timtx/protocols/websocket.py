@@ -56,11 +56,8 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
         if self._timOpened:
             self.timConnectionLost()
 
-    def writeFrame(self, frame: bytes) -> None:
-        self.sendMessage(frame, isBinary=True)
-
-    def writeFrameParts(self, header: bytes, payload: bytes) -> None:
-        self.sendMessage(header + payload, isBinary=True)
+    def sendBytes(self, parts: list[bytes]) -> None:
+        self.sendMessage(parts[0] if len(parts) == 1 else b"".join(parts), isBinary=True)
 
     def loseTransport(self, reason: str) -> None:
         self.sendClose(code=1000, reason=reason[:100])
@@ -96,10 +93,15 @@ class TimWebSocketServerFactory(WebSocketServerFactory):
 
 class TimWebSocketResource(WebSocketResource):
     """
-    autobahn's resource, minus the HTTP channel's idle timer, which would
-    otherwise fire on the taken-over connection hours later.
+    autobahn's resource, minus the HTTP channel's hold on the connection it
+    hands over: its idle timer, which would fire hours later, and its place
+    as the transport's producer, which the WebSocket protocol takes to learn
+    when the peer stops reading.
     """
 
     def render(self, request: Any) -> Any:
-        request.channel.setTimeout(None)
+        channel = request.channel
+        channel.setTimeout(None)
+        if channel.transport is not None:
+            channel.transport.unregisterProducer()
         return super().render(request)

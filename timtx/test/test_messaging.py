@@ -73,6 +73,7 @@ class MessagingTestsMixin:
             ({"to": bob.uid, "fromTid": Tid(node=bob.uid)}, ErrorCode.ERR_PARAMS),
             ({"to": bob.uid, "dataString": "x" * 101}, ErrorCode.ERR_BIGDATA),
             ({"to": None}, ErrorCode.ERR_PARAMS),
+            ({"to": "NoSuchUser"}, ErrorCode.ERR_ACCOUNT),
         ]
         for number, (fields, code) in enumerate(cases, 1):
             to = fields.pop("to")
