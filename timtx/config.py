@@ -367,6 +367,33 @@ class ProfilesConfig:
 
 
 @dataclass(frozen=True)
+class GroupsConfig:
+    member_cap: int = option(
+        10000,
+        _int(2),
+        "Most members a group may have unless its founder sets a cap (timtx extension); joins past it get 4111.",
+    )
+    max_member_cap: int = option(100000, _int(2), "Highest cap a founder may set for a group.")
+    max_created_per_user: int = option(500, _int(1), "Groups one user may found.")
+    member_notices: bool = option(
+        True,
+        BOOL,
+        "Tell members when someone joins or leaves (timtx extension: bnType 110 and 111 group notices, kept in "
+        "the group's history).",
+    )
+    manager_recall: bool = option(
+        True, BOOL, "Let the founder and managers recall any member's group message (timtx extension)."
+    )
+    cursor_flush_interval: float = option(
+        1.0,
+        _seconds(0.01),
+        "Seconds between writes of how far members have read their groups; after a crash a member may get at "
+        "most this much again.",
+    )
+    cache_groups: int = option(10000, _int(1), "Groups held in memory with their member lists.")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     backend: str = option(
         "sqlite", TEXT, "Storage plugin: `sqlite` (embedded, the default), `memory` (nothing survives a restart)."
@@ -398,6 +425,7 @@ class Config:
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     roster: RosterConfig = field(default_factory=RosterConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     protocols: Mapping[str, str] = field(default_factory=dict)
     base_dir: str = "."
@@ -435,6 +463,7 @@ SECTIONS: dict[str, type] = {
     "presence": PresenceConfig,
     "roster": RosterConfig,
     "profiles": ProfilesConfig,
+    "groups": GroupsConfig,
     "store": StoreConfig,
 }
 FREE_SECTIONS = ("protocols",)

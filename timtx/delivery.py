@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import secrets
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -81,18 +81,36 @@ class SessionDelivery:
     """
     What delivery knows about one session.
 
-    @ivar inFlight: qid -> ack id of entries pushed live and not yet
+    @ivar inFlight: qid -> ack id of inbox entries pushed live and not yet
         acknowledged.
+    @ivar unacked: pushes of any kind not yet acknowledged.
+    @ivar skipped: whether something was not pushed because the session was
+        not live; the drain then looks once more before going live.
     """
 
-    __slots__ = ("live", "draining", "backlogged", "inFlight", "timer")
+    __slots__ = ("live", "draining", "backlogged", "skipped", "inFlight", "unacked", "timer")
 
     def __init__(self) -> None:
         self.live = False
         self.draining = False
         self.backlogged = False
+        self.skipped = False
         self.inFlight: dict[int, int] = {}
+        self.unacked = 0
         self.timer: IDelayedCall | None = None
+
+
+class BacklogSource(Protocol):
+    """
+    Something besides the inbox a session may have missed (group messages).
+    """
+
+    def nextBatch(self, session: Session) -> Deferred[Any]:
+        """
+        @return: a L{Deferred} firing with C{(messages, onAck)}, where
+            C{onAck(session)} records that the batch was acknowledged, or
+            C{None} when nothing is left.
+        """
 
 
 class Delivery:
@@ -113,32 +131,39 @@ class Delivery:
         self.sessions = sessions
         self.ackIds = ackIds
         self.clock = clock
-        self._states: dict[Session, SessionDelivery] = {}
+        #: Per-session state; fan-out reads it directly.
+        self.states: dict[Session, SessionDelivery] = {}
+        #: Drained after the inbox, in order.
+        self.sources: list[BacklogSource] = []
 
     # Sessions.
 
     def sessionStarted(self, session: Session) -> None:
-        state = self._states[session] = SessionDelivery()
+        state = self.states[session] = SessionDelivery()
         d = self.store.countInbox(session.uid)
         d.addCallbacks(self._counted, self._failed, callbackArgs=(session, state), errbackArgs=(session,))
 
     def _counted(self, count: int, session: Session, state: SessionDelivery) -> None:
         if session.closed or state.live or state.draining:
             return
-        if not count:
+        if not count and not self.sources:
             state.live = True
         elif self.config.offline_push_after:
+            # Others (groups) may hold something too: look after the wait
+            # either way, so new messages never overtake missed ones.
             state.timer = self.clock.callLater(self.config.offline_push_after, self.drain, session)
+            if not count:
+                self.drain(session, quiet=True)
         else:
             self.drain(session)
 
     def sessionEnded(self, session: Session) -> None:
-        state = self._states.pop(session, None)
+        state = self.states.pop(session, None)
         if state is not None and state.timer is not None and state.timer.active():
             state.timer.cancel()
 
     def state(self, session: Session) -> SessionDelivery | None:
-        return self._states.get(session)
+        return self.states.get(session)
 
     # Pushing.
 
@@ -148,11 +173,14 @@ class Delivery:
         the order entries were written.
         """
         ackId = header = None
-        for session in self.sessions.sessionsOf(uid):
-            state = self._states.get(session)
-            if state is None or not state.live:
+        for session in self.sessions.sessionsView(uid):
+            state = self.states.get(session)
+            if state is None:
                 continue
-            if len(state.inFlight) >= self.config.max_unacked:
+            if not state.live:
+                state.skipped = True
+                continue
+            if state.unacked >= self.config.max_unacked:
                 # It stopped acknowledging; the entry waits in the inbox.
                 state.live = False
                 state.backlogged = True
@@ -162,13 +190,27 @@ class Delivery:
                 ackId = self.ackIds.next()
                 header = server_header(TimType.TIMMESSAGE, ackId)
             state.inFlight[qid] = ackId
-            session.expectAck(ackId, partial(self._pushAcked, session, state, qid))
+            state.unacked += 1
+            session.expectAck(ackId, partial(self._inboxAcked, qid))
             session.sink.writeFrameParts(header, encoded.payload(session.encoding))
 
-    def _pushAcked(self, session: Session, state: SessionDelivery, qid: int) -> None:
-        state.inFlight.pop(qid, None)
+    def _inboxAcked(self, qid: int, session: Session) -> None:
+        state = self.states.get(session)
+        if state is not None:
+            state.inFlight.pop(qid, None)
         self._remove(session.uid, [qid])
-        if state.backlogged and not state.inFlight and not session.closed:
+        self.pushAcked(session)
+
+    def pushAcked(self, session: Session) -> None:
+        """
+        One push to C{session} was acknowledged.  A session that fell behind
+        gets its backlog once it has acknowledged everything.
+        """
+        state = self.states.get(session)
+        if state is None:
+            return
+        state.unacked = max(0, state.unacked - 1)
+        if state.backlogged and not state.unacked and not session.closed:
             state.backlogged = False
             self.drain(session)
 
@@ -193,50 +235,103 @@ class Delivery:
         Send to C{uid}'s sessions without storing or asking for an ack: for
         what is worthless later (streams, presence).
         """
-        for session in self.sessions.sessionsOf(uid):
+        for session in self.sessions.sessionsView(uid):
             session.sendPayload(timType, encoded.payload(session.encoding))
 
     # Offline lists.
 
-    def drain(self, session: Session) -> None:
+    def drain(self, session: Session, quiet: bool = False) -> None:
         """
-        Send C{session} its inbox as acknowledged TimMessageLists, then
-        TIMOFFLINEMSGEND, then go live.  A drain already under way is left
-        to finish.
+        Send C{session} what it missed — its inbox, then every backlog
+        source — as acknowledged TimMessageLists, then TIMOFFLINEMSGEND, then
+        go live.  A drain already under way is left to finish.
+
+        @param quiet: end without TIMOFFLINEMSGEND if nothing was sent (a
+            check the client did not ask for); the wait for the client's
+            request goes on if something was found.
         """
-        state = self._states.get(session)
+        state = self.states.get(session)
         if state is None or state.draining or session.closed:
             return
-        if state.timer is not None and state.timer.active():
+        if not quiet and state.timer is not None and state.timer.active():
             state.timer.cancel()
-        state.timer = None
+        if not quiet:
+            state.timer = None
         state.draining = True
         state.live = False
-        self._readNext(session, state, 0)
+        state.skipped = False
+        self._readInbox(session, state, 0, quiet)
 
-    def _readNext(self, session: Session, state: SessionDelivery, after: int) -> None:
+    def _readInbox(self, session: Session, state: SessionDelivery, after: int, quiet: bool) -> None:
         limit = self.config.offline_batch + len(state.inFlight)
         d = self.store.readInbox(session.uid, after, limit)
-        d.addCallbacks(self._read, self._failed, callbackArgs=(session, state), errbackArgs=(session,))
+        d.addCallbacks(self._inboxRead, self._failed, callbackArgs=(session, state, quiet), errbackArgs=(session,))
 
-    def _read(self, entries: list[InboxEntry], session: Session, state: SessionDelivery) -> None:
+    def _inboxRead(self, entries: list[InboxEntry], session: Session, state: SessionDelivery, quiet: bool) -> None:
         if session.closed:
             return
         entries = [e for e in entries if e.qid not in state.inFlight][: self.config.offline_batch]
         if not entries:
+            self._readSource(session, state, 0, quiet)
+            return
+        if quiet:
+            # Something is there: wait for the client to ask after all.
             state.draining = False
-            state.live = True
-            session.send(TimType.TIMOFFLINEMSGEND)
             return
         messages = [m for m in (self._open(session.uid, e) for e in entries) if m is not None]
         qids = [e.qid for e in entries]
-        batch = TimMessageList(id=secrets.randbits(53), messageList=messages)
-        session.send(TimType.TIMOFFLINEMSG, batch, onAck=lambda: self._listAcked(session, state, qids))
 
-    def _listAcked(self, session: Session, state: SessionDelivery, qids: list[int]) -> None:
-        self._remove(session.uid, qids)
-        if not session.closed:
-            self._readNext(session, state, max(qids))
+        def acked(s: Session) -> None:
+            self._remove(s.uid, qids)
+            if not s.closed:
+                self._readInbox(s, state, max(qids), quiet)
+
+        self._sendList(session, messages, acked)
+
+    def _readSource(self, session: Session, state: SessionDelivery, index: int, quiet: bool) -> None:
+        if index >= len(self.sources):
+            self._finish(session, state, quiet)
+            return
+        d = self.sources[index].nextBatch(session)
+        d.addCallbacks(
+            self._sourceRead, self._failed, callbackArgs=(session, state, index, quiet), errbackArgs=(session,)
+        )
+
+    def _sourceRead(self, batch: Any, session: Session, state: SessionDelivery, index: int, quiet: bool) -> None:
+        if session.closed:
+            return
+        if batch is None:
+            self._readSource(session, state, index + 1, quiet)
+            return
+        if quiet:
+            state.draining = False
+            return
+        messages, onAck = batch
+
+        def acked(s: Session) -> None:
+            onAck(s)
+            if not s.closed:
+                self._readSource(s, state, index, quiet)
+
+        self._sendList(session, messages, acked)
+
+    def _sendList(self, session: Session, messages: list[TimMessage], acked: Any) -> None:
+        batch = TimMessageList(id=secrets.randbits(53), messageList=messages)
+        session.send(TimType.TIMOFFLINEMSG, batch, onAck=acked)
+
+    def _finish(self, session: Session, state: SessionDelivery, quiet: bool) -> None:
+        if state.skipped:
+            # Something arrived for a source already read: look again.
+            state.skipped = False
+            self._readInbox(session, state, 0, quiet)
+            return
+        state.draining = False
+        state.live = True
+        if state.timer is not None and state.timer.active():
+            state.timer.cancel()
+        state.timer = None
+        if not quiet:
+            session.send(TimType.TIMOFFLINEMSGEND)
 
     def _open(self, uid: str, entry: InboxEntry) -> TimMessage | None:
         try:
@@ -251,6 +346,6 @@ class Delivery:
         return message
 
     def _failed(self, failure: Failure, session: Session) -> None:
-        self.log.failure("reading the inbox of {uid} failed", failure, uid=session.uid)
+        self.log.failure("reading what {uid} missed failed", failure, uid=session.uid)
         if not session.closed:
             session.sink.closeConnection("storage error")

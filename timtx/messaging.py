@@ -132,7 +132,7 @@ class MessagingService:
                 ErrorCode.ERR_BIGDATA, f"message content over {self.config.max_body_bytes} bytes", fatal=False
             )
 
-    def _stamp(self, session: Session, message: TimMessage) -> None:
+    def stamp(self, session: Session, message: TimMessage) -> None:
         """
         Fill in what only the server sets.
         """
@@ -187,12 +187,25 @@ class MessagingService:
             return self.burn(session, message)
         return self._send(session, message)
 
+    def sendPrivate(self, session: Session, message: TimMessage) -> Any:
+        """
+        A message between two members of a group (msType 2 with C{toTid}
+        and C{roomTid}): no friendship needed, blocks still apply.  The
+        caller checked both memberships.
+        """
+        return self._send(session, message, private=True)
+
     @inlineCallbacks
-    def _send(self, session: Session, message: TimMessage) -> Any:
+    def _send(self, session: Session, message: TimMessage, private: bool = False) -> Any:
         other = target(message)
         clientId = message.id
-        yield self._mayMessage(session, other)
-        self._stamp(session, message)
+        if private:
+            relation = yield self.relations.between(session.uid, other)
+            if blocked(relation):
+                raise TimProtocolError(ErrorCode.ERR_BLOCK, "blocked")
+        else:
+            yield self._mayMessage(session, other)
+        self.stamp(session, message)
         message.toTid = Tid(node=other, domain=message.toTid.domain)  # type: ignore[union-attr]
         if message.odType == OdType.ORDER_STREAM:
             self.delivery.sendNow(other, TimType.TIMMESSAGE, Encoded(message))
@@ -200,7 +213,7 @@ class MessagingService:
         if clientId is not None and self.duplicates.enabled:
             seen = yield self.duplicates.check(session.uid, clientId)
             if seen is not None:
-                yield self._answerResend(session, seen)
+                yield self.answerResend(session, seen)
                 return
         keep = message.odType == OdType.ORDER_INOF
         dedupe = (session.uid, clientId) if clientId is not None and self.duplicates.enabled else None
@@ -210,7 +223,7 @@ class MessagingService:
         if dedupe is not None:
             self.duplicates.remember(session.uid, clientId, appending)  # type: ignore[arg-type]
         appending.addCallbacks(
-            self._appended, self._notAppended, callbackArgs=(session.uid, other), errbackArgs=(session, message)
+            self._appended, self.notAppended, callbackArgs=(session.uid, other), errbackArgs=(session, message)
         )
         # Not waiting: the owner keeps the order, the next frame may start.
 
@@ -220,7 +233,7 @@ class MessagingService:
         self.delivery.deliver(recipient, appended.qids[recipient], encoded)
         return appended
 
-    def _notAppended(self, failure: Failure, session: Session, message: TimMessage) -> None:
+    def notAppended(self, failure: Failure, session: Session, message: TimMessage) -> None:
         error = (
             failure.value if isinstance(failure.value, TimProtocolError) else TimProtocolError(ErrorCode.ERR_DATABASE)
         )
@@ -235,7 +248,7 @@ class MessagingService:
             session.sendPayload(TimType.TIMMESSAGE, encoded.payload(session.encoding))
 
     @inlineCallbacks
-    def _answerResend(self, session: Session, seen: Any) -> Any:
+    def answerResend(self, session: Session, seen: Any) -> Any:
         """
         Answer a resend with the message first stored, to this session.
         """

@@ -28,6 +28,8 @@ from timtx.conversations import Conversations
 from timtx.delivery import Delivery
 from timtx.dispatch import Dispatcher
 from timtx.duplicates import DuplicateFilter
+from timtx.fanout import GroupFanout
+from timtx.groups import GroupService
 from timtx.ids import NodeKeys
 from timtx.messaging import MessagingService
 from timtx.persistence import storeFactory
@@ -41,6 +43,7 @@ from timtx.protocols.structs import TimMessage, TimNodes, TimPresence, TimReq
 from timtx.protocols.tcp import TimTcpServerFactory
 from timtx.protocols.websocket import TimWebSocketResource, TimWebSocketServerFactory
 from timtx.relations import RelationCache, RosterService
+from timtx.rooms import GroupDirectory
 from timtx.sessions import AckIds, Session, SessionRegistry
 from timtx.vault import StanzaVault
 from timtx.webhook import LoginWebhook
@@ -193,6 +196,45 @@ class Node(MultiService):
         self.sessions.onLastSession.append(self._lastSessionEnded)
         self._duplicateSweep = LoopingCall(self.duplicates.purge)
         self._duplicateSweep.clock = clock
+        self._buildGroups()
+
+    def _buildGroups(self) -> None:
+        """
+        Groups: the membership directory, fan-out with member cursors, and
+        the group operations, messages and profiles.
+        """
+        config, store, clock = self.config, self.store, self.clock
+        self.directory = GroupDirectory(store, maxGroups=config.groups.cache_groups)
+        self.fanout = GroupFanout(
+            self.directory,
+            self.delivery,
+            self.sessions,
+            store,
+            self.vault,
+            self.ackIds,
+            clock,
+            batch=config.messages.offline_batch,
+        )
+        self.delivery.sources.append(self.fanout)
+        self.groups = GroupService(
+            config.groups,
+            config.messages,
+            store,
+            self.vault,
+            self.directory,
+            self.fanout,
+            self.conversations,
+            self.delivery,
+            self.duplicates,
+            self.accounts,
+            self.messaging,
+            clock,
+        )
+        self.groups.register(self.business)
+        self.messaging.roomMessages = self.groups
+        self.profiles.roomNodes = self.groups.handleNodes
+        self._cursorFlush = LoopingCall(self.fanout.flush)
+        self._cursorFlush.clock = clock
 
     def _lastSessionEnded(self, session: Session) -> None:
         self.runInBackground(self.presence.announceOffline, session.uid, session.domain)
@@ -262,6 +304,7 @@ class Node(MultiService):
         self._tokenSweep.start(max(self.config.accounts.token_ttl, 1.0), now=False)
         if self.duplicates.enabled:
             self._duplicateSweep.start(max(self.config.messages.dedupe_window, 60.0), now=False)
+        self._cursorFlush.start(self.config.groups.cursor_flush_interval, now=False)
         listening = [listener.listening for listener in self._listeners.values()]
         d = gatherResults([opened, *listening], consumeErrors=True)
         d.addCallbacks(self._started, self._failedToStart)
@@ -286,12 +329,13 @@ class Node(MultiService):
         if not self.running:
             return succeed(None)
         self.stopping = True
-        for sweep in (self._tokenSweep, self._duplicateSweep):
+        for sweep in (self._tokenSweep, self._duplicateSweep, self._cursorFlush):
             if sweep.running:
                 sweep.stop()
         d = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._closeConnections())
         d.addBoth(lambda _: DeferredList(list(self._background)))
+        d.addBoth(lambda _: self.fanout.flush())
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: self.threadPool.stop())
         return d

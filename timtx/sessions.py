@@ -10,7 +10,7 @@ decides, at login, whether a new session fits within C{[devices]}.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from twisted.logger import Logger
 
@@ -45,6 +45,22 @@ class FrameSink(Protocol):
     def closeConnection(self, reason: str) -> None:
         """
         Close cleanly after what was written.
+        """
+
+    #: Which way this sink frames bytes ("ws", "tcp"); sinks of one kind
+    #: share prepared frames.
+    frameKind: str
+
+    def prepareFrame(self, frame: bytes) -> object:
+        """
+        Turn a frame into what L{writePrepared} writes, once for all sinks
+        of this kind.
+        """
+
+    def writePrepared(self, prepared: object, size: int) -> None:
+        """
+        Write a frame made by L{prepareFrame}; C{size} is the frame's
+        length.
         """
 
     @property
@@ -106,7 +122,7 @@ class Session:
         self.loginTime = loginTime
         self.tid = Tid(node=uid, domain=domain or None, resource=resource, termtyp=termtyp, extend=extend)
         self._ackIds = ackIds
-        self._pendingAcks: dict[int, Callable[[], object]] = {}
+        self._pendingAcks: dict[int, Callable[[Session], object]] = {}
         self.closed = False
 
     def __repr__(self) -> str:
@@ -125,19 +141,19 @@ class Session:
         return codec.encode(struct, self.encoding)
 
     def send(
-        self, timType: int, struct: TimStruct | None = None, onAck: Callable[[], object] | None = None
+        self, timType: int, struct: TimStruct | None = None, onAck: Callable[[Session], object] | None = None
     ) -> int | None:
         """
         Encode C{struct} for this session and send it as a C{timType} frame.
 
         @param onAck: if given, the frame asks for an acknowledgement and
-            C{onAck()} runs when it arrives.
+            C{onAck(session)} runs when it arrives.
         @return: the ack id, if one was asked for.
         """
         payload = b"" if struct is None else self.encode(struct)
         return self.sendPayload(timType, payload, onAck)
 
-    def sendPayload(self, timType: int, payload: bytes, onAck: Callable[[], object] | None = None) -> int | None:
+    def sendPayload(self, timType: int, payload: bytes, onAck: Callable[[Session], object] | None = None) -> int | None:
         """
         Like L{send} for a payload already encoded in L{encoding}.
         """
@@ -151,10 +167,11 @@ class Session:
         self.sink.writeFrameParts(server_header(timType, ackId), payload)
         return ackId
 
-    def expectAck(self, ackId: int, onAck: Callable[[], object]) -> None:
+    def expectAck(self, ackId: int, onAck: Callable[[Session], object]) -> None:
         """
-        Run C{onAck} when the client acknowledges C{ackId}; for frames
-        prepared elsewhere with a shared id.
+        Run C{onAck(session)} when the client acknowledges C{ackId}; for
+        frames prepared elsewhere with a shared id.  One handler object can
+        serve every session a frame was fanned out to.
         """
         self._pendingAcks[ackId] = onAck
 
@@ -182,7 +199,7 @@ class Session:
         if onAck is None:
             return
         try:
-            onAck()
+            onAck(self)
         except Exception:
             self.log.failure("ack handler for {session} failed", session=self)
 
@@ -248,6 +265,13 @@ class SessionRegistry:
         The sessions of C{uid}, oldest first.  The list is a copy.
         """
         return list(self._byUser.get(uid, ()))
+
+    def sessionsView(self, uid: str) -> Sequence[Session]:
+        """
+        The sessions of C{uid} without copying, for fan-out loops; do not
+        keep it, and do not add or remove sessions while iterating it.
+        """
+        return self._byUser.get(uid, ())
 
     def isOnline(self, uid: str) -> bool:
         return uid in self._byUser

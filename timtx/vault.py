@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from timtx.ids import NodeKeys
 from timtx.protocols import codec
-from timtx.protocols.structs import TimMessage, TimUserBean
+from timtx.protocols.structs import TimMessage, TimRoomBean, TimUserBean
 
 _VERSION = b"\x01"
 _NONCE_BYTES = 12
@@ -78,6 +78,12 @@ class StanzaVault:
 
     def openProfile(self, uid: str, blob: bytes) -> TimUserBean:
         return codec.decode_compact(TimUserBean, self._sealer.open(b"profile\0" + uid.encode(), blob))
+
+    def sealRoom(self, gid: str, bean: TimRoomBean) -> bytes:
+        return self._sealer.seal(b"room\0" + gid.encode(), codec.encode_compact(bean))
+
+    def openRoom(self, gid: str, blob: bytes) -> TimRoomBean:
+        return codec.decode_compact(TimRoomBean, self._sealer.open(b"room\0" + gid.encode(), blob))
 
 
 def _messageAAD(conv: str, seq: int) -> bytes:

@@ -198,6 +198,112 @@ class IMessageStore(Interface):
         @return: a L{Deferred} that fires when stored.
         """
 
+    # Groups.  A group's messages live in the conversation C{"g:<gid>"} of
+    # the message methods above; members get them by reference, through a
+    # per-member cursor, not through inbox copies.
+
+    def createGroup(group, founder):
+        """
+        Create a group with its founder as the first member.
+
+        @type group: L{timtx.persistence.records.Group}
+        @type founder: L{timtx.persistence.records.Member}
+        @return: a L{Deferred} that fires when stored.
+        """
+
+    def getGroup(gid):
+        """
+        @return: a L{Deferred} firing with the
+            L{timtx.persistence.records.Group}, or C{None}.
+        """
+
+    def updateGroup(group):
+        """
+        Store a changed group (all fields but C{gid}).
+
+        @return: a L{Deferred} that fires when stored.
+        """
+
+    def groupMembers(gid):
+        """
+        @return: a L{Deferred} firing with the
+            L{timtx.persistence.records.Member}s of C{gid}.
+        """
+
+    def groupsOf(uid):
+        """
+        @return: a L{Deferred} firing with the ids of the groups C{uid} is a
+            member of.
+        """
+
+    def putMember(gid, member):
+        """
+        Add a member, or change one.
+
+        @return: a L{Deferred} that fires when stored.
+        """
+
+    def removeMembers(gid, uids):
+        """
+        @return: a L{Deferred} firing with how many were members.
+        """
+
+    def addJoinRequest(gid, uid, created):
+        """
+        @return: a L{Deferred} that fires when stored.
+        """
+
+    def takeJoinRequest(gid, uid):
+        """
+        Remove a pending join request.
+
+        @return: a L{Deferred} firing with whether there was one.
+        """
+
+    def setGroupBlock(gid, uid, by, blocked):
+        """
+        Set or clear a block between a group and a user.
+
+        @param by: L{timtx.persistence.records.BLOCK_BY_USER} (the user
+            blocks the group) or C{BLOCK_BY_GROUP} (the group blocks the
+            user).
+        @return: a L{Deferred} that fires when stored.
+        """
+
+    def groupBlocks(gid):
+        """
+        @return: a L{Deferred} firing with a dict of uid to the set of
+            C{by} values of the blocks between C{gid} and users.
+        """
+
+    def userGroupBlocks(uid):
+        """
+        @return: a L{Deferred} firing with the ids of the groups C{uid}
+            blocks.
+        """
+
+    def saveCursors(cursors):
+        """
+        Record how far members have acknowledged their groups' messages.
+
+        @param cursors: C{(uid, gid, seq)} triples; a cursor never moves
+            back.
+        @return: a L{Deferred} that fires when stored.
+        """
+
+    def cursorsOf(uid):
+        """
+        @return: a L{Deferred} firing with a dict of gid to the last seq
+            C{uid} acknowledged.
+        """
+
+    def messagesAfter(conv, afterSeq, limit):
+        """
+        @return: a L{Deferred} firing with up to C{limit}
+            L{timtx.persistence.records.StoredMessage}s of C{conv} with a
+            seq above C{afterSeq}, oldest first.
+        """
+
 
 class IStoreFactory(Interface):
     """

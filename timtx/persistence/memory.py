@@ -14,9 +14,12 @@ from zope.interface import implementer
 
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
 from timtx.persistence.records import (
+    BLOCK_BY_USER,
     Account,
     Duplicate,
+    Group,
     InboxEntry,
+    Member,
     NewMessage,
     Relation,
     StoredMessage,
@@ -39,6 +42,11 @@ class MemoryStore:
         self._stances: dict[tuple[str, str], int] = {}
         self._profiles: dict[str, bytes] = {}
         self._invisible: set[str] = set()
+        self._groups: dict[str, Group] = {}
+        self._members: dict[str, dict[str, Member]] = {}
+        self._requests: set[tuple[str, str]] = set()
+        self._groupBlocks: dict[tuple[str, str], set[int]] = {}
+        self._cursors: dict[tuple[str, str], int] = {}
 
     def open(self) -> Deferred[None]:
         return succeed(None)
@@ -203,6 +211,73 @@ class MemoryStore:
         else:
             self._invisible.discard(uid)
         return succeed(None)
+
+    # Groups.
+
+    def createGroup(self, group: Group, founder: Member) -> Deferred[None]:
+        if group.gid in self._groups:
+            return fail(ValueError(f"group {group.gid} exists"))
+        self._groups[group.gid] = group
+        self._members[group.gid] = {founder.uid: founder}
+        return succeed(None)
+
+    def getGroup(self, gid: str) -> Deferred[Group | None]:
+        return succeed(self._groups.get(gid))
+
+    def updateGroup(self, group: Group) -> Deferred[None]:
+        self._groups[group.gid] = group
+        return succeed(None)
+
+    def groupMembers(self, gid: str) -> Deferred[list[Member]]:
+        return succeed(list(self._members.get(gid, {}).values()))
+
+    def groupsOf(self, uid: str) -> Deferred[list[str]]:
+        return succeed([gid for gid, members in self._members.items() if uid in members])
+
+    def putMember(self, gid: str, member: Member) -> Deferred[None]:
+        self._members.setdefault(gid, {})[member.uid] = member
+        return succeed(None)
+
+    def removeMembers(self, gid: str, uids: list[str]) -> Deferred[int]:
+        members = self._members.get(gid, {})
+        return succeed(sum(1 for uid in uids if members.pop(uid, None) is not None))
+
+    def addJoinRequest(self, gid: str, uid: str, created: float) -> Deferred[None]:
+        self._requests.add((gid, uid))
+        return succeed(None)
+
+    def takeJoinRequest(self, gid: str, uid: str) -> Deferred[bool]:
+        if (gid, uid) in self._requests:
+            self._requests.discard((gid, uid))
+            return succeed(True)
+        return succeed(False)
+
+    def setGroupBlock(self, gid: str, uid: str, by: int, blocked: bool) -> Deferred[None]:
+        flags = self._groupBlocks.setdefault((gid, uid), set())
+        if blocked:
+            flags.add(by)
+        else:
+            flags.discard(by)
+        return succeed(None)
+
+    def groupBlocks(self, gid: str) -> Deferred[dict[str, set[int]]]:
+        return succeed({uid: set(flags) for (g, uid), flags in self._groupBlocks.items() if g == gid and flags})
+
+    def userGroupBlocks(self, uid: str) -> Deferred[list[str]]:
+        return succeed([g for (g, u), flags in self._groupBlocks.items() if u == uid and BLOCK_BY_USER in flags])
+
+    def saveCursors(self, cursors: list[tuple[str, str, int]]) -> Deferred[None]:
+        for uid, gid, seq in cursors:
+            if seq > self._cursors.get((uid, gid), 0):
+                self._cursors[(uid, gid)] = seq
+        return succeed(None)
+
+    def cursorsOf(self, uid: str) -> Deferred[dict[str, int]]:
+        return succeed({gid: seq for (u, gid), seq in self._cursors.items() if u == uid})
+
+    def messagesAfter(self, conv: str, afterSeq: int, limit: int) -> Deferred[list[StoredMessage]]:
+        rows = self._messages.get(conv, {})
+        return succeed([rows[seq] for seq in sorted(rows) if seq > afterSeq][:limit])
 
 
 @implementer(IStoreFactory)

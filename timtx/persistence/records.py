@@ -128,3 +128,55 @@ class Relation:
 STANCE_NONE = 0
 STANCE_FRIEND = 1
 STANCE_BLOCK = 2
+
+
+@dataclass(frozen=True)
+class Group:
+    """
+    A group ("room").  The founder and managers are members with a role
+    (L{Member}); the rest of its profile (cover, topic, label, extend,
+    extra) is the sealed C{profile}.
+
+    @ivar gtype: L{timtx.protocols.constants.GroupType}: 1 private (joining
+        needs approval), 2 open.
+    @ivar status: L{GROUP_ALIVE} or L{GROUP_CANCELLED}.
+    @ivar memberCap: most members, 0 for the node's default.
+    @ivar mutedAll: only the founder and managers may send.
+    """
+
+    gid: str
+    domain: str
+    founder: str
+    gtype: int
+    status: int
+    created: float
+    profile: bytes | None = None
+    memberCap: int = 0
+    mutedAll: bool = False
+
+
+GROUP_ALIVE = 1
+GROUP_CANCELLED = 2
+
+
+@dataclass(frozen=True)
+class Member:
+    """
+    @ivar role: L{ROLE_MEMBER}, L{ROLE_MANAGER} or L{ROLE_FOUNDER}.
+    @ivar mutedUntil: Unix seconds until which the member may not send; 0
+        for not muted.
+    """
+
+    uid: str
+    role: int
+    joined: float
+    mutedUntil: float = 0.0
+
+
+ROLE_MEMBER = 0
+ROLE_MANAGER = 1
+ROLE_FOUNDER = 2
+
+#: Who blocks whom between a user and a group.
+BLOCK_BY_USER = 1
+BLOCK_BY_GROUP = 2

@@ -18,9 +18,12 @@ from zope.interface import implementer
 
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
 from timtx.persistence.records import (
+    BLOCK_BY_USER,
     Account,
     Duplicate,
+    Group,
     InboxEntry,
+    Member,
     NewMessage,
     Relation,
     StoredMessage,
@@ -89,6 +92,48 @@ MIGRATIONS: list[str] = [
     CREATE INDEX stances_other ON stances (other, owner);
     CREATE TABLE profiles (uid TEXT PRIMARY KEY, stanza BLOB NOT NULL) WITHOUT ROWID;
     CREATE TABLE invisible (uid TEXT PRIMARY KEY) WITHOUT ROWID;
+    """,
+    # 3: groups.
+    """
+    CREATE TABLE groups (
+        gid TEXT PRIMARY KEY,
+        domain TEXT NOT NULL,
+        founder TEXT NOT NULL,
+        gtype INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        created REAL NOT NULL,
+        profile BLOB,
+        member_cap INTEGER NOT NULL DEFAULT 0,
+        muted_all INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE group_members (
+        gid TEXT NOT NULL,
+        uid TEXT NOT NULL,
+        role INTEGER NOT NULL,
+        joined REAL NOT NULL,
+        muted_until REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (gid, uid)
+    ) WITHOUT ROWID;
+    CREATE INDEX group_members_uid ON group_members (uid, gid);
+    CREATE TABLE group_requests (
+        gid TEXT NOT NULL,
+        uid TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (gid, uid)
+    ) WITHOUT ROWID;
+    CREATE TABLE group_blocks (
+        gid TEXT NOT NULL,
+        uid TEXT NOT NULL,
+        by INTEGER NOT NULL,
+        PRIMARY KEY (gid, uid, by)
+    ) WITHOUT ROWID;
+    CREATE INDEX group_blocks_uid ON group_blocks (uid, by);
+    CREATE TABLE group_cursors (
+        uid TEXT NOT NULL,
+        gid TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (uid, gid)
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -370,6 +415,143 @@ class SQLiteStore:
                 c.execute("DELETE FROM invisible WHERE uid = ?", (uid,))
 
         return self._run(store)
+
+    # Groups.
+
+    _GROUP = "SELECT gid, domain, founder, gtype, status, created, profile, member_cap, muted_all FROM groups"
+
+    def createGroup(self, group: Group, founder: Member) -> Deferred[None]:
+        def create(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO groups (gid, domain, founder, gtype, status, created, profile, member_cap, muted_all) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _groupRow(group),
+            )
+            _putMember(c, group.gid, founder)
+
+        return self._run(create)
+
+    def getGroup(self, gid: str) -> Deferred[Group | None]:
+        def get(c: sqlite3.Connection) -> Group | None:
+            row = c.execute(f"{self._GROUP} WHERE gid = ?", (gid,)).fetchone()
+            return _group(row) if row else None
+
+        return self._run(get)
+
+    def updateGroup(self, group: Group) -> Deferred[None]:
+        def update(c: sqlite3.Connection) -> None:
+            c.execute(
+                "UPDATE groups SET domain = ?, founder = ?, gtype = ?, status = ?, created = ?, profile = ?, "
+                "member_cap = ?, muted_all = ? WHERE gid = ?",
+                (*_groupRow(group)[1:], group.gid),
+            )
+
+        return self._run(update)
+
+    def groupMembers(self, gid: str) -> Deferred[list[Member]]:
+        def read(c: sqlite3.Connection) -> list[Member]:
+            rows = c.execute("SELECT uid, role, joined, muted_until FROM group_members WHERE gid = ?", (gid,))
+            return [Member(*row) for row in rows]
+
+        return self._run(read)
+
+    def groupsOf(self, uid: str) -> Deferred[list[str]]:
+        return self._run(lambda c: [r[0] for r in c.execute("SELECT gid FROM group_members WHERE uid = ?", (uid,))])
+
+    def putMember(self, gid: str, member: Member) -> Deferred[None]:
+        return self._run(lambda c: _putMember(c, gid, member))
+
+    def removeMembers(self, gid: str, uids: list[str]) -> Deferred[int]:
+        def remove(c: sqlite3.Connection) -> int:
+            return sum(
+                c.execute("DELETE FROM group_members WHERE gid = ? AND uid = ?", (gid, uid)).rowcount for uid in uids
+            )
+
+        return self._run(remove)
+
+    def addJoinRequest(self, gid: str, uid: str, created: float) -> Deferred[None]:
+        def add(c: sqlite3.Connection) -> None:
+            c.execute("INSERT OR REPLACE INTO group_requests (gid, uid, created) VALUES (?, ?, ?)", (gid, uid, created))
+
+        return self._run(add)
+
+    def takeJoinRequest(self, gid: str, uid: str) -> Deferred[bool]:
+        return self._run(
+            lambda c: c.execute("DELETE FROM group_requests WHERE gid = ? AND uid = ?", (gid, uid)).rowcount == 1
+        )
+
+    def setGroupBlock(self, gid: str, uid: str, by: int, blocked: bool) -> Deferred[None]:
+        def store(c: sqlite3.Connection) -> None:
+            if blocked:
+                c.execute("INSERT OR IGNORE INTO group_blocks (gid, uid, by) VALUES (?, ?, ?)", (gid, uid, by))
+            else:
+                c.execute("DELETE FROM group_blocks WHERE gid = ? AND uid = ? AND by = ?", (gid, uid, by))
+
+        return self._run(store)
+
+    def groupBlocks(self, gid: str) -> Deferred[dict[str, set[int]]]:
+        def read(c: sqlite3.Connection) -> dict[str, set[int]]:
+            found: dict[str, set[int]] = {}
+            for uid, by in c.execute("SELECT uid, by FROM group_blocks WHERE gid = ?", (gid,)):
+                found.setdefault(uid, set()).add(by)
+            return found
+
+        return self._run(read)
+
+    def userGroupBlocks(self, uid: str) -> Deferred[list[str]]:
+        return self._run(
+            lambda c: [
+                r[0] for r in c.execute("SELECT gid FROM group_blocks WHERE uid = ? AND by = ?", (uid, BLOCK_BY_USER))
+            ]
+        )
+
+    def saveCursors(self, cursors: list[tuple[str, str, int]]) -> Deferred[None]:
+        def save(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT INTO group_cursors (uid, gid, seq) VALUES (?, ?, ?) "
+                "ON CONFLICT (uid, gid) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+                cursors,
+            )
+
+        return self._run(save)
+
+    def cursorsOf(self, uid: str) -> Deferred[dict[str, int]]:
+        return self._run(lambda c: dict(c.execute("SELECT gid, seq FROM group_cursors WHERE uid = ?", (uid,))))
+
+    def messagesAfter(self, conv: str, afterSeq: int, limit: int) -> Deferred[list[StoredMessage]]:
+        def read(c: sqlite3.Connection) -> list[StoredMessage]:
+            rows = c.execute(
+                f"{self._MESSAGE} WHERE conv = ? AND seq > ? ORDER BY seq LIMIT ?", (conv, afterSeq, limit)
+            )
+            return [StoredMessage(*row) for row in rows]
+
+        return self._run(read)
+
+
+def _groupRow(group: Group) -> tuple[Any, ...]:
+    return (
+        group.gid,
+        group.domain,
+        group.founder,
+        group.gtype,
+        group.status,
+        group.created,
+        group.profile,
+        group.memberCap,
+        int(group.mutedAll),
+    )
+
+
+def _group(row: tuple[Any, ...]) -> Group:
+    gid, domain, founder, gtype, status, created, profile, cap, mutedAll = row
+    return Group(gid, domain, founder, gtype, status, created, profile, cap, bool(mutedAll))
+
+
+def _putMember(c: sqlite3.Connection, gid: str, member: Member) -> None:
+    c.execute(
+        "INSERT OR REPLACE INTO group_members (gid, uid, role, joined, muted_until) VALUES (?, ?, ?, ?, ?)",
+        (gid, member.uid, member.role, member.joined, member.mutedUntil),
+    )
 
 
 def _insertInbox(

@@ -111,28 +111,44 @@ class TimServerProtocolMixin:
 
     # Output.
 
+    #: See L{timtx.sessions.FrameSink.frameKind}.
+    frameKind = "raw"
+
     def writeFrame(self, frame: bytes) -> None:
-        self._write([frame], len(frame))
+        if self._admit(len(frame)):
+            self.sendBytes([frame])
 
     def writeFrameParts(self, header: bytes, payload: bytes) -> None:
-        self._write([header, payload], len(header) + len(payload))
+        if self._admit(len(header) + len(payload)):
+            self.sendBytes([header, payload])
 
-    def _write(self, parts: list[bytes], size: int) -> None:
+    def prepareFrame(self, frame: bytes) -> Any:
+        return frame
+
+    def writePrepared(self, prepared: Any, size: int) -> None:
+        if self._admit(size):
+            self.sendPrepared(prepared)
+
+    def sendPrepared(self, prepared: Any) -> None:
+        self.sendBytes([prepared])
+
+    def _admit(self, size: int) -> bool:
+        """
+        Whether C{size} more bytes may be written; drops the connection when
+        a congested peer would have more than C{max_output_bytes} waiting.
+        """
         if self._closing:
-            return
+            return False
         if self.congested:
             self.backlog += size
-            if self.backlog > self.node.config.client.max_output_bytes:
-                self.logger.info(
-                    "dropping {session}: over {limit} bytes unread",
-                    session=self.session,
-                    limit=self.node.config.client.max_output_bytes,
-                )
+            limit = self.node.config.client.max_output_bytes
+            if self.backlog > limit:
+                self.logger.info("dropping {session}: over {limit} bytes unread", session=self.session, limit=limit)
                 self._closing = True
                 self._queue.clear()
                 self.transport.abortConnection()
-                return
-        self.sendBytes(parts)
+                return False
+        return True
 
     def pauseProducing(self) -> None:
         """

@@ -47,8 +47,16 @@ class TimTcpServerProtocol(TimServerProtocolMixin, Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self.timConnectionLost()
 
+    frameKind = "tcp"
+
     def sendBytes(self, parts: list[bytes]) -> None:
         self.transport.writeSequence([_LENGTH.pack(sum(map(len, parts))), *parts])
+
+    def prepareFrame(self, frame: bytes) -> Any:
+        return _LENGTH.pack(len(frame)) + frame
+
+    def sendPrepared(self, prepared: Any) -> None:
+        self.transport.write(prepared)
 
     def loseTransport(self, reason: str) -> None:
         self.transport.loseConnection()

@@ -56,8 +56,17 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
         if self._timOpened:
             self.timConnectionLost()
 
+    frameKind = "ws"
+
     def sendBytes(self, parts: list[bytes]) -> None:
         self.sendMessage(parts[0] if len(parts) == 1 else b"".join(parts), isBinary=True)
+
+    def prepareFrame(self, frame: bytes) -> Any:
+        # Framed once by autobahn, written as is to every WebSocket session.
+        return self.factory.prepareMessage(frame, isBinary=True)
+
+    def sendPrepared(self, prepared: Any) -> None:
+        self.sendPreparedMessage(prepared)
 
     def loseTransport(self, reason: str) -> None:
         self.sendClose(code=1000, reason=reason[:100])

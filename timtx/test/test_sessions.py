@@ -94,13 +94,13 @@ class SessionAckTests(SynchronousTestCase):
     def test_ackRunsCallbackOnce(self):
         session = makeSession()
         acked = []
-        ackId = session.send(TimType.TIMMESSAGE, None, onAck=lambda: acked.append(1))
+        ackId = session.send(TimType.TIMMESSAGE, None, onAck=lambda s: acked.append(s))
         frame = session.sink.frames[-1]
         self.assertEqual(frame.ackId, ackId)
         session.ackReceived(ackId)
         session.ackReceived(ackId)
         session.ackReceived(12345)
-        self.assertEqual(acked, [1])
+        self.assertEqual(acked, [session])
         self.assertEqual(session.unacknowledged, 0)
 
     def test_ackIdsWrap(self):

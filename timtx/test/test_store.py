@@ -13,11 +13,19 @@ from zope.interface.verify import verifyObject
 from timtx.persistence import BUILTIN_STORES, IMessageStore, storeFactory
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.records import (
+    BLOCK_BY_GROUP,
+    BLOCK_BY_USER,
+    GROUP_CANCELLED,
     MESSAGE_RECALLED,
+    ROLE_FOUNDER,
+    ROLE_MANAGER,
+    ROLE_MEMBER,
     STANCE_BLOCK,
     STANCE_FRIEND,
     Account,
     Duplicate,
+    Group,
+    Member,
     NewMessage,
     Relation,
     TokenGrant,
@@ -210,6 +218,61 @@ class MessageStoreTestsMixin:
         self.assertTrue((yield store.getInvisible("a")))
         yield store.setInvisible("a", False)
         self.assertFalse((yield store.getInvisible("a")))
+
+    @inlineCallbacks
+    def test_groups(self):
+        """
+        A group is created with its founder, members come and go with
+        roles, the group changes, and each user's groups are known.
+        """
+        store = yield self.store()
+        group = Group("g1", "dom", "alice", 1, 1, 5.0, b"sealed", 50, False)
+        yield store.createGroup(group, Member("alice", ROLE_FOUNDER, 5.0))
+        self.assertEqual((yield store.getGroup("g1")), group)
+        self.assertIsNone((yield store.getGroup("g2")))
+        yield store.putMember("g1", Member("bob", ROLE_MEMBER, 6.0))
+        yield store.putMember("g1", Member("carol", ROLE_MEMBER, 7.0, mutedUntil=99.0))
+        yield store.putMember("g1", Member("bob", ROLE_MANAGER, 6.0))
+        members = sorted((yield store.groupMembers("g1")), key=lambda m: m.uid)
+        self.assertEqual(
+            members,
+            [Member("alice", ROLE_FOUNDER, 5.0), Member("bob", ROLE_MANAGER, 6.0), Member("carol", 0, 7.0, 99.0)],
+        )
+        self.assertEqual((yield store.groupsOf("bob")), ["g1"])
+        self.assertEqual((yield store.removeMembers("g1", ["carol", "nobody"])), 1)
+        self.assertEqual((yield store.groupsOf("carol")), [])
+        changed = Group("g1", "dom", "bob", 2, GROUP_CANCELLED, 5.0, None, 0, True)
+        yield store.updateGroup(changed)
+        self.assertEqual((yield store.getGroup("g1")), changed)
+
+    @inlineCallbacks
+    def test_groupRequestsAndBlocks(self):
+        store = yield self.store()
+        yield store.addJoinRequest("g1", "bob", 1.0)
+        self.assertTrue((yield store.takeJoinRequest("g1", "bob")))
+        self.assertFalse((yield store.takeJoinRequest("g1", "bob")))
+        yield store.setGroupBlock("g1", "bob", BLOCK_BY_USER, True)
+        yield store.setGroupBlock("g1", "bob", BLOCK_BY_GROUP, True)
+        yield store.setGroupBlock("g1", "carol", BLOCK_BY_GROUP, True)
+        self.assertEqual((yield store.groupBlocks("g1")), {"bob": {1, 2}, "carol": {2}})
+        self.assertEqual((yield store.userGroupBlocks("bob")), ["g1"])
+        yield store.setGroupBlock("g1", "bob", BLOCK_BY_USER, False)
+        self.assertEqual((yield store.userGroupBlocks("bob")), [])
+        self.assertEqual((yield store.groupBlocks("g1"))["bob"], {2})
+
+    @inlineCallbacks
+    def test_cursorsAndBacklog(self):
+        """
+        Cursors only move forward; messages after a seq come oldest first.
+        """
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("g:g1", i, i * 10, "a", b"m%d" % i, 0.0) for i in range(1, 6)])
+        yield store.saveCursors([("bob", "g1", 3), ("bob", "g2", 1)])
+        yield store.saveCursors([("bob", "g1", 2)])
+        self.assertEqual((yield store.cursorsOf("bob")), {"g1": 3, "g2": 1})
+        rows = yield store.messagesAfter("g:g1", 3, 10)
+        self.assertEqual([r.seq for r in rows], [4, 5])
+        self.assertEqual([r.seq for r in (yield store.messagesAfter("g:g1", 0, 2))], [1, 2])
 
 
 class MemoryStoreTests(MessageStoreTestsMixin, TestCase):

@@ -1,0 +1,186 @@
+# -*- test-case-name: timtx.test.test_groups -*-
+"""
+Groups in memory: who is in a group, in what role, and who is blocked.
+
+tim reads a group's member list from the database for every message.  Here a
+group's state is read once, kept while in use (at most C{maxGroups} groups),
+and changed in memory and in the store together, so fan-out and permission
+checks never wait on the store.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+
+from timtx.persistence.records import (
+    BLOCK_BY_GROUP,
+    BLOCK_BY_USER,
+    GROUP_ALIVE,
+    ROLE_FOUNDER,
+    ROLE_MANAGER,
+    Group,
+    Member,
+)
+
+
+@dataclass
+class GroupState:
+    """
+    One group as held in memory.
+
+    @ivar blocks: uid -> the set of block flags between the group and the
+        user (L{BLOCK_BY_USER}, L{BLOCK_BY_GROUP}).
+    """
+
+    group: Group
+    members: dict[str, Member]
+    blocks: dict[str, set[int]] = field(default_factory=dict)
+
+    @property
+    def gid(self) -> str:
+        return self.group.gid
+
+    @property
+    def alive(self) -> bool:
+        return self.group.status == GROUP_ALIVE
+
+    def isManager(self, uid: str) -> bool:
+        member = self.members.get(uid)
+        return member is not None and member.role in (ROLE_MANAGER, ROLE_FOUNDER)
+
+    def managers(self) -> list[str]:
+        return sorted(uid for uid, m in self.members.items() if m.role == ROLE_MANAGER)
+
+    def staff(self) -> list[str]:
+        """
+        The founder and the managers: who decides on join requests.
+        """
+        return sorted(uid for uid, m in self.members.items() if m.role in (ROLE_MANAGER, ROLE_FOUNDER))
+
+    def blockedByGroup(self, uid: str) -> bool:
+        return BLOCK_BY_GROUP in self.blocks.get(uid, ())
+
+    def blocksGroup(self, uid: str) -> bool:
+        return BLOCK_BY_USER in self.blocks.get(uid, ())
+
+
+class GroupDirectory:
+    """
+    The groups this node works with, cached, and each user's memberships.
+    """
+
+    def __init__(self, store: Any, maxGroups: int = 10_000, maxUsers: int = 100_000):
+        self.store = store
+        self.maxGroups = maxGroups
+        self.maxUsers = maxUsers
+        self._groups: OrderedDict[str, GroupState] = OrderedDict()
+        self._loading: dict[str, list[Deferred[GroupState | None]]] = {}
+        self._userGroups: OrderedDict[str, set[str]] = OrderedDict()
+
+    # Reading.
+
+    def get(self, gid: str) -> Deferred[GroupState | None]:
+        """
+        The group's state, or C{None} if there is no such group; at once
+        when cached.
+        """
+        state = self._groups.get(gid)
+        if state is not None:
+            self._groups.move_to_end(gid)
+            return succeed(state)
+        d: Deferred[GroupState | None] = Deferred()
+        waiters = self._loading.get(gid)
+        if waiters is not None:
+            waiters.append(d)
+            return d
+        self._loading[gid] = [d]
+        loaded = gatherResults(
+            [self.store.getGroup(gid), self.store.groupMembers(gid), self.store.groupBlocks(gid)], consumeErrors=True
+        )
+        loaded.addCallbacks(self._loaded, self._loadFailed, callbackArgs=(gid,), errbackArgs=(gid,))
+        return d
+
+    def _loaded(self, results: list[Any], gid: str) -> None:
+        group, members, blocks = results
+        state = None
+        if group is not None:
+            state = GroupState(group, {m.uid: m for m in members}, blocks)
+            self._cache(state)
+        for d in self._loading.pop(gid):
+            d.callback(state)
+
+    def _loadFailed(self, failure: Any, gid: str) -> None:
+        for d in self._loading.pop(gid):
+            d.errback(failure)
+
+    def _cache(self, state: GroupState) -> None:
+        self._groups[state.gid] = state
+        while len(self._groups) > self.maxGroups:
+            self._groups.popitem(last=False)
+
+    def groupsOf(self, uid: str) -> Deferred[set[str]]:
+        """
+        The groups C{uid} is a member of; at once when cached.
+        """
+        known = self._userGroups.get(uid)
+        if known is not None:
+            self._userGroups.move_to_end(uid)
+            return succeed(known)
+        d = self.store.groupsOf(uid)
+        d.addCallback(self._rememberGroups, uid)
+        return d
+
+    def _rememberGroups(self, gids: list[str], uid: str) -> set[str]:
+        known = self._userGroups.setdefault(uid, set(gids))
+        while len(self._userGroups) > self.maxUsers:
+            self._userGroups.popitem(last=False)
+        return known
+
+    # Changing: memory and store together.
+
+    def create(self, group: Group, founder: Member) -> Deferred[GroupState]:
+        d = self.store.createGroup(group, founder)
+        state = GroupState(group, {founder.uid: founder})
+
+        def created(_: object) -> GroupState:
+            self._cache(state)
+            self._joined(founder.uid, group.gid)
+            return state
+
+        d.addCallback(created)
+        return d
+
+    def update(self, state: GroupState, **changes: Any) -> Deferred[None]:
+        state.group = replace(state.group, **changes)
+        return self.store.updateGroup(state.group)
+
+    def putMember(self, state: GroupState, member: Member) -> Deferred[None]:
+        state.members[member.uid] = member
+        self._joined(member.uid, state.gid)
+        return self.store.putMember(state.gid, member)
+
+    def removeMember(self, state: GroupState, uid: str) -> Deferred[int]:
+        state.members.pop(uid, None)
+        known = self._userGroups.get(uid)
+        if known is not None:
+            known.discard(state.gid)
+        return self.store.removeMembers(state.gid, [uid])
+
+    def setBlock(self, state: GroupState, uid: str, by: int, blocked: bool) -> Deferred[None]:
+        flags = state.blocks.setdefault(uid, set())
+        if blocked:
+            flags.add(by)
+        else:
+            flags.discard(by)
+        if not flags:
+            del state.blocks[uid]
+        return self.store.setGroupBlock(state.gid, uid, by, blocked)
+
+    def _joined(self, uid: str, gid: str) -> None:
+        known = self._userGroups.get(uid)
+        if known is not None:
+            known.add(gid)
