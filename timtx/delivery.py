@@ -88,11 +88,14 @@ class SessionDelivery:
         not live; the drain then looks once more before going live.
     """
 
-    __slots__ = ("live", "draining", "backlogged", "skipped", "inFlight", "unacked", "timer")
+    __slots__ = ("live", "draining", "quiet", "backlogged", "skipped", "inFlight", "unacked", "timer")
 
     def __init__(self) -> None:
         self.live = False
         self.draining = False
+        #: The drain under way is the node's own check after login: it ends
+        #: without TIMOFFLINEMSGEND, unless the client asks meanwhile.
+        self.quiet = False
         self.backlogged = False
         self.skipped = False
         self.inFlight: dict[int, int] = {}
@@ -251,32 +254,36 @@ class Delivery:
             request goes on if something was found.
         """
         state = self.states.get(session)
-        if state is None or state.draining or session.closed:
+        if state is None or session.closed:
+            return
+        if state.draining:
+            if not quiet:
+                # The client asked while the node was looking on its own.
+                state.quiet = False
             return
         if not quiet and state.timer is not None and state.timer.active():
             state.timer.cancel()
         if not quiet:
             state.timer = None
         state.draining = True
+        state.quiet = quiet
         state.live = False
         state.skipped = False
-        self._readInbox(session, state, 0, quiet)
+        self._readInbox(session, state, 0)
 
-    def _readInbox(self, session: Session, state: SessionDelivery, after: int, quiet: bool) -> None:
+    def _readInbox(self, session: Session, state: SessionDelivery, after: int) -> None:
         limit = self.config.offline_batch + len(state.inFlight)
         d = self.store.readInbox(session.uid, after, limit)
-        d.addCallbacks(self._inboxRead, self._failed, callbackArgs=(session, state, quiet), errbackArgs=(session,))
+        d.addCallbacks(self._inboxRead, self._failed, callbackArgs=(session, state), errbackArgs=(session,))
 
-    def _inboxRead(self, entries: list[InboxEntry], session: Session, state: SessionDelivery, quiet: bool) -> None:
+    def _inboxRead(self, entries: list[InboxEntry], session: Session, state: SessionDelivery) -> None:
         if session.closed:
             return
         entries = [e for e in entries if e.qid not in state.inFlight][: self.config.offline_batch]
         if not entries:
-            self._readSource(session, state, 0, quiet)
+            self._readSource(session, state, 0)
             return
-        if quiet:
-            # Something is there: wait for the client to ask after all.
-            state.draining = False
+        if self._foundQuietly(state):
             return
         messages = [m for m in (self._open(session.uid, e) for e in entries) if m is not None]
         qids = [e.qid for e in entries]
@@ -284,34 +291,42 @@ class Delivery:
         def acked(s: Session) -> None:
             self._remove(s.uid, qids)
             if not s.closed:
-                self._readInbox(s, state, max(qids), quiet)
+                self._readInbox(s, state, max(qids))
 
         self._sendList(session, messages, acked)
 
-    def _readSource(self, session: Session, state: SessionDelivery, index: int, quiet: bool) -> None:
+    def _foundQuietly(self, state: SessionDelivery) -> bool:
+        """
+        During the node's own check, something was found: stop and wait for
+        the client to ask (or for C{offline_push_after}).
+        """
+        if state.quiet:
+            state.draining = False
+            state.quiet = False
+            return True
+        return False
+
+    def _readSource(self, session: Session, state: SessionDelivery, index: int) -> None:
         if index >= len(self.sources):
-            self._finish(session, state, quiet)
+            self._finish(session, state)
             return
         d = self.sources[index].nextBatch(session)
-        d.addCallbacks(
-            self._sourceRead, self._failed, callbackArgs=(session, state, index, quiet), errbackArgs=(session,)
-        )
+        d.addCallbacks(self._sourceRead, self._failed, callbackArgs=(session, state, index), errbackArgs=(session,))
 
-    def _sourceRead(self, batch: Any, session: Session, state: SessionDelivery, index: int, quiet: bool) -> None:
+    def _sourceRead(self, batch: Any, session: Session, state: SessionDelivery, index: int) -> None:
         if session.closed:
             return
         if batch is None:
-            self._readSource(session, state, index + 1, quiet)
+            self._readSource(session, state, index + 1)
             return
-        if quiet:
-            state.draining = False
+        if self._foundQuietly(state):
             return
         messages, onAck = batch
 
         def acked(s: Session) -> None:
             onAck(s)
             if not s.closed:
-                self._readSource(s, state, index, quiet)
+                self._readSource(s, state, index)
 
         self._sendList(session, messages, acked)
 
@@ -319,19 +334,20 @@ class Delivery:
         batch = TimMessageList(id=secrets.randbits(53), messageList=messages)
         session.send(TimType.TIMOFFLINEMSG, batch, onAck=acked)
 
-    def _finish(self, session: Session, state: SessionDelivery, quiet: bool) -> None:
+    def _finish(self, session: Session, state: SessionDelivery) -> None:
         if state.skipped:
             # Something arrived for a source already read: look again.
             state.skipped = False
-            self._readInbox(session, state, 0, quiet)
+            self._readInbox(session, state, 0)
             return
         state.draining = False
         state.live = True
         if state.timer is not None and state.timer.active():
             state.timer.cancel()
         state.timer = None
-        if not quiet:
+        if not state.quiet:
             session.send(TimType.TIMOFFLINEMSGEND)
+        state.quiet = False
 
     def _open(self, uid: str, entry: InboxEntry) -> TimMessage | None:
         try:

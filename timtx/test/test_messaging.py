@@ -134,6 +134,21 @@ class MessagingTestsMixin:
         self.assertEqual((yield again.next(isMessage)).body.dataString, "live")
 
     @inlineCallbacks
+    def test_nothingOffline(self):
+        """
+        Asking for offline messages right after login, while the node still
+        checks on its own, gets TIMOFFLINEMSGEND; new messages then come
+        live.
+        """
+        node = yield self.node()
+        alice = yield self.user(node)
+        self.assertEqual((yield alice.offlineMessages()), [])
+        bob = yield self.user(node)
+        yield self.befriend(node, alice, bob)
+        bob.sendMessage(alice.uid, "live")
+        self.assertEqual((yield alice.next(isMessage)).body.dataString, "live")
+
+    @inlineCallbacks
     def test_offlineSentUnasked(self):
         """
         A client that does not ask for its offline messages gets them
