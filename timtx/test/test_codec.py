@@ -122,6 +122,25 @@ def fullSamples():
     ]
 
 
+class SansIOTests(SynchronousTestCase):
+    def test_noTwisted(self):
+        """
+        The codec, structs, frames and connection state import no Twisted:
+        they can be used (and fuzzed) without a reactor.
+        """
+        import subprocess
+        import sys
+
+        code = (
+            "import sys\n"
+            "import timtx.protocols.codec, timtx.protocols.frames, timtx.protocols.connection\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'twisted')\n"
+            "print(loaded)\n"
+        )
+        output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        self.assertEqual(output.strip(), "[]")
+
+
 class CompactTests(SynchronousTestCase):
     def test_articleVector(self):
         """
