@@ -16,13 +16,13 @@ the first copy is still being written waits for it.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Union
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from timtx.cache import LoadingCache
 from timtx.conversations import Appended
 from timtx.persistence.records import Duplicate
 
@@ -67,8 +67,7 @@ class DuplicateFilter:
         self.clock = clock
         self.window = window
         self.maxSenders = maxSenders
-        self._senders: OrderedDict[str, dict[int, tuple[float, Seen]]] = OrderedDict()
-        self._loading: dict[str, list[Deferred[dict[int, tuple[float, Seen]]]]] = {}
+        self._senders: LoadingCache[str, dict[int, tuple[float, Seen]]] = LoadingCache(self._read, maxSenders)
 
     @property
     def enabled(self) -> bool:
@@ -79,7 +78,7 @@ class DuplicateFilter:
         @return: a L{Deferred} firing with C{None} for a new message, or
             what C{clientId} is already known as.
         """
-        d: Deferred[Any] = self._known(sender)
+        d: Deferred[Any] = self._senders.get(sender)
         d.addCallback(self._lookup, clientId)
         return d
 
@@ -89,7 +88,10 @@ class DuplicateFilter:
         its message; if writing fails it is forgotten.  Call after L{check}
         answered C{None}.
         """
-        known = self._senders.setdefault(sender, {})
+        known = self._senders.peek(sender)
+        if known is None:
+            known = {}
+            self._senders.put(sender, known)
         if len(known) > self.pruneAbove:
             self._prune(known)
         inFlight = InFlight()
@@ -107,32 +109,10 @@ class DuplicateFilter:
 
         appending.addCallbacks(written, failed)
 
-    def _known(self, sender: str) -> Deferred[dict[int, tuple[float, Seen]]]:
-        known = self._senders.get(sender)
-        if known is not None:
-            self._senders.move_to_end(sender)
-            return succeed(known)
-        d: Deferred[dict[int, tuple[float, Seen]]] = Deferred()
-        waiters = self._loading.get(sender)
-        if waiters is not None:
-            waiters.append(d)
-            return d
-        self._loading[sender] = [d]
-        load = self.store.recentDuplicates(sender, self.clock.seconds() - self.window)
-        load.addCallbacks(self._loaded, self._loadFailed, callbackArgs=(sender,), errbackArgs=(sender,))
+    def _read(self, sender: str) -> Deferred[Any]:
+        d: Deferred[Any] = self.store.recentDuplicates(sender, self.clock.seconds() - self.window)
+        d.addCallback(lambda rows: {cid: (dup.created, dup) for cid, dup in rows.items()})
         return d
-
-    def _loaded(self, rows: dict[int, Duplicate], sender: str) -> None:
-        known: dict[int, tuple[float, Seen]] = {cid: (dup.created, dup) for cid, dup in rows.items()}
-        self._senders[sender] = known
-        while len(self._senders) > self.maxSenders:
-            self._senders.popitem(last=False)
-        for d in self._loading.pop(sender):
-            d.callback(known)
-
-    def _loadFailed(self, failure: Failure, sender: str) -> None:
-        for d in self._loading.pop(sender):
-            d.errback(failure)
 
     def _lookup(self, known: dict[int, tuple[float, Seen]], clientId: int) -> Seen | Deferred[Appended] | None:
         entry = known.get(clientId)

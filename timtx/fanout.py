@@ -26,13 +26,13 @@ most that much again (at least once).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from timtx.cache import LoadingCache
 from timtx.delivery import Encoded
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import server_header
@@ -90,60 +90,57 @@ class GroupFanout:
         self.clock = clock
         self.batch = batch
         self.maxUsers = maxUsers
-        self._cursors: OrderedDict[str, dict[str, int]] = OrderedDict()
-        self._loading: dict[str, list[Deferred[dict[str, int]]]] = {}
-        self._dirty: dict[tuple[str, str], int] = {}
+        #: Unsaved cursor moves, by user then group.
+        self._dirty: dict[str, dict[str, int]] = {}
+        self._cursors: LoadingCache[str, dict[str, int]] = LoadingCache(
+            self._read, maxUsers, onEvict=lambda uid, _: uid in self._dirty
+        )
 
     # Cursors.
 
     def cursorsOf(self, uid: str) -> Deferred[dict[str, int]]:
-        known = self._cursors.get(uid)
-        if known is not None:
-            self._cursors.move_to_end(uid)
-            return succeed(known)
-        d: Deferred[dict[str, int]] = Deferred()
-        waiters = self._loading.get(uid)
-        if waiters is not None:
-            waiters.append(d)
-            return d
-        self._loading[uid] = [d]
-        self.store.cursorsOf(uid).addCallbacks(self._loaded, self._loadFailed, (uid,), errbackArgs=(uid,))
+        return self._cursors.get(uid)
+
+    def _read(self, uid: str) -> Deferred[Any]:
+        d: Deferred[Any] = self.store.cursorsOf(uid)
+
+        def merged(stored: dict[str, int]) -> dict[str, int]:
+            for gid, seq in self._dirty.get(uid, {}).items():
+                stored[gid] = max(seq, stored.get(gid, 0))
+            return stored
+
+        d.addCallback(merged)
         return d
 
-    def _loaded(self, stored: dict[str, int], uid: str) -> None:
-        known = self._cursors.setdefault(uid, {})
-        for gid, seq in stored.items():
-            known[gid] = max(seq, known.get(gid, 0))
-        while len(self._cursors) > self.maxUsers:
-            old, cursors = self._cursors.popitem(last=False)
-            if any(key[0] == old for key in self._dirty):
-                self._cursors[old] = cursors  # unsaved: keep it
-                break
-        for d in self._loading.pop(uid):
-            d.callback(known)
-
-    def _loadFailed(self, failure: Any, uid: str) -> None:
-        for d in self._loading.pop(uid):
-            d.errback(failure)
+    def cursor(self, uid: str, gid: str) -> int | None:
+        """
+        C{uid}'s cursor of C{gid} if known in memory.
+        """
+        known = self._cursors.peek(uid)
+        return None if known is None else known.get(gid, 0)
 
     def advance(self, uid: str, gid: str, seq: int) -> None:
         """
-        C{uid} acknowledged C{gid}'s message C{seq}.
+        C{uid} acknowledged C{gid}'s message C{seq}.  Cursors only move
+        forward; the move is saved with the next L{flush}.
         """
-        known = self._cursors.get(uid)
-        if known is None:
-            known = self._cursors[uid] = {}
-        if seq > known.get(gid, 0):
+        known = self._cursors.peek(uid)
+        if known is not None:
+            if seq <= known.get(gid, 0):
+                return
             known[gid] = seq
-            self._dirty[(uid, gid)] = seq
+        dirty = self._dirty.setdefault(uid, {})
+        dirty[gid] = max(seq, dirty.get(gid, 0))
 
     def place(self, uid: str, gid: str, seq: int) -> Deferred[None]:
         """
-        Put C{uid}'s cursor of C{gid} at C{seq}, forward or back (a new
-        member starts at the group's last message), and store it now.
+        Move C{uid}'s cursor of C{gid} to C{seq} now, in memory and in the
+        store: a new member starts at the group's last message.  (A group's
+        last seq never decreases, so this never moves a cursor back.)
         """
-        self._cursors.setdefault(uid, {})[gid] = seq
-        self._dirty.pop((uid, gid), None)
+        known = self._cursors.peek(uid)
+        if known is not None:
+            known[gid] = max(seq, known.get(gid, 0))
         return self.store.saveCursors([(uid, gid, seq)])
 
     def flush(self) -> Deferred[None]:
@@ -153,12 +150,14 @@ class GroupFanout:
         if not self._dirty:
             return succeed(None)
         dirty, self._dirty = self._dirty, {}
-        d = self.store.saveCursors([(uid, gid, seq) for (uid, gid), seq in dirty.items()])
+        rows = [(uid, gid, seq) for uid, moves in dirty.items() for gid, seq in moves.items()]
+        d = self.store.saveCursors(rows)
 
         def failed(failure: Any) -> None:
             # Keep them for the next flush.
-            for key, seq in dirty.items():
-                self._dirty[key] = max(seq, self._dirty.get(key, 0))
+            for uid, gid, seq in rows:
+                moves = self._dirty.setdefault(uid, {})
+                moves[gid] = max(seq, moves.get(gid, 0))
             self.log.failure("saving group cursors failed", failure)
 
         d.addErrback(failed)

@@ -530,8 +530,7 @@ class GroupService:
         self.messaging.echo(sender, Encoded(message))
         # The sender has its own message: move its cursor if it had all
         # before it, so it does not get it back as offline.
-        cursors = self.fanout._cursors.get(sender)
-        if cursors is not None and cursors.get(state.gid, 0) == (message.seq or 0) - 1:
+        if self.fanout.cursor(sender, state.gid) == (message.seq or 0) - 1:
             self.fanout.advance(sender, state.gid, message.seq or 0)
         self.fanout.deliver(state, message, skip=sender)
         return appended

@@ -18,12 +18,12 @@ The flag is stored, so it outlives sessions and restarts.
 from __future__ import annotations
 
 import secrets
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
+from timtx.cache import LoadingCache
 from timtx.delivery import Delivery, Encoded
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
@@ -52,21 +52,10 @@ class PresenceService:
         self.relations = relations
         self.accounts = accounts
         self.delivery = delivery
-        self._invisible: OrderedDict[str, bool] = OrderedDict()
+        self._invisible: LoadingCache[str, bool] = LoadingCache(store.getInvisible, 100_000)
 
     def isInvisible(self, uid: str) -> Any:
-        known = self._invisible.get(uid)
-        if known is not None:
-            return succeed(known)
-        d = self.store.getInvisible(uid)
-        d.addCallback(self._remember, uid)
-        return d
-
-    def _remember(self, invisible: bool, uid: str) -> bool:
-        self._invisible[uid] = invisible
-        while len(self._invisible) > 100_000:
-            self._invisible.popitem(last=False)
-        return invisible
+        return self._invisible.get(uid)
 
     def _outgoing(self, session: Session, presence: TimPresence) -> TimPresence:
         if presence.offline:
@@ -99,7 +88,7 @@ class PresenceService:
             was = yield self.isInvisible(session.uid)
             if presence.invisible != was:
                 yield self.store.setInvisible(session.uid, presence.invisible)
-                self._invisible[session.uid] = presence.invisible
+                self._invisible.put(session.uid, presence.invisible)
                 if presence.invisible:
                     yield self.announceOffline(session.uid, session.domain, force=True)
             return not presence.invisible

@@ -14,13 +14,13 @@ store together.
 from __future__ import annotations
 
 import secrets
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
 from timtx.business import UNBLOCKROSTER, BusinessRouter, requireNode
+from timtx.cache import LoadingCache
 from timtx.persistence.records import STANCE_BLOCK, STANCE_FRIEND, STANCE_NONE, Relation
 from timtx.protocols.constants import Business, ErrorCode, MsType, NodeInfo, OdType, TimType
 from timtx.protocols.errors import TimProtocolError
@@ -52,38 +52,18 @@ class RelationCache:
 
     def __init__(self, store: Any, maxUsers: int = 100_000):
         self.store = store
-        self.maxUsers = maxUsers
-        self._users: OrderedDict[str, dict[str, Relation]] = OrderedDict()
-        self._loading: dict[str, list[Deferred[dict[str, Relation]]]] = {}
+        self._users: LoadingCache[str, dict[str, Relation]] = LoadingCache(self._read, maxUsers)
+
+    def _read(self, uid: str) -> Deferred[dict[str, Relation]]:
+        d: Deferred[Any] = self.store.relationsOf(uid)
+        d.addCallback(lambda relations: {r.other: r for r in relations})
+        return d
 
     def of(self, uid: str) -> Deferred[dict[str, Relation]]:
         """
         C{uid}'s relations; at once when cached.
         """
-        known = self._users.get(uid)
-        if known is not None:
-            self._users.move_to_end(uid)
-            return succeed(known)
-        d: Deferred[dict[str, Relation]] = Deferred()
-        waiters = self._loading.get(uid)
-        if waiters is not None:
-            waiters.append(d)
-            return d
-        self._loading[uid] = [d]
-        self.store.relationsOf(uid).addCallbacks(self._loaded, self._loadFailed, (uid,), errbackArgs=(uid,))
-        return d
-
-    def _loaded(self, relations: list[Relation], uid: str) -> None:
-        known = {r.other: r for r in relations}
-        self._users[uid] = known
-        while len(self._users) > self.maxUsers:
-            self._users.popitem(last=False)
-        for d in self._loading.pop(uid):
-            d.callback(known)
-
-    def _loadFailed(self, failure: Any, uid: str) -> None:
-        for d in self._loading.pop(uid):
-            d.errback(failure)
+        return self._users.get(uid)
 
     def between(self, uid: str, other: str) -> Deferred[Any]:
         d: Deferred[Any] = self.of(uid)
@@ -100,11 +80,11 @@ class RelationCache:
         Store C{owner}'s new stance toward C{other} and update both users'
         cached views.
         """
-        mine = self._users.get(owner)
+        mine = self._users.peek(owner)
         if mine is not None:
             old = mine.get(other) or Relation(other, STANCE_NONE, STANCE_NONE)
             mine[other] = Relation(other, stance, old.theirs)
-        theirs = self._users.get(other)
+        theirs = self._users.peek(other)
         if theirs is not None:
             old = theirs.get(owner) or Relation(owner, STANCE_NONE, STANCE_NONE)
             theirs[owner] = Relation(owner, old.mine, stance)

@@ -10,12 +10,12 @@ checks never wait on the store.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 
+from timtx.cache import LoadingCache
 from timtx.persistence.records import (
     BLOCK_BY_GROUP,
     BLOCK_BY_USER,
@@ -75,11 +75,8 @@ class GroupDirectory:
 
     def __init__(self, store: Any, maxGroups: int = 10_000, maxUsers: int = 100_000):
         self.store = store
-        self.maxGroups = maxGroups
-        self.maxUsers = maxUsers
-        self._groups: OrderedDict[str, GroupState] = OrderedDict()
-        self._loading: dict[str, list[Deferred[GroupState | None]]] = {}
-        self._userGroups: OrderedDict[str, set[str]] = OrderedDict()
+        self._groups: LoadingCache[str, GroupState] = LoadingCache(self._read, maxGroups)
+        self._userGroups: LoadingCache[str, set[str]] = LoadingCache(self._readGroupsOf, maxUsers)
 
     # Reading.
 
@@ -88,57 +85,30 @@ class GroupDirectory:
         The group's state, or C{None} if there is no such group; at once
         when cached.
         """
-        state = self._groups.get(gid)
-        if state is not None:
-            self._groups.move_to_end(gid)
-            return succeed(state)
-        d: Deferred[GroupState | None] = Deferred()
-        waiters = self._loading.get(gid)
-        if waiters is not None:
-            waiters.append(d)
-            return d
-        self._loading[gid] = [d]
-        loaded = gatherResults(
+        return self._groups.get(gid)  # type: ignore[return-value]
+
+    def _read(self, gid: str) -> Deferred[Any]:
+        d = gatherResults(
             [self.store.getGroup(gid), self.store.groupMembers(gid), self.store.groupBlocks(gid)], consumeErrors=True
         )
-        loaded.addCallbacks(self._loaded, self._loadFailed, callbackArgs=(gid,), errbackArgs=(gid,))
+
+        def build(results: list[Any]) -> GroupState | None:
+            group, members, blocks = results
+            return None if group is None else GroupState(group, {m.uid: m for m in members}, blocks)
+
+        d.addCallback(build)
         return d
-
-    def _loaded(self, results: list[Any], gid: str) -> None:
-        group, members, blocks = results
-        state = None
-        if group is not None:
-            state = GroupState(group, {m.uid: m for m in members}, blocks)
-            self._cache(state)
-        for d in self._loading.pop(gid):
-            d.callback(state)
-
-    def _loadFailed(self, failure: Any, gid: str) -> None:
-        for d in self._loading.pop(gid):
-            d.errback(failure)
-
-    def _cache(self, state: GroupState) -> None:
-        self._groups[state.gid] = state
-        while len(self._groups) > self.maxGroups:
-            self._groups.popitem(last=False)
 
     def groupsOf(self, uid: str) -> Deferred[set[str]]:
         """
         The groups C{uid} is a member of; at once when cached.
         """
-        known = self._userGroups.get(uid)
-        if known is not None:
-            self._userGroups.move_to_end(uid)
-            return succeed(known)
-        d = self.store.groupsOf(uid)
-        d.addCallback(self._rememberGroups, uid)
-        return d
+        return self._userGroups.get(uid)
 
-    def _rememberGroups(self, gids: list[str], uid: str) -> set[str]:
-        known = self._userGroups.setdefault(uid, set(gids))
-        while len(self._userGroups) > self.maxUsers:
-            self._userGroups.popitem(last=False)
-        return known
+    def _readGroupsOf(self, uid: str) -> Deferred[Any]:
+        d: Deferred[Any] = self.store.groupsOf(uid)
+        d.addCallback(set)
+        return d
 
     # Changing: memory and store together.
 
@@ -147,7 +117,7 @@ class GroupDirectory:
         state = GroupState(group, {founder.uid: founder})
 
         def created(_: object) -> GroupState:
-            self._cache(state)
+            self._groups.put(group.gid, state)
             self._joined(founder.uid, group.gid)
             return state
 
@@ -165,7 +135,7 @@ class GroupDirectory:
 
     def removeMember(self, state: GroupState, uid: str) -> Deferred[int]:
         state.members.pop(uid, None)
-        known = self._userGroups.get(uid)
+        known = self._userGroups.peek(uid)
         if known is not None:
             known.discard(state.gid)
         return self.store.removeMembers(state.gid, [uid])
@@ -181,6 +151,6 @@ class GroupDirectory:
         return self.store.setGroupBlock(state.gid, uid, by, blocked)
 
     def _joined(self, uid: str, gid: str) -> None:
-        known = self._userGroups.get(uid)
+        known = self._userGroups.peek(uid)
         if known is not None:
             known.add(gid)

@@ -1,0 +1,48 @@
+"""
+Tests for L{timtx.cache}.
+"""
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from timtx.cache import LoadingCache
+
+
+class LoadingCacheTests(SynchronousTestCase):
+    def test_oneReadForConcurrentUses(self):
+        reads = []
+
+        def load(key):
+            d = Deferred()
+            reads.append((key, d))
+            return d
+
+        cache = LoadingCache(load, 10)
+        first, second = cache.get("a"), cache.get("a")
+        self.assertEqual(len(reads), 1)
+        reads[0][1].callback("value")
+        self.assertEqual((self.successResultOf(first), self.successResultOf(second)), ("value", "value"))
+        self.assertEqual(self.successResultOf(cache.get("a")), "value")
+        self.assertEqual(len(reads), 1)
+
+    def test_putDuringReadWins(self):
+        pending = Deferred()
+        cache = LoadingCache(lambda key: pending, 10)
+        d = cache.get("a")
+        cache.put("a", "newer")
+        pending.callback("older")
+        self.assertEqual(self.successResultOf(d), "newer")
+
+    def test_lru(self):
+        evicted = []
+        cache = LoadingCache(lambda key: succeed(key.upper()), 2, lambda k, v: evicted.append(k) or k == "keep")
+        for key in ("keep", "b", "c", "d"):
+            self.successResultOf(cache.get(key))
+        self.assertIn("keep", cache)
+        self.assertNotIn("b", cache)
+        self.assertEqual(evicted[:2], ["keep", "b"])
+
+    def test_failedRead(self):
+        cache = LoadingCache(lambda key: fail(RuntimeError("down")), 2)
+        self.failureResultOf(cache.get("a"), RuntimeError)
+        self.assertNotIn("a", cache)
