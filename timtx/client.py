@@ -385,6 +385,138 @@ class TimClient:
         incoming = yield self.request(TimType.TIMBUSINESS, TimReq(rtype=rtype, **fields), match, timeout)
         return incoming.body
 
+    # Virtual rooms and big payloads: see docs/vrooms.md.  (Imports are
+    # local to keep this feature's client side in this one block.)
+
+    @inlineCallbacks
+    def vroom(
+        self,
+        rtype: int,
+        node: str | None = None,
+        node2: str | None = None,
+        reqInt: int | None = None,
+        timeout: float = 10.0,
+    ) -> Any:
+        """
+        Send a TIMVROOM request and wait for its TimAck: C{t} is C{rtype},
+        and C{n} names the room (or, for permissions, the user).
+
+        @raise TimRequestFailed: if the server refuses.
+        """
+        expected = node2 if rtype in (3, 4, 101, 102) else node if rtype != 1 else None
+
+        def reply(i: Incoming) -> bool:
+            if i.timType != TimType.TIMACK or i.body is None or i.body.timType != TimType.TIMVROOM:
+                return False
+            return not i.body.ok or (i.body.t == rtype and (expected is None or i.body.n == expected))
+
+        request = TimReq(rtype=rtype, node=node, node2=node2, reqInt=reqInt)
+        incoming = yield self.request(TimType.TIMVROOM, request, reply, timeout)
+        return incoming.body
+
+    @inlineCallbacks
+    def vroomRegister(self, private: bool = False, timeout: float = 10.0) -> Any:
+        """
+        Register a virtual room; C{private} ones need the founder's leave to
+        subscribe (a timtx extension).
+
+        @return: a L{Deferred} firing with the room id.
+        """
+        ack = yield self.vroom(1, reqInt=1 if private else None, timeout=timeout)
+        return ack.n
+
+    def vroomRemove(self, vnode: str, timeout: float = 10.0) -> Deferred[TimAck]:
+        return self.vroom(2, vnode, timeout=timeout)
+
+    def vroomGrant(self, vnode: str, user: str, timeout: float = 10.0) -> Deferred[TimAck]:
+        """
+        Let C{user} push into room C{vnode} (founder only).
+        """
+        return self.vroom(3, vnode, user, timeout=timeout)
+
+    def vroomRevoke(self, vnode: str, user: str, timeout: float = 10.0) -> Deferred[TimAck]:
+        return self.vroom(4, vnode, user, timeout=timeout)
+
+    def vroomSubscribe(self, vnode: str, binary: bool = False, timeout: float = 10.0) -> Deferred[TimAck]:
+        """
+        Subscribe to room C{vnode}: frames arrive as TIMSTREAM TimStreams,
+        or with C{binary} as raw TIMBIGBINARYSTREAM frames (see
+        L{bigDataOf}).
+        """
+        return self.vroom(5, vnode, reqInt=1 if binary else None, timeout=timeout)
+
+    def vroomUnsubscribe(self, vnode: str, timeout: float = 10.0) -> Deferred[TimAck]:
+        """
+        @return: a L{Deferred} firing with the TimAck; its C{t2} is the
+            number of frames this subscription missed.
+        """
+        return self.vroom(6, vnode, timeout=timeout)
+
+    def vroomAllow(self, vnode: str, user: str, timeout: float = 10.0) -> Deferred[TimAck]:
+        """
+        Let C{user} subscribe to private room C{vnode} (timtx extension).
+        """
+        return self.vroom(101, vnode, user, timeout=timeout)
+
+    def vroomDisallow(self, vnode: str, user: str, timeout: float = 10.0) -> Deferred[TimAck]:
+        return self.vroom(102, vnode, user, timeout=timeout)
+
+    @inlineCallbacks
+    def vroomMissed(self, vnode: str, timeout: float = 10.0) -> Any:
+        """
+        @return: a L{Deferred} firing with how many frames of C{vnode} this
+            connection's subscription missed (timtx extension).
+        """
+        ack = yield self.vroom(103, vnode, timeout=timeout)
+        return ack.t2
+
+    def pushStream(self, vnode: str, body: bytes, dtype: int | None = None) -> None:
+        """
+        Push one frame into room C{vnode}.  Nothing is awaited: success is
+        silent, a refusal is a TIMACK with C{timType} 94.
+        """
+        self.send(TimType.TIMSTREAM, TimStream(VNode=vnode, body=body, dtype=dtype))
+
+    def sendBigData(self, timType: int, target: str, data: bytes, chunkSize: int | None = None) -> None:
+        """
+        Send a big payload (95, 96 or 97) as timjs does, in one message, or
+        in messages of at most C{chunkSize} bytes.
+        """
+        from timtx.protocols.bigdata import clientBigDataFrame
+
+        frame = clientBigDataFrame(timType, target, data, json=self.encoding is Encoding.JSON)
+        step = chunkSize or len(frame)
+        for start in range(0, len(frame), step):
+            self.sendRaw(frame[start : start + step])
+
+    def bigString(self, to: str, text: str, chunkSize: int | None = None) -> None:
+        """
+        TIMBIGSTRING: C{text} to user C{to}.
+        """
+        self.sendBigData(TimType.TIMBIGSTRING, to, text.encode("utf-8"), chunkSize)
+
+    def bigBinary(self, to: str, data: bytes, chunkSize: int | None = None) -> None:
+        """
+        TIMBIGBINARY: C{data} to user C{to}.
+        """
+        self.sendBigData(TimType.TIMBIGBINARY, to, data, chunkSize)
+
+    def bigBinaryStream(self, vnode: str, data: bytes, chunkSize: int | None = None) -> None:
+        """
+        TIMBIGBINARYSTREAM: C{data} pushed into room C{vnode}.
+        """
+        self.sendBigData(TimType.TIMBIGBINARYSTREAM, vnode, data, chunkSize)
+
+    @staticmethod
+    def bigDataOf(incoming: Incoming) -> tuple[str, bytes]:
+        """
+        The source (sender or room) and data of a big payload the server
+        sent (types 95-97, which arrive as raw bytes).
+        """
+        from timtx.protocols.bigdata import splitBigData
+
+        return splitBigData(incoming.timType, incoming.payload)
+
 
 # Transports.
 

@@ -394,6 +394,53 @@ class GroupsConfig:
 
 
 @dataclass(frozen=True)
+class VRoomsConfig:
+    idle_expiry: float = option(
+        600.0,
+        _seconds(0),
+        "Seconds a virtual room may go without a stream frame before it is removed (tim: 10 minutes). "
+        "Rooms are checked every tenth of this, at least every second and at most every minute. 0 keeps rooms "
+        "until their founder removes them.",
+    )
+    max_rooms_per_user: int = option(
+        16, _int(0), "Virtual rooms one user may have founded at once; more get error 4111. 0 means no limit."
+    )
+    max_subscribers: int = option(
+        10000, _int(0), "Subscribed sessions one room may have; more get error 4111. 0 means no limit."
+    )
+    max_publishers: int = option(
+        64, _int(0), "Users a founder may grant push permission in one room; more get 4111. 0 means no limit."
+    )
+    max_subscriptions: int = option(64, _int(1), "Rooms one session may be subscribed to at once; more get error 4111.")
+    stream_buffer_bytes: int = option(
+        1 << 20,
+        _int(0),
+        "Stream bytes that may wait for one subscriber that reads slower than the stream arrives (beyond "
+        "Twisted's 64 KiB write buffer), so bursts pass; past it that subscriber's frames are dropped and "
+        "counted until it catches up. At most half of [client] max_output_bytes is used, so messages and acks "
+        "always have room.",
+    )
+    max_stream_bytes: int = option(
+        262144,
+        _int(1, 1 << 30),
+        "Largest TimStream body pushed with TIMSTREAM, in bytes; larger gets error 4114. Frames are also bounded "
+        "by [client] max_frame_bytes.",
+    )
+    bigdata_max_bytes: int = option(
+        16 << 20,
+        _int(64, 256 << 20),
+        "Largest big payload (TIMBIGSTRING, TIMBIGBINARY, TIMBIGBINARYSTREAM), header included, in bytes. "
+        "Larger gets error 4114. A logged-in WebSocket client may send one message this large for it.",
+    )
+    bigdata_timeout: float = option(
+        30.0,
+        _seconds(0.1),
+        "Seconds a big payload spread over several messages has to arrive whole; after it the connection "
+        "gets error 4113 and is closed.",
+    )
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     backend: str = option(
         "sqlite", TEXT, "Storage plugin: `sqlite` (embedded, the default), `memory` (nothing survives a restart)."
@@ -426,6 +473,7 @@ class Config:
     roster: RosterConfig = field(default_factory=RosterConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     groups: GroupsConfig = field(default_factory=GroupsConfig)
+    vrooms: VRoomsConfig = field(default_factory=VRoomsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     protocols: Mapping[str, str] = field(default_factory=dict)
     base_dir: str = "."
@@ -464,6 +512,7 @@ SECTIONS: dict[str, type] = {
     "roster": RosterConfig,
     "profiles": ProfilesConfig,
     "groups": GroupsConfig,
+    "vrooms": VRoomsConfig,
     "store": StoreConfig,
 }
 FREE_SECTIONS = ("protocols",)

@@ -146,6 +146,7 @@ class Node(MultiService):
         self.ackIds = AckIds()
         self.dispatcher = Dispatcher()
         self._buildMessaging()
+        self._buildVrooms()
         self.connections: set[Any] = set()
         self._background: set[Deferred[Any]] = set()
         self.ready: Deferred[Node] = Deferred()
@@ -235,6 +236,30 @@ class Node(MultiService):
         self.profiles.roomNodes = self.groups.handleNodes
         self._cursorFlush = LoopingCall(self.fanout.flush)
         self._cursorFlush.clock = clock
+
+    def _buildVrooms(self) -> None:
+        """
+        Virtual rooms for live streams and big payloads, and the routes of
+        their frame types.  Imported here to keep the feature in one place.
+        """
+        from timtx.bigdata import BigDataService
+        from timtx.vroomregistry import VRoomRegistry
+        from timtx.vrooms import StreamPush, VRoomService
+
+        config = self.config
+        registry = VRoomRegistry(config.vrooms, self.clock)
+        self.vrooms = VRoomService(config.vrooms, registry, self.accounts, self.clock, config.client.max_output_bytes)
+        self.vrooms.setServiceParent(self)
+        self.bigData = BigDataService(
+            config.vrooms, config.messages, self.sessions, self.relations, self.accounts, self.vrooms, self.clock
+        )
+        route = self.dispatcher.route
+        route(TimType.TIMVROOM, TimReq, self.vrooms.handleRequest)
+        route(TimType.TIMSTREAM, StreamPush, self.vrooms.handleStream)
+        route(TimType.TIMBIGSTRING, None, self.bigData.handleBigString)
+        route(TimType.TIMBIGBINARY, None, self.bigData.handleBigBinary)
+        route(TimType.TIMBIGBINARYSTREAM, None, self.bigData.handleBigBinaryStream)
+        self.sessions.onSessionRemoved.append(self.vrooms.sessionEnded)
 
     def _lastSessionEnded(self, session: Session) -> None:
         self.runInBackground(self.presence.announceOffline, session.uid, session.domain)

@@ -69,6 +69,12 @@ class FrameSink(Protocol):
         Whether the peer is behind in reading what was written.
         """
 
+    @property
+    def backlog(self) -> int:
+        """
+        Bytes written since the connection became congested.
+        """
+
 
 class AckIds:
     """
@@ -239,6 +245,7 @@ class SessionRegistry:
 
     @ivar onFirstSession: called with a user's first session when it arrives.
     @ivar onLastSession: called with a user's last session when it leaves.
+    @ivar onSessionRemoved: called with every session that leaves.
     """
 
     log = Logger()
@@ -249,6 +256,7 @@ class SessionRegistry:
         self._count = 0
         self.onFirstSession: list[Callable[[Session], object]] = []
         self.onLastSession: list[Callable[[Session], object]] = []
+        self.onSessionRemoved: list[Callable[[Session], object]] = []
 
     def __len__(self) -> int:
         return self._count
@@ -331,6 +339,7 @@ class SessionRegistry:
             return
         sessions.remove(session)
         self._count -= 1
+        self._notify(self.onSessionRemoved, session)
         if not sessions:
             del self._byUser[session.uid]
             self._notify(self.onLastSession, session)

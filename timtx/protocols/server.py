@@ -42,6 +42,7 @@ from timtx.sessions import Session, error_ack
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
 
+    from timtx.bigdata import BigDataReceiver
     from timtx.dispatch import Route
     from timtx.node import Node
 
@@ -190,6 +191,7 @@ class TimServerProtocolMixin:
         self._loginFailures = 0
         self._bucket = TokenBucket(config.request_rate, config.request_burst, self.node.clock)
         self._timer: IDelayedCall | None = self.node.clock.callLater(config.auth_timeout, self._authTimedOut)
+        self._bigData: BigDataReceiver = self.node.bigData.receiver(self._bigDataTimedOut)
         self.transport.registerProducer(self, True)
         self.node.connectionOpened(self)
 
@@ -200,6 +202,7 @@ class TimServerProtocolMixin:
         self._closing = True
         self._queue.clear()
         self._cancelTimer()
+        self._bigData.cancel()
         session, self.session = self.session, None
         if session is not None:
             self.node.sessions.remove(session)
@@ -235,6 +238,11 @@ class TimServerProtocolMixin:
         """
         if self._closing:
             return
+        if self.session is not None and self._bigData.claims(data):
+            whole = self._receiveBigData(data)
+            if whole is None:
+                return
+            data = whole
         try:
             event = self.tim.receive(data)
         except TimProtocolError as e:
@@ -270,6 +278,33 @@ class TimServerProtocolMixin:
             self._readingPaused = True
             self.transport.pauseProducing()
         self._pump()
+
+    def _receiveBigData(self, data: bytes) -> bytes | None:
+        """
+        Pass a message to the big payload (types 95-97) it starts or
+        continues; return the whole frame once complete.  See
+        L{timtx.bigdata}.
+        """
+        try:
+            return self._bigData.feed(data)
+        except TimProtocolError as e:
+            self._refuse(self._bigData.timType, BadFrame.wrap(e), self.tim.encoding)
+            return None
+
+    def _bigDataTimedOut(self, timType: int) -> None:
+        if self._closing:
+            return
+        error = TimProtocolError(ErrorCode.ERR_FORMAT, "big payload incomplete in time")
+        self._sendError(timType, error, self.tim.encoding)
+        self.closeConnection(error.text)
+
+    def acceptsLargeMessage(self, data: bytes) -> bool:
+        """
+        Whether a message over C{max_frame_bytes} may be taken: it starts or
+        continues a big payload of a logged-in client, which
+        C{[vrooms] bigdata_max_bytes} bounds instead.
+        """
+        return self.session is not None and self._bigData.claims(data)
 
     def handlerFor(self, timType: int) -> FrameHandler | None:
         """

@@ -590,6 +590,7 @@ class TimStream(TimStruct):
         Field(3, "dtype", BYTE),
         Field(4, "body", BINARY),
         Field(5, "fromNode", STRING, required=True),
+        Field(101, "missed", I64),  # timtx: frames this subscriber missed, see docs/vrooms.md
     )
     __slots__ = _names(FIELDS)
     id: int | None
@@ -597,6 +598,7 @@ class TimStream(TimStruct):
     dtype: int | None
     body: bytes | None
     fromNode: str | None
+    missed: int | None
 
 
 class TimNodes(TimStruct):

@@ -30,6 +30,8 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
     """
 
     _timOpened = False
+    #: The close code L{loseTransport} sends.
+    _closeCode = 1000
 
     def onConnect(self, request: Any) -> None:
         client = self.node.config.client
@@ -50,7 +52,20 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # timjs and timgo send binary messages; a text message carries the
         # same bytes and is treated alike.
+        if len(payload) > self.node.config.client.max_frame_bytes and not self.acceptsLargeMessage(payload):
+            self._closeCode = CLOSE_TOO_BIG
+            self.closeConnection(f"message over {self.node.config.client.max_frame_bytes} bytes")
+            return
         self.frameReceived(payload)
+
+    def onLogin(self, session: Any) -> None:
+        # timjs sends a big payload (TIMBIGBINARY...) as one message: once
+        # logged in, messages may be that large, and onMessage holds every
+        # other frame to max_frame_bytes.
+        config = self.node.config
+        limit = max(config.client.max_frame_bytes, config.vrooms.bigdata_max_bytes)
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = limit
+        super().onLogin(session)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._timOpened:
@@ -59,6 +74,10 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
     frameKind = "ws"
 
     def sendBytes(self, parts: list[bytes]) -> None:
+        # Between the peer's close frame and onClose, autobahn refuses to
+        # send (it raises); what would go out then is lost either way.
+        if self.state != self.STATE_OPEN:
+            return
         self.sendMessage(parts[0] if len(parts) == 1 else b"".join(parts), isBinary=True)
 
     def prepareFrame(self, frame: bytes) -> Any:
@@ -69,7 +88,12 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
         self.sendPreparedMessage(prepared)
 
     def loseTransport(self, reason: str) -> None:
-        self.sendClose(code=1000, reason=reason[:100])
+        if self._closeCode == CLOSE_TOO_BIG:
+            # sendClose takes only application codes; this is how autobahn
+            # itself refuses a message over its limit.
+            self._fail_connection(CLOSE_TOO_BIG, reason[:100])
+            return
+        self.sendClose(code=self._closeCode, reason=reason[:100])
 
 
 class TimWebSocketServerFactory(WebSocketServerFactory):

@@ -126,8 +126,8 @@ class LoginTestsMixin:
         client.sendRaw(bytes([TimType.TIMMESSAGE | flag]) + missing)
         self.assertEqual(self.errorOf((yield client.next(TimType.TIMACK)), 90), ErrorCode.ERR_PARAMS)
         yield client.ping()
-        client.sendRaw(bytes([TimType.TIMVROOM | flag]))
-        self.assertEqual(self.errorOf((yield client.next(TimType.TIMACK)), 22), ErrorCode.ERR_INTERFACE)
+        client.sendRaw(bytes([TimType.TIMREGISTER | flag]))
+        self.assertEqual(self.errorOf((yield client.next(TimType.TIMACK)), 14), ErrorCode.ERR_INTERFACE)
         yield within(client.closed)
 
     @inlineCallbacks
