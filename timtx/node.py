@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from timtx.accounts import AccountService
+from timtx.bigdata import BigDataService
 from timtx.business import BusinessRouter
 from timtx.config import Config
 from timtx.conversations import Conversations
@@ -46,6 +47,8 @@ from timtx.relations import RelationCache, RosterService
 from timtx.rooms import GroupDirectory
 from timtx.sessions import AckIds, Session, SessionRegistry
 from timtx.vault import StanzaVault
+from timtx.vroomregistry import VRoomRegistry
+from timtx.vrooms import StreamPush, VRoomService
 from timtx.webhook import LoginWebhook
 
 
@@ -240,12 +243,8 @@ class Node(MultiService):
     def _buildVrooms(self) -> None:
         """
         Virtual rooms for live streams and big payloads, and the routes of
-        their frame types.  Imported here to keep the feature in one place.
+        their frame types.
         """
-        from timtx.bigdata import BigDataService
-        from timtx.vroomregistry import VRoomRegistry
-        from timtx.vrooms import StreamPush, VRoomService
-
         config = self.config
         registry = VRoomRegistry(config.vrooms, self.clock)
         self.vrooms = VRoomService(config.vrooms, registry, self.accounts, self.clock, config.client.max_output_bytes)

@@ -85,7 +85,8 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
         return self.factory.prepareMessage(frame, isBinary=True)
 
     def sendPrepared(self, prepared: Any) -> None:
-        self.sendPreparedMessage(prepared)
+        if self.state == self.STATE_OPEN:
+            self.sendPreparedMessage(prepared)
 
     def loseTransport(self, reason: str) -> None:
         if self._closeCode == CLOSE_TOO_BIG:
