@@ -44,7 +44,9 @@ def parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--quick", action="store_true", help="small sizes, for CI")
         p.add_argument("--out", default=DEFAULT_OUT, help="directory for results (default: bench/results)")
-        p.add_argument("--profile", choices=("pyinstrument",), help="run the node under a profiler")
+        p.add_argument(
+            "--profile", choices=("pyinstrument", "py-spy"), help="profile the node (see docs/benchmarks.md)"
+        )
         p.add_argument("--keep", action="store_true", help="keep the node's directory (config, log, data)")
         p.add_argument("--summary", help="also write a summary of the run's outcomes to this JSON file")
 

@@ -102,6 +102,7 @@ class NodeProcess:
         self.logPath = os.path.join(directory, "node.log")
         self.profile = profile
         self.profilePath: str | None = None
+        self.profiler: subprocess.Popen[bytes] | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -118,11 +119,11 @@ class NodeProcess:
         return f"http://127.0.0.1:{self.port}/tim2"
 
     def command(self) -> list[str]:
-        node = ["-m", "twisted", "--log-format=text", f"--log-file={self.logPath}", "tim", "--config", self.configPath]
+        twist = ["--log-format=text", f"--log-file={self.logPath}", "tim", "--config", self.configPath]
         if self.profile == "pyinstrument":
             self.profilePath = os.path.join(self.directory, "node-profile.pyisession")
-            return [sys.executable, "-m", "pyinstrument", "-r", "pyisession", "-o", self.profilePath, *node]
-        return [sys.executable, *node]
+            return [sys.executable, "-m", "bench.profiled", self.profilePath, *twist]
+        return [sys.executable, "-m", "twisted", *twist]
 
     async def start(self, reactor: Any, timeout: float = 60.0) -> None:
         """
@@ -160,7 +161,50 @@ class NodeProcess:
         if process.poll() is None:
             process.kill()
             process.wait()
+        self.profileEnd()
         return process.returncode
+
+    def profileBegin(self) -> None:
+        """
+        With C{profile="py-spy"}, start sampling every thread of the node
+        (the SQLite one too) from outside; scenarios call this when their
+        measured phase begins.  Only the first measured phase is sampled.
+        """
+        if self.profile != "py-spy" or self.profilePath is not None:
+            return
+        self.profilePath = os.path.join(self.directory, "node-profile.pyspy")
+        pyspy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        self.profiler = subprocess.Popen(
+            [
+                pyspy,
+                "record",
+                "--pid",
+                str(self.pid),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--threads",
+                "--nonblocking",
+                "--output",
+                self.profilePath,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def profileEnd(self) -> None:
+        """
+        Stop py-spy; it writes its samples as it exits.
+        """
+        profiler, self.profiler = self.profiler, None
+        if profiler is None:
+            return
+        profiler.send_signal(signal.SIGINT)
+        try:
+            profiler.wait(30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
 
     # Measurements.
 

@@ -320,18 +320,71 @@ async def runScenario(
 
 def renderProfile(session: str, out: str, variant: str) -> dict[str, str]:
     """
-    Render a pyinstrument session as text and HTML next to the results.
+    Render a profile next to the results.  A pyinstrument session gives the
+    call tree as text and HTML and the functions with the most time of
+    their own; py-spy's collapsed stacks give time per thread and per
+    function.
     """
     import subprocess
 
     os.makedirs(out, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(out, f"profile-{variant}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if session.endswith(".pyspy"):
+        paths = {"raw": f"{base}-pyspy.txt", "self": f"{base}-self.txt"}
+        shutil.copyfile(session, paths["raw"])
+        with open(paths["self"], "w", encoding="utf-8") as f:
+            f.write(collapsedSelfTimes(session))
+        return paths
     paths = {}
-    for renderer, ext in (("text", "txt"), ("html", "html")):
-        path = os.path.join(out, f"profile-{variant}-{stamp}.{ext}")
+    for renderer, ext in (("text", "txt"), ("html", "html"), ("pstats", "pstats")):
+        path = f"{base}.{ext}"
         command = [sys.executable, "-m", "pyinstrument", "--load", session, "-r", renderer, "-o", path]
         if renderer == "text":
             command.append("--no-color")
         subprocess.run(command, check=False)
         paths[ext] = path
+    paths["self"] = f"{base}-self.txt"
+    with open(paths["self"], "w", encoding="utf-8") as f:
+        f.write(selfTimes(paths["pstats"]))
     return paths
+
+
+def selfTimes(pstatsPath: str, top: int = 40) -> str:
+    """
+    The C{top} functions by time spent in themselves, from a pstats file.
+    """
+    import io
+    import pstats
+
+    text = io.StringIO()
+    try:
+        stats = pstats.Stats(pstatsPath, stream=text)
+    except Exception as e:
+        return f"no profile: {e}\n"
+    stats.sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def collapsedSelfTimes(path: str, top: int = 40) -> str:
+    """
+    Samples per thread, and the C{top} (thread, function) pairs by samples
+    in the function itself, from py-spy's collapsed stacks.
+    """
+    from collections import Counter
+
+    threads: Counter[str] = Counter()
+    leaves: Counter[tuple[str, str]] = Counter()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(";")
+            threads[frames[0]] += int(count)
+            leaves[(frames[0], frames[-1])] += int(count)
+    total = sum(threads.values()) or 1
+    lines = [f"{total} samples (threads holding or waiting for the CPU)", ""]
+    lines += [f"{100 * n / total:5.1f}%  {thread}" for thread, n in threads.most_common()]
+    lines += ["", "Self samples by function:"]
+    lines += [f"{100 * n / total:5.1f}%  {thread}: {leaf}" for (thread, leaf), n in leaves.most_common(top)]
+    return "\n".join(lines) + "\n"

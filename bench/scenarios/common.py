@@ -54,6 +54,7 @@ async def measuredRun(
     send: Any,
     timeout: float,
     senders: list[int] | None = None,
+    profiled: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """
     One measured run: every worker expects its share, the sending workers
@@ -62,11 +63,15 @@ async def measuredRun(
     @param expect: C{expect(worker) -> count}.
     @param send: C{send(worker) -> (op, args)} for the workers in
         C{senders} (all by default).
+    @param profiled: whether a py-spy profile (C{--profile py-spy}) covers
+        this run; warm-ups say no.
     @return: each worker's tally, and CPU seconds used by the node and by
         the workers while it ran.
     """
     workers = run.workers
     await workers.all("expect", lambda w: {"count": expect(w)})
+    if profiled:
+        run.node.profileBegin()
     nodeCpu, workerCpu = run.node.cpuSeconds(), workers.cpuSeconds()
     waits = workers.all("wait", {"timeout": timeout})
     sending = []
@@ -77,6 +82,7 @@ async def measuredRun(
         await d
     tallies = await waits
     cpu = {"node": run.node.cpuSeconds() - nodeCpu, "workers": workers.cpuSeconds() - workerCpu}
+    run.node.profileEnd()
     return tallies, cpu
 
 
@@ -104,6 +110,7 @@ def deliverySummary(tallies: list[dict[str, Any]], cpu: dict[str, float]) -> dic
         "latency": latency.summary(),
         "echo_latency": echo.summary(),
         "node_cpu_percent": round(100 * cpu["node"] / seconds, 1) if seconds else 0.0,
+        "node_cpu_us_per_delivery": round(1e6 * cpu["node"] / received, 1) if received else 0.0,
         "generator_cpu_percent": round(100 * cpu["workers"] / seconds, 1) if seconds else 0.0,
         "_latency": latency,
         "_echo": echo,

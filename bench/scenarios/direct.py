@@ -91,7 +91,7 @@ class Direct(Scenario):
         if p["warmup"]:
             run.log("warm-up")
             tallies, cpu = await measuredRun(
-                run, lambda w: 2 * len(pairsOf(w)) * p["warmup"], send(p["warmup"]), p["timeout"]
+                run, lambda w: 2 * len(pairsOf(w)) * p["warmup"], send(p["warmup"]), p["timeout"], profiled=False
             )
             lost += deliverySummary(tallies, cpu)["lost"]
         mode = f"open loop at {fmt(p['rate'])}/s" if p["rate"] else f"closed loop, window {p['window']}"
@@ -112,7 +112,7 @@ class Direct(Scenario):
             *latencyRows("send → receive", s["_latency"]),
             *latencyRows("send → echo (stored)", s["_echo"]),
             ("send errors", str(s["send_errors"])),
-            ("node CPU", f"{s['node_cpu_percent']}% of one core"),
+            ("node CPU", f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery"),
             ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
         ]
         if p["store"] == "sqlite" and not p["rate"]:

@@ -49,6 +49,7 @@ class LoginStorm(Scenario):
         await run.workers.all("tokens", lambda w: {"indices": mine(w)})
         await waitFor(run.reactor, 1.0)
         rssBefore = run.node.rssKB()
+        run.node.profileBegin()
         cpuBefore = run.node.cpuSeconds()
         workerCpuBefore = run.workers.cpuSeconds()
         run.log(f"login storm: {sessions} sessions (node RSS {rssBefore} kB)")
@@ -56,6 +57,7 @@ class LoginStorm(Scenario):
             "login", lambda w: {"indices": mine(w), "useTokens": True, "concurrency": p["concurrency"]}
         )
         cpu = run.node.cpuSeconds() - cpuBefore
+        run.node.profileEnd()
         workerCpu = run.workers.cpuSeconds() - workerCpuBefore
         logins = sum(r["logins"] for r in results)
         failed = sum(r["failed"] for r in results)
@@ -84,6 +86,7 @@ class LoginStorm(Scenario):
             "node_open_files_idle": files,
             "node_cpu_s": round(cpu, 2),
             "node_cpu_percent": round(100 * cpu / seconds, 1) if seconds else 0,
+            "node_cpu_us_per_login": round(1e6 * cpu / logins, 1) if logins else 0,
             "generator_cpu_percent": round(100 * workerCpu / seconds, 1) if seconds else 0,
             "failure_samples": [f for r in results for f in r["failures"]][:5],
         }
@@ -94,7 +97,10 @@ class LoginStorm(Scenario):
             *latencyRows("login (connect → TIMAUTH ack)", latency),
             ("node RSS before / idle / after logout", f"{rssBefore} / {rssAfter} / {rssLoggedOut} kB"),
             ("RSS per idle authenticated session", f"{perSession:.1f} kB"),
-            ("node CPU during the storm", f"{m['node_cpu_percent']}% of one core"),
+            (
+                "node CPU during the storm",
+                f"{m['node_cpu_percent']}% of one core, {m['node_cpu_us_per_login']} µs per login",
+            ),
             ("generator CPU during the storm", f"{m['generator_cpu_percent']}% of one core (all workers)"),
         ]
         result.goals = [
