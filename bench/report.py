@@ -18,7 +18,8 @@ def writeRecord(record: dict[str, Any], out: str) -> dict[str, str]:
     base = os.path.join(out, f"{record['variant']}-{stamp}")
     paths = {"json": base + ".json", "md": base + ".md"}
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({**record, "files": paths}, f, indent=2, sort_keys=False)
+        # File names only: the record stays valid wherever results are moved.
+        json.dump({**record, "files": {k: os.path.basename(v) for k, v in paths.items()}}, f, indent=2)
         f.write("\n")
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(markdown(record))

@@ -312,7 +312,8 @@ class Role:
         self._senderOf = {s.connection.index: s for s in senders}
         self._sendDone = Deferred()
         self._sendFirstNs = nowNs()
-        self._window = window
+        # Open loop ignores the window: echoes must not trigger sends.
+        self._window = 0 if rate > 0 else window
         if rate > 0:
             self._openLoop(rate)
         else:

@@ -41,6 +41,16 @@ def notSupported(code: int | None, info: str | None, what: str) -> bool:
     return code == ErrorCode.ERR_PARAMS and "unknown business rtype" in (info or "")
 
 
+def standIn(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """
+    The node config that serves groups and vrooms with L{bench.standin},
+    when the C{standin} parameter asks for it.
+    """
+    if params.get("standin"):
+        return {"protocols": {"client-ws": "bench.standin:StandInProtocol"}}
+    return {}
+
+
 def raiseIfUnsupported(answer: dict[str, Any], what: str) -> None:
     if answer.get("unsupported"):
         raise Unsupported(f"{what} not supported by this node yet (answered {answer['unsupported']})")

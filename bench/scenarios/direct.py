@@ -65,7 +65,12 @@ class Direct(Scenario):
     )
 
     def variant(self, params: dict) -> str:
-        return f"direct-{params['store']}"
+        name = f"direct-{params['store']}"
+        if params["encoding"] != "compact":
+            name += f"-{params['encoding']}"
+        if params["rate"]:
+            name += f"-rate{params['rate']:g}"
+        return name
 
     def nodeSections(self, params: dict) -> dict:
         return {

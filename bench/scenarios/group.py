@@ -30,6 +30,7 @@ from bench.scenarios.common import (
     notSupported,
     publish,
     raiseIfUnsupported,
+    standIn,
 )
 from bench.wire import LeanConnection
 from bench.worker import Role, Sender
@@ -138,15 +139,16 @@ class GroupFanout(Scenario):
         Param("warmup", int, 1, 1, "unmeasured messages per founder first"),
         Param("body", int, 100, 100, "characters of text per message"),
         Param("store", str, "sqlite", "sqlite", "node store", ("sqlite", "memory")),
+        Param("standin", int, 0, 0, "1: serve it with bench/standin.py, to test the generator itself"),
         Param("timeout", float, 600.0, 60.0, "seconds to wait for deliveries after the last send"),
         *COMMON,
     )
 
     def variant(self, params: dict) -> str:
-        return f"group-{params['size']}"
+        return f"group-{params['size']}" + ("-standin" if params["standin"] else "")
 
     def nodeSections(self, params: dict) -> dict:
-        return {"store": {"backend": params["store"]}}
+        return {"store": {"backend": params["store"]}, **standIn(params)}
 
     async def drive(self, run: Run) -> Result:
         p = run.params

@@ -27,6 +27,7 @@ from bench.scenarios.common import (
     notSupported,
     publish,
     raiseIfUnsupported,
+    standIn,
 )
 from bench.wire import LeanConnection
 from bench.worker import Role, Sender
@@ -84,15 +85,16 @@ class VroomFanout(Scenario):
         Param("rate", float, 10.0, 20.0, "stream frames/s"),
         Param("warmup", int, 2, 1, "unmeasured frames first"),
         Param("body", int, 100, 100, "bytes per stream frame"),
+        Param("standin", int, 0, 0, "1: serve it with bench/standin.py, to test the generator itself"),
         Param("timeout", float, 120.0, 30.0, "seconds to wait for frames after the last send"),
         *COMMON,
     )
 
     def variant(self, params: dict) -> str:
-        return f"vroom-{params['subscribers']}"
+        return f"vroom-{params['subscribers']}" + ("-standin" if params["standin"] else "")
 
     def nodeSections(self, params: dict) -> dict:
-        return {"store": {"backend": "memory"}}
+        return {"store": {"backend": "memory"}, **standIn(params)}
 
     async def drive(self, run: Run) -> Result:
         p = run.params
