@@ -1,0 +1,131 @@
+"""
+b) 1:1 messaging: P pairs of online users exchange messages, both ways.
+
+Each user sends C{messages} messages to its partner.  By default the load
+is closed loop: each sender keeps at most C{window} messages unechoed, so
+the run measures the most the node delivers.  With C{--rate} the senders
+send open loop at that total rate, which measures latency at a load below
+saturation.  Delivered counts messages that reached the recipient (each
+acknowledged by it); latency is from the sender's clock before encoding to
+the recipient's after reading the frame.
+
+Both sides of a pair live in the same worker, and the node runs with
+C{[messages] noauth = true}, so no friendship set-up is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.runner import COMMON, Param, Result, Run, Scenario
+from bench.scenarios.common import deliverySummary, fmt, latencyRows, measuredRun, publish
+from bench.worker import Role, Sender
+from timtx.protocols.constants import TimType
+from timtx.protocols.structs import Tid, TimMessage
+
+#: The issue's goal for 1:1 with the SQLite store, delivered messages/s.
+SQLITE_GOAL = 5000
+
+
+class DirectRole(Role):
+    def op_send(self, pairs: list[int], count: int, window: int = 0, rate: float = 0.0) -> Any:
+        senders = []
+        for k in pairs:
+            a, b = self.connections[2 * k], self.connections[2 * k + 1]
+            senders.append(self._sender(a, b.uid, count))
+            senders.append(self._sender(b, a.uid, count))
+        return self.startSending(senders, window, rate).addCallback(lambda _: {"sent": 2 * len(pairs) * count})
+
+    def _sender(self, connection: Any, peer: str, count: int) -> Sender:
+        toTid = Tid(node=peer)
+        base = connection.index << 24
+
+        def make(seq: int, text: str) -> TimMessage:
+            return TimMessage(msType=2, odType=1, id=base | seq, toTid=toTid, dataString=text)
+
+        return Sender(connection, self.frameBuilder(connection, TimType.TIMMESSAGE, make), count)
+
+
+class Direct(Scenario):
+    name = "direct"
+    letter = "b"
+    title = "1:1 messaging"
+    role = "bench.scenarios.direct:DirectRole"
+    params = (
+        Param("pairs", int, 100, 10, "pairs of users"),
+        Param("messages", int, 1000, 30, "messages each user sends"),
+        Param("window", int, 8, 4, "closed loop: unechoed messages per sender"),
+        Param("rate", float, 0.0, 0.0, "open loop: messages/s in total (0: closed loop)"),
+        Param("warmup", int, 5, 2, "unmeasured messages per user first"),
+        Param("body", int, 100, 100, "characters of text per message"),
+        Param("store", str, "sqlite", "sqlite", "node store", ("sqlite", "memory")),
+        Param("synchronous", str, "full", "full", "SQLite synchronous", ("full", "normal")),
+        Param("timeout", float, 600.0, 60.0, "seconds to wait for deliveries"),
+        *COMMON,
+    )
+
+    def variant(self, params: dict) -> str:
+        name = f"direct-{params['store']}"
+        if params["encoding"] != "compact":
+            name += f"-{params['encoding']}"
+        if params["rate"]:
+            name += f"-rate{params['rate']:g}"
+        return name
+
+    def nodeSections(self, params: dict) -> dict:
+        return {
+            "messages": {"noauth": True},
+            "store": {"backend": params["store"], "synchronous": params["synchronous"]},
+        }
+
+    async def drive(self, run: Run) -> Result:
+        p = run.params
+        pairs = p["pairs"]
+        workers = run.workers.count
+        pairsOf = run.share(range(pairs))
+        usersOf = lambda w: [u for k in pairsOf(w) for u in (2 * k, 2 * k + 1)]  # noqa: E731
+        run.log(f"registering and logging in {2 * pairs} users")
+        await run.workers.all("register", lambda w: {"indices": usersOf(w)})
+        await run.workers.all("login", lambda w: {"indices": usersOf(w)})
+        rate = p["rate"] / workers
+
+        def send(count: int) -> Any:
+            return lambda w: ("send", {"pairs": pairsOf(w), "count": count, "window": p["window"], "rate": rate})
+
+        lost = 0
+        if p["warmup"]:
+            run.log("warm-up")
+            tallies, cpu = await measuredRun(
+                run, lambda w: 2 * len(pairsOf(w)) * p["warmup"], send(p["warmup"]), p["timeout"], profiled=False
+            )
+            lost += deliverySummary(tallies, cpu)["lost"]
+        mode = f"open loop at {fmt(p['rate'])}/s" if p["rate"] else f"closed loop, window {p['window']}"
+        run.log(f"measured: {2 * pairs * p['messages']} messages, {mode}")
+        tallies, cpu = await measuredRun(
+            run, lambda w: 2 * len(pairsOf(w)) * p["messages"], send(p["messages"]), p["timeout"]
+        )
+        s = deliverySummary(tallies, cpu)
+        lost += s["lost"]
+        run.log(f"{s['received']} delivered in {s['seconds']}s: {s['per_second']}/s, lost {s['lost']}")
+        result = Result(lost=lost)
+        publish(s, result)
+        result.metrics["lost_including_warmup"] = lost
+        result.rows = [
+            ("load", mode),
+            ("messages delivered", f"{s['received']} of {s['expected']} (duplicates {s['duplicates']})"),
+            ("delivered msgs/s", fmt(s["per_second"])),
+            *latencyRows("send → receive", s["_latency"]),
+            *latencyRows("send → echo (stored)", s["_echo"]),
+            ("send errors", str(s["send_errors"])),
+            ("node CPU", f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery"),
+            ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
+        ]
+        if p["store"] == "sqlite" and not p["rate"]:
+            result.goals = [
+                (
+                    f"1:1 with the SQLite store ≥ {SQLITE_GOAL:,} delivered msgs/s",
+                    f"{fmt(s['per_second'])}/s",
+                    s["per_second"] >= SQLITE_GOAL,
+                )
+            ]
+        return result

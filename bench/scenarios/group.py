@@ -1,0 +1,232 @@
+"""
+c) Group fan-out: groups of S members, all online; each group's founder
+sends M messages at R messages/s; every other member must receive each one.
+
+Set-up goes through the protocol as tim documents it: the founder creates
+an open group (TIMBUSINESS rtype 8, C{reqInt} 2) and gets its id in the
+TimAck's C{n}; every other member joins it (rtype 9), answered by
+C{TimAck{t: 9}} (tim 2.0) or a PASSROOM notice (tim 2.1).  Messages are
+TIMMESSAGE with msType 3 and C{roomTid}; members acknowledge each push.
+
+Measured: send → receive latency over every delivery (p50, p99, max),
+deliveries/s from the first send to the last delivery, and lost: deliveries
+expected and never seen.  A node without groups answers the create with
+4107 (or, today, 4104 "unknown business rtype"), and the scenario is
+skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+
+from bench.runner import COMMON, Param, Result, Run, Scenario
+from bench.scenarios.common import (
+    deliverySummary,
+    fmt,
+    latencyRows,
+    measuredRun,
+    notSupported,
+    publish,
+    raiseIfUnsupported,
+    standIn,
+)
+from bench.wire import LeanConnection
+from bench.worker import Role, Sender
+from timtx.protocols import codec
+from timtx.protocols.constants import Business, GroupType, TimType
+from timtx.protocols.structs import Tid, TimAck, TimMessage, TimReq
+
+#: The issue's goals for fan-out.
+P99_GOAL_MS = 1000
+DELIVERIES_GOAL = 30000
+
+#: Notices that tell a member it is in a group (tim 2.1 answers an open
+#: join with PASSROOM instead of a TimAck).
+_JOINED_NOTICES = (Business.PASSROOM, Business.PULLROOM)
+
+
+class GroupRole(Role):
+    joinConcurrency = 100
+
+    def connectionReady(self, connection: LeanConnection) -> None:
+        super().connectionReady(connection)
+        connection.joining = None  # type: ignore[attr-defined]
+
+    async def op_create(self, indices: list[int]) -> dict[str, Any]:
+        """
+        Each user in C{indices} creates an open group.
+        """
+        gids = {}
+        for i in indices:
+            request = TimReq(rtype=Business.NEWROOM, node=f"bench group {i}", reqInt=GroupType.OPEN)
+            ack = await self.connections[i].request(TimType.TIMBUSINESS, request)
+            if not ack.ok:
+                code, info = (ack.error.code, ack.error.info) if ack.error else (None, None)
+                if notSupported(code, info, "groups"):
+                    return {"unsupported": f"{code} {info}"}
+                return {"error": f"{code} {info}"}
+            gids[str(i)] = ack.n
+        return {"gids": gids}
+
+    async def op_join(self, memberships: list[tuple[int, str]], timeout: float = 60.0) -> dict[str, Any]:
+        limit = DeferredSemaphore(self.joinConcurrency)
+        failures: list[str] = []
+
+        async def one(index: int, gid: str) -> None:
+            connection = self.connections[index]
+            joined: Deferred[Any] = Deferred()
+            connection.joining = (gid, joined)  # type: ignore[attr-defined]
+            acked = connection.request(TimType.TIMBUSINESS, TimReq(rtype=Business.ADDROOM, node=gid))
+            acked.addCallback(lambda ack: joined.called or joined.callback(ack))
+            acked.addErrback(lambda f: joined.called or joined.errback(f))
+            joined.addTimeout(timeout, self.reactor)
+            try:
+                answer = await joined
+            except Exception as e:
+                failures.append(f"u{index}: {e!r}")
+                return
+            finally:
+                connection.joining = None  # type: ignore[attr-defined]
+            if isinstance(answer, TimAck) and not answer.ok:
+                failures.append(f"u{index}: {answer.error.code if answer.error else '?'}")
+
+        await DeferredList([limit.run(lambda i=i, g=g: Deferred.fromCoroutine(one(i, g))) for i, g in memberships])
+        return {"joined": len(memberships) - len(failures), "failures": failures[:5], "failed": len(failures)}
+
+    def frameReceived(self, connection: LeanConnection, timType: int, payload: bytes, acked: bool) -> None:
+        joining = getattr(connection, "joining", None)
+        if joining is not None and timType == TimType.TIMMESSAGE and b"~B" not in payload:
+            gid, joined = joining
+            notice = codec.decode(TimMessage, payload, connection.encoding)
+            room = notice.roomTid.node if notice.roomTid else None
+            if notice.bnType in _JOINED_NOTICES and room == gid and not joined.called:
+                joined.callback(notice)
+            return
+        super().frameReceived(connection, timType, payload, acked)
+
+    def op_send(self, groups: dict[str, str], count: int, rate: float) -> Any:
+        """
+        Each founder C{index} in C{groups} sends C{count} messages to its
+        group C{gid}; C{rate} is the total for this worker.
+        """
+        senders = []
+        for index, gid in groups.items():
+            connection = self.connections[int(index)]
+            roomTid = Tid(node=gid)
+            base = connection.index << 24
+
+            def make(seq: int, text: str, roomTid: Tid = roomTid, base: int = base) -> TimMessage:
+                return TimMessage(msType=3, odType=1, id=base | seq, roomTid=roomTid, dataString=text)
+
+            senders.append(
+                Sender(connection, self.frameBuilder(connection, TimType.TIMMESSAGE, make), count, echoed=False)
+            )
+        return self.startSending(senders, rate=rate).addCallback(lambda _: {"sent": count * len(senders)})
+
+
+class GroupFanout(Scenario):
+    name = "group"
+    letter = "c"
+    title = "Group fan-out"
+    role = "bench.scenarios.group:GroupRole"
+    params = (
+        Param("size", int, 1000, 20, "members per group, founder included"),
+        Param("groups", int, 1, 1, "groups, each with its own members"),
+        Param("messages", int, 30, 5, "messages each founder sends"),
+        Param("rate", float, 1.0, 5.0, "messages/s each founder sends"),
+        Param("warmup", int, 1, 1, "unmeasured messages per founder first"),
+        Param("body", int, 100, 100, "characters of text per message"),
+        Param("store", str, "sqlite", "sqlite", "node store", ("sqlite", "memory")),
+        Param("standin", int, 0, 0, "1: serve it with bench/standin.py, to test the generator itself"),
+        Param("timeout", float, 600.0, 60.0, "seconds to wait for deliveries after the last send"),
+        *COMMON,
+    )
+
+    def variant(self, params: dict) -> str:
+        return f"group-{params['size']}" + ("-standin" if params["standin"] else "")
+
+    def nodeSections(self, params: dict) -> dict:
+        return {"store": {"backend": params["store"]}, **standIn(params)}
+
+    async def drive(self, run: Run) -> Result:
+        p = run.params
+        size, groups = p["size"], p["groups"]
+        workers = run.workers
+        founders = [g * size for g in range(groups)]
+        ownerOfFounder = {f: f % workers.count for f in founders}
+        run.log("probing group support")
+        first = founders[0]
+        await workers.one(ownerOfFounder[first], "register", indices=[first])
+        await workers.one(ownerOfFounder[first], "login", indices=[first])
+        probe = await workers.one(ownerOfFounder[first], "create", indices=[first])
+        raiseIfUnsupported(probe, "groups (TIMBUSINESS rtype 8)")
+        gids = dict(probe["gids"])
+        others = [i for i in range(size * groups) if i != first]
+        usersOf = run.share(others)
+        run.log(f"registering and logging in {len(others)} more users")
+        await workers.all("register", lambda w: {"indices": usersOf(w)})
+        await workers.all("login", lambda w: {"indices": usersOf(w)})
+        for f in founders[1:]:
+            answer = await workers.one(ownerOfFounder[f], "create", indices=[f])
+            raiseIfUnsupported(answer, "groups (TIMBUSINESS rtype 8)")
+            gids.update(answer["gids"])
+        members = [i for i in others if i not in ownerOfFounder]
+        membersOf = run.share(members)
+        run.log(f"{len(members)} members joining {groups} group(s)")
+        joins = await workers.all(
+            "join", lambda w: {"memberships": [(i, gids[str(i - i % size)]) for i in membersOf(w)]}
+        )
+        failed = sum(j["failed"] for j in joins)
+        if failed:
+            raise RuntimeError(f"{failed} joins failed: {[f for j in joins for f in j['failures']][:5]}")
+        sendersOf = {
+            w: {str(f): gids[str(f)] for f in founders if ownerOfFounder[f] == w} for w in range(workers.count)
+        }
+        sending = sorted({ownerOfFounder[f] for f in founders})
+
+        def send(count: int) -> Any:
+            return lambda w: ("send", {"groups": sendersOf[w], "count": count, "rate": p["rate"] * len(sendersOf[w])})
+
+        timeout = p["timeout"] + p["messages"] / p["rate"]
+        lost = 0
+        if p["warmup"]:
+            run.log("warm-up")
+            tallies, cpu = await measuredRun(
+                run, lambda w: len(membersOf(w)) * p["warmup"], send(p["warmup"]), timeout, sending, profiled=False
+            )
+            lost += deliverySummary(tallies, cpu)["lost"]
+        run.log(f"measured: {p['messages']} messages at {p['rate']}/s to {len(members)} members")
+        tallies, cpu = await measuredRun(
+            run, lambda w: len(membersOf(w)) * p["messages"], send(p["messages"]), timeout, sending
+        )
+        s = deliverySummary(tallies, cpu)
+        lost += s["lost"]
+        run.log(f"{s['received']} deliveries in {s['seconds']}s: {s['per_second']}/s, lost {s['lost']}")
+        result = Result(lost=lost)
+        publish(s, result)
+        result.metrics["lost_including_warmup"] = lost
+        result.rows = [
+            ("groups × members (online)", f"{groups} × {size}"),
+            ("messages × rate", f"{p['messages']} per founder at {fmt(p['rate'])}/s"),
+            ("deliveries", f"{s['received']} of {s['expected']} (duplicates {s['duplicates']})"),
+            ("deliveries/s", fmt(s["per_second"])),
+            *latencyRows("send → receive", s["_latency"]),
+            ("lost", str(s["lost"])),
+            ("node CPU", f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery"),
+            ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
+        ]
+        p99 = s["latency"]["p99_ms"]
+        if size >= 10000 and p["rate"] <= 1:
+            result.goals.append(
+                (f"fan-out to 10k online members p99 < {P99_GOAL_MS} ms at 1 msg/s", f"{p99} ms", p99 < P99_GOAL_MS)
+            )
+        result.goals.append(
+            (
+                f"≥ {DELIVERIES_GOAL:,} deliveries/s per node process",
+                f"{fmt(s['per_second'])}/s",
+                s["per_second"] >= DELIVERIES_GOAL,
+            )
+        )
+        return result

@@ -1,0 +1,106 @@
+# -*- test-case-name: timtx.test.test_bench -*-
+"""
+The benchmarks' C{--quick} mode, end to end: every scenario runs small
+against a real node and loses nothing.  Timings are not asserted.
+
+The benchmarks live in C{bench/} of a source checkout, not in the installed
+package, so this test finds the checkout as L{timtx.test.test_config} does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from timtx.test.test_config import sourceRoot
+from timtx.testing import requireOrSkip
+
+#: Scenarios that must run today, and how many runs of each C{all} makes
+#: (1:1 runs once per store); the others may be skipped until the node
+#: serves what they measure (groups, virtual rooms).
+MUST_RUN = {"login": 1, "direct": 2, "codec": 1}
+
+#: Seconds the whole quick run may take (about 15 on a 2-core machine).
+TIMEOUT = 110
+
+
+def checkout():
+    root = sourceRoot()
+    if root is None or not root.child("bench").child("__main__.py").exists():
+        requireOrSkip("bench/ is only in a source checkout")
+    return root
+
+
+def runBench(testCase, root, *args):
+    """
+    Run C{python -m bench <args> --summary ...} from the checkout and return
+    the process and the summary it wrote.
+    """
+    out = os.path.abspath(testCase.mktemp())
+    os.makedirs(out)
+    summary = os.path.join(out, "summary.json")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root.path, *filter(None, [env.get("PYTHONPATH")])])
+    process = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--out", out, "--summary", summary],
+        cwd=root.path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    outcome = None
+    if os.path.exists(summary):
+        with open(summary, encoding="utf-8") as f:
+            outcome = json.load(f)
+    return process, outcome
+
+
+class QuickTests(SynchronousTestCase):
+    def test_everyScenarioLosesNothing(self):
+        """
+        C{python -m bench all --quick} runs the login storm, 1:1 with both
+        stores and the codec, skips only group and vroom fan-out (while the
+        node lacks them), and every scenario ends with 0 lost.
+        """
+        root = checkout()
+        process, outcome = runBench(self, root, "all", "--quick")
+        self.assertIsNotNone(outcome, process.stderr[-3000:])
+        for scenario, runs in MUST_RUN.items():
+            entries = [entry for entry in outcome if entry["scenario"] == scenario]
+            self.assertEqual(len(entries), runs, scenario)
+            for entry in entries:
+                self.assertEqual(entry["status"], "ok", f"{entry['variant']}: {entry['reason']}")
+        for entry in outcome:
+            self.assertIn(entry["status"], ("ok", "skipped"), f"{entry['variant']}: {entry['reason']}")
+            self.assertEqual(entry["lost"], 0, f"{entry['variant']} lost messages")
+            if entry["status"] == "ok":
+                with open(entry["files"]["json"], encoding="utf-8") as f:
+                    record = json.load(f)
+                self.assertIn("cpu", record["conditions"])
+                self.assertTrue(os.path.exists(entry["files"]["md"]))
+        self.assertEqual(process.returncode, 0, process.stderr[-3000:])
+
+    def test_fanOutAgainstStandIn(self):
+        """
+        The group and vroom fan-out scenarios, run against
+        C{bench/standin.py} (a toy that serves groups and vrooms as tim
+        documents them), deliver every message to every member in both
+        encodings: the generator's side of c) and d) works before the node
+        serves them.
+        """
+        root = checkout()
+        for scenario in ("group", "vroom"):
+            process, outcome = runBench(self, root, scenario, "--quick", "--standin", "1")
+            self.assertIsNotNone(outcome, process.stderr[-3000:])
+            [entry] = outcome
+            self.assertEqual(entry["status"], "ok", f"{scenario}: {entry['reason']}\n{process.stderr[-3000:]}")
+            self.assertEqual(entry["lost"], 0)
+            with open(entry["files"]["json"], encoding="utf-8") as f:
+                record = json.load(f)
+            self.assertGreater(record["metrics"]["received"], 0)
+            self.assertEqual(record["metrics"]["duplicates"], 0)
