@@ -204,6 +204,12 @@ class AccountService:
         d.addCallback(self._checked, uid)
         return d
 
+    def isKnown(self, uid: str) -> bool:
+        """
+        Whether C{uid} is known to exist without asking the store.
+        """
+        return uid in self._known
+
     def _checked(self, account: Any, uid: str) -> bool:
         if account is None:
             return False

@@ -155,6 +155,16 @@ def _parse_words(text: str) -> tuple[str, ...]:
 WORDS = Kind("a comma-separated list", _parse_words)
 
 
+def _parse_thresholds(text: str) -> tuple[str, ...]:
+    words = _parse_words(text)
+    if words and (len(words) != 3 or not all(w.isdigit() for w in words)):
+        raise ValueError("three non-negative integers, comma-separated, or empty")
+    return words
+
+
+THRESHOLDS = Kind("three integers, comma-separated, or empty", _parse_thresholds)
+
+
 def option(default: Any, kind: Kind, doc: str) -> Any:
     """
     Declare one key: its default (as a parsed value), its L{Kind} and a line
@@ -178,6 +188,13 @@ class NodeConfig:
         TEXT,
         "File holding the node secret that keys account ids and token hashes; created (mode 0600) if missing. "
         "Empty means `node.key` in data_dir. Every node of one cluster needs the same secret.",
+    )
+    gc_thresholds: tuple[str, ...] = option(
+        ("100000", "50", "1000"),
+        THRESHOLDS,
+        "Python garbage-collector thresholds set once the node has started under `twist` (three integers, "
+        "comma-separated), after moving what startup allocated out of the collector's view (gc.freeze). "
+        "Python's defaults (700, 10, 10) make a busy node pause often; empty leaves the collector alone.",
     )
     worker_threads: int = option(
         2, _int(1, 64), "Threads for CPU-heavy work off the reactor thread, such as password hashing."

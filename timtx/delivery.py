@@ -127,13 +127,23 @@ class Delivery:
         sessions: SessionRegistry,
         ackIds: AckIds,
         clock: IReactorTime,
+        soon: IReactorTime | None = None,
     ):
+        """
+        @param soon: what schedules work for the next reactor turn (the
+            reactor itself, even in tests that use a fake C{clock}).
+        """
         self.config = config
         self.store = store
         self.vault = vault
         self.sessions = sessions
         self.ackIds = ackIds
         self.clock = clock
+        self._soon = soon if soon is not None else clock
+        #: Acknowledged inbox entries not yet removed, by user: the acks of
+        #: one reactor turn leave the store in one operation per user.
+        self._removals: dict[str, list[int]] = {}
+        self._removalCall: IDelayedCall | None = None
         #: Per-session state; fan-out reads it directly.
         self.states: dict[Session, SessionDelivery] = {}
         #: Drained after the inbox, in order.
@@ -143,6 +153,7 @@ class Delivery:
 
     def sessionStarted(self, session: Session) -> None:
         state = self.states[session] = SessionDelivery()
+        self._removeNow(session.uid)
         d = self.store.countInbox(session.uid)
         d.addCallbacks(self._counted, self._failed, callbackArgs=(session, state), errbackArgs=(session,))
 
@@ -218,8 +229,32 @@ class Delivery:
             self.drain(session)
 
     def _remove(self, uid: str, qids: list[int]) -> None:
-        d = self.store.deleteInbox(uid, qids)
-        d.addErrback(lambda f: self.log.failure("removing acknowledged entries of {uid} failed", f, uid=uid))
+        self._removals.setdefault(uid, []).extend(qids)
+        if self._removalCall is None:
+            self._removalCall = self._soon.callLater(0, self.flushRemovals)
+
+    def _removeNow(self, uid: str) -> None:
+        """
+        Remove C{uid}'s acknowledged entries before its inbox is read, so
+        that the read sees the store as the acks left it.
+        """
+        if uid in self._removals:
+            self.flushRemovals()
+
+    def flushRemovals(self) -> None:
+        """
+        Remove every acknowledged entry from the store.
+        """
+        if self._removalCall is not None and self._removalCall.active():
+            self._removalCall.cancel()
+        self._removalCall = None
+        removals, self._removals = self._removals, {}
+        for uid, qids in removals.items():
+            d = self.store.deleteInbox(uid, qids)
+            d.addErrback(partial(self._removeFailed, uid))
+
+    def _removeFailed(self, uid: str, failure: Failure) -> None:
+        self.log.failure("removing acknowledged entries of {uid} failed", failure, uid=uid)
 
     def notify(self, uid: str, message: TimMessage) -> Deferred[None]:
         """
@@ -272,6 +307,7 @@ class Delivery:
         self._readInbox(session, state, 0)
 
     def _readInbox(self, session: Session, state: SessionDelivery, after: int) -> None:
+        self._removeNow(session.uid)
         limit = self.config.offline_batch + len(state.inFlight)
         d = self.store.readInbox(session.uid, after, limit)
         d.addCallbacks(self._inboxRead, self._failed, callbackArgs=(session, state), errbackArgs=(session,))

@@ -82,6 +82,16 @@ class DuplicateFilter:
         d.addCallback(self._lookup, clientId)
         return d
 
+    def peek(self, sender: str, clientId: int) -> tuple[bool, Seen | None]:
+        """
+        Like L{check} without a Deferred: whether C{sender}'s keys are in
+        memory, and if so what C{clientId} is known as.
+        """
+        known = self._senders.peek(sender)
+        if known is None:
+            return False, None
+        return True, self._lookup(known, clientId)
+
     def remember(self, sender: str, clientId: int, appending: Deferred[Appended]) -> None:
         """
         Note that C{clientId} is being written.  Once written it is known by
@@ -114,7 +124,7 @@ class DuplicateFilter:
         d.addCallback(lambda rows: {cid: (dup.created, dup) for cid, dup in rows.items()})
         return d
 
-    def _lookup(self, known: dict[int, tuple[float, Seen]], clientId: int) -> Seen | Deferred[Appended] | None:
+    def _lookup(self, known: dict[int, tuple[float, Seen]], clientId: int) -> Seen | None:
         entry = known.get(clientId)
         if entry is None:
             return None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -167,10 +167,16 @@ class MessagingService:
         error ack carries the message's C{id} in C{t}, so the client can
         tell which message was refused.
         """
-        d = maybeDeferred(self._handleMessage, session, message)
-        if message.id is not None:
-            d.addErrback(_tagged, message.id)
-        return d
+        clientId = message.id
+        try:
+            result = self._handleMessage(session, message)
+        except TimProtocolError as e:
+            if clientId is not None:
+                e.ackFields.setdefault("t", clientId)
+            raise
+        if isinstance(result, Deferred) and clientId is not None:
+            result.addErrback(_tagged, clientId)
+        return result
 
     def _handleMessage(self, session: Session, message: TimMessage) -> Any:
         self._check(session, message)
@@ -195,8 +201,38 @@ class MessagingService:
         """
         return self._send(session, message, private=True)
 
-    @inlineCallbacks
     def _send(self, session: Session, message: TimMessage, private: bool = False) -> Any:
+        """
+        Check and store a message to one user.  When the caches already know
+        everything the checks need (the usual case), this is done at once,
+        without a Deferred; otherwise the caches are filled first.
+        """
+        other = target(message)
+        if self._knownAllowed(session.uid, other, private):
+            clientId = message.id
+            if clientId is None or not self.duplicates.enabled:
+                return self._accept(session, message, other, None)
+            loaded, seen = self.duplicates.peek(session.uid, clientId)
+            if loaded:
+                return self._accept(session, message, other, seen)
+        return self._sendChecked(session, message, private)
+
+    def _knownAllowed(self, uid: str, other: str, private: bool) -> bool:
+        """
+        Whether the caches alone show that C{uid} may message C{other}.
+        """
+        relations = self.relations.peek(uid)
+        if relations is None:
+            return False
+        relation = relations.get(other)
+        if relation is not None and blocked(relation):
+            return False
+        if private or (relation is not None and areFriends(relation)):
+            return True
+        return self.config.noauth and self.accounts.isKnown(other)
+
+    @inlineCallbacks
+    def _sendChecked(self, session: Session, message: TimMessage, private: bool) -> Any:
         other = target(message)
         clientId = message.id
         if private:
@@ -205,16 +241,25 @@ class MessagingService:
                 raise TimProtocolError(ErrorCode.ERR_BLOCK, "blocked")
         else:
             yield self._mayMessage(session, other)
+        seen = None
+        if clientId is not None and self.duplicates.enabled:
+            seen = yield self.duplicates.check(session.uid, clientId)
+        yield self._accept(session, message, other, seen)
+
+    def _accept(self, session: Session, message: TimMessage, other: str, seen: Any) -> Any:
+        """
+        Hand a checked message to its conversation's owner (or answer a
+        resend, or send a stream).  Returns without waiting for the store:
+        the owner keeps the order, so the connection's next frame may start.
+        """
+        if seen is not None:
+            return self.answerResend(session, seen)
+        clientId = message.id
         self.stamp(session, message)
         message.toTid = Tid(node=other, domain=message.toTid.domain)  # type: ignore[union-attr]
         if message.odType == OdType.ORDER_STREAM:
             self.delivery.sendNow(other, TimType.TIMMESSAGE, Encoded(message))
-            return
-        if clientId is not None and self.duplicates.enabled:
-            seen = yield self.duplicates.check(session.uid, clientId)
-            if seen is not None:
-                yield self.answerResend(session, seen)
-                return
+            return None
         keep = message.odType == OdType.ORDER_INOF
         dedupe = (session.uid, clientId) if clientId is not None and self.duplicates.enabled else None
         appending = self.conversations.append(
@@ -225,7 +270,7 @@ class MessagingService:
         appending.addCallbacks(
             self._appended, self.notAppended, callbackArgs=(session.uid, other), errbackArgs=(session, message)
         )
-        # Not waiting: the owner keeps the order, the next frame may start.
+        return None
 
     def _appended(self, appended: Appended, sender: str, recipient: str) -> Appended:
         encoded = Encoded(appended.message)

@@ -166,7 +166,7 @@ class Node(MultiService):
         config, store, clock = self.config, self.store, self.clock
         self.vault = StanzaVault(self.keys)
         self.relations = RelationCache(store)
-        self.delivery = Delivery(config.messages, store, self.vault, self.sessions, self.ackIds, clock)
+        self.delivery = Delivery(config.messages, store, self.vault, self.sessions, self.ackIds, clock, self.reactor)
         self.conversations = Conversations(store, self.vault, clock, maxBatch=config.store.batch_max)
         self.duplicates = DuplicateFilter(store, clock, config.messages.dedupe_window)
         self.messaging = MessagingService(
@@ -359,6 +359,7 @@ class Node(MultiService):
         d = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._closeConnections())
         d.addBoth(lambda _: DeferredList(list(self._background)))
+        d.addBoth(lambda _: self.delivery.flushRemovals())
         d.addBoth(lambda _: self.fanout.flush())
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: self.threadPool.stop())

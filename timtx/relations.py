@@ -65,6 +65,12 @@ class RelationCache:
         """
         return self._users.get(uid)
 
+    def peek(self, uid: str) -> dict[str, Relation] | None:
+        """
+        C{uid}'s relations if cached, else C{None}.
+        """
+        return self._users.peek(uid)
+
     def between(self, uid: str, other: str) -> Deferred[Any]:
         d: Deferred[Any] = self.of(uid)
         d.addCallback(lambda known: known.get(other) or Relation(other, STANCE_NONE, STANCE_NONE))

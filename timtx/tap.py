@@ -5,6 +5,7 @@ C{twist tim --config node.ini}: the options and service of the C{tim} plugin.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -50,7 +51,10 @@ class NodeRunner(Service):
         except NodeStartError as e:
             self._fail(str(e))
             return
-        self.node.ready.addErrback(lambda f: self._fail(f.getErrorMessage()))
+        self.node.ready.addCallbacks(self._ready, lambda f: self._fail(f.getErrorMessage()))
+
+    def _ready(self, node: Any) -> None:
+        tuneGarbageCollector(node.config.node.gc_thresholds)
 
     def _fail(self, message: str) -> None:
         print(f"timtx: cannot start: {message}", file=sys.stderr)
@@ -66,6 +70,21 @@ class NodeRunner(Service):
         if self.node.running:
             return self.node.stopService()
         return None
+
+
+def tuneGarbageCollector(thresholds: tuple[str, ...]) -> None:
+    """
+    Freeze what exists now (the node's long-lived objects) out of the
+    garbage collector's scans and set its thresholds.  Process-wide, so only
+    the C{twist} entry point does it; an application embedding a node may
+    call this itself.  Measured in docs/benchmarks.md: p99 latency of 1:1
+    messages at 2,000/s fell from 177 ms to under 10 ms.
+    """
+    if not thresholds:
+        return
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*(int(t) for t in thresholds))
 
 
 def makeService(options: Options) -> IService:

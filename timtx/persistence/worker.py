@@ -4,9 +4,11 @@ One database thread with group commit.
 
 Blocking drivers (C{sqlite3}) must stay off the reactor thread.  A single
 thread owns the connection: it takes every queued operation, runs them all in
-one transaction (each inside its own savepoint, so one failing operation does
-not undo the others), commits once, and hands the results back to the
-reactor in submission order.
+one transaction, commits once, and hands the results back to the reactor in
+submission order.  If an operation fails, the batch is rolled back and run
+again with a savepoint around each operation, so that the failing one is
+undone alone and the others still commit; savepoints cost time, so they are
+only paid for when needed.
 
 Why one thread and not a pool: SQLite allows one writer at a time anyway, a
 single commit for a burst of writes is what makes durable writes fast, and a
@@ -150,6 +152,26 @@ class SerialWorker:
                 self._reactor.callFromThread(self._stopped.callback, None)
 
     def _runBatch(self, connection: Any, batch: list[tuple[Callable[[Any], Any], Deferred[Any]]]) -> None:
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        try:
+            self._begin(connection)
+            for operation, d in batch:
+                results.append((d, True, operation(connection)))
+            self._commit(connection)
+        except BaseException:
+            try:
+                self._rollback(connection)
+            except BaseException:
+                pass
+            self._runBatchIsolated(connection, batch)
+            return
+        self.batches += 1
+        self._reactor.callFromThread(_deliver, results)
+
+    def _runBatchIsolated(self, connection: Any, batch: list[tuple[Callable[[Any], Any], Deferred[Any]]]) -> None:
+        """
+        Run a batch again with a savepoint around each operation.
+        """
         results: list[tuple[Deferred[Any], bool, Any]] = []
         try:
             self._begin(connection)

@@ -13,6 +13,8 @@ import json
 from enum import Enum
 from typing import TypeVar
 
+from thrift.transport.TTransport import TMemoryBuffer
+
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TIMAUTH_TOKEN_STRING_SPEC, TimAuth, TimStruct
@@ -50,8 +52,6 @@ class _DecodeSource:
     __slots__ = ("trans", "string_length_limit", "container_length_limit")
 
     def __init__(self, data: bytes):
-        from thrift.transport.TTransport import TMemoryBuffer
-
         self.trans = TMemoryBuffer(data)
         self.string_length_limit = len(data)
         self.container_length_limit = len(data)

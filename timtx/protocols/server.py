@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -350,10 +350,18 @@ class TimServerProtocolMixin:
         try:
             while self._queue and not self._busy and not self._closing:
                 frame, handler = self._queue.popleft()
+                # Most frames are handled at once; only those whose handler
+                # returns a Deferred make the next one wait.
+                try:
+                    result = handler(frame)
+                except BaseException:
+                    self._handlerFailed(Failure(), frame)
+                    continue
+                if not isinstance(result, Deferred):
+                    continue
                 self._busy = True
-                d = maybeDeferred(handler, frame)
-                d.addErrback(self._handlerFailed, frame)
-                d.addBoth(self._handled)
+                result.addErrback(self._handlerFailed, frame)
+                result.addBoth(self._handled)
         finally:
             self._pumping = False
         if self._readingPaused and len(self._queue) <= self.node.config.client.max_queued_frames // 2:

@@ -15,6 +15,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 
+from timtx.protocols import autobahn_tuning
 from timtx.protocols.server import TimServerProtocolMixin
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ class TimWebSocketServerFactory(WebSocketServerFactory):
     """
 
     def __init__(self, node: Node, protocol: type[TimWebSocketServerProtocol], url: str = "ws://localhost/tim"):
+        autobahn_tuning.tune()
         super().__init__(url, reactor=node.reactor)
         self.node = node
         self.protocol = protocol
