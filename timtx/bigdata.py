@@ -62,6 +62,14 @@ class BigDataReceiver:
         """
         return self._assembler.timType
 
+    @property
+    def pending(self) -> bool:
+        """
+        Whether a big payload is being reassembled: the next message
+        continues it, whatever its first byte.
+        """
+        return bool(self._assembler.pending)
+
     def claims(self, data: bytes) -> bool:
         """
         Whether C{data} starts or continues a big payload.

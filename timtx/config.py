@@ -398,6 +398,12 @@ class GroupsConfig:
         "Tell members when someone joins or leaves (timtx extension: bnType 110 and 111 group notices, kept in "
         "the group's history).",
     )
+    member_notices_max: int = option(
+        500,
+        _int(0),
+        "Join and leave notices are sent only in groups of at most this many members: in a group of thousands "
+        "they would be most of the traffic. 0 means no limit.",
+    )
     manager_recall: bool = option(
         True, BOOL, "Let the founder and managers recall any member's group message (timtx extension)."
     )

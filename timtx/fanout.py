@@ -180,11 +180,14 @@ class GroupFanout:
         handler = _Acked(self, state.gid, seq)
         states = self.delivery.states
         limit = self.delivery.config.max_unacked
+        sessionsView = self.sessions.sessionsView
         written = 0
+        # The hot loop of group traffic: everything it can, it looks up
+        # once per message, not once per session.
         for uid in state.members:
             if uid == skip:
                 continue
-            for session in self.sessions.sessionsView(uid):
+            for session in sessionsView(uid):
                 st = states.get(session)
                 if st is None:
                     continue
@@ -196,14 +199,13 @@ class GroupFanout:
                     st.backlogged = True
                     continue
                 sink = session.sink
-                key = (sink.frameKind, session.encoding)
-                frame = prepared.get(key)
+                frame = prepared.get(session.frameKey)
                 if frame is None:
                     raw = header + encoded.payload(session.encoding)
-                    frame = prepared[key] = (sink.prepareFrame(raw), len(raw))
+                    frame = prepared[session.frameKey] = (sink.prepareFrame(raw), len(raw))
                 st.unacked += 1
                 session.expectAck(ackId, handler)
-                sink.writePrepared(*frame)
+                sink.writePrepared(frame[0], frame[1])
                 written += 1
         return written
 

@@ -178,7 +178,8 @@ class GroupService:
         A notice to all members about C{who}, kept in the group's history so
         that offline members see it in order.
         """
-        if not self.config.member_notices:
+        limit = self.config.member_notices_max
+        if not self.config.member_notices or (limit and len(state.members) > limit):
             return
         notice = self.notice(state, bnType, Tid(node=who))
         notice.msType = MsType.SOURCE_ROOM

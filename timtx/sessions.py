@@ -127,6 +127,8 @@ class Session:
         self.encoding = encoding
         self.loginTime = loginTime
         self.tid = Tid(node=uid, domain=domain or None, resource=resource, termtyp=termtyp, extend=extend)
+        #: Sessions with the same key take the same prepared frame.
+        self.frameKey = (getattr(sink, "frameKind", "raw"), encoding)
         self._ackIds = ackIds
         self._pendingAcks: dict[int, Callable[[Session], object]] = {}
         self.closed = False

@@ -238,7 +238,15 @@ class TimServerProtocolMixin:
         """
         if self._closing:
             return
-        if self.session is not None and self._bigData.claims(data):
+        session = self.session
+        if session is not None and len(data) >= 5 and data[0] & 0x7F == TimType.TIMACK and not self._bigData.pending:
+            # An ack: the most frequent frame by far (one per member and
+            # message in a group), so it skips the general path.
+            if self._timer is not None:
+                self._timer.reset(self.node.config.client.idle_timeout)
+            session.ackReceived(int.from_bytes(data[1:5], "big"))
+            return
+        if session is not None and self._bigData.claims(data):
             whole = self._receiveBigData(data)
             if whole is None:
                 return

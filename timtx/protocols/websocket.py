@@ -86,7 +86,13 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
         return self.factory.prepareMessage(frame, isBinary=True)
 
     def sendPrepared(self, prepared: Any) -> None:
-        if self.state == self.STATE_OPEN:
+        if self.state != self.STATE_OPEN:
+            return
+        if self._perMessageCompress is None and not self.send_queue:
+            # What autobahn's sendData does for a ready frame, without the
+            # debug text it formats for every frame (a fan-out hot spot).
+            self.transport.write(prepared.payloadHybi)
+        else:
             self.sendPreparedMessage(prepared)
 
     def loseTransport(self, reason: str) -> None:
