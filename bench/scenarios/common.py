@@ -91,7 +91,11 @@ async def measuredRun(
     for d in sending:
         await d
     tallies = await waits
-    cpu = {"node": run.node.cpuSeconds() - nodeCpu, "workers": workers.cpuSeconds() - workerCpu}
+    cpu = {
+        "node": run.node.cpuSeconds() - nodeCpu,
+        "workers": workers.cpuSeconds() - workerCpu,
+        "node_rss_kb": run.node.rssKB(),
+    }
     run.node.profileEnd()
     return tallies, cpu
 
@@ -122,6 +126,7 @@ def deliverySummary(tallies: list[dict[str, Any]], cpu: dict[str, float]) -> dic
         "node_cpu_percent": round(100 * cpu["node"] / seconds, 1) if seconds else 0.0,
         "node_cpu_us_per_delivery": round(1e6 * cpu["node"] / received, 1) if received else 0.0,
         "generator_cpu_percent": round(100 * cpu["workers"] / seconds, 1) if seconds else 0.0,
+        "node_rss_kb": int(cpu.get("node_rss_kb", 0)),
         "_latency": latency,
         "_echo": echo,
     }

@@ -118,6 +118,7 @@ class Direct(Scenario):
             *latencyRows("send → echo (stored)", s["_echo"]),
             ("send errors", str(s["send_errors"])),
             ("node CPU", f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery"),
+            ("node RSS after the run", f"{s['node_rss_kb'] / 1024:.1f} MiB"),
             ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
         ]
         if p["store"] == "sqlite" and not p["rate"]:

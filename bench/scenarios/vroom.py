@@ -143,6 +143,7 @@ class VroomFanout(Scenario):
             *latencyRows("send → receive", s["_latency"]),
             ("lost", str(s["lost"])),
             ("node CPU", f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery"),
+            ("node RSS after the run", f"{s['node_rss_kb'] / 1024:.1f} MiB"),
             ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
         ]
         return result
