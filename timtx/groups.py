@@ -97,7 +97,6 @@ class GroupService:
         self.accounts = accounts
         self.messaging = messaging
         self.clock = clock
-        self._created: dict[str, int] = {}
 
     def register(self, business: BusinessRouter) -> None:
         for rtype, handler in [
@@ -240,14 +239,13 @@ class GroupService:
         """
         if request.node is None:
             raise TimProtocolError(ErrorCode.ERR_PARAMS, "TimReq.node (the topic) is required")
-        created = self._created.get(session.uid, 0)
-        if created >= self.config.max_created_per_user:
+        founded = yield self.store.countFounded(session.uid)
+        if founded >= self.config.max_created_per_user:
             raise TimProtocolError(ErrorCode.ERR_OVERENTRY, "too many groups founded")
         gtype = GroupType.PRIVATE if request.reqInt == GroupType.PRIVATE else GroupType.OPEN
         gid = new_random_id()
         profile = self.vault.sealRoom(gid, _profileOnly(TimRoomBean(topic=request.node)))
         group = Group(gid, session.domain, session.uid, gtype, GROUP_ALIVE, self.now(), profile)
-        self._created[session.uid] = created + 1
         yield self.directory.create(group, Member(session.uid, ROLE_FOUNDER, self.now()))
         self._ack(session, Business.NEWROOM, n=gid)
 

@@ -224,6 +224,12 @@ class IMessageStore(Interface):
         @return: a L{Deferred} that fires when stored.
         """
 
+    def countFounded(uid):
+        """
+        @return: a L{Deferred} firing with how many groups that are not
+            dissolved C{uid} is the founder of.
+        """
+
     def groupMembers(gid):
         """
         @return: a L{Deferred} firing with the

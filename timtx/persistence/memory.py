@@ -15,6 +15,7 @@ from zope.interface import implementer
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
 from timtx.persistence.records import (
     BLOCK_BY_USER,
+    GROUP_ALIVE,
     Account,
     Duplicate,
     Group,
@@ -227,6 +228,9 @@ class MemoryStore:
     def updateGroup(self, group: Group) -> Deferred[None]:
         self._groups[group.gid] = group
         return succeed(None)
+
+    def countFounded(self, uid: str) -> Deferred[int]:
+        return succeed(sum(1 for g in self._groups.values() if g.founder == uid and g.status == GROUP_ALIVE))
 
     def groupMembers(self, gid: str) -> Deferred[list[Member]]:
         return succeed(list(self._members.get(gid, {}).values()))

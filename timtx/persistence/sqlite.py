@@ -19,6 +19,7 @@ from zope.interface import implementer
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
 from timtx.persistence.records import (
     BLOCK_BY_USER,
+    GROUP_ALIVE,
     Account,
     Duplicate,
     Group,
@@ -447,6 +448,13 @@ class SQLiteStore:
             )
 
         return self._run(update)
+
+    def countFounded(self, uid: str) -> Deferred[int]:
+        return self._run(
+            lambda c: c.execute(
+                "SELECT COUNT(*) FROM groups WHERE founder = ? AND status = ?", (uid, GROUP_ALIVE)
+            ).fetchone()[0]
+        )
 
     def groupMembers(self, gid: str) -> Deferred[list[Member]]:
         def read(c: sqlite3.Connection) -> list[Member]:

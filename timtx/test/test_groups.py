@@ -105,6 +105,19 @@ class GroupTestsMixin:
         self.assertEqual(sorted(members.nodelist), sorted([alice.uid, bob.uid]))
 
     @inlineCallbacks
+    def test_foundedLimit(self):
+        """
+        A user founds at most max_created_per_user groups at a time.
+        """
+        node = yield self.node(groups={"max_created_per_user": 2})
+        alice = yield self.user(node)
+        first = yield self.create(alice)
+        yield self.create(alice)
+        yield self.failsWith(ErrorCode.ERR_OVERENTRY, alice.business(Business.NEWROOM, node="third", reqInt=2))
+        yield alice.business(Business.CANCELROOM, node=first)
+        yield self.create(alice)
+
+    @inlineCallbacks
     def test_pullingIn(self):
         """
         In an open group a member may pull someone in (bnType 12 to them);

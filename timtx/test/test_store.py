@@ -241,9 +241,12 @@ class MessageStoreTestsMixin:
         self.assertEqual((yield store.groupsOf("bob")), ["g1"])
         self.assertEqual((yield store.removeMembers("g1", ["carol", "nobody"])), 1)
         self.assertEqual((yield store.groupsOf("carol")), [])
+        self.assertEqual((yield store.countFounded("alice")), 1)
         changed = Group("g1", "dom", "bob", 2, GROUP_CANCELLED, 5.0, None, 0, True)
         yield store.updateGroup(changed)
         self.assertEqual((yield store.getGroup("g1")), changed)
+        self.assertEqual((yield store.countFounded("alice")), 0)
+        self.assertEqual((yield store.countFounded("bob")), 0, "dissolved groups do not count")
 
     @inlineCallbacks
     def test_groupRequestsAndBlocks(self):
