@@ -165,17 +165,19 @@ class GroupFanout:
 
     # Pushing.
 
-    def deliver(self, state: GroupState, message: Any, skip: str | None = None) -> int:
+    def deliver(self, state: GroupState, message: Any, skip: str | None = None, encoded: Encoded | None = None) -> int:
         """
         Push a durable group message to every live session of every member
         but C{skip} (the sender, who gets an echo instead).
 
+        @param encoded: the message already encoded for the echo, to reuse.
         @return: how many sessions it was written to.
         """
         seq = message.seq
         ackId = self.ackIds.next()
         header = server_header(TimType.TIMMESSAGE, ackId)
-        encoded = Encoded(message)
+        if encoded is None:
+            encoded = Encoded(message)
         prepared: dict[tuple[str, Any], tuple[Any, int]] = {}
         handler = _Acked(self, state.gid, seq)
         states = self.delivery.states

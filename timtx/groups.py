@@ -526,12 +526,13 @@ class GroupService:
 
     def _appended(self, appended: Appended, state: GroupState, sender: str) -> Appended:
         message = appended.message
-        self.messaging.echo(sender, Encoded(message))
+        encoded = Encoded(message)
+        self.messaging.echo(sender, encoded)
         # The sender has its own message: move its cursor if it had all
         # before it, so it does not get it back as offline.
         if self.fanout.cursor(sender, state.gid) == (message.seq or 0) - 1:
             self.fanout.advance(sender, state.gid, message.seq or 0)
-        self.fanout.deliver(state, message, skip=sender)
+        self.fanout.deliver(state, message, skip=sender, encoded=encoded)
         return appended
 
     @inlineCallbacks
