@@ -62,7 +62,7 @@ class Encoded:
 
     __slots__ = ("message", "_compact", "_json")
 
-    def __init__(self, message: TimMessage):
+    def __init__(self, message: Any):
         self.message = message
         self._compact: bytes | None = None
         self._json: bytes | None = None

@@ -139,7 +139,7 @@ class PresenceService:
     def _send(self, presence: TimPresence, targets: list[str]) -> None:
         for target in targets:
             presence.toTid = Tid(node=target)
-            self.delivery.sendNow(target, TimType.TIMPRESENCE, Encoded(presence))  # type: ignore[arg-type]
+            self.delivery.sendNow(target, TimType.TIMPRESENCE, Encoded(presence))
 
     @inlineCallbacks
     def announceOffline(self, uid: str, domain: str, force: bool = False) -> Any:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from twisted.logger import Logger
 
+from timtx.delivery import Encoded
 from timtx.protocols import codec
 from timtx.protocols.bigdata import serverBigDataHeader
 from timtx.protocols.codec import Encoding
@@ -45,29 +46,22 @@ _MISSED_FIELD_BYTES = 24
 log = Logger()
 
 
-class StreamFrame:
+class StreamFrame(Encoded):
     """
     One stream frame in the forms subscribers take it: a TimStream per
     encoding, and raw TIMBIGBINARYSTREAM bytes for binary subscribers.
     Each form is built at most once.
     """
 
-    __slots__ = ("stream", "_compact", "_json", "_rawHeader")
+    __slots__ = ("_rawHeader",)
 
     def __init__(self, stream: TimStream):
-        self.stream = stream
-        self._compact: bytes | None = None
-        self._json: bytes | None = None
+        super().__init__(stream)
         self._rawHeader: bytes | None = None
 
-    def payload(self, encoding: Encoding) -> bytes:
-        if encoding is Encoding.JSON:
-            if self._json is None:
-                self._json = codec.encode_json(self.stream)
-            return self._json
-        if self._compact is None:
-            self._compact = codec.encode_compact(self.stream)
-        return self._compact
+    @property
+    def stream(self) -> TimStream:
+        return self.message
 
     def payloadWithMissed(self, encoding: Encoding, missed: int) -> bytes:
         """
