@@ -19,12 +19,12 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from timtx.delivery import Encoded
-from timtx.ids import new_random_id
+from timtx.delivery.inbox import Encoded
+from timtx.crypto.ids import new_random_id
 from timtx.protocols.constants import Business, ErrorCode, MsType, TimType, VRoomOp
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage, TimReq, TimStream
-from timtx.protocols.websocket import TimWebSocketServerProtocol
+from timtx.transports.websocket import TimWebSocketServerProtocol
 
 
 class _State:

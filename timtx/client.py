@@ -53,7 +53,7 @@ from timtx.protocols.structs import (
     TimStream,
     TimStruct,
 )
-from timtx.webhook import BytesProducer
+from timtx.chat.loginwebhook import BytesProducer
 
 #: What the body of each server frame type decodes into; C{None} for frames
 #: without a payload.  Other types arrive as raw bytes.
@@ -482,7 +482,7 @@ class TimClient:
         Send a big payload (95, 96 or 97) as timjs does, in one message, or
         in messages of at most C{chunkSize} bytes.
         """
-        from timtx.protocols.bigdata import clientBigDataFrame
+        from timtx.protocols.bigframes import clientBigDataFrame
 
         frame = clientBigDataFrame(timType, target, data, json=self.encoding is Encoding.JSON)
         step = chunkSize or len(frame)
@@ -513,7 +513,7 @@ class TimClient:
         The source (sender or room) and data of a big payload the server
         sent (types 95-97, which arrive as raw bytes).
         """
-        from timtx.protocols.bigdata import splitBigData
+        from timtx.protocols.bigframes import splitBigData
 
         return splitBigData(incoming.timType, incoming.payload)
 

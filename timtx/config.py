@@ -558,7 +558,7 @@ def _build_section(cls: type, section: str, raw: Mapping[str, str], path: str | 
 
 
 def _check_protocols(raw: Mapping[str, str], path: str | None) -> dict[str, str]:
-    from timtx.protocols.registry import resolveProtocolPath
+    from timtx.transports.registry import resolveProtocolPath
 
     for name, target in raw.items():
         try:

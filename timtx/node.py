@@ -21,35 +21,35 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from timtx.accounts import AccountService
-from timtx.bigdata import BigDataService
-from timtx.business import BusinessRouter
+from timtx.chat.accounts import AccountService
+from timtx.chat.bigpayloads import BigDataService
+from timtx.chat.business import BusinessRouter
 from timtx.config import Config
-from timtx.conversations import Conversations
-from timtx.delivery import Delivery
-from timtx.dispatch import Dispatcher
-from timtx.duplicates import DuplicateFilter
-from timtx.fanout import GroupFanout
-from timtx.groups import GroupService
-from timtx.ids import NodeKeys
-from timtx.messaging import MessagingService
+from timtx.chat.conversations import Conversations
+from timtx.delivery.inbox import Delivery
+from timtx.chat.dispatch import Dispatcher
+from timtx.chat.duplicates import DuplicateFilter
+from timtx.delivery.fanout import GroupFanout
+from timtx.chat.groups.service import GroupService
+from timtx.crypto.ids import NodeKeys
+from timtx.chat.messaging import MessagingService
 from timtx.persistence import storeFactory
-from timtx.presence import PresenceService
-from timtx.profiles import ProfileService
+from timtx.chat.presence import PresenceService
+from timtx.chat.profiles import ProfileService
 from timtx.protocols import codec
 from timtx.protocols.constants import Business, TimType
-from timtx.protocols.http import TimSite
-from timtx.protocols.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
+from timtx.transports.http import TimSite
+from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
 from timtx.protocols.structs import TimMessage, TimNodes, TimPresence, TimReq
-from timtx.protocols.tcp import TimTcpServerFactory
-from timtx.protocols.websocket import TimWebSocketResource, TimWebSocketServerFactory
-from timtx.relations import RelationCache, RosterService
-from timtx.rooms import GroupDirectory
-from timtx.sessions import AckIds, Session, SessionRegistry
-from timtx.vault import StanzaVault
-from timtx.vroomregistry import VRoomRegistry
-from timtx.vrooms import StreamPush, VRoomService
-from timtx.webhook import LoginWebhook
+from timtx.transports.tcp import TimTcpServerFactory
+from timtx.transports.websocket import TimWebSocketResource, TimWebSocketServerFactory
+from timtx.chat.roster import RelationCache, RosterService
+from timtx.chat.groups.directory import GroupDirectory
+from timtx.delivery.sessions import AckIds, Session, SessionRegistry
+from timtx.crypto.vault import StanzaVault
+from timtx.chat.vrooms.registry import VRoomRegistry
+from timtx.chat.vrooms.service import StreamPush, VRoomService
+from timtx.chat.loginwebhook import LoginWebhook
 
 
 class NodeStartError(Exception):

@@ -16,7 +16,7 @@ from twisted.internet.defer import inlineCallbacks
 
 from timtx.client import connect, register
 from timtx.config import Config, replace
-from timtx.ids import NodeKeys
+from timtx.crypto.ids import NodeKeys
 from timtx.node import Node
 from timtx.protocols.codec import Encoding
 

@@ -33,7 +33,7 @@ def notSupported(code: int | None, info: str | None, what: str) -> bool:
     """
     Whether an error answer means "this node does not serve C{what} yet":
     4107 (interface incorrect), or 4104 naming an unknown business rtype
-    (what today's L{timtx.business.BusinessRouter} answers for group
+    (what today's L{timtx.chat.business.BusinessRouter} answers for group
     rtypes).
     """
     if code == ErrorCode.ERR_INTERFACE:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Account:
     """
-    @ivar uid: the account id (tim's "node"), see L{timtx.ids}.
+    @ivar uid: the account id (tim's "node"), see L{timtx.crypto.ids}.
     @ivar domain: the tenant namespace given at registration.
-    @ivar passwordHash: see L{timtx.passwords}.
+    @ivar passwordHash: see L{timtx.crypto.passwords}.
     @ivar created: registration time, Unix seconds.
     """
 

@@ -1,5 +1,5 @@
 """
-Tests for L{timtx.accounts}, L{timtx.ids} and L{timtx.passwords}.
+Tests for L{timtx.chat.accounts}, L{timtx.crypto.ids} and L{timtx.crypto.passwords}.
 """
 
 import os
@@ -9,10 +9,10 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.accounts import AccountService
+from timtx.chat.accounts import AccountService
 from timtx.config import AccountsConfig
-from timtx.ids import NodeKeys, b58decode, b58encode
-from timtx.passwords import PasswordHasher
+from timtx.crypto.ids import NodeKeys, b58decode, b58encode
+from timtx.crypto.passwords import PasswordHasher
 from timtx.persistence.memory import MemoryStore
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError

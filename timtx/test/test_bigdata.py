@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.persistence.records import STANCE_BLOCK
-from timtx.protocols.bigdata import (
+from timtx.protocols.bigframes import (
     MAX_BIG_DATA_BYTES,
     BigDataAssembler,
     clientBigDataFrame,

@@ -1,11 +1,11 @@
 """
-Tests for L{timtx.cache}.
+Tests for L{timtx.util.cache}.
 """
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.cache import LoadingCache
+from timtx.util.cache import LoadingCache
 
 
 class LoadingCacheTests(SynchronousTestCase):

@@ -14,7 +14,7 @@ from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import TimType
 from timtx.test.base import NodeTestCase
 from timtx.testing import httpURL, wsURL
-from timtx.webhook import BytesProducer
+from timtx.chat.loginwebhook import BytesProducer
 
 
 def timjsAuth(**fields):

@@ -1,18 +1,18 @@
 """
-Tests for L{timtx.conversations}: gapless numbering, batching, failures.
+Tests for L{timtx.chat.conversations}: gapless numbering, batching, failures.
 """
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.conversations import MID_EPOCH_MS, Conversations, MidClock, pairConversation
-from timtx.ids import NodeKeys
+from timtx.chat.conversations import MID_EPOCH_MS, Conversations, MidClock, pairConversation
+from timtx.crypto.ids import NodeKeys
 from timtx.persistence.memory import MemoryStore
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
-from timtx.vault import StanzaVault
+from timtx.crypto.vault import StanzaVault
 
 
 class ControlledStore(MemoryStore):

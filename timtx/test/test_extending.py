@@ -11,8 +11,8 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.client import connect
-from timtx.protocols.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
-from timtx.protocols.websocket import TimWebSocketServerProtocol
+from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
+from timtx.transports.websocket import TimWebSocketServerProtocol
 from timtx.test.test_config import sourceRoot
 from timtx.testing import loggedInClient, requireOrSkip, startNode, testConfig, wsURL
 
@@ -68,8 +68,8 @@ class RegistryTests(SynchronousTestCase):
 
     def test_resolve(self):
         self.assertIs(
-            resolveProtocolPath("timtx.protocols.websocket:TimWebSocketServerProtocol"), TimWebSocketServerProtocol
+            resolveProtocolPath("timtx.transports.websocket:TimWebSocketServerProtocol"), TimWebSocketServerProtocol
         )
-        self.assertRaises(ValueError, resolveProtocolPath, "timtx.protocols.websocket")
-        self.assertRaises(ValueError, resolveProtocolPath, "timtx.protocols.websocket:CLOSE_TOO_BIG")
+        self.assertRaises(ValueError, resolveProtocolPath, "timtx.transports.websocket")
+        self.assertRaises(ValueError, resolveProtocolPath, "timtx.transports.websocket:CLOSE_TOO_BIG")
         self.assertRaises(ImportError, resolveProtocolPath, "no.such:Thing")

@@ -10,8 +10,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 
 from timtx.client import TimRequestFailed, connect, register
-from timtx.fanout import groupConversation
-from timtx.groups import MEMBERJOINED, MEMBERLEFT, MUTEALL, MUTEMEMBER, SETROOMCAP, TRANSFERROOM
+from timtx.delivery.fanout import groupConversation
+from timtx.chat.groups.service import MEMBERJOINED, MEMBERLEFT, MUTEALL, MUTEMEMBER, SETROOMCAP, TRANSFERROOM
 from timtx.persistence.records import MESSAGE_RECALLED, ROLE_MEMBER, Member
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, ErrorCode, GroupType, NodeInfo, TimType

@@ -1,11 +1,11 @@
 """
-Tests for L{timtx.limits}.
+Tests for L{timtx.util.ratelimit}.
 """
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.limits import KeyedBuckets, TokenBucket
+from timtx.util.ratelimit import KeyedBuckets, TokenBucket
 
 
 class TokenBucketTests(SynchronousTestCase):

@@ -395,7 +395,7 @@ class Tim2Tests(NodeTestCase):
     def post(self, node, body):
         from twisted.web.client import Agent, readBody
 
-        from timtx.webhook import BytesProducer
+        from timtx.chat.loginwebhook import BytesProducer
 
         response = yield Agent(reactor).request(b"POST", httpURL(node).encode(), None, BytesProducer(body))
         content = yield readBody(response)

@@ -6,7 +6,7 @@ recall, burn, streams, custom types, history and every refusal.
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 
-from timtx.conversations import pairConversation
+from timtx.chat.conversations import pairConversation
 from timtx.persistence.records import MESSAGE_BURNED, MESSAGE_RECALLED, STANCE_BLOCK
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import ErrorCode, TimType

@@ -10,7 +10,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from timtx.ids import NodeKeys
+from timtx.crypto.ids import NodeKeys
 from timtx.node import Node, NodeStartError
 from timtx.persistence.memory import MemoryStore
 from timtx.protocols import codec

@@ -5,7 +5,7 @@ and password changes (21).
 
 from twisted.internet.defer import inlineCallbacks
 
-from timtx.business import UNBLOCKROSTER
+from timtx.chat.business import UNBLOCKROSTER
 from timtx.client import TimRequestFailed
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, ErrorCode, TimType

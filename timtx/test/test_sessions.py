@@ -1,5 +1,5 @@
 """
-Tests for L{timtx.sessions}: device limits and acks.
+Tests for L{timtx.delivery.sessions}: device limits and acks.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -11,7 +11,7 @@ from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import parse_server_frame
 from timtx.protocols.structs import TimAck
-from timtx.sessions import AckIds, Session, SessionRegistry
+from timtx.delivery.sessions import AckIds, Session, SessionRegistry
 
 
 class FakeSink:

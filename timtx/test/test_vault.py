@@ -1,12 +1,12 @@
 """
-Tests for L{timtx.vault}: stanzas at rest are sealed with AES-GCM.
+Tests for L{timtx.crypto.vault}: stanzas at rest are sealed with AES-GCM.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.ids import NodeKeys
+from timtx.crypto.ids import NodeKeys
 from timtx.protocols.structs import TimMessage, TimUserBean
-from timtx.vault import SealError, StanzaVault
+from timtx.crypto.vault import SealError, StanzaVault
 
 
 class StanzaVaultTests(SynchronousTestCase):

@@ -24,12 +24,12 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from timtx.business import BusinessRouter, requireNode
-from timtx.conversations import Appended, Conversations
-from timtx.delivery import Delivery, Encoded
-from timtx.duplicates import DuplicateFilter
-from timtx.fanout import GroupFanout, groupConversation
-from timtx.ids import new_random_id
+from timtx.chat.business import BusinessRouter, requireNode
+from timtx.chat.conversations import Appended, Conversations
+from timtx.delivery.inbox import Delivery, Encoded
+from timtx.chat.duplicates import DuplicateFilter
+from timtx.delivery.fanout import GroupFanout, groupConversation
+from timtx.crypto.ids import new_random_id
 from timtx.persistence.records import (
     BLOCK_BY_GROUP,
     BLOCK_BY_USER,
@@ -46,14 +46,14 @@ from timtx.persistence.records import (
 from timtx.protocols.constants import Business, ErrorCode, GroupType, MsType, NodeInfo, OdType, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Tid, TimMessage, TimNodes, TimReq, TimRoomBean
-from timtx.rooms import GroupDirectory, GroupState
-from timtx.vault import StanzaVault
+from timtx.chat.groups.directory import GroupDirectory, GroupState
+from timtx.crypto.vault import StanzaVault
 
 if TYPE_CHECKING:
-    from timtx.accounts import AccountService
+    from timtx.chat.accounts import AccountService
     from timtx.config import GroupsConfig, MessagesConfig
-    from timtx.messaging import MessagingService
-    from timtx.sessions import Session
+    from timtx.chat.messaging import MessagingService
+    from timtx.delivery.sessions import Session
 
 #: timtx's group operations (TIMBUSINESS rtype), above tim's 1..21.
 TRANSFERROOM = 102

@@ -15,8 +15,8 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 
-from timtx.protocols import autobahn_tuning
-from timtx.protocols.server import TimServerProtocolMixin
+from timtx.transports import wsspeed as autobahn_tuning
+from timtx.transports.server import TimServerProtocolMixin
 
 if TYPE_CHECKING:
     from timtx.node import Node

@@ -17,14 +17,14 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from timtx.limits import KeyedBuckets
+from timtx.util.ratelimit import KeyedBuckets
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import parse_client_frame, server_frame
 from timtx.protocols.structs import TimAck, TimAuth
-from timtx.sessions import error_ack
+from timtx.delivery.sessions import error_ack
 
 if TYPE_CHECKING:
     from timtx.node import Node

@@ -30,17 +30,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from timtx.business import requireNode
+from timtx.chat.business import requireNode
 from timtx.protocols.constants import ErrorCode, TimType, VRoomOp
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Field, TimReq, TimStream, TimStruct
-from timtx.streams import StreamFrame, fanOut
-from timtx.vroomregistry import RoomStats, Subscription, VRoomRegistry
+from timtx.chat.vrooms.streams import StreamFrame, fanOut
+from timtx.chat.vrooms.registry import RoomStats, Subscription, VRoomRegistry
 
 if TYPE_CHECKING:
-    from timtx.accounts import AccountService
+    from timtx.chat.accounts import AccountService
     from timtx.config import VRoomsConfig
-    from timtx.sessions import Session
+    from timtx.delivery.sessions import Session
 
 #: timtx's own TIMVROOM rtypes, above tim's 1..6.
 VROOM_ALLOW = 101

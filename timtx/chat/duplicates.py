@@ -22,8 +22,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from timtx.cache import LoadingCache
-from timtx.conversations import Appended
+from timtx.util.cache import LoadingCache
+from timtx.chat.conversations import Appended
 from timtx.persistence.records import Duplicate
 
 #: What a client id is known as: the message written in this process, a

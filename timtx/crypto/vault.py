@@ -19,7 +19,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from timtx.ids import NodeKeys
+from timtx.crypto.ids import NodeKeys
 from timtx.protocols import codec
 from timtx.protocols.structs import TimMessage, TimRoomBean, TimUserBean
 

@@ -17,7 +17,7 @@ Fan-out to thousands of sessions is the hot path.  For each message:
   - every session gets the same acknowledgement handler, no per-session
     closures;
   - a session whose peer stopped reading only costs a counter until its
-    output limit drops it (see L{timtx.protocols.server}).
+    output limit drops it (see L{timtx.transports.server}).
 
 Cursors move in memory as acks arrive and are written to the store in
 batches (C{[groups] cursor_flush_interval}); after a crash, members get at
@@ -32,16 +32,16 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from timtx.cache import LoadingCache
-from timtx.delivery import Encoded
+from timtx.util.cache import LoadingCache
+from timtx.delivery.inbox import Encoded
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import server_header
-from timtx.vault import StanzaVault
+from timtx.crypto.vault import StanzaVault
 
 if TYPE_CHECKING:
-    from timtx.delivery import Delivery
-    from timtx.rooms import GroupDirectory, GroupState
-    from timtx.sessions import AckIds, Session, SessionRegistry
+    from timtx.delivery.inbox import Delivery
+    from timtx.chat.groups.directory import GroupDirectory, GroupState
+    from timtx.delivery.sessions import AckIds, Session, SessionRegistry
 
 
 def groupConversation(gid: str) -> str:

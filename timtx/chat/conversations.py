@@ -32,7 +32,7 @@ from timtx.persistence.records import NewMessage
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
-from timtx.vault import StanzaVault
+from timtx.crypto.vault import StanzaVault
 
 #: mids count milliseconds from here, shifted left by 12 bits: 4096 ids per
 #: millisecond, and below 2**53 (JavaScript's exact integers) until 2093.

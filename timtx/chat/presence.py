@@ -23,17 +23,17 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
-from timtx.cache import LoadingCache
-from timtx.delivery import Delivery, Encoded
+from timtx.util.cache import LoadingCache
+from timtx.delivery.inbox import Delivery, Encoded
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Tid, TimPresence
-from timtx.relations import RelationCache, areFriends
+from timtx.chat.roster import RelationCache, areFriends
 
 if TYPE_CHECKING:
-    from timtx.accounts import AccountService
+    from timtx.chat.accounts import AccountService
     from timtx.config import PresenceConfig
-    from timtx.sessions import Session
+    from timtx.delivery.sessions import Session
 
 
 class PresenceService:

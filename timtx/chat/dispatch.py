@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from timtx.protocols.structs import TimStruct
 
 if TYPE_CHECKING:
-    from timtx.sessions import Session
+    from timtx.delivery.sessions import Session
 
 Handler = Callable[["Session", Any], Any]
 

@@ -34,20 +34,20 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from timtx.conversations import Appended, Conversations, pairConversation
-from timtx.delivery import Delivery, Encoded
-from timtx.duplicates import DuplicateFilter, InFlight
+from timtx.chat.conversations import Appended, Conversations, pairConversation
+from timtx.delivery.inbox import Delivery, Encoded
+from timtx.chat.duplicates import DuplicateFilter, InFlight
 from timtx.persistence.records import MESSAGE_BURNED, MESSAGE_NORMAL, MESSAGE_RECALLED, Duplicate
 from timtx.protocols.constants import ORDER_CUSTOM_MAX, ORDER_RESERVED_MAX, ErrorCode, MsType, OdType, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Tid, TimMessage, TimMessageList, TimReq
-from timtx.relations import RelationCache, areFriends, blocked
-from timtx.vault import StanzaVault
+from timtx.chat.roster import RelationCache, areFriends, blocked
+from timtx.crypto.vault import StanzaVault
 
 if TYPE_CHECKING:
-    from timtx.accounts import AccountService
+    from timtx.chat.accounts import AccountService
     from timtx.config import MessagesConfig
-    from timtx.sessions import Session, SessionRegistry
+    from timtx.delivery.sessions import Session, SessionRegistry
 
 
 def contentSize(message: TimMessage) -> int:

@@ -1,5 +1,5 @@
 """
-Tests for L{timtx.protocols.autobahn_tuning}: the small-frame masker gives
+Tests for L{timtx.transports.wsspeed}: the small-frame masker gives
 autobahn's bytes.
 """
 
@@ -8,7 +8,7 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.protocols import autobahn_tuning
+from timtx.transports import wsspeed as autobahn_tuning
 
 
 class SmallXorMaskerTests(SynchronousTestCase):

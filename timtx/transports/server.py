@@ -5,7 +5,7 @@ The half of a client connection that does not depend on the transport.
 L{TimServerProtocolMixin} turns frames into work: it answers pings, routes
 acks, logs the client in, and runs every other frame through the handler
 that L{TimServerProtocolMixin.handlerFor} names.  WebSocket and raw TCP
-protocols (L{timtx.protocols.websocket}, L{timtx.protocols.tcp}) only move
+protocols (L{timtx.transports.websocket}, L{timtx.transports.tcp}) only move
 bytes.
 
 Frames of one connection are handled strictly in arrival order: a frame's
@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from timtx.limits import TokenBucket
+from timtx.util.ratelimit import TokenBucket
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.connection import CLOSED, AckReceived, PingReceived, RequestReceived, TimConnection
@@ -37,13 +37,13 @@ from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import ClientFrame, server_frame
 from timtx.protocols.structs import TimAuth, TimStruct
-from timtx.sessions import Session, error_ack
+from timtx.delivery.sessions import Session, error_ack
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
 
-    from timtx.bigdata import BigDataReceiver
-    from timtx.dispatch import Route
+    from timtx.chat.bigpayloads import BigDataReceiver
+    from timtx.chat.dispatch import Route
     from timtx.node import Node
 
 S = TypeVar("S", bound=TimStruct)
@@ -112,7 +112,7 @@ class TimServerProtocolMixin:
 
     # Output.
 
-    #: See L{timtx.sessions.FrameSink.frameKind}.
+    #: See L{timtx.delivery.sessions.FrameSink.frameKind}.
     frameKind = "raw"
 
     def writeFrame(self, frame: bytes) -> None:
@@ -291,7 +291,7 @@ class TimServerProtocolMixin:
         """
         Pass a message to the big payload (types 95-97) it starts or
         continues; return the whole frame once complete.  See
-        L{timtx.bigdata}.
+        L{timtx.chat.bigpayloads}.
         """
         try:
             return self._bigData.feed(data)

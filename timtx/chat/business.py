@@ -13,7 +13,7 @@ from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimReq
 
 if TYPE_CHECKING:
-    from timtx.sessions import Session
+    from timtx.delivery.sessions import Session
 
 BusinessHandler = Callable[["Session", TimReq], Any]
 

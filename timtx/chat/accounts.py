@@ -18,8 +18,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from timtx.config import AccountsConfig
-from timtx.ids import NodeKeys
-from timtx.passwords import PasswordHasher
+from timtx.crypto.ids import NodeKeys
+from timtx.crypto.passwords import PasswordHasher
 from timtx.persistence.records import Account, TokenGrant
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
@@ -37,7 +37,7 @@ class AccountService:
     """
     @param runInThread: C{runInThread(f, *args)} runs C{f} off the reactor
         thread and returns a L{Deferred} of its result.
-    @param webhook: an optional L{timtx.webhook.LoginWebhook}.
+    @param webhook: an optional L{timtx.chat.loginwebhook.LoginWebhook}.
     """
 
     log = Logger()

@@ -13,7 +13,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from timtx.protocols.errors import FrameTooLarge
 from timtx.protocols.frames import LengthPrefixedDecoder
-from timtx.protocols.server import TimServerProtocolMixin
+from timtx.transports.server import TimServerProtocolMixin
 
 if TYPE_CHECKING:
     from timtx.node import Node

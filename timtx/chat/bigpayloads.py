@@ -4,7 +4,7 @@ Big payloads: TIMBIGSTRING (95) and TIMBIGBINARY (96) to a user,
 TIMBIGBINARYSTREAM (97) into a virtual room.
 
 tim 2.1 added them for data too big to wrap in a struct.  Their layout and
-reassembly are in L{timtx.protocols.bigdata}; here a connection gets a
+reassembly are in L{timtx.protocols.bigframes}; here a connection gets a
 deadline for a payload spread over several messages, and a whole payload
 goes where it is addressed:
 
@@ -25,18 +25,18 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from timtx.protocols.bigdata import BigDataAssembler, isBigDataFrame, serverBigDataHeader, splitBigData
+from timtx.protocols.bigframes import BigDataAssembler, isBigDataFrame, serverBigDataHeader, splitBigData
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
-from timtx.protocols.server import BadFrame
-from timtx.relations import areFriends, blocked
+from timtx.transports.server import BadFrame
+from timtx.chat.roster import areFriends, blocked
 
 if TYPE_CHECKING:
-    from timtx.accounts import AccountService
+    from timtx.chat.accounts import AccountService
     from timtx.config import MessagesConfig, VRoomsConfig
-    from timtx.relations import RelationCache
-    from timtx.sessions import Session, SessionRegistry
-    from timtx.vrooms import VRoomService
+    from timtx.chat.roster import RelationCache
+    from timtx.delivery.sessions import Session, SessionRegistry
+    from timtx.chat.vrooms.service import VRoomService
 
 
 class BigDataReceiver:

@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from timtx.cache import LoadingCache
+from timtx.util.cache import LoadingCache
 from timtx.persistence.records import (
     BLOCK_BY_GROUP,
     BLOCK_BY_USER,

@@ -19,12 +19,12 @@ from timtx.protocols import codec
 from timtx.protocols.constants import ErrorCode, NodeInfo, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimNodes, TimUserBean
-from timtx.relations import RelationCache, areFriends
-from timtx.vault import StanzaVault
+from timtx.chat.roster import RelationCache, areFriends
+from timtx.crypto.vault import StanzaVault
 
 if TYPE_CHECKING:
     from timtx.config import ProfilesConfig
-    from timtx.sessions import Session
+    from timtx.delivery.sessions import Session
 
 _TEXT_FIELDS = ("name", "nickName", "brithday", "cover", "area")
 _MERGED_FIELDS = (*_TEXT_FIELDS, "gender", "photoTidAlbum", "extend", "extra")

@@ -19,18 +19,18 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
-from timtx.business import UNBLOCKROSTER, BusinessRouter, requireNode
-from timtx.cache import LoadingCache
+from timtx.chat.business import UNBLOCKROSTER, BusinessRouter, requireNode
+from timtx.util.cache import LoadingCache
 from timtx.persistence.records import STANCE_BLOCK, STANCE_FRIEND, STANCE_NONE, Relation
 from timtx.protocols.constants import Business, ErrorCode, MsType, NodeInfo, OdType, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Tid, TimMessage, TimNodes, TimReq
 
 if TYPE_CHECKING:
-    from timtx.accounts import AccountService
+    from timtx.chat.accounts import AccountService
     from timtx.config import RosterConfig
-    from timtx.delivery import Delivery
-    from timtx.sessions import Session
+    from timtx.delivery.inbox import Delivery
+    from timtx.delivery.sessions import Session
 
 
 def areFriends(relation: Relation) -> bool:

@@ -63,7 +63,7 @@ def defaultRegistry() -> ProtocolRegistry:
     """
     A registry holding timtx's own protocols.
     """
-    from timtx.protocols.tcp import TimTcpServerProtocol
-    from timtx.protocols.websocket import TimWebSocketServerProtocol
+    from timtx.transports.tcp import TimTcpServerProtocol
+    from timtx.transports.websocket import TimWebSocketServerProtocol
 
     return ProtocolRegistry({"client-ws": TimWebSocketServerProtocol, "client-tcp": TimTcpServerProtocol})

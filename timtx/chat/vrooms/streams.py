@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING, Iterable
 
 from twisted.logger import Logger
 
-from timtx.delivery import Encoded
+from timtx.delivery.inbox import Encoded
 from timtx.protocols import codec
-from timtx.protocols.bigdata import serverBigDataHeader
+from timtx.protocols.bigframes import serverBigDataHeader
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import TimType
 from timtx.protocols.structs import TimStream
 
 if TYPE_CHECKING:
-    from timtx.vroomregistry import Subscription
+    from timtx.chat.vrooms.registry import Subscription
 
 _STREAM_HEADER = bytes((TimType.TIMSTREAM,))
 #: At most what the C{missed} field adds to an encoded TimStream.

@@ -46,12 +46,12 @@ from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import server_header
 from timtx.protocols.structs import TimMessage, TimMessageList
-from timtx.vault import SealError, StanzaVault
+from timtx.crypto.vault import SealError, StanzaVault
 
 if TYPE_CHECKING:
     from timtx.config import MessagesConfig
     from timtx.persistence.records import InboxEntry
-    from timtx.sessions import AckIds, Session, SessionRegistry
+    from timtx.delivery.sessions import AckIds, Session, SessionRegistry
 
 
 class Encoded:

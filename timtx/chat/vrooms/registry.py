@@ -10,7 +10,7 @@ stream frame.
 
 This module knows rules and state, not the wire: its methods take account
 ids and sessions and raise L{TimProtocolError} with tim's codes; the
-service in L{timtx.vrooms} turns requests into calls and results into
+service in L{timtx.chat.vrooms.service} turns requests into calls and results into
 replies.  Every operation names its room, so that a cluster can later
 route each call to the node that holds the room; only subscriptions need
 the local L{Session}.
@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 
-from timtx.ids import new_random_id
-from timtx.meters import RateMeter
+from timtx.crypto.ids import new_random_id
+from timtx.util.meters import RateMeter
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
 
 if TYPE_CHECKING:
     from timtx.config import VRoomsConfig
-    from timtx.sessions import Session
+    from timtx.delivery.sessions import Session
 
 #: Bytes of randomness in a room id.  Anyone who knows the id of an open
 #: room may subscribe (tim's rule), so ids must not be guessable: tim's are

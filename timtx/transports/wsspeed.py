@@ -1,4 +1,4 @@
-# -*- test-case-name: timtx.test.test_autobahn_tuning -*-
+# -*- test-case-name: timtx.test.test_wsspeed -*-
 """
 Two changes to autobahn that profiles of a loaded node asked for
 (docs/benchmarks.md, "What the profiles show").  Both keep autobahn's
