@@ -53,7 +53,7 @@ from timtx.protocols.structs import (
     TimStream,
     TimStruct,
 )
-from timtx.chat.loginwebhook import BytesProducer
+from timtx.util.bodies import BytesProducer
 
 #: What the body of each server frame type decodes into; C{None} for frames
 #: without a payload.  Other types arrive as raw bytes.

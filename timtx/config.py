@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -557,8 +558,25 @@ def _build_section(cls: type, section: str, raw: Mapping[str, str], path: str | 
     return cls(**values)
 
 
+def resolveProtocolPath(path: str) -> type:
+    """
+    The class named by C{"package.module:Class"}.
+
+    @raise ValueError: if C{path} has no colon or does not name a class.
+    @raise ImportError: if the module cannot be imported.
+    """
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise ValueError("expected package.module:Class")
+    found = importlib.import_module(module)
+    for part in name.split("."):
+        found = getattr(found, part)
+    if not isinstance(found, type):
+        raise ValueError(f"{path} is not a class")
+    return found
+
+
 def _check_protocols(raw: Mapping[str, str], path: str | None) -> dict[str, str]:
-    from timtx.transports.registry import resolveProtocolPath
 
     for name, target in raw.items():
         try:

@@ -15,41 +15,56 @@ from typing import Any, Callable
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from timtx.chat.accounts import AccountService
 from timtx.chat.bigpayloads import BigDataService
 from timtx.chat.business import BusinessRouter
-from timtx.config import Config
 from timtx.chat.conversations import Conversations
-from timtx.delivery.inbox import Delivery
 from timtx.chat.dispatch import Dispatcher
 from timtx.chat.duplicates import DuplicateFilter
-from timtx.delivery.fanout import GroupFanout
-from timtx.chat.groups.service import GroupService
-from timtx.crypto.ids import NodeKeys
-from timtx.chat.messaging import MessagingService
-from timtx.persistence import storeFactory
+from timtx.chat.groups.core import Groups
+from timtx.chat.groups.directory import GroupDirectory
+from timtx.chat.groups.membership import GroupMembership
+from timtx.chat.groups.messages import GroupMessages
+from timtx.chat.groups.moderation import GroupModeration
+from timtx.chat.groups.profiles import GroupProfiles
+from timtx.chat.history import History
+from timtx.chat.inbound import InboundMessages
+from timtx.chat.loginwebhook import LoginWebhook
+from timtx.chat.messaging import PersonalMessaging
+from timtx.chat.permissions import MessagePermissions
 from timtx.chat.presence import PresenceService
 from timtx.chat.profiles import ProfileService
-from timtx.protocols import codec
-from timtx.protocols.constants import Business, TimType
-from timtx.transports.http import TimSite
-from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
-from timtx.protocols.structs import TimMessage, TimNodes, TimPresence, TimReq
-from timtx.transports.tcp import TimTcpServerFactory
-from timtx.transports.websocket import TimWebSocketResource, TimWebSocketServerFactory
 from timtx.chat.roster import RelationCache, RosterService
-from timtx.chat.groups.directory import GroupDirectory
-from timtx.delivery.sessions import AckIds, Session, SessionRegistry
-from timtx.crypto.vault import StanzaVault
 from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.chat.vrooms.service import StreamPush, VRoomService
-from timtx.chat.loginwebhook import LoginWebhook
+from timtx.config import Config
+from timtx.crypto.ids import NodeKeys
+from timtx.crypto.vault import StanzaVault
+from timtx.delivery.fanout import GroupFanout
+from timtx.delivery.inbox import InboxDelivery
+from timtx.delivery.notices import Notices
+from timtx.delivery.registry import SessionRegistry
+from timtx.delivery.router import LocalRouter
+from timtx.delivery.sessions import AckIds, Session
+from timtx.interfaces import IClientNode, IFrameSink, IRouter, Route
+from timtx.persistence import storeFactory
+from timtx.persistence.interfaces import IMessageStore
+from timtx.protocols import codec
+from timtx.protocols.codec import Encoding
+from timtx.protocols.constants import Business, TimType
+from timtx.protocols.structs import TimAuth, TimMessage, TimNodes, TimPresence, TimReq
+from timtx.transports.http import TimSite
+from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
+from timtx.transports.tcp import TimTcpServerFactory
+from timtx.transports.websocket import TimWebSocketResource, TimWebSocketServerFactory
 
 
 class NodeStartError(Exception):
@@ -79,15 +94,19 @@ class Listener(Service):
         super().startService()
         d = serverFromString(self.reactor, self.description).listen(self.factory)
         d.addCallback(self._listened)
-        # A TCP or SSL endpoint answers at once; surface its error now so
-        # that `twist tim` exits with a clear message instead of running
-        # with a port missing.
-        failures: list[Any] = []
+        failures: list[Failure] = []
         d.addErrback(failures.append)
         if failures:
-            raise NodeStartError(
-                f"cannot listen on {self.description!r} ({self.name}): {failures[0].getErrorMessage()}"
-            )
+            # A TCP or SSL endpoint answers at once; surface its error now
+            # so that `twist tim` exits with a clear message instead of
+            # running with a port missing.
+            raise NodeStartError(self._cannotListen(failures[0]))
+        # Other endpoints may answer later; a late failure fails L{listening}
+        # and so the node's start.
+        d.addErrback(lambda failure: self.listening.errback(NodeStartError(self._cannotListen(failure))))
+
+    def _cannotListen(self, failure: Failure) -> str:
+        return f"cannot listen on {self.description!r} ({self.name}): {failure.getErrorMessage()}"
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -104,9 +123,17 @@ class Listener(Service):
         return maybeDeferred(port.stopListening)  # type: ignore[call-overload]
 
 
+@implementer(IClientNode)
 class Node(MultiService):
     """
     One timtx node.
+
+    Its parts are built here, each once, in the order of the floors (see
+    C{docs/architecture.md}): the store, then sessions and delivery, then the
+    chat services, then the listeners.  Each part gets what it needs as
+    keyword arguments; none is patched after it is made.  A subclass
+    replaces a part by overriding its C{make...} method (the cluster
+    replaces L{makeRouter}).
 
     @param protocols: the protocol registry to serve connections with;
         C{[protocols]} in the config overrides its entries.
@@ -127,138 +154,178 @@ class Node(MultiService):
         reactor: Any,
         *,
         protocols: ProtocolRegistry | None = None,
-        store: Any = None,
+        store: IMessageStore | None = None,
         keys: NodeKeys | None = None,
-        clock: Any = None,
+        clock: IReactorTime | None = None,
     ):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.clock = clock if clock is not None else reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.keys = keys if keys is not None else NodeKeys.fromFile(config.key_path)
         self.protocols = (protocols or defaultRegistry()).copy()
         for name, path in config.protocols.items():
             self.protocols.register(name, resolveProtocolPath(path))
-        self.store = store if store is not None else storeFactory(config.store.backend).makeStore(config, reactor)
+        self.store: IMessageStore = (
+            store if store is not None else storeFactory(config.store.backend).makeStore(config, reactor)
+        )
         self.threadPool = ThreadPool(0, config.node.worker_threads, "timtx-worker")
-        webhook = None
-        if config.accounts.login_webhook:
-            webhook = LoginWebhook(reactor, config.accounts.login_webhook, config.accounts.login_webhook_timeout)
-        self.accounts = AccountService(config.accounts, self.store, self.keys, self.clock, self.runInThread, webhook)
-        self.sessions = SessionRegistry(config.devices)
-        self.ackIds = AckIds()
-        self.dispatcher = Dispatcher()
-        self._buildMessaging()
-        self._buildVrooms()
-        self.connections: set[Any] = set()
+        self.vault = StanzaVault(self.keys)
+        self.connections: set[IFrameSink] = set()
         self._background: set[Deferred[Any]] = set()
         self.ready: Deferred[Node] = Deferred()
-        self._tokenSweep = LoopingCall(self.accounts.purgeExpiredTokens)
-        self._tokenSweep.clock = self.clock
+        self._buildDelivery()
+        self._buildChat()
+        self._sweeps = self._periodicWork()
         self._listeners: dict[str, Listener] = {}
         self._addListeners()
 
-    def _buildMessaging(self) -> None:
+    # Building.
+
+    def _buildDelivery(self) -> None:
         """
-        Personal messaging: conversations, delivery, roster, presence and
-        profiles, and the routes of their frame types.
+        Sessions, and getting what users must receive to them: inboxes,
+        group fan-out, the router.
         """
         config, store, clock = self.config, self.store, self.clock
-        self.vault = StanzaVault(self.keys)
-        self.relations = RelationCache(store)
-        self.delivery = Delivery(config.messages, store, self.vault, self.sessions, self.ackIds, clock, self.reactor)
-        self.conversations = Conversations(store, self.vault, clock, maxBatch=config.store.batch_max)
-        self.duplicates = DuplicateFilter(store, clock, config.messages.dedupe_window)
-        self.messaging = MessagingService(
+        self.ackIds = AckIds()
+        self.sessions = SessionRegistry(config.devices)
+        self.directory = GroupDirectory(store, maxGroups=config.groups.cache_groups)
+        self.inbox = InboxDelivery(
             config.messages,
-            store,
-            self.vault,
-            self.conversations,
-            self.delivery,
-            self.relations,
-            self.duplicates,
-            self.accounts,
-            self.sessions,
-            clock,
+            store=store,
+            vault=self.vault,
+            sessions=self.sessions,
+            ackIds=self.ackIds,
+            clock=clock,
+            soon=self.reactor,
         )
-        self.roster = RosterService(config.roster, self.relations, self.accounts, self.delivery, clock)
-        self.presence = PresenceService(config.presence, store, self.relations, self.accounts, self.delivery)
-        self.profiles = ProfileService(config.profiles, store, self.vault, self.relations, clock)
+        self.fanout = GroupFanout(
+            store=store,
+            vault=self.vault,
+            sessions=self.sessions,
+            flow=self.inbox.flow,
+            ackIds=self.ackIds,
+            groupsOf=self.directory.groupsOf,
+            batch=config.messages.offline_batch,
+        )
+        self.inbox.addSource(self.fanout)
+        self.router = self.makeRouter()
+        self.notices = Notices(store=store, vault=self.vault, router=self.router, clock=clock)
+        self.sessions.onLastSession.append(self._lastSessionEnded)
+
+    def makeRouter(self) -> IRouter:
+        """
+        The L{IRouter} the chat services deliver through: this node's
+        sessions.  The cluster overrides it.
+        """
+        return LocalRouter(self.sessions, self.inbox, self.fanout)
+
+    def _buildChat(self) -> None:
+        """
+        The chat services, and the routes of the frame types they handle.
+        """
+        config, store, clock, vault, router = self.config, self.store, self.clock, self.vault, self.router
+        webhook = None
+        if config.accounts.login_webhook:
+            webhook = LoginWebhook(self.reactor, config.accounts.login_webhook, config.accounts.login_webhook_timeout)
+        self.accounts = AccountService(
+            config.accounts, store=store, keys=self.keys, clock=clock, runInThread=self.runInThread, webhook=webhook
+        )
+        self.relations = RelationCache(store)
+        permissions = MessagePermissions(self.relations, self.accounts, config.messages.noauth)
+        self.conversations = Conversations(store=store, vault=vault, clock=clock, maxBatch=config.store.batch_max)
+        self.duplicates = DuplicateFilter(store=store, vault=vault, clock=clock, window=config.messages.dedupe_window)
+        self.roster = RosterService(
+            config.roster, relations=self.relations, accounts=self.accounts, notices=self.notices, clock=clock
+        )
+        self.presence = PresenceService(
+            config.presence, store=store, relations=self.relations, accounts=self.accounts, router=router
+        )
+        self.messaging = PersonalMessaging(
+            config.messages,
+            store=store,
+            vault=vault,
+            clock=clock,
+            conversations=self.conversations,
+            router=router,
+            permissions=permissions,
+            duplicates=self.duplicates,
+        )
+        self.groups = Groups(
+            config.groups,
+            store=store,
+            vault=vault,
+            clock=clock,
+            directory=self.directory,
+            fanout=self.fanout,
+            conversations=self.conversations,
+            router=router,
+            notices=self.notices,
+        )
+        self.groupMessages = GroupMessages(
+            self.groups, messages=config.messages, personal=self.messaging, duplicates=self.duplicates
+        )
+        groupProfiles = GroupProfiles(self.groups)
+        self.inbound = InboundMessages(
+            personal=self.messaging,
+            groups=self.groupMessages,
+            history=History(store=store, vault=vault, limit=config.messages.history_limit),
+            maxBodyBytes=config.messages.max_body_bytes,
+        )
+        self.profiles = ProfileService(
+            config.profiles, store=store, vault=vault, relations=self.relations, clock=clock, rooms=groupProfiles
+        )
+        self.vrooms = VRoomService(
+            config.vrooms,
+            registry=VRoomRegistry(config.vrooms, clock),
+            accounts=self.accounts,
+            clock=clock,
+            maxOutputBytes=config.client.max_output_bytes,
+        )
+        self.vrooms.setServiceParent(self)
+        self.bigData = BigDataService(permissions=permissions, router=router, vrooms=self.vrooms)
+        self.sessions.onSessionRemoved.append(self.vrooms.sessionEnded)
+
         self.business = BusinessRouter()
         self.roster.register(self.business)
+        GroupMembership(self.groups, accounts=self.accounts).register(self.business)
+        GroupModeration(self.groups).register(self.business)
         self.business.register(Business.MODIFYAUTH, self._changePassword)
 
+        self.dispatcher = Dispatcher()
         route = self.dispatcher.route
         for timType in (TimType.TIMMESSAGE, TimType.TIMREVOKEMESSAGE, TimType.TIMBURNMESSAGE):
-            route(timType, TimMessage, self.messaging.handleMessage)
-        route(TimType.TIMPULLMESSAGE, TimReq, self.messaging.handlePull)
-        route(TimType.TIMOFFLINEMSG, None, lambda session, payload: self.delivery.drain(session))
+            route(timType, TimMessage, self.inbound.handleMessage)
+        route(TimType.TIMPULLMESSAGE, TimReq, self.inbound.handlePull)
+        route(TimType.TIMOFFLINEMSG, None, lambda session, payload: self.inbox.drain(session))
         route(TimType.TIMPRESENCE, TimPresence, self.presence.handlePresence)
         route(TimType.TIMBROADPRESENCE, TimPresence, self.presence.handleBroadcast)
         route(TimType.TIMBUSINESS, TimReq, self.business)
         route(TimType.TIMNODES, TimNodes, self.profiles.handleNodes)
-        self.sessions.onLastSession.append(self._lastSessionEnded)
-        self._duplicateSweep = LoopingCall(self.duplicates.purge)
-        self._duplicateSweep.clock = clock
-        self._buildGroups()
-
-    def _buildGroups(self) -> None:
-        """
-        Groups: the membership directory, fan-out with member cursors, and
-        the group operations, messages and profiles.
-        """
-        config, store, clock = self.config, self.store, self.clock
-        self.directory = GroupDirectory(store, maxGroups=config.groups.cache_groups)
-        self.fanout = GroupFanout(
-            self.directory,
-            self.delivery,
-            self.sessions,
-            store,
-            self.vault,
-            self.ackIds,
-            clock,
-            batch=config.messages.offline_batch,
-        )
-        self.delivery.sources.append(self.fanout)
-        self.groups = GroupService(
-            config.groups,
-            config.messages,
-            store,
-            self.vault,
-            self.directory,
-            self.fanout,
-            self.conversations,
-            self.delivery,
-            self.duplicates,
-            self.accounts,
-            self.messaging,
-            clock,
-        )
-        self.groups.register(self.business)
-        self.messaging.roomMessages = self.groups
-        self.profiles.roomNodes = self.groups.handleNodes
-        self._cursorFlush = LoopingCall(self.fanout.flush)
-        self._cursorFlush.clock = clock
-
-    def _buildVrooms(self) -> None:
-        """
-        Virtual rooms for live streams and big payloads, and the routes of
-        their frame types.
-        """
-        config = self.config
-        registry = VRoomRegistry(config.vrooms, self.clock)
-        self.vrooms = VRoomService(config.vrooms, registry, self.accounts, self.clock, config.client.max_output_bytes)
-        self.vrooms.setServiceParent(self)
-        self.bigData = BigDataService(
-            config.vrooms, config.messages, self.sessions, self.relations, self.accounts, self.vrooms, self.clock
-        )
-        route = self.dispatcher.route
         route(TimType.TIMVROOM, TimReq, self.vrooms.handleRequest)
         route(TimType.TIMSTREAM, StreamPush, self.vrooms.handleStream)
         route(TimType.TIMBIGSTRING, None, self.bigData.handleBigString)
         route(TimType.TIMBIGBINARY, None, self.bigData.handleBigBinary)
         route(TimType.TIMBIGBINARYSTREAM, None, self.bigData.handleBigBinaryStream)
-        self.sessions.onSessionRemoved.append(self.vrooms.sessionEnded)
+
+    def _periodicWork(self) -> list[tuple[LoopingCall, float]]:
+        """
+        What runs on a timer while the node runs, with its interval.
+        """
+        config = self.config
+        work = [
+            (self.accounts.purgeExpiredTokens, max(config.accounts.token_ttl, 1.0)),
+            (self.fanout.flush, config.groups.cursor_flush_interval),
+        ]
+        if self.duplicates.enabled:
+            work.append((self.duplicates.purge, max(config.messages.dedupe_window, 60.0)))
+        sweeps = []
+        for f, interval in work:
+            loop = LoopingCall(f)
+            loop.clock = self.clock
+            sweeps.append((loop, interval))
+        return sweeps
 
     def _lastSessionEnded(self, session: Session) -> None:
         self.runInBackground(self.presence.announceOffline, session.uid, session.domain)
@@ -266,14 +333,14 @@ class Node(MultiService):
     def runInBackground(self, f: Callable[..., Any], *args: Any) -> None:
         """
         Run C{f(*args)} without anyone waiting for it; failures are logged,
-        and the node waits for it before closing its store when it stops.
+        and the node waits for what is still under way before closing its
+        store when it stops.
         """
         d = maybeDeferred(f, *args)
-        if d.called and not isinstance(d.result, Exception):
-            d.addErrback(self._backgroundFailed)
+        d.addErrback(self._backgroundFailed)
+        if d.called:
             return
         self._background.add(d)
-        d.addErrback(self._backgroundFailed)
         d.addBoth(lambda _: self._background.discard(d))
 
     def _backgroundFailed(self, failure: Any) -> None:
@@ -325,10 +392,8 @@ class Node(MultiService):
             self.threadPool.stop()
             self.store.close()
             raise
-        self._tokenSweep.start(max(self.config.accounts.token_ttl, 1.0), now=False)
-        if self.duplicates.enabled:
-            self._duplicateSweep.start(max(self.config.messages.dedupe_window, 60.0), now=False)
-        self._cursorFlush.start(self.config.groups.cursor_flush_interval, now=False)
+        for sweep, interval in self._sweeps:
+            sweep.start(interval, now=False).addErrback(self._backgroundFailed)
         listening = [listener.listening for listener in self._listeners.values()]
         d = gatherResults([opened, *listening], consumeErrors=True)
         d.addCallbacks(self._started, self._failedToStart)
@@ -353,13 +418,13 @@ class Node(MultiService):
         if not self.running:
             return succeed(None)
         self.stopping = True
-        for sweep in (self._tokenSweep, self._duplicateSweep, self._cursorFlush):
+        for sweep, _ in self._sweeps:
             if sweep.running:
                 sweep.stop()
         d = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._closeConnections())
         d.addBoth(lambda _: DeferredList(list(self._background)))
-        d.addBoth(lambda _: self.delivery.flushRemovals())
+        d.addBoth(lambda _: self.inbox.flushRemovals())
         d.addBoth(lambda _: self.fanout.flush())
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: self.threadPool.stop())
@@ -375,7 +440,7 @@ class Node(MultiService):
         if not waits:
             return succeed(None)
         d = DeferredList(waits)
-        timeout = self.reactor.callLater(2.0, self._abortConnections)
+        timeout = self.clock.callLater(2.0, self._abortConnections)
         d.addBoth(lambda r: timeout.cancel() if timeout.active() else None)
         return d
 
@@ -385,32 +450,57 @@ class Node(MultiService):
             if transport is not None:
                 transport.abortConnection()
 
-    # What protocols call.
+    # IClientNode: what client connections call.
 
-    def canAcceptConnection(self) -> bool:
+    def connectionOpened(self, connection: IFrameSink) -> bool:
         limit = self.config.client.max_connections
-        return not limit or len(self.connections) < limit
+        if limit and len(self.connections) >= limit:
+            return False
+        self.connections.add(connection)
+        return True
 
-    def connectionOpened(self, protocol: Any) -> None:
-        self.connections.add(protocol)
-
-    def connectionClosed(self, protocol: Any) -> None:
-        self.connections.discard(protocol)
-        closed = getattr(protocol, "_nodeClosed", None)
+    def connectionClosed(self, connection: IFrameSink) -> None:
+        self.connections.discard(connection)
+        closed = getattr(connection, "_nodeClosed", None)
         if closed is not None and not closed.called:
             closed.callback(None)
 
-    def sessionStarted(self, session: Session) -> None:
-        """
-        A session logged in and got its ack.
-        """
-        self.delivery.sessionStarted(session)
+    def login(self, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Deferred[Session]:
+        d = self.accounts.authenticate(auth)
+        d.addCallback(self._startSession, sink, auth, encoding)
+        return d
+
+    def _startSession(self, grant: Any, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Session:
+        session = Session(
+            sink,
+            grant.uid,
+            grant.domain,
+            auth.resource,
+            auth.termtyp or 0,
+            encoding,
+            self.clock.seconds(),
+            self.ackIds,
+            auth.extend,
+        )
+        self.sessions.admit(session)
+        self.log.info("login {uid} termtyp={termtyp}", uid=session.uid, termtyp=session.termtyp)
+        return session
+
+    def sessionReady(self, session: Session) -> None:
+        self.inbox.sessionStarted(session)
 
     def sessionEnded(self, session: Session) -> None:
-        """
-        A session's connection closed.
-        """
-        self.delivery.sessionEnded(session)
+        self.sessions.remove(session)
+        self.inbox.sessionEnded(session)
+
+    def routeFor(self, timType: int) -> Route | None:
+        return self.dispatcher.lookup(timType)
+
+    def register(self, auth: TimAuth) -> Deferred[str]:
+        return self.accounts.register(auth)
+
+    def issueToken(self, auth: TimAuth) -> Deferred[int]:
+        return self.accounts.issueToken(auth)
 
     # For tests and tools.
 

@@ -17,9 +17,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from timtx.chat.loginwebhook import LoginWebhook
 from timtx.config import AccountsConfig
 from timtx.crypto.ids import NodeKeys
 from timtx.crypto.passwords import PasswordHasher
+from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import Account, TokenGrant
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
@@ -45,11 +47,12 @@ class AccountService:
     def __init__(
         self,
         config: AccountsConfig,
-        store: Any,
+        *,
+        store: IMessageStore,
         keys: NodeKeys,
         clock: IReactorTime,
         runInThread: RunInThread,
-        webhook: Any = None,
+        webhook: LoginWebhook | None = None,
     ):
         self.config = config
         self.store = store

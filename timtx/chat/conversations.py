@@ -21,18 +21,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from timtx.crypto.vault import StanzaVault
+from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import NewMessage
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
-from timtx.crypto.vault import StanzaVault
 
 #: mids count milliseconds from here, shifted left by 12 bits: 4096 ids per
 #: millisecond, and below 2**53 (JavaScript's exact integers) until 2093.
@@ -119,7 +119,13 @@ class Conversations:
     log = Logger()
 
     def __init__(
-        self, store: Any, vault: StanzaVault, clock: IReactorTime, maxBatch: int = 256, maxIdle: int = 100_000
+        self,
+        *,
+        store: IMessageStore,
+        vault: StanzaVault,
+        clock: IReactorTime,
+        maxBatch: int = 256,
+        maxIdle: int = 100_000,
     ):
         self.store = store
         self.vault = vault

@@ -9,30 +9,15 @@ type and calls the handler with the session and the body.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from timtx.interfaces import Route
 from timtx.protocols.structs import TimStruct
 
 if TYPE_CHECKING:
     from timtx.delivery.sessions import Session
 
 Handler = Callable[["Session", Any], Any]
-
-
-@dataclass(frozen=True)
-class Route:
-    """
-    @ivar bodyType: the struct a frame's payload decodes into, or C{None}
-        for frames whose payload is empty or not a struct (the handler then
-        receives the raw payload bytes).
-    @ivar handler: C{handler(session, body)}; may return a L{Deferred}.
-        A L{timtx.protocols.errors.TimProtocolError} it raises becomes an
-        error ack.
-    """
-
-    bodyType: type[TimStruct] | None
-    handler: Handler
 
 
 class Dispatcher:

@@ -16,15 +16,21 @@ the first copy is still being written waits for it.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from timtx.util.cache import LoadingCache
 from timtx.chat.conversations import Appended
+from timtx.crypto.vault import StanzaVault
+from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import Duplicate
+from timtx.protocols.constants import TimType
+from timtx.util.cache import LoadingCache
+
+if TYPE_CHECKING:
+    from timtx.delivery.sessions import Session
 
 #: What a client id is known as: the message written in this process, a
 #: key read from the store, or a write still under way.
@@ -62,8 +68,11 @@ class DuplicateFilter:
     #: Past this many keys for one sender, expired ones are dropped.
     pruneAbove = 10_000
 
-    def __init__(self, store: Any, clock: IReactorTime, window: float, maxSenders: int = 100_000):
+    def __init__(
+        self, *, store: IMessageStore, vault: StanzaVault, clock: IReactorTime, window: float, maxSenders: int = 100_000
+    ):
         self.store = store
+        self.vault = vault
         self.clock = clock
         self.window = window
         self.maxSenders = maxSenders
@@ -118,6 +127,26 @@ class DuplicateFilter:
             return failure
 
         appending.addCallbacks(written, failed)
+
+    @inlineCallbacks
+    def answer(self, session: Session, seen: Seen) -> Any:
+        """
+        Answer a resend with the message first stored, to this session
+        only; a message no longer in history is answered with an ack of its
+        mid.
+        """
+        if isinstance(seen, InFlight):
+            seen = yield seen.wait()
+        if isinstance(seen, Appended):
+            session.send(TimType.TIMMESSAGE, seen.message)
+            return
+        row = None
+        if seen.seq is not None and seen.conv:
+            row = yield self.store.getMessage(seen.conv, seen.mid)
+        if row is not None:
+            session.send(TimType.TIMMESSAGE, self.vault.openMessage(row.conv, row.seq, row.stanza))
+        else:
+            session.sendAck(TimType.TIMMESSAGE, t=seen.mid)
 
     def _read(self, sender: str) -> Deferred[Any]:
         d: Deferred[Any] = self.store.recentDuplicates(sender, self.clock.seconds() - self.window)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from timtx.protocols.codec import encode_json
 from timtx.protocols.structs import TimAuth
+from timtx.util.bodies import BytesProducer
 
 
 class LoginWebhook:
@@ -45,27 +44,3 @@ class LoginWebhook:
             self.log.warn("login webhook failed: {error}", error=repr(e))
             return False
         return content[:1] == b"1"
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A request body that is already in memory.
-    """
-
-    def __init__(self, body: bytes):
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass

@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
-from timtx.util.cache import LoadingCache
-from timtx.delivery.inbox import Delivery, Encoded
+from timtx.chat.roster import RelationCache, areFriends
+from timtx.delivery.encoded import Encoded
+from timtx.interfaces import IRouter
+from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Tid, TimPresence
-from timtx.chat.roster import RelationCache, areFriends
+from timtx.util.cache import LoadingCache
 
 if TYPE_CHECKING:
     from timtx.chat.accounts import AccountService
@@ -42,16 +44,17 @@ class PresenceService:
     def __init__(
         self,
         config: PresenceConfig,
-        store: Any,
+        *,
+        store: IMessageStore,
         relations: RelationCache,
         accounts: AccountService,
-        delivery: Delivery,
+        router: IRouter,
     ):
         self.config = config
         self.store = store
         self.relations = relations
         self.accounts = accounts
-        self.delivery = delivery
+        self.router = router
         self._invisible: LoadingCache[str, bool] = LoadingCache(store.getInvisible, 100_000)
 
     def isInvisible(self, uid: str) -> Any:
@@ -139,7 +142,7 @@ class PresenceService:
     def _send(self, presence: TimPresence, targets: list[str]) -> None:
         for target in targets:
             presence.toTid = Tid(node=target)
-            self.delivery.sendNow(target, TimType.TIMPRESENCE, Encoded(presence))
+            self.router.send(target, TimType.TIMPRESENCE, Encoded(presence))
 
     @inlineCallbacks
     def announceOffline(self, uid: str, domain: str, force: bool = False) -> Any:

@@ -10,37 +10,58 @@ out users without one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
+from timtx.chat.roster import RelationCache, areFriends
+from timtx.crypto.vault import StanzaVault
+from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols import codec
 from timtx.protocols.constants import ErrorCode, NodeInfo, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimNodes, TimUserBean
-from timtx.chat.roster import RelationCache, areFriends
-from timtx.crypto.vault import StanzaVault
 
 if TYPE_CHECKING:
     from timtx.config import ProfilesConfig
     from timtx.delivery.sessions import Session
+
+
+class RoomProfiles(Protocol):
+    """
+    What serves group profiles (L{timtx.chat.groups.profiles.GroupProfiles}).
+    """
+
+    def handleNodes(self, session: Session, nodes: TimNodes) -> Any: ...
+
 
 _TEXT_FIELDS = ("name", "nickName", "brithday", "cover", "area")
 _MERGED_FIELDS = (*_TEXT_FIELDS, "gender", "photoTidAlbum", "extend", "extra")
 
 
 class ProfileService:
+    """
+    User profiles (TIMNODES ntype 1 and 4); group profiles (ntype 5 and 7)
+    go to C{rooms}.
+    """
+
     def __init__(
-        self, config: ProfilesConfig, store: Any, vault: StanzaVault, relations: RelationCache, clock: IReactorTime
+        self,
+        config: ProfilesConfig,
+        *,
+        store: IMessageStore,
+        vault: StanzaVault,
+        relations: RelationCache,
+        clock: IReactorTime,
+        rooms: RoomProfiles,
     ):
         self.config = config
         self.store = store
         self.vault = vault
         self.relations = relations
         self.clock = clock
-        #: Set by the groups service: handles ntype 5 and 7.
-        self.roomNodes: Any = None
+        self.rooms = rooms
 
     def handleNodes(self, session: Session, nodes: TimNodes) -> Any:
         if nodes.ntype == NodeInfo.USERINFO:
@@ -48,9 +69,7 @@ class ProfileService:
         if nodes.ntype == NodeInfo.MODIFYUSER:
             return self.modify(session, nodes)
         if nodes.ntype in (NodeInfo.ROOMINFO, NodeInfo.MODIFYROOM):
-            if self.roomNodes is None:
-                raise TimProtocolError(ErrorCode.ERR_INTERFACE, "group profiles are not served by this node")
-            return self.roomNodes(session, nodes)
+            return self.rooms.handleNodes(session, nodes)
         raise TimProtocolError(ErrorCode.ERR_PARAMS, f"unknown TimNodes ntype {nodes.ntype}")
 
     @inlineCallbacks

@@ -20,16 +20,17 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
 from timtx.chat.business import UNBLOCKROSTER, BusinessRouter, requireNode
-from timtx.util.cache import LoadingCache
+from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import STANCE_BLOCK, STANCE_FRIEND, STANCE_NONE, Relation
 from timtx.protocols.constants import Business, ErrorCode, MsType, NodeInfo, OdType, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Tid, TimMessage, TimNodes, TimReq
+from timtx.util.cache import LoadingCache
 
 if TYPE_CHECKING:
     from timtx.chat.accounts import AccountService
     from timtx.config import RosterConfig
-    from timtx.delivery.inbox import Delivery
+    from timtx.delivery.notices import Notices
     from timtx.delivery.sessions import Session
 
 
@@ -50,7 +51,7 @@ class RelationCache:
     users are kept; the least recently used go first.
     """
 
-    def __init__(self, store: Any, maxUsers: int = 100_000):
+    def __init__(self, store: IMessageStore, maxUsers: int = 100_000):
         self.store = store
         self._users: LoadingCache[str, dict[str, Relation]] = LoadingCache(self._read, maxUsers)
 
@@ -101,15 +102,16 @@ class RosterService:
     def __init__(
         self,
         config: RosterConfig,
+        *,
         relations: RelationCache,
         accounts: AccountService,
-        delivery: Delivery,
+        notices: Notices,
         clock: IReactorTime,
     ):
         self.config = config
         self.relations = relations
         self.accounts = accounts
-        self.delivery = delivery
+        self.notices = notices
         self.clock = clock
 
     def register(self, business: BusinessRouter) -> None:
@@ -176,10 +178,10 @@ class RosterService:
             return
         yield self.relations.setStance(session.uid, other, STANCE_FRIEND)
         if relation.theirs == STANCE_FRIEND:
-            yield self.delivery.notify(other, self.notice(Business.FRIEND, session.tid, other, request.reqStr))
-            yield self.delivery.notify(session.uid, self.notice(Business.FRIEND, session.tid, other, request.reqStr))
+            yield self.notices.notify(other, self.notice(Business.FRIEND, session.tid, other, request.reqStr))
+            yield self.notices.notify(session.uid, self.notice(Business.FRIEND, session.tid, other, request.reqStr))
         else:
-            yield self.delivery.notify(other, self.notice(Business.ADDROSTER, session.tid, other, request.reqStr))
+            yield self.notices.notify(other, self.notice(Business.ADDROSTER, session.tid, other, request.reqStr))
         self._ack(session, Business.ADDROSTER, other)
 
     @inlineCallbacks
@@ -194,7 +196,7 @@ class RosterService:
         if relation.theirs == STANCE_FRIEND:
             yield self.relations.setStance(other, session.uid, STANCE_NONE)
         if areFriends(relation):
-            yield self.delivery.notify(other, self.notice(Business.REMOVEROSTER, session.tid, other))
+            yield self.notices.notify(other, self.notice(Business.REMOVEROSTER, session.tid, other))
         self._ack(session, Business.REMOVEROSTER, other)
 
     @inlineCallbacks
@@ -209,7 +211,7 @@ class RosterService:
         if relation.theirs == STANCE_FRIEND:
             yield self.relations.setStance(other, session.uid, STANCE_NONE)
         if self.config.notify_block and relation.mine != STANCE_BLOCK:
-            yield self.delivery.notify(other, self.notice(Business.BLOCKROSTER, session.tid, other))
+            yield self.notices.notify(other, self.notice(Business.BLOCKROSTER, session.tid, other))
         self._ack(session, Business.BLOCKROSTER, other)
 
     @inlineCallbacks

@@ -26,22 +26,22 @@ most that much again (at least once).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from timtx.util.cache import LoadingCache
-from timtx.delivery.inbox import Encoded
+from timtx.crypto.vault import StanzaVault
+from timtx.delivery.encoded import Encoded
+from timtx.delivery.flow import FlowControl
+from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import server_header
-from timtx.crypto.vault import StanzaVault
+from timtx.util.cache import LoadingCache
 
 if TYPE_CHECKING:
-    from timtx.delivery.inbox import Delivery
-    from timtx.chat.groups.directory import GroupDirectory, GroupState
-    from timtx.delivery.sessions import AckIds, Session, SessionRegistry
+    from timtx.delivery.registry import SessionRegistry
+    from timtx.delivery.sessions import AckIds, Session
 
 
 def groupConversation(gid: str) -> str:
@@ -63,31 +63,38 @@ class _Acked:
 
     def __call__(self, session: Session) -> None:
         self.fanout.advance(session.uid, self.gid, self.seq)
-        self.fanout.delivery.pushAcked(session)
+        self.fanout.flow.acked(session)
 
 
 class GroupFanout:
+    """
+    Pushes group messages to this node's sessions and keeps members'
+    cursors; a backlog source of the inbox reader.
+
+    @param groupsOf: C{groupsOf(uid)} fires with the ids of the groups
+        C{uid} is a member of, for what it missed.
+    """
+
     log = Logger()
 
     def __init__(
         self,
-        directory: GroupDirectory,
-        delivery: Delivery,
-        sessions: SessionRegistry,
-        store: Any,
+        *,
+        store: IMessageStore,
         vault: StanzaVault,
+        sessions: SessionRegistry,
+        flow: FlowControl,
         ackIds: AckIds,
-        clock: IReactorTime,
+        groupsOf: Callable[[str], Deferred[set[str]]],
         batch: int = 50,
         maxUsers: int = 100_000,
     ):
-        self.directory = directory
-        self.delivery = delivery
-        self.sessions = sessions
         self.store = store
         self.vault = vault
+        self.sessions = sessions
+        self.flow = flow
         self.ackIds = ackIds
-        self.clock = clock
+        self.groupsOf = groupsOf
         self.batch = batch
         self.maxUsers = maxUsers
         #: Unsaved cursor moves, by user then group.
@@ -165,61 +172,38 @@ class GroupFanout:
 
     # Pushing.
 
-    def deliver(self, state: GroupState, message: Any, skip: str | None = None, encoded: Encoded | None = None) -> int:
+    def deliver(self, gid: str, members: Iterable[str], encoded: Encoded, skip: str | None = None) -> int:
         """
-        Push a durable group message to every live session of every member
-        but C{skip} (the sender, who gets an echo instead).
+        Push a durable group message to every live session on this node of
+        every member but C{skip} (the sender, who gets an echo instead).
 
-        @param encoded: the message already encoded for the echo, to reuse.
         @return: how many sessions it was written to.
         """
-        seq = message.seq
+        seq = encoded.message.seq
         ackId = self.ackIds.next()
         header = server_header(TimType.TIMMESSAGE, ackId)
-        if encoded is None:
-            encoded = Encoded(message)
         prepared: dict[tuple[str, Any], tuple[Any, int]] = {}
-        handler = _Acked(self, state.gid, seq)
-        states = self.delivery.states
-        limit = self.delivery.config.max_unacked
+        handler = _Acked(self, gid, seq)
+        admit = self.flow.admit
         sessionsView = self.sessions.sessionsView
         written = 0
         # The hot loop of group traffic: everything it can, it looks up
         # once per message, not once per session.
-        for uid in state.members:
+        for uid in members:
             if uid == skip:
                 continue
             for session in sessionsView(uid):
-                st = states.get(session)
-                if st is None:
-                    continue
-                if not st.live:
-                    st.skipped = True
-                    continue
-                if st.unacked >= limit:
-                    st.live = False
-                    st.backlogged = True
+                if admit(session) is None:
                     continue
                 sink = session.sink
                 frame = prepared.get(session.frameKey)
                 if frame is None:
                     raw = header + encoded.payload(session.encoding)
                     frame = prepared[session.frameKey] = (sink.prepareFrame(raw), len(raw))
-                st.unacked += 1
                 session.expectAck(ackId, handler)
                 sink.writePrepared(frame[0], frame[1])
                 written += 1
         return written
-
-    def sendNow(self, state: GroupState, message: Any, skip: str | None = None) -> None:
-        """
-        Send to online members without storing or asking for acks (streams).
-        """
-        encoded = Encoded(message)
-        for uid in state.members:
-            if uid != skip:
-                for session in self.sessions.sessionsView(uid):
-                    session.sendPayload(TimType.TIMMESSAGE, encoded.payload(session.encoding))
 
     # Offline: the delivery drain asks for batches.
 
@@ -228,7 +212,7 @@ class GroupFanout:
         The next group messages C{session}'s user has not acknowledged, as
         C{(messages, onAck)}, or C{None} when it is up to date.
         """
-        d: Deferred[Any] = self.directory.groupsOf(session.uid)
+        d: Deferred[Any] = self.groupsOf(session.uid)
         d.addCallback(lambda gids: self.cursorsOf(session.uid).addCallback(lambda c: (sorted(gids), c)))
         d.addCallback(self._scan, session, 0)
         return d

@@ -1,6 +1,7 @@
 # -*- test-case-name: timtx.test.test_messaging -*-
 """
-Getting stored items to a user's sessions: at least once, in order.
+Getting stored items to a user's sessions on this node: at least once, in
+order.
 
 Everything a user must receive — a message, a recall notice, a friend
 request — is first written to the user's inbox in the store.  An entry
@@ -27,7 +28,7 @@ list and going live.
 
 A session that leaves more than C{max_unacked} pushes unacknowledged stops
 getting pushes; once it has acknowledged them all, the backlog goes out as
-lists, as after a login.
+lists, as after a login (see L{timtx.delivery.flow}).
 """
 
 from __future__ import annotations
@@ -41,66 +42,19 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from timtx.protocols import codec
-from timtx.protocols.codec import Encoding
+from timtx.crypto.vault import SealError, StanzaVault
+from timtx.delivery.encoded import Encoded
+from timtx.delivery.flow import FlowControl, SessionFlow
+from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import server_header
 from timtx.protocols.structs import TimMessage, TimMessageList
-from timtx.crypto.vault import SealError, StanzaVault
 
 if TYPE_CHECKING:
     from timtx.config import MessagesConfig
+    from timtx.delivery.registry import SessionRegistry
+    from timtx.delivery.sessions import AckIds, Session
     from timtx.persistence.records import InboxEntry
-    from timtx.delivery.sessions import AckIds, Session, SessionRegistry
-
-
-class Encoded:
-    """
-    A message encoded at most once per encoding, however many sessions get
-    it.
-    """
-
-    __slots__ = ("message", "_compact", "_json")
-
-    def __init__(self, message: Any):
-        self.message = message
-        self._compact: bytes | None = None
-        self._json: bytes | None = None
-
-    def payload(self, encoding: Encoding) -> bytes:
-        if encoding is Encoding.JSON:
-            if self._json is None:
-                self._json = codec.encode_json(self.message)
-            return self._json
-        if self._compact is None:
-            self._compact = codec.encode_compact(self.message)
-        return self._compact
-
-
-class SessionDelivery:
-    """
-    What delivery knows about one session.
-
-    @ivar inFlight: qid -> ack id of inbox entries pushed live and not yet
-        acknowledged.
-    @ivar unacked: pushes of any kind not yet acknowledged.
-    @ivar skipped: whether something was not pushed because the session was
-        not live; the drain then looks once more before going live.
-    """
-
-    __slots__ = ("live", "draining", "quiet", "backlogged", "skipped", "inFlight", "unacked", "timer")
-
-    def __init__(self) -> None:
-        self.live = False
-        self.draining = False
-        #: The drain under way is the node's own check after login: it ends
-        #: without TIMOFFLINEMSGEND, unless the client asks meanwhile.
-        self.quiet = False
-        self.backlogged = False
-        self.skipped = False
-        self.inFlight: dict[int, int] = {}
-        self.unacked = 0
-        self.timer: IDelayedCall | None = None
 
 
 class BacklogSource(Protocol):
@@ -116,13 +70,23 @@ class BacklogSource(Protocol):
         """
 
 
-class Delivery:
+class InboxDelivery:
+    """
+    Drains and pushes the inboxes of this node's sessions.
+
+    @ivar flow: the flow control of every push to this node's sessions; group
+        fan-out uses it too.
+    @ivar sources: what else a session may have missed, drained after the
+        inbox, in order.
+    """
+
     log = Logger()
 
     def __init__(
         self,
         config: MessagesConfig,
-        store: Any,
+        *,
+        store: IMessageStore,
         vault: StanzaVault,
         sessions: SessionRegistry,
         ackIds: AckIds,
@@ -144,20 +108,24 @@ class Delivery:
         #: one reactor turn leave the store in one operation per user.
         self._removals: dict[str, list[int]] = {}
         self._removalCall: IDelayedCall | None = None
-        #: Per-session state; fan-out reads it directly.
-        self.states: dict[Session, SessionDelivery] = {}
-        #: Drained after the inbox, in order.
+        self.flow = FlowControl(config.max_unacked, caughtUp=self.drain)
         self.sources: list[BacklogSource] = []
+
+    def addSource(self, source: BacklogSource) -> None:
+        """
+        Drain C{source} too, after the inbox and the sources added before.
+        """
+        self.sources.append(source)
 
     # Sessions.
 
     def sessionStarted(self, session: Session) -> None:
-        state = self.states[session] = SessionDelivery()
+        state = self.flow.start(session)
         self._removeNow(session.uid)
         d = self.store.countInbox(session.uid)
         d.addCallbacks(self._counted, self._failed, callbackArgs=(session, state), errbackArgs=(session,))
 
-    def _counted(self, count: int, session: Session, state: SessionDelivery) -> None:
+    def _counted(self, count: int, session: Session, state: SessionFlow) -> None:
         if session.closed or state.live or state.draining:
             return
         if not count and not self.sources:
@@ -172,61 +140,37 @@ class Delivery:
             self.drain(session)
 
     def sessionEnded(self, session: Session) -> None:
-        state = self.states.pop(session, None)
+        state = self.flow.end(session)
         if state is not None and state.timer is not None and state.timer.active():
             state.timer.cancel()
 
-    def state(self, session: Session) -> SessionDelivery | None:
-        return self.states.get(session)
-
     # Pushing.
 
-    def deliver(self, uid: str, qid: int, encoded: Encoded) -> None:
+    def push(self, uid: str, qid: int, encoded: Encoded) -> None:
         """
-        Push a durable inbox entry of C{uid} to its live sessions.  Call in
-        the order entries were written.
+        Push a durable inbox entry of C{uid} to its live sessions on this
+        node.  Call in the order entries were written.
         """
         ackId = header = None
+        admit = self.flow.admit
         for session in self.sessions.sessionsView(uid):
-            state = self.states.get(session)
+            state = admit(session)
             if state is None:
-                continue
-            if not state.live:
-                state.skipped = True
-                continue
-            if state.unacked >= self.config.max_unacked:
-                # It stopped acknowledging; the entry waits in the inbox.
-                state.live = False
-                state.backlogged = True
                 continue
             if ackId is None or header is None:
                 # One id for every session: the frame's bytes are the same.
                 ackId = self.ackIds.next()
                 header = server_header(TimType.TIMMESSAGE, ackId)
             state.inFlight[qid] = ackId
-            state.unacked += 1
             session.expectAck(ackId, partial(self._inboxAcked, qid))
             session.sink.writeFrameParts(header, encoded.payload(session.encoding))
 
     def _inboxAcked(self, qid: int, session: Session) -> None:
-        state = self.states.get(session)
+        state = self.flow.state(session)
         if state is not None:
             state.inFlight.pop(qid, None)
         self._remove(session.uid, [qid])
-        self.pushAcked(session)
-
-    def pushAcked(self, session: Session) -> None:
-        """
-        One push to C{session} was acknowledged.  A session that fell behind
-        gets its backlog once it has acknowledged everything.
-        """
-        state = self.states.get(session)
-        if state is None:
-            return
-        state.unacked = max(0, state.unacked - 1)
-        if state.backlogged and not state.unacked and not session.closed:
-            state.backlogged = False
-            self.drain(session)
+        self.flow.acked(session)
 
     def _remove(self, uid: str, qids: list[int]) -> None:
         self._removals.setdefault(uid, []).extend(qids)
@@ -256,26 +200,6 @@ class Delivery:
     def _removeFailed(self, uid: str, failure: Failure) -> None:
         self.log.failure("removing acknowledged entries of {uid} failed", failure, uid=uid)
 
-    def notify(self, uid: str, message: TimMessage) -> Deferred[None]:
-        """
-        Put C{message} (a notice) in C{uid}'s inbox and push it to its live
-        sessions.
-        """
-        d: Deferred[Any] = self.store.addInbox([(uid, self.vault.sealFor(uid, message))], self.clock.seconds())
-        d.addCallback(self._added, uid, message)
-        return d
-
-    def _added(self, qids: list[int], uid: str, message: TimMessage) -> None:
-        self.deliver(uid, qids[0], Encoded(message))
-
-    def sendNow(self, uid: str, timType: int, encoded: Encoded) -> None:
-        """
-        Send to C{uid}'s sessions without storing or asking for an ack: for
-        what is worthless later (streams, presence).
-        """
-        for session in self.sessions.sessionsView(uid):
-            session.sendPayload(timType, encoded.payload(session.encoding))
-
     # Offline lists.
 
     def drain(self, session: Session, quiet: bool = False) -> None:
@@ -288,7 +212,7 @@ class Delivery:
             check the client did not ask for); the wait for the client's
             request goes on if something was found.
         """
-        state = self.states.get(session)
+        state = self.flow.state(session)
         if state is None or session.closed:
             return
         if state.draining:
@@ -306,13 +230,13 @@ class Delivery:
         state.skipped = False
         self._readInbox(session, state, 0)
 
-    def _readInbox(self, session: Session, state: SessionDelivery, after: int) -> None:
+    def _readInbox(self, session: Session, state: SessionFlow, after: int) -> None:
         self._removeNow(session.uid)
         limit = self.config.offline_batch + len(state.inFlight)
         d = self.store.readInbox(session.uid, after, limit)
         d.addCallbacks(self._inboxRead, self._failed, callbackArgs=(session, state), errbackArgs=(session,))
 
-    def _inboxRead(self, entries: list[InboxEntry], session: Session, state: SessionDelivery) -> None:
+    def _inboxRead(self, entries: list[InboxEntry], session: Session, state: SessionFlow) -> None:
         if session.closed:
             return
         entries = [e for e in entries if e.qid not in state.inFlight][: self.config.offline_batch]
@@ -331,7 +255,7 @@ class Delivery:
 
         self._sendList(session, messages, acked)
 
-    def _foundQuietly(self, state: SessionDelivery) -> bool:
+    def _foundQuietly(self, state: SessionFlow) -> bool:
         """
         During the node's own check, something was found: stop and wait for
         the client to ask (or for C{offline_push_after}).
@@ -342,14 +266,14 @@ class Delivery:
             return True
         return False
 
-    def _readSource(self, session: Session, state: SessionDelivery, index: int) -> None:
+    def _readSource(self, session: Session, state: SessionFlow, index: int) -> None:
         if index >= len(self.sources):
             self._finish(session, state)
             return
         d = self.sources[index].nextBatch(session)
         d.addCallbacks(self._sourceRead, self._failed, callbackArgs=(session, state, index), errbackArgs=(session,))
 
-    def _sourceRead(self, batch: Any, session: Session, state: SessionDelivery, index: int) -> None:
+    def _sourceRead(self, batch: Any, session: Session, state: SessionFlow, index: int) -> None:
         if session.closed:
             return
         if batch is None:
@@ -370,7 +294,7 @@ class Delivery:
         batch = TimMessageList(id=secrets.randbits(53), messageList=messages)
         session.send(TimType.TIMOFFLINEMSG, batch, onAck=acked)
 
-    def _finish(self, session: Session, state: SessionDelivery) -> None:
+    def _finish(self, session: Session, state: SessionFlow) -> None:
         if state.skipped:
             # Something arrived for a source already read: look again.
             state.skipped = False

@@ -3,6 +3,8 @@
 The one exception type for anything a peer did wrong.
 """
 
+from __future__ import annotations
+
 from timtx.protocols.constants import ERROR_TEXT, ErrorCode
 
 
@@ -46,3 +48,16 @@ class FrameTooLarge(TimProtocolError):
         super().__init__(ErrorCode.ERR_BIGDATA, f"frame of {size} bytes exceeds the limit of {limit}", fatal=True)
         self.size = size
         self.limit = limit
+
+
+class BadFrame(TimProtocolError):
+    """
+    A frame that could not be understood; it counts toward a connection's
+    limit of bad frames.
+    """
+
+    @classmethod
+    def wrap(cls, error: TimProtocolError) -> BadFrame:
+        bad = cls(error.code, error.text, fatal=error.fatal)
+        bad.ackFields = error.ackFields
+        return bad

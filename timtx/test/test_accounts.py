@@ -78,7 +78,11 @@ class AccountServiceTests(SynchronousTestCase):
         self.store = MemoryStore()
         config = AccountsConfig(scrypt_n=16, scrypt_r=1, token_ttl=30, password_min_length=3)
         self.service = AccountService(
-            config, self.store, NodeKeys(b"k" * 32), self.clock, lambda f, *a: maybeDeferred(f, *a)
+            config,
+            store=self.store,
+            keys=NodeKeys(b"k" * 32),
+            clock=self.clock,
+            runInThread=lambda f, *a: maybeDeferred(f, *a),
         )
 
     def error(self, d):

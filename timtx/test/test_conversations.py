@@ -8,11 +8,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.chat.conversations import MID_EPOCH_MS, Conversations, MidClock, pairConversation
 from timtx.crypto.ids import NodeKeys
+from timtx.crypto.vault import StanzaVault
 from timtx.persistence.memory import MemoryStore
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
-from timtx.crypto.vault import StanzaVault
 
 
 class ControlledStore(MemoryStore):
@@ -48,7 +48,7 @@ class ConversationsTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(MID_EPOCH_MS / 1000 + 10)
         self.store = ControlledStore()
-        self.conversations = Conversations(self.store, StanzaVault(NodeKeys(b"c" * 32)), self.clock)
+        self.conversations = Conversations(store=self.store, vault=StanzaVault(NodeKeys(b"c" * 32)), clock=self.clock)
 
     def test_batchesWhileWriting(self):
         """
@@ -94,7 +94,7 @@ class ConversationsTests(SynchronousTestCase):
         d = self.conversations.append("c", "a", message("one"), ("b",))
         self.store.release()
         self.successResultOf(d)
-        other = Conversations(self.store, self.conversations.vault, self.clock)
+        other = Conversations(store=self.store, vault=self.conversations.vault, clock=self.clock)
         d = other.append("c", "a", message("two"), ("b",))
         self.store.release()
         self.assertEqual(self.successResultOf(d).message.seq, 2)

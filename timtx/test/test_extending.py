@@ -11,10 +11,10 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.client import connect
-from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
-from timtx.transports.websocket import TimWebSocketServerProtocol
 from timtx.test.test_config import sourceRoot
 from timtx.testing import loggedInClient, requireOrSkip, startNode, testConfig, wsURL
+from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
+from timtx.transports.websocket import TimWebSocketServerProtocol
 
 
 def exampleCode():

@@ -9,9 +9,9 @@ import socket
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 
+from timtx.chat.groups.core import MEMBERJOINED, MEMBERLEFT, MUTEALL, MUTEMEMBER, SETROOMCAP, TRANSFERROOM
 from timtx.client import TimRequestFailed, connect, register
 from timtx.delivery.fanout import groupConversation
-from timtx.chat.groups.service import MEMBERJOINED, MEMBERLEFT, MUTEALL, MUTEMEMBER, SETROOMCAP, TRANSFERROOM
 from timtx.persistence.records import MESSAGE_RECALLED, ROLE_MEMBER, Member
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, ErrorCode, GroupType, NodeInfo, TimType

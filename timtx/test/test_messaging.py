@@ -164,7 +164,7 @@ class MessagingTestsMixin:
         yield alice.next(isMessage)
         again = yield self.user(node, name="lazy-bob", registerFirst=False)
         (session,) = node.sessions.sessionsOf(bob.uid)
-        yield waitUntil(lambda: node.delivery.state(session).timer is not None)
+        yield waitUntil(lambda: node.inbox.flow.state(session).timer is not None)
         clock.advance(4.9)
         yield again.ping()
         self.assertEqual(again.take(TimType.TIMOFFLINEMSG), [])

@@ -1,17 +1,18 @@
 """
-Tests for L{timtx.delivery.sessions}: device limits and acks.
+Tests for L{timtx.delivery.sessions} and L{timtx.delivery.registry}: device limits and acks.
 """
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.config import DevicesConfig
+from timtx.delivery.registry import SessionRegistry
+from timtx.delivery.sessions import AckIds, Session
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import parse_server_frame
 from timtx.protocols.structs import TimAck
-from timtx.delivery.sessions import AckIds, Session, SessionRegistry
 
 
 class FakeSink:

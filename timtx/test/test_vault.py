@@ -5,8 +5,8 @@ Tests for L{timtx.crypto.vault}: stanzas at rest are sealed with AES-GCM.
 from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.crypto.ids import NodeKeys
-from timtx.protocols.structs import TimMessage, TimUserBean
 from timtx.crypto.vault import SealError, StanzaVault
+from timtx.protocols.structs import TimMessage, TimUserBean
 
 
 class StanzaVaultTests(SynchronousTestCase):

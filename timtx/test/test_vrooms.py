@@ -12,13 +12,13 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from timtx.chat.vrooms.service import VROOM_STATUS, sweepInterval
 from timtx.client import TimRequestFailed, register
-from timtx.util.meters import RateMeter
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.test.base import NodeTestCase, waitUntil
 from timtx.testing import httpURL, loggedInClient, uniqueName
-from timtx.chat.vrooms.service import VROOM_STATUS, sweepInterval
+from timtx.util.meters import RateMeter
 
 
 def isStream(vnode=None):

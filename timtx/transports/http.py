@@ -10,24 +10,22 @@ not echoed), as tim 2.0 answers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from timtx.util.ratelimit import KeyedBuckets
+from timtx.interfaces import IClientNode
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import parse_client_frame, server_frame
 from timtx.protocols.structs import TimAck, TimAuth
-from timtx.delivery.sessions import error_ack
-
-if TYPE_CHECKING:
-    from timtx.node import Node
+from timtx.transports.server import errorAck
+from timtx.util.ratelimit import KeyedBuckets
 
 
 class Tim2Resource(Resource):
@@ -38,7 +36,7 @@ class Tim2Resource(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, node: Node):
+    def __init__(self, node: IClientNode):
         super().__init__()
         self.node = node
         accounts = node.config.accounts
@@ -54,31 +52,31 @@ class Tim2Resource(Resource):
         try:
             frame = parse_client_frame(body)
         except TimProtocolError as e:
-            return self._reply(request, error_ack(0, e), Encoding.COMPACT)
+            return self._reply(request, errorAck(0, e), Encoding.COMPACT)
         if not self._buckets.take(request.getClientAddress().host):
             request.setResponseCode(429)  # Too Many Requests
             error = TimProtocolError(ErrorCode.ERR_OVERHZ, "too many requests")
-            return self._reply(request, error_ack(frame.timType, error), frame.encoding)
+            return self._reply(request, errorAck(frame.timType, error), frame.encoding)
         accounts = self.node.config.accounts
         if frame.timType == TimType.TIMREGISTER:
             if accounts.forbid_register:
                 request.setResponseCode(http.FORBIDDEN)
                 return b""
-            work, answer = self.node.accounts.register, lambda uid: {"n": uid}
+            work, answer = self.node.register, lambda uid: {"n": uid}
         elif frame.timType == TimType.TIMTOKEN:
             if accounts.forbid_token:
                 request.setResponseCode(http.FORBIDDEN)
                 return b""
             # t for tim 2.0 (an i64), n for tim 2.1 (a string).
-            work, answer = self.node.accounts.issueToken, lambda token: {"t": token, "n": str(token)}
+            work, answer = self.node.issueToken, lambda token: {"t": token, "n": str(token)}
         else:
             error = TimProtocolError(ErrorCode.ERR_INTERFACE, f"frame type {frame.timType} is not served on /tim2")
-            return self._reply(request, error_ack(frame.timType, error), frame.encoding)
+            return self._reply(request, errorAck(frame.timType, error), frame.encoding)
         try:
             auth = codec.decode(TimAuth, frame.payload, frame.encoding)
             d = work(auth)
         except TimProtocolError as e:
-            return self._reply(request, error_ack(frame.timType, e), frame.encoding)
+            return self._reply(request, errorAck(frame.timType, e), frame.encoding)
         finished = [False]
         request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
 
@@ -90,10 +88,10 @@ class Tim2Resource(Resource):
 
         def failed(failure: Failure) -> None:
             if isinstance(failure.value, TimProtocolError):
-                ack = error_ack(frame.timType, failure.value)
+                ack = errorAck(frame.timType, failure.value)
             else:
                 self.log.failure("/tim2 request failed", failure)
-                ack = error_ack(frame.timType, TimProtocolError(ErrorCode.ERR_UNDEFINED, "internal error"))
+                ack = errorAck(frame.timType, TimProtocolError(ErrorCode.ERR_UNDEFINED, "internal error"))
             if not finished[0]:
                 request.write(self._body(ack, frame.encoding))
                 request.finish()
@@ -151,7 +149,7 @@ class TimSite(server.Site):
 
     requestFactory = BoundedRequest
 
-    def __init__(self, node: Node, websocket: Any):
+    def __init__(self, node: IClientNode, websocket: Any):
         root = Resource()
         root.putChild(b"", _Banner())
         root.putChild(b"tim", websocket)

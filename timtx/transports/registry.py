@@ -13,26 +13,11 @@ same name, in code (L{ProtocolRegistry.register}) or in C{node.ini}::
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from timtx.config import resolveProtocolPath
 
-def resolveProtocolPath(path: str) -> type:
-    """
-    The class named by C{"package.module:Class"}.
-
-    @raise ValueError: if C{path} has no colon or does not name a class.
-    @raise ImportError: if the module cannot be imported.
-    """
-    module, sep, name = path.partition(":")
-    if not sep or not module or not name:
-        raise ValueError("expected package.module:Class")
-    found = importlib.import_module(module)
-    for part in name.split("."):
-        found = getattr(found, part)
-    if not isinstance(found, type):
-        raise ValueError(f"{path} is not a class")
-    return found
+__all__ = ["ProtocolRegistry", "defaultRegistry", "resolveProtocolPath"]
 
 
 class ProtocolRegistry:

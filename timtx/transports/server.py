@@ -6,7 +6,9 @@ L{TimServerProtocolMixin} turns frames into work: it answers pings, routes
 acks, logs the client in, and runs every other frame through the handler
 that L{TimServerProtocolMixin.handlerFor} names.  WebSocket and raw TCP
 protocols (L{timtx.transports.websocket}, L{timtx.transports.tcp}) only move
-bytes.
+bytes.  Everything a connection needs from the node comes through
+L{timtx.interfaces.IClientNode}; it sees its session as an
+L{timtx.interfaces.ISession}.
 
 Frames of one connection are handled strictly in arrival order: a frame's
 handler starts after the previous handler's L{Deferred} has fired, even when
@@ -18,33 +20,34 @@ Hooks for subclasses (see C{docs/extending.md}):
   - L{handlerFor}: which callable handles a frame type.  Override it to add
     frame types of your own.
   - L{onLogin} and L{onLogout}: a session began or ended.
+  - The limits of a connection (L{ConnectionLimits}): class attributes such
+    as C{maxFrameBytes}, or L{connectionLimits} for all of them; and what
+    happens at a limit: L{frameTooLarge}, L{outputLimitExceeded},
+    L{tooManyBadFrames}.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from timtx.util.ratelimit import TokenBucket
+from timtx.interfaces import IClientNode, IFrameSink, ISession, Route
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.connection import CLOSED, AckReceived, PingReceived, RequestReceived, TimConnection
 from timtx.protocols.constants import ErrorCode, TimType
-from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.errors import BadFrame, TimProtocolError
 from timtx.protocols.frames import ClientFrame, server_frame
-from timtx.protocols.structs import TimAuth, TimStruct
-from timtx.delivery.sessions import Session, error_ack
-
-if TYPE_CHECKING:
-    from twisted.internet.interfaces import IDelayedCall
-
-    from timtx.chat.bigpayloads import BigDataReceiver
-    from timtx.chat.dispatch import Route
-    from timtx.node import Node
+from timtx.protocols.structs import TimAck, TimAuth, TimError, TimStruct
+from timtx.transports.reassembly import BigDataReceiver
+from timtx.util.ratelimit import TokenBucket
 
 S = TypeVar("S", bound=TimStruct)
 FrameHandler = Callable[[ClientFrame], Any]
@@ -57,18 +60,46 @@ def frameEncoding(data: bytes) -> Encoding:
     return Encoding.JSON if data and data[0] & 0x80 else Encoding.COMPACT
 
 
-class BadFrame(TimProtocolError):
+def errorAck(timType: int, error: TimProtocolError, **fields: object) -> TimAck:
     """
-    A frame that could not be understood; it counts toward C{max_bad_frames}.
+    C{TimAck{ok: false, timType, error: {code, info}}} for C{error}.
+    """
+    return TimAck(ok=False, timType=timType, error=TimError(code=error.code, info=error.text), **fields)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """
+    The limits of one client connection (see C{[client]} in
+    C{docs/configuration.md} for each).
+
+    @ivar maxFrameBytes: the largest frame; a larger one closes the
+        connection (L{TimServerProtocolMixin.frameTooLarge}).
+    @ivar maxBadFrames: bad frames tolerated before closing.
+    @ivar maxQueuedFrames: frames waiting for their handler before the
+        connection stops reading.
+    @ivar maxOutputBytes: bytes that may wait for a peer that stopped
+        reading before the connection is dropped.
+    @ivar authTimeout: seconds to log in.
+    @ivar idleTimeout: seconds without a frame before a logged-in
+        connection is closed; 0 for never.
+    @ivar requestRate: frames per second on average; 0 for no limit.
+    @ivar requestBurst: frames allowed at once above the rate.
+    @ivar maxLoginAttempts: failed logins before closing.
     """
 
-    @classmethod
-    def wrap(cls, error: TimProtocolError) -> BadFrame:
-        bad = cls(error.code, error.text, fatal=error.fatal)
-        bad.ackFields = error.ackFields
-        return bad
+    maxFrameBytes: int
+    maxBadFrames: int
+    maxQueuedFrames: int
+    maxOutputBytes: int
+    authTimeout: float
+    idleTimeout: float
+    requestRate: float
+    requestBurst: int
+    maxLoginAttempts: int
 
 
+@implementer(IFrameSink)
 class TimServerProtocolMixin:
     """
     Subclasses provide C{sendBytes} and C{loseTransport}, and a
@@ -78,17 +109,52 @@ class TimServerProtocolMixin:
     Output is bounded: the protocol registers itself as the producer of its
     transport, so it learns when the peer stops reading (the transport's
     buffer is full).  While it is I{congested}, what is written is counted;
-    past C{[client] max_output_bytes} the connection is dropped.  Stream
-    data can look at L{congested} and skip a frame instead.
+    past C{maxOutputBytes} the connection is dropped.  Stream data can look
+    at L{congested} and skip a frame instead.
 
-    @ivar node: the L{timtx.node.Node}, set by the factory.
-    @ivar session: the L{Session} once logged in, else C{None}.
+    @ivar node: the L{IClientNode} this connection serves, set by the
+        factory.
+    @ivar session: the L{ISession} once logged in, else C{None}.
+    @ivar limits: the L{ConnectionLimits} of this connection, set when it
+        opens.
     """
 
     logger = Logger()
-    node: Node
+    node: IClientNode
     transport: Any
-    session: Session | None = None
+    session: Any = None
+    limits: ConnectionLimits
+
+    #: Limits of this connection.  C{None} takes the node's C{[client]}
+    #: setting; a subclass sets a number to override it for its
+    #: connections, as Twisted's C{IntNStringReceiver.MAX_LENGTH}.
+    maxFrameBytes: int | None = None
+    maxBadFrames: int | None = None
+    maxQueuedFrames: int | None = None
+    maxOutputBytes: int | None = None
+
+    def connectionLimits(self) -> ConnectionLimits:
+        """
+        The limits of a new connection: each class attribute above that is
+        set, else the node's C{[client]} setting.  Override to decide them
+        per connection.
+        """
+        client = self.node.config.client
+
+        def chosen(mine: int | None, default: int) -> int:
+            return default if mine is None else mine
+
+        return ConnectionLimits(
+            maxFrameBytes=chosen(self.maxFrameBytes, client.max_frame_bytes),
+            maxBadFrames=chosen(self.maxBadFrames, client.max_bad_frames),
+            maxQueuedFrames=chosen(self.maxQueuedFrames, client.max_queued_frames),
+            maxOutputBytes=chosen(self.maxOutputBytes, client.max_output_bytes),
+            authTimeout=client.auth_timeout,
+            idleTimeout=client.idle_timeout,
+            requestRate=client.request_rate,
+            requestBurst=client.request_burst,
+            maxLoginAttempts=client.max_login_attempts,
+        )
 
     #: Whether the peer is not reading fast enough: the transport asked its
     #: producer (this protocol) to pause.
@@ -112,7 +178,7 @@ class TimServerProtocolMixin:
 
     # Output.
 
-    #: See L{timtx.delivery.sessions.FrameSink.frameKind}.
+    #: See L{IFrameSink.frameKind}.
     frameKind = "raw"
 
     def writeFrame(self, frame: bytes) -> None:
@@ -142,14 +208,42 @@ class TimServerProtocolMixin:
             return False
         if self.congested:
             self.backlog += size
-            limit = self.node.config.client.max_output_bytes
-            if self.backlog > limit:
-                self.logger.info("dropping {session}: over {limit} bytes unread", session=self.session, limit=limit)
-                self._closing = True
-                self._queue.clear()
-                self.transport.abortConnection()
+            if self.backlog > self.limits.maxOutputBytes:
+                self.outputLimitExceeded()
                 return False
         return True
+
+    def outputLimitExceeded(self) -> None:
+        """
+        The peer left more than C{maxOutputBytes} unread: drop the
+        connection at once (what it did not read of its messages waits in
+        its inbox).
+        """
+        self.logger.info(
+            "dropping {session}: over {limit} bytes unread", session=self.session, limit=self.limits.maxOutputBytes
+        )
+        self._closing = True
+        self._queue.clear()
+        self.transport.abortConnection()
+
+    def frameTooLarge(self, size: int) -> None:
+        """
+        A frame of C{size} bytes is over C{maxFrameBytes}: the rest of the
+        stream cannot be trusted.  Says why, then closes.
+        """
+        error = TimProtocolError(
+            ErrorCode.ERR_BIGDATA, f"frame of {size} bytes exceeds the limit of {self.limits.maxFrameBytes}", fatal=True
+        )
+        self._sendError(0, error, self.tim.encoding)
+        self.closeConnection(error.text)
+
+    def tooManyBadFrames(self, error: TimProtocolError) -> None:
+        """
+        The last of C{maxBadFrames} bad frames (or a fatal one) arrived:
+        close.
+        """
+        self.logger.info("closing a connection after a bad frame: {error}", error=str(error))
+        self.closeConnection(error.text)
 
     def pauseProducing(self) -> None:
         """
@@ -181,19 +275,28 @@ class TimServerProtocolMixin:
     _closing = False
 
     def timConnectionMade(self) -> None:
-        config = self.node.config.client
-        self.tim = TimConnection(config.max_bad_frames)
+        """
+        Start serving a connection the node admitted (see
+        L{IClientNode.connectionOpened}).
+        """
+        if not hasattr(self, "limits"):
+            self.limits = self.connectionLimits()
+        limits = self.limits
+        node = self.node
+        self.tim = TimConnection(limits.maxBadFrames)
         self.session = None
         self._queue: deque[tuple[ClientFrame, FrameHandler]] = deque()
         self._busy = False
         self._pumping = False
         self._readingPaused = False
         self._loginFailures = 0
-        self._bucket = TokenBucket(config.request_rate, config.request_burst, self.node.clock)
-        self._timer: IDelayedCall | None = self.node.clock.callLater(config.auth_timeout, self._authTimedOut)
-        self._bigData: BigDataReceiver = self.node.bigData.receiver(self._bigDataTimedOut)
+        self._bucket = TokenBucket(limits.requestRate, limits.requestBurst, node.clock)
+        self._timer: IDelayedCall | None = node.clock.callLater(limits.authTimeout, self._authTimedOut)
+        vrooms = node.config.vrooms
+        self._bigData = BigDataReceiver(
+            vrooms.bigdata_max_bytes, vrooms.bigdata_timeout, node.clock, self._bigDataTimedOut
+        )
         self.transport.registerProducer(self, True)
-        self.node.connectionOpened(self)
 
     def timConnectionLost(self) -> None:
         if getattr(self, "tim", None) is None or self.tim.state is CLOSED:
@@ -205,7 +308,6 @@ class TimServerProtocolMixin:
         self._bigData.cancel()
         session, self.session = self.session, None
         if session is not None:
-            self.node.sessions.remove(session)
             session.connectionLost()
             try:
                 self.onLogout(session)
@@ -220,9 +322,7 @@ class TimServerProtocolMixin:
 
     def _authTimedOut(self) -> None:
         self._timer = None
-        self.logger.info(
-            "closing a connection that did not log in within {seconds}s", seconds=self.node.config.client.auth_timeout
-        )
+        self.logger.info("closing a connection that did not log in within {seconds}s", seconds=self.limits.authTimeout)
         self.closeConnection("login timeout")
 
     def _idleTimedOut(self) -> None:
@@ -243,7 +343,7 @@ class TimServerProtocolMixin:
             # An ack: the most frequent frame by far (one per member and
             # message in a group), so it skips the general path.
             if self._timer is not None:
-                self._timer.reset(self.node.config.client.idle_timeout)
+                self._timer.reset(self.limits.idleTimeout)
             session.ackReceived(int.from_bytes(data[1:5], "big"))
             return
         if session is not None and self._bigData.claims(data):
@@ -258,7 +358,7 @@ class TimServerProtocolMixin:
             self._refuse(timType, BadFrame.wrap(e), encoding)
             return
         if self.session is not None and self._timer is not None:
-            self._timer.reset(self.node.config.client.idle_timeout)
+            self._timer.reset(self.limits.idleTimeout)
         if isinstance(event, AckReceived):
             if self.session is not None:
                 self.session.ackReceived(event.ackId)
@@ -282,7 +382,7 @@ class TimServerProtocolMixin:
             self._refuse(frame.timType, BadFrame.wrap(error), self.tim.replyEncoding(frame))
             return
         self._queue.append((frame, handler))
-        if len(self._queue) >= self.node.config.client.max_queued_frames and not self._readingPaused:
+        if len(self._queue) >= self.limits.maxQueuedFrames and not self._readingPaused:
             self._readingPaused = True
             self.transport.pauseProducing()
         self._pump()
@@ -308,7 +408,7 @@ class TimServerProtocolMixin:
 
     def acceptsLargeMessage(self, data: bytes) -> bool:
         """
-        Whether a message over C{max_frame_bytes} may be taken: it starts or
+        Whether a message over C{maxFrameBytes} may be taken: it starts or
         continues a big payload of a logged-in client, which
         C{[vrooms] bigdata_max_bytes} bounds instead.
         """
@@ -328,7 +428,7 @@ class TimServerProtocolMixin:
             return self.handleAuth
         if self.session is None:
             return None
-        route = self.node.dispatcher.lookup(timType)
+        route = self.node.routeFor(timType)
         if route is None:
             return None
         return lambda frame: self._routed(route, frame)
@@ -372,7 +472,7 @@ class TimServerProtocolMixin:
                 result.addBoth(self._handled)
         finally:
             self._pumping = False
-        if self._readingPaused and len(self._queue) <= self.node.config.client.max_queued_frames // 2:
+        if self._readingPaused and len(self._queue) <= self.limits.maxQueuedFrames // 2:
             self._readingPaused = False
             if not self._closing:
                 self.transport.resumeProducing()
@@ -404,11 +504,10 @@ class TimServerProtocolMixin:
         """
         self._sendError(timType, error, encoding)
         if error.fatal or self.tim.badFrame():
-            self.logger.info("closing a connection after a bad frame: {error}", error=str(error))
-            self.closeConnection(error.text)
+            self.tooManyBadFrames(error)
 
     def _sendError(self, timType: int, error: TimProtocolError, encoding: Encoding | None) -> None:
-        ack = error_ack(timType, error, **error.ackFields)
+        ack = errorAck(timType, error, **error.ackFields)
         self.writeFrame(server_frame(TimType.TIMACK, codec.encode(ack, encoding or Encoding.COMPACT)))
 
     # Login.
@@ -422,34 +521,23 @@ class TimServerProtocolMixin:
             self.session.sendAck(TimType.TIMAUTH, n=self.session.uid)
             return None
         auth = self.decodeBody(frame, TimAuth)
-        d = self.node.accounts.authenticate(auth)
-        d.addCallback(self._authenticated, auth, frame)
+        d = self.node.login(self, auth, frame.encoding)
+        d.addCallback(self._authenticated)
         d.addErrback(self._loginFailed, frame)
         return d
 
-    def _authenticated(self, grant: Any, auth: TimAuth, frame: ClientFrame) -> None:
+    def _authenticated(self, session: ISession) -> None:
         if self._closing:
+            # Closed while logging in: the session never starts.
+            session.connectionLost()
+            self.node.sessionEnded(session)
             return
-        node = self.node
-        session = Session(
-            self,
-            grant.uid,
-            grant.domain,
-            auth.resource,
-            auth.termtyp or 0,
-            frame.encoding,
-            node.clock.seconds(),
-            node.ackIds,
-            auth.extend,
-        )
-        node.sessions.admit(session)
         self.session = session
-        self.tim.loggedIn(frame.encoding)
+        self.tim.loggedIn(session.encoding)
         self._cancelTimer()
-        idle = node.config.client.idle_timeout
+        idle = self.limits.idleTimeout
         if idle:
-            self._timer = node.clock.callLater(idle, self._idleTimedOut)
-        self.logger.info("login {uid} termtyp={termtyp}", uid=session.uid, termtyp=session.termtyp)
+            self._timer = self.node.clock.callLater(idle, self._idleTimedOut)
         session.sendAck(TimType.TIMAUTH, n=session.uid)
         self.onLogin(session)
 
@@ -460,18 +548,18 @@ class TimServerProtocolMixin:
         self._loginFailures += 1
         error = failure.value
         self._sendError(frame.timType, error, self.tim.replyEncoding(frame))
-        if self._loginFailures >= self.node.config.client.max_login_attempts:
+        if self._loginFailures >= self.limits.maxLoginAttempts:
             self.closeConnection("too many failed logins")
 
     # Hooks.
 
-    def onLogin(self, session: Session) -> None:
+    def onLogin(self, session: Any) -> None:
         """
         Called once the client is logged in and has its TIMAUTH ack.
         """
-        self.node.sessionStarted(session)
+        self.node.sessionReady(session)
 
-    def onLogout(self, session: Session) -> None:
+    def onLogout(self, session: Any) -> None:
         """
         Called once when a logged-in connection ends, for any reason.
         """

@@ -7,16 +7,14 @@ as a 4-byte big-endian integer, in both directions.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 
+from timtx.interfaces import IClientNode
 from timtx.protocols.errors import FrameTooLarge
 from timtx.protocols.frames import LengthPrefixedDecoder
 from timtx.transports.server import TimServerProtocolMixin
-
-if TYPE_CHECKING:
-    from timtx.node import Node
 
 _LENGTH = struct.Struct(">I")
 
@@ -27,18 +25,24 @@ class TimTcpServerProtocol(TimServerProtocolMixin, Protocol):
     """
 
     def connectionMade(self) -> None:
-        self._decoder = LengthPrefixedDecoder(self.node.config.client.max_frame_bytes)
+        if not self.node.connectionOpened(self):
+            self._closing = True
+            self.transport.abortConnection()
+            return
+        self.limits = self.connectionLimits()
+        self._decoder = LengthPrefixedDecoder(self.limits.maxFrameBytes)
         self.timConnectionMade()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
         self._decoder.feed(data)
         while not self._closing:
             try:
                 frame = self._decoder.next_frame()
             except FrameTooLarge as e:
-                # The rest of the stream cannot be framed: say why, then go.
-                self._sendError(0, e, self.tim.encoding)
-                self.closeConnection(e.text)
+                # The rest of the stream cannot be framed.
+                self.frameTooLarge(e.size)
                 return
             if frame is None:
                 return
@@ -63,14 +67,12 @@ class TimTcpServerProtocol(TimServerProtocolMixin, Protocol):
 
 
 class TimTcpServerFactory(Factory):
-    def __init__(self, node: Node, protocol: type[TimTcpServerProtocol]):
+    def __init__(self, node: IClientNode, protocol: type[TimTcpServerProtocol]):
         self.node = node
         self.protocol = protocol
 
     def buildProtocol(self, addr: Any) -> Any:
-        if not self.node.canAcceptConnection():
-            return None
-        protocol: Any = self.protocol()  # type: ignore[misc]
+        protocol: Any = self.protocol()
         protocol.factory = self
         protocol.node = self.node
         return protocol

@@ -3,36 +3,46 @@
 tim over WebSocket: binary messages at C{/tim}, one frame per message.
 
 The protocol is autobahn's L{WebSocketServerProtocol} with
-L{TimServerProtocolMixin} doing the work.  It is served by a twisted.web
-C{Site} (see L{timtx.protocols.site}) so that C{/tim2} can share the port.
+L{TimServerProtocolMixin} doing the work and the speed-ups of
+L{timtx.transports.wsspeed}.  It is served by a twisted.web C{Site} (see
+L{timtx.transports.http}) so that C{/tim2} can share the port.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 
-from timtx.transports import wsspeed as autobahn_tuning
+from timtx.interfaces import IClientNode
 from timtx.transports.server import TimServerProtocolMixin
-
-if TYPE_CHECKING:
-    from timtx.node import Node
+from timtx.transports.wsspeed import FastUnmasking, QuietSettings
 
 #: Close code for a message over the size limit (RFC 6455).
 CLOSE_TOO_BIG = 1009
 
 
-class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol):  # type: ignore[misc]
+class TimWebSocketServerProtocol(  # type: ignore[misc]
+    TimServerProtocolMixin, FastUnmasking, QuietSettings, WebSocketServerProtocol
+):
     """
     A tim client over WebSocket.
     """
 
     _timOpened = False
+    #: Whether the node counts this connection.
+    _admitted = False
     #: The close code L{loseTransport} sends.
     _closeCode = 1000
+
+    def connectionMade(self) -> None:
+        # autobahn's own limit of a message is this connection's, until
+        # login lets big payloads through.
+        self.limits = self.connectionLimits()
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = self.limits.maxFrameBytes
+        super().connectionMade()
 
     def onConnect(self, request: Any) -> None:
         client = self.node.config.client
@@ -42,8 +52,9 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
                 raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "an Origin header is required")
         elif "*" not in client.allowed_origins and origin not in client.allowed_origins:
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
-        if not self.node.canAcceptConnection():
+        if not self.node.connectionOpened(self):
             raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many connections")
+        self._admitted = True
         return None
 
     def onOpen(self) -> None:
@@ -53,9 +64,9 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # timjs and timgo send binary messages; a text message carries the
         # same bytes and is treated alike.
-        if len(payload) > self.node.config.client.max_frame_bytes and not self.acceptsLargeMessage(payload):
+        if len(payload) > self.limits.maxFrameBytes and not self.acceptsLargeMessage(payload):
             self._closeCode = CLOSE_TOO_BIG
-            self.closeConnection(f"message over {self.node.config.client.max_frame_bytes} bytes")
+            self.closeConnection(f"message over {self.limits.maxFrameBytes} bytes")
             return
         self.frameReceived(payload)
 
@@ -63,14 +74,17 @@ class TimWebSocketServerProtocol(TimServerProtocolMixin, WebSocketServerProtocol
         # timjs sends a big payload (TIMBIGBINARY...) as one message: once
         # logged in, messages may be that large, and onMessage holds every
         # other frame to max_frame_bytes.
-        config = self.node.config
-        limit = max(config.client.max_frame_bytes, config.vrooms.bigdata_max_bytes)
+        limit = max(self.limits.maxFrameBytes, self.node.config.vrooms.bigdata_max_bytes)
         self.maxMessagePayloadSize = self.maxFramePayloadSize = limit
         super().onLogin(session)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._timOpened:
             self.timConnectionLost()
+        elif self._admitted:
+            # Counted at the handshake, closed before it completed.
+            self.node.connectionClosed(self)
+        self._admitted = False
 
     frameKind = "ws"
 
@@ -110,8 +124,7 @@ class TimWebSocketServerFactory(WebSocketServerFactory):
     C{client-ws}) bound to a node.
     """
 
-    def __init__(self, node: Node, protocol: type[TimWebSocketServerProtocol], url: str = "ws://localhost/tim"):
-        autobahn_tuning.tune()
+    def __init__(self, node: IClientNode, protocol: type[TimWebSocketServerProtocol], url: str = "ws://localhost/tim"):
         super().__init__(url, reactor=node.reactor)
         self.node = node
         self.protocol = protocol
@@ -125,6 +138,8 @@ class TimWebSocketServerFactory(WebSocketServerFactory):
             failByDrop=False,
             # tim clients ping on their own (TIMPING frames).
             autoPingInterval=0,
+            # Frames are unmasked by FastUnmasking.onFrameBegin instead.
+            applyMask=False,
         )
 
     def buildProtocol(self, addr: Any) -> Any:

@@ -1,31 +1,40 @@
 # -*- test-case-name: timtx.test.test_wsspeed -*-
 """
-Two changes to autobahn that profiles of a loaded node asked for
-(docs/benchmarks.md, "What the profiles show").  Both keep autobahn's
-behaviour and only change its cost; L{tune} applies them once per process.
+Two speed-ups of autobahn's WebSocket server protocol that profiles of a
+loaded node asked for (docs/benchmarks.md, "What the profiles show"), for
+timtx's own protocol classes only.
+
+Both are subclass overrides and protocol options: no name inside autobahn
+is changed, so every other autobahn protocol in the process (timtx's own
+client, a downstream project's WAMP code) behaves as autobahn ships it.
 
   - Unmasking small frames.  For every frame a client sends, autobahn makes
     a C-level (CFFI) XOR masker object; for the short frames of chat that
-    costs more than the XOR itself.  Frames up to L{SMALL_FRAME} bytes are
-    unmasked with one big-integer XOR instead; larger frames keep
-    autobahn's masker.
-  - Its per-connection debug line.  Every new connection pretty-prints the
-    protocol's 29 settings for a debug log line, whether debug logging is on
-    or not; now the text is only made if the line is written.
+    costs more than the XOR itself.  L{FastUnmasking} turns autobahn's own
+    unmasking off (the C{applyMask} protocol option) and unmasks each frame
+    itself as it begins (L{FastUnmasking.onFrameBegin}, the documented
+    streaming hook): frames up to L{SMALL_FRAME} bytes with one big-integer
+    XOR, larger ones with autobahn's masker.
+  - The per-connection debug line.  On every new connection autobahn copies
+    its 29 settings from the factory and pretty-prints them for a debug log
+    line, whether debug logging is on or not.  L{QuietSettings} copies the
+    settings itself and leaves autobahn's list of them (C{CONFIG_ATTRS})
+    empty for its classes, so nothing is formatted.
+
+C{timtx.test.test_wsspeed} checks the autobahn behaviour both rely on, so
+that an autobahn release that changes it fails the suite rather than
+corrupting frames.
 """
 
 from __future__ import annotations
 
-import pprint
 from typing import Any
 
-from autobahn.websocket import protocol as _protocol
+from autobahn.websocket.protocol import WebSocketServerProtocol
+from autobahn.websocket.xormasker import create_xor_masker
 
 #: Frames up to this many bytes are unmasked in Python.
 SMALL_FRAME = 16384
-
-_original = _protocol.create_xor_masker
-_tuned = False
 
 
 class SmallXorMasker:
@@ -57,36 +66,51 @@ class SmallXorMasker:
         return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
-def create_xor_masker(mask: bytes, length: int | None = None) -> Any:
-    if length is not None and length <= SMALL_FRAME:
+def maskerFor(mask: bytes, length: int) -> Any:
+    """
+    The masker for a frame of C{length} bytes: L{SmallXorMasker} for small
+    frames, autobahn's own for larger ones.
+    """
+    if length <= SMALL_FRAME:
         return SmallXorMasker(mask)
-    return _original(mask, length)
+    return create_xor_masker(mask, length)
 
 
-class LazyPformat:
+class FastUnmasking:
     """
-    C{pprint.pformat} of a value, made when the text is asked for.
+    Mix into an autobahn WebSocket protocol (before it in the bases) whose
+    factory sets C{applyMask=False}: unmasks each client frame as it
+    begins.
     """
 
-    __slots__ = ("value",)
+    current_frame: Any
+    current_frame_masker: Any
 
-    def __init__(self, value: Any):
-        self.value = value
-
-    def __str__(self) -> str:
-        return pprint.pformat(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
+    def onFrameBegin(self) -> None:
+        frame = self.current_frame
+        if frame.mask is not None and frame.length > 0:
+            self.current_frame_masker = maskerFor(frame.mask, frame.length)
+        super().onFrameBegin()  # type: ignore[misc]
 
 
-def tune() -> None:
+class QuietSettings:
     """
-    Apply both changes to autobahn's WebSocket protocol module (once).
+    Mix into an autobahn WebSocket server protocol (before it in the
+    bases): copies the factory's settings without formatting them for a
+    debug line.  Settings already set on the protocol (a subclass's class
+    attribute, or one set before the connection opens) win, as in
+    autobahn.
     """
-    global _tuned
-    if _tuned:
-        return
-    _tuned = True
-    _protocol.create_xor_masker = create_xor_masker
-    _protocol.pformat = LazyPformat  # type: ignore[assignment]
+
+    #: Empty for autobahn's own copying loop, which formats what it copies.
+    CONFIG_ATTRS: tuple[str, ...] = ()
+    #: What autobahn would copy.
+    SETTINGS: tuple[str, ...] = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
+
+    factory: Any
+
+    def connectionMade(self) -> None:
+        for name in self.SETTINGS:
+            if not hasattr(self, name):
+                setattr(self, name, getattr(self.factory, name))
+        super().connectionMade()  # type: ignore[misc]

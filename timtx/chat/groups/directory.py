@@ -15,7 +15,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
-from timtx.util.cache import LoadingCache
 from timtx.persistence.records import (
     BLOCK_BY_GROUP,
     BLOCK_BY_USER,
@@ -25,6 +24,7 @@ from timtx.persistence.records import (
     Group,
     Member,
 )
+from timtx.util.cache import LoadingCache
 
 
 @dataclass

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IReactorTime
 
 from timtx.crypto.ids import new_random_id
-from timtx.util.meters import RateMeter
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
+from timtx.util.meters import RateMeter
 
 if TYPE_CHECKING:
     from timtx.config import VRoomsConfig

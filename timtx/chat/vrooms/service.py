@@ -31,11 +31,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from timtx.chat.business import requireNode
+from timtx.chat.vrooms.registry import RoomStats, Subscription, VRoomRegistry
+from timtx.chat.vrooms.streams import StreamFrame, fanOut
 from timtx.protocols.constants import ErrorCode, TimType, VRoomOp
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Field, TimReq, TimStream, TimStruct
-from timtx.chat.vrooms.streams import StreamFrame, fanOut
-from timtx.chat.vrooms.registry import RoomStats, Subscription, VRoomRegistry
 
 if TYPE_CHECKING:
     from timtx.chat.accounts import AccountService
@@ -94,6 +94,7 @@ class VRoomService(Service):
     def __init__(
         self,
         config: VRoomsConfig,
+        *,
         registry: VRoomRegistry,
         accounts: AccountService,
         clock: IReactorTime,

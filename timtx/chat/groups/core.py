@@ -1,0 +1,177 @@
+# -*- test-case-name: timtx.test.test_groups -*-
+"""
+What every group operation shares: finding a group, checking roles,
+notices, and admitting and dropping members.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+
+from timtx.chat.conversations import Conversations
+from timtx.chat.groups.directory import GroupDirectory, GroupState
+from timtx.crypto.vault import StanzaVault
+from timtx.delivery.encoded import Encoded
+from timtx.delivery.fanout import GroupFanout, groupConversation
+from timtx.delivery.notices import Notices
+from timtx.interfaces import IRouter
+from timtx.persistence.interfaces import IMessageStore
+from timtx.persistence.records import ROLE_FOUNDER, ROLE_MANAGER, ROLE_MEMBER, Member
+from timtx.protocols.constants import ErrorCode, MsType, OdType, TimType
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.structs import Tid, TimMessage
+
+if TYPE_CHECKING:
+    from timtx.config import GroupsConfig
+    from timtx.delivery.sessions import Session
+
+#: timtx's group operations (TIMBUSINESS rtype), above tim's 1..21.
+TRANSFERROOM = 102
+SETROOMCAP = 103
+MUTEMEMBER = 104
+MUTEALL = 105
+
+#: bnTypes of timtx's notices.
+MEMBERJOINED = 110
+MEMBERLEFT = 111
+ROOMTRANSFERRED = 112
+
+
+class Groups:
+    """
+    The collaborators and rules the group services share.
+    """
+
+    def __init__(
+        self,
+        config: GroupsConfig,
+        *,
+        store: IMessageStore,
+        vault: StanzaVault,
+        clock: IReactorTime,
+        directory: GroupDirectory,
+        fanout: GroupFanout,
+        conversations: Conversations,
+        router: IRouter,
+        notices: Notices,
+    ):
+        self.config = config
+        self.store = store
+        self.vault = vault
+        self.clock = clock
+        self.directory = directory
+        self.fanout = fanout
+        self.conversations = conversations
+        self.router = router
+        self.notices = notices
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def ack(self, session: Session, rtype: int, **fields: Any) -> None:
+        session.sendAck(TimType.TIMBUSINESS, t=rtype, **fields)
+
+    @inlineCallbacks
+    def group(self, gid: str | None, alive: bool = True) -> Any:
+        """
+        @raise TimProtocolError: 4104 without an id, 4109 for an unknown
+            group, 4108 for a dissolved one (when C{alive}).
+        """
+        if not gid:
+            raise TimProtocolError(ErrorCode.ERR_PARAMS, "TimReq.node (the group) is required")
+        state = yield self.directory.get(gid)
+        if state is None:
+            raise TimProtocolError(ErrorCode.ERR_NOEXIST, "no such group")
+        if alive and not state.alive:
+            raise TimProtocolError(ErrorCode.ERR_CANCEL, "the group was dissolved")
+        return state
+
+    def requireStaff(self, state: GroupState, uid: str) -> None:
+        if not state.isManager(uid):
+            raise TimProtocolError(ErrorCode.ERR_AUTH, "only the founder or a manager may do this")
+
+    def requireMember(self, state: GroupState, uid: str, code: int = ErrorCode.ERR_AUTH) -> Member:
+        member = state.members.get(uid)
+        if member is None:
+            raise TimProtocolError(code, "not a member of this group")
+        return member
+
+    def capOf(self, state: GroupState) -> int:
+        return state.group.memberCap or self.config.member_cap
+
+    def notice(
+        self, state: GroupState, bnType: int, sender: Tid, to: str | None = None, text: str | None = None
+    ) -> TimMessage:
+        return TimMessage(
+            id=secrets.randbits(53),
+            msType=MsType.SOURCE_USER,
+            odType=OdType.ORDER_BUSINESS,
+            bnType=bnType,
+            fromTid=sender,
+            toTid=Tid(node=to) if to else None,
+            roomTid=Tid(node=state.gid),
+            dataString=text,
+            timestamp=int(self.now() * 1e9),
+        )
+
+    def notify(self, uid: str, notice: TimMessage) -> Any:
+        """
+        A notice for one user, through its inbox.
+        """
+        return self.notices.notify(uid, notice)
+
+    @inlineCallbacks
+    def post(self, state: GroupState, sender: str, notice: TimMessage) -> Any:
+        """
+        A notice to all members, kept in the group's history so that offline
+        members see it in order.
+        """
+        notice.msType = MsType.SOURCE_ROOM
+        appended = yield self.conversations.append(groupConversation(state.gid), sender, notice, ())
+        self.router.pushToGroup(state.gid, state.members, Encoded(appended.message), None)
+
+    @inlineCallbacks
+    def announce(self, state: GroupState, bnType: int, who: str) -> Any:
+        """
+        Tell the members that C{who} joined or left, unless notices are off
+        or the group is too big for them.
+        """
+        limit = self.config.member_notices_max
+        if not self.config.member_notices or (limit and len(state.members) > limit):
+            return
+        yield self.post(state, who, self.notice(state, bnType, Tid(node=who)))
+
+    @inlineCallbacks
+    def admit(self, state: GroupState, uid: str) -> Any:
+        """
+        Make C{uid} a member, reading from now on.
+        """
+        if len(state.members) >= self.capOf(state):
+            raise TimProtocolError(ErrorCode.ERR_OVERENTRY, "the group is full")
+        last, _ = yield self.store.lastMessage(groupConversation(state.gid))
+        yield self.fanout.place(uid, state.gid, last)
+        yield self.directory.putMember(state, Member(uid, ROLE_MEMBER, self.now()))
+        yield self.announce(state, MEMBERJOINED, uid)
+
+    @inlineCallbacks
+    def drop(self, state: GroupState, uid: str) -> Any:
+        yield self.directory.removeMember(state, uid)
+        yield self.announce(state, MEMBERLEFT, uid)
+
+    def mayModerate(self, state: GroupState, actor: str, target: str) -> None:
+        """
+        @raise TimProtocolError: unless C{actor} may kick, mute or block
+            C{target}: not itself, not the founder, and a manager only if
+            C{actor} is the founder.
+        """
+        if target == actor:
+            raise TimProtocolError(ErrorCode.ERR_AUTH, "not yourself")
+        member = state.members.get(target)
+        if member is None:
+            raise TimProtocolError(ErrorCode.ERR_PARAMS, "not a member")
+        if member.role == ROLE_FOUNDER or (member.role == ROLE_MANAGER and state.group.founder != actor):
+            raise TimProtocolError(ErrorCode.ERR_AUTH, "only the founder may do this to a manager")

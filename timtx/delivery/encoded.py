@@ -1,0 +1,35 @@
+# -*- test-case-name: timtx.test.test_groups -*-
+"""
+A message encoded at most once per encoding, however many sessions get it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timtx.protocols import codec
+from timtx.protocols.codec import Encoding
+
+
+class Encoded:
+    """
+    A struct and its encodings, made on first use.
+
+    @ivar message: the struct.
+    """
+
+    __slots__ = ("message", "_compact", "_json")
+
+    def __init__(self, message: Any):
+        self.message = message
+        self._compact: bytes | None = None
+        self._json: bytes | None = None
+
+    def payload(self, encoding: Encoding) -> bytes:
+        if encoding is Encoding.JSON:
+            if self._json is None:
+                self._json = codec.encode_json(self.message)
+            return self._json
+        if self._compact is None:
+            self._compact = codec.encode_compact(self.message)
+        return self._compact

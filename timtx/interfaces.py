@@ -1,0 +1,228 @@
+# -*- test-case-name: timtx.test.test_architecture -*-
+"""
+The seams between floors, as zope interfaces.
+
+Each floor of timtx (see C{docs/architecture.md}) talks to the floor above or
+beside it only through what is declared here:
+
+  - a client connection (L{timtx.transports}) is handed an L{IClientNode}
+    and gets L{ISession}s from it; it is an L{IFrameSink} to them;
+  - the chat services (L{timtx.chat}) reach users through an L{IRouter},
+    which decides whether "deliver this to user U" means a local session or
+    another node.
+
+The interfaces name what crosses a seam and nothing else, so that a
+downstream subclass, a test double or the cluster can stand in for either
+side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from zope.interface import Attribute, Interface
+
+from timtx.protocols.structs import TimStruct
+
+
+@dataclass(frozen=True)
+class Route:
+    """
+    How frames of one type are handled once a client is logged in.
+
+    @ivar bodyType: the struct a frame's payload decodes into, or C{None}
+        for frames whose payload is empty or not a struct (the handler then
+        receives the raw payload bytes).
+    @ivar handler: C{handler(session, body)}; may return a L{Deferred}.  A
+        L{timtx.protocols.errors.TimProtocolError} it raises becomes an error
+        ack.
+    """
+
+    bodyType: type[TimStruct] | None
+    handler: Callable[[Any, Any], Any]
+
+
+class IFrameSink(Interface):
+    """
+    Where a session's frames go: one client connection, whatever its
+    transport.
+    """
+
+    frameKind = Attribute(
+        "How this sink frames bytes (C{'ws'}, C{'tcp'}); sinks of one kind share frames made by L{prepareFrame}."
+    )
+    congested = Attribute("Whether the peer is behind in reading what was written.")
+    backlog = Attribute("Bytes written since the connection became congested.")
+
+    def writeFrame(frame):
+        """
+        Write one whole frame (bytes).
+        """
+
+    def writeFrameParts(header, payload):
+        """
+        Write one frame given as header and payload, so that a payload shared
+        by many sessions is not copied per session where the transport can
+        avoid it.
+        """
+
+    def prepareFrame(frame):
+        """
+        Turn a frame into what L{writePrepared} writes, once for all sinks of
+        this kind.
+        """
+
+    def writePrepared(prepared, size):
+        """
+        Write a frame made by L{prepareFrame}; C{size} is the frame's length.
+        """
+
+    def closeConnection(reason):
+        """
+        Stop reading and close cleanly after what was written.
+        """
+
+
+class ISession(Interface):
+    """
+    One logged-in client, as its connection sees it.
+    """
+
+    uid = Attribute("The account id (tim's C{node}).")
+    encoding = Attribute("The L{timtx.protocols.codec.Encoding} of every frame pushed to it, fixed at login.")
+
+    def ackReceived(ackId):
+        """
+        The client acknowledged the server frame C{ackId}.
+        """
+
+    def sendAck(timType, **fields):
+        """
+        Send C{TimAck{ok: true, timType, ...fields}}.
+        """
+
+    def connectionLost():
+        """
+        The connection closed; nothing is written to it any more.
+        """
+
+
+class IClientNode(Interface):
+    """
+    What a client connection needs from the node it serves: admission, login,
+    the handlers of frame types, and its settings.  L{timtx.node.Node}
+    provides it; a connection never reaches further into the node.
+    """
+
+    clock = Attribute("The L{twisted.internet.interfaces.IReactorTime} for timeouts.")
+    reactor = Attribute("The reactor, for transports that need one (autobahn, twisted.web).")
+    config = Attribute(
+        "The node's L{timtx.config.Config}.  Its C{[client]} section holds the defaults of a connection's "
+        "limits, which a protocol subclass may override."
+    )
+
+    def connectionOpened(connection):
+        """
+        A connection was accepted.
+
+        @return: C{False} if the node is at C{max_connections}; the
+            connection should then refuse the client.
+        """
+
+    def connectionClosed(connection):
+        """
+        A connection opened with L{connectionOpened} closed.
+        """
+
+    def login(sink, auth, encoding):
+        """
+        Authenticate a TimAuth and start a session on C{sink} within the
+        device limits.
+
+        @param sink: the connection, an L{IFrameSink}.
+        @param auth: the L{timtx.protocols.structs.TimAuth}.
+        @param encoding: the encoding of every frame pushed to the session.
+        @return: a L{Deferred} firing with the L{ISession} (its TIMAUTH ack
+            not yet sent), or failing with a
+            L{timtx.protocols.errors.TimProtocolError}.
+        """
+
+    def sessionReady(session):
+        """
+        C{session} has its TIMAUTH ack: start delivering to it.
+        """
+
+    def sessionEnded(session):
+        """
+        The connection of C{session} closed.
+        """
+
+    def routeFor(timType):
+        """
+        @return: the L{Route} for frames of C{timType}, or C{None} if the node
+            does not handle them.
+        """
+
+    def register(auth):
+        """
+        Create an account (C{/tim2} TIMREGISTER).
+
+        @return: a L{Deferred} firing with the new account id.
+        """
+
+    def issueToken(auth):
+        """
+        Issue a one-time login token (C{/tim2} TIMTOKEN).
+
+        @return: a L{Deferred} firing with the token.
+        """
+
+
+class IRouter(Interface):
+    """
+    Where "deliver this to user U" is decided.
+
+    On a single node every user's sessions are local; in a cluster the
+    router knows which nodes hold a user's sessions and sends there.  Callers
+    do not know the difference.  Messages are given already encoded
+    (L{timtx.delivery.encoded.Encoded}), so that one message going to many
+    sessions is encoded once per encoding.
+    """
+
+    def push(uid, qid, message):
+        """
+        Push a durable inbox entry of C{uid} to its live sessions, asking for
+        an ack that removes the entry from the inbox.  Call in the order
+        entries were written.
+        """
+
+    def send(uid, timType, message):
+        """
+        Send to every session of C{uid} without storing or asking for an ack:
+        for what is worthless later (streams, presence, echoes).
+        """
+
+    def sendFrame(uid, header, payload):
+        """
+        Send a frame made once for every session of C{uid} (a big payload:
+        C{header} then C{payload}, written without copying per session).
+        """
+
+    def pushToGroup(gid, members, message, skip):
+        """
+        Push a durable group message to the live sessions of C{members} but
+        C{skip}; acks move each member's cursor.
+
+        @return: how many sessions it was written to on this node.
+        """
+
+    def sendToGroup(members, timType, message, skip):
+        """
+        L{send} to every member but C{skip}.
+        """
+
+    def isOnline(uid):
+        """
+        @return: whether C{uid} has a session anywhere.
+        """
