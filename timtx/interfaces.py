@@ -19,11 +19,13 @@ side.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from timtx.protocols.structs import TimStruct
+from timtx.protocols.codec import Encoding
+from timtx.protocols.structs import TimAuth, TimStruct
 
 
 @dataclass(frozen=True)
@@ -55,30 +57,30 @@ class IFrameSink(Interface):
     congested = Attribute("Whether the peer is behind in reading what was written.")
     backlog = Attribute("Bytes written since the connection became congested.")
 
-    def writeFrame(frame):
+    def writeFrame(frame: bytes) -> None:
         """
         Write one whole frame (bytes).
         """
 
-    def writeFrameParts(header, payload):
+    def writeFrameParts(header: bytes, payload: bytes) -> None:
         """
         Write one frame given as header and payload, so that a payload shared
         by many sessions is not copied per session where the transport can
         avoid it.
         """
 
-    def prepareFrame(frame):
+    def prepareFrame(frame: bytes) -> Any:
         """
         Turn a frame into what L{writePrepared} writes, once for all sinks of
         this kind.
         """
 
-    def writePrepared(prepared, size):
+    def writePrepared(prepared: Any, size: int) -> None:
         """
         Write a frame made by L{prepareFrame}; C{size} is the frame's length.
         """
 
-    def closeConnection(reason):
+    def closeConnection(reason: str) -> None:
         """
         Stop reading and close cleanly after what was written.
         """
@@ -92,17 +94,17 @@ class ISession(Interface):
     uid = Attribute("The account id (tim's C{node}).")
     encoding = Attribute("The L{timtx.protocols.codec.Encoding} of every frame pushed to it, fixed at login.")
 
-    def ackReceived(ackId):
+    def ackReceived(ackId: int) -> None:
         """
         The client acknowledged the server frame C{ackId}.
         """
 
-    def sendAck(timType, **fields):
+    def sendAck(timType: int, **fields: object) -> None:
         """
         Send C{TimAck{ok: true, timType, ...fields}}.
         """
 
-    def connectionLost():
+    def connectionLost() -> None:
         """
         The connection closed; nothing is written to it any more.
         """
@@ -122,7 +124,7 @@ class IClientNode(Interface):
         "limits, which a protocol subclass may override."
     )
 
-    def connectionOpened(connection):
+    def connectionOpened(connection: IFrameSink) -> bool:
         """
         A connection was accepted.
 
@@ -130,12 +132,12 @@ class IClientNode(Interface):
             connection should then refuse the client.
         """
 
-    def connectionClosed(connection):
+    def connectionClosed(connection: IFrameSink) -> None:
         """
         A connection opened with L{connectionOpened} closed.
         """
 
-    def login(sink, auth, encoding):
+    def login(sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Deferred[Any]:
         """
         Authenticate a TimAuth and start a session on C{sink} within the
         device limits.
@@ -148,30 +150,30 @@ class IClientNode(Interface):
             L{timtx.protocols.errors.TimProtocolError}.
         """
 
-    def sessionReady(session):
+    def sessionReady(session: Any) -> None:
         """
         C{session} has its TIMAUTH ack: start delivering to it.
         """
 
-    def sessionEnded(session):
+    def sessionEnded(session: Any) -> None:
         """
         The connection of C{session} closed.
         """
 
-    def routeFor(timType):
+    def routeFor(timType: int) -> Route | None:
         """
         @return: the L{Route} for frames of C{timType}, or C{None} if the node
             does not handle them.
         """
 
-    def register(auth):
+    def register(auth: TimAuth) -> Deferred[str]:
         """
         Create an account (C{/tim2} TIMREGISTER).
 
         @return: a L{Deferred} firing with the new account id.
         """
 
-    def issueToken(auth):
+    def issueToken(auth: TimAuth) -> Deferred[int]:
         """
         Issue a one-time login token (C{/tim2} TIMTOKEN).
 
@@ -190,26 +192,26 @@ class IRouter(Interface):
     sessions is encoded once per encoding.
     """
 
-    def push(uid, qid, message):
+    def push(uid: str, qid: int, message: Any) -> None:
         """
         Push a durable inbox entry of C{uid} to its live sessions, asking for
         an ack that removes the entry from the inbox.  Call in the order
         entries were written.
         """
 
-    def send(uid, timType, message):
+    def send(uid: str, timType: int, message: Any) -> None:
         """
         Send to every session of C{uid} without storing or asking for an ack:
         for what is worthless later (streams, presence, echoes).
         """
 
-    def sendFrame(uid, header, payload):
+    def sendFrame(uid: str, header: bytes, payload: bytes) -> None:
         """
         Send a frame made once for every session of C{uid} (a big payload:
         C{header} then C{payload}, written without copying per session).
         """
 
-    def pushToGroup(gid, members, message, skip):
+    def pushToGroup(gid: str, members: Iterable[str], message: Any, skip: str | None) -> int:
         """
         Push a durable group message to the live sessions of C{members} but
         C{skip}; acks move each member's cursor.
@@ -217,12 +219,12 @@ class IRouter(Interface):
         @return: how many sessions it was written to on this node.
         """
 
-    def sendToGroup(members, timType, message, skip):
+    def sendToGroup(members: Iterable[str], timType: int, message: Any, skip: str | None) -> None:
         """
         L{send} to every member but C{skip}.
         """
 
-    def isOnline(uid):
+    def isOnline(uid: str) -> bool:
         """
         @return: whether C{uid} has a session anywhere.
         """

@@ -120,7 +120,8 @@ class Listener(Service):
         port, self.port = self.port, None
         if port is None:
             return succeed(None)
-        return maybeDeferred(port.stopListening)  # type: ignore[call-overload]
+        stopped: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
+        return stopped
 
 
 @implementer(IClientNode)
@@ -172,6 +173,9 @@ class Node(MultiService):
         self.threadPool = ThreadPool(0, config.node.worker_threads, "timtx-worker")
         self.vault = StanzaVault(self.keys)
         self.connections: set[IFrameSink] = set()
+        #: Connections the node is closing as it stops, and what fires once
+        #: each has closed.
+        self._closing: dict[IFrameSink, Deferred[None]] = {}
         self._background: set[Deferred[Any]] = set()
         self.ready: Deferred[Node] = Deferred()
         self._buildDelivery()
@@ -394,8 +398,8 @@ class Node(MultiService):
             raise
         for sweep, interval in self._sweeps:
             sweep.start(interval, now=False).addErrback(self._backgroundFailed)
-        listening = [listener.listening for listener in self._listeners.values()]
-        d = gatherResults([opened, *listening], consumeErrors=True)
+        waits: list[Deferred[Any]] = [opened, *(listener.listening for listener in self._listeners.values())]
+        d = gatherResults(waits, consumeErrors=True)
         d.addCallbacks(self._started, self._failedToStart)
 
     def _started(self, _: object) -> None:
@@ -432,10 +436,10 @@ class Node(MultiService):
 
     def _closeConnections(self) -> Deferred[Any]:
         waits = []
-        for protocol in list(self.connections):
+        for connection in list(self.connections):
             closed: Deferred[None] = Deferred()
-            protocol._nodeClosed = closed
-            protocol.closeConnection("node shutting down")
+            self._closing[connection] = closed
+            connection.closeConnection("node shutting down")
             waits.append(closed)
         if not waits:
             return succeed(None)
@@ -461,7 +465,7 @@ class Node(MultiService):
 
     def connectionClosed(self, connection: IFrameSink) -> None:
         self.connections.discard(connection)
-        closed = getattr(connection, "_nodeClosed", None)
+        closed = self._closing.pop(connection, None)
         if closed is not None and not closed.called:
             closed.callback(None)
 

@@ -203,9 +203,7 @@ class AccountService:
         if uid in self._known:
             self._known.move_to_end(uid)
             return succeed(True)
-        d = self.store.getAccount(uid)
-        d.addCallback(self._checked, uid)
-        return d
+        return self.store.getAccount(uid).addCallback(self._checked, uid)
 
     def isKnown(self, uid: str) -> bool:
         """

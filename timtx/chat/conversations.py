@@ -200,8 +200,10 @@ class Conversations:
                     draft.dedupe,
                 )
             )
-        d = self.store.appendMessages(rows)
-        d.addCallbacks(self._written, self._writeFailed, callbackArgs=(log, batch, seq, mid), errbackArgs=(log, batch))
+        written = self.store.appendMessages(rows)
+        written.addCallbacks(
+            self._written, self._writeFailed, callbackArgs=(log, batch, seq, mid), errbackArgs=(log, batch)
+        )
 
     def _loaded(self, last: tuple[int, int], log: ConversationLog) -> None:
         log.lastSeq, log.lastMid = last

@@ -140,6 +140,7 @@ class DuplicateFilter:
         if isinstance(seen, Appended):
             session.send(TimType.TIMMESSAGE, seen.message)
             return
+        assert isinstance(seen, Duplicate)
         row = None
         if seen.seq is not None and seen.conv:
             row = yield self.store.getMessage(seen.conv, seen.mid)

@@ -10,7 +10,22 @@ a read issued after a write sees it.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from timtx.persistence.records import (
+    Account,
+    Duplicate,
+    Group,
+    InboxEntry,
+    Member,
+    NewMessage,
+    Relation,
+    StoredMessage,
+    TokenGrant,
+)
 
 
 class IMessageStore(Interface):
@@ -22,21 +37,21 @@ class IMessageStore(Interface):
 
     name = Attribute("The plugin name, such as C{'sqlite'}.")
 
-    def open():
+    def open() -> Deferred[None]:
         """
         Connect and bring the schema to the current version.
 
         @return: a L{Deferred} that fires when the store is usable.
         """
 
-    def close():
+    def close() -> Deferred[None]:
         """
         Finish pending work and release connections.
 
         @return: a L{Deferred} that fires when done.
         """
 
-    def createAccount(account):
+    def createAccount(account: Account) -> Deferred[bool]:
         """
         Add an account unless its uid exists.
 
@@ -45,19 +60,19 @@ class IMessageStore(Interface):
             was taken (nothing is changed then).
         """
 
-    def getAccount(uid):
+    def getAccount(uid: str) -> Deferred[Account | None]:
         """
         @return: a L{Deferred} firing with the
             L{timtx.persistence.records.Account}, or C{None}.
         """
 
-    def setPasswordHash(uid, passwordHash):
+    def setPasswordHash(uid: str, passwordHash: str) -> Deferred[bool]:
         """
         @return: a L{Deferred} firing with C{True}, or C{False} if there is
             no such account.
         """
 
-    def addToken(key, grant, expires):
+    def addToken(key: bytes, grant: TokenGrant, expires: float) -> Deferred[None]:
         """
         Remember a one-time login token.
 
@@ -68,7 +83,7 @@ class IMessageStore(Interface):
         @return: a L{Deferred} that fires when it is stored.
         """
 
-    def takeToken(key, now):
+    def takeToken(key: bytes, now: float) -> Deferred[TokenGrant | None]:
         """
         Use up a token: remove it and say what it granted.  A token can be
         taken once; an expired token grants nothing.
@@ -77,7 +92,7 @@ class IMessageStore(Interface):
             L{timtx.persistence.records.TokenGrant}, or C{None}.
         """
 
-    def purgeTokens(now):
+    def purgeTokens(now: float) -> Deferred[int]:
         """
         Forget expired tokens.
 
@@ -87,7 +102,7 @@ class IMessageStore(Interface):
     # Messages, inboxes, duplicates, relations and profiles.  Stanzas are
     # opaque, already sealed bytes; stores never look inside them.
 
-    def appendMessages(messages):
+    def appendMessages(messages: list[NewMessage]) -> Deferred[list[list[int]]]:
         """
         Write messages, their inbox entries and their duplicate keys in one
         transaction: all of them or none.
@@ -97,20 +112,22 @@ class IMessageStore(Interface):
             qids created, in the order of its C{inbox}.
         """
 
-    def lastMessage(conv):
+    def lastMessage(conv: str) -> Deferred[tuple[int, int]]:
         """
         @return: a L{Deferred} firing with C{(last seq, last mid)} of
             C{conv}'s history, C{(0, 0)} if it has none.
         """
 
-    def getMessage(conv, mid):
+    def getMessage(conv: str, mid: int) -> Deferred[StoredMessage | None]:
         """
         @return: a L{Deferred} firing with the
             L{timtx.persistence.records.StoredMessage} of C{conv} with
             C{mid}, or C{None}.
         """
 
-    def replaceMessage(conv, seq, stanza, state, notices, created):
+    def replaceMessage(
+        conv: str, seq: int, stanza: bytes, state: int, notices: list[tuple[str, bytes]], created: float
+    ) -> Deferred[list[int]]:
         """
         Replace a history row's stanza (with a tombstone, on recall or burn)
         and add inbox entries telling others, in one transaction.  Inbox
@@ -120,80 +137,80 @@ class IMessageStore(Interface):
         @return: a L{Deferred} firing with the notices' qids.
         """
 
-    def history(conv, beforeMid, limit):
+    def history(conv: str, beforeMid: int | None, limit: int) -> Deferred[list[StoredMessage]]:
         """
         @param beforeMid: only rows with a smaller mid; C{None} for the newest.
         @return: a L{Deferred} firing with up to C{limit}
             L{timtx.persistence.records.StoredMessage}s, newest first.
         """
 
-    def recentDuplicates(sender, since):
+    def recentDuplicates(sender: str, since: float) -> Deferred[dict[int, Duplicate]]:
         """
         @return: a L{Deferred} firing with a dict of client id to
             L{timtx.persistence.records.Duplicate} for C{sender}'s messages
             stored at or after C{since}.
         """
 
-    def purgeDuplicates(before):
+    def purgeDuplicates(before: float) -> Deferred[int]:
         """
         Forget duplicate keys older than C{before}.
 
         @return: a L{Deferred} firing with how many were removed.
         """
 
-    def addInbox(entries, created):
+    def addInbox(entries: list[tuple[str, bytes]], created: float) -> Deferred[list[int]]:
         """
         @param entries: C{(recipient, sealed stanza)} pairs.
         @return: a L{Deferred} firing with their qids.
         """
 
-    def readInbox(uid, afterQid, limit):
+    def readInbox(uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:
         """
         @return: a L{Deferred} firing with up to C{limit}
             L{timtx.persistence.records.InboxEntry}s of C{uid} with a qid
             above C{afterQid}, in qid order.
         """
 
-    def deleteInbox(uid, qids):
+    def deleteInbox(uid: str, qids: list[int]) -> Deferred[int]:
         """
         @return: a L{Deferred} firing with how many entries were removed.
         """
 
-    def countInbox(uid):
+    def countInbox(uid: str) -> Deferred[int]:
         """
         @return: a L{Deferred} firing with the number of entries of C{uid}.
         """
 
-    def relationsOf(uid):
+    def relationsOf(uid: str) -> Deferred[list[Relation]]:
         """
         @return: a L{Deferred} firing with the
             L{timtx.persistence.records.Relation}s of C{uid} with every user
             either side has a stance toward.
         """
 
-    def setStance(owner, other, stance):
+    def setStance(owner: str, other: str, stance: int) -> Deferred[None]:
         """
         Set C{owner}'s stance toward C{other}.
 
         @return: a L{Deferred} that fires when stored.
         """
 
-    def getProfile(uid):
+    def getProfile(uid: str) -> Deferred[bytes | None]:
         """
         @return: a L{Deferred} firing with the sealed profile, or C{None}.
         """
 
-    def putProfile(uid, stanza):
+    def putProfile(uid: str, stanza: bytes) -> Deferred[None]:
         """
         @return: a L{Deferred} that fires when stored.
         """
 
-    def getInvisible(uid):
+    def getInvisible(uid: str) -> Deferred[bool]:
         """
         @return: a L{Deferred} firing with whether C{uid} is invisible.
         """
 
-    def setInvisible(uid, invisible):
+    def setInvisible(uid: str, invisible: bool) -> Deferred[None]:
         """
         @return: a L{Deferred} that fires when stored.
         """
@@ -202,7 +219,7 @@ class IMessageStore(Interface):
     # the message methods above; members get them by reference, through a
     # per-member cursor, not through inbox copies.
 
-    def createGroup(group, founder):
+    def createGroup(group: Group, founder: Member) -> Deferred[None]:
         """
         Create a group with its founder as the first member.
 
@@ -211,62 +228,62 @@ class IMessageStore(Interface):
         @return: a L{Deferred} that fires when stored.
         """
 
-    def getGroup(gid):
+    def getGroup(gid: str) -> Deferred[Group | None]:
         """
         @return: a L{Deferred} firing with the
             L{timtx.persistence.records.Group}, or C{None}.
         """
 
-    def updateGroup(group):
+    def updateGroup(group: Group) -> Deferred[None]:
         """
         Store a changed group (all fields but C{gid}).
 
         @return: a L{Deferred} that fires when stored.
         """
 
-    def countFounded(uid):
+    def countFounded(uid: str) -> Deferred[int]:
         """
         @return: a L{Deferred} firing with how many groups that are not
             dissolved C{uid} is the founder of.
         """
 
-    def groupMembers(gid):
+    def groupMembers(gid: str) -> Deferred[list[Member]]:
         """
         @return: a L{Deferred} firing with the
             L{timtx.persistence.records.Member}s of C{gid}.
         """
 
-    def groupsOf(uid):
+    def groupsOf(uid: str) -> Deferred[list[str]]:
         """
         @return: a L{Deferred} firing with the ids of the groups C{uid} is a
             member of.
         """
 
-    def putMember(gid, member):
+    def putMember(gid: str, member: Member) -> Deferred[None]:
         """
         Add a member, or change one.
 
         @return: a L{Deferred} that fires when stored.
         """
 
-    def removeMembers(gid, uids):
+    def removeMembers(gid: str, uids: list[str]) -> Deferred[int]:
         """
         @return: a L{Deferred} firing with how many were members.
         """
 
-    def addJoinRequest(gid, uid, created):
+    def addJoinRequest(gid: str, uid: str, created: float) -> Deferred[None]:
         """
         @return: a L{Deferred} that fires when stored.
         """
 
-    def takeJoinRequest(gid, uid):
+    def takeJoinRequest(gid: str, uid: str) -> Deferred[bool]:
         """
         Remove a pending join request.
 
         @return: a L{Deferred} firing with whether there was one.
         """
 
-    def setGroupBlock(gid, uid, by, blocked):
+    def setGroupBlock(gid: str, uid: str, by: int, blocked: bool) -> Deferred[None]:
         """
         Set or clear a block between a group and a user.
 
@@ -276,19 +293,19 @@ class IMessageStore(Interface):
         @return: a L{Deferred} that fires when stored.
         """
 
-    def groupBlocks(gid):
+    def groupBlocks(gid: str) -> Deferred[dict[str, set[int]]]:
         """
         @return: a L{Deferred} firing with a dict of uid to the set of
             C{by} values of the blocks between C{gid} and users.
         """
 
-    def userGroupBlocks(uid):
+    def userGroupBlocks(uid: str) -> Deferred[list[str]]:
         """
         @return: a L{Deferred} firing with the ids of the groups C{uid}
             blocks.
         """
 
-    def saveCursors(cursors):
+    def saveCursors(cursors: list[tuple[str, str, int]]) -> Deferred[None]:
         """
         Record how far members have acknowledged their groups' messages.
 
@@ -297,13 +314,13 @@ class IMessageStore(Interface):
         @return: a L{Deferred} that fires when stored.
         """
 
-    def cursorsOf(uid):
+    def cursorsOf(uid: str) -> Deferred[dict[str, int]]:
         """
         @return: a L{Deferred} firing with a dict of gid to the last seq
             C{uid} acknowledged.
         """
 
-    def messagesAfter(conv, afterSeq, limit):
+    def messagesAfter(conv: str, afterSeq: int, limit: int) -> Deferred[list[StoredMessage]]:
         """
         @return: a L{Deferred} firing with up to C{limit}
             L{timtx.persistence.records.StoredMessage}s of C{conv} with a
@@ -321,7 +338,7 @@ class IStoreFactory(Interface):
     name = Attribute("The name used in C{[store] backend}.")
     description = Attribute("One line for operators.")
 
-    def makeStore(config, reactor):
+    def makeStore(config: Any, reactor: Any) -> IMessageStore:
         """
         @type config: L{timtx.config.Config}
         @return: an L{IMessageStore} provider, not yet opened.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from thrift.transport.TTransport import TMemoryBuffer
 
@@ -64,7 +64,7 @@ def encode_compact(struct: TimStruct) -> bytes:
     struct.fill_required()
     spec = [type(struct), type(struct).thrift_spec]
     if _fastbinary is not None:
-        return _fastbinary.encode_compact(struct, spec)
+        return bytes(_fastbinary.encode_compact(struct, spec))
     return _slow_encode(struct)
 
 
@@ -85,7 +85,7 @@ def decode_compact(cls: type[S], data: bytes) -> S:
     return result
 
 
-def _decode_with_spec(cls: type[S], data: bytes, spec: tuple) -> S:
+def _decode_with_spec(cls: type[S], data: bytes, spec: tuple[Any, ...]) -> S:
     result = cls()
     try:
         if _fastbinary is not None:
@@ -164,7 +164,7 @@ def _slow_encode(struct: TimStruct) -> bytes:
     return bytes(buf.getvalue())
 
 
-def _slow_decode(result: TimStruct, data: bytes, spec: tuple) -> None:
+def _slow_decode(result: TimStruct, data: bytes, spec: tuple[Any, ...]) -> None:
     from thrift.protocol.TCompactProtocol import TCompactProtocol
     from thrift.transport.TTransport import TMemoryBuffer
 

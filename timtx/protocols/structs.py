@@ -129,10 +129,10 @@ class _List(_Kind):
     def spec_args(self) -> Any:
         return (self.element.ttype, self.element.spec_args(), False)
 
-    def to_json(self, value: list) -> list:
+    def to_json(self, value: list[Any]) -> list[Any]:
         return [None if v is None else self.element.to_json(v) for v in value]
 
-    def from_json(self, value: Any, path: str) -> list:
+    def from_json(self, value: Any, path: str) -> list[Any]:
         if not isinstance(value, list):
             raise _bad(path, "a list")
         return [self.element.from_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -152,10 +152,10 @@ class _Map(_Kind):
     def spec_args(self) -> Any:
         return (self.key.ttype, self.key.spec_args(), self.value.ttype, self.value.spec_args(), False)
 
-    def to_json(self, value: dict) -> dict:
+    def to_json(self, value: dict[Any, Any]) -> dict[Any, Any]:
         return {k: None if v is None else self.value.to_json(v) for k, v in value.items()}
 
-    def from_json(self, value: Any, path: str) -> dict:
+    def from_json(self, value: Any, path: str) -> dict[Any, Any]:
         if not isinstance(value, dict):
             raise _bad(path, "an object")
         return {k: self.value.from_json(v, f"{path}.{k}") for k, v in value.items()}
@@ -174,7 +174,7 @@ class _StructKind(_Kind):
     def spec_args(self) -> Any:
         return [self.cls, self.cls.thrift_spec]
 
-    def to_json(self, value: TimStruct) -> dict:
+    def to_json(self, value: TimStruct) -> dict[str, Any]:
         return value.to_json_dict()
 
     def from_json(self, value: Any, path: str) -> TimStruct:
@@ -227,7 +227,7 @@ class TimStruct:
 
     __slots__: ClassVar[tuple[str, ...]] = ()
     FIELDS: ClassVar[tuple[Field, ...]] = ()
-    thrift_spec: ClassVar[tuple]
+    thrift_spec: ClassVar[tuple[Any, ...]]
     _by_json_key: ClassVar[dict[str, Field]]
     _by_folded_key: ClassVar[dict[str, Field]]
 

@@ -9,12 +9,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.web.client import Agent, readBody
 
-from timtx.chat.loginwebhook import BytesProducer
 from timtx.client import connect
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import TimType
 from timtx.test.base import NodeTestCase
 from timtx.testing import httpURL, wsURL
+from timtx.util.bodies import BytesProducer
 
 
 def timjsAuth(**fields):

@@ -53,7 +53,7 @@ class SmallXorMaskerTests(SynchronousTestCase):
         self.assertIsInstance(maskerFor(b"abcd", 10), SmallXorMasker)
 
 
-class _TunedServer(FastUnmasking, QuietSettings, WebSocketServerProtocol):
+class _TunedServer(FastUnmasking, QuietSettings, WebSocketServerProtocol):  # type: ignore[misc]
     """
     Both speed-ups on a plain autobahn server that records what it gets.
     """

@@ -10,8 +10,9 @@ not echoed), as tim 2.0 answers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -62,13 +63,12 @@ class Tim2Resource(Resource):
             if accounts.forbid_register:
                 request.setResponseCode(http.FORBIDDEN)
                 return b""
-            work, answer = self.node.register, lambda uid: {"n": uid}
+            work: Callable[[TimAuth], Deferred[Any]] = self.node.register
         elif frame.timType == TimType.TIMTOKEN:
             if accounts.forbid_token:
                 request.setResponseCode(http.FORBIDDEN)
                 return b""
-            # t for tim 2.0 (an i64), n for tim 2.1 (a string).
-            work, answer = self.node.issueToken, lambda token: {"t": token, "n": str(token)}
+            work = self.node.issueToken
         else:
             error = TimProtocolError(ErrorCode.ERR_INTERFACE, f"frame type {frame.timType} is not served on /tim2")
             return self._reply(request, errorAck(frame.timType, error), frame.encoding)
@@ -82,7 +82,7 @@ class Tim2Resource(Resource):
 
         def done(result: Any) -> None:
             if not finished[0]:
-                ack = TimAck(ok=True, timType=frame.timType, **answer(result))
+                ack = TimAck(ok=True, timType=frame.timType, **_answer(frame.timType, result))
                 request.write(self._body(ack, frame.encoding))
                 request.finish()
 
@@ -106,6 +106,16 @@ class Tim2Resource(Resource):
     @staticmethod
     def _body(ack: TimAck, encoding: Encoding) -> bytes:
         return server_frame(TimType.TIMACK, codec.encode(ack, encoding))
+
+
+def _answer(timType: int, result: Any) -> dict[str, Any]:
+    """
+    The fields of the ok ack to a /tim2 request.
+    """
+    if timType == TimType.TIMTOKEN:
+        # t for tim 2.0 (an i64), n for tim 2.1 (a string).
+        return {"t": result, "n": str(result)}
+    return {"n": result}
 
 
 class BoundedRequest(server.Request):

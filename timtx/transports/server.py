@@ -546,7 +546,7 @@ class TimServerProtocolMixin:
         if isinstance(failure.value, BadFrame):
             failure.raiseException()
         self._loginFailures += 1
-        error = failure.value
+        error: TimProtocolError = failure.value  # type: ignore[assignment]
         self._sendError(frame.timType, error, self.tim.replyEncoding(frame))
         if self._loginFailures >= self.limits.maxLoginAttempts:
             self.closeConnection("too many failed logins")

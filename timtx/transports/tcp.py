@@ -72,7 +72,7 @@ class TimTcpServerFactory(Factory):
         self.protocol = protocol
 
     def buildProtocol(self, addr: Any) -> Any:
-        protocol: Any = self.protocol()
+        protocol: Any = self.protocol()  # type: ignore[misc]
         protocol.factory = self
         protocol.node = self.node
         return protocol

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from autobahn.websocket import xormasker  # create_xor_masker: not in its __all__
 from autobahn.websocket.protocol import WebSocketServerProtocol
-from autobahn.websocket.xormasker import create_xor_masker
 
 #: Frames up to this many bytes are unmasked in Python.
 SMALL_FRAME = 16384
@@ -73,7 +73,7 @@ def maskerFor(mask: bytes, length: int) -> Any:
     """
     if length <= SMALL_FRAME:
         return SmallXorMasker(mask)
-    return create_xor_masker(mask, length)
+    return xormasker.create_xor_masker(mask, length)  # type: ignore[attr-defined]
 
 
 class FastUnmasking:

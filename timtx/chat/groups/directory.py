@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
+from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import (
     BLOCK_BY_GROUP,
     BLOCK_BY_USER,
@@ -73,7 +74,7 @@ class GroupDirectory:
     The groups this node works with, cached, and each user's memberships.
     """
 
-    def __init__(self, store: Any, maxGroups: int = 10_000, maxUsers: int = 100_000):
+    def __init__(self, store: IMessageStore, maxGroups: int = 10_000, maxUsers: int = 100_000):
         self.store = store
         self._groups: LoadingCache[str, GroupState] = LoadingCache(self._read, maxGroups)
         self._userGroups: LoadingCache[str, set[str]] = LoadingCache(self._readGroupsOf, maxUsers)
@@ -88,9 +89,12 @@ class GroupDirectory:
         return self._groups.get(gid)  # type: ignore[return-value]
 
     def _read(self, gid: str) -> Deferred[Any]:
-        d = gatherResults(
-            [self.store.getGroup(gid), self.store.groupMembers(gid), self.store.groupBlocks(gid)], consumeErrors=True
-        )
+        reads: list[Deferred[Any]] = [
+            self.store.getGroup(gid),
+            self.store.groupMembers(gid),
+            self.store.groupBlocks(gid),
+        ]
+        d = gatherResults(reads, consumeErrors=True)
 
         def build(results: list[Any]) -> GroupState | None:
             group, members, blocks = results
@@ -121,8 +125,7 @@ class GroupDirectory:
             self._joined(founder.uid, group.gid)
             return state
 
-        d.addCallback(created)
-        return d
+        return d.addCallback(created)
 
     def update(self, state: GroupState, **changes: Any) -> Deferred[None]:
         state.group = replace(state.group, **changes)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from twisted.logger import Logger
 
-from timtx.delivery.inbox import Encoded
+from timtx.delivery.encoded import Encoded
 from timtx.protocols import codec
 from timtx.protocols.bigframes import serverBigDataHeader
 from timtx.protocols.codec import Encoding
@@ -61,7 +61,8 @@ class StreamFrame(Encoded):
 
     @property
     def stream(self) -> TimStream:
-        return self.message
+        stream: TimStream = self.message
+        return stream
 
     def payloadWithMissed(self, encoding: Encoding, missed: int) -> bytes:
         """
