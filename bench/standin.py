@@ -19,8 +19,8 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from timtx.delivery.inbox import Encoded
 from timtx.crypto.ids import new_random_id
+from timtx.delivery.inbox import Encoded
 from timtx.protocols.constants import Business, ErrorCode, MsType, TimType, VRoomOp
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage, TimReq, TimStream

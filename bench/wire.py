@@ -32,12 +32,12 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
+from timtx.chat.loginwebhook import BytesProducer
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import client_frame, parse_server_frame
 from timtx.protocols.structs import TimAck, TimAuth, TimStruct
-from timtx.chat.loginwebhook import BytesProducer
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -75,15 +75,16 @@ class NodeStartError(Exception):
 
 class Listener(Service):
     """
-    Listens on one endpoint string with one factory while running.
+    Listens on one endpoint with one factory while running.
 
     @ivar port: the L{IListeningPort} once listening.
+    @ivar listening: fires with the port, or fails with L{NodeStartError}.
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: Any, name: str):
-        self.reactor = reactor
+    def __init__(self, endpoint: IStreamServerEndpoint, description: str, factory: Any, name: str):
+        self.endpoint = endpoint
         self.description = description
         self.factory = factory
         self.setName(name)
@@ -92,18 +93,24 @@ class Listener(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = serverFromString(self.reactor, self.description).listen(self.factory)
-        d.addCallback(self._listened)
-        failures: list[Failure] = []
-        d.addErrback(failures.append)
-        if failures:
+        self._failedAtOnce: Failure | None = None
+        self._inStart = True
+        try:
+            self.endpoint.listen(self.factory).addCallbacks(self._listened, self._listenFailed)
+        finally:
+            self._inStart = False
+        if self._failedAtOnce is not None:
             # A TCP or SSL endpoint answers at once; surface its error now
             # so that `twist tim` exits with a clear message instead of
             # running with a port missing.
-            raise NodeStartError(self._cannotListen(failures[0]))
-        # Other endpoints may answer later; a late failure fails L{listening}
-        # and so the node's start.
-        d.addErrback(lambda failure: self.listening.errback(NodeStartError(self._cannotListen(failure))))
+            raise NodeStartError(self._cannotListen(self._failedAtOnce))
+
+    def _listenFailed(self, failure: Failure) -> None:
+        if self._inStart:
+            self._failedAtOnce = failure
+        else:
+            # Other endpoints may answer later: the node's start fails then.
+            self.listening.errback(NodeStartError(self._cannotListen(failure)))
 
     def _cannotListen(self, failure: Failure) -> str:
         return f"cannot listen on {self.description!r} ({self.name}): {failure.getErrorMessage()}"
@@ -360,14 +367,27 @@ class Node(MultiService):
         if client.listen:
             wsFactory = TimWebSocketServerFactory(self, self.protocols.lookup("client-ws"))
             site = TimSite(self, TimWebSocketResource(wsFactory))
-            self._addListener(Listener(self.reactor, client.listen, site, "client-ws"))
+            self.addListener(client.listen, site, "client-ws")
         if client.tcp_listen:
             tcpFactory = TimTcpServerFactory(self, self.protocols.lookup("client-tcp"))
-            self._addListener(Listener(self.reactor, client.tcp_listen, tcpFactory, "client-tcp"))
+            self.addListener(client.tcp_listen, tcpFactory, "client-tcp")
 
-    def _addListener(self, listener: Listener) -> None:
-        self._listeners[str(listener.name)] = listener
+    def addListener(self, description: str, factory: Any, name: str) -> Listener:
+        """
+        Listen on the endpoint C{description} with C{factory} while the node
+        runs.
+        """
+        listener = Listener(self.makeEndpoint(description), description, factory, name)
+        self._listeners[name] = listener
         listener.setServiceParent(self)
+        return listener
+
+    def makeEndpoint(self, description: str) -> IStreamServerEndpoint:
+        """
+        The server endpoint for an endpoint string of the config.
+        """
+        endpoint: IStreamServerEndpoint = serverFromString(self.reactor, description)
+        return endpoint
 
     def runInThread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """

@@ -1,24 +1,38 @@
 # -*- test-case-name: timtx.test.test_login -*-
 """
 Helpers for tests of timtx and of projects built on it: a node on loopback
-ports chosen by the OS, and clients logged in to it.
+ports chosen by the OS, clients logged in to it, and an in-memory
+L{IClientNode} to test a protocol subclass on a
+L{twisted.internet.testing.StringTransport} with a fake clock.
 
     node = yield startNode(self, reactor, tempDir)
     alice = yield loggedInClient(reactor, node, "alice")
+
+    node = MemoryClientNode()
+    protocol = node.connect(MyProtocol, StringTransport())
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
 
 from timtx.client import connect, register
 from timtx.config import Config, replace
 from timtx.crypto.ids import NodeKeys
+from timtx.delivery.sessions import AckIds, Session
+from timtx.interfaces import IClientNode, IFrameSink, Route
 from timtx.node import Node
 from timtx.protocols.codec import Encoding
+from timtx.protocols.constants import ErrorCode
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.structs import TimAuth
 
 #: Cheap password hashing for tests; never use such a cost in production.
 TEST_SCRYPT_N = 16
@@ -169,3 +183,106 @@ def loggedInClient(
         testCase.addCleanup(lambda: client.disconnect() if client._transport else None)
     yield client.login(name, password, domain, **loginArgs)
     return client
+
+
+@implementer(IClientNode)
+class MemoryClientNode:
+    """
+    An L{IClientNode} in memory, for testing client protocols without a
+    node, sockets or real time: any name logs in with the password
+    C{"secret"} and gets the uid C{"u-<name>"}; frame types are handled by
+    what L{route} registers.
+
+    @ivar clock: a L{Clock}; advance it to fire timeouts.
+    @ivar connections: connections the node counts.
+    @ivar sessions: sessions that started and have not ended.
+    @ivar ready: sessions that got their TIMAUTH ack, in order.
+    """
+
+    def __init__(self, config: Config | None = None, **sections: Any):
+        self.config = replace(config or Config(), **sections) if sections else config or Config()
+        self.clock = Clock()
+        self.reactor = MemoryReactorClock()
+        self.connections: set[IFrameSink] = set()
+        self.sessions: list[Session] = []
+        self.ready: list[Session] = []
+        self.routes: dict[int, Route] = {}
+        self._ackIds = AckIds()
+
+    def connect(self, protocolClass: Any, transport: Any) -> Any:
+        """
+        A new C{protocolClass} serving this node over C{transport} (a
+        L{twisted.internet.testing.StringTransport}), connected.
+        """
+        protocol = protocolClass()
+        protocol.node = self
+        protocol.makeConnection(transport)
+        return protocol
+
+    def route(self, timType: int, bodyType: Any, handler: Any) -> None:
+        self.routes[timType] = Route(bodyType, handler)
+
+    # IClientNode
+
+    def connectionOpened(self, connection: IFrameSink) -> bool:
+        limit = self.config.client.max_connections
+        if limit and len(self.connections) >= limit:
+            return False
+        self.connections.add(connection)
+        return True
+
+    def connectionClosed(self, connection: IFrameSink) -> None:
+        self.connections.discard(connection)
+
+    def login(self, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Deferred[Any]:
+        if not auth.name or auth.pwd != "secret":
+            return fail(TimProtocolError(ErrorCode.ERR_NOPASS, "wrong name or password"))
+        session = Session(
+            sink, f"u-{auth.name}", "", auth.resource, auth.termtyp or 0, encoding, self.clock.seconds(), self._ackIds
+        )
+        self.sessions.append(session)
+        return succeed(session)
+
+    def sessionReady(self, session: Any) -> None:
+        self.ready.append(session)
+
+    def sessionEnded(self, session: Any) -> None:
+        if session in self.sessions:
+            self.sessions.remove(session)
+
+    def routeFor(self, timType: int) -> Route | None:
+        return self.routes.get(timType)
+
+    def register(self, auth: TimAuth) -> Deferred[str]:
+        return succeed(f"u-{auth.name}")
+
+    def issueToken(self, auth: TimAuth) -> Deferred[int]:
+        return succeed(1)
+
+
+def fitDescriptors(wanted: int, perUnit: int, spare: int = 256) -> int:
+    """
+    How many of C{wanted} units that each hold C{perUnit} file descriptors
+    this process can open: the soft limit is raised toward the hard one if
+    needed (and put back at exit of the process, as it is per process).
+    When fewer fit, a warning says how many, so that a test that scales
+    down says so.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted * perUnit + spare
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    fits = max(1, min(wanted, (soft - spare) // perUnit))
+    if fits < wanted:
+        warnings.warn(
+            f"only {fits} of {wanted} fit under the descriptor limit ({soft}); running with {fits}",
+            stacklevel=2,
+        )
+    return fits

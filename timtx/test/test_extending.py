@@ -7,22 +7,26 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.client import connect
+from timtx.protocols.constants import TimType
+from timtx.protocols.frames import client_frame, length_prefixed
 from timtx.test.test_config import sourceRoot
-from timtx.testing import loggedInClient, requireOrSkip, startNode, testConfig, wsURL
+from timtx.testing import MemoryClientNode, loggedInClient, requireOrSkip, startNode, testConfig, wsURL
 from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
 from timtx.transports.websocket import TimWebSocketServerProtocol
 
 
-def exampleCode():
+def exampleCode(name="extending"):
     root = sourceRoot()
     if root is None:
         return None
     text = root.child("docs").child("extending.md").getContent().decode("utf-8")
-    match = re.search(r"<!-- example: extending -->\s*```python\n(.*?)```", text, re.S)
+    match = re.search(rf"<!-- example: {name} -->\s*```python\n(.*?)```", text, re.S)
     return match.group(1)
 
 
@@ -73,3 +77,26 @@ class RegistryTests(SynchronousTestCase):
         self.assertRaises(ValueError, resolveProtocolPath, "timtx.transports.websocket")
         self.assertRaises(ValueError, resolveProtocolPath, "timtx.transports.websocket:CLOSE_TOO_BIG")
         self.assertRaises(ImportError, resolveProtocolPath, "no.such:Thing")
+
+
+class LimitsExampleTests(SynchronousTestCase):
+    def test_example(self):
+        """
+        The documented subclass refuses a frame over its own 512 bytes, though
+        the node allows 1 MiB, and logs why.
+        """
+        code = exampleCode("limits")
+        if code is None:
+            requireOrSkip("no source checkout (docs/ is not installed)")
+        namespace = {}
+        exec(compile(code, "docs/extending.md", "exec"), namespace)
+        node = MemoryClientNode()
+        transport = StringTransport()
+        protocol = node.connect(namespace["SensorProtocol"], transport)
+        self.assertEqual((protocol.limits.maxFrameBytes, protocol.limits.maxBadFrames), (512, 1))
+        self.assertEqual(node.config.client.max_frame_bytes, 1 << 20)
+        events = []
+        protocol.logger = Logger(observer=events.append)
+        protocol.dataReceived(length_prefixed(client_frame(TimType.TIMPING, b"x" * 600)))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([e["size"] for e in events if "size" in e], [601])

@@ -19,7 +19,6 @@ from timtx.client import (
     ClientTimeout,
     TimHttpError,
     TimRequestFailed,
-    ackFor,
     connect,
     register,
     requestToken,
@@ -129,31 +128,6 @@ class LoginTestsMixin:
         client.sendRaw(bytes([TimType.TIMREGISTER | flag]))
         self.assertEqual(self.errorOf((yield client.next(TimType.TIMACK)), 14), ErrorCode.ERR_INTERFACE)
         yield within(client.closed)
-
-    @inlineCallbacks
-    def test_framesHandledInOrder(self):
-        """
-        Frames of one connection are handled in arrival order even when the
-        handlers' work completes in reverse order.
-        """
-        node = yield self.node()
-        started, finished = [], []
-
-        def slow(session, message):
-            started.append(message.id)
-            d = deferLater(reactor, 0.05 * (10 - message.id), lambda: None)
-            d.addCallback(lambda _: finished.append(message.id))
-            d.addCallback(lambda _: session.sendAck(TimType.TIMMESSAGE, t=message.id))
-            return d
-
-        node.dispatcher.route(TimType.TIMMESSAGE, TimMessage, slow)
-        client = yield loggedInClient(reactor, node, encoding=self.encoding, transport=self.transport, testCase=self)
-        for i in range(10):
-            client.send(TimType.TIMMESSAGE, TimMessage(msType=2, odType=1, id=i))
-        replies = []
-        for _ in range(10):
-            replies.append((yield client.next(ackFor(TimType.TIMMESSAGE))).body.t)
-        self.assertEqual((started, finished, replies), (list(range(10)),) * 3)
 
     @inlineCallbacks
     def test_deviceLimitReject(self):

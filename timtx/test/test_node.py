@@ -5,8 +5,10 @@ Tests for L{timtx.node}: composition and lifecycle.
 import socket
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.testing import EventLoggingObserver
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -62,6 +64,141 @@ class NodeTests(TestCase):
 
     @inlineCallbacks
     def test_stopTwice(self):
-        node = yield startNode(self, reactor, testConfig(self.mktemp()))
+        """
+        A second stop is harmless: it fires at once, and the node stays
+        stopped with nothing listening and its store closed.
+        """
+        store = _ClosingStore()
+        node = yield startNode(self, reactor, testConfig(self.mktemp()), store=store)
+        address = node.listeningAddress("client-tcp")
         yield node.stopService()
-        yield node.stopService()
+        second = node.stopService()
+        self.assertIsNone(self.successResultOf(second))
+        self.assertFalse(node.running)
+        self.assertEqual([listener.port for listener in node._listeners.values()], [None, None])
+        self.assertTrue(store.closed)
+        refused = socket.socket()
+        self.addCleanup(refused.close)
+        self.assertNotEqual(refused.connect_ex((address.host, address.port)), 0)
+
+    def test_lateListenFailure(self):
+        """
+        An endpoint whose listen fails after a while fails the node's start
+        with a L{NodeStartError} naming it, and says so in the log.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        late = _LateEndpoint()
+        node = _EndpointNode(
+            late,
+            testConfig(self.mktemp(), client={"tcp_listen": ""}),
+            reactor,
+            store=MemoryStore(),
+            keys=NodeKeys(b"k" * 32),
+        )
+        node.startService()
+        self.addCleanup(node.stopService)
+        self.assertNoResult(node.ready)
+        late.listening.errback(CannotListenError("127.0.0.1", 1, OSError("address in use")))
+        failure = self.failureResultOf(node.ready, NodeStartError)
+        self.assertIn("client-ws", failure.getErrorMessage())
+        critical = [e for e in observer if e["log_level"] == LogLevel.critical]
+        self.assertEqual(len(critical), 1)
+
+    def test_closingUsesTheNodesClock(self):
+        """
+        Connections that do not close when the node stops are aborted after
+        two seconds of the node's clock.
+        """
+        clock = Clock()
+        node = Node(
+            testConfig(self.mktemp(), client={"listen": "", "tcp_listen": ""}),
+            MemoryReactorClock(),
+            store=MemoryStore(),
+            keys=NodeKeys(b"k" * 32),
+            clock=clock,
+        )
+        node.startService()
+        stuck = _StuckConnection()
+        self.assertTrue(node.connectionOpened(stuck))
+        stopping = node.stopService()
+        self.assertEqual(stuck.asked, 1)
+        clock.advance(1.9)
+        self.assertFalse(stuck.transport.aborted)
+        clock.advance(0.2)
+        self.assertTrue(stuck.transport.aborted)
+        node.connectionClosed(stuck)
+        self.successResultOf(stopping)
+
+    def test_backgroundWork(self):
+        """
+        Background work that fails is logged, whether it fails at once or
+        later; the node waits for what is still running when it stops.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        node = Node(
+            testConfig(self.mktemp(), client={"listen": "", "tcp_listen": ""}),
+            MemoryReactorClock(),
+            store=MemoryStore(),
+            keys=NodeKeys(b"k" * 32),
+            clock=Clock(),
+        )
+        node.startService()
+        node.runInBackground(lambda: 1 / 0)
+        later = Deferred()
+        node.runInBackground(lambda: later)
+        stopping = node.stopService()
+        self.assertNoResult(stopping)
+        later.errback(ValueError("late"))
+        self.successResultOf(stopping)
+        logged = [e["log_failure"].type for e in observer if "log_failure" in e]
+        self.assertEqual(logged, [ZeroDivisionError, ValueError])
+        self.flushLoggedErrors(ZeroDivisionError, ValueError)
+
+
+class _ClosingStore(MemoryStore):
+    closed = False
+
+    def close(self):
+        self.closed = True
+        return super().close()
+
+
+class _LateEndpoint:
+    def __init__(self):
+        self.listening = Deferred()
+
+    def listen(self, factory):
+        return self.listening
+
+
+class _EndpointNode(Node):
+    """
+    A node whose client endpoint is given.
+    """
+
+    def __init__(self, endpoint, *args, **kwargs):
+        self._endpoint = endpoint
+        super().__init__(*args, **kwargs)
+
+    def makeEndpoint(self, description):
+        return self._endpoint
+
+
+class _AbortRecorder:
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+class _StuckConnection:
+    """
+    A connection that ignores being asked to close.
+    """
+
+    def __init__(self):
+        self.asked = 0
+        self.transport = _AbortRecorder()
+
+    def closeConnection(self, reason):
+        self.asked += 1
