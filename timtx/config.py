@@ -368,6 +368,12 @@ class RosterConfig:
     notify_block: bool = option(
         True, BOOL, "Tell a user who was blocked (bnType 7), as tim does. Turn off to block silently."
     )
+    unblock_on_remove: bool = option(
+        True,
+        BOOL,
+        "Removing a user from the roster (TIMBUSINESS rtype 6) also lifts the caller's block on that user, "
+        "as tim 2.0 does: the only way a tim client can unblock. Turn off to keep blocks until rtype 101.",
+    )
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 # -*- test-case-name: timtx.test.test_roster -*-
 """
-Friends and blocks (TIMBUSINESS 1, 4, 6, 7, 18 and timtx's 101).
+Friends and blocks (TIMBUSINESS 1, 4, 6, 7, 18 and timtx's 101).  Removing
+a user (6) also unblocks it, as in tim 2.0 (C{[roster] unblock_on_remove}).
 
 Each user has a stance toward another: none, friend (wants or accepts
 friendship) or block.  Two users are friends when both stances are
@@ -187,11 +188,14 @@ class RosterService:
     @inlineCallbacks
     def removeRoster(self, session: Session, request: TimReq) -> Any:
         """
-        End a friendship (or withdraw a request) on both sides; blocks stay.
-        The former friend gets bnType 6.
+        End a friendship (or withdraw a request) on both sides.  The
+        caller's block on C{other} goes too, as in tim 2.0, where this is
+        the only way to unblock (unless C{[roster] unblock_on_remove} is
+        off); a block by C{other} stays.  The former friend gets bnType 6.
         """
         other, relation = yield self._target(session, request)
-        if relation.mine == STANCE_FRIEND:
+        lifted = relation.mine == STANCE_BLOCK and self.config.unblock_on_remove
+        if relation.mine == STANCE_FRIEND or lifted:
             yield self.relations.setStance(session.uid, other, STANCE_NONE)
         if relation.theirs == STANCE_FRIEND:
             yield self.relations.setStance(other, session.uid, STANCE_NONE)

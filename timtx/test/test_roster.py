@@ -110,6 +110,46 @@ class RosterTestsMixin:
         yield bob.business(Business.ADDROSTER, node=alice.uid)
 
     @inlineCallbacks
+    def test_removeUnblocks(self):
+        """
+        Removing a blocked user (rtype 6) lifts the block, as tim 2.0 does:
+        the only way a tim client can unblock.  A block by the other side
+        stays, and friendship does not come back.
+        """
+        node = yield self.node()
+        alice = yield self.user(node)
+        bob = yield self.user(node)
+        yield alice.business(Business.BLOCKROSTER, node=bob.uid)
+        yield bob.business(Business.BLOCKROSTER, node=alice.uid)
+        self.assertEqual((yield self.list(alice, Business.BLOCKROSTERLIST)), [bob.uid])
+        ack = yield alice.business(Business.REMOVEROSTER, node=bob.uid)
+        self.assertEqual((ack.ok, ack.t, ack.n), (True, Business.REMOVEROSTER, bob.uid))
+        self.assertEqual((yield self.list(alice, Business.BLOCKROSTERLIST)), [])
+        self.assertEqual((yield self.list(bob, Business.BLOCKROSTERLIST)), [alice.uid])
+        self.assertEqual((yield self.list(alice, Business.ROSTER)), [])
+        failure = yield self.assertFailure(alice.business(Business.ADDROSTER, node=bob.uid), TimRequestFailed)
+        self.assertEqual(failure.code, ErrorCode.ERR_BLOCK, "bob's block on alice stays")
+        yield bob.business(Business.REMOVEROSTER, node=alice.uid)
+        yield alice.business(Business.ADDROSTER, node=bob.uid)
+        yield bob.next(notice(Business.ADDROSTER))
+
+    @inlineCallbacks
+    def test_removeKeepsBlockWhenConfigured(self):
+        """
+        With C{[roster] unblock_on_remove} off, removing leaves the block in
+        place; only rtype 101 lifts it.
+        """
+        node = yield self.node(roster={"unblock_on_remove": False})
+        alice = yield self.user(node)
+        bob = yield self.user(node)
+        yield alice.business(Business.BLOCKROSTER, node=bob.uid)
+        ack = yield alice.business(Business.REMOVEROSTER, node=bob.uid)
+        self.assertEqual((ack.ok, ack.t), (True, Business.REMOVEROSTER))
+        self.assertEqual((yield self.list(alice, Business.BLOCKROSTERLIST)), [bob.uid])
+        yield alice.business(UNBLOCKROSTER, node=bob.uid)
+        self.assertEqual((yield self.list(alice, Business.BLOCKROSTERLIST)), [])
+
+    @inlineCallbacks
     def test_silentBlock(self):
         node = yield self.node(roster={"notify_block": False})
         alice = yield self.user(node)
