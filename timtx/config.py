@@ -262,6 +262,13 @@ class ClientConfig:
     )
     request_burst: int = option(400, _int(1), "Frames one connection may send at once above request_rate.")
     max_login_attempts: int = option(3, _int(1), "Failed logins one connection may make before it is closed.")
+    default_generation: str = option(
+        "2.0",
+        _choice("2.0", "2.1"),
+        "The tim generation (`2.0` or `2.1`) of a session whose login does not tell: one that logs in with "
+        "a name and password. It decides the Thrift layout of group profiles (TimRoomBean). A string token "
+        "makes a session 2.1, a numeric one 2.0; see docs/protocol.md.",
+    )
 
 
 @dataclass(frozen=True)

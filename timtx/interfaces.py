@@ -93,6 +93,10 @@ class ISession(Interface):
 
     uid = Attribute("The account id (tim's C{node}).")
     encoding = Attribute("The L{timtx.protocols.codec.Encoding} of every frame pushed to it, fixed at login.")
+    generation = Attribute(
+        "The L{timtx.protocols.structs.Generation} whose Thrift layouts it reads and writes: decided at login, "
+        "raised to tim 2.1 by the connection when a frame proves it (L{timtx.protocols.generations})."
+    )
 
     def ackReceived(ackId: int) -> None:
         """

@@ -60,7 +60,8 @@ from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, TimType
-from timtx.protocols.structs import TimAuth, TimMessage, TimNodes, TimPresence, TimReq
+from timtx.protocols.generations import login_generation
+from timtx.protocols.structs import Generation, TimAuth, TimMessage, TimNodes, TimPresence, TimReq
 from timtx.transports.http import TimSite
 from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
 from timtx.transports.tcp import TimTcpServerFactory
@@ -505,9 +506,15 @@ class Node(MultiService):
             self.clock.seconds(),
             self.ackIds,
             auth.extend,
+            login_generation(auth, Generation(self.config.client.default_generation)),
         )
         self.sessions.admit(session)
-        self.log.info("login {uid} termtyp={termtyp}", uid=session.uid, termtyp=session.termtyp)
+        self.log.info(
+            "login {uid} termtyp={termtyp} tim {generation}",
+            uid=session.uid,
+            termtyp=session.termtyp,
+            generation=session.generation.value,
+        )
         return session
 
     def sessionReady(self, session: Session) -> None:

@@ -21,7 +21,7 @@ from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import MAX_ACK_ID, server_frame, server_header
-from timtx.protocols.structs import Tid, TimAck, TimError, TimStruct
+from timtx.protocols.structs import Generation, Tid, TimAck, TimError, TimStruct
 
 
 class AckIds:
@@ -51,6 +51,9 @@ class Session:
         sends.
     @ivar encoding: the encoding of every frame pushed to this session, fixed
         by its TIMAUTH frame.
+    @ivar generation: the tim generation whose Thrift layouts this session
+        reads and writes, decided at login; a tim 2.0 session becomes 2.1
+        once a frame proves it (see L{timtx.protocols.generations}).
     @ivar loginTime: when it logged in (reactor seconds), for "kick oldest".
     """
 
@@ -67,6 +70,7 @@ class Session:
         loginTime: float,
         ackIds: AckIds,
         extend: dict[str, str] | None = None,
+        generation: Generation = Generation.TIM20,
     ):
         self.sink = sink
         self.uid = uid
@@ -74,16 +78,19 @@ class Session:
         self.resource = resource
         self.termtyp = termtyp
         self.encoding = encoding
+        self.generation = generation
         self.loginTime = loginTime
         self.tid = Tid(node=uid, domain=domain or None, resource=resource, termtyp=termtyp, extend=extend)
-        #: Sessions with the same key take the same prepared frame.
+        #: Sessions with the same key take the same prepared frame.  The
+        #: generation is not part of it: what is fanned out (TimMessage,
+        #: TimStream) has one layout in both.
         self.frameKey = (getattr(sink, "frameKind", "raw"), encoding)
         self._ackIds = ackIds
         self._pendingAcks: dict[int, Callable[[Session], object]] = {}
         self.closed = False
 
     def __repr__(self) -> str:
-        return f"<Session {self.uid} termtyp={self.termtyp} {self.encoding.value}>"
+        return f"<Session {self.uid} termtyp={self.termtyp} {self.encoding.value} tim {self.generation.value}>"
 
     @property
     def congested(self) -> bool:
@@ -95,7 +102,7 @@ class Session:
     # Sending.
 
     def encode(self, struct: TimStruct) -> bytes:
-        return codec.encode(struct, self.encoding)
+        return codec.encode(struct, self.encoding, self.generation)
 
     def send(
         self, timType: int, struct: TimStruct | None = None, onAck: Callable[[Session], object] | None = None

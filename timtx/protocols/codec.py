@@ -13,11 +13,12 @@ import json
 from enum import Enum
 from typing import Any, TypeVar
 
+from thrift.protocol.TCompactProtocol import TCompactProtocol
 from thrift.transport.TTransport import TMemoryBuffer
 
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
-from timtx.protocols.structs import TIMAUTH_TOKEN_STRING_SPEC, TimAuth, TimStruct
+from timtx.protocols.structs import Generation, TimAuth, TimStruct
 
 try:
     from thrift.protocol import fastbinary as _fastbinary
@@ -57,30 +58,36 @@ class _DecodeSource:
         self.container_length_limit = len(data)
 
 
-def encode_compact(struct: TimStruct) -> bytes:
+def encode_compact(struct: TimStruct, generation: Generation = Generation.TIM20) -> bytes:
     """
-    Thrift compact bytes of C{struct}, with no envelope.
+    Thrift compact bytes of C{struct}, with no envelope, in C{generation}'s
+    layout (see L{Generation}).
     """
     struct.fill_required()
-    spec = [type(struct), type(struct).thrift_spec]
+    cls = type(struct)
+    spec = cls.thrift_spec if generation is Generation.TIM20 else cls.spec_for(generation)
     if _fastbinary is not None:
-        return bytes(_fastbinary.encode_compact(struct, spec))
-    return _slow_encode(struct)
+        return bytes(_fastbinary.encode_compact(struct, [cls, spec]))
+    return _slow_encode(struct, spec)
 
 
-def decode_compact(cls: type[S], data: bytes) -> S:
+def decode_compact(cls: type[S], data: bytes, generation: Generation = Generation.TIM20) -> S:
     """
-    Decode Thrift compact bytes into a new C{cls}.  Bytes after the struct's
-    end are ignored, as Thrift does.  Fields of an unexpected wire type are
-    skipped (Thrift's rule for schema evolution); a required field left unset
-    is reported by L{check_required}.
+    Decode Thrift compact bytes, in C{generation}'s layout, into a new
+    C{cls}.  Bytes after the struct's end are ignored, as Thrift does.
+    Fields of an unexpected wire type are skipped (Thrift's rule for schema
+    evolution); a required field left unset is reported by
+    L{check_required}.  A TimAuth's token is read as either generation
+    sends it.
 
     @raise TimProtocolError: C{ERR_FORMAT} for truncated or malformed bytes.
     """
-    result = _decode_with_spec(cls, data, cls.thrift_spec)
+    spec = cls.thrift_spec if generation is Generation.TIM20 else cls.spec_for(generation)
+    result = _decode_with_spec(cls, data, spec)
     if cls is TimAuth and result.token is None:  # type: ignore[attr-defined]
-        # Perhaps tim 2.1, whose token is a string.
-        again = _decode_with_spec(cls, data, TIMAUTH_TOKEN_STRING_SPEC)
+        # Perhaps the other generation: tim 2.0's token is an i64, 2.1's a string.
+        other = Generation.TIM21 if generation is Generation.TIM20 else Generation.TIM20
+        again = _decode_with_spec(cls, data, cls.spec_for(other))
         result.token = again.token  # type: ignore[attr-defined]
     return result
 
@@ -97,8 +104,26 @@ def _decode_with_spec(cls: type[S], data: bytes, spec: tuple[Any, ...]) -> S:
     except Exception as e:
         # The C codec raises EOFError, TypeError, OverflowError and others;
         # the pure-Python one raises TProtocolException.  All mean "bad bytes".
-        raise TimProtocolError(ErrorCode.ERR_FORMAT, f"malformed {cls.__name__}: {type(e).__name__}") from None
+        raise TimProtocolError(ErrorCode.ERR_FORMAT, f"malformed {cls.__name__}: {_why(e)}") from None
     return result
+
+
+def _why(error: Exception) -> str:
+    """
+    What a codec exception says about the bytes, in words for the client:
+    never the exception's class name or the codec's own text.
+    """
+    if isinstance(error, EOFError):
+        return "truncated"
+    if isinstance(error, UnicodeError):
+        return "invalid UTF-8"
+    if isinstance(error, OverflowError):
+        return "a length beyond the end of the frame"
+    if isinstance(error, TypeError):
+        return "an unknown Thrift type"
+    if isinstance(error, ValueError):
+        return "a negative length"
+    return "not Thrift compact"
 
 
 def check_required(struct: TimStruct) -> None:
@@ -131,15 +156,20 @@ def decode_json(cls: type[S], data: bytes) -> S:
     return cls.from_json_dict(value)  # type: ignore[return-value]
 
 
-def encode(struct: TimStruct, encoding: Encoding) -> bytes:
+def encode(struct: TimStruct, encoding: Encoding, generation: Generation = Generation.TIM20) -> bytes:
+    """
+    C{struct} in C{encoding}; compact in C{generation}'s layout (JSON has
+    none: its keys are names).
+    """
     if encoding is Encoding.JSON:
         return encode_json(struct)
-    return encode_compact(struct)
+    return encode_compact(struct, generation)
 
 
-def decode(cls: type[S], data: bytes, encoding: Encoding) -> S:
+def decode(cls: type[S], data: bytes, encoding: Encoding, generation: Generation = Generation.TIM20) -> S:
     """
-    Decode C{data} into a C{cls} and check its required fields.
+    Decode C{data} into a C{cls} and check its required fields; compact in
+    C{generation}'s layout.
 
     @raise TimProtocolError: see L{decode_compact}, L{decode_json} and
         L{check_required}.
@@ -147,7 +177,7 @@ def decode(cls: type[S], data: bytes, encoding: Encoding) -> S:
     if encoding is Encoding.JSON:
         result = decode_json(cls, data)
     else:
-        result = decode_compact(cls, data)
+        result = decode_compact(cls, data, generation)
     check_required(result)
     return result
 
@@ -155,21 +185,31 @@ def decode(cls: type[S], data: bytes, encoding: Encoding) -> S:
 # The pure-Python fallback, used only when fastbinary failed to build.
 
 
-def _slow_encode(struct: TimStruct) -> bytes:
-    from thrift.protocol.TCompactProtocol import TCompactProtocol
-    from thrift.transport.TTransport import TMemoryBuffer
+class _SpecCompactProtocol(TCompactProtocol):  # type: ignore[misc]
+    """
+    thrift's pure-Python compact protocol, reading and writing nested structs
+    in the spec given (a generation's layout) instead of their class's
+    C{thrift_spec}.
+    """
 
+    def readContainerStruct(self, spec: Any) -> Any:
+        cls, structSpec = spec
+        obj = cls()
+        self.readStruct(obj, structSpec)
+        return obj
+
+    def writeContainerStruct(self, val: Any, spec: Any) -> None:
+        self.writeStruct(val, spec[1])
+
+
+def _slow_encode(struct: TimStruct, spec: tuple[Any, ...]) -> bytes:
     buf = TMemoryBuffer()
-    TCompactProtocol(buf).writeStruct(struct, type(struct).thrift_spec)
+    _SpecCompactProtocol(buf).writeStruct(struct, spec)
     return bytes(buf.getvalue())
 
 
 def _slow_decode(result: TimStruct, data: bytes, spec: tuple[Any, ...]) -> None:
-    from thrift.protocol.TCompactProtocol import TCompactProtocol
-    from thrift.transport.TTransport import TMemoryBuffer
-
-    proto = TCompactProtocol(TMemoryBuffer(data), len(data), len(data))
-    proto.readStruct(result, spec)
+    _SpecCompactProtocol(TMemoryBuffer(data), len(data), len(data)).readStruct(result, spec)
 
 
 __all__ = [

@@ -45,6 +45,7 @@ from timtx.protocols.connection import CLOSED, AckReceived, PingReceived, Reques
 from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import BadFrame, TimProtocolError
 from timtx.protocols.frames import ClientFrame, server_frame
+from timtx.protocols.generations import decode_for_session
 from timtx.protocols.structs import TimAck, TimAuth, TimError, TimStruct
 from timtx.transports.reassembly import BigDataReceiver
 from timtx.util.ratelimit import TokenBucket
@@ -442,12 +443,18 @@ class TimServerProtocolMixin:
 
     def decodeBody(self, frame: ClientFrame, bodyType: type[S]) -> S:
         """
-        Decode a frame's payload in the frame's own encoding.
+        Decode a frame's payload in the frame's own encoding and, once
+        logged in, in the session's tim generation, which the frame may
+        raise to 2.1 (L{timtx.protocols.generations.decode_for_session}).
 
         @raise BadFrame: if it does not decode or lacks a required field.
         """
+        session = self.session
         try:
-            return codec.decode(bodyType, frame.payload, frame.encoding)
+            if session is None:
+                return codec.decode(bodyType, frame.payload, frame.encoding)
+            body, session.generation = decode_for_session(bodyType, frame.payload, frame.encoding, session.generation)
+            return body
         except TimProtocolError as e:
             raise BadFrame.wrap(e) from None
 

@@ -3,7 +3,11 @@
 Group profiles: TIMNODES ntype 5 (read) and 7 (modify).
 
 A profile's founder, managers, type and creation time come from the
-group's records; cover, topic, label, extend and extra are kept sealed.
+group's records; cover, topic, label, kind, extend and extra are kept
+sealed.  Each session reads and writes them in its own tim generation's
+layout (the session's encoding does that, see
+L{timtx.protocols.generations}): a tim 2.1 client's C{kind} is stored like
+any other field, and read back by every session.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ if TYPE_CHECKING:
 
 #: Most groups one TIMNODES 5 may ask about.
 MAX_PROFILES = 100
+
+#: The fields of a profile its founder and managers set.
+_MERGED = ("cover", "topic", "label", "kind", "extend", "extra")
 
 
 class GroupProfiles:
@@ -60,6 +67,7 @@ class GroupProfiles:
             label=bean.label,
             gtype=group.gtype,
             createtime=int(group.created * 1e9),
+            kind=bean.kind,
             extend=bean.extend,
             extra=bean.extra,
         )
@@ -67,8 +75,9 @@ class GroupProfiles:
     @inlineCallbacks
     def _modifyProfile(self, session: Session, nodes: TimNodes) -> Any:
         """
-        The founder or a manager merges cover, topic, label, extend and
-        extra; only the founder changes C{managers}, which must be members.
+        The founder or a manager merges cover, topic, label, kind, extend
+        and extra; only the founder changes C{managers}, which must be
+        members.
         """
         if not nodes.roommap or len(nodes.roommap) != 1:
             raise TimProtocolError(ErrorCode.ERR_PARAMS, "roommap must hold exactly one group")
@@ -86,7 +95,7 @@ class GroupProfiles:
             if unknown:
                 raise TimProtocolError(ErrorCode.ERR_PARAMS, "managers must be members other than the founder")
         current = self.profileOf(state)
-        for name in ("cover", "topic", "label", "extend", "extra"):
+        for name in _MERGED:
             value = getattr(bean, name)
             if value is not None:
                 setattr(current, name, value)
@@ -108,4 +117,4 @@ def _profileOnly(bean: TimRoomBean) -> TimRoomBean:
     The part of a room profile kept sealed; founder, managers, gtype and
     createtime come from the group's records.
     """
-    return TimRoomBean(cover=bean.cover, topic=bean.topic, label=bean.label, extend=bean.extend, extra=bean.extra)
+    return TimRoomBean(**{name: getattr(bean, name) for name in _MERGED})
