@@ -12,13 +12,20 @@ L{TimClient.next} takes them, or handed to L{TimClient.onFrame} if you set
 it.  Frames that ask for an acknowledgement are acknowledged on arrival
 unless C{autoAck} is false.
 
+L{TimClient.request} sends a request and waits for I{its} answer: the frame
+that answers it among those that arrive after it was sent, never an older
+one or somebody else's message; an error ack answering it raises
+L{TimRequestFailed} at once.  See L{TimClient.request} for how answers are
+matched to requests.
+
 Registration and tokens go over HTTP C{/tim2}: see L{register} and
 L{requestToken}.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -32,7 +39,7 @@ from twisted.web.http_headers import Headers
 
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
-from timtx.protocols.constants import TimType
+from timtx.protocols.constants import Business, NodeInfo, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import (
     LengthPrefixedDecoder,
@@ -42,6 +49,7 @@ from timtx.protocols.frames import (
     parse_server_frame,
 )
 from timtx.protocols.structs import (
+    Generation,
     Tid,
     TimAck,
     TimAuth,
@@ -87,7 +95,10 @@ class TimRequestFailed(Exception):
 
 class ClientTimeout(Exception):
     """
-    No matching frame arrived in time.
+    Nothing matching arrived within the C{timeout} given: raised, through
+    the L{Deferred}, by L{TimClient.next}, L{TimClient.request} and every
+    call built on them.  The connection stays open; an answer that comes
+    later is kept in L{TimClient.received}.
     """
 
 
@@ -133,6 +144,114 @@ def answerTo(timType: int) -> Match:
     )
 
 
+def _ok(i: Incoming, timType: int, t: int | None = None) -> bool:
+    """
+    Whether C{i} is an ok TimAck answering a C{timType} request (with C{t}).
+    """
+    ack = i.body
+    return (
+        i.timType == TimType.TIMACK
+        and isinstance(ack, TimAck)
+        and bool(ack.ok)
+        and ack.timType == timType
+        and (t is None or ack.t == t)
+    )
+
+
+def _nodes(i: Incoming, ntype: int) -> bool:
+    return i.timType == TimType.TIMNODES and isinstance(i.body, TimNodes) and i.body.ntype == ntype
+
+
+#: TIMBUSINESS rtypes answered with a TimNodes list, and its ntype.
+_LISTS: dict[int, int] = {
+    Business.ROSTER: NodeInfo.ROSTER,
+    Business.USERROOM: NodeInfo.ROOM,
+    Business.ROOMUSERS: NodeInfo.ROOMMEMBER,
+    Business.BLOCKROSTERLIST: NodeInfo.BLOCKROSTERLIST,
+    Business.BLOCKROOMLIST: NodeInfo.BLOCKROOMLIST,
+    Business.BLOCKROOMMEMBERLIST: NodeInfo.BLOCKROOMMEMBERLIST,
+}
+
+#: The frame types a message may be sent as; the server answers each with a
+#: TIMMESSAGE (90) echo, or an error ack of the type sent.
+MESSAGE_TYPES = frozenset({TimType.TIMMESSAGE, TimType.TIMREVOKEMESSAGE, TimType.TIMBURNMESSAGE})
+
+
+def defaultAnswer(timType: int, body: TimStruct | None, uid: str | None = None) -> Match | None:
+    """
+    What the server sends back, on success, for a request of C{timType}
+    with C{body}: a predicate matching that frame, or C{None} when success
+    is silent (presence, stream pushes) or takes many frames (offline
+    messages).
+
+      - TIMAUTH: the ok TimAck of type 16.  TIMPING: a TIMPING.
+      - TIMMESSAGE, TIMREVOKEMESSAGE, TIMBURNMESSAGE: the echo, a TIMMESSAGE
+        (90) from C{uid} with the message's C{id} (stream messages, odType 5,
+        have none).
+      - TIMPULLMESSAGE: a TIMPULLMESSAGE list.
+      - TIMBUSINESS: the TimNodes list for rtypes 1, 2, 3, 18, 19, 20 (ntype
+        1, 2, 3, 8, 9, 10), else the ok TimAck whose C{t} is the rtype.
+      - TIMNODES: the TimNodes of the same ntype for reads (4, 5), the ok
+        TimAck whose C{t} is the ntype for changes (6, 7).
+      - TIMVROOM: the ok TimAck whose C{t} is the rtype and whose C{n} names
+        the room (or, for rtypes 3, 4, 101 and 102, the user).
+    """
+    if timType == TimType.TIMAUTH:
+        return lambda i: _ok(i, TimType.TIMAUTH)
+    if timType == TimType.TIMPING:
+        return lambda i: i.timType == TimType.TIMPING
+    if timType in MESSAGE_TYPES and isinstance(body, TimMessage):
+        if body.id is None or body.odType == 5:
+            return None
+        messageId = body.id
+        return lambda i: (
+            i.timType == TimType.TIMMESSAGE
+            and isinstance(i.body, TimMessage)
+            and i.body.id == messageId
+            and (uid is None or i.body.fromTid is None or i.body.fromTid.node == uid)
+        )
+    if timType == TimType.TIMPULLMESSAGE:
+        return lambda i: i.timType == TimType.TIMPULLMESSAGE
+    if timType == TimType.TIMBUSINESS and isinstance(body, TimReq) and body.rtype is not None:
+        rtype = body.rtype
+        if rtype in _LISTS:
+            return lambda i: _nodes(i, _LISTS[rtype])
+        return lambda i: _ok(i, TimType.TIMBUSINESS, rtype)
+    if timType == TimType.TIMNODES and isinstance(body, TimNodes) and body.ntype is not None:
+        ntype = body.ntype
+        if ntype in (NodeInfo.USERINFO, NodeInfo.ROOMINFO):
+            return lambda i: _nodes(i, ntype)
+        return lambda i: _ok(i, TimType.TIMNODES, ntype)
+    if timType == TimType.TIMVROOM and isinstance(body, TimReq) and body.rtype is not None:
+        rtype = body.rtype
+        names = body.node2 if rtype in (3, 4, 101, 102) else body.node if rtype != 1 else None
+        return lambda i: _ok(i, TimType.TIMVROOM, rtype) and (names is None or i.body.n == names)
+    return None
+
+
+@dataclass
+class _Pending:
+    """
+    A request waiting for its answer.
+    """
+
+    timType: int
+    answers: Match
+    messageId: int | None
+    deferred: Deferred[Incoming]
+    timer: Any = field(default=None)
+
+    def refusedBy(self, ack: TimAck) -> bool:
+        """
+        Whether error C{ack} answers this request: it names this request's
+        frame type and, for a message, carries its id in C{t} (or no id, as
+        when the frame could not be decoded).
+        """
+        if self.messageId is not None:
+            return ack.timType in MESSAGE_TYPES and ack.t in (None, self.messageId)
+        return ack.timType == self.timType
+
+
 class TimClient:
     """
     The client side of one connection; see the module docstring.
@@ -145,14 +264,21 @@ class TimClient:
 
     maxKept = 100_000
 
-    def __init__(self, reactor: Any, encoding: Encoding, autoAck: bool = True):
+    def __init__(
+        self, reactor: Any, encoding: Encoding, autoAck: bool = True, generation: Generation = Generation.TIM20
+    ):
         self.reactor = reactor
         self.encoding = encoding
         self.autoAck = autoAck
+        #: The tim generation whose Thrift layouts this client writes and
+        #: reads (group profiles); a login with a string token makes it 2.1,
+        #: with a numeric one 2.0, as the server decides.
+        self.generation = generation
         self.received: list[Incoming] = []
         self.onFrame: Callable[[Incoming], Any] | None = None
         self.uid: str | None = None
         self._waiters: list[tuple[Match, Deferred[Incoming], Any]] = []
+        self._pending: list[_Pending] = []
         self._transport: Any = None
         self.closed: Deferred[None] = Deferred()
         self.decodeErrors = 0
@@ -164,17 +290,29 @@ class TimClient:
     def _attach(self, transport: Any) -> None:
         self._transport = transport
 
+    @property
+    def connected(self) -> bool:
+        """
+        Whether frames can be sent: open, and not closing.
+        """
+        return self._transport is not None and self._transport.isOpen()
+
     def sendRaw(self, frame: bytes) -> None:
         """
         Send one frame's bytes as they are.
+
+        @raise ConnectionDone: if the connection is closed or closing.
         """
+        if not self.connected:
+            raise ConnectionDone("the connection is closed")
         self._transport.writeFrame(frame)
 
     def send(self, timType: int, body: TimStruct | None = None) -> None:
         """
-        Send a frame, encoding C{body} in this client's encoding.
+        Send a frame, encoding C{body} in this client's encoding (and, for
+        compact, its generation's layout).
         """
-        payload = b"" if body is None else codec.encode(body, self.encoding)
+        payload = b"" if body is None else codec.encode(body, self.encoding, self.generation)
         self.sendRaw(client_frame(timType, payload, self.encoding))
 
     def ack(self, ackId: int) -> None:
@@ -184,7 +322,8 @@ class TimClient:
         """
         Close the connection; the result fires once it is closed.
         """
-        self._transport.loseTransport()
+        if self.connected:
+            self._transport.loseTransport()
         return self.closed
 
     def _frameReceived(self, data: bytes) -> None:
@@ -193,7 +332,7 @@ class TimClient:
         except TimProtocolError:
             self.decodeErrors += 1
             return
-        if frame.ackId is not None and self.autoAck:
+        if frame.ackId is not None and self.autoAck and self.connected:
             self.ack(frame.ackId)
         bodyType: Any = SERVER_BODIES.get(frame.timType, bytes)
         body: Any
@@ -203,11 +342,13 @@ class TimClient:
             body = frame.payload
         else:
             try:
-                body = codec.decode(bodyType, frame.payload, self.encoding)
+                body = codec.decode(bodyType, frame.payload, self.encoding, self.generation)
             except TimProtocolError:
                 self.decodeErrors += 1
                 body = frame.payload
         incoming = Incoming(frame.timType, frame.ackId, body, frame.payload)
+        if self._answer(incoming):
+            return
         if self.onFrame is not None:
             self.onFrame(incoming)
             return
@@ -222,12 +363,41 @@ class TimClient:
         if len(self.received) > self.maxKept:
             del self.received[0]
 
+    def _answer(self, incoming: Incoming) -> bool:
+        """
+        Give C{incoming} to the oldest waiting request it answers: an error
+        ack it refuses, or the frame it waits for.
+
+        @return: whether a request took it.
+        """
+        ack = incoming.body
+        if incoming.timType == TimType.TIMACK and isinstance(ack, TimAck) and not ack.ok:
+            for pending in self._pending:
+                if pending.refusedBy(ack):
+                    self._settle(pending)
+                    pending.deferred.errback(TimRequestFailed(ack))
+                    return True
+        for pending in self._pending:
+            if pending.answers(incoming):
+                self._settle(pending)
+                pending.deferred.callback(incoming)
+                return True
+        return False
+
+    def _settle(self, pending: _Pending) -> None:
+        self._pending.remove(pending)
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+
     def _connectionLost(self, reason: Any) -> None:
-        for _, d, timeout in self._waiters:
-            if timeout.active():
-                timeout.cancel()
-            d.errback(ConnectionDone("connection closed while waiting for a frame"))
+        waiting = [(d, timer) for _, d, timer in self._waiters]
+        waiting += [(p.deferred, p.timer) for p in self._pending]
         self._waiters = []
+        self._pending = []
+        for d, timer in waiting:
+            if timer is not None and timer.active():
+                timer.cancel()
+            d.errback(ConnectionDone("connection closed while waiting for a frame"))
         if not self.closed.called:
             self.closed.callback(None)
 
@@ -264,18 +434,63 @@ class TimClient:
         self.received = [i for i in self.received if not match(i)]
         return taken
 
-    @inlineCallbacks
-    def request(self, timType: int, body: TimStruct | None, reply: int | Match, timeout: float = 10.0) -> Any:
+    def request(
+        self, timType: int, body: TimStruct | None, reply: int | Match | None = None, timeout: float = 10.0
+    ) -> Deferred[Incoming]:
         """
-        Send a frame and wait for the frame C{reply} matches.  A TIMACK
-        reply with C{ok} false raises L{TimRequestFailed}.
+        Send a request and wait for its answer.
+
+        The answer is looked for only among frames that arrive after the
+        request is sent, and is taken by this request alone (L{next} and
+        L{onFrame} do not see it):
+
+          - On success, the frame C{reply} matches: a frame type, a
+            predicate, or by default what the server sends back for
+            C{timType} (L{defaultAnswer}).  A message (90, 92, 93) is given
+            a random C{id} if it has none, and its answer is its own echo,
+            never another user's message.
+          - An error ack answering it raises L{TimRequestFailed} at once.
+            For a message, that is the error ack of a message type whose
+            C{t} is the message's id.  Otherwise it is the first error ack
+            whose C{timType} is C{timType}: the server handles a
+            connection's frames in order, so it answers the oldest request
+            of that type still waiting.  (Frames sent with L{send} are not
+            tracked: an error answering one of them could be taken by a
+            request of the same type waiting at the same time.)
+
+        @return: a L{Deferred} firing with the answer's L{Incoming}.
+        @raise TimRequestFailed: through the L{Deferred}, for an error ack.
+        @raise ClientTimeout: through the L{Deferred}, after C{timeout}
+            seconds without an answer.
+        @raise ValueError: if C{reply} is not given and success is silent
+            for C{timType} (presence, streams): use L{send}.
         """
-        waiting = self.next(reply, timeout)
-        self.send(timType, body)
-        incoming = yield waiting
-        if isinstance(incoming.body, TimAck) and not incoming.body.ok:
-            raise TimRequestFailed(incoming.body)
-        return incoming
+        messageId = None
+        if timType in MESSAGE_TYPES and isinstance(body, TimMessage):
+            if body.id is None:
+                body.id = secrets.randbits(53)
+            messageId = body.id
+        if reply is None:
+            answers = defaultAnswer(timType, body, self.uid)
+            if answers is None:
+                raise ValueError(f"a frame of type {timType} has no answer to wait for; use send()")
+        else:
+            answers = _matcher(reply)
+        pending = _Pending(timType, answers, messageId, Deferred())
+
+        def expire() -> None:
+            if pending in self._pending:
+                self._pending.remove(pending)
+                pending.deferred.errback(ClientTimeout(f"no answer to a type {timType} request within {timeout}s"))
+
+        pending.timer = self.reactor.callLater(timeout, expire)
+        self._pending.append(pending)
+        try:
+            self.send(timType, body)
+        except BaseException:
+            self._settle(pending)
+            raise
+        return pending.deferred
 
     # Operations.
 
@@ -293,16 +508,24 @@ class TimClient:
         timeout: float = 10.0,
     ) -> Any:
         """
-        Log in by name and password, or by C{token}.
+        Log in by name and password, or by C{token}: a number as tim 2.0
+        issues it (C{TimAck.t} of L{requestToken}), or a string as tim 2.1
+        does (C{TimAck.n}, sent with C{name} and C{domain}).  A string token
+        makes this a tim 2.1 client (L{generation}), a number a 2.0 one, as
+        the server sees it.
 
         @return: a L{Deferred} firing with the TIMAUTH L{TimAck}; its C{n}
-            is the account id.
+            is the account id, kept in L{uid}.
         @raise TimRequestFailed: if the server refuses.
         """
         auth = TimAuth(
             name=name, pwd=pwd, domain=domain, token=token, resource=resource, termtyp=termtyp, extend=extend
         )
-        incoming = yield self.request(TimType.TIMAUTH, auth, ackFor(TimType.TIMAUTH), timeout)
+        if isinstance(token, str):
+            self.generation = Generation.TIM21
+        elif isinstance(token, int):
+            self.generation = Generation.TIM20
+        incoming = yield self.request(TimType.TIMAUTH, auth, timeout=timeout)
         self.uid = incoming.body.n
         return incoming.body
 
@@ -311,7 +534,14 @@ class TimClient:
         """
         Send TIMPING and wait for the answer.
         """
-        yield self.request(TimType.TIMPING, None, TimType.TIMPING, timeout)
+        yield self.request(TimType.TIMPING, None, timeout=timeout)
+
+    def _message(
+        self, to: str | None, dataString: str | None, odType: int, msType: int, fields: dict[str, Any]
+    ) -> TimMessage:
+        return TimMessage(
+            msType=msType, odType=odType, dataString=dataString, toTid=Tid(node=to) if to else None, **fields
+        )
 
     def sendMessage(
         self,
@@ -327,26 +557,77 @@ class TimClient:
         Send a TimMessage to user C{to} (C{None} for group messages, with
         C{roomTid} in C{fields}).  Nothing is awaited: the server echoes the
         stored message, or answers with an error ack whose C{t} is the
-        message's C{id}.
+        message's C{id} (if it has one).  L{postMessage} waits for that.
+
+        @param fields: any other L{TimMessage} field (C{id}, C{roomTid},
+            C{dataBinary}, C{udtype}, C{extend}...).
+        @return: the message sent.
         """
-        message = TimMessage(
-            msType=msType, odType=odType, dataString=dataString, toTid=Tid(node=to) if to else None, **fields
-        )
+        message = self._message(to, dataString, odType, msType, fields)
         self.send(timType, message)
         return message
 
     @inlineCallbacks
+    def postMessage(
+        self,
+        to: str | None,
+        dataString: str | None = None,
+        *,
+        odType: int = 1,
+        msType: int = 2,
+        timType: int = TimType.TIMMESSAGE,
+        timeout: float = 10.0,
+        **fields: Any,
+    ) -> Any:
+        """
+        Like L{sendMessage}, and wait for the server's answer: the message
+        is given a random C{id} unless C{fields} has one, and its echo is
+        matched by it (see L{request}).  Also for recalls (C{odType=2,
+        timType=TIMREVOKEMESSAGE, mid=...}) and burns, whose echo is the
+        notice.  Stream messages (odType 5) have no echo: use
+        L{sendMessage}.
+
+        @return: a L{Deferred} firing with the message as the server
+            echoed it: C{mid}, C{seq}, C{timestamp}, C{fromTid} filled in.
+        @raise TimRequestFailed: if the server refuses it.
+        """
+        message = self._message(to, dataString, odType, msType, fields)
+        incoming = yield self.request(timType, message, timeout=timeout)
+        return incoming.body
+
+    def requestOfflineMessages(self) -> None:
+        """
+        Ask for the messages that arrived while this user was offline
+        (TIMOFFLINEMSG with no payload, as tim clients do after login).
+        They come as TIMOFFLINEMSG frames holding a L{TimMessageList} each,
+        acknowledged on arrival unless C{autoAck} is off, then one
+        TIMOFFLINEMSGEND.  For clients that take frames with L{onFrame};
+        L{offlineMessages} collects them.
+        """
+        self.send(TimType.TIMOFFLINEMSG)
+
+    @inlineCallbacks
     def offlineMessages(self, timeout: float = 10.0, request: bool = True) -> Any:
         """
-        Ask for offline messages (unless C{request} is false, for a server
-        that sends them unasked) and collect every list until
-        TIMOFFLINEMSGEND.
+        Every offline message, in order: lists already received (a timtx
+        node sends them unasked after C{[messages] offline_push_after}),
+        then, unless C{request} is false, those it sends when asked
+        (L{requestOfflineMessages}), until TIMOFFLINEMSGEND.
 
-        @return: a L{Deferred} firing with the messages in order.
+        @param timeout: seconds to wait for each list.
+        @return: a L{Deferred} firing with the L{TimMessage}s.
         """
-        if request:
-            self.send(TimType.TIMOFFLINEMSG)
         messages: list[TimMessage] = []
+        ended = False
+        for incoming in self.take(lambda i: i.timType in (TimType.TIMOFFLINEMSG, TimType.TIMOFFLINEMSGEND)):
+            if incoming.timType == TimType.TIMOFFLINEMSGEND:
+                ended = True
+            else:
+                messages.extend(incoming.body.messageList or ())
+        if request:
+            self.requestOfflineMessages()
+        elif ended:
+            return messages
         while True:
             incoming = yield self.next(
                 lambda i: i.timType in (TimType.TIMOFFLINEMSG, TimType.TIMOFFLINEMSGEND), timeout
@@ -359,30 +640,34 @@ class TimClient:
     def history(self, node: str, mid: int = 0, limit: int | None = None, rtype: int = 1, timeout: float = 10.0) -> Any:
         """
         TIMPULLMESSAGE: messages with C{node} (a user, or a group with
-        C{rtype=2}) before C{mid}, newest first.
+        C{rtype=2}) before C{mid} (0: from the newest), newest first, at
+        most C{limit}.
+
+        @return: a L{Deferred} firing with a list of L{TimMessage}.
         """
         request = TimReq(rtype=rtype, node=node, reqInt=mid, reqInt2=limit)
-        incoming = yield self.request(TimType.TIMPULLMESSAGE, request, answerTo(TimType.TIMPULLMESSAGE), timeout)
+        incoming = yield self.request(TimType.TIMPULLMESSAGE, request, timeout=timeout)
         return incoming.body.messageList or []
 
     @inlineCallbacks
     def nodes(self, ntype: int, timeout: float = 10.0, **fields: Any) -> Any:
         """
-        Send a TimNodes request and wait for the TIMNODES answer or the ack.
+        Send a TimNodes request (profiles) and wait for its answer: the
+        TimNodes for reads (4, 5), the TimAck for changes (6, 7).
         """
-        incoming = yield self.request(
-            TimType.TIMNODES, TimNodes(ntype=ntype, **fields), answerTo(TimType.TIMNODES), timeout
-        )
+        incoming = yield self.request(TimType.TIMNODES, TimNodes(ntype=ntype, **fields), timeout=timeout)
         return incoming.body
 
     @inlineCallbacks
     def business(self, rtype: int, timeout: float = 10.0, reply: Match | None = None, **fields: Any) -> Any:
         """
-        Send a TIMBUSINESS request and wait for its answer (a TIMACK with
-        C{t == rtype} by default).
+        Send a TIMBUSINESS request and wait for its answer: the TimNodes
+        list for rtypes 1, 2, 3, 18, 19 and 20, else the TimAck whose C{t}
+        is C{rtype} (or what C{reply} matches).
+
+        @return: a L{Deferred} firing with the TimNodes or TimAck.
         """
-        match = reply or (lambda i: i.timType == TimType.TIMACK and i.body.timType == TimType.TIMBUSINESS)
-        incoming = yield self.request(TimType.TIMBUSINESS, TimReq(rtype=rtype, **fields), match, timeout)
+        incoming = yield self.request(TimType.TIMBUSINESS, TimReq(rtype=rtype, **fields), reply, timeout)
         return incoming.body
 
     # Virtual rooms and big payloads: see docs/vrooms.md.  (Imports are
@@ -403,15 +688,8 @@ class TimClient:
 
         @raise TimRequestFailed: if the server refuses.
         """
-        expected = node2 if rtype in (3, 4, 101, 102) else node if rtype != 1 else None
-
-        def reply(i: Incoming) -> bool:
-            if i.timType != TimType.TIMACK or i.body is None or i.body.timType != TimType.TIMVROOM:
-                return False
-            return not i.body.ok or (i.body.t == rtype and (expected is None or i.body.n == expected))
-
         request = TimReq(rtype=rtype, node=node, node2=node2, reqInt=reqInt)
-        incoming = yield self.request(TimType.TIMVROOM, request, reply, timeout)
+        incoming = yield self.request(TimType.TIMVROOM, request, timeout=timeout)
         return incoming.body
 
     @inlineCallbacks
@@ -541,6 +819,9 @@ class _TimClientWebSocketProtocol(WebSocketClientProtocol):
     def writeFrame(self, frame: bytes) -> None:
         self.sendMessage(frame, isBinary=True)
 
+    def isOpen(self) -> bool:
+        return bool(self.state == self.STATE_OPEN)
+
     def loseTransport(self) -> None:
         self.sendClose(1000)
 
@@ -565,6 +846,9 @@ class _TimClientTcpProtocol(Protocol):
     def writeFrame(self, frame: bytes) -> None:
         self.transport.write(length_prefixed(frame))  # type: ignore[union-attr]
 
+    def isOpen(self) -> bool:
+        return bool(self.connected) and not getattr(self.transport, "disconnecting", False)
+
     def loseTransport(self) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]
 
@@ -588,6 +872,7 @@ def connect(
     origin: str | None = "https://github.com/donnie4w/tim",
     autoAck: bool = True,
     tlsOptions: Any = None,
+    generation: Generation = Generation.TIM20,
 ) -> Deferred[TimClient]:
     """
     Connect to C{url}: C{ws://host:port/tim}, C{wss://...}, C{tcp://host:port}
@@ -598,11 +883,13 @@ def connect(
     @param tlsOptions: client TLS options, for example from
         L{twisted.internet.ssl.optionsForClientTLS} with a private trust
         root.
+    @param generation: the tim generation whose Thrift layouts to speak
+        (only group profiles differ); see L{TimClient.generation}.
     @return: a L{Deferred} firing with a connected, not yet logged-in
         L{TimClient}.
     """
     parsed = urlparse(url)
-    client = TimClient(reactor, encoding, autoAck)
+    client = TimClient(reactor, encoding, autoAck, generation)
     opened: Deferred[TimClient] = Deferred()
     host = parsed.hostname or "127.0.0.1"
     factory: Any
