@@ -50,6 +50,8 @@ class Tim2Resource(Resource):
             request.setResponseCode(http.FORBIDDEN)
             return b""
         body = request.content.read()
+        # Every answer is a binary frame (twisted.web would say text/html).
+        request.setHeader(b"content-type", b"application/octet-stream")
         try:
             frame = parse_client_frame(body)
         except TimProtocolError as e:
