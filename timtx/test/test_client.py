@@ -6,6 +6,7 @@ input that never name a Python exception.
 """
 
 import builtins
+import json
 import re
 
 from hypothesis import given, settings
@@ -32,6 +33,7 @@ from timtx.protocols.structs import (
     TimPresence,
 )
 from timtx.test.base import NodeTestCase
+from timtx.test.test_codec import fullSamples
 
 
 class FakeTransport:
@@ -233,17 +235,51 @@ class ErrorTextTests(SynchronousTestCase):
         self.assertTrue(text)
         self.assertIsNone(_EXCEPTION_WORD.search(text), text)
 
-    @settings(max_examples=300, deadline=None, derandomize=True, database=None)
-    @given(st.sampled_from(ALL_STRUCTS), st.binary(max_size=48), st.sampled_from(list(Encoding)))
-    def test_noExceptionNames(self, structType, data, encoding):
-        """
-        Random bytes as any struct, in either encoding: they decode, or the
-        error's text (what an error ack carries) names no Python exception.
-        """
+    def assertDecodesOrSaysWhy(self, structType, data, encoding):
         try:
             codec.decode(structType, data, encoding)
         except TimProtocolError as e:
             self.assertHuman(e.text)
+
+    @settings(max_examples=800, deadline=None, derandomize=True, database=None)
+    @given(st.sampled_from(ALL_STRUCTS), st.binary(max_size=48), st.sampled_from(list(Encoding)))
+    def test_randomBytes(self, structType, data, encoding):
+        """
+        Random bytes as any struct, in either encoding: they decode, or the
+        error's text (what an error ack carries) names no Python exception.
+        """
+        self.assertDecodesOrSaysWhy(structType, data, encoding)
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None)
+    @given(st.data())
+    def test_damagedStructs(self, data):
+        """
+        Every struct fully set, encoded in compact, then cut or with bytes
+        changed: it decodes, or the error says why in words.
+        """
+        sample = data.draw(st.sampled_from(fullSamples()))
+        encoded = bytearray(codec.encode_compact(sample))
+        for _ in range(data.draw(st.integers(1, 4))):
+            encoded[data.draw(st.integers(0, len(encoded) - 1))] = data.draw(st.integers(0, 255))
+        cut = data.draw(st.integers(0, len(encoded)))
+        self.assertDecodesOrSaysWhy(type(sample), bytes(encoded[:cut]), Encoding.COMPACT)
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None)
+    @given(st.data())
+    def test_wrongJSONValues(self, data):
+        """
+        JSON objects with a struct's keys and values of any JSON type: they
+        decode, or the error says which key is wrong, in words.
+        """
+        structType = data.draw(st.sampled_from(ALL_STRUCTS))
+        values = st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=4),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+            max_leaves=8,
+        )
+        keys = st.sampled_from([f.json for f in structType.FIELDS])
+        document = data.draw(st.dictionaries(keys, values, max_size=4))
+        self.assertDecodesOrSaysWhy(structType, json.dumps(document).encode(), Encoding.JSON)
 
     def test_malformedTimAuth(self):
         """
