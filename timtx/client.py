@@ -536,34 +536,28 @@ class TimClient:
         """
         yield self.request(TimType.TIMPING, None, timeout=timeout)
 
-    def _message(
-        self, to: str | None, dataString: str | None, odType: int, msType: int, fields: dict[str, Any]
-    ) -> TimMessage:
-        return TimMessage(
-            msType=msType, odType=odType, dataString=dataString, toTid=Tid(node=to) if to else None, **fields
-        )
+    @staticmethod
+    def _message(to: str | None, dataString: str | None, fields: dict[str, Any]) -> TimMessage:
+        fields.setdefault("msType", 2)
+        fields.setdefault("odType", 1)
+        return TimMessage(dataString=dataString, toTid=Tid(node=to) if to else None, **fields)
 
     def sendMessage(
-        self,
-        to: str | None,
-        dataString: str | None = None,
-        *,
-        odType: int = 1,
-        msType: int = 2,
-        timType: int = TimType.TIMMESSAGE,
-        **fields: Any,
+        self, to: str | None, dataString: str | None = None, *, timType: int = TimType.TIMMESSAGE, **fields: Any
     ) -> TimMessage:
         """
         Send a TimMessage to user C{to} (C{None} for group messages, with
-        C{roomTid} in C{fields}).  Nothing is awaited: the server echoes the
-        stored message, or answers with an error ack whose C{t} is the
-        message's C{id} (if it has one).  L{postMessage} waits for that.
+        C{roomTid} and C{msType=3} in C{fields}).  Nothing is awaited: the
+        server echoes the stored message, or answers with an error ack whose
+        C{t} is the message's C{id} (if it has one).  L{postMessage} waits
+        for that.
 
-        @param fields: any other L{TimMessage} field (C{id}, C{roomTid},
-            C{dataBinary}, C{udtype}, C{extend}...).
+        @param fields: any other L{TimMessage} field: C{msType} (2 unless
+            given), C{odType} (1 unless given), C{id}, C{roomTid},
+            C{dataBinary}, C{udtype}, C{extend}...
         @return: the message sent.
         """
-        message = self._message(to, dataString, odType, msType, fields)
+        message = self._message(to, dataString, fields)
         self.send(timType, message)
         return message
 
@@ -573,8 +567,6 @@ class TimClient:
         to: str | None,
         dataString: str | None = None,
         *,
-        odType: int = 1,
-        msType: int = 2,
         timType: int = TimType.TIMMESSAGE,
         timeout: float = 10.0,
         **fields: Any,
@@ -591,8 +583,7 @@ class TimClient:
             echoed it: C{mid}, C{seq}, C{timestamp}, C{fromTid} filled in.
         @raise TimRequestFailed: if the server refuses it.
         """
-        message = self._message(to, dataString, odType, msType, fields)
-        incoming = yield self.request(timType, message, timeout=timeout)
+        incoming = yield self.request(timType, self._message(to, dataString, fields), timeout=timeout)
         return incoming.body
 
     def requestOfflineMessages(self) -> None:

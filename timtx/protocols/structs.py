@@ -447,6 +447,14 @@ def _names(fields: tuple[Field, ...]) -> tuple[str, ...]:
     return tuple(f.name for f in fields)
 
 
+def _extend(fid: int) -> Field:
+    return Field(fid, "extend", MAP(STRING, STRING), doc="Application-defined.")
+
+
+def _extra(fid: int) -> Field:
+    return Field(fid, "extra", MAP(STRING, BINARY), doc="Application-defined bytes.")
+
+
 # The declarations, in an order that lets nested structs name their class.
 # Field docs are rendered into docs/protocol.md: say what a client needs to
 # know, in a sentence or two.
@@ -572,8 +580,8 @@ class TimUserBean(TimStruct):
         Field(7, "area", STRING, doc="Region."),
         Field(8, "createtime", I64, doc="When the profile was first set, in ns; set by the server.", direction=SERVER),
         Field(9, "photoTidAlbum", LIST(STRING), doc="Application-defined list."),
-        Field(10, "extend", MAP(STRING, STRING), doc="Application-defined."),
-        Field(11, "extra", MAP(STRING, BINARY), doc="Application-defined bytes."),
+        _extend(10),
+        _extra(11),
     )
     __slots__ = _names(FIELDS)
     name: str | None
@@ -608,8 +616,8 @@ class TimRoomBean(TimStruct):
         Field(5, "label", STRING, doc="Application-defined."),
         Field(6, "gtype", BYTE, doc="1 private (joins need approval), 2 open; set at creation.", direction=SERVER),
         Field(7, "createtime", I64, doc="When the group was created, in ns; set by the server.", direction=SERVER),
-        Field(8, "extend", MAP(STRING, STRING), doc="Application-defined."),
-        Field(9, "extra", MAP(STRING, BINARY), doc="Application-defined bytes."),
+        _extend(8),
+        _extra(9),
         Field(101, "kind", I64, doc=_ROOM_KIND_DOC, origin=TIMTX),
     )
     LAYOUTS = {
@@ -617,8 +625,8 @@ class TimRoomBean(TimStruct):
             *FIELDS[:6],
             Field(7, "kind", I64, doc=_ROOM_KIND_DOC, origin=TIM21),
             Field(8, "createtime", I64, direction=SERVER),
-            Field(9, "extend", MAP(STRING, STRING)),
-            Field(10, "extra", MAP(STRING, BINARY)),
+            _extend(9),
+            _extra(10),
         )
     }
     __slots__ = _names(FIELDS)
@@ -694,8 +702,8 @@ class TimPresence(TimStruct):
         Field(6, "toList", LIST(STRING), doc="More recipients (at most `[presence] max_targets`).", direction=CLIENT),
         Field(7, "show", I16, doc="Application-defined (away, busy, ...)."),
         Field(8, "status", STRING, doc="Application-defined status text."),
-        Field(9, "extend", MAP(STRING, STRING), doc="Application-defined."),
-        Field(10, "extra", MAP(STRING, BINARY), doc="Application-defined bytes."),
+        _extend(9),
+        _extra(10),
         Field(
             101,
             "invisible",
@@ -770,8 +778,8 @@ class TimMessage(TimStruct):
         ),
         Field(13, "udtype", I16, doc="Application-defined, passed through."),
         Field(14, "udshow", I16, doc="Application-defined, passed through."),
-        Field(15, "extend", MAP(STRING, STRING), doc="Application-defined."),
-        Field(16, "extra", MAP(STRING, BINARY), doc="Application-defined bytes."),
+        _extend(15),
+        _extra(16),
         Field(
             17,
             "toList",
