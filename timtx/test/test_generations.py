@@ -145,6 +145,19 @@ class LayoutTests(SynchronousTestCase):
         self.assertEqual((read.kind, read.createtime, read.extend, read.extra), (3, 5, {"a": "b"}, {"x": b"\xff"}))
         self.assertEqual(codec.decode_compact(TimNodes, payload, Generation.TIM21), nodes)
 
+    def test_pythonFallback(self):
+        """
+        Without thrift's C module, each generation's layout is written and
+        read the same, nested beans included.
+        """
+        room = TimRoomBean(topic="t", createtime=5, extend={"a": "b"}, extra={"x": b"\xff"}, kind=3)
+        nodes = TimNodes(ntype=5, roommap={"g": room})
+        fast = {generation: codec.encode_compact(nodes, generation) for generation in Generation}
+        self.patch(codec, "_fastbinary", None)
+        for generation in Generation:
+            self.assertEqual(codec.encode_compact(nodes, generation), fast[generation])
+            self.assertEqual(codec.decode_compact(TimNodes, fast[generation], generation), nodes)
+
     def test_jsonHasNoLayout(self):
         """
         JSON keys are names: both generations write and read the same,
