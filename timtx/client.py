@@ -187,7 +187,8 @@ def defaultAnswer(timType: int, body: TimStruct | None, uid: str | None = None) 
       - TIMAUTH: the ok TimAck of type 16.  TIMPING: a TIMPING.
       - TIMMESSAGE, TIMREVOKEMESSAGE, TIMBURNMESSAGE: the echo, a TIMMESSAGE
         (90) from C{uid} with the message's C{id} (stream messages, odType 5,
-        have none).
+        have none); or, for a resend of a message no longer in history, an
+        ok TimAck of the type sent whose C{t} is its C{mid}.
       - TIMPULLMESSAGE: a TIMPULLMESSAGE list.
       - TIMBUSINESS: the TimNodes list for rtypes 1, 2, 3, 18, 19, 20 (ntype
         1, 2, 3, 8, 9, 10), else the ok TimAck whose C{t} is the rtype.
@@ -205,10 +206,13 @@ def defaultAnswer(timType: int, body: TimStruct | None, uid: str | None = None) 
             return None
         messageId = body.id
         return lambda i: (
-            i.timType == TimType.TIMMESSAGE
-            and isinstance(i.body, TimMessage)
-            and i.body.id == messageId
-            and (uid is None or i.body.fromTid is None or i.body.fromTid.node == uid)
+            (
+                i.timType == TimType.TIMMESSAGE
+                and isinstance(i.body, TimMessage)
+                and i.body.id == messageId
+                and (uid is None or i.body.fromTid is None or i.body.fromTid.node == uid)
+            )
+            or _ok(i, timType)
         )
     if timType == TimType.TIMPULLMESSAGE:
         return lambda i: i.timType == TimType.TIMPULLMESSAGE
@@ -580,7 +584,9 @@ class TimClient:
         L{sendMessage}.
 
         @return: a L{Deferred} firing with the message as the server
-            echoed it: C{mid}, C{seq}, C{timestamp}, C{fromTid} filled in.
+            echoed it: C{mid}, C{seq}, C{timestamp}, C{fromTid} filled in
+            (or, if this C{id} was sent before and that message has left
+            the history, the ok L{TimAck} whose C{t} is its C{mid}).
         @raise TimRequestFailed: if the server refuses it.
         """
         incoming = yield self.request(timType, self._message(to, dataString, fields), timeout=timeout)

@@ -107,6 +107,17 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d).body.mid, 7)
         self.assertEqual([i.body.dataString for i in self.client.received], ["hi", "hey"])
 
+    def test_resendOfForgottenMessage(self):
+        """
+        A resend of a message that left the history is answered with an ok
+        ack of the type sent (its C{t} the mid): that answers the request.
+        """
+        d = self.client.request(TimType.TIMMESSAGE, message(None, "bob", "again", id=3))
+        serverSends(self.client, TimType.TIMACK, TimAck(ok=True, timType=TimType.TIMBUSINESS, t=4))
+        self.assertNoResult(d)
+        serverSends(self.client, TimType.TIMACK, TimAck(ok=True, timType=TimType.TIMMESSAGE, t=99))
+        self.assertEqual(self.successResultOf(d).body.t, 99)
+
     def test_oldNoticeNotTaken(self):
         """
         An ack kept from an earlier request of the same kind does not
