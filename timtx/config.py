@@ -96,6 +96,21 @@ def _seconds(low: float = 0.0) -> Kind:
     return Kind(expected, parse)
 
 
+def _rate() -> Kind:
+    expected = "a number per second of at least 0 (0 disables the limit)"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(expected) from None
+        if value != value or value < 0 or value == float("inf"):
+            raise ValueError(expected)
+        return value
+
+    return Kind(expected, parse)
+
+
 _TRUE = {"1", "yes", "true", "on"}
 _FALSE = {"0", "no", "false", "off"}
 
@@ -256,12 +271,45 @@ class ClientConfig:
     )
     request_rate: float = option(
         200.0,
-        _seconds(0),
-        "Frames per second one connection may send on average (token bucket; pings and acks included). "
-        "Over it, frames get error 5105. 0 disables the limit.",
+        _rate(),
+        "Frames per second one connection may send on average (token bucket; pings included, acks not: "
+        "an ack only releases work). Over it, a frame gets error 5105 carrying its message id where it has "
+        "one. 0 disables the limit.",
     )
     request_burst: int = option(400, _int(1), "Frames one connection may send at once above request_rate.")
     max_login_attempts: int = option(3, _int(1), "Failed logins one connection may make before it is closed.")
+    max_frame_bytes_before_login: int = option(
+        8192,
+        _int(64, 1 << 30),
+        "Largest frame accepted before login, in bytes: what TIMAUTH and TIMPING need. An unauthenticated "
+        "client cannot make the node buffer more.",
+    )
+    max_connections_per_ip: int = option(
+        1000,
+        _int(0),
+        "Sockets one IP address may hold on the client ports at once, counted from accept (before any "
+        "upgrade or login); more are closed at once. 0 means no limit. Behind a reverse proxy every client "
+        "has the proxy's address: raise it or set 0 there.",
+    )
+    request_timeout: float = option(
+        10.0,
+        _seconds(0),
+        "Seconds an HTTP connection on the client port has to send a whole request (head and body), "
+        "however slowly it writes, and to send the next one on a kept-alive connection; then it is cut "
+        "off. A WebSocket upgrade ends it (auth_timeout applies from there). 0 disables it.",
+    )
+    fd_reserve: int = option(
+        64,
+        _int(0),
+        "File descriptors kept free for the store, logs and work under way: new client sockets are refused "
+        "while fewer would be left, so that existing work never fails with EMFILE.",
+    )
+    listen_backlog: int = option(
+        1024,
+        _int(1, 65535),
+        "Listen backlog of the client ports (TCP and SSL endpoint strings that do not set `backlog=`); "
+        "Twisted's default of 50 drops connections in a burst. The kernel caps it at net.core.somaxconn.",
+    )
     default_generation: str = option(
         "2.0",
         _choice("2.0", "2.1"),
@@ -285,7 +333,7 @@ class AccountsConfig:
     password_max_length: int = option(256, _int(1, 4096), "Longest password accepted.")
     http_rate: float = option(
         20.0,
-        _seconds(0),
+        _rate(),
         "Requests per second one IP address may make to /tim2 (register, token) on average; over it, "
         "HTTP 429 with error 5105. 0 disables the limit.",
     )

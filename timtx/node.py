@@ -62,6 +62,7 @@ from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, TimType
 from timtx.protocols.generations import login_generation
 from timtx.protocols.structs import Generation, TimAuth, TimMessage, TimNodes, TimPresence, TimReq
+from timtx.transports.admission import ConnectionGate, withBacklog
 from timtx.transports.http import TimSite
 from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
 from timtx.transports.tcp import TimTcpServerFactory
@@ -365,13 +366,16 @@ class Node(MultiService):
 
     def _addListeners(self) -> None:
         client = self.config.client
+        #: Admits every socket of the client ports (see
+        #: L{timtx.transports.admission}).
+        self.gate = ConnectionGate(client.max_connections, client.max_connections_per_ip, client.fd_reserve)
         if client.listen:
             wsFactory = TimWebSocketServerFactory(self, self.protocols.lookup("client-ws"))
-            site = TimSite(self, TimWebSocketResource(wsFactory))
-            self.addListener(client.listen, site, "client-ws")
+            site = TimSite(self, TimWebSocketResource(wsFactory), self.gate)
+            self.addListener(withBacklog(client.listen, client.listen_backlog), site, "client-ws")
         if client.tcp_listen:
-            tcpFactory = TimTcpServerFactory(self, self.protocols.lookup("client-tcp"))
-            self.addListener(client.tcp_listen, tcpFactory, "client-tcp")
+            tcpFactory = TimTcpServerFactory(self, self.protocols.lookup("client-tcp"), self.gate)
+            self.addListener(withBacklog(client.tcp_listen, client.listen_backlog), tcpFactory, "client-tcp")
 
     def addListener(self, description: str, factory: Any, name: str) -> Listener:
         """
@@ -478,8 +482,9 @@ class Node(MultiService):
     # IClientNode: what client connections call.
 
     def connectionOpened(self, connection: IFrameSink) -> bool:
-        limit = self.config.client.max_connections
-        if limit and len(self.connections) >= limit:
+        # How many sockets may be open is the gate's business; the node only
+        # refuses while it stops.
+        if self.stopping:
             return False
         self.connections.add(connection)
         return True

@@ -57,8 +57,9 @@ def requireOrSkip(reason: str) -> None:
 def testConfig(dataDir: str, backend: str = "memory", **sections: Any) -> Config:
     """
     A config for a node on 127.0.0.1 with OS-chosen ports, cheap password
-    hashing, no rate limits and the given store; C{sections} override keys
-    as in L{timtx.config.replace}.
+    hashing, no rate limits, no per-address socket cap (every test client
+    comes from 127.0.0.1) and the given store; C{sections} override keys as
+    in L{timtx.config.replace}.
     """
     config = Config(base_dir=dataDir)
     config = replace(
@@ -68,6 +69,7 @@ def testConfig(dataDir: str, backend: str = "memory", **sections: Any) -> Config
             "listen": "tcp:0:interface=127.0.0.1",
             "tcp_listen": "tcp:0:interface=127.0.0.1",
             "request_rate": 0.0,
+            "max_connections_per_ip": 0,
         },
         accounts={"scrypt_n": TEST_SCRYPT_N, "scrypt_r": 1, "http_rate": 0.0},
         store={"backend": backend},
@@ -225,9 +227,6 @@ class MemoryClientNode:
     # IClientNode
 
     def connectionOpened(self, connection: IFrameSink) -> bool:
-        limit = self.config.client.max_connections
-        if limit and len(self.connections) >= limit:
-            return False
         self.connections.add(connection)
         return True
 

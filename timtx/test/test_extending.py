@@ -13,8 +13,11 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.client import connect
+from timtx.protocols import codec
+from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import client_frame, length_prefixed
+from timtx.protocols.structs import TimAuth
 from timtx.test.test_config import sourceRoot
 from timtx.testing import MemoryClientNode, loggedInClient, requireOrSkip, startNode, testConfig, wsURL
 from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
@@ -97,6 +100,8 @@ class LimitsExampleTests(SynchronousTestCase):
         self.assertEqual(node.config.client.max_frame_bytes, 1 << 20)
         events = []
         protocol.logger = Logger(observer=events.append)
+        login = client_frame(TimType.TIMAUTH, codec.encode(TimAuth(name="s", pwd="secret"), Encoding.COMPACT))
+        protocol.dataReceived(length_prefixed(login))
         protocol.dataReceived(length_prefixed(client_frame(TimType.TIMPING, b"x" * 600)))
         self.assertTrue(transport.disconnecting)
         self.assertEqual([e["size"] for e in events if "size" in e], [601])

@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -25,6 +27,7 @@ from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import parse_client_frame, server_frame
 from timtx.protocols.structs import TimAck, TimAuth
+from timtx.transports.admission import ConnectionGate, Ticket
 from timtx.transports.server import errorAck
 from timtx.util.ratelimit import KeyedBuckets
 
@@ -153,23 +156,112 @@ class BoundedRequest(server.Request):
             transport.loseConnection()
 
 
+class TimHTTPChannel(http.HTTPChannel):
+    """
+    An HTTP connection on the client port, which must deliver each request,
+    head and body, within the site's C{requestTimeout} however slowly it
+    writes; a WebSocket upgrade ends that (the WebSocket protocol's own
+    timeouts take over), and so does a request being answered.
+
+    @ivar ticket: the place this socket holds at the node's gate; it moves
+        to the WebSocket protocol on upgrade.
+    """
+
+    ticket: Ticket | None = None
+    site: TimSite
+    transport: Any
+    _deadline: IDelayedCall | None = None
+    _upgraded = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._startDeadline()
+
+    def _startDeadline(self) -> None:
+        timeout = self.site.requestTimeout
+        if timeout and self._deadline is None and not self._upgraded:
+            self._deadline = self.site.clock.callLater(timeout, self._deadlinePassed)
+
+    def _stopDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _deadlinePassed(self) -> None:
+        self._deadline = None
+        self.site.slowRequests += 1
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def allContentReceived(self) -> None:
+        self._stopDeadline()
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        # The next request on a kept-alive connection has its own deadline.
+        if self.transport is not None and not self.transport.disconnecting:
+            self._startDeadline()
+
+    def upgraded(self) -> Ticket | None:
+        """
+        The connection became a WebSocket: no more HTTP deadlines here.
+
+        @return: the ticket, which the WebSocket protocol now holds.
+        """
+        self._upgraded = True
+        self._stopDeadline()
+        ticket, self.ticket = self.ticket, None
+        return ticket
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stopDeadline()
+        super().connectionLost(reason)
+        if self.ticket is not None:
+            self.ticket.release()
+            self.ticket = None
+
+
 class TimSite(server.Site):
     """
     The client port: C{/tim} (WebSocket), C{/tim2} (HTTP POST) and a short
     text at C{/} so that a browser pointed at the port sees what it is.
+    Every socket it accepts is admitted by the node's L{ConnectionGate}
+    first.
+
+    @ivar slowRequests: connections cut off for not delivering a request
+        within C{request_timeout}.
     """
 
     requestFactory = BoundedRequest
+    # HTTP/1.1 channels of our own, not Twisted's HTTP/2-capable wrapper,
+    # which would hide the channel's hooks; tim clients speak HTTP/1.1.
+    protocol = TimHTTPChannel  # type: ignore[assignment]
 
-    def __init__(self, node: IClientNode, websocket: Any):
+    def __init__(self, node: IClientNode, websocket: Any, gate: ConnectionGate):
         root = Resource()
         root.putChild(b"", _Banner())
         root.putChild(b"tim", websocket)
         root.putChild(b"tim2", Tim2Resource(node))
         super().__init__(root, reactor=node.reactor)
-        self.maxBodyBytes = node.config.client.max_frame_bytes
+        client = node.config.client
+        self.gate = gate
+        self.clock = node.clock
+        self.maxBodyBytes = client.max_frame_bytes
+        self.requestTimeout = client.request_timeout
+        # Between requests of a kept-alive connection.
+        self.timeOut = client.request_timeout or None
+        self.slowRequests = 0
         self.noisy = False
         self.displayTracebacks = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        ticket = self.gate.admit(getattr(addr, "host", ""))
+        if ticket is None:
+            return None
+        channel = super().buildProtocol(addr)
+        channel.ticket = ticket
+        return channel
 
     def log(self, request: Any) -> None:
         # No access log per request: it would carry client addresses for

@@ -76,6 +76,14 @@ class BigDataReceiver:
         self._assembler.reset()
         self._timedOut(self._assembler.timType)
 
+    def close(self) -> None:
+        """
+        The connection closed: forget the payload and the callback, so that
+        nothing of the connection is kept alive through this receiver.
+        """
+        self.cancel()
+        self._timedOut = _ignore
+
     def cancel(self) -> None:
         """
         Forget any pending payload and its deadline.
@@ -84,3 +92,7 @@ class BigDataReceiver:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+
+def _ignore(timType: int) -> None:
+    pass

@@ -76,6 +76,9 @@ class ConnectionLimits:
 
     @ivar maxFrameBytes: the largest frame; a larger one closes the
         connection (L{TimServerProtocolMixin.frameTooLarge}).
+    @ivar maxFrameBytesBeforeLogin: the largest frame before login: what
+        TIMAUTH and TIMPING need, so that an unauthenticated client cannot
+        make the node buffer much.
     @ivar maxBadFrames: bad frames tolerated before closing.
     @ivar maxQueuedFrames: frames waiting for their handler before the
         connection stops reading.
@@ -90,6 +93,7 @@ class ConnectionLimits:
     """
 
     maxFrameBytes: int
+    maxFrameBytesBeforeLogin: int
     maxBadFrames: int
     maxQueuedFrames: int
     maxOutputBytes: int
@@ -130,6 +134,7 @@ class TimServerProtocolMixin:
     #: setting; a subclass sets a number to override it for its
     #: connections, as Twisted's C{IntNStringReceiver.MAX_LENGTH}.
     maxFrameBytes: int | None = None
+    maxFrameBytesBeforeLogin: int | None = None
     maxBadFrames: int | None = None
     maxQueuedFrames: int | None = None
     maxOutputBytes: int | None = None
@@ -147,6 +152,10 @@ class TimServerProtocolMixin:
 
         return ConnectionLimits(
             maxFrameBytes=chosen(self.maxFrameBytes, client.max_frame_bytes),
+            maxFrameBytesBeforeLogin=min(
+                chosen(self.maxFrameBytesBeforeLogin, client.max_frame_bytes_before_login),
+                chosen(self.maxFrameBytes, client.max_frame_bytes),
+            ),
             maxBadFrames=chosen(self.maxBadFrames, client.max_bad_frames),
             maxQueuedFrames=chosen(self.maxQueuedFrames, client.max_queued_frames),
             maxOutputBytes=chosen(self.maxOutputBytes, client.max_output_bytes),
@@ -227,13 +236,14 @@ class TimServerProtocolMixin:
         self._queue.clear()
         self.transport.abortConnection()
 
-    def frameTooLarge(self, size: int) -> None:
+    def frameTooLarge(self, size: int, limit: int) -> None:
         """
-        A frame of C{size} bytes is over C{maxFrameBytes}: the rest of the
-        stream cannot be trusted.  Says why, then closes.
+        A frame of C{size} bytes is over C{limit} (C{maxFrameBytes}, or
+        C{maxFrameBytesBeforeLogin} before login): the rest of the stream
+        cannot be trusted.  Says why, then closes.
         """
         error = TimProtocolError(
-            ErrorCode.ERR_BIGDATA, f"frame of {size} bytes exceeds the limit of {self.limits.maxFrameBytes}", fatal=True
+            ErrorCode.ERR_BIGDATA, f"frame of {size} bytes exceeds the limit of {limit}", fatal=True
         )
         self._sendError(0, error, self.tim.encoding)
         self.closeConnection(error.text)
@@ -306,7 +316,7 @@ class TimServerProtocolMixin:
         self._closing = True
         self._queue.clear()
         self._cancelTimer()
-        self._bigData.cancel()
+        self._bigData.close()
         session, self.session = self.session, None
         if session is not None:
             session.connectionLost()

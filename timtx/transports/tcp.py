@@ -14,6 +14,7 @@ from twisted.internet.protocol import Factory, Protocol
 from timtx.interfaces import IClientNode
 from timtx.protocols.errors import FrameTooLarge
 from timtx.protocols.frames import LengthPrefixedDecoder
+from timtx.transports.admission import ConnectionGate, Ticket
 from timtx.transports.server import TimServerProtocolMixin
 
 _LENGTH = struct.Struct(">I")
@@ -24,32 +25,48 @@ class TimTcpServerProtocol(TimServerProtocolMixin, Protocol):
     A tim client over a raw TCP stream.
     """
 
+    #: The place this socket holds at the node's gate, given back on close.
+    ticket: Ticket | None = None
+    _decoder: LengthPrefixedDecoder | None = None
+
     def connectionMade(self) -> None:
         if not self.node.connectionOpened(self):
             self._closing = True
             self.transport.abortConnection()
             return
         self.limits = self.connectionLimits()
-        self._decoder = LengthPrefixedDecoder(self.limits.maxFrameBytes)
+        # Until login, a frame may be no larger than a login needs.
+        self._decoder = LengthPrefixedDecoder(self.limits.maxFrameBytesBeforeLogin)
         self.timConnectionMade()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        decoder = self._decoder
+        if self._closing or decoder is None:
             return
-        self._decoder.feed(data)
+        decoder.feed(data)
         while not self._closing:
             try:
-                frame = self._decoder.next_frame()
+                frame = decoder.next_frame()
             except FrameTooLarge as e:
                 # The rest of the stream cannot be framed.
-                self.frameTooLarge(e.size)
+                self.frameTooLarge(e.size, e.limit)
                 return
             if frame is None:
                 return
             self.frameReceived(frame)
 
+    def onLogin(self, session: Any) -> None:
+        if self._decoder is not None:
+            self._decoder.maxFrameBytes = self.limits.maxFrameBytes
+        super().onLogin(session)
+
     def connectionLost(self, reason: Any = None) -> None:
+        # What was buffered of a frame goes now, not when a garbage
+        # collection finds this protocol.
+        self._decoder = None
         self.timConnectionLost()
+        if self.ticket is not None:
+            self.ticket.release()
 
     frameKind = "tcp"
 
@@ -67,12 +84,24 @@ class TimTcpServerProtocol(TimServerProtocolMixin, Protocol):
 
 
 class TimTcpServerFactory(Factory):
-    def __init__(self, node: IClientNode, protocol: type[TimTcpServerProtocol]):
+    """
+    Builds L{TimTcpServerProtocol}s (or the class registered as
+    C{client-tcp}) for the sockets the gate admits.
+    """
+
+    noisy = False
+
+    def __init__(self, node: IClientNode, protocol: type[TimTcpServerProtocol], gate: ConnectionGate):
         self.node = node
         self.protocol = protocol
+        self.gate = gate
 
     def buildProtocol(self, addr: Any) -> Any:
+        ticket = self.gate.admit(getattr(addr, "host", ""))
+        if ticket is None:
+            return None
         protocol: Any = self.protocol()  # type: ignore[misc]
+        protocol.ticket = ticket
         protocol.factory = self
         protocol.node = self.node
         return protocol

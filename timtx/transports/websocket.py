@@ -17,6 +17,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 
 from timtx.interfaces import IClientNode
+from timtx.transports.admission import Ticket
 from timtx.transports.server import TimServerProtocolMixin
 from timtx.transports.wsspeed import FastUnmasking, QuietSettings
 
@@ -34,15 +35,23 @@ class TimWebSocketServerProtocol(  # type: ignore[misc]
     _timOpened = False
     #: Whether the node counts this connection.
     _admitted = False
+    #: The place this socket holds at the node's gate, given back on close.
+    ticket: Ticket | None = None
     #: The close code L{loseTransport} sends.
     _closeCode = 1000
 
     def connectionMade(self) -> None:
-        # autobahn's own limit of a message is this connection's, until
-        # login lets big payloads through.
+        # autobahn's own limit of a message is this connection's: until
+        # login, what a login needs.
         self.limits = self.connectionLimits()
-        self.maxMessagePayloadSize = self.maxFramePayloadSize = self.limits.maxFrameBytes
+        self.maxMessagePayloadSize = self.maxFramePayloadSize = self.limits.maxFrameBytesBeforeLogin
         super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        if self.ticket is not None:
+            self.ticket.release()
+            self.ticket = None
 
     def onConnect(self, request: Any) -> None:
         client = self.node.config.client
@@ -53,7 +62,7 @@ class TimWebSocketServerProtocol(  # type: ignore[misc]
         elif "*" not in client.allowed_origins and origin not in client.allowed_origins:
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
         if not self.node.connectionOpened(self):
-            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many connections")
+            raise ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "the node is not taking connections")
         self._admitted = True
         return None
 
@@ -64,9 +73,10 @@ class TimWebSocketServerProtocol(  # type: ignore[misc]
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # timjs and timgo send binary messages; a text message carries the
         # same bytes and is treated alike.
-        if len(payload) > self.limits.maxFrameBytes and not self.acceptsLargeMessage(payload):
+        limit = self.limits.maxFrameBytes if self.session is not None else self.limits.maxFrameBytesBeforeLogin
+        if len(payload) > limit and not self.acceptsLargeMessage(payload):
             self._closeCode = CLOSE_TOO_BIG
-            self.closeConnection(f"message over {self.limits.maxFrameBytes} bytes")
+            self.closeConnection(f"message over {limit} bytes")
             return
         self.frameReceived(payload)
 
@@ -142,9 +152,14 @@ class TimWebSocketServerFactory(WebSocketServerFactory):
             applyMask=False,
         )
 
+    #: The gate ticket of the HTTP connection being upgraded, handed to the
+    #: protocol built for it (set by L{TimWebSocketResource.render}).
+    upgrading: Ticket | None = None
+
     def buildProtocol(self, addr: Any) -> Any:
         protocol: Any = super().buildProtocol(addr)
         protocol.node = self.node
+        protocol.ticket, self.upgrading = self.upgrading, None
         return protocol
 
 
@@ -156,9 +171,20 @@ class TimWebSocketResource(WebSocketResource):
     when the peer stops reading.
     """
 
+    _factory: TimWebSocketServerFactory
+
     def render(self, request: Any) -> Any:
         channel = request.channel
         channel.setTimeout(None)
         if channel.transport is not None:
             channel.transport.unregisterProducer()
-        return super().render(request)
+        # The socket keeps its place at the gate as a WebSocket.
+        upgraded = getattr(channel, "upgraded", None)
+        self._factory.upgrading = upgraded() if upgraded is not None else None
+        try:
+            return super().render(request)
+        finally:
+            ticket, self._factory.upgrading = self._factory.upgrading, None
+            if ticket is not None:
+                # No protocol took it (the upgrade failed).
+                ticket.release()
