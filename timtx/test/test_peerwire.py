@@ -282,15 +282,15 @@ class MalformedTests(SynchronousTestCase):
         return error
 
     def helloBody(self, **fields):
-        values = dict(
-            minVersion=1,
-            maxVersion=1,
-            role=Role.INITIATOR,
-            nonce=b"n" * 32,
-            session=b"s" * 8,
-            nodeId="alpha",
-            features=(),
-        )
+        values = {
+            "minVersion": 1,
+            "maxVersion": 1,
+            "role": Role.INITIATOR,
+            "nonce": b"n" * 32,
+            "session": b"s" * 8,
+            "nodeId": "alpha",
+            "features": (),
+        }
         values.update(fields)
         return encodeHello(Hello(**values))
 
@@ -321,7 +321,9 @@ class MalformedTests(SynchronousTestCase):
         """
         good = self.helloBody()
         roleOffset = len(MAGIC) + 4
-        self.assertIn("unknown role", self.refuse(frame(1, good[:roleOffset] + b"\x07" + good[roleOffset + 1 :])).reason)
+        self.assertIn(
+            "unknown role", self.refuse(frame(1, good[:roleOffset] + b"\x07" + good[roleOffset + 1 :])).reason
+        )
         self.assertIn("version range", self.refuse(frame(1, self.helloBody(minVersion=3, maxVersion=2))).reason)
         self.assertIn("version range", self.refuse(frame(1, self.helloBody(minVersion=0, maxVersion=2))).reason)
         bad = good.replace(b"\x05alpha", b"\x05al ha")
@@ -548,5 +550,12 @@ class RandomInputTests(SynchronousTestCase):
             for item in drain(conn):
                 self.assertIsInstance(
                     item,
-                    (PeerProtocolError, MessageReceived, RequestReceived, ResponseReceived, CloseReceived, PingReceived),
+                    (
+                        PeerProtocolError,
+                        MessageReceived,
+                        RequestReceived,
+                        ResponseReceived,
+                        CloseReceived,
+                        PingReceived,
+                    ),
                 )

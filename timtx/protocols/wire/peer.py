@@ -243,9 +243,7 @@ class CloseReceived:
     reason: str
 
 
-Event = (
-    Established | MessageReceived | RequestReceived | ResponseReceived | PingReceived | PongReceived | CloseReceived
-)
+Event = Established | MessageReceived | RequestReceived | ResponseReceived | PingReceived | PongReceived | CloseReceived
 
 
 @dataclass(frozen=True, slots=True)
