@@ -115,6 +115,7 @@ class PeerProtocol(Protocol):
 
     @ivar peerId: the peer's node id once established, else C{None}.
     @ivar peerSession: the peer's session id once established.
+    @ivar linkId: an id both ends give this link (a hash of the handshake).
     @ivar version: the protocol version in use once established.
     @ivar features: the features both ends offered.
     @ivar established: whether the handshake completed.
@@ -143,6 +144,7 @@ class PeerProtocol(Protocol):
 
     peerId: str | None = None
     peerSession: bytes | None = None
+    linkId: bytes = b""
     version: int | None = None
     features: frozenset[str] = frozenset()
     established = False
@@ -211,6 +213,7 @@ class PeerProtocol(Protocol):
             self._cancel("_handshakeTimer")
             self.peerId = event.peerId
             self.peerSession = event.session
+            self.linkId = event.linkId
             self.version = event.version
             self.features = event.features
             self.established = True
@@ -372,6 +375,8 @@ class PeerProtocol(Protocol):
     def _loseTransport(self) -> None:
         if not self._closing:
             self._closing = True
+            # TLS closes only once no producer is registered.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def _cancel(self, name: str) -> None:

@@ -101,6 +101,8 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEstablished(eventsA, "beta", frozenset({"y"}))
         self.assertEstablished(eventsB, "alpha", frozenset({"y"}))
         self.assertEqual((a.state, b.state), (PeerState.ESTABLISHED, PeerState.ESTABLISHED))
+        self.assertEqual(eventsA[0].linkId, eventsB[0].linkId)
+        self.assertEqual(len(a.linkId), 32)
 
     def test_byteByByte(self):
         """

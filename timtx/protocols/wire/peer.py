@@ -196,6 +196,7 @@ class Established:
     version: int
     features: frozenset[str]
     session: bytes
+    linkId: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +385,9 @@ class PeerConnection:
     @ivar state: a L{PeerState}.
     @ivar peerId: the peer's node id once its HELLO arrived (authenticated
         only once L{state} is L{PeerState.ESTABLISHED}), else C{None}.
+    @ivar linkId: once the peer's HELLO arrived, the SHA-256 of both HELLOs:
+        the same at both ends and different for every link, so both can
+        pick the same one of two links deterministically.
     @ivar closeCode: once closed, the L{CloseCode} (ours or the peer's).
     @ivar closeReason: once closed, why.
     """
@@ -418,6 +422,7 @@ class PeerConnection:
         self.peerSession: bytes | None = None
         self.version: int | None = None
         self.negotiatedFeatures: frozenset[str] = frozenset()
+        self.linkId: bytes | None = None
         self.closeCode: int | None = None
         self.closeReason: str | None = None
         self._secret = secret
@@ -600,6 +605,7 @@ class PeerConnection:
         self._expectedTag = authTag(self._secret, peerRole, high, helloI, helloR)
         self._emit(FrameType.AUTH, [authTag(self._secret, self.role, high, helloI, helloR)])
         transcript = _transcript(helloI, helloR)
+        self.linkId = transcript
         keys = {
             role: hmac.digest(self._secret, _label(f"frames from {role.name.lower()}", high) + transcript, "sha256")
             for role in Role
@@ -617,8 +623,8 @@ class PeerConnection:
         self._receiveMac = hmac.new(self._receiveKey, digestmod=hashlib.sha256)
         self._decoder.maxFrameBytes = self.maxFrameBytes
         self.state = PeerState.ESTABLISHED
-        assert self.peerSession is not None
-        return Established(self.peerId, self.version, self.negotiatedFeatures, self.peerSession)
+        assert self.peerSession is not None and self.linkId is not None
+        return Established(self.peerId, self.version, self.negotiatedFeatures, self.peerSession, self.linkId)
 
     def _authenticatedFrame(self, frame: bytes) -> Event | None:
         assert self._receiveMac is not None
