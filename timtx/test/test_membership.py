@@ -655,3 +655,47 @@ class LoopbackTests(TestCase):
 class CloseCodeTests(SynchronousTestCase):
     def test_closeCodesKnown(self):
         self.assertEqual(CloseCode.DUPLICATE_LINK, 6)
+
+
+class MembersCommandTests(SynchronousTestCase):
+    def test_members(self):
+        """
+        C{python -m timtx.cluster members} prints the view a node saved.
+        """
+        import io
+
+        from timtx.cluster.__main__ import main
+
+        net = FakeNetwork(self)
+        dataDir = self.mktemp()
+        a = net.service("a", dataDir=dataDir)
+        net.service("b", seeds=["a:7946"])
+        net.run(3.0, until=net.converged)
+        net.stop("a")
+        ini = os.path.join(self.mktemp())
+        with open(ini, "w") as f:
+            f.write(f"[node]\ndata_dir = {os.path.abspath(dataDir)}\n")
+        out = io.StringIO()
+        self.assertEqual(main(["members", "--config", ini], out), 0)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(lines[0].split(), ["NODE", "STATE", "INCARNATION", "PEER", "ADDRESS", "CLIENT", "ADDRESSES"])
+        self.assertEqual(lines[1].split()[:3], ["*", "a", "left"])
+        self.assertEqual(lines[2].split()[:2], ["b", "alive"])
+        self.assertIn("as saved by node a", lines[-1])
+        out = io.StringIO()
+        main(["members", "--config", ini, "--json"], out)
+        self.assertEqual(json.loads(out.getvalue())["nodeId"], a.nodeId)
+
+    def test_noView(self):
+        from timtx.cluster.__main__ import main
+
+        ini = self.mktemp()
+        with open(ini, "w") as f:
+            f.write(f"[node]\ndata_dir = {os.path.abspath(self.mktemp())}\n")
+        import io
+
+        err = io.StringIO()
+        self.assertEqual(main(["members", "--config", ini], err=err), 1)
+        self.assertIn("has not taken part in a cluster", err.getvalue())
+        self.assertEqual(main(["members", "--config", ini + ".missing"], err=err), 2)
+        self.assertIn("cannot read the file", err.getvalue())
