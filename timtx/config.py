@@ -623,13 +623,13 @@ class ClusterConfig:
         "issued, and checks the certificate of a node it dials against the host it dialled.",
     )
     probe_interval: float = option(
-        0.4,
+        0.3,
         _seconds(0.01),
         "Seconds between failure-detection probes (SWIM). Each node probes one member per interval, so its "
         "load does not grow with the cluster.",
     )
     probe_timeout: float = option(
-        0.2,
+        0.15,
         _seconds(0.001),
         "Seconds to wait for a probe's answer before asking other members to probe; must be shorter than "
         "`probe_interval`. Set it near the 99th percentile of the round trip between nodes.",

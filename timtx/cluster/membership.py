@@ -39,7 +39,7 @@ import os
 import random
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
@@ -1202,7 +1202,3 @@ def readMembers(dataDir: str) -> dict[str, Any]:
     with open(os.path.join(dataDir, MEMBERS_FILE), encoding="utf-8") as f:
         data: dict[str, Any] = json.load(f)
     return data
-
-
-def liveNodeIds(members: Iterable[Member]) -> set[str]:
-    return {member.nodeId for member in members if member.live}

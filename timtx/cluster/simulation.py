@@ -325,3 +325,54 @@ class Simulation:
 
     def sentBy(self) -> dict[str, int]:
         return {nodeId: node.swim.sent for nodeId, node in self.nodes.items()}
+
+
+def detectionTime(nodes: int, seed: int, config: SwimConfig | None = None, reset: bool = False) -> float | None:
+    """
+    Start C{nodes} nodes, let them converge, crash one at random and return
+    the simulated seconds until every other node has declared it dead
+    (C{None} if not within 60 s).
+
+    @param reset: whether its peers see their links to it break.
+    """
+    sim = Simulation(seed, config)
+    nodeIds = [f"n{i:03d}" for i in range(nodes)]
+    sim.start(nodeIds)
+    if sim.runUntil(sim.converged, 30.0) is None:
+        return None
+    sim.run(sim.rng.uniform(0, 5))
+    victim = nodeIds[sim.rng.randrange(1, nodes)]
+    sim.crash(victim, reset=reset)
+    return sim.runUntil(lambda: sim.allSee(victim, [MemberState.DEAD]), 60.0)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a measuring tool
+    """
+    C{python -m timtx.cluster.simulation [--nodes 3,5,10,20,50] [--runs 100]}:
+    failure detection times, in simulated seconds, with the default
+    configuration, for a node that stops silently and for one whose links
+    break (a killed process).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m timtx.cluster.simulation", description=main.__doc__)
+    parser.add_argument("--nodes", default="3,5,10,20,50")
+    parser.add_argument("--runs", type=int, default=100)
+    args = parser.parse_args(argv)
+    print("| nodes | silent p50 | silent p99 | silent max | links break p50 | links break p99 | links break max |")
+    print("|---|---|---|---|---|---|---|")
+    for nodes in (int(n) for n in args.nodes.split(",")):
+        cells = [str(nodes)]
+        for reset in (False, True):
+            times = [detectionTime(nodes, seed, reset=reset) or float("inf") for seed in range(args.runs)]
+            cells += [f"{_percentile(times, 0.5):.2f}", f"{_percentile(times, 0.99):.2f}", f"{max(times):.2f}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -249,8 +249,8 @@ class SwimConfig:
     for each.  Times are in seconds.
     """
 
-    probeInterval: float = 0.4
-    probeTimeout: float = 0.2
+    probeInterval: float = 0.3
+    probeTimeout: float = 0.15
     indirectChecks: int = 3
     suspicionMult: int = 3
     suspicionMaxMult: int = 3

@@ -520,7 +520,7 @@ def ids(n):
 class SimulationTests(SynchronousTestCase):
     """
     The protocol in seeded simulated clusters with the default
-    configuration: 0.4 s probes, 0.2 s probe timeout, 3 indirect probes,
+    configuration: 0.3 s probes, 0.15 s probe timeout, 3 indirect probes,
     suspicion multiplier 3.
     """
 
