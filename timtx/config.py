@@ -213,7 +213,7 @@ HOSTPORTS = Kind("host:port, comma-separated", _parse_hostports)
 
 
 def _parse_node_id(text: str) -> str:
-    from timtx.protocols.wire.peer import NODE_ID_PATTERN
+    from timtx.protocols.peer import NODE_ID_PATTERN
 
     if text and not NODE_ID_PATTERN.match(text):
         raise ValueError("1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")

@@ -1,7 +1,7 @@
 # -*- test-case-name: timtx.test.test_membership -*-
 """
 The cluster on Twisted: L{ClusterService} runs SWIM (L{timtx.cluster.swim})
-over authenticated peer links (L{timtx.protocols.peer}), keeps the view and
+over authenticated peer links (L{timtx.transports.peer}), keeps the view and
 the ownership of keys (L{timtx.cluster.ownership}) current, and carries
 application messages and requests between nodes.
 
@@ -62,8 +62,8 @@ from timtx.cluster.swim import (
     encodeMessage,
 )
 from timtx.config import ClusterConfig, Config, ConfigError, splitHostPort
-from timtx.protocols.peer import IPeerHandler, PeerFactory, PeerProtocol, PeerSettings, PeerTLS
-from timtx.protocols.wire.peer import KIND_PATTERN, MAX_REQUEST_ID, MIN_SECRET_BYTES, CloseCode, ResponseStatus
+from timtx.protocols.peer import KIND_PATTERN, MAX_REQUEST_ID, MIN_SECRET_BYTES, CloseCode, ResponseStatus
+from timtx.transports.peer import IPeerHandler, PeerFactory, PeerProtocol, PeerSettings, PeerTLS
 
 #: The message kind SWIM uses; not available to applications.
 SWIM_KIND = "swim"

@@ -364,13 +364,13 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a measuri
     parser.add_argument("--nodes", default="3,5,10,20,50")
     parser.add_argument("--runs", type=int, default=100)
     args = parser.parse_args(argv)
-    print("| nodes | silent p50 | silent p99 | silent max | links break p50 | links break p99 | links break max |")
+    print("| nodes | silent: p50 | p90 | max | links break: p50 | p90 | max |")
     print("|---|---|---|---|---|---|---|")
     for nodes in (int(n) for n in args.nodes.split(",")):
         cells = [str(nodes)]
         for reset in (False, True):
             times = [detectionTime(nodes, seed, reset=reset) or float("inf") for seed in range(args.runs)]
-            cells += [f"{_percentile(times, 0.5):.2f}", f"{_percentile(times, 0.99):.2f}", f"{max(times):.2f}"]
+            cells += [f"{_percentile(times, 0.5):.2f}", f"{_percentile(times, 0.9):.2f}", f"{max(times):.2f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
 
 

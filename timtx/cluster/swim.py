@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from timtx.protocols.wire.peer import NODE_ID_PATTERN
+from timtx.protocols.peer import NODE_ID_PATTERN
 
 # Bounds on what a member may advertise, checked on decode.
 MAX_ADDRESS_CHARS = 255

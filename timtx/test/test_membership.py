@@ -37,8 +37,8 @@ from timtx.cluster.ownership import Ownership
 from timtx.cluster.swim import ChangeKind, MemberState
 from timtx.cluster.testing import clusterCertificates
 from timtx.config import ClusterConfig, Config, ConfigError, load, replace
-from timtx.protocols.peer import PeerTLS
-from timtx.protocols.wire.peer import CloseCode
+from timtx.protocols.peer import CloseCode
+from timtx.transports.peer import PeerTLS
 
 SECRET = b"cluster-secret-for-tests"
 ALIVE, SUSPECT, DEAD, LEFT = MemberState.ALIVE, MemberState.SUSPECT, MemberState.DEAD, MemberState.LEFT

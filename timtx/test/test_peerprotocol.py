@@ -1,9 +1,10 @@
 # -*- test-case-name: timtx.test.test_peerprotocol -*-
 """
-Tests for L{timtx.protocols.peer}: the peer protocol on Twisted, over
+Tests for L{timtx.transports.peer}: the peer protocol on Twisted, over
 L{twisted.test.iosim} and L{StringTransport} with a L{Clock}.
 """
 
+import dataclasses
 import struct
 
 from twisted.internet.task import Clock
@@ -14,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from timtx.protocols.peer import IPeerHandler, PeerFactory, PeerProtocol, PeerSettings
-from timtx.protocols.wire.peer import CloseCode, PeerConnection, ResponseStatus
+from timtx.protocols.peer import DEFAULT_MAX_FRAME_BYTES, CloseCode, PeerConnection, ResponseStatus
+from timtx.transports.peer import IPeerHandler, LinkLimits, PeerFactory, PeerProtocol, PeerSettings
 
 SECRET = b"k" * 32
 
@@ -246,6 +247,21 @@ class StringTransportTests(SynchronousTestCase):
         self.peer.sendMessage("m", b"y" * 5000)
         self.link.dataReceived(b"".join(self.peer.dataToSend()))
         self.assertIn("exceeds the limit of 4096", self.link.closeReason)
+
+    def test_linkLimitsPerLink(self):
+        """
+        L{PeerProtocol.linkLimits} decides a link's limits; by default each
+        unset class attribute takes the settings' value.
+        """
+
+        class Strict(PeerProtocol):
+            handshakeTimeout = 1.0
+
+            def linkLimits(self):
+                return dataclasses.replace(super().linkLimits(), linkTimeout=0.5)
+
+        self.connect(protocol=Strict, handshakeTimeout=9.0, maxOutputBytes=12345)
+        self.assertEqual(self.link.limits, LinkLimits(DEFAULT_MAX_FRAME_BYTES, 12345, 1.0, 0.5))
 
     def test_livenessPing(self):
         """

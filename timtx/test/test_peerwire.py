@@ -1,6 +1,6 @@
 # -*- test-case-name: timtx.test.test_peerwire -*-
 """
-Tests for L{timtx.protocols.wire.peer}: the peer protocol on bytes.
+Tests for L{timtx.protocols.peer}: the peer protocol on bytes.
 """
 
 import random
@@ -8,7 +8,7 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.protocols.wire.peer import (
+from timtx.protocols.peer import (
     HANDSHAKE_MAX_FRAME_BYTES,
     MAGIC,
     CloseCode,
