@@ -181,6 +181,48 @@ def _parse_thresholds(text: str) -> tuple[str, ...]:
 THRESHOLDS = Kind("three integers, comma-separated, or empty", _parse_thresholds)
 
 
+def splitHostPort(text: str) -> tuple[str, int]:
+    """
+    C{("host", port)} from C{host:port} or C{[v6 address]:port}.
+
+    @raise ValueError: if C{text} is not of that form.
+    """
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+        raise ValueError("host:port, such as 10.0.0.2:7946 or [fd00::2]:7946")
+    return host, int(port)
+
+
+def _parse_hostport(text: str) -> str:
+    if text:
+        splitHostPort(text)
+    return text
+
+
+def _parse_hostports(text: str) -> tuple[str, ...]:
+    words = _parse_words(text)
+    for word in words:
+        splitHostPort(word)
+    return words
+
+
+HOSTPORT = Kind("host:port, or empty", _parse_hostport)
+HOSTPORTS = Kind("host:port, comma-separated", _parse_hostports)
+
+
+def _parse_node_id(text: str) -> str:
+    from timtx.protocols.peer import NODE_ID_PATTERN
+
+    if text and not NODE_ID_PATTERN.match(text):
+        raise ValueError("1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return text
+
+
+NODE_ID = Kind("a node id (letters, digits, . _ -), or empty", _parse_node_id)
+
+
 def option(default: Any, kind: Kind, doc: str) -> Any:
     """
     Declare one key: its default (as a parsed value), its L{Kind} and a line
@@ -543,6 +585,144 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    listen: str = option(
+        "",
+        ENDPOINT,
+        "Where other nodes of the cluster connect (the peer protocol), as a Twisted endpoint string such as "
+        "`tcp:7946:interface=10.0.0.1`. Empty (the default) runs this node alone, with no cluster. Use a `tcp:` "
+        "endpoint; for TLS set `tls_cert`, `tls_key` and `tls_ca`.",
+    )
+    advertise: str = option(
+        "",
+        HOSTPORT,
+        "The `host:port` other nodes dial to reach this one. Empty means the listen endpoint's interface and "
+        "port, which must then name a specific address.",
+    )
+    seeds: tuple[str, ...] = option(
+        (),
+        HOSTPORTS,
+        "Nodes to join through, as `host:port`, comma-separated. Any one that answers is enough; this node's own "
+        "address may be among them. Members known from an earlier run are tried too.",
+    )
+    secret: str = option(
+        "",
+        TEXT,
+        "The cluster secret, at least 16 bytes, the same on every node: peers prove they know it (HMAC "
+        "challenge-response) and every peer frame is authenticated with keys derived from it. Prefer "
+        "`secret_file`.",
+    )
+    secret_file: str = option(
+        "",
+        TEXT,
+        "File holding the cluster secret (surrounding whitespace ignored); relative paths are taken from the "
+        "config file's directory.",
+    )
+    node_id: str = option(
+        "",
+        NODE_ID,
+        "This node's id in the cluster. Empty means a random id made on first start and kept in `data_dir/node-id`.",
+    )
+    tls_cert: str = option(
+        "",
+        TEXT,
+        "PEM certificate of this node for peer TLS, issued by the cluster CA. Empty: peer traffic is plaintext.",
+    )
+    tls_key: str = option("", TEXT, "PEM private key of `tls_cert`.")
+    tls_ca: str = option(
+        "",
+        TEXT,
+        "PEM certificate of the cluster CA. With TLS, each node accepts only peers whose certificate this CA "
+        "issued, and checks the certificate of a node it dials against the host it dialled.",
+    )
+    probe_interval: float = option(
+        0.3,
+        _seconds(0.01),
+        "Seconds between failure-detection probes (SWIM). Each node probes one member per interval, so its "
+        "load does not grow with the cluster.",
+    )
+    probe_timeout: float = option(
+        0.15,
+        _seconds(0.001),
+        "Seconds to wait for a probe's answer before asking other members to probe; must be shorter than "
+        "`probe_interval`. Set it near the 99th percentile of the round trip between nodes.",
+    )
+    indirect_probes: int = option(
+        3, _int(0, 16), "Members asked to probe a member that did not answer, before it is suspected."
+    )
+    suspicion_mult: int = option(
+        3,
+        _int(1, 100),
+        "A suspected member is declared dead after `suspicion_mult * max(1, log10(members)) * probe_interval` "
+        "seconds unless it refutes, once another member confirms the suspicion.",
+    )
+    suspicion_max_mult: int = option(
+        3,
+        _int(1, 100),
+        "Before any confirmation, the suspicion timeout is this many times longer (Lifeguard), so a slow node "
+        "does not get healthy ones declared dead.",
+    )
+    retransmit_mult: int = option(
+        4,
+        _int(1, 100),
+        "Each membership change is piggybacked `retransmit_mult * ceil(log10(members + 1))` times.",
+    )
+    max_piggyback: int = option(32, _int(1, 256), "Most membership changes carried by one message.")
+    gossip_interval: float = option(
+        0.2, _seconds(0.01), "Seconds between gossip rounds, which run only while there are changes to spread."
+    )
+    gossip_nodes: int = option(3, _int(0, 64), "Members each gossip round sends changes to.")
+    push_pull_interval: float = option(
+        30.0,
+        _seconds(1),
+        "Seconds between full-state syncs with a random member (longer in clusters of over 32 members).",
+    )
+    reconnect_interval: float = option(
+        5.0,
+        _seconds(0.1),
+        "Seconds between syncs with a random dead member, which merges the views once a partition heals.",
+    )
+    dead_member_ttl: float = option(
+        3600.0, _seconds(1), "Seconds a dead or departed member stays listed (and tried for reconnection)."
+    )
+    leave_on_stop: bool = option(
+        True,
+        BOOL,
+        "Tell the cluster when the node stops, so others move its work at once instead of detecting a failure.",
+    )
+    max_peer_frame_bytes: int = option(
+        32 << 20,
+        _int(4096, 1 << 30),
+        "Largest peer frame accepted, in bytes; a larger one closes the link. It must exceed the largest client "
+        "payload routed between nodes ([vrooms] bigdata_max_bytes).",
+    )
+    max_peer_output_bytes: int = option(
+        64 << 20,
+        _int(65536),
+        "Bytes that may wait to be written to one peer (a slow node, or one being dialled); past it the link is "
+        "dropped, so one slow node cannot exhaust another's memory.",
+    )
+    handshake_timeout: float = option(
+        5.0, _seconds(0.1), "Seconds a new peer link has to complete the handshake before it is closed."
+    )
+    link_timeout: float = option(
+        10.0,
+        _seconds(0.1),
+        "Seconds a peer link may go without receiving anything while this node has sent on it; then it is "
+        "pinged, and closed if it stays silent as long again.",
+    )
+    request_timeout: float = option(
+        10.0, _seconds(0.01), "Seconds a request to another node waits for its answer by default."
+    )
+    max_inflight_requests: int = option(
+        1000,
+        _int(1),
+        "Requests this node may have waiting on one peer, and requests one peer may have in progress here; past "
+        "it new requests fail at once as busy.",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """
     A whole node configuration.  L{base_dir} is the directory relative paths
@@ -560,6 +740,7 @@ class Config:
     groups: GroupsConfig = field(default_factory=GroupsConfig)
     vrooms: VRoomsConfig = field(default_factory=VRoomsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     protocols: Mapping[str, str] = field(default_factory=dict)
     base_dir: str = "."
     path: str | None = None
@@ -599,6 +780,7 @@ SECTIONS: dict[str, type] = {
     "groups": GroupsConfig,
     "vrooms": VRoomsConfig,
     "store": StoreConfig,
+    "cluster": ClusterConfig,
 }
 FREE_SECTIONS = ("protocols",)
 

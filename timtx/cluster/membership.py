@@ -1,0 +1,1204 @@
+# -*- test-case-name: timtx.test.test_membership -*-
+"""
+The cluster on Twisted: L{ClusterService} runs SWIM (L{timtx.cluster.swim})
+over authenticated peer links (L{timtx.transports.peer}), keeps the view and
+the ownership of keys (L{timtx.cluster.ownership}) current, and carries
+application messages and requests between nodes.
+
+Links.  Nodes keep a full mesh of TCP links, one per pair.  A node dials
+its seeds until it has joined, then every live member it has no link with
+(the node with the smaller id at once, the other after a short delay, so
+that two nodes rarely dial each other at the same moment), again with
+backoff while the member stays live (the model is
+L{twisted.application.internet.ClientService}).  When two links to the same
+node exist anyway, both ends keep the same one: the one dialled by the
+smaller node id (a tie broken by the link id both ends share), or the newer
+if the peer restarted.  A broken link is a hint to SWIM (the member is
+probed next), not a verdict; SWIM's verdict of dead or left closes the link.
+
+Messages.  L{ClusterService.send} carries one-way messages and
+L{ClusterService.request} requests, each under a I{kind} whose handler
+(L{ClusterService.addHandler}) runs on the receiving node; a request's
+answer is what the handler returns.  Requests wait at most a timeout, at
+most C{max_inflight_requests} of them per peer in each direction; when the
+link to a peer is lost, its pending requests fail at once
+(L{PeerUnavailable}): the caller decides whether to retry, knowing a request
+may or may not have been handled.  Messages to a node being dialled wait,
+bounded by C{max_peer_output_bytes}, and fail if the dial does.
+
+State on disk.  The members last seen and this node's incarnation are kept
+in C{data_dir/cluster-members.json} (rewritten at most once a second, and at
+stop): a restarted node dials them as well as its seeds, and starts with a
+higher incarnation than any claim about its previous run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from twisted.application.internet import backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, serverFromString
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from timtx.cluster.ownership import Ownership
+from timtx.cluster.swim import (
+    ChangeKind,
+    Member,
+    MemberChange,
+    Swim,
+    SwimConfig,
+    SwimDecodeError,
+    decodeMessage,
+    encodeMessage,
+)
+from timtx.config import ClusterConfig, Config, ConfigError, splitHostPort
+from timtx.protocols.peer import KIND_PATTERN, MAX_REQUEST_ID, MIN_SECRET_BYTES, CloseCode, ResponseStatus
+from timtx.transports.peer import IPeerHandler, PeerFactory, PeerProtocol, PeerSettings, PeerTLS
+
+#: The message kind SWIM uses; not available to applications.
+SWIM_KIND = "swim"
+#: The file in the data directory holding the last members seen.
+MEMBERS_FILE = "cluster-members.json"
+#: The file in the data directory holding the node id made on first start.
+NODE_ID_FILE = "node-id"
+#: SWIM messages queued for a node being dialled; more are dropped (SWIM
+#: copes with loss).
+MAX_QUEUED_SWIM = 64
+
+
+class PeerUnavailable(Exception):
+    """
+    The node cannot be reached: unknown, dead, the dial failed or the link
+    was lost while a request waited.
+    """
+
+    def __init__(self, nodeId: str, reason: str):
+        super().__init__(nodeId, reason)
+        self.nodeId = nodeId
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"node {self.nodeId} unavailable: {self.reason}"
+
+
+class PeerBusy(Exception):
+    """
+    Too many requests in flight to or at the node.
+    """
+
+
+class PeerTimeout(Exception):
+    """
+    A request got no answer in time; it may or may not have been handled.
+    """
+
+
+class PeerRequestFailed(Exception):
+    """
+    The other node answered with an error: its handler failed, or it has no
+    handler for the kind.
+
+    @ivar reason: the other node's short reason (never a traceback).
+    """
+
+    def __init__(self, nodeId: str, reason: str):
+        super().__init__(nodeId, reason)
+        self.nodeId = nodeId
+        self.reason = reason
+
+
+class PeerRequestError(Exception):
+    """
+    Raise from a request handler to answer with this message as the error
+    (other exceptions answer "internal error" and are logged here).
+    """
+
+
+#: A handler: called with the sending node's id and the payload; for a
+#: request, its result (bytes, C{None} for empty, or a Deferred of either)
+#: is the answer.
+Handler = Callable[[str, bytes], Any]
+Observer = Callable[[MemberChange], None]
+
+
+def swimConfig(cluster: ClusterConfig) -> SwimConfig:
+    """
+    The SWIM settings of a C{[cluster]} section.
+    """
+    return SwimConfig(
+        probeInterval=cluster.probe_interval,
+        probeTimeout=cluster.probe_timeout,
+        indirectChecks=cluster.indirect_probes,
+        suspicionMult=cluster.suspicion_mult,
+        suspicionMaxMult=cluster.suspicion_max_mult,
+        retransmitMult=cluster.retransmit_mult,
+        maxPiggyback=cluster.max_piggyback,
+        gossipInterval=cluster.gossip_interval,
+        gossipNodes=cluster.gossip_nodes,
+        pushPullInterval=cluster.push_pull_interval,
+        reconnectInterval=cluster.reconnect_interval,
+        deadMemberTTL=cluster.dead_member_ttl,
+    )
+
+
+def loadNodeId(dataDir: str) -> str:
+    """
+    The node id kept in C{dataDir}, made (random) and kept on first use.
+    """
+    path = os.path.join(dataDir, NODE_ID_FILE)
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        pass
+    nodeId = secrets.token_hex(8)
+    os.makedirs(dataDir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(nodeId + "\n")
+    os.replace(tmp, path)
+    return nodeId
+
+
+def checkClusterConfig(config: Config) -> None:
+    """
+    Check what one key cannot check alone.
+
+    @raise ConfigError: naming the key at fault.
+    """
+    cluster = config.cluster
+    if not cluster.listen:
+        return
+
+    def error(key: str, message: str) -> ConfigError:
+        return ConfigError(message, config.path, "cluster", key)
+
+    if not cluster.probe_timeout < cluster.probe_interval:
+        raise error("probe_timeout", "must be shorter than probe_interval")
+    if not cluster.secret and not cluster.secret_file:
+        raise error("secret", "a cluster needs secret or secret_file")
+    if cluster.secret and cluster.secret_file:
+        raise error("secret", "set secret or secret_file, not both")
+    tls = (cluster.tls_cert, cluster.tls_key, cluster.tls_ca)
+    if any(tls) and not all(tls):
+        raise error("tls_cert", "TLS needs tls_cert, tls_key and tls_ca together")
+    if not cluster.advertise and "interface=" not in cluster.listen:
+        raise error("advertise", "required when listen names no interface (which address should others dial?)")
+    if not cluster.listen.startswith("tcp:"):
+        raise error("listen", "use a tcp: endpoint (for TLS, set tls_cert, tls_key and tls_ca)")
+
+
+def loadSecret(config: Config) -> bytes:
+    """
+    The cluster secret, from C{secret} or C{secret_file}.
+
+    @raise ConfigError: if it is missing, unreadable or too short.
+    """
+    cluster = config.cluster
+    if cluster.secret_file:
+        path = config.resolve(cluster.secret_file)
+        try:
+            with open(path, "rb") as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read {path} ({e.strerror})", config.path, "cluster", "secret_file") from None
+        key = "secret_file"
+    else:
+        secret = cluster.secret.encode("utf-8")
+        key = "secret"
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(f"the secret must have at least {MIN_SECRET_BYTES} bytes", config.path, "cluster", key)
+    return secret
+
+
+def loadTLS(config: Config) -> PeerTLS | None:
+    """
+    The peer TLS settings, or C{None} without TLS.
+
+    @raise ConfigError: if a file cannot be read or used.
+    """
+    cluster = config.cluster
+    if not cluster.tls_cert:
+        return None
+    try:
+        return PeerTLS.fromFiles(
+            config.resolve(cluster.tls_cert), config.resolve(cluster.tls_key), config.resolve(cluster.tls_ca)
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the TLS files ({e})", config.path, "cluster", "tls_cert") from None
+
+
+@dataclass
+class _Pending:
+    deferred: Deferred[bytes]
+    timer: IDelayedCall
+
+
+@dataclass
+class _Queued:
+    """
+    A frame waiting for a link: a message, or a request (with its id).
+    """
+
+    kind: str
+    payload: bytes
+    deferred: Deferred[None] | None = None
+    requestId: int | None = None
+
+
+@dataclass
+class _Peer:
+    nodeId: str
+    link: PeerProtocol | None = None
+    dialer: _Dialer | None = None
+    queue: list[_Queued] = field(default_factory=list)
+    queuedBytes: int = 0
+    requests: dict[int, _Pending] = field(default_factory=dict)
+    nextRequestId: int = 0
+    serving: int = 0
+
+    def newRequestId(self) -> int:
+        self.nextRequestId = (self.nextRequestId + 1) & MAX_REQUEST_ID
+        while self.nextRequestId in self.requests:
+            self.nextRequestId = (self.nextRequestId + 1) & MAX_REQUEST_ID
+        return self.nextRequestId
+
+
+class _LinkFactory(PeerFactory):
+    """
+    Builds the service's links and keeps track of each from the start, so
+    the service can close them all when it stops; none while it stops.
+    """
+
+    service: ClusterService
+
+    def buildProtocol(self, addr: Any) -> PeerProtocol | None:  # type: ignore[override]
+        if self.service._stopping:
+            return None
+        link = super().buildProtocol(addr)
+        self.service._links.add(link)
+        return link
+
+
+class _DialFactory(_LinkFactory):
+    dialer: _Dialer
+
+
+class _Dialer:
+    """
+    Dials one address until a link is established there or it is stopped,
+    with backoff on the service's clock.
+
+    @ivar nodeId: the node expected there, or C{None} for a seed.
+    @ivar persistent: whether to keep trying after a failure.
+    """
+
+    def __init__(self, service: ClusterService, address: str, nodeId: str | None, persistent: bool):
+        self.service = service
+        self.address = address
+        self.nodeId = nodeId
+        self.persistent = persistent
+        self.failures = 0
+        self.stopped = False
+        self._attempt: Deferred[Any] | None = None
+        self._timer: IDelayedCall | None = None
+        self._link: PeerProtocol | None = None
+
+    def start(self, delay: float = 0.0) -> None:
+        if self._timer is None and self._attempt is None and self._link is None:
+            self._timer = self.service.clock.callLater(delay, self._dial)
+
+    def hurry(self) -> None:
+        """
+        Dial now if waiting for a delayed start.
+        """
+        if self._timer is not None and self.failures == 0:
+            self._timer.cancel()
+            self._timer = None
+            self._dial()
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if self._attempt is not None:
+            attempt, self._attempt = self._attempt, None
+            attempt.cancel()
+
+    def _dial(self) -> None:
+        self._timer = None
+        if self.stopped:
+            return
+        service = self.service
+        factory = service.makeClientFactory()
+        factory.dialer = self
+        try:
+            endpoint = service.endpointFor(self.address)
+        except ValueError as e:
+            self._failed(str(e))
+            return
+        attempt = self._attempt = endpoint.connect(factory)
+        attempt.addCallbacks(self._connected, self._connectFailed)
+
+    def _connected(self, link: PeerProtocol) -> None:
+        self._attempt = None
+        self._link = link
+
+    def _connectFailed(self, failure: Failure) -> None:
+        self._attempt = None
+        if not self.stopped:
+            self._failed(failure.getErrorMessage())
+
+    def linkEnded(self, link: PeerProtocol) -> None:
+        """
+        A link this dialer made closed before it was established.
+        """
+        if link is self._link:
+            self._link = None
+        if self.stopped:
+            return
+        if link.closeCode == CloseCode.SELF_CONNECTION:
+            self.stopped = True
+            self.service.dialerFinished(self, link.closeReason or "connected to itself", permanent=True)
+            return
+        self._failed(link.closeReason or "link lost")
+
+    def linkEstablished(self, link: PeerProtocol) -> None:
+        self._link = None
+        self.stopped = True
+
+    def _failed(self, reason: str) -> None:
+        self.failures += 1
+        self.service.dialFailed(self, reason)
+        if self.persistent and not self.stopped:
+            self._timer = self.service.clock.callLater(self.service.retryPolicy(self.failures), self._dial)
+        else:
+            self.stopped = True
+            self.service.dialerFinished(self, reason, permanent=False)
+
+
+@implementer(IPeerHandler)
+class ClusterService(Service):
+    """
+    This node's part in the cluster.
+
+    @ivar nodeId: this node's id.
+    @ivar ready: fires once the node listens and takes part (with C{None}),
+        or fails if it cannot listen.
+    @ivar swim: the membership core once started.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        reactor: Any,
+        *,
+        nodeId: str,
+        secret: bytes,
+        dataDir: str,
+        clientAddresses: Sequence[str] = (),
+        meta: Mapping[str, str] | None = None,
+        tls: PeerTLS | None = None,
+        rng: random.Random | None = None,
+        protocol: type[PeerProtocol] = PeerProtocol,
+    ):
+        self.config = config
+        self.reactor = reactor
+        self.clock = reactor
+        self.nodeId = nodeId
+        self.dataDir = dataDir
+        self.tls = tls
+        self.rng = rng or random.Random()
+        self.protocol = protocol
+        self.swimConfig = swimConfig(config)
+        self.settings = PeerSettings(
+            nodeId,
+            secret,
+            maxFrameBytes=config.max_peer_frame_bytes,
+            maxOutputBytes=config.max_peer_output_bytes,
+            handshakeTimeout=config.handshake_timeout,
+            linkTimeout=config.link_timeout,
+        )
+        #: The delay before the n-th retry of a dial, as L{ClientService}'s.
+        self.retryPolicy = backoffPolicy(0.25, 10.0, 2.0, jitter=lambda: self.rng.uniform(0, 0.1))
+        self.ready: Deferred[None] = Deferred()
+        self.swim: Swim | None = None
+        self.address: str | None = None
+        self._clientAddresses = tuple(clientAddresses)
+        self._meta = dict(meta or {})
+        self._peers: dict[str, _Peer] = {}
+        self._seedDialers: dict[str, _Dialer] = {}
+        self._unwanted: set[str] = set()
+        self._handlers: dict[str, Handler] = {}
+        self._observers: list[Observer] = []
+        self._ownership = Ownership([nodeId])
+        self._port: Any = None
+        self._timer: IDelayedCall | None = None
+        self._saveTimer: IDelayedCall | None = None
+        self._links: set[PeerProtocol] = set()
+        self._closed: dict[PeerProtocol, Deferred[None]] = {}
+        self._incarnation = 0
+        self._remembered: list[str] = []
+        self._stopping = False
+
+    @classmethod
+    def fromConfig(
+        cls,
+        config: Config,
+        reactor: Any,
+        *,
+        clientAddresses: Sequence[str] = (),
+        meta: Mapping[str, str] | None = None,
+        protocol: type[PeerProtocol] = PeerProtocol,
+        rng: random.Random | None = None,
+    ) -> ClusterService:
+        """
+        The service for a node's configuration, with the secret, node id
+        and TLS files loaded.
+
+        @raise ConfigError: if C{[cluster]} cannot be used (or is off: an
+            empty C{listen}).
+        """
+        cluster = config.cluster
+        if not cluster.listen:
+            raise ConfigError("the cluster is off (listen is empty)", config.path, "cluster", "listen")
+        checkClusterConfig(config)
+        dataDir = config.resolve(config.node.data_dir)
+        return cls(
+            cluster,
+            reactor,
+            nodeId=cluster.node_id or loadNodeId(dataDir),
+            secret=loadSecret(config),
+            dataDir=dataDir,
+            clientAddresses=clientAddresses,
+            meta=meta,
+            tls=loadTLS(config),
+            rng=rng,
+            protocol=protocol,
+        )
+
+    # The view.
+
+    def members(self) -> list[Member]:
+        """
+        Every member known, this node included, with its state.
+        """
+        return self.swim.members() if self.swim is not None else []
+
+    def liveMembers(self) -> list[Member]:
+        return self.swim.liveMembers() if self.swim is not None else []
+
+    def member(self, nodeId: str) -> Member | None:
+        return self.swim.member(nodeId) if self.swim is not None else None
+
+    @property
+    def ownership(self) -> Ownership:
+        """
+        Who owns what among the live members (alive or suspect), as this
+        node sees them now.
+        """
+        return self._ownership
+
+    def addObserver(self, observer: Observer) -> None:
+        """
+        Call C{observer} with each L{MemberChange}, after the view and
+        L{ownership} reflect it.
+        """
+        self._observers.append(observer)
+
+    def removeObserver(self, observer: Observer) -> None:
+        self._observers.remove(observer)
+
+    def advertise(self, *, clientAddresses: Sequence[str] | None = None, meta: Mapping[str, str] | None = None) -> None:
+        """
+        Change the client addresses or metadata this node advertises (for
+        example once its client listeners have ports).
+        """
+        if clientAddresses is not None:
+            self._clientAddresses = tuple(clientAddresses)
+        if meta is not None:
+            self._meta = dict(meta)
+        if self.swim is not None and not self.swim.left:
+            self.swim.update(self.clock.seconds(), clientAddresses=clientAddresses, meta=meta)
+            self._pump()
+
+    # Application messages.
+
+    def addHandler(self, kind: str, handler: Handler) -> None:
+        """
+        Handle messages and requests of C{kind} from other nodes.
+
+        @raise ValueError: for an invalid or reserved kind, or one already
+            handled.
+        """
+        self._checkKind(kind)
+        if kind in self._handlers:
+            raise ValueError(f"kind {kind!r} already has a handler")
+        self._handlers[kind] = handler
+
+    def removeHandler(self, kind: str) -> None:
+        self._handlers.pop(kind, None)
+
+    def _checkKind(self, kind: str) -> None:
+        if not KIND_PATTERN.match(kind):
+            raise ValueError(f"invalid kind {kind!r}: 1 to 64 letters, digits, '.', '_' or '-'")
+        if kind == SWIM_KIND:
+            raise ValueError(f"kind {kind!r} is reserved")
+
+    def send(self, nodeId: str, kind: str, payload: bytes) -> Deferred[None]:
+        """
+        Send a one-way message to C{nodeId} (this node included).
+
+        @return: fires when the message is written to a link (not when it
+            is handled); fails with L{PeerUnavailable} if it cannot be.
+        """
+        self._checkKind(kind)
+        if nodeId == self.nodeId:
+            self.clock.callLater(0, self._handleMessage, nodeId, kind, payload)
+            return succeed(None)
+        try:
+            peer = self._reachable(nodeId)
+        except PeerUnavailable as e:
+            return fail(e)
+        if peer.link is not None and peer.link.sendMessage(kind, payload):
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._enqueue(peer, _Queued(kind, payload, d))
+        return d
+
+    def request(self, nodeId: str, kind: str, payload: bytes, timeout: float | None = None) -> Deferred[bytes]:
+        """
+        Ask C{nodeId} (this node included) and wait for its answer.
+
+        @param timeout: seconds; C{None} means C{[cluster] request_timeout}.
+        @return: the answer; or fails with L{PeerUnavailable},
+            L{PeerBusy}, L{PeerTimeout} or L{PeerRequestFailed}.
+        """
+        self._checkKind(kind)
+        if nodeId == self.nodeId:
+            return self._answerLocally(kind, payload)
+        try:
+            peer = self._reachable(nodeId)
+        except PeerUnavailable as e:
+            return fail(e)
+        if len(peer.requests) >= self.config.max_inflight_requests:
+            return fail(PeerBusy(f"{len(peer.requests)} requests already wait on node {nodeId}"))
+        requestId = peer.newRequestId()
+        seconds = self.config.request_timeout if timeout is None else timeout
+
+        def cancel(d: Deferred[bytes]) -> None:
+            pending = peer.requests.pop(requestId, None)
+            if pending is not None and pending.timer.active():
+                pending.timer.cancel()
+
+        d: Deferred[bytes] = Deferred(cancel)
+
+        def expire() -> None:
+            if peer.requests.pop(requestId, None) is not None:
+                d.errback(PeerTimeout(f"no answer from node {nodeId} to {kind!r} within {seconds:g}s"))
+
+        peer.requests[requestId] = _Pending(d, self.clock.callLater(seconds, expire))
+        if peer.link is None or not peer.link.sendRequest(requestId, kind, payload):
+            self._enqueue(peer, _Queued(kind, payload, requestId=requestId))
+        return d
+
+    def _answerLocally(self, kind: str, payload: bytes) -> Deferred[bytes]:
+        handler = self._handlers.get(kind)
+        if handler is None:
+            return fail(PeerRequestFailed(self.nodeId, f"no handler for {kind!r}"))
+        d = maybeDeferred(handler, self.nodeId, payload)
+        return d.addCallback(lambda answer: b"" if answer is None else bytes(answer))
+
+    def _reachable(self, nodeId: str) -> _Peer:
+        peer = self._peers.get(nodeId)
+        if peer is not None and peer.link is not None:
+            return peer
+        member = self.member(nodeId)
+        if member is None or not member.live:
+            state = "unknown" if member is None else member.state.value
+            raise PeerUnavailable(nodeId, f"not a live member ({state})")
+        return self._peer(nodeId)
+
+    def _enqueue(self, peer: _Peer, item: _Queued) -> None:
+        size = len(item.payload)
+        if peer.queuedBytes + size > self.config.max_peer_output_bytes:
+            self._failQueued(item, PeerUnavailable(peer.nodeId, "too much waiting for the link"), peer)
+            return
+        peer.queue.append(item)
+        peer.queuedBytes += size
+        self._ensureLink(peer, hurry=True)
+
+    def _failQueued(self, item: _Queued, error: Exception, peer: _Peer) -> None:
+        if item.deferred is not None:
+            item.deferred.errback(error)
+        elif item.requestId is not None:
+            pending = peer.requests.pop(item.requestId, None)
+            if pending is not None:
+                pending.timer.cancel()
+                pending.deferred.errback(error)
+
+    def _flushQueue(self, peer: _Peer) -> None:
+        link = peer.link
+        queue, peer.queue, peer.queuedBytes = peer.queue, [], 0
+        for item in queue:
+            if link is None:
+                self._failQueued(item, PeerUnavailable(peer.nodeId, "no link"), peer)
+            elif item.requestId is not None:
+                if item.requestId in peer.requests:
+                    link.sendRequest(item.requestId, item.kind, item.payload)
+            elif link.sendMessage(item.kind, item.payload):
+                if item.deferred is not None:
+                    item.deferred.callback(None)
+            elif item.deferred is not None:
+                item.deferred.errback(PeerUnavailable(peer.nodeId, "link closed"))
+
+    def _failPeer(self, peer: _Peer, reason: str) -> None:
+        """
+        Fail what waits on C{peer}: queued frames and pending requests.
+        """
+        error = PeerUnavailable(peer.nodeId, reason)
+        queue, peer.queue, peer.queuedBytes = peer.queue, [], 0
+        for item in queue:
+            if item.kind != SWIM_KIND:
+                self._failQueued(item, error, peer)
+        requests, peer.requests = peer.requests, {}
+        for pending in requests.values():
+            if pending.timer.active():
+                pending.timer.cancel()
+            pending.deferred.errback(error)
+
+    # Lifecycle.
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._loadMembers()
+        factory = _LinkFactory(self, self.settings, self.clock, initiator=False, protocol=self.protocol)
+        factory.service = self
+        wrapped = self.tls.wrapServerFactory(factory) if self.tls is not None else factory
+        d = serverFromString(self.reactor, self.config.listen).listen(wrapped)
+        d.addCallbacks(self._listening, self._listenFailed)
+
+    def _listenFailed(self, failure: Failure) -> None:
+        self.log.critical(
+            "cannot listen for peers on {endpoint}: {error}",
+            endpoint=self.config.listen,
+            error=failure.getErrorMessage(),
+        )
+        self.ready.errback(failure)
+
+    def _listening(self, port: Any) -> None:
+        self._port = port
+        if self._stopping:
+            port.stopListening()
+            return
+        host = port.getHost()
+        address = self.config.advertise or f"{host.host}:{host.port}"
+        if host.host in ("0.0.0.0", "::") and not self.config.advertise:
+            port.stopListening()
+            self._port = None
+            self.ready.errback(ConfigError("set it: listening on every interface", None, "cluster", "advertise"))
+            return
+        self.address = address
+        now = self.clock.seconds()
+        self.swim = Swim(
+            self.nodeId,
+            address,
+            now=now,
+            config=self.swimConfig,
+            rng=random.Random(self.rng.getrandbits(64)),
+            clientAddresses=self._clientAddresses,
+            meta=self._meta,
+            incarnation=self._incarnation,
+        )
+        self.log.info("node {node} takes part in the cluster at {address}", node=self.nodeId, address=address)
+        self._dialSeeds()
+        self._pump()
+        self.ready.callback(None)
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Leave (unless C{leave_on_stop} is off), close every link, stop
+        listening and save the members.  Fires once all is closed.
+        """
+        super().stopService()
+        self._stopping = True
+        swim = self.swim
+        if swim is not None and self.config.leave_on_stop and not swim.left:
+            swim.leave(self.clock.seconds())
+            self._pump()
+        for timer in (self._timer, self._saveTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._saveTimer = None
+        self._save()
+        for dialer in list(self._seedDialers.values()):
+            dialer.stop()
+        self._seedDialers.clear()
+        waits: list[Deferred[Any]] = []
+        for peer in list(self._peers.values()):
+            if peer.dialer is not None:
+                peer.dialer.stop()
+                peer.dialer = None
+            self._failPeer(peer, "this node is stopping")
+        links = list(self._links)
+        for link in links:
+            waits.append(self._whenClosed(link))
+            link.close(CloseCode.SHUTTING_DOWN, "node stopping")
+        if links:
+            # A peer that does not close its end in time is cut off.
+            abort = self.clock.callLater(self.config.handshake_timeout, self._abortLinks)
+            waits.append(self._closingDone(abort))
+        if self._port is not None:
+            waits.append(maybeDeferred(self._port.stopListening))
+            self._port = None
+        self.swim = None
+        return gatherResults(waits)
+
+    def _abortLinks(self) -> None:
+        for link in list(self._links):
+            if link.transport is not None:
+                link.transport.abortConnection()
+
+    def _closingDone(self, abort: IDelayedCall) -> Deferred[None]:
+        d = gatherResults([self._whenClosed(link) for link in self._links])
+
+        def done(result: object) -> None:
+            if abort.active():
+                abort.cancel()
+
+        return d.addBoth(done)
+
+    def _whenClosed(self, link: PeerProtocol) -> Deferred[None]:
+        d = self._closed.get(link)
+        if d is None:
+            d = self._closed[link] = Deferred()
+        return d
+
+    # Dialling.
+
+    def endpointFor(self, address: str) -> IStreamClientEndpoint:
+        """
+        The endpoint that reaches C{address} (C{host:port}), with TLS when
+        configured.  Override to dial another way.
+
+        @raise ValueError: if C{address} is not C{host:port}.
+        """
+        host, port = splitHostPort(address)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self.reactor, host, port, timeout=self.config.handshake_timeout
+        )
+        if self.tls is not None:
+            endpoint = self.tls.wrapClientEndpoint(endpoint, host)
+        return endpoint
+
+    def makeClientFactory(self) -> _DialFactory:
+        factory = _DialFactory(self, self.settings, self.clock, initiator=True, protocol=self.protocol)
+        factory.service = self
+        return factory
+
+    def _dialSeeds(self) -> None:
+        for address in dict.fromkeys([*self.config.seeds, *self._remembered]):
+            if address == self.address or address in self._unwanted or address in self._seedDialers:
+                continue
+            dialer = self._seedDialers[address] = _Dialer(self, address, None, persistent=True)
+            dialer.start()
+
+    def _stopSeedDialers(self) -> None:
+        for dialer in self._seedDialers.values():
+            dialer.stop()
+        self._seedDialers.clear()
+
+    def _ensureLink(self, peer: _Peer, hurry: bool = False) -> None:
+        if peer.link is not None or self._stopping or self.swim is None:
+            return
+        if peer.dialer is not None and not peer.dialer.stopped:
+            if hurry:
+                peer.dialer.hurry()
+            return
+        member = self.swim.member(peer.nodeId)
+        if member is None:
+            return
+        # The node with the smaller id dials first; the other waits a
+        # little for it, so two links are rarely made at once.
+        delay = 0.0 if hurry or self.nodeId < peer.nodeId else 2 * self.swimConfig.probeInterval
+        peer.dialer = _Dialer(self, member.address, peer.nodeId, persistent=member.live)
+        peer.dialer.start(delay)
+
+    def dialFailed(self, dialer: _Dialer, reason: str) -> None:
+        """
+        Called by a dialer after each failed attempt.
+        """
+        if dialer.failures == 1 or dialer.failures % 10 == 0:
+            self.log.info(
+                "cannot reach {target} at {address} (attempt {n}): {reason}",
+                target=f"node {dialer.nodeId}" if dialer.nodeId else "seed",
+                address=dialer.address,
+                n=dialer.failures,
+                reason=reason,
+            )
+        if dialer.nodeId is not None:
+            peer = self._peers.get(dialer.nodeId)
+            if peer is not None and peer.dialer is dialer:
+                self._failPeer(peer, f"cannot reach it at {dialer.address}: {reason}")
+
+    def dialerFinished(self, dialer: _Dialer, reason: str, permanent: bool) -> None:
+        """
+        Called by a dialer that gives up.
+        """
+        if dialer.nodeId is None:
+            if self._seedDialers.get(dialer.address) is dialer:
+                del self._seedDialers[dialer.address]
+            if permanent:
+                self._unwanted.add(dialer.address)
+        else:
+            peer = self._peers.get(dialer.nodeId)
+            if peer is not None and peer.dialer is dialer:
+                peer.dialer = None
+
+    # IPeerHandler.
+
+    def _peer(self, nodeId: str) -> _Peer:
+        peer = self._peers.get(nodeId)
+        if peer is None:
+            peer = self._peers[nodeId] = _Peer(nodeId)
+        return peer
+
+    def peerEstablished(self, link: PeerProtocol) -> None:
+        assert link.peerId is not None
+        if self._stopping or self.swim is None:
+            link.close(CloseCode.SHUTTING_DOWN, "node stopping")
+            return
+        self._links.add(link)
+        dialer: _Dialer | None = getattr(link.factory, "dialer", None)
+        peer = self._peer(link.peerId)
+        if dialer is not None:
+            dialer.linkEstablished(link)
+            if dialer.nodeId is None:
+                self._seedDialers.pop(dialer.address, None)
+            elif peer.dialer is dialer:
+                peer.dialer = None
+        if not self._adopt(peer, link):
+            return
+        if peer.dialer is not None:
+            peer.dialer.stop()
+            peer.dialer = None
+        self.log.debug("link to node {node} established", node=peer.nodeId)
+        self._flushQueue(peer)
+        if (dialer is not None and dialer.nodeId is None) or not self.swim.joined:
+            self.swim.join(peer.nodeId, self.clock.seconds())
+            self._pump()
+
+    def _adopt(self, peer: _Peer, link: PeerProtocol) -> bool:
+        """
+        Make C{link} the peer's link, or close it if the one it has wins;
+        both ends choose alike.
+
+        @return: whether C{link} is now the peer's link.
+        """
+        current = peer.link
+        if current is None or current is link:
+            peer.link = link
+            return True
+        if current.peerSession != link.peerSession:
+            keep, drop = link, current
+            why = "the peer restarted"
+        else:
+            keep, drop = sorted((current, link), key=self._linkRank)
+            why = "two links to one node"
+        peer.link = keep
+        drop.close(CloseCode.DUPLICATE_LINK, f"{why}: keeping the other link")
+        return keep is link
+
+    def _linkRank(self, link: PeerProtocol) -> tuple[str, bytes]:
+        initiator = self.nodeId if link.initiator else link.peerId
+        return (initiator or "", link.linkId)
+
+    def peerLinkLost(self, link: PeerProtocol, reason: str) -> None:
+        self._links.discard(link)
+        closed = self._closed.pop(link, None)
+        if closed is not None:
+            closed.callback(None)
+        if not link.established:
+            dialer: _Dialer | None = getattr(link.factory, "dialer", None)
+            if dialer is not None:
+                dialer.linkEnded(link)
+            return
+        assert link.peerId is not None
+        peer = self._peers.get(link.peerId)
+        if peer is None or peer.link is not link:
+            return
+        peer.link = None
+        if self._stopping:
+            return
+        if link.closeCode != CloseCode.DUPLICATE_LINK:
+            # Requests sent on a link given up for a duplicate are answered
+            # on the other one; on a lost link they may never be.
+            self.log.info("link to node {node} lost: {reason}", node=peer.nodeId, reason=reason)
+            self._failPeer(peer, f"link lost: {reason}")
+        if self.swim is not None:
+            self.swim.linkLost(peer.nodeId, self.clock.seconds())
+            member = self.swim.member(peer.nodeId)
+            if member is not None and member.live:
+                self._ensureLink(peer, hurry=True)
+            self._pump()
+
+    def peerMessageReceived(self, link: PeerProtocol, kind: str, payload: bytes) -> None:
+        assert link.peerId is not None
+        if kind == SWIM_KIND:
+            self._swimReceived(link.peerId, payload)
+        else:
+            self._handleMessage(link.peerId, kind, payload)
+
+    def _handleMessage(self, nodeId: str, kind: str, payload: bytes) -> None:
+        handler = self._handlers.get(kind)
+        if handler is None:
+            self.log.debug("no handler for {kind!r} from node {node}", kind=kind, node=nodeId)
+            return
+        d = maybeDeferred(handler, nodeId, payload)
+        d.addErrback(lambda f: self.log.failure("handling {kind!r} from node {node}", f, kind=kind, node=nodeId))
+
+    def peerRequestReceived(self, link: PeerProtocol, requestId: int, kind: str, payload: bytes) -> None:
+        assert link.peerId is not None
+        peer = self._peer(link.peerId)
+        handler = self._handlers.get(kind)
+        if handler is None:
+            link.sendResponse(requestId, ResponseStatus.UNKNOWN_KIND, f"no handler for {kind!r}".encode())
+            return
+        if peer.serving >= self.config.max_inflight_requests:
+            link.sendResponse(requestId, ResponseStatus.BUSY, b"too many requests in progress")
+            return
+        peer.serving += 1
+        d = maybeDeferred(handler, peer.nodeId, payload)
+
+        def answered(answer: Any) -> None:
+            peer.serving -= 1
+            if answer is None:
+                answer = b""
+            if not isinstance(answer, bytes | bytearray | memoryview):
+                self.log.error("handler for {kind!r} answered {type}, not bytes", kind=kind, type=type(answer))
+                self._respond(peer, link, requestId, ResponseStatus.ERROR, b"internal error")
+                return
+            self._respond(peer, link, requestId, ResponseStatus.OK, bytes(answer))
+
+        def failed(failure: Failure) -> None:
+            peer.serving -= 1
+            if failure.check(PeerRequestError):
+                text = str(failure.value)
+            else:
+                self.log.failure("handling request {kind!r} from node {node}", failure, kind=kind, node=peer.nodeId)
+                text = "internal error"
+            self._respond(peer, link, requestId, ResponseStatus.ERROR, text.encode("utf-8")[:512])
+
+        d.addCallbacks(answered, failed)
+
+    def _respond(self, peer: _Peer, link: PeerProtocol, requestId: int, status: ResponseStatus, payload: bytes) -> None:
+        # The link the request came on may have given way to another.
+        for candidate in (link, peer.link):
+            if candidate is not None and candidate.sendResponse(requestId, status, payload):
+                return
+
+    def peerResponseReceived(self, link: PeerProtocol, requestId: int, status: ResponseStatus, payload: bytes) -> None:
+        assert link.peerId is not None
+        peer = self._peers.get(link.peerId)
+        pending = peer.requests.pop(requestId, None) if peer is not None else None
+        if pending is None:
+            return
+        if pending.timer.active():
+            pending.timer.cancel()
+        if status is ResponseStatus.OK:
+            pending.deferred.callback(payload)
+        elif status is ResponseStatus.BUSY:
+            pending.deferred.errback(PeerBusy(f"node {link.peerId}: {payload.decode('utf-8', 'replace')}"))
+        else:
+            pending.deferred.errback(PeerRequestFailed(link.peerId, payload.decode("utf-8", "replace")))
+
+    # SWIM.
+
+    def _swimReceived(self, nodeId: str, payload: bytes) -> None:
+        swim = self.swim
+        if swim is None:
+            return
+        try:
+            message = decodeMessage(payload)
+        except SwimDecodeError as e:
+            self.log.warn("bad membership message from node {node}: {error}", node=nodeId, error=e)
+            return
+        swim.receive(nodeId, message, self.clock.seconds())
+        self._pump()
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.swim is not None:
+            self.swim.tick(self.clock.seconds())
+            self._pump()
+
+    def _pump(self) -> None:
+        swim = self.swim
+        if swim is None:
+            return
+        for target, message in swim.messagesToSend():
+            self._sendSwim(target, encodeMessage(message))
+        changes = swim.takeChanges()
+        if changes:
+            self._membershipChanged(changes)
+        if self._stopping:
+            return
+        deadline = swim.nextTimer()
+        if self._timer is not None:
+            if deadline is not None and abs(self._timer.getTime() - deadline) < 1e-9:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.clock.callLater(max(deadline - self.clock.seconds(), 0.0), self._tick)
+
+    def _sendSwim(self, nodeId: str, data: bytes) -> None:
+        peer = self._peers.get(nodeId)
+        if peer is not None and peer.link is not None and peer.link.sendMessage(SWIM_KIND, data):
+            return
+        if self._stopping or self.swim is None:
+            return
+        member = self.swim.member(nodeId)
+        if member is None and peer is None:
+            return
+        peer = self._peer(nodeId)
+        if len(peer.queue) < MAX_QUEUED_SWIM:
+            peer.queue.append(_Queued(SWIM_KIND, data))
+            peer.queuedBytes += len(data)
+        self._ensureLink(peer)
+
+    def _membershipChanged(self, changes: list[MemberChange]) -> None:
+        assert self.swim is not None
+        live = {member.nodeId for member in self.swim.liveMembers()}
+        if set(self._ownership.nodes) != live:
+            self._ownership = Ownership(live)
+        for change in changes:
+            member = change.member
+            self.log.info(
+                "member {node} {kind} (incarnation {incarnation}, {address})",
+                node=member.nodeId,
+                kind=change.kind.value,
+                incarnation=member.incarnation,
+                address=member.address,
+            )
+            if member.nodeId != self.nodeId:
+                self._linkFollowsMember(change)
+        for change in changes:
+            for observer in list(self._observers):
+                try:
+                    observer(change)
+                except Exception:
+                    self.log.failure("membership observer {observer} failed", observer=observer)
+        if self.swim.joined:
+            self._stopSeedDialers()
+        elif not self._stopping and not self.swim.left:
+            self._dialSeeds()
+        self._scheduleSave()
+
+    def _linkFollowsMember(self, change: MemberChange) -> None:
+        member = change.member
+        if change.kind in (ChangeKind.JOINED, ChangeKind.RECOVERED, ChangeKind.UPDATED):
+            peer = self._peer(member.nodeId)
+            if peer.dialer is not None and peer.dialer.address != member.address:
+                peer.dialer.stop()
+                peer.dialer = None
+            self._ensureLink(peer)
+        elif change.kind in (ChangeKind.DIED, ChangeKind.LEFT, ChangeKind.FORGOTTEN):
+            gone = self._peers.get(member.nodeId)
+            if gone is None:
+                return
+            if gone.dialer is not None:
+                gone.dialer.stop()
+                gone.dialer = None
+            self._failPeer(gone, f"it {change.kind.value}")
+            if gone.link is not None:
+                link, gone.link = gone.link, None
+                link.close(CloseCode.NORMAL, f"declared {member.state.value}")
+            if change.kind is ChangeKind.FORGOTTEN:
+                del self._peers[member.nodeId]
+
+    # The members file.
+
+    def _membersPath(self) -> str:
+        return os.path.join(self.dataDir, MEMBERS_FILE)
+
+    def _loadMembers(self) -> None:
+        path = self._membersPath()
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            if saved.get("nodeId") == self.nodeId:
+                self._incarnation = max(self._incarnation, int(saved.get("incarnation", 0)) + 1)
+            self._remembered = [
+                str(entry["address"])
+                for entry in saved.get("members", [])
+                if entry.get("nodeId") != self.nodeId and entry.get("state") != "left" and entry.get("address")
+            ]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            self.log.warn("ignoring {path}: {error}", path=path, error=e)
+
+    def _scheduleSave(self) -> None:
+        if self._saveTimer is None and not self._stopping:
+            self._saveTimer = self.clock.callLater(1.0, self._save)
+
+    def _save(self) -> None:
+        self._saveTimer = None
+        swim = self.swim
+        if swim is None:
+            return
+        saved = {
+            "version": 1,
+            "nodeId": self.nodeId,
+            "incarnation": swim.incarnation,
+            "savedAt": self.clock.seconds(),
+            "members": [
+                {
+                    "nodeId": member.nodeId,
+                    "state": member.state.value,
+                    "incarnation": member.incarnation,
+                    "address": member.address,
+                    "clientAddresses": list(member.clientAddresses),
+                    "meta": dict(member.meta),
+                }
+                for member in swim.members()
+            ],
+        }
+        path = self._membersPath()
+        try:
+            os.makedirs(self.dataDir, exist_ok=True)
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(saved, f, indent=1)
+            os.replace(tmp, path)
+        except OSError as e:
+            self.log.warn("cannot save the members to {path}: {error}", path=path, error=e)
+
+
+def readMembers(dataDir: str) -> dict[str, Any]:
+    """
+    The members file a node keeps in C{dataDir}, as written (for
+    C{python -m timtx.cluster members}).
+
+    @raise OSError: if it cannot be read.
+    @raise ValueError: if it is not JSON.
+    """
+    with open(os.path.join(dataDir, MEMBERS_FILE), encoding="utf-8") as f:
+        data: dict[str, Any] = json.load(f)
+    return data
