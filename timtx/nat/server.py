@@ -27,7 +27,6 @@ from timtx.limits import KeyedBuckets
 from timtx.nat import stun
 from timtx.nat.stun import Address, MessageClass, StunError
 
-
 #: Receive buffer per datagram: larger than any STUN message accepted.
 MAX_DATAGRAM = 2048
 
