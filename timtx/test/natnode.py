@@ -30,7 +30,7 @@ from twisted.protocols.basic import LineReceiver
 from timtx.nat import stun
 from timtx.nat.client import NatSocket
 from timtx.nat.discovery import discover
-from timtx.nat.punch import PunchFailed, Puncher, PunchInitiator, PunchResponder
+from timtx.nat.punch import Puncher, PunchFailed, PunchInitiator, PunchResponder
 from timtx.nat.quic import NodeCertificate, QuicChannel
 from timtx.nat.server import listenStun
 from timtx.nat.stun import Address
@@ -71,7 +71,7 @@ class RelayLink(LineReceiver):
     MAX_LENGTH = 65536
 
     def lineReceived(self, line: bytes) -> None:
-        rooms = self.factory.rooms  # type: ignore[attr-defined]
+        rooms = self.factory.rooms
         if not hasattr(self, "room"):
             # A room: its two members and the lines the first sent alone.
             self.room = rooms.setdefault(line.decode(), {"members": [], "held": []})
@@ -214,9 +214,13 @@ class PeerLink(LineReceiver):
 
     def __init__(self, lines: Lines):
         self.lines = lines
+        self.closed: defer.Deferred[None] = defer.Deferred()
 
     def lineReceived(self, line: bytes) -> None:
         self.lines.got(line)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
 
 
 @defer.inlineCallbacks
@@ -258,6 +262,7 @@ def peer(reactor: Any, args: argparse.Namespace) -> Any:
             link.sendLine(f"CONNECT {index} {session.start(reactor.seconds()).hex()}".encode())
             (reply,) = yield lines.wait("CONNECT", index)
             step = session.receive(bytes.fromhex(reply), reactor.seconds())
+            assert step.plan is not None and step.send is not None
             link.sendLine(f"SYNC {index} {step.send.hex()}".encode())
             puncher = Puncher(sock, step.plan, reactor, ttl=args.ttl, timeout=args.timeout, linger=args.timeout)
             puncher.preopen()
@@ -266,11 +271,13 @@ def peer(reactor: Any, args: argparse.Namespace) -> Any:
             responder = PunchResponder(secret, [mapped], certificate.der)
             (connect,) = yield lines.wait("CONNECT", index)
             step = responder.receive(bytes.fromhex(connect), reactor.seconds())
+            assert step.plan is not None and step.send is not None
             puncher = Puncher(sock, step.plan, reactor, ttl=args.ttl, timeout=args.timeout, linger=args.timeout)
             puncher.preopen()
             link.sendLine(f"CONNECT {index} {step.send.hex()}".encode())
             (sync,) = yield lines.wait("SYNC", index)
             step = responder.receive(bytes.fromhex(sync), reactor.seconds())
+            assert step.plan is not None
             started = reactor.seconds()
             d = puncher.start(step.plan.at)
         try:
@@ -288,7 +295,10 @@ def peer(reactor: Any, args: argparse.Namespace) -> Any:
             yield udp.stopListening()
     if args.quic and kept is not None:
         yield quicPhase(reactor, args, certificate, *kept)
+    emit(event="end")
+    # Wait for the close, so that the last lines written reach the relay.
     link.transport.loseConnection()
+    yield link.closed
 
 
 @defer.inlineCallbacks

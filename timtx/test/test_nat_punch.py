@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.nat import punch
@@ -27,6 +29,8 @@ from timtx.nat.punch import (
     Sync,
 )
 from timtx.nat.stun import Address
+
+reactor: Any = _reactor
 
 SECRET = b"cluster secret"
 A = Address("198.51.100.1", 4000)
@@ -68,9 +72,9 @@ class CoordinationTests(SynchronousTestCase):
         self.assertEqual(mine.sessionKey, theirs.sessionKey)
         self.assertEqual(early.sessionKey, theirs.sessionKey)
         self.assertIsNone(early.at)
-        self.assertAlmostEqual(mine.rtt, 0.2)  # type: ignore[arg-type]
-        self.assertAlmostEqual(mine.at, 10.3)  # type: ignore[arg-type]
-        self.assertAlmostEqual(theirs.at, 10.3)  # type: ignore[arg-type]
+        self.assertAlmostEqual(mine.rtt, 0.2)
+        self.assertAlmostEqual(mine.at, 10.3)
+        self.assertAlmostEqual(theirs.at, 10.3)
         self.assertTrue(mine.initiator)
         self.assertFalse(theirs.initiator)
 
@@ -145,7 +149,7 @@ class LoopbackPunchTests(TestCase):
         return step.plan, late.plan  # type: ignore[return-value]
 
     @defer.inlineCallbacks
-    def test_punch(self):  # type: ignore[no-untyped-def]
+    def test_punch(self):
         """
         Both sides confirm a path to the other's address, pre-open packets
         (TTL 2 on loopback still arrive) included.
@@ -162,13 +166,13 @@ class LoopbackPunchTests(TestCase):
         self.assertEqual(a.punchHandlers, {})
 
     @defer.inlineCallbacks
-    def test_ttlRestored(self):  # type: ignore[no-untyped-def]
+    def test_ttlRestored(self):
         """
         The pre-open sets the socket's TTL and restores it.
         """
         a, b = self.socket("127.0.0.1"), self.socket("127.0.0.2")
         planA, _ = self.plans(a, b)
-        handle = a.transport.getHandle()  # type: ignore[union-attr]
+        handle = a.transport.getHandle()
         before = handle.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
         with a.hopLimit(2):
             self.assertEqual(handle.getsockopt(socket.IPPROTO_IP, socket.IP_TTL), 2)
@@ -180,7 +184,7 @@ class LoopbackPunchTests(TestCase):
         yield None
 
     @defer.inlineCallbacks
-    def test_silentPeer(self):  # type: ignore[no-untyped-def]
+    def test_silentPeer(self):
         """
         A peer that never answers fails the punch with L{PunchFailed} and
         the session is forgotten.
@@ -191,7 +195,7 @@ class LoopbackPunchTests(TestCase):
         self.assertEqual(a.punchHandlers, {})
 
     @defer.inlineCallbacks
-    def test_spoofed(self):  # type: ignore[no-untyped-def]
+    def test_spoofed(self):
         """
         Punch packets with a bad HMAC, from an address the peer did not
         announce, or acknowledging a nonce never sent are counted and have

@@ -7,11 +7,14 @@ path, between real sockets on loopback.
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import ITransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -19,6 +22,8 @@ from timtx.nat import punch
 from timtx.nat.client import NatSocket
 from timtx.nat.punch import PunchedPath, PunchInitiator, PunchResponder
 from timtx.nat.quic import NodeCertificate, NotAuthenticated, PathLost, QuicChannel
+
+reactor: Any = _reactor
 
 
 class Recorder(Protocol):
@@ -39,9 +44,10 @@ class Recorder(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received += data
         if self.echo:
+            assert self.transport is not None
             self.transport.write(data)
 
-    def connectionLost(self, reason) -> None:  # type: ignore[no-untyped-def]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.reasons.append(reason)
         self.lost.callback(None)
 
@@ -68,14 +74,17 @@ class ChannelTests(TestCase):
         self.addCleanup(lambda: defer.gatherResults([p.stopListening() for p in self.ports if p.connected]))
 
     @defer.inlineCallbacks
-    def punched(self, certificate: NodeCertificate):  # type: ignore[no-untyped-def]
+    def punched(self, certificate: NodeCertificate):
         a, b = self.socket("127.0.0.1"), self.socket("127.0.0.2")
         initiator = PunchInitiator(b"secret", [a.address])
         responder = PunchResponder(b"secret", [b.address], certificate=certificate.der)
         now = reactor.seconds()
         early = responder.receive(initiator.start(now), now)
+        assert early.send is not None
         step = initiator.receive(early.send, now)
+        assert step.send is not None and step.plan is not None
         late = responder.receive(step.send, now)
+        assert late.plan is not None
         paths = yield defer.gatherResults(
             [punch.punch(a, step.plan, reactor, linger=0.5), punch.punch(b, late.plan, reactor, linger=0.5)]
         )
@@ -84,7 +93,7 @@ class ChannelTests(TestCase):
         return paths
 
     @defer.inlineCallbacks
-    def channels(self, client: Protocol, server: Protocol, **kw):  # type: ignore[no-untyped-def]
+    def channels(self, client: Protocol, server: Protocol, **kw):
         certificate = NodeCertificate.generate()
         pathA, pathB = yield self.punched(certificate)
         chA = QuicChannel.connect(pathA, factoryOf(client), reactor, NodeCertificate.generate(), **kw)
@@ -94,7 +103,7 @@ class ChannelTests(TestCase):
         return chA, chB
 
     @defer.inlineCallbacks
-    def test_bothWaysInOrder(self):  # type: ignore[no-untyped-def]
+    def test_bothWaysInOrder(self):
         """
         A protocol's writes reach the peer's protocol in order, and the
         echo comes back in order; the transport is an C{ITransport}.
@@ -118,7 +127,7 @@ class ChannelTests(TestCase):
         self.assertEqual(server.transport.getPeer().host, "127.0.0.1")
 
     @defer.inlineCallbacks
-    def test_loseConnection(self):  # type: ignore[no-untyped-def]
+    def test_loseConnection(self):
         """
         C{loseConnection} on one side ends both protocols cleanly.
         """
@@ -134,7 +143,7 @@ class ChannelTests(TestCase):
         client.reasons[0].trap(ConnectionDone)
 
     @defer.inlineCallbacks
-    def test_pathLost(self):  # type: ignore[no-untyped-def]
+    def test_pathLost(self):
         """
         When the peer stops answering (its socket closes), the protocol gets
         L{PathLost} within the consent timeout.
@@ -153,7 +162,7 @@ class ChannelTests(TestCase):
         self.assertGreater(chA.stats.pings, 0)
 
     @defer.inlineCallbacks
-    def test_wrongClientProof(self):  # type: ignore[no-untyped-def]
+    def test_wrongClientProof(self):
         """
         A client that cannot prove it holds the session key is refused: the
         server's protocol is never connected.
@@ -166,7 +175,7 @@ class ChannelTests(TestCase):
         client.reasons[0].trap(NotAuthenticated)
 
     @defer.inlineCallbacks
-    def test_wrongServerCertificate(self):  # type: ignore[no-untyped-def]
+    def test_wrongServerCertificate(self):
         """
         A server whose certificate is not the one the coordination named is
         refused by the client's TLS.

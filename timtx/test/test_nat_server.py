@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
+from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.nat import stun
@@ -18,6 +20,8 @@ from timtx.nat.client import NatSocket, StunClient, StunTimeout, StunTransaction
 from timtx.nat.discovery import Filtering, Mapping, NatReport, discover
 from timtx.nat.server import listenStun
 from timtx.nat.stun import Address, MessageClass
+
+reactor: Any = _reactor
 
 KEY = stun.clusterKey(b"cluster secret")
 SERVER = Address("192.0.2.1", 3478)
@@ -120,7 +124,7 @@ class Loopback:
         case.addCleanup(port.stopListening)
         return sock
 
-    def server(self, case: TestCase, host: str = "127.0.0.1", **kw: object):  # type: ignore[no-untyped-def]
+    def server(self, case: TestCase, host: str = "127.0.0.1", **kw: object):
         service = listenStun(reactor, reactor, kw.pop("key", KEY), interface=host, **kw)  # type: ignore[arg-type]
         case.addCleanup(service.stopListening)
         return service
@@ -132,7 +136,7 @@ class ServerTests(TestCase, Loopback):
     """
 
     @defer.inlineCallbacks
-    def test_binding(self):  # type: ignore[no-untyped-def]
+    def test_binding(self):
         """
         A member's request gets its own address back, with integrity,
         OTHER-ADDRESS and RESPONSE-ORIGIN.
@@ -147,7 +151,7 @@ class ServerTests(TestCase, Loopback):
         self.assertEqual(service.responder.stats.answered, 1)
 
     @defer.inlineCallbacks
-    def test_changePort(self):  # type: ignore[no-untyped-def]
+    def test_changePort(self):
         """
         CHANGE-REQUEST(port) is answered from the alternate port; without an
         alternate port it is refused with 420.
@@ -161,7 +165,7 @@ class ServerTests(TestCase, Loopback):
         self.assertEqual(failure.code, 420)
 
     @defer.inlineCallbacks
-    def test_nonMember(self):  # type: ignore[no-untyped-def]
+    def test_nonMember(self):
         """
         A request keyed with another secret gets 401, nothing else: no
         mapped address and no dial-back, and it is counted.
@@ -178,7 +182,7 @@ class ServerTests(TestCase, Loopback):
         self.assertEqual(target.stats.received, 0)
 
     @defer.inlineCallbacks
-    def test_malformedAndUnknown(self):  # type: ignore[no-untyped-def]
+    def test_malformedAndUnknown(self):
         """
         Garbage and truncated messages are dropped and counted; a request
         with an unknown comprehension-required attribute gets 420.
@@ -200,11 +204,11 @@ class ServerTests(TestCase, Loopback):
         self.assertEqual((stats.malformed, stats.ignored, stats.refused, stats.answered), (2, 1, 1, 1))
         raw.settimeout(2)
         response = stun.decode(raw.recv(2048))
-        self.assertEqual(response.errorCode.code, 420)  # type: ignore[union-attr]
+        self.assertEqual(response.errorCode.code, 420)
         self.assertEqual(response.get(stun.Attr.UNKNOWN_ATTRIBUTES), b"\x77\x77")
 
     @defer.inlineCallbacks
-    def test_rateLimited(self):  # type: ignore[no-untyped-def]
+    def test_rateLimited(self):
         """
         Past its burst, a source's requests are dropped and counted.
         """
@@ -217,7 +221,7 @@ class ServerTests(TestCase, Loopback):
         self.assertEqual(service.responder.stats.answered, 2)
 
     @defer.inlineCallbacks
-    def test_strayDatagrams(self):  # type: ignore[no-untyped-def]
+    def test_strayDatagrams(self):
         """
         A L{NatSocket} drops and counts what is not for it: unsolicited
         STUN responses, punch packets of no session, QUIC from unknown
@@ -246,7 +250,7 @@ class DiscoveryTests(TestCase, Loopback):
     """
 
     @defer.inlineCallbacks
-    def test_noNat(self):  # type: ignore[no-untyped-def]
+    def test_noNat(self):
         """
         With two servers on other loopback addresses the socket is found
         not NAT'd, endpoint-independent and reachable.
@@ -265,7 +269,7 @@ class DiscoveryTests(TestCase, Loopback):
         self.assertEqual(second.responder.stats.dialBacks, 1)
 
     @defer.inlineCallbacks
-    def test_oneServer(self):  # type: ignore[no-untyped-def]
+    def test_oneServer(self):
         """
         One server tells the mapped address and filtering; mapping stays
         unknown, so the node is not offered for punching.
@@ -279,7 +283,7 @@ class DiscoveryTests(TestCase, Loopback):
         self.assertFalse(report.punchable)
 
     @defer.inlineCallbacks
-    def test_noServer(self):  # type: ignore[no-untyped-def]
+    def test_noServer(self):
         """
         Servers that do not answer give a report that knows nothing, not an
         error.
@@ -291,7 +295,7 @@ class DiscoveryTests(TestCase, Loopback):
         self.assertEqual((report.mapping, report.reachable), (Mapping.UNKNOWN, False))
 
     @defer.inlineCallbacks
-    def test_wrongSecret(self):  # type: ignore[no-untyped-def]
+    def test_wrongSecret(self):
         """
         Against servers of another cluster, discovery learns nothing.
         """

@@ -331,10 +331,12 @@ class MalformedTests(SynchronousTestCase):
             if rng.random() < 0.3:
                 data = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
             else:
-                data = bytearray(rng.choice(seeds))
+                mutated = bytearray(rng.choice(seeds))
                 for _ in range(rng.randrange(1, 4)):
-                    data[rng.randrange(len(data))] = rng.randrange(256)
-                data = bytes(data[: rng.randrange(len(data) + 1)]) if rng.random() < 0.3 else bytes(data)
+                    mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+                if rng.random() < 0.3:
+                    mutated = mutated[: rng.randrange(len(mutated) + 1)]
+                data = bytes(mutated)
             _decodeOrStunError(self, data)
 
 
@@ -365,7 +367,9 @@ try:
     from hypothesis import given, settings
     from hypothesis import strategies as st
 except ImportError:  # pragma: no cover: hypothesis is in the "test" extra
-    given = None
+    hypothesis = False
+else:
+    hypothesis = True
 
 
 class PropertyTests(SynchronousTestCase):
@@ -373,7 +377,7 @@ class PropertyTests(SynchronousTestCase):
     Hypothesis: any bytes either parse or raise L{StunError}.
     """
 
-    if given is None:
+    if not hypothesis:
         skip = "hypothesis is not installed (pip install timtx[test])"
     else:
 
