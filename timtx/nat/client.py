@@ -259,6 +259,7 @@ class NatSocket(DatagramProtocol):
         self.stats = NatSocketStats()
         self.punchHandlers: dict[bytes, Callable[[bytes, Address], None]] = {}
         self.quicHandlers: dict[Address, Callable[[bytes, Address], None]] = {}
+        self._sources: dict[Any, Address] = {}
 
     @property
     def address(self) -> Address:
@@ -277,7 +278,13 @@ class NatSocket(DatagramProtocol):
         if not data:
             self.stats.dropped += 1
             return
-        source = Address.of(addr[0], addr[1])
+        source = self._sources.get(addr)
+        if source is None:
+            # Parsing the address is a measurable part of a datagram's cost;
+            # remember the few peers a node talks to.
+            if len(self._sources) >= 1024:
+                self._sources.clear()
+            source = self._sources[addr] = Address.of(addr[0], addr[1])
         first = data[0]
         if first < 4:
             try:

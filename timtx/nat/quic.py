@@ -255,6 +255,7 @@ class QuicChannel:
         self._pingCall: IDelayedCall | None = None
         self._consentCall: IDelayedCall | None = None
         self._closeCall: IDelayedCall | None = None
+        self._flushCall: IDelayedCall | None = None
         self._lastReceived = clock.seconds()
         self._pingId = 0
         self._closeReason: Failure | None = None
@@ -316,9 +317,10 @@ class QuicChannel:
         if conn is None:
             return
         now = self.clock.seconds()
-        for data, addr in conn.datagrams_to_send(now=now):
+        for data, _ in conn.datagrams_to_send(now=now):
+            # Always the peer: the channel does not migrate.
             self.stats.datagramsOut += 1
-            self.path.socket.send(data, Address.of(addr[0], addr[1]))
+            self.path.socket.send(data, self.peer)
         when = conn.get_timer()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -406,11 +408,18 @@ class QuicChannel:
             return
         conn.send_stream_data(self._streamId, data, end_stream=end)
         self._unsent += len(data)
-        self._transmit()
+        # Coalesce: packets are built once per reactor iteration, so many
+        # small writes share full-size datagrams, as TCP's buffer does.
+        if self._flushCall is None:
+            self._flushCall = self.clock.callLater(0, self._flush)
         producer = self.transport.producer
         if producer is not None and self._streaming() and self._unsent > self.highWater:
             if not conn.sendDrained(self._streamId):
                 producer.pauseProducing()
+
+    def _flush(self) -> None:
+        self._flushCall = None
+        self._transmit()
 
     def _finish(self) -> None:
         """
@@ -487,7 +496,7 @@ class QuicChannel:
         if self._conn is not None and not isinstance(failure.value, PathLost):
             self._conn.close(error_code=0, reason_phrase="done")
             self._transmit()
-        for call in (self._timer, self._pingCall, self._consentCall, self._closeCall):
+        for call in (self._timer, self._pingCall, self._consentCall, self._closeCall, self._flushCall):
             if call is not None and call.active():
                 call.cancel()
         if self.path.socket.quicHandlers.get(self.peer) == self.datagramReceived:

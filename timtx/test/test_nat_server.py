@@ -303,3 +303,21 @@ class DiscoveryTests(TestCase, Loopback):
         sock = self.listen(self)
         report = yield discover(reactor, sock, [first.address])
         self.assertIsNone(report.mapped)
+
+
+class NatConfigTests(SynchronousTestCase):
+    """
+    The C{[nat]} section's bounds.
+    """
+
+    def test_keepaliveBounds(self) -> None:
+        """
+        Keepalives must stay under NAT UDP timeouts (25 s at most) and below
+        the consent timeout.
+        """
+        from timtx.config import ConfigError, from_sections
+
+        self.assertEqual(from_sections({"nat": {"keepalive": "25"}}).nat.keepalive, 25.0)
+        self.assertRaises(ConfigError, from_sections, {"nat": {"keepalive": "26"}})
+        self.assertRaises(ConfigError, from_sections, {"nat": {"keepalive": "20", "consent_timeout": "20"}})
+        self.assertRaises(ConfigError, from_sections, {"nat": {"punch_ttl": "65"}})
