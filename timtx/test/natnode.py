@@ -70,6 +70,10 @@ class RelayLink(LineReceiver):
     delimiter = b"\n"
     MAX_LENGTH = 65536
 
+    def connectionMade(self) -> None:
+        # As a mesh link would: no Nagle delay on small control messages.
+        self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+
     def lineReceived(self, line: bytes) -> None:
         rooms = self.factory.rooms
         if not hasattr(self, "room"):
@@ -215,6 +219,9 @@ class PeerLink(LineReceiver):
     def __init__(self, lines: Lines):
         self.lines = lines
         self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
 
     def lineReceived(self, line: bytes) -> None:
         self.lines.got(line)
