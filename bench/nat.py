@@ -31,6 +31,7 @@ from typing import Any
 from bench.conditions import collect, oneLine
 from bench.nodeproc import ROOT
 from timtx.test import netns
+from timtx.test.natnode import peerArguments
 
 SECRET = b"bench nat secret".hex()
 RELAY_PORT = 7777
@@ -82,21 +83,10 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def peers(topology: netns.Topology, room: str, *extra: str) -> tuple[Child, Child]:
-    common = [
-        "--secret",
-        SECRET,
-        "--relay",
-        f"{netns.PUBLIC[0]}:{RELAY_PORT}",
-        "--room",
-        room,
-        "--servers",
-        f"{netns.PUBLIC[0]}:3478,{netns.PUBLIC[1]}:3478",
-        *extra,
-    ]
-    return (
-        Child(topology, topology.host(1), "peer", "--role", "initiator", *common),
-        Child(topology, topology.host(2), "peer", "--role", "responder", *common),
+    initiator, responder = peerArguments(
+        SECRET, f"{netns.PUBLIC[0]}:{RELAY_PORT}", f"{netns.PUBLIC[0]}:3478,{netns.PUBLIC[1]}:3478", room, *extra
     )
+    return Child(topology, topology.host(1), *initiator), Child(topology, topology.host(2), *responder)
 
 
 def punches(topology: netns.Topology, room: str, tries: int, ttl: int) -> dict[str, Any]:

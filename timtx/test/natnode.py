@@ -39,6 +39,15 @@ FRAME = 200
 STUN_PORT = 3478
 
 
+def peerArguments(secret: str, relay: str, servers: str, room: str, *extra: str) -> tuple[list[str], list[str]]:
+    """
+    The C{peer} arguments of an initiator and a responder that meet in
+    C{room} on the relay at C{relay}.
+    """
+    common = ["--secret", secret, "--relay", relay, "--room", room, "--servers", servers, *extra]
+    return ["peer", "--role", "initiator", *common], ["peer", "--role", "responder", *common]
+
+
 def emit(**fields: Any) -> None:
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()

@@ -21,6 +21,7 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.trial.unittest import TestCase
 
 from timtx.test import netns
+from timtx.test.natnode import peerArguments
 
 SECRET = b"netns test secret".hex()
 RELAY_PORT = 7777
@@ -123,20 +124,14 @@ class NamespaceTestsMixin:
         yield relay.next(kind("ready"))
 
     def peers(self, topology: netns.Topology, *extra: str, room: str = "r") -> tuple[JsonLines, JsonLines]:
-        common = [
-            "--secret",
+        initiator, responder = peerArguments(
             SECRET,
-            "--relay",
             f"{netns.PUBLIC[0]}:{RELAY_PORT}",
-            "--room",
-            room,
-            "--servers",
             f"{netns.PUBLIC[0]}:3478,{netns.PUBLIC[1]}:3478",
+            room,
             *extra,
-        ]
-        a = self.spawn(topology, topology.host(1), "peer", "--role", "initiator", *common)
-        b = self.spawn(topology, topology.host(2), "peer", "--role", "responder", *common)
-        return a, b
+        )
+        return self.spawn(topology, topology.host(1), *initiator), self.spawn(topology, topology.host(2), *responder)
 
 
 class NatTraversalTests(NamespaceTestsMixin, TestCase):
