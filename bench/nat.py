@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         topology.up()
         pub = topology.public
-        servers = Child(topology, pub, "stun-server", "--secret", SECRET, "--address", netns.PUBLIC[0], "--address", netns.PUBLIC[1])
+        servers = Child(
+            topology, pub, "stun-server", "--secret", SECRET, "--address", netns.PUBLIC[0], "--address", netns.PUBLIC[1]
+        )
         relay = Child(topology, pub, "relay", "--address", netns.PUBLIC[0], "--port", str(RELAY_PORT))
         children += [servers, relay]
         servers.until("ready")
@@ -131,7 +133,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         children.append(echo)
         echo.until("ready")
         sender = Child(
-            topology, topology.host(1), "tcp-send", "--target", f"{topology.nat(2).address}:{TCP_PORT}", "--frames", str(args.frames)
+            topology,
+            topology.host(1),
+            "tcp-send",
+            "--target",
+            f"{topology.nat(2).address}:{TCP_PORT}",
+            "--frames",
+            str(args.frames),
         )
         children.append(sender)
         tcp = sender.until("tcp", timeout=300)

@@ -487,7 +487,7 @@ def _seconds_within(low: float, high: float) -> Kind:
 
     def parse(text: str) -> float:
         try:
-            value = base.parse(text)
+            value = float(base.parse(text))
         except ValueError:
             raise ValueError(expected) from None
         if value > high:

@@ -7,7 +7,8 @@ NAT traversal for nodes behind NAT (docs/nat.md).
    socket shared by discovery, punching and the QUIC channel.
  - L{timtx.nat.discovery}: mapped address, mapping and filtering behaviour,
    reachability.
- - L{timtx.nat.punch}: DCUtR-style coordination (sans-IO) and hole punching.
+ - L{timtx.nat.coordination}: DCUtR-style coordination messages, sans-IO.
+ - L{timtx.nat.punch}: hole punching on a socket.
  - L{timtx.nat.quic}: a Protocol over a QUIC stream on the punched path.
 
 The relay and the wiring into membership belong to the mesh.

@@ -30,7 +30,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Any
 
-from aioquic.buffer import Buffer
+from aioquic._buffer import Buffer  # aioquic.buffer re-exports it without __all__
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -453,9 +453,7 @@ class QuicChannel:
             return
         silent = self.clock.seconds() - self._lastReceived
         if silent >= self.consentTimeout:
-            self.log.info(
-                "direct path to {peer} silent for {silent:.1f}s: closing", peer=str(self.peer), silent=silent
-            )
+            self.log.info("direct path to {peer} silent for {silent:.1f}s: closing", peer=str(self.peer), silent=silent)
             failure = Failure(PathLost(f"no packet from {self.peer} for {silent:.1f}s"))
             self.close(ERROR_PATH_LOST, "consent expired", failure)
         else:
@@ -506,7 +504,7 @@ class QuicChannel:
             self.protocol.connectionLost(failure)
         elif not self.ready.called:
             self.ready.errback(failure)
-        self.lost.callback(failure.value)
+        self.lost.callback(failure.value if failure.value is not None else ConnectionLost())
 
     # Building.
 

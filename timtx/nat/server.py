@@ -23,9 +23,9 @@ from twisted.internet.interfaces import IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from timtx.limits import KeyedBuckets
 from timtx.nat import stun
 from timtx.nat.stun import Address, MessageClass, StunError
+from timtx.util.ratelimit import KeyedBuckets
 
 #: Receive buffer per datagram: larger than any STUN message accepted.
 MAX_DATAGRAM = 2048
@@ -104,7 +104,9 @@ class StunResponder:
         unknown = request.unknownRequired()
         if unknown:
             self.stats.refused += 1
-            via.send(stun.bindingError(txid, 420, "Unknown Attribute", unknown=unknown, key=key, integrity=integrity), source)
+            via.send(
+                stun.bindingError(txid, 420, "Unknown Attribute", unknown=unknown, key=key, integrity=integrity), source
+            )
             return
         change = request.changeRequest or (False, False)
         other = self._other(via)

@@ -296,13 +296,7 @@ def _crc(raw: bytes, offset: int) -> int:
 
 def _encodeType(method: int, messageClass: MessageClass) -> int:
     c = int(messageClass)
-    return (
-        (method & 0x000F)
-        | ((method & 0x0070) << 1)
-        | ((method & 0x0F80) << 2)
-        | ((c & 1) << 4)
-        | ((c & 2) << 7)
-    )
+    return (method & 0x000F) | ((method & 0x0070) << 1) | ((method & 0x0F80) << 2) | ((c & 1) << 4) | ((c & 2) << 7)
 
 
 def _decodeType(value: int) -> tuple[int, MessageClass]:

@@ -29,8 +29,9 @@ from twisted.protocols.basic import LineReceiver
 
 from timtx.nat import stun
 from timtx.nat.client import NatSocket
+from timtx.nat.coordination import PunchInitiator, PunchResponder
 from timtx.nat.discovery import discover
-from timtx.nat.punch import Puncher, PunchFailed, PunchInitiator, PunchResponder
+from timtx.nat.punch import Puncher, PunchFailed
 from timtx.nat.quic import NodeCertificate, QuicChannel
 from timtx.nat.server import listenStun
 from timtx.nat.stun import Address
@@ -318,7 +319,9 @@ def peer(reactor: Any, args: argparse.Namespace) -> Any:
 
 
 @defer.inlineCallbacks
-def quicPhase(reactor: Any, args: argparse.Namespace, certificate: NodeCertificate, sock: Any, udp: Any, path: Any) -> Any:
+def quicPhase(
+    reactor: Any, args: argparse.Namespace, certificate: NodeCertificate, sock: Any, udp: Any, path: Any
+) -> Any:
     initiator = args.role == "initiator"
     proto = FrameSender(args.frames) if initiator else FrameEcho()
     channel = QuicChannel.connect(

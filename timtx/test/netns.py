@@ -160,8 +160,26 @@ class Topology:
         """
         ns = self.nat(natIndex).namespace
         host = self.host(natIndex).address
-        _run(["ip", "netns", "exec", ns, "nft", "add chain ip nat prerouting { type nat hook prerouting priority dstnat; }"])
-        _run(["ip", "netns", "exec", ns, "nft", f'add rule ip nat prerouting iifname "wan" tcp dport {port} dnat to {host}'])
+        _run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "add chain ip nat prerouting { type nat hook prerouting priority dstnat; }",
+            ]
+        )
+        _run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                f'add rule ip nat prerouting iifname "wan" tcp dport {port} dnat to {host}',
+            ]
+        )
 
     def command(self, host: Host, module: str, *args: str) -> list[str]:
         """

@@ -16,18 +16,17 @@ from twisted.internet import defer, task
 from twisted.internet import reactor as _reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from timtx.nat import punch
+from timtx.nat import coordination, punch
 from timtx.nat.client import NatSocket
-from timtx.nat.punch import (
+from timtx.nat.coordination import (
     Connect,
-    Puncher,
     PunchError,
-    PunchFailed,
     PunchInitiator,
     PunchPlan,
     PunchResponder,
     Sync,
 )
+from timtx.nat.punch import Puncher, PunchFailed
 from timtx.nat.stun import Address
 
 reactor: Any = _reactor
@@ -82,25 +81,25 @@ class CoordinationTests(SynchronousTestCase):
         """
         Messages round-trip, IPv6 addresses included.
         """
-        key = punch.coordinationKey(SECRET)
+        key = coordination.coordinationKey(SECRET)
         message = Connect(os.urandom(16), os.urandom(16), (A, Address("2001:db8::5", 9)), b"x" * 500)
-        self.assertEqual(punch.decodeMessage(punch.encodeMessage(message, key), key), message)
+        self.assertEqual(coordination.decodeMessage(coordination.encodeMessage(message, key), key), message)
         sync = Sync(os.urandom(16))
-        self.assertEqual(punch.decodeMessage(punch.encodeMessage(sync, key), key), sync)
+        self.assertEqual(coordination.decodeMessage(coordination.encodeMessage(sync, key), key), sync)
 
     def test_refused(self) -> None:
         """
         A message keyed with another secret, tampered with, truncated, of
         another version, or out of turn raises L{PunchError}.
         """
-        key = punch.coordinationKey(SECRET)
-        data = punch.encodeMessage(Connect(os.urandom(16), os.urandom(16), (A,)), key)
-        self.assertRaises(PunchError, punch.decodeMessage, data, punch.coordinationKey(b"other"))
-        self.assertRaises(PunchError, punch.decodeMessage, data[:-1] + bytes([data[-1] ^ 1]), key)
-        self.assertRaises(PunchError, punch.decodeMessage, data[:30], key)
-        self.assertRaises(PunchError, punch.decodeMessage, b"x" * 10000, key)
+        key = coordination.coordinationKey(SECRET)
+        data = coordination.encodeMessage(Connect(os.urandom(16), os.urandom(16), (A,)), key)
+        self.assertRaises(PunchError, coordination.decodeMessage, data, coordination.coordinationKey(b"other"))
+        self.assertRaises(PunchError, coordination.decodeMessage, data[:-1] + bytes([data[-1] ^ 1]), key)
+        self.assertRaises(PunchError, coordination.decodeMessage, data[:30], key)
+        self.assertRaises(PunchError, coordination.decodeMessage, b"x" * 10000, key)
         responder = PunchResponder(SECRET, [B])
-        self.assertRaises(PunchError, responder.receive, punch.encodeMessage(Sync(os.urandom(16)), key), 0)
+        self.assertRaises(PunchError, responder.receive, coordination.encodeMessage(Sync(os.urandom(16)), key), 0)
         initiator = PunchInitiator(SECRET, [A])
         self.assertRaises(PunchError, initiator.receive, data, 0)
 
@@ -113,9 +112,9 @@ class CoordinationTests(SynchronousTestCase):
         import hmac
         import random
 
-        key = punch.coordinationKey(SECRET)
+        key = coordination.coordinationKey(SECRET)
         rng = random.Random(14)
-        good = punch.encodeMessage(Connect(bytes(16), bytes(16), (A, B), b"c"), key)
+        good = coordination.encodeMessage(Connect(bytes(16), bytes(16), (A, B), b"c"), key)
         for _ in range(2000):
             body = bytearray(good[:-32])
             for _ in range(rng.randrange(1, 4)):
@@ -123,7 +122,7 @@ class CoordinationTests(SynchronousTestCase):
             body = body[: rng.randrange(6, len(body) + 1)]
             data = bytes(body) + hmac.new(key, bytes(body), hashlib.sha256).digest()
             try:
-                punch.decodeMessage(data, key)
+                coordination.decodeMessage(data, key)
             except PunchError:
                 pass
 
@@ -210,11 +209,11 @@ class LoopbackPunchTests(TestCase):
         self.addCleanup(raw.close)
         target = (a.address.host, a.address.port)
         sid = planA.sessionId
-        raw.sendto(punch.packet(punch.ACK, sid, os.urandom(16), b"wrong key"), target)
-        raw.sendto(punch.packet(punch.ACK, sid, os.urandom(16), planA.sessionKey), target)
+        raw.sendto(coordination.packet(coordination.ACK, sid, os.urandom(16), b"wrong key"), target)
+        raw.sendto(coordination.packet(coordination.ACK, sid, os.urandom(16), planA.sessionKey), target)
         # From the announced address (b's socket) but echoing no nonce of a.
-        b.send(punch.packet(punch.ACK, sid, os.urandom(16), planB.sessionKey), a.address)
-        b.send(punch.packet(punch.ACK, sid, os.urandom(16), b"wrong key"), a.address)
+        b.send(coordination.packet(coordination.ACK, sid, os.urandom(16), planB.sessionKey), a.address)
+        b.send(coordination.packet(coordination.ACK, sid, os.urandom(16), b"wrong key"), a.address)
         yield self.assertFailure(d, PunchFailed)
         self.assertEqual(puncher.stats.badTag, 2)
         self.assertEqual(puncher.stats.unexpectedSource, 1)

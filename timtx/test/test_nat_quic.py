@@ -20,7 +20,8 @@ from zope.interface.verify import verifyObject
 
 from timtx.nat import punch
 from timtx.nat.client import NatSocket
-from timtx.nat.punch import PunchedPath, PunchInitiator, PunchResponder
+from timtx.nat.coordination import PunchInitiator, PunchResponder
+from timtx.nat.punch import PunchedPath
 from timtx.nat.quic import NodeCertificate, NotAuthenticated, PathLost, QuicChannel
 
 reactor: Any = _reactor
@@ -197,9 +198,11 @@ class ChannelTests(TestCase):
         """
         The initiator needs the responder's certificate.
         """
-        from timtx.nat.punch import PunchPlan
+        from timtx.nat.coordination import PunchPlan
         from timtx.nat.stun import Address
 
         plan = PunchPlan(bytes(16), bytes(32), True, (Address("127.0.0.1", 1),), b"")
         path = PunchedPath(NatSocket(reactor, None), Address("127.0.0.1", 1), plan, 0.0)
-        self.assertRaises(ValueError, QuicChannel.connect, path, factoryOf(Recorder()), reactor, NodeCertificate.generate())
+        self.assertRaises(
+            ValueError, QuicChannel.connect, path, factoryOf(Recorder()), reactor, NodeCertificate.generate()
+        )

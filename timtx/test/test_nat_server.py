@@ -196,9 +196,7 @@ class ServerTests(TestCase, Loopback):
         raw.sendto(stun.encode(1, MessageClass.INDICATION, os.urandom(12), key=KEY), target)
         sock = self.listen(self)
         txid = os.urandom(12)
-        raw.sendto(
-            stun.encode(stun.Method.BINDING, MessageClass.REQUEST, txid, [(0x7777, b"?")], key=KEY), target
-        )
+        raw.sendto(stun.encode(stun.Method.BINDING, MessageClass.REQUEST, txid, [(0x7777, b"?")], key=KEY), target)
         yield sock.stun.request(service.address)
         stats = service.responder.stats
         self.assertEqual((stats.malformed, stats.ignored, stats.refused, stats.answered), (2, 1, 1, 1))

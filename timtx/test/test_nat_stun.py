@@ -217,7 +217,9 @@ class CodecTests(SynchronousTestCase):
         """
         mapped, other, origin = Address("203.0.113.5", 1), Address("::1", 2), Address("10.0.0.1", 3)
         message = stun.decode(stun.bindingSuccess(self.txid, mapped, other=other, origin=origin))
-        self.assertEqual((message.xorMappedAddress, message.otherAddress, message.responseOrigin), (mapped, other, origin))
+        self.assertEqual(
+            (message.xorMappedAddress, message.otherAddress, message.responseOrigin), (mapped, other, origin)
+        )
         self.assertIsNone(message.mappedAddress)
         error = stun.decode(stun.bindingError(self.txid, 420, "Unknown Attribute", unknown=[0x7777]))
         self.assertEqual(error.errorCode, stun.ErrorCode(420, "Unknown Attribute"))
@@ -309,7 +311,7 @@ class MalformedTests(SynchronousTestCase):
         self.assertRefused(build((Attr.CHANGE_REQUEST, b"\x00")))
         self.assertRefused(build((Attr.FINGERPRINT, b"\x00\x00\x00\x00")))
         self.assertRefused(build((Attr.FINGERPRINT, b"\x00\x00\x00\x00"), (Attr.SOFTWARE, b"x")))
-        self.assertRefused(build((0x8000, b""),) * (stun.MAX_ATTRIBUTES + 1))
+        self.assertRefused(build(*[(0x8000, b"")] * (stun.MAX_ATTRIBUTES + 1)))
         # An attribute after MESSAGE-INTEGRITY.
         signed = bytearray(build((Attr.SOFTWARE, b"a"), key=key))
         signed += struct.pack("!HH", Attr.SOFTWARE, 0)
@@ -366,7 +368,7 @@ def _decodeOrStunError(case: SynchronousTestCase, data: bytes) -> None:
 try:
     from hypothesis import given, settings
     from hypothesis import strategies as st
-except ImportError:  # pragma: no cover: hypothesis is in the "test" extra
+except ImportError:  # pragma: no cover: hypothesis is in the "dev" extra
     hypothesis = False
 else:
     hypothesis = True
@@ -378,7 +380,7 @@ class PropertyTests(SynchronousTestCase):
     """
 
     if not hypothesis:
-        skip = "hypothesis is not installed (pip install timtx[test])"
+        skip = "hypothesis is not installed (pip install timtx[dev])"
     else:
 
         @settings(max_examples=500, deadline=None)
