@@ -159,7 +159,7 @@ class ChannelTests(TestCase):
         started = reactor.seconds()
         yield client.lost
         client.reasons[0].trap(PathLost)
-        self.assertLess(reactor.seconds() - started, 2.0)
+        self.assertLess(reactor.seconds() - started, 3.0)
         self.assertGreater(chA.stats.pings, 0)
 
     @defer.inlineCallbacks
@@ -174,6 +174,7 @@ class ChannelTests(TestCase):
         yield client.lost
         self.assertFalse(server.made)
         client.reasons[0].trap(NotAuthenticated)
+        yield self.assertFailure(chB.ready, ConnectionLost)
 
     @defer.inlineCallbacks
     def test_wrongServerCertificate(self):
