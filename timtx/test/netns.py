@@ -148,38 +148,27 @@ class Topology:
         Make NAT C{natIndex} drop every UDP packet it would forward: a path
         that stops answering.
         """
-        ns = self.nat(natIndex).namespace
-        _run(["ip", "netns", "exec", ns, "nft", "add", "table", "inet", "txdrop"])
-        _run(["ip", "netns", "exec", ns, "nft", "add chain inet txdrop txfwd { type filter hook forward priority 0; }"])
-        _run(["ip", "netns", "exec", ns, "nft", "add rule inet txdrop txfwd meta l4proto udp drop"])
+        self._nft(
+            natIndex,
+            "add table inet txdrop",
+            "add chain inet txdrop txfwd { type filter hook forward priority 0; }",
+            "add rule inet txdrop txfwd meta l4proto udp drop",
+        )
 
     def forwardTcp(self, natIndex: int, port: int) -> None:
         """
         Forward TCP C{port} on NAT C{natIndex}'s public address to its host
         (for a TCP baseline through the same routers).
         """
-        ns = self.nat(natIndex).namespace
-        host = self.host(natIndex).address
-        _run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                "add chain ip nat prerouting { type nat hook prerouting priority dstnat; }",
-            ]
+        self._nft(
+            natIndex,
+            "add chain ip nat prerouting { type nat hook prerouting priority dstnat; }",
+            f'add rule ip nat prerouting iifname "wan" tcp dport {port} dnat to {self.host(natIndex).address}',
         )
-        _run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "nft",
-                f'add rule ip nat prerouting iifname "wan" tcp dport {port} dnat to {host}',
-            ]
-        )
+
+    def _nft(self, natIndex: int, *commands: str) -> None:
+        for command in commands:
+            _run(["ip", "netns", "exec", self.nat(natIndex).namespace, "nft", command])
 
     def command(self, host: Host, module: str, *args: str) -> list[str]:
         """
