@@ -584,6 +584,97 @@ class StoreConfig:
     )
 
 
+def _seconds_within(low: float, high: float) -> Kind:
+    expected = f"a number of seconds from {low:g} to {high:g}"
+    base = _seconds(low)
+
+    def parse(text: str) -> float:
+        try:
+            value = float(base.parse(text))
+        except ValueError:
+            raise ValueError(expected) from None
+        if value > high:
+            raise ValueError(expected)
+        return value
+
+    return Kind(expected, parse)
+
+
+@dataclass(frozen=True)
+class NatConfig:
+    """
+    NAT traversal (docs/nat.md): the STUN server reachable nodes run for
+    their NAT'd peers, discovery, hole punching and the direct QUIC channel.
+    """
+
+    stun_port: int = option(
+        3478,
+        _int(0, 65535),
+        "UDP port of this node's STUN server, which answers cluster members only (requests keyed from the node "
+        "secret). 0 runs no server: a node behind NAT has no use for one.",
+    )
+    stun_alternate_port: int = option(
+        3479,
+        _int(0, 65535),
+        "Second UDP port of the STUN server, from which it answers CHANGE-REQUEST and dial-back requests, so "
+        "peers can tell how their NAT filters. 0 runs without it (peers learn less).",
+    )
+    stun_interface: str = option("", TEXT, "Address the STUN server binds; empty means all.")
+    stun_rate: float = option(
+        20.0, _seconds(0), "STUN requests per second one source address may make on average; more are dropped."
+    )
+    stun_burst: int = option(40, _int(1), "STUN requests one source address may make at once above stun_rate.")
+    stun_rto: float = option(
+        0.5,
+        _seconds_within(0.05, 10),
+        "First STUN retransmission timeout, in seconds; it doubles on each retransmission (RFC 8489).",
+    )
+    stun_max_rto: float = option(3.0, _seconds_within(0.05, 60), "Cap on the doubled STUN retransmission timeout.")
+    stun_retransmissions: int = option(
+        7, _int(1, 16), "STUN requests sent per transaction (the first and its retransmissions) before giving up."
+    )
+    dialback_wait: float = option(
+        1.0,
+        _seconds_within(0.05, 30),
+        "Seconds discovery waits for a peer's dial-back, the test of whether this node is reachable unasked.",
+    )
+    udp_port: int = option(
+        0,
+        _int(0, 65535),
+        "Local UDP port of the socket used for discovery, punching and the direct channel; 0 lets the system pick.",
+    )
+    punch_ttl: int = option(
+        2,
+        _int(0, 64),
+        "IP TTL of the pre-open packets sent before a punch: enough hops to leave this node's NAT, too few to "
+        "reach the peer's. 0 skips the pre-open.",
+    )
+    punch_interval: float = option(
+        0.05, _seconds_within(0.005, 5), "Seconds between punch probes while waiting for the peer's answer."
+    )
+    punch_timeout: float = option(
+        5.0, _seconds_within(0.1, 60), "Seconds a punch attempt probes before it fails and the peer stays relayed."
+    )
+    punch_attempts: int = option(
+        3, _int(1, 10), "Punch attempts per peer before the pair stays on the relay (libp2p DCUtR makes 3)."
+    )
+    keepalive: float = option(
+        15.0,
+        _seconds_within(0.1, 25),
+        "Seconds between keepalives on a direct path; at most 25, under the UDP timeout of common NATs (30 s).",
+    )
+    consent_timeout: float = option(
+        30.0,
+        _seconds_within(0.5, 600),
+        "Seconds a direct path may stay silent before it is declared lost and the peer moves back to the relay; "
+        "longer than keepalive.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.consent_timeout <= self.keepalive:
+            raise ConfigError("must be longer than keepalive", section="nat", key="consent_timeout")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     listen: str = option(
@@ -741,6 +832,7 @@ class Config:
     vrooms: VRoomsConfig = field(default_factory=VRoomsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    nat: NatConfig = field(default_factory=NatConfig)
     protocols: Mapping[str, str] = field(default_factory=dict)
     base_dir: str = "."
     path: str | None = None
@@ -781,6 +873,7 @@ SECTIONS: dict[str, type] = {
     "vrooms": VRoomsConfig,
     "store": StoreConfig,
     "cluster": ClusterConfig,
+    "nat": NatConfig,
 }
 FREE_SECTIONS = ("protocols",)
 
