@@ -10,7 +10,7 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from timtx.persistence import BUILTIN_STORES, IMessageStore, storeFactory
+from timtx.persistence import BUILTIN_STORES, IMessageStore, SequenceConflict, storeFactory
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.records import (
     BLOCK_BY_GROUP,
@@ -32,6 +32,7 @@ from timtx.persistence.records import (
 )
 from timtx.persistence.sqlite import MIGRATIONS, SchemaTooNew, SQLiteStore
 from timtx.persistence.worker import SerialWorker, WorkerStopped
+from timtx.test.databases import postgresqlDatabase
 
 
 class MessageStoreTestsMixin:
@@ -138,10 +139,75 @@ class MessageStoreTestsMixin:
             NewMessage("c", 2, 2, "a", b"y", 0.0, inbox=(("bob", None),), dedupe=("a", 7)),
             NewMessage("c", 1, 3, "a", b"z", 0.0),
         ]
-        yield self.assertFailure(store.appendMessages(bad), Exception)
+        yield self.assertFailure(store.appendMessages(bad), SequenceConflict)
         self.assertEqual((yield store.lastMessage("c")), (1, 1))
         self.assertEqual((yield store.countInbox("bob")), 0)
         self.assertEqual((yield store.recentDuplicates("a", 0.0)), {})
+
+    @inlineCallbacks
+    def test_sequenceConflict(self):
+        """
+        A taken C{(conv, seq)} fails the append with L{SequenceConflict}
+        naming it, and nothing of that call is written: not its other
+        messages, inbox entries or duplicate keys.
+        """
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("c", 1, 1, "a", b"x", 0.0)])
+        bad = [
+            NewMessage("c", 2, 2, "a", b"y", 0.0, inbox=(("bob", None),), dedupe=("a", 7)),
+            NewMessage("c", 1, 3, "a", b"z", 0.0, inbox=(("bob", b"copy"),)),
+        ]
+        error = yield self.assertFailure(store.appendMessages(bad), SequenceConflict)
+        self.assertEqual((error.conv, error.seq), ("c", 1))
+        self.assertEqual((yield store.lastMessage("c")), (1, 1))
+        self.assertEqual((yield store.countInbox("bob")), 0)
+        self.assertEqual((yield store.recentDuplicates("a", 0.0)), {})
+        self.assertEqual([m.stanza for m in (yield store.history("c", None, 10))], [b"x"])
+
+    @inlineCallbacks
+    def test_sequenceConflictWithinCall(self):
+        """
+        Two messages of one call with the same seq conflict too.
+        """
+        store = yield self.store()
+        twice = [NewMessage("c", 1, 1, "a", b"x", 0.0), NewMessage("c", 1, 2, "a", b"y", 0.0)]
+        error = yield self.assertFailure(store.appendMessages(twice), SequenceConflict)
+        self.assertEqual((error.conv, error.seq), ("c", 1))
+        self.assertEqual((yield store.lastMessage("c")), (0, 0))
+
+    @inlineCallbacks
+    def test_sequenceConflictAlone(self):
+        """
+        Calls made together (committed together by stores with group
+        commit) are not taken down by one that conflicts: each gets its own
+        result, in call order.
+        """
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("c", 1, 1, "a", b"x", 0.0)])
+        order = []
+
+        def record(result, name):
+            order.append(name)
+            return result
+
+        calls = [
+            store.appendMessages([NewMessage("c", 2, 2, "a", b"ok1", 0.0, inbox=(("bob", None),))]),
+            store.appendMessages([NewMessage("c", 1, 3, "a", b"bad", 0.0, inbox=(("bob", None),))]),
+            store.createAccount(Account("u1", "", "h", 0.0)),
+            store.appendMessages([NewMessage("d", 1, 4, "a", b"ok2", 0.0, inbox=(("bob", None),))]),
+        ]
+        for name, d in zip(["ok1", "bad", "account", "ok2"], calls):
+            d.addBoth(record, name)
+        ok1, bad, account, ok2 = yield gatherResults(
+            [d.addErrback(lambda f: f.trap(SequenceConflict) and f.value) for d in calls]
+        )
+        self.assertEqual(order, ["ok1", "bad", "account", "ok2"])
+        self.assertIsInstance(bad, SequenceConflict)
+        self.assertIs(account, True)
+        self.assertEqual([len(ok1[0]), len(ok2[0])], [1, 1])
+        inbox = yield store.readInbox("bob", 0, 10)
+        self.assertEqual([e.stanza for e in inbox], [b"ok1", b"ok2"])
+        self.assertEqual((yield store.lastMessage("c")), (2, 2))
 
     @inlineCallbacks
     def test_transientAndInbox(self):
@@ -332,6 +398,22 @@ class SQLiteStoreTests(MessageStoreTestsMixin, TestCase):
         self.assertLess(store._worker.batches, 50)
 
 
+class PostgreSQLStoreTests(MessageStoreTestsMixin, TestCase):
+    """
+    The conformance suite on this machine's PostgreSQL, in a database of
+    each test's own.
+    """
+
+    @inlineCallbacks
+    def makeStore(self):
+        from timtx.persistence.postgresql import PostgreSQLStore
+
+        self.dsn = yield postgresqlDatabase(self)
+        store = PostgreSQLStore(reactor, self.dsn, poolSize=3)
+        yield store.open()
+        return store
+
+
 class SerialWorkerTests(TestCase):
     """
     The worker's transaction rules, on a SQLite connection.
@@ -392,7 +474,7 @@ class SerialWorkerTests(TestCase):
 
 class PluginLookupTests(SynchronousTestCase):
     def test_builtins(self):
-        self.assertEqual(sorted(BUILTIN_STORES), ["memory", "sqlite"])
+        self.assertEqual(sorted(BUILTIN_STORES), ["mariadb", "memory", "postgresql", "sqlite"])
         self.assertIs(storeFactory("memory"), BUILTIN_STORES["memory"])
 
     def test_unknown(self):
