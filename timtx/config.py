@@ -488,6 +488,12 @@ class StoreConfig:
         "`host=... dbname=...`) or `mariadb` (`mariadb://user:password@host:port/database`). "
         "The database must exist; the node creates its tables.",
     )
+    mariadb_driver: str = option(
+        "auto",
+        _choice("auto", "mysqlclient", "pymysql"),
+        "Driver of `mariadb`: `auto` takes mysqlclient (C, less CPU per query; `pip install mysqlclient`, "
+        "needs libmariadb-dev to build) when installed, else PyMySQL (pure Python, installed with timtx).",
+    )
     pool_size: int = option(
         4,
         _int(1, 1000),

@@ -265,11 +265,18 @@ class PostgresLink:
                 return _TRANSIENT_ERROR
         return None
 
-    def _raiseFor(self, error: BaseException, committing: bool = False) -> None:
+    async def _raiseFor(self, error: BaseException, committing: bool = False) -> None:
+        """
+        Raise L{LinkLost} if C{error} means the connection is gone, or roll
+        back and raise L{Transient} if the transaction lost a conflict;
+        return if it is the statement's own error.
+        """
         kind = self._classify(error)
         if kind == _LOST:
             raise LinkLost(_firstLine(error), committing)
         if kind == _TRANSIENT_ERROR:
+            if not committing:
+                await self._rollback()
             raise Transient(_firstLine(error))
 
     # Link.
@@ -295,7 +302,7 @@ class PostgresLink:
         try:
             cursor = await self._execute(sql, params)
         except Exception as e:
-            self._raiseFor(e)
+            await self._raiseFor(e)
             raise
         return result(cursor)
 
@@ -308,7 +315,7 @@ class PostgresLink:
                 prefix = ""
                 values.append(result(cursor))
         except Exception as e:
-            self._raiseFor(e)
+            await self._raiseFor(e)
             await self._rollback()
             return await self._isolated(ops)
         await self._commit()
@@ -335,14 +342,14 @@ class PostgresLink:
                     cursor = await self._execute(f"{prefix}SAVEPOINT {name};{sql}", params)
                     value = result(cursor)
                 except Exception as e:
-                    self._raiseFor(e)
+                    await self._raiseFor(e)
                     failed[index] = Failure()
                     outcomes.append((False, failed[index]))
                     prefix = ""
                     try:
                         await self._execute(f"ROLLBACK TO SAVEPOINT {name}")
                     except Exception as e2:
-                        self._raiseFor(e2)
+                        await self._raiseFor(e2)
                         restart = True
                         break
                 else:
@@ -365,7 +372,7 @@ class PostgresLink:
         try:
             await self._execute("COMMIT")
         except Exception as e:
-            self._raiseFor(e, committing=True)
+            await self._raiseFor(e, committing=True)
             raise
 
     async def migrate(self, describe: str) -> None:

@@ -95,6 +95,58 @@ def pgExecute(dsn, statement):
     return deferToThread(_pgAdmin, statement, dsn)
 
 
+# MariaDB.
+
+
+def _mariadbAdmin(statement, url=MARIADB_ADMIN):
+    import pymysql
+
+    from timtx.persistence.mariadb import parseDSN
+
+    connection = pymysql.connect(**parseDSN(url), connect_timeout=3, autocommit=True)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+def mariadbDatabase(testCase, url=MARIADB_ADMIN):
+    """
+    Create an empty database for C{testCase}, dropped when it ends.
+
+    @return: a L{Deferred} firing with the new database's C{mariadb://} URL.
+    """
+    try:
+        import pymysql  # noqa: F401
+    except ImportError:
+        requireOrSkip("PyMySQL is not installed")
+    name = uniqueName()
+
+    def create():
+        try:
+            _mariadbAdmin(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin", url)
+        except Exception as e:
+            return e
+        return None
+
+    def created(error):
+        if error is not None:
+            requireOrSkip(f"MariaDB is not reachable at {url!r}: {error}")
+        testCase.addCleanup(deferToThread, _mariadbAdmin, f"DROP DATABASE IF EXISTS {name}", url)
+        base = url.rsplit("/", 1)[0]
+        return f"{base}/{name}"
+
+    return deferToThread(create).addCallback(created)
+
+
+def mariadbExecute(url, statement):
+    """
+    Run one statement on C{url} in a thread.
+    """
+    return deferToThread(_mariadbAdmin, statement, url)
+
+
 # A private PostgreSQL server.
 
 

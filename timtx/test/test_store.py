@@ -7,7 +7,7 @@ import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from timtx.persistence import BUILTIN_STORES, IMessageStore, SequenceConflict, storeFactory
@@ -32,7 +32,7 @@ from timtx.persistence.records import (
 )
 from timtx.persistence.sqlite import MIGRATIONS, SchemaTooNew, SQLiteStore
 from timtx.persistence.worker import SerialWorker, WorkerStopped
-from timtx.test.databases import postgresqlDatabase
+from timtx.test.databases import mariadbDatabase, postgresqlDatabase
 
 
 class MessageStoreTestsMixin:
@@ -412,6 +412,39 @@ class PostgreSQLStoreTests(MessageStoreTestsMixin, TestCase):
         store = PostgreSQLStore(reactor, self.dsn, poolSize=3)
         yield store.open()
         return store
+
+
+class MariaDBStoreTests(MessageStoreTestsMixin, TestCase):
+    """
+    The conformance suite on this machine's MariaDB with PyMySQL (the
+    driver installed with timtx), in a database of each test's own.
+    """
+
+    driver = "pymysql"
+
+    @inlineCallbacks
+    def makeStore(self):
+        from timtx.persistence.mariadb import MariaDBStore
+
+        self.url = yield mariadbDatabase(self)
+        store = MariaDBStore(reactor, self.url, driver=self.driver, poolSize=3)
+        yield store.open()
+        return store
+
+
+class MariaDBMysqlclientStoreTests(MariaDBStoreTests):
+    """
+    The same with mysqlclient, the faster driver, when it is installed (an
+    option, so this skips without it even under CI).
+    """
+
+    driver = "mysqlclient"
+
+    def setUp(self):
+        try:
+            import MySQLdb  # noqa: F401
+        except ImportError:
+            raise SkipTest("mysqlclient is not installed (optional: pip install mysqlclient)") from None
 
 
 class SerialWorkerTests(TestCase):
