@@ -478,9 +478,7 @@ class StoreConfig:
         "SQLite durability: `full` syncs every commit (nothing acknowledged is lost on power failure); "
         "`normal` may lose the last commits on power failure but not on a crash of the process.",
     )
-    batch_max: int = option(
-        256, _int(1, 100000), "Most write operations committed in one transaction (group commit)."
-    )
+    batch_max: int = option(256, _int(1, 100000), "Most write operations committed in one transaction (group commit).")
     dsn: str = option(
         "",
         TEXT,

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import math
 import queue
+import random as _random
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from twisted.internet.defer import Deferred
@@ -452,7 +453,7 @@ class MariaDBStore:
         connectTimeout: float = 5.0,
         reconnectInitial: float = 0.5,
         reconnectMax: float = 10.0,
-        random: Callable[[], float] | None = None,
+        random: Callable[[], float] = _random.random,
     ):
         self._reactor = reactor
         self.dsn = dsn
@@ -469,7 +470,6 @@ class MariaDBStore:
         params = self._params or {}
         where = params.get("unix_socket") or f"{params.get('host', '')}:{params.get('port', 3306)}"
         self.describe = f"MariaDB at {where}/{params.get('database', '')}"
-        extra = {} if random is None else {"random": random}
         self._pool = OrderedPool(
             self._connect,
             clock if clock is not None else reactor,
@@ -478,7 +478,7 @@ class MariaDBStore:
             backoffInitial=reconnectInitial,
             backoffMax=reconnectMax,
             describe=self.describe,
-            **extra,
+            random=random,
         )
 
     @property
@@ -727,7 +727,9 @@ class MariaDBStore:
             if beforeMid is None:
                 c.execute(f"{_MESSAGE} WHERE conv = %s ORDER BY mid DESC LIMIT %s", (conv, limit))
             else:
-                c.execute(f"{_MESSAGE} WHERE conv = %s AND mid < %s ORDER BY mid DESC LIMIT %s", (conv, beforeMid, limit))
+                c.execute(
+                    f"{_MESSAGE} WHERE conv = %s AND mid < %s ORDER BY mid DESC LIMIT %s", (conv, beforeMid, limit)
+                )
             return [_message(row) for row in c.fetchall()]
 
         return self._read(read)
@@ -1010,7 +1012,7 @@ def _putMember(c: Any, gid: str, member: Member) -> None:
     )
 
 
-def _insertInbox(c: Any, rows: list[tuple[str, str | None, int | None, bytes | None, float]]) -> list[int]:
+def _insertInbox(c: Any, rows: Sequence[tuple[str, str | None, int | None, bytes | None, float]]) -> list[int]:
     """
     Insert inbox rows in one statement; their qids, in the order given.
     """

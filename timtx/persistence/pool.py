@@ -173,7 +173,6 @@ class OrderedPool:
         self._reads: deque[_Call] = deque()
         self._writes: deque[_Call] = deque()
         self._batch: list[_Call] | None = None
-        self._readsRunning = 0
         self._ticket = 0
         self._started = False
         self._closing = False
@@ -296,26 +295,25 @@ class OrderedPool:
                 return
 
     def _startRead(self, call: _Call, link: Any) -> None:
-        self._readsRunning += 1
         d = maybeDeferred(link.runRead, call.op)
-        d.addCallbacks(self._readDone, self._readFailed, (call, link), None, (call, link))
+        d.addCallbacks(self._readDone, self._readFailed, callbackArgs=(call, link), errbackArgs=(call, link))
 
     def _readDone(self, value: Any, call: _Call, link: Any) -> None:
-        self._readsRunning -= 1
         self._release(link)
         self._finish(call, True, value)
         self._pump()
 
     def _readFailed(self, failure: Failure, call: _Call, link: Any) -> None:
-        self._readsRunning -= 1
         if failure.check(LinkLost):
             self._lost(link, failure)
             call.lost += 1
             retry = call.lost <= 1
         else:
             self._release(link)
-            call.transient += bool(failure.check(Transient))
-            retry = 0 < call.transient <= self._retries
+            retry = False
+            if failure.check(Transient):
+                call.transient += 1
+                retry = call.transient <= self._retries
         if retry and not self.down:
             # It ran once, so every write it waits for is done: it can go
             # first.
@@ -327,7 +325,7 @@ class OrderedPool:
     def _startBatch(self, batch: list[_Call], link: Any) -> None:
         self._batch = batch
         d = maybeDeferred(link.runBatch, [call.op for call in batch])
-        d.addCallbacks(self._batchDone, self._batchFailed, (batch, link), None, (batch, link))
+        d.addCallbacks(self._batchDone, self._batchFailed, callbackArgs=(batch, link), errbackArgs=(batch, link))
 
     def _batchDone(self, outcomes: list[tuple[bool, Any]], batch: list[_Call], link: Any) -> None:
         self._batch = None
@@ -478,4 +476,3 @@ class OrderedPool:
     def _retry(self) -> None:
         self._retryCall = None
         self._refill()
-

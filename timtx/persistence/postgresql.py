@@ -34,6 +34,7 @@ reconnecting with backoff) is in L{timtx.persistence.pool}.
 
 from __future__ import annotations
 
+import random as _random
 from collections import Counter
 from typing import Any, Callable
 
@@ -177,7 +178,7 @@ _LOST, _TRANSIENT_ERROR = "lost", "transient"
 Op = tuple[str, Any, Callable[[Any], Any]]
 
 
-class _Connection(txpostgres.Connection):  # type: ignore[misc]
+class _Connection(txpostgres.Connection):
     """
     A txpostgres connection that tells its link when the server closes it
     while idle, instead of letting the driver's error escape into the
@@ -185,18 +186,20 @@ class _Connection(txpostgres.Connection):  # type: ignore[misc]
     """
 
     link: PostgresLink | None = None
+    _why = ""
 
     def doRead(self) -> None:
         try:
             super().doRead()
-        except psycopg2.Error:
+        except psycopg2.Error as e:
+            self._why = _firstLine(e)
             self.close()
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         if self.link is not None:
             link, self.link = self.link, None
-            link.connectionLost(reason)
+            link.connectionLost(self._why or reason.getErrorMessage())
 
 
 class PostgresLink:
@@ -219,9 +222,9 @@ class PostgresLink:
         self.onLost: Callable[[PostgresLink, str], None] | None = None
         connection.link = self
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, why: str) -> None:
         if not self._busy and self.onLost is not None:
-            self.onLost(self, reason.getErrorMessage())
+            self.onLost(self, why)
 
     def close(self) -> None:
         self.onLost = None
@@ -487,8 +490,11 @@ _PUT_MEMBER = (
 )
 
 
-def _inboxArrays(rows: list[tuple[str, str | None, int | None, bytes | None, float]]) -> tuple[list[Any], ...]:
-    return tuple(list(column) for column in zip(*rows)) if rows else ([], [], [], [], [])
+def _columns(rows: Any, width: int) -> tuple[list[Any], ...]:
+    """
+    Rows of C{width} values as C{width} arrays, for C{unnest}.
+    """
+    return tuple(list(column) for column in zip(*rows, strict=True)) if rows else ([],) * width
 
 
 @implementer(IMessageStore)
@@ -513,7 +519,7 @@ class PostgreSQLStore:
         connectTimeout: float = 5.0,
         reconnectInitial: float = 0.5,
         reconnectMax: float = 10.0,
-        random: Callable[[], float] | None = None,
+        random: Callable[[], float] = _random.random,
     ):
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
@@ -531,7 +537,6 @@ class PostgreSQLStore:
         if "port" in params:
             where += f":{params['port']}"
         self.describe = f"PostgreSQL at {where}/{params.get('dbname', params.get('user', ''))}"
-        extra = {} if random is None else {"random": random}
         self._pool = OrderedPool(
             self._connect,
             self._clock,
@@ -540,7 +545,7 @@ class PostgreSQLStore:
             backoffInitial=reconnectInitial,
             backoffMax=reconnectMax,
             describe=self.describe,
-            **extra,
+            random=random,
         )
 
     @property
@@ -668,15 +673,15 @@ class PostgreSQLStore:
         # One row per key, the last one winning, as a replace in call order.
         dupes = {m.dedupe: (*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None}
         params = (
-            *(tuple(list(column) for column in zip(*rows)) if rows else ([],) * 6),
-            *_inboxArrays(inbox),
-            *(tuple(list(column) for column in zip(*dupes.values())) if dupes else ([],) * 6),
+            *_columns(rows, 6),
+            *_columns(inbox, 5),
+            *_columns(dupes.values(), 6),
         )
 
         def appended(cursor: Any) -> list[list[int]]:
             convs, seqs, qids = cursor.fetchone()
             if len(seqs) != len(rows):
-                stored = Counter(zip(convs, seqs))
+                stored = Counter(zip(convs, seqs, strict=True))
                 for conv, seq, *_ in rows:
                     if not stored[(conv, seq)]:
                         raise SequenceConflict(conv, seq)
@@ -707,7 +712,7 @@ class PostgreSQLStore:
     def replaceMessage(
         self, conv: str, seq: int, stanza: bytes, state: int, notices: list[tuple[str, bytes]], created: float
     ) -> Deferred[list[int]]:
-        inbox = _inboxArrays([(uid, conv, None, body, created) for uid, body in notices])
+        inbox = _columns([(uid, conv, None, body, created) for uid, body in notices], 5)
         return self._write(_REPLACE, (stanza, state, conv, seq, *inbox), _scalar)
 
     def history(self, conv: str, beforeMid: int | None, limit: int) -> Deferred[list[StoredMessage]]:
@@ -736,7 +741,7 @@ class PostgreSQLStore:
     # Inboxes.
 
     def addInbox(self, entries: list[tuple[str, bytes]], created: float) -> Deferred[list[int]]:
-        inbox = _inboxArrays([(uid, None, None, stanza, created) for uid, stanza in entries])
+        inbox = _columns([(uid, None, None, stanza, created) for uid, stanza in entries], 5)
         return self._write(_ADD_INBOX, inbox, _scalar)
 
     def readInbox(self, uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:
@@ -786,14 +791,10 @@ class PostgreSQLStore:
                 _nothing,
                 True,
             )
-        return self._write(
-            "DELETE FROM stances WHERE owner = %s AND other = %s", (owner, other), _nothing, True
-        )
+        return self._write("DELETE FROM stances WHERE owner = %s AND other = %s", (owner, other), _nothing, True)
 
     def getProfile(self, uid: str) -> Deferred[bytes | None]:
-        return self._read(
-            "SELECT stanza FROM profiles WHERE uid = %s", (uid,), lambda cursor: _bytes(_scalar(cursor))
-        )
+        return self._read("SELECT stanza FROM profiles WHERE uid = %s", (uid,), lambda cursor: _bytes(_scalar(cursor)))
 
     def putProfile(self, uid: str, stanza: bytes) -> Deferred[None]:
         return self._write(
@@ -840,9 +841,7 @@ class PostgreSQLStore:
         )
 
     def countFounded(self, uid: str) -> Deferred[int]:
-        return self._read(
-            "SELECT COUNT(*) FROM groups WHERE founder = %s AND status = %s", (uid, GROUP_ALIVE), _scalar
-        )
+        return self._read("SELECT COUNT(*) FROM groups WHERE founder = %s AND status = %s", (uid, GROUP_ALIVE), _scalar)
 
     def groupMembers(self, gid: str) -> Deferred[list[Member]]:
         return self._read(

@@ -193,6 +193,16 @@ class PrivateServer:
     def stop(self):
         self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop", check=False)
 
+    def signal(self, number):
+        """
+        Send signal C{number} to the server and every process of it.
+        """
+        for pid in self.pids():
+            try:
+                os.kill(pid, number)
+            except ProcessLookupError:
+                pass
+
     def pids(self):
         """
         The postmaster's pid and its children's.
@@ -218,25 +228,41 @@ class PrivateServer:
         """
         SIGKILL the server and every process of it, as a crash would.
         """
-        for pid in self.pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        pids = self.pids()
+        self.signal(signal.SIGKILL)
         for _ in range(200):
-            if not any(os.path.exists(f"/proc/{pid}") for pid in self.pids()):
+            if not any(_alive(pid) for pid in pids):
                 break
             time.sleep(0.05)
-        try:
-            os.unlink(os.path.join(self.data, "postmaster.pid"))
-        except FileNotFoundError:
-            pass
+        # Left behind by a crash; the server would take a dead postmaster
+        # that init has not reaped (a zombie) for a live one.
+        for path in (
+            os.path.join(self.data, "postmaster.pid"),
+            os.path.join(self.directory, f".s.PGSQL.{self.port}.lock"),
+            os.path.join(self.directory, f".s.PGSQL.{self.port}"),
+        ):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def destroy(self):
-        if self.pids():
+        if any(_alive(pid) for pid in self.pids()):
             self.stop()
             self.kill()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _alive(pid):
+    """
+    Whether C{pid} runs (a zombie left to an init that does not reap is
+    dead).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def privateServer(testCase):

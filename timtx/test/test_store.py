@@ -196,7 +196,7 @@ class MessageStoreTestsMixin:
             store.createAccount(Account("u1", "", "h", 0.0)),
             store.appendMessages([NewMessage("d", 1, 4, "a", b"ok2", 0.0, inbox=(("bob", None),))]),
         ]
-        for name, d in zip(["ok1", "bad", "account", "ok2"], calls):
+        for name, d in zip(["ok1", "bad", "account", "ok2"], calls, strict=True):
             d.addBoth(record, name)
         ok1, bad, account, ok2 = yield gatherResults(
             [d.addErrback(lambda f: f.trap(SequenceConflict) and f.value) for d in calls]
