@@ -398,7 +398,12 @@ class ThreadLink:
 
 
 def _firstLine(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
+    args = error.args
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        # The drivers' (code, message): the message first.
+        text = f"{args[1]} (error {args[0]})"
+    else:
+        text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
 
 

@@ -42,7 +42,6 @@ import psycopg2
 import psycopg2.extensions
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
 from zope.interface import implementer
@@ -210,8 +209,6 @@ class PostgresLink:
         closed and counted as lost.
     """
 
-    log = Logger()
-
     def __init__(self, connection: _Connection, clock: Any, timeout: float):
         self._connection = connection
         self._cursor = connection.cursor()
@@ -246,7 +243,7 @@ class PostgresLink:
         return d.addBoth(done)
 
     def _stalled(self) -> None:
-        self.log.warn("no answer from the database for {t}s: closing the connection", t=self._timeout)
+        self._connection._why = f"no answer for {self._timeout:g}s"
         self._connection.close()
 
     def _classify(self, error: BaseException) -> str | None:
@@ -276,7 +273,7 @@ class PostgresLink:
         """
         kind = self._classify(error)
         if kind == _LOST:
-            raise LinkLost(_firstLine(error), committing)
+            raise LinkLost(self._connection._why or _firstLine(error), committing)
         if kind == _TRANSIENT_ERROR:
             if not committing:
                 await self._rollback()
