@@ -532,11 +532,9 @@ class MariaDBStore:
         link = ThreadLink(self._reactor, driver, self.describe)
 
         def connect() -> Any:
+            connection = None
             try:
                 connection = driver.connect(params, self._connectTimeout, timeout)
-            except Exception as e:
-                raise StoreUnavailable(f"cannot connect to {self.describe}: {_firstLine(e)}") from None
-            try:
                 cursor = connection.cursor()
                 cursor.execute("SELECT VERSION()")
                 (version,) = cursor.fetchone()
@@ -549,9 +547,15 @@ class MariaDBStore:
                     (self._statementTimeout,),
                 )
                 cursor.close()
-            except BaseException:
-                connection.close()
-                raise
+            except Exception as e:
+                if connection is not None:
+                    try:
+                        connection.close()
+                    except Exception:
+                        pass
+                if isinstance(e, StoreUnavailable):
+                    raise
+                raise StoreUnavailable(f"cannot connect to {self.describe}: {_firstLine(e)}") from None
             return connection
 
         def failed(failure: Failure) -> Failure:

@@ -440,6 +440,10 @@ class OrderedPool:
         for each in dropped:
             self._links.discard(each)
             maybeDeferred(each.close).addErrback(lambda _: None)
+        if not self._links and self._retryCall is not None and self._retryCall.active():
+            # News that outdates the backoff of an earlier failed attempt.
+            self._retryCall.cancel()
+            self._retryCall = None
         self._refill()
 
     def _refill(self) -> None:

@@ -190,7 +190,8 @@ class _Connection(txpostgres.Connection):
     def doRead(self) -> None:
         try:
             super().doRead()
-        except psycopg2.Error as e:
+        except (psycopg2.Error, ValueError, OSError) as e:
+            # The driver's error, or a socket libpq already gave up (-1).
             self._why = _firstLine(e)
             self.close()
 

@@ -162,6 +162,10 @@ class KilledConnectionTests(TestCase):
         self.addCleanup(store.close)
         yield store.appendMessages([NewMessage("c", 1, 1, "a", b"one", 0.0)])
         name = url.rsplit("/", 1)[1]
+        for _ in range(100):
+            if len(store.pool._idle) == 2:
+                break
+            yield sleep(0.02)
 
         def killAll():
             import pymysql
