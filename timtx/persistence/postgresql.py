@@ -34,7 +34,9 @@ reconnecting with backoff) is in L{timtx.persistence.pool}.
 
 from __future__ import annotations
 
+import functools
 import random as _random
+import re
 from collections import Counter
 from typing import Any, Callable
 
@@ -174,7 +176,24 @@ _TRANSIENT = ("40001", "40P01")
 
 _LOST, _TRANSIENT_ERROR = "lost", "transient"
 
-Op = tuple[str, Any, Callable[[Any], Any]]
+
+class Op:
+    """
+    One operation: a statement, its parameters, and what to make of the
+    cursor.
+
+    @ivar merge: for an operation that may run merged with others of its
+        kind in one statement, what it writes (an L{_Append} or
+        L{_DeleteInbox}); see L{PostgresLink._plan}.
+    """
+
+    __slots__ = ("sql", "params", "result", "merge")
+
+    def __init__(self, sql: str, params: Any, result: Callable[[Any], Any], merge: Any = None):
+        self.sql = sql
+        self.params = params
+        self.result = result
+        self.merge = merge
 
 
 class _Connection(txpostgres.Connection):
@@ -216,6 +235,9 @@ class PostgresLink:
         self._clock = clock
         self._timeout = timeout
         self._busy = False
+        #: Statements prepared on this connection: SQL to name.
+        self._prepared: dict[str, str] = {}
+        self._names = 0
         #: Called with the link when its connection goes while idle.
         self.onLost: Callable[[PostgresLink, str], None] | None = None
         connection.link = self
@@ -229,6 +251,36 @@ class PostgresLink:
         self._connection.link = None
         if self._connection._connection is not None:
             self._connection.close()
+
+    def _statement(self, prefix: str, sql: str, params: Any) -> Deferred[Any]:
+        """
+        Run an operation's statement after C{prefix} (transaction control),
+        as a prepared statement of this connection: parsing and planning
+        the append, a statement of several CTEs, cost more than running it.
+        """
+        body, arguments = _preparable(sql)
+        call = f"({arguments})" if arguments else ""
+        name = self._prepared.get(sql)
+        if name is not None:
+            return self._execute(f"{prefix}EXECUTE {name}{call}", params)
+        self._names += 1
+        name = f"timtx_{self._names}"
+        d = self._execute(f"{prefix}PREPARE {name} AS {body};EXECUTE {name}{call}", params)
+
+        def prepared(result: Any) -> Any:
+            self._prepared[sql] = name
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            # An error of the execution (not of parsing or planning) means
+            # the PREPARE before it was done; otherwise the next use
+            # prepares under a new name.
+            code = getattr(failure.value, "pgcode", None) or ""
+            if code[:2] not in ("", "26", "42"):
+                self._prepared[sql] = name
+            return failure
+
+        return d.addCallbacks(prepared, failed)
 
     def _execute(self, sql: str, params: Any = None) -> Deferred[Any]:
         d: Deferred[Any] = self._cursor.execute(sql, params)
@@ -299,22 +351,59 @@ class PostgresLink:
         return d.addBoth(idle)
 
     async def _read(self, op: Op) -> Any:
-        sql, params, result = op
         try:
-            cursor = await self._execute(sql, params)
+            cursor = await self._statement("", op.sql, op.params)
         except Exception as e:
             await self._raiseFor(e)
             raise
-        return result(cursor)
+        return op.result(cursor)
+
+    @staticmethod
+    def _plan(ops: list[Op]) -> list[tuple[list[int], Op, bool]]:
+        """
+        The statements that run C{ops}: C{(indices of the ops, statement,
+        whether it is merged)}.
+
+        Appends and inbox deletions commute with each other and with
+        themselves within a batch (a deletion names entries committed
+        earlier, an append makes new ones), so each run of them between
+        two other operations becomes one statement per kind: a busy node's
+        batch of a hundred appends and two hundred deletions costs two
+        round trips, not three hundred.  Other operations run alone, in
+        order.
+        """
+        steps: list[tuple[list[int], Op, bool]] = []
+        run: dict[Any, list[int]] = {}
+
+        def flush() -> None:
+            for kind, indices in run.items():
+                if len(indices) == 1:
+                    steps.append((indices, ops[indices[0]], False))
+                else:
+                    steps.append((indices, kind.combine([ops[i].merge for i in indices]), True))
+            run.clear()
+
+        for index, op in enumerate(ops):
+            if op.merge is None:
+                flush()
+                steps.append(([index], op, False))
+            else:
+                run.setdefault(type(op.merge), []).append(index)
+        flush()
+        return steps
 
     async def _batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
-        values = []
+        values: list[Any] = [None] * len(ops)
         prefix = "BEGIN;"
         try:
-            for sql, params, result in ops:
-                cursor = await self._execute(prefix + sql, params)
+            for indices, op, merged in self._plan(ops):
+                cursor = await self._statement(prefix, op.sql, op.params)
                 prefix = ""
-                values.append(result(cursor))
+                if merged:
+                    for index, value in zip(indices, op.result(cursor), strict=True):
+                        values[index] = value
+                else:
+                    values[indices[0]] = op.result(cursor)
         except Exception as e:
             await self._raiseFor(e)
             await self._rollback()
@@ -334,14 +423,14 @@ class PostgresLink:
             outcomes: list[tuple[bool, Any]] = []
             restart = False
             prefix = "BEGIN;"
-            for index, (sql, params, result) in enumerate(ops):
+            for index, op in enumerate(ops):
                 if index in failed:
                     outcomes.append((False, failed[index]))
                     continue
                 name = f"op{index}"
                 try:
-                    cursor = await self._execute(f"{prefix}SAVEPOINT {name};{sql}", params)
-                    value = result(cursor)
+                    cursor = await self._statement(f"{prefix}SAVEPOINT {name};", op.sql, op.params)
+                    value = op.result(cursor)
                 except Exception as e:
                     await self._raiseFor(e)
                     failed[index] = Failure()
@@ -407,6 +496,25 @@ class PostgresLink:
             await self._rollback()
             raise StoreUnavailable(f"{describe}: cannot create the schema: {_firstLine(e)}") from e
         await self._execute("COMMIT")
+
+
+_PARAMETER = re.compile(r"%s((?:::[a-z0-9_]+(?:\[\])?)?)")
+
+
+@functools.lru_cache(maxsize=256)
+def _preparable(sql: str) -> tuple[str, str]:
+    """
+    C{sql} with C{$n} parameters for C{PREPARE}, and the argument list of
+    its C{EXECUTE} with the same casts (an array of NULLs needs its type).
+    """
+    arguments: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        arguments.append("%s" + match.group(1))
+        return f"${len(arguments)}{match.group(1)}"
+
+    body = _PARAMETER.sub(number, sql)
+    return body, ", ".join(arguments)
 
 
 def _firstLine(error: BaseException) -> str:
@@ -493,6 +601,105 @@ def _columns(rows: Any, width: int) -> tuple[list[Any], ...]:
     Rows of C{width} values as C{width} arrays, for C{unnest}.
     """
     return tuple(list(column) for column in zip(*rows, strict=True)) if rows else ([],) * width
+
+
+_DELETE_INBOX = (
+    "DELETE FROM inbox i USING unnest(%s::text[], %s::bigint[]) AS d(uid, qid) "
+    "WHERE i.uid = d.uid AND i.qid = d.qid RETURNING i.uid, i.qid"
+)
+
+
+class _Append:
+    """
+    What one L{PostgreSQLStore.appendMessages} call writes; several run as
+    one statement (L{PostgresLink._plan}).
+    """
+
+    def __init__(self, messages: list[NewMessage]):
+        self.rows = [(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created) for m in messages if m.seq is not None]
+        self.inbox = [
+            (uid, m.conv, m.seq if body is None else None, body, m.created) for m in messages for uid, body in m.inbox
+        ]
+        self.sizes = [len(m.inbox) for m in messages]
+        self.dupes = {m.dedupe: (*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None}
+
+    @staticmethod
+    def combine(appends: list[_Append]) -> Op:
+        """
+        One statement for C{appends}, in order; its result is each one's.
+
+        @raise SequenceConflict: from the result, for the first taken
+            C{(conv, seq)} (the batch then runs again op by op, so that
+            only the call that holds it fails).
+        """
+        rows = [row for a in appends for row in a.rows]
+        inbox = [entry for a in appends for entry in a.inbox]
+        # One row per key, the last one winning, as replaces in call order.
+        dupes: dict[Any, tuple[Any, ...]] = {}
+        for a in appends:
+            dupes.update(a.dupes)
+
+        def result(cursor: Any) -> list[list[list[int]]]:
+            convs, seqs, qids = cursor.fetchone()
+            if len(seqs) != len(rows):
+                stored = Counter(zip(convs, seqs, strict=True))
+                for conv, seq, *_ in rows:
+                    if not stored[(conv, seq)]:
+                        raise SequenceConflict(conv, seq)
+                    stored[(conv, seq)] -= 1
+            results = []
+            start = 0
+            for a in appends:
+                each = []
+                for size in a.sizes:
+                    each.append(qids[start : start + size])
+                    start += size
+                results.append(each)
+            return results
+
+        params = (*_columns(rows, 6), *_columns(inbox, 5), *_columns(dupes.values(), 6))
+        return Op(_APPEND, params, result)
+
+
+class _DeleteInbox:
+    """
+    What one L{PostgreSQLStore.deleteInbox} call removes; several run as
+    one statement.
+    """
+
+    def __init__(self, uid: str, qids: list[int]):
+        self.uid = uid
+        self.qids = list(qids)
+
+    @staticmethod
+    def combine(deletions: list[_DeleteInbox]) -> Op:
+        """
+        One statement for C{deletions}; its result is how many entries each
+        removed (an entry named twice counts for the first).
+        """
+
+        def result(cursor: Any) -> list[int]:
+            gone = Counter(cursor.fetchall())
+            counts = []
+            for deletion in deletions:
+                count = 0
+                for qid in deletion.qids:
+                    if gone[(deletion.uid, qid)]:
+                        gone[(deletion.uid, qid)] -= 1
+                        count += 1
+                counts.append(count)
+            return counts
+
+        uids = [d.uid for d in deletions for _ in d.qids]
+        return Op(_DELETE_INBOX, (uids, [q for d in deletions for q in d.qids]), result)
+
+
+def _mergeable(merge: Any) -> Op:
+    """
+    The operation of one mergeable call alone.
+    """
+    combined = merge.combine([merge])
+    return Op(combined.sql, combined.params, lambda cursor: combined.result(cursor)[0], merge)
 
 
 @implementer(IMessageStore)
@@ -608,10 +815,10 @@ class PostgreSQLStore:
         return link
 
     def _read(self, sql: str, params: Any, result: Callable[[Any], Any]) -> Deferred[Any]:
-        return self._pool.read((sql, params, result))
+        return self._pool.read(Op(sql, params, result))
 
     def _write(self, sql: str, params: Any, result: Callable[[Any], Any], idempotent: bool = False) -> Deferred[Any]:
-        return self._pool.write((sql, params, result), idempotent)
+        return self._pool.write(Op(sql, params, result), idempotent)
 
     # Accounts.
 
@@ -664,34 +871,7 @@ class PostgreSQLStore:
     # Messages.
 
     def appendMessages(self, messages: list[NewMessage]) -> Deferred[list[list[int]]]:
-        rows = [(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created) for m in messages if m.seq is not None]
-        inbox = [
-            (uid, m.conv, m.seq if body is None else None, body, m.created) for m in messages for uid, body in m.inbox
-        ]
-        # One row per key, the last one winning, as a replace in call order.
-        dupes = {m.dedupe: (*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None}
-        params = (
-            *_columns(rows, 6),
-            *_columns(inbox, 5),
-            *_columns(dupes.values(), 6),
-        )
-
-        def appended(cursor: Any) -> list[list[int]]:
-            convs, seqs, qids = cursor.fetchone()
-            if len(seqs) != len(rows):
-                stored = Counter(zip(convs, seqs, strict=True))
-                for conv, seq, *_ in rows:
-                    if not stored[(conv, seq)]:
-                        raise SequenceConflict(conv, seq)
-                    stored[(conv, seq)] -= 1
-            result = []
-            start = 0
-            for m in messages:
-                result.append(qids[start : start + len(m.inbox)])
-                start += len(m.inbox)
-            return result
-
-        return self._write(_APPEND, params, appended)
+        return self._pool.write(_mergeable(_Append(messages)))
 
     def lastMessage(self, conv: str) -> Deferred[tuple[int, int]]:
         def last(cursor: Any) -> tuple[int, int]:
@@ -759,7 +939,7 @@ class PostgreSQLStore:
         )
 
     def deleteInbox(self, uid: str, qids: list[int]) -> Deferred[int]:
-        return self._write("DELETE FROM inbox WHERE uid = %s AND qid = ANY(%s::bigint[])", (uid, list(qids)), _rowcount)
+        return self._pool.write(_mergeable(_DeleteInbox(uid, qids)))
 
     def countInbox(self, uid: str) -> Deferred[int]:
         return self._read("SELECT COUNT(*) FROM inbox WHERE uid = %s", (uid,), _scalar)
