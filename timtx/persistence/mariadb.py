@@ -36,6 +36,7 @@ import math
 import queue
 import random as _random
 import threading
+from collections import Counter
 from typing import Any, Callable, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -45,7 +46,7 @@ from zope.interface import implementer
 
 from timtx.persistence.errors import SchemaTooNew, SequenceConflict, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
-from timtx.persistence.pool import LinkLost, OrderedPool, Transient
+from timtx.persistence.pool import LinkLost, OrderedPool, Transient, mergedRuns
 from timtx.persistence.records import (
     BLOCK_BY_USER,
     GROUP_ALIVE,
@@ -348,9 +349,17 @@ class ThreadLink:
 
     def _batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         cursor = self._cursor
+        values: list[Any] = [None] * len(ops)
         try:
             cursor.execute("BEGIN")
-            values = [op(cursor) for op in ops]
+            merges = [getattr(op, "merge", None) for op in ops]
+            for indices, kind in mergedRuns(merges):
+                if kind is None:
+                    values[indices[0]] = ops[indices[0]](cursor)
+                else:
+                    merged = kind.combine([merges[i] for i in indices], self._driver)
+                    for index, value in zip(indices, merged(cursor), strict=True):
+                        values[index] = value
         except Exception as e:
             self._raiseFor(e)
             self._rollback()
@@ -658,51 +667,7 @@ class MariaDBStore:
     # Messages.
 
     def appendMessages(self, messages: list[NewMessage]) -> Deferred[list[list[int]]]:
-        driver = self._driver
-        rows = [(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created) for m in messages if m.seq is not None]
-        inbox = [
-            (uid, m.conv, m.seq if body is None else None, body, m.created) for m in messages for uid, body in m.inbox
-        ]
-        dupes = {m.dedupe: (*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None}
-
-        def append(c: Any) -> list[list[int]]:
-            seen = set()
-            for conv, seq, *_ in rows:
-                if (conv, seq) in seen:
-                    raise SequenceConflict(conv, seq)
-                seen.add((conv, seq))
-            if rows:
-                try:
-                    c.execute(
-                        "INSERT INTO messages (conv, seq, mid, sender, stanza, created) VALUES "
-                        + _values(len(rows), 6),
-                        [value for row in rows for value in row],
-                    )
-                except Exception as e:
-                    if driver is None or driver.code(e) != _DUPLICATE_KEY or "PRIMARY" not in str(e):
-                        raise
-                    for conv, seq, *_ in rows:
-                        c.execute("SELECT 1 FROM messages WHERE conv = %s AND seq = %s", (conv, seq))
-                        if c.fetchone():
-                            raise SequenceConflict(conv, seq) from None
-                    raise
-            qids = _insertInbox(c, inbox)
-            if dupes:
-                c.execute(
-                    "INSERT INTO duplicates (sender, client_id, conv, seq, mid, created) VALUES "
-                    + _values(len(dupes), 6)
-                    + " ON DUPLICATE KEY UPDATE conv = VALUES(conv), seq = VALUES(seq), mid = VALUES(mid), "
-                    "created = VALUES(created)",
-                    [value for row in dupes.values() for value in row],
-                )
-            result = []
-            start = 0
-            for m in messages:
-                result.append(qids[start : start + len(m.inbox)])
-                start += len(m.inbox)
-            return result
-
-        return self._write(append)
+        return self._write(_Mergeable(_Append(messages), self._driver))
 
     def lastMessage(self, conv: str) -> Deferred[tuple[int, int]]:
         def last(c: Any) -> tuple[int, int]:
@@ -778,14 +743,7 @@ class MariaDBStore:
         return self._read(read)
 
     def deleteInbox(self, uid: str, qids: list[int]) -> Deferred[int]:
-        def delete(c: Any) -> int:
-            if not qids:
-                return 0
-            return _changed(
-                c, "DELETE FROM inbox WHERE uid = %s AND qid IN (" + ", ".join(["%s"] * len(qids)) + ")", (uid, *qids)
-            )
-
-        return self._write(delete)
+        return self._write(_Mergeable(_DeleteInbox(uid, qids), self._driver))
 
     def countInbox(self, uid: str) -> Deferred[int]:
         def count(c: Any) -> int:
@@ -1021,17 +979,172 @@ def _putMember(c: Any, gid: str, member: Member) -> None:
     )
 
 
+#: Most bytes of stanzas, and most rows, one multi-row statement carries:
+#: well under MariaDB's default max_allowed_packet (16 MiB).
+_CHUNK_BYTES = 4 << 20
+_CHUNK_ROWS = 1000
+
+
+def _chunks(rows: Sequence[tuple[Any, ...]], blob: int) -> list[Sequence[tuple[Any, ...]]]:
+    """
+    C{rows} cut into statements of bounded size; C{blob} is the index of
+    the column that carries the bulk.
+    """
+    chunks: list[Sequence[tuple[Any, ...]]] = []
+    start = size = 0
+    for index, row in enumerate(rows):
+        length = len(row[blob] or b"")
+        if index > start and (size + length > _CHUNK_BYTES or index - start >= _CHUNK_ROWS):
+            chunks.append(rows[start:index])
+            start, size = index, 0
+        size += length
+    if start < len(rows):
+        chunks.append(rows[start:])
+    return chunks
+
+
 def _insertInbox(c: Any, rows: Sequence[tuple[str, str | None, int | None, bytes | None, float]]) -> list[int]:
     """
-    Insert inbox rows in one statement; their qids, in the order given.
+    Insert inbox rows, a few statements for many; their qids, in the order
+    given.
     """
-    if not rows:
-        return []
-    c.execute(
-        "INSERT INTO inbox (uid, conv, seq, stanza, created) VALUES " + _values(len(rows), 5) + " RETURNING qid",
-        [value for row in rows for value in row],
-    )
-    return [row[0] for row in c.fetchall()]
+    qids: list[int] = []
+    for chunk in _chunks(rows, 3):
+        c.execute(
+            "INSERT INTO inbox (uid, conv, seq, stanza, created) VALUES " + _values(len(chunk), 5) + " RETURNING qid",
+            [value for row in chunk for value in row],
+        )
+        qids.extend(row[0] for row in c.fetchall())
+    return qids
+
+
+class _Mergeable:
+    """
+    An operation that a batch may run merged with others of its kind
+    (L{timtx.persistence.pool.mergedRuns}); called alone, it runs alone.
+    """
+
+    def __init__(self, merge: Any, driver: Driver | None):
+        self.merge = merge
+        self._driver = driver
+
+    def __call__(self, c: Any) -> Any:
+        return type(self.merge).combine([self.merge], self._driver)(c)[0]
+
+
+class _Append:
+    """
+    What one L{MariaDBStore.appendMessages} call writes.
+    """
+
+    def __init__(self, messages: list[NewMessage]):
+        self.rows = [(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created) for m in messages if m.seq is not None]
+        self.inbox = [
+            (uid, m.conv, m.seq if body is None else None, body, m.created) for m in messages for uid, body in m.inbox
+        ]
+        self.sizes = [len(m.inbox) for m in messages]
+        self.dupes = {m.dedupe: (*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None}
+
+    @staticmethod
+    def combine(appends: list[_Append], driver: Driver | None) -> Callable[[Any], list[list[list[int]]]]:
+        """
+        Write C{appends} in a few statements, in order; the result is each
+        one's.
+
+        @raise SequenceConflict: for the first taken C{(conv, seq)} (the
+            batch then runs again op by op, so that only the call that
+            holds it fails).
+        """
+        rows = [row for a in appends for row in a.rows]
+        inbox = [entry for a in appends for entry in a.inbox]
+        dupes: dict[Any, tuple[Any, ...]] = {}
+        for a in appends:
+            dupes.update(a.dupes)
+
+        def append(c: Any) -> list[list[list[int]]]:
+            seen = set()
+            for conv, seq, *_ in rows:
+                if (conv, seq) in seen:
+                    raise SequenceConflict(conv, seq)
+                seen.add((conv, seq))
+            for chunk in _chunks(rows, 4):
+                try:
+                    c.execute(
+                        "INSERT INTO messages (conv, seq, mid, sender, stanza, created) VALUES "
+                        + _values(len(chunk), 6),
+                        [value for row in chunk for value in row],
+                    )
+                except Exception as e:
+                    if driver is None or driver.code(e) != _DUPLICATE_KEY or "PRIMARY" not in str(e):
+                        raise
+                    for conv, seq, *_ in chunk:
+                        c.execute("SELECT 1 FROM messages WHERE conv = %s AND seq = %s", (conv, seq))
+                        if c.fetchone():
+                            raise SequenceConflict(conv, seq) from None
+                    raise
+            qids = _insertInbox(c, inbox)
+            for chunk in _chunks(list(dupes.values()), 0):
+                c.execute(
+                    "INSERT INTO duplicates (sender, client_id, conv, seq, mid, created) VALUES "
+                    + _values(len(chunk), 6)
+                    + " ON DUPLICATE KEY UPDATE conv = VALUES(conv), seq = VALUES(seq), mid = VALUES(mid), "
+                    "created = VALUES(created)",
+                    [value for row in chunk for value in row],
+                )
+            results = []
+            start = 0
+            for a in appends:
+                each = []
+                for size in a.sizes:
+                    each.append(qids[start : start + size])
+                    start += size
+                results.append(each)
+            return results
+
+        return append
+
+
+class _DeleteInbox:
+    """
+    What one L{MariaDBStore.deleteInbox} call removes.
+    """
+
+    def __init__(self, uid: str, qids: list[int]):
+        self.uid = uid
+        self.qids = list(qids)
+
+    @staticmethod
+    def combine(deletions: list[_DeleteInbox], driver: Driver | None) -> Callable[[Any], list[int]]:
+        """
+        Remove C{deletions} in a few statements; the result is how many
+        entries each removed (an entry named twice counts for the first).
+        """
+        pairs = [(d.uid, qid) for d in deletions for qid in d.qids]
+
+        def delete(c: Any) -> list[int]:
+            gone: Counter[tuple[str, int]] = Counter()
+            for start in range(0, len(pairs), _CHUNK_ROWS):
+                chunk = pairs[start : start + _CHUNK_ROWS]
+                c.execute(
+                    "DELETE FROM inbox WHERE qid IN ("
+                    + ", ".join(["%s"] * len(chunk))
+                    + ") AND (uid, qid) IN ("
+                    + _values(len(chunk), 2)
+                    + ") RETURNING uid, qid",
+                    [qid for _, qid in chunk] + [value for pair in chunk for value in pair],
+                )
+                gone.update((uid, qid) for uid, qid in c.fetchall())
+            counts = []
+            for deletion in deletions:
+                count = 0
+                for qid in deletion.qids:
+                    if gone[(deletion.uid, qid)]:
+                        gone[(deletion.uid, qid)] -= 1
+                        count += 1
+                counts.append(count)
+            return counts
+
+        return delete
 
 
 def _versionTuple(version: str) -> tuple[int, ...]:

@@ -480,3 +480,35 @@ class OrderedPool:
     def _retry(self) -> None:
         self._retryCall = None
         self._refill()
+
+
+def mergedRuns(merges: list[Any]) -> list[tuple[list[int], Any]]:
+    """
+    How a link may run a batch: C{merges} holds, per op, what it writes if
+    it may be merged with others of its kind (anything with a C{combine}
+    class method), else C{None}.
+
+    Mergeable kinds must commute with each other and with themselves
+    within a batch (appends make new rows, inbox deletions name rows
+    committed earlier), so each run of them between two other ops becomes
+    one step per kind.  Other ops are steps of their own, in order.
+
+    @return: C{(indices of the ops, kind)}, in the order to run them; the
+        kind is C{None} for a step of one op to run as is.
+    """
+    steps: list[tuple[list[int], Any]] = []
+    run: dict[Any, list[int]] = {}
+
+    def flush() -> None:
+        for kind, indices in run.items():
+            steps.append((indices, kind if len(indices) > 1 else None))
+        run.clear()
+
+    for index, merge in enumerate(merges):
+        if merge is None:
+            flush()
+            steps.append(([index], None))
+        else:
+            run.setdefault(type(merge), []).append(index)
+    flush()
+    return steps

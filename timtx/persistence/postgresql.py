@@ -50,7 +50,7 @@ from zope.interface import implementer
 
 from timtx.persistence.errors import SchemaTooNew, SequenceConflict, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
-from timtx.persistence.pool import LinkLost, OrderedPool, Transient
+from timtx.persistence.pool import LinkLost, OrderedPool, Transient, mergedRuns
 from timtx.persistence.records import (
     BLOCK_BY_USER,
     GROUP_ALIVE,
@@ -184,7 +184,7 @@ class Op:
 
     @ivar merge: for an operation that may run merged with others of its
         kind in one statement, what it writes (an L{_Append} or
-        L{_DeleteInbox}); see L{PostgresLink._plan}.
+        L{_DeleteInbox}); see L{timtx.persistence.pool.mergedRuns}.
     """
 
     __slots__ = ("sql", "params", "result", "merge")
@@ -358,52 +358,21 @@ class PostgresLink:
             raise
         return op.result(cursor)
 
-    @staticmethod
-    def _plan(ops: list[Op]) -> list[tuple[list[int], Op, bool]]:
-        """
-        The statements that run C{ops}: C{(indices of the ops, statement,
-        whether it is merged)}.
-
-        Appends and inbox deletions commute with each other and with
-        themselves within a batch (a deletion names entries committed
-        earlier, an append makes new ones), so each run of them between
-        two other operations becomes one statement per kind: a busy node's
-        batch of a hundred appends and two hundred deletions costs two
-        round trips, not three hundred.  Other operations run alone, in
-        order.
-        """
-        steps: list[tuple[list[int], Op, bool]] = []
-        run: dict[Any, list[int]] = {}
-
-        def flush() -> None:
-            for kind, indices in run.items():
-                if len(indices) == 1:
-                    steps.append((indices, ops[indices[0]], False))
-                else:
-                    steps.append((indices, kind.combine([ops[i].merge for i in indices]), True))
-            run.clear()
-
-        for index, op in enumerate(ops):
-            if op.merge is None:
-                flush()
-                steps.append(([index], op, False))
-            else:
-                run.setdefault(type(op.merge), []).append(index)
-        flush()
-        return steps
-
     async def _batch(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         values: list[Any] = [None] * len(ops)
         prefix = "BEGIN;"
         try:
-            for indices, op, merged in self._plan(ops):
-                cursor = await self._statement(prefix, op.sql, op.params)
-                prefix = ""
-                if merged:
+            for indices, kind in mergedRuns([op.merge for op in ops]):
+                if kind is None:
+                    op = ops[indices[0]]
+                    cursor = await self._statement(prefix, op.sql, op.params)
+                    values[indices[0]] = op.result(cursor)
+                else:
+                    op = kind.combine([ops[i].merge for i in indices])
+                    cursor = await self._statement(prefix, op.sql, op.params)
                     for index, value in zip(indices, op.result(cursor), strict=True):
                         values[index] = value
-                else:
-                    values[indices[0]] = op.result(cursor)
+                prefix = ""
         except Exception as e:
             await self._raiseFor(e)
             await self._rollback()
@@ -612,7 +581,7 @@ _DELETE_INBOX = (
 class _Append:
     """
     What one L{PostgreSQLStore.appendMessages} call writes; several run as
-    one statement (L{PostgresLink._plan}).
+    one statement (L{timtx.persistence.pool.mergedRuns}).
     """
 
     def __init__(self, messages: list[NewMessage]):
