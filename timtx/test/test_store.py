@@ -209,6 +209,65 @@ class MessageStoreTestsMixin:
         self.assertEqual([e.stanza for e in inbox], [b"ok1", b"ok2"])
         self.assertEqual((yield store.lastMessage("c")), (2, 2))
 
+    def test_callsTogether(self):
+        """
+        Appends and inbox deletions made together (committed together, and
+        merged into few statements, by the server stores) each get their
+        own result: qids in call order, counts of their own entries.
+        """
+        return self.callsTogether(conflict=False)
+
+    def test_callsTogetherWithConflict(self):
+        """
+        The same with an append whose seq another call of the batch takes:
+        only that call fails.
+        """
+        return self.callsTogether(conflict=True)
+
+    @inlineCallbacks
+    def callsTogether(self, conflict):
+        store = yield self.store()
+        ((bobOld, carolOld),) = yield store.appendMessages(
+            [NewMessage("c0", 1, 1, "a", b"old", 0.0, inbox=(("bob", None), ("carol", None)))]
+        )
+        calls = [
+            store.createAccount(Account("u", "", "h", 0.0)),
+            store.appendMessages(
+                [
+                    NewMessage("c1", 1, 10, "a", b"a1", 0.0, inbox=(("bob", None),)),
+                    NewMessage("c1", 2, 11, "a", b"a2", 0.0, inbox=(("bob", None), ("carol", b"copy"))),
+                ]
+            ),
+            store.deleteInbox("bob", [bobOld, bobOld, 999999]),
+            store.appendMessages([NewMessage("c2", 1, 20, "a", b"b1", 0.0, inbox=(("carol", None),), dedupe=("a", 5))]),
+            store.deleteInbox("carol", [bobOld]),
+            store.deleteInbox("carol", [carolOld]),
+            store.appendMessages(
+                [NewMessage("c2", 1 if conflict else 2, 21, "a", b"taken", 0.0, inbox=(("x", None),))]
+            ),
+            store.appendMessages([NewMessage("c3", 1, 30, "a", b"c1", 0.0, inbox=(("bob", None),))]),
+        ]
+        results = yield gatherResults([d.addErrback(lambda f: f.trap(SequenceConflict) and f.value) for d in calls])
+        account, a, bobGone, b, notCarols, carolGone, taken, c = results
+        self.assertIs(account, True)
+        self.assertEqual((bobGone, notCarols, carolGone), (1, 0, 1))
+        if conflict:
+            self.assertIsInstance(taken, SequenceConflict)
+            self.assertEqual((taken.conv, taken.seq), ("c2", 1))
+        else:
+            self.assertEqual(len(taken[0]), 1)
+        self.assertEqual([len(q) for q in a], [1, 2])
+        qids = [*a[0], *a[1], *b[0], *c[0]]
+        self.assertEqual(qids, sorted(set(qids)), "qids grow in call order")
+        bob = yield store.readInbox("bob", 0, 10)
+        self.assertEqual([(e.qid, e.stanza) for e in bob], [(a[0][0], b"a1"), (a[1][0], b"a2"), (c[0][0], b"c1")])
+        carol = yield store.readInbox("carol", 0, 10)
+        self.assertEqual([(e.qid, e.stanza) for e in carol], [(a[1][1], b"copy"), (b[0][0], b"b1")])
+        stored = [m.stanza for m in (yield store.messagesAfter("c2", 0, 10))]
+        self.assertEqual(stored, [b"b1"] if conflict else [b"b1", b"taken"])
+        self.assertEqual((yield store.countInbox("x")), 0 if conflict else 1)
+        self.assertEqual(list((yield store.recentDuplicates("a", 0.0))), [5])
+
     @inlineCallbacks
     def test_transientAndInbox(self):
         """
