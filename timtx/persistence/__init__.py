@@ -38,7 +38,33 @@ class LazyStoreFactory:
         return getattr(import_module(module), attribute)()
 
     def makeStore(self, config: Any, reactor: Any) -> Any:
-        return self.load().makeStore(config, reactor)
+        try:
+            factory = self.load()
+        except ImportError as e:
+            # A broken install: say so when the node opens its store, as
+            # any other reason it cannot start.
+            return _Unloadable(self.name, f"the {self.name} store cannot be loaded: {e}")
+        return factory.makeStore(config, reactor)
+
+
+class _Unloadable:
+    """
+    Stands for a store whose module cannot be imported: opening it fails.
+    """
+
+    def __init__(self, name: str, why: str):
+        self.name = name
+        self._why = why
+
+    def open(self) -> Any:
+        from twisted.internet.defer import fail
+
+        return fail(StoreUnavailable(self._why))
+
+    def close(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
 
 
 BUILTIN_STORES: dict[str, Any] = {

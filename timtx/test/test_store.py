@@ -10,7 +10,7 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from timtx.persistence import BUILTIN_STORES, IMessageStore, SequenceConflict, storeFactory
+from timtx.persistence import BUILTIN_STORES, IMessageStore, SequenceConflict, StoreUnavailable, storeFactory
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.records import (
     BLOCK_BY_GROUP,
@@ -568,6 +568,19 @@ class PluginLookupTests(SynchronousTestCase):
     def test_builtins(self):
         self.assertEqual(sorted(BUILTIN_STORES), ["mariadb", "memory", "postgresql", "sqlite"])
         self.assertIs(storeFactory("memory"), BUILTIN_STORES["memory"])
+
+    def test_lazy(self):
+        """
+        The server plugins are imported when used; a plugin whose driver
+        cannot be imported makes a store that fails to open, saying why.
+        """
+        from timtx.persistence import LazyStoreFactory
+
+        factory = LazyStoreFactory("broken", "x", "timtx.persistence.nosuchmodule:Factory")
+        store = factory.makeStore(None, None)
+        failure = self.failureResultOf(store.open(), StoreUnavailable)
+        self.assertIn("the broken store cannot be loaded", str(failure.value))
+        self.successResultOf(store.close())
 
     def test_unknown(self):
         error = self.assertRaises(KeyError, storeFactory, "nosuchdb")
