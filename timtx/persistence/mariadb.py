@@ -36,7 +36,6 @@ import math
 import queue
 import random as _random
 import threading
-from collections import Counter
 from typing import Any, Callable, Sequence
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -46,7 +45,7 @@ from zope.interface import implementer
 
 from timtx.persistence.errors import SchemaTooNew, SequenceConflict, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
-from timtx.persistence.pool import LinkLost, OrderedPool, Transient, mergedRuns
+from timtx.persistence.pool import LinkLost, PooledStore, Transient, mergedRuns
 from timtx.persistence.records import (
     BLOCK_BY_USER,
     GROUP_ALIVE,
@@ -60,6 +59,9 @@ from timtx.persistence.records import (
     StoredMessage,
     TokenGrant,
 )
+from timtx.persistence.rows import Appends, InboxDeletion, firstLine, groupRow, poolOptions
+from timtx.persistence.rows import group as groupFrom
+from timtx.persistence.rows import message as messageFrom
 
 _TABLE = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
 
@@ -328,11 +330,11 @@ class ThreadLink:
         """
         code = self._driver.code(error)
         if code in _LOST_CODES:
-            raise LinkLost(_firstLine(error), committing)
+            raise LinkLost(firstLine(error), committing)
         if code in _TRANSIENT_CODES:
             if not committing:
                 self._rollback()
-            raise Transient(_firstLine(error))
+            raise Transient(firstLine(error))
 
     def runRead(self, op: Op) -> Deferred[Any]:
         return self._submit(lambda: self._read(op))
@@ -396,7 +398,7 @@ class ThreadLink:
         try:
             self._cursor.execute("ROLLBACK")
         except Exception as e:
-            raise LinkLost(f"rollback failed: {_firstLine(e)}") from e
+            raise LinkLost(f"rollback failed: {firstLine(e)}") from e
 
     def _commit(self) -> None:
         try:
@@ -404,16 +406,6 @@ class ThreadLink:
         except Exception as e:
             self._raiseFor(e, committing=True)
             raise
-
-
-def _firstLine(error: BaseException) -> str:
-    args = error.args
-    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
-        # The drivers' (code, message): the message first.
-        text = f"{args[1]} (error {args[0]})"
-    else:
-        text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def _changed(c: Any, sql: str, params: Any) -> int:
@@ -429,22 +421,12 @@ def _values(rows: int, columns: int) -> str:
     return ", ".join([one] * rows)
 
 
-def _message(row: tuple[Any, ...]) -> StoredMessage:
-    conv, seq, mid, sender, stanza, state, created = row
-    return StoredMessage(conv, seq, mid, sender, bytes(stanza), state, created)
-
-
-def _group(row: tuple[Any, ...]) -> Group:
-    gid, domain, founder, gtype, status, created, profile, cap, mutedAll = row
-    return Group(gid, domain, founder, gtype, status, created, profile, cap, bool(mutedAll))
-
-
 _MESSAGE = "SELECT conv, seq, mid, sender, stanza, state, created FROM messages"
 _GROUP = "SELECT gid, domain, founder, gtype, status, created, profile, member_cap, muted_all FROM `groups`"
 
 
 @implementer(IMessageStore)
-class MariaDBStore:
+class MariaDBStore(PooledStore):
     """
     @param reactor: delivers the threads' results (C{IReactorFromThreads}).
     @param dsn: C{mariadb://user:password@host:port/database}.
@@ -483,24 +465,15 @@ class MariaDBStore:
             self._dsnError = str(e)
         params = self._params or {}
         where = params.get("unix_socket") or f"{params.get('host', '')}:{params.get('port', 3306)}"
-        self.describe = f"MariaDB at {where}/{params.get('database', '')}"
-        self._pool = OrderedPool(
-            self._connect,
+        self._makePool(
             clock if clock is not None else reactor,
-            size=poolSize,
+            f"MariaDB at {where}/{params.get('database', '')}",
+            poolSize=poolSize,
             batchMax=batchMax,
-            backoffInitial=reconnectInitial,
-            backoffMax=reconnectMax,
-            describe=self.describe,
+            reconnectInitial=reconnectInitial,
+            reconnectMax=reconnectMax,
             random=random,
         )
-
-    @property
-    def pool(self) -> OrderedPool:
-        """
-        The connections, for tests and monitoring.
-        """
-        return self._pool
 
     @property
     def driver(self) -> str:
@@ -530,9 +503,6 @@ class MariaDBStore:
             return d
 
         return self._connect().addCallback(migrate)
-
-    def close(self) -> Deferred[None]:
-        return self._pool.close()
 
     def _connect(self) -> Deferred[ThreadLink]:
         assert self._params is not None and self._driver is not None
@@ -564,7 +534,7 @@ class MariaDBStore:
                         pass
                 if isinstance(e, StoreUnavailable):
                     raise
-                raise StoreUnavailable(f"cannot connect to {self.describe}: {_firstLine(e)}") from None
+                raise StoreUnavailable(f"cannot connect to {self.describe}: {firstLine(e)}") from None
             return connection
 
         def failed(failure: Failure) -> Failure:
@@ -594,7 +564,7 @@ class MariaDBStore:
                     for statement in MIGRATIONS[step]:
                         cursor.execute(statement)
                 except Exception as e:
-                    raise StoreUnavailable(f"{self.describe}: cannot create the schema: {_firstLine(e)}") from e
+                    raise StoreUnavailable(f"{self.describe}: cannot create the schema: {firstLine(e)}") from e
                 cursor.execute("UPDATE schema_version SET version = %s", (step + 1,))
         finally:
             cursor.execute("SELECT RELEASE_LOCK('timtx_migrate')")
@@ -681,7 +651,7 @@ class MariaDBStore:
         def get(c: Any) -> StoredMessage | None:
             c.execute(f"{_MESSAGE} WHERE conv = %s AND mid = %s", (conv, mid))
             row = c.fetchone()
-            return _message(row) if row else None
+            return messageFrom(row) if row else None
 
         return self._read(get)
 
@@ -704,7 +674,7 @@ class MariaDBStore:
                 c.execute(
                     f"{_MESSAGE} WHERE conv = %s AND mid < %s ORDER BY mid DESC LIMIT %s", (conv, beforeMid, limit)
                 )
-            return [_message(row) for row in c.fetchall()]
+            return [messageFrom(row) for row in c.fetchall()]
 
         return self._read(read)
 
@@ -821,7 +791,7 @@ class MariaDBStore:
             c.execute(
                 "INSERT INTO `groups` (gid, domain, founder, gtype, status, created, profile, member_cap, muted_all) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                _groupRow(group),
+                groupRow(group),
             )
             _putMember(c, group.gid, founder)
 
@@ -831,7 +801,7 @@ class MariaDBStore:
         def get(c: Any) -> Group | None:
             c.execute(f"{_GROUP} WHERE gid = %s", (gid,))
             row = c.fetchone()
-            return _group(row) if row else None
+            return groupFrom(row) if row else None
 
         return self._read(get)
 
@@ -840,7 +810,7 @@ class MariaDBStore:
             c.execute(
                 "UPDATE `groups` SET domain = %s, founder = %s, gtype = %s, status = %s, created = %s, profile = %s, "
                 "member_cap = %s, muted_all = %s WHERE gid = %s",
-                (*_groupRow(group)[1:], group.gid),
+                (*groupRow(group)[1:], group.gid),
             )
 
         return self._write(update, True)
@@ -952,23 +922,9 @@ class MariaDBStore:
     def messagesAfter(self, conv: str, afterSeq: int, limit: int) -> Deferred[list[StoredMessage]]:
         def read(c: Any) -> list[StoredMessage]:
             c.execute(f"{_MESSAGE} WHERE conv = %s AND seq > %s ORDER BY seq LIMIT %s", (conv, afterSeq, limit))
-            return [_message(row) for row in c.fetchall()]
+            return [messageFrom(row) for row in c.fetchall()]
 
         return self._read(read)
-
-
-def _groupRow(group: Group) -> tuple[Any, ...]:
-    return (
-        group.gid,
-        group.domain,
-        group.founder,
-        group.gtype,
-        group.status,
-        group.created,
-        group.profile,
-        group.memberCap,
-        group.mutedAll,
-    )
 
 
 def _putMember(c: Any, gid: str, member: Member) -> None:
@@ -1032,21 +988,13 @@ class _Mergeable:
         return type(self.merge).combine([self.merge], self._driver)(c)[0]
 
 
-class _Append:
+class _Append(Appends):
     """
     What one L{MariaDBStore.appendMessages} call writes.
     """
 
-    def __init__(self, messages: list[NewMessage]):
-        self.rows = [(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created) for m in messages if m.seq is not None]
-        self.inbox = [
-            (uid, m.conv, m.seq if body is None else None, body, m.created) for m in messages for uid, body in m.inbox
-        ]
-        self.sizes = [len(m.inbox) for m in messages]
-        self.dupes = {m.dedupe: (*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None}
-
     @staticmethod
-    def combine(appends: list[_Append], driver: Driver | None) -> Callable[[Any], list[list[list[int]]]]:
+    def combine(appends: list[Appends], driver: Driver | None) -> Callable[[Any], list[list[list[int]]]]:
         """
         Write C{appends} in a few statements, in order; the result is each
         one's.
@@ -1055,18 +1003,11 @@ class _Append:
             batch then runs again op by op, so that only the call that
             holds it fails).
         """
-        rows = [row for a in appends for row in a.rows]
-        inbox = [entry for a in appends for entry in a.inbox]
-        dupes: dict[Any, tuple[Any, ...]] = {}
-        for a in appends:
-            dupes.update(a.dupes)
+        rows, inbox, dupes = Appends.together(appends)
 
         def append(c: Any) -> list[list[list[int]]]:
-            seen = set()
-            for conv, seq, *_ in rows:
-                if (conv, seq) in seen:
-                    raise SequenceConflict(conv, seq)
-                seen.add((conv, seq))
+            if len({(row[0], row[1]) for row in rows}) != len(rows):
+                Appends.checkStored(rows, {(row[0], row[1]) for row in rows})
             for chunk in _chunks(rows, 4):
                 try:
                     c.execute(
@@ -1083,7 +1024,7 @@ class _Append:
                             raise SequenceConflict(conv, seq) from None
                     raise
             qids = _insertInbox(c, inbox)
-            for chunk in _chunks(list(dupes.values()), 0):
+            for chunk in _chunks(dupes, 0):
                 c.execute(
                     "INSERT INTO duplicates (sender, client_id, conv, seq, mid, created) VALUES "
                     + _values(len(chunk), 6)
@@ -1091,38 +1032,26 @@ class _Append:
                     "created = VALUES(created)",
                     [value for row in chunk for value in row],
                 )
-            results = []
-            start = 0
-            for a in appends:
-                each = []
-                for size in a.sizes:
-                    each.append(qids[start : start + size])
-                    start += size
-                results.append(each)
-            return results
+            return Appends.split(appends, qids)
 
         return append
 
 
-class _DeleteInbox:
+class _DeleteInbox(InboxDeletion):
     """
     What one L{MariaDBStore.deleteInbox} call removes.
     """
 
-    def __init__(self, uid: str, qids: list[int]):
-        self.uid = uid
-        self.qids = list(qids)
-
     @staticmethod
-    def combine(deletions: list[_DeleteInbox], driver: Driver | None) -> Callable[[Any], list[int]]:
+    def combine(deletions: list[InboxDeletion], driver: Driver | None) -> Callable[[Any], list[int]]:
         """
         Remove C{deletions} in a few statements; the result is how many
-        entries each removed (an entry named twice counts for the first).
+        entries each removed.
         """
-        pairs = [(d.uid, qid) for d in deletions for qid in d.qids]
+        pairs = InboxDeletion.pairs(deletions)
 
         def delete(c: Any) -> list[int]:
-            gone: Counter[tuple[str, int]] = Counter()
+            gone: list[tuple[str, int]] = []
             for start in range(0, len(pairs), _CHUNK_ROWS):
                 chunk = pairs[start : start + _CHUNK_ROWS]
                 c.execute(
@@ -1133,16 +1062,8 @@ class _DeleteInbox:
                     + ") RETURNING uid, qid",
                     [qid for _, qid in chunk] + [value for pair in chunk for value in pair],
                 )
-                gone.update((uid, qid) for uid, qid in c.fetchall())
-            counts = []
-            for deletion in deletions:
-                count = 0
-                for qid in deletion.qids:
-                    if gone[(deletion.uid, qid)]:
-                        gone[(deletion.uid, qid)] -= 1
-                        count += 1
-                counts.append(count)
-            return counts
+                gone.extend((uid, qid) for uid, qid in c.fetchall())
+            return InboxDeletion.counts(deletions, gone)
 
         return delete
 
@@ -1168,15 +1089,4 @@ class MariaDBStoreFactory:
     description = "A MariaDB server (connection pool in threads, group commit); for clusters."
 
     def makeStore(self, config: Any, reactor: Any) -> MariaDBStore:
-        store = config.store
-        return MariaDBStore(
-            reactor,
-            store.dsn,
-            driver=store.mariadb_driver,
-            poolSize=store.pool_size,
-            batchMax=store.batch_max,
-            statementTimeout=store.statement_timeout,
-            connectTimeout=store.connect_timeout,
-            reconnectInitial=store.reconnect_initial,
-            reconnectMax=store.reconnect_max,
-        )
+        return MariaDBStore(reactor, config.store.dsn, driver=config.store.mariadb_driver, **poolOptions(config.store))

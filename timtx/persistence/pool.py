@@ -512,3 +512,46 @@ def mergedRuns(merges: list[Any]) -> list[tuple[list[int], Any]]:
             run.setdefault(type(merge), []).append(index)
     flush()
     return steps
+
+
+class PooledStore:
+    """
+    What the server stores share: an L{OrderedPool} of connections made by
+    C{self._connect}, closed with the store.
+    """
+
+    def _makePool(
+        self,
+        clock: IReactorTime,
+        describe: str,
+        *,
+        poolSize: int,
+        batchMax: int,
+        reconnectInitial: float,
+        reconnectMax: float,
+        random: Callable[[], float],
+    ) -> None:
+        self.describe = describe
+        self._pool = OrderedPool(
+            self._connect,
+            clock,
+            size=poolSize,
+            batchMax=batchMax,
+            backoffInitial=reconnectInitial,
+            backoffMax=reconnectMax,
+            describe=describe,
+            random=random,
+        )
+
+    def _connect(self) -> Deferred[Any]:
+        raise NotImplementedError()
+
+    @property
+    def pool(self) -> OrderedPool:
+        """
+        The connections, for tests and monitoring.
+        """
+        return self._pool
+
+    def close(self) -> Deferred[None]:
+        return self._pool.close()

@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import random as _random
 import re
-from collections import Counter
 from typing import Any, Callable
 
 import psycopg2
@@ -48,9 +47,9 @@ from twisted.python.failure import Failure
 from txpostgres import txpostgres
 from zope.interface import implementer
 
-from timtx.persistence.errors import SchemaTooNew, SequenceConflict, StoreUnavailable
+from timtx.persistence.errors import SchemaTooNew, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
-from timtx.persistence.pool import LinkLost, OrderedPool, Transient, mergedRuns
+from timtx.persistence.pool import LinkLost, PooledStore, Transient, mergedRuns
 from timtx.persistence.records import (
     BLOCK_BY_USER,
     GROUP_ALIVE,
@@ -64,6 +63,9 @@ from timtx.persistence.records import (
     StoredMessage,
     TokenGrant,
 )
+from timtx.persistence.rows import Appends, InboxDeletion, firstLine, groupRow, poolOptions
+from timtx.persistence.rows import group as groupFrom
+from timtx.persistence.rows import message as messageFrom
 
 #: Schema steps; step N brings C{schema_version} from N-1 to N.  Append only.
 #: Identifiers are compared byte-wise (C{COLLATE "C"}): cheaper than the
@@ -211,7 +213,7 @@ class _Connection(txpostgres.Connection):
             super().doRead()
         except (psycopg2.Error, ValueError, OSError) as e:
             # The driver's error, or a socket libpq already gave up (-1).
-            self._why = _firstLine(e)
+            self._why = firstLine(e)
             self.close()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -326,11 +328,11 @@ class PostgresLink:
         """
         kind = self._classify(error)
         if kind == _LOST:
-            raise LinkLost(self._connection._why or _firstLine(error), committing)
+            raise LinkLost(self._connection._why or firstLine(error), committing)
         if kind == _TRANSIENT_ERROR:
             if not committing:
                 await self._rollback()
-            raise Transient(_firstLine(error))
+            raise Transient(firstLine(error))
 
     # Link.
 
@@ -425,7 +427,7 @@ class PostgresLink:
         try:
             await self._execute("ROLLBACK")
         except Exception as e:
-            raise LinkLost(f"rollback failed: {_firstLine(e)}") from e
+            raise LinkLost(f"rollback failed: {firstLine(e)}") from e
 
     async def _commit(self) -> None:
         try:
@@ -463,7 +465,7 @@ class PostgresLink:
             raise
         except Exception as e:
             await self._rollback()
-            raise StoreUnavailable(f"{describe}: cannot create the schema: {_firstLine(e)}") from e
+            raise StoreUnavailable(f"{describe}: cannot create the schema: {firstLine(e)}") from e
         await self._execute("COMMIT")
 
 
@@ -484,11 +486,6 @@ def _preparable(sql: str) -> tuple[str, str]:
 
     body = _PARAMETER.sub(number, sql)
     return body, ", ".join(arguments)
-
-
-def _firstLine(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 # Turning a cursor into a result.
@@ -513,16 +510,6 @@ def _scalar(cursor: Any) -> Any:
 
 def _bytes(value: Any) -> bytes | None:
     return None if value is None else bytes(value)
-
-
-def _message(row: tuple[Any, ...]) -> StoredMessage:
-    conv, seq, mid, sender, stanza, state, created = row
-    return StoredMessage(conv, seq, mid, sender, bytes(stanza), state, created)
-
-
-def _group(row: tuple[Any, ...]) -> Group:
-    gid, domain, founder, gtype, status, created, profile, cap, mutedAll = row
-    return Group(gid, domain, founder, gtype, status, created, _bytes(profile), cap, mutedAll)
 
 
 #: New inbox rows from arrays: qids drawn in the order of the arrays, so
@@ -578,22 +565,14 @@ _DELETE_INBOX = (
 )
 
 
-class _Append:
+class _Append(Appends):
     """
     What one L{PostgreSQLStore.appendMessages} call writes; several run as
     one statement (L{timtx.persistence.pool.mergedRuns}).
     """
 
-    def __init__(self, messages: list[NewMessage]):
-        self.rows = [(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created) for m in messages if m.seq is not None]
-        self.inbox = [
-            (uid, m.conv, m.seq if body is None else None, body, m.created) for m in messages for uid, body in m.inbox
-        ]
-        self.sizes = [len(m.inbox) for m in messages]
-        self.dupes = {m.dedupe: (*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None}
-
     @staticmethod
-    def combine(appends: list[_Append]) -> Op:
+    def combine(appends: list[Appends]) -> Op:
         """
         One statement for C{appends}, in order; its result is each one's.
 
@@ -601,66 +580,31 @@ class _Append:
             C{(conv, seq)} (the batch then runs again op by op, so that
             only the call that holds it fails).
         """
-        rows = [row for a in appends for row in a.rows]
-        inbox = [entry for a in appends for entry in a.inbox]
-        # One row per key, the last one winning, as replaces in call order.
-        dupes: dict[Any, tuple[Any, ...]] = {}
-        for a in appends:
-            dupes.update(a.dupes)
+        rows, inbox, dupes = Appends.together(appends)
 
         def result(cursor: Any) -> list[list[list[int]]]:
             convs, seqs, qids = cursor.fetchone()
             if len(seqs) != len(rows):
-                stored = Counter(zip(convs, seqs, strict=True))
-                for conv, seq, *_ in rows:
-                    if not stored[(conv, seq)]:
-                        raise SequenceConflict(conv, seq)
-                    stored[(conv, seq)] -= 1
-            results = []
-            start = 0
-            for a in appends:
-                each = []
-                for size in a.sizes:
-                    each.append(qids[start : start + size])
-                    start += size
-                results.append(each)
-            return results
+                Appends.checkStored(rows, zip(convs, seqs, strict=True))
+            return Appends.split(appends, qids)
 
-        params = (*_columns(rows, 6), *_columns(inbox, 5), *_columns(dupes.values(), 6))
-        return Op(_APPEND, params, result)
+        return Op(_APPEND, (*_columns(rows, 6), *_columns(inbox, 5), *_columns(dupes, 6)), result)
 
 
-class _DeleteInbox:
+class _DeleteInbox(InboxDeletion):
     """
     What one L{PostgreSQLStore.deleteInbox} call removes; several run as
     one statement.
     """
 
-    def __init__(self, uid: str, qids: list[int]):
-        self.uid = uid
-        self.qids = list(qids)
-
     @staticmethod
-    def combine(deletions: list[_DeleteInbox]) -> Op:
-        """
-        One statement for C{deletions}; its result is how many entries each
-        removed (an entry named twice counts for the first).
-        """
-
-        def result(cursor: Any) -> list[int]:
-            gone = Counter(cursor.fetchall())
-            counts = []
-            for deletion in deletions:
-                count = 0
-                for qid in deletion.qids:
-                    if gone[(deletion.uid, qid)]:
-                        gone[(deletion.uid, qid)] -= 1
-                        count += 1
-                counts.append(count)
-            return counts
-
-        uids = [d.uid for d in deletions for _ in d.qids]
-        return Op(_DELETE_INBOX, (uids, [q for d in deletions for q in d.qids]), result)
+    def combine(deletions: list[InboxDeletion]) -> Op:
+        pairs = InboxDeletion.pairs(deletions)
+        return Op(
+            _DELETE_INBOX,
+            _columns(pairs, 2),
+            lambda cursor: InboxDeletion.counts(deletions, cursor.fetchall()),
+        )
 
 
 def _mergeable(merge: Any) -> Op:
@@ -672,7 +616,7 @@ def _mergeable(merge: Any) -> Op:
 
 
 @implementer(IMessageStore)
-class PostgreSQLStore:
+class PostgreSQLStore(PooledStore):
     """
     @param reactor: drives the connections (C{IReactorFDSet}).
     @param dsn: libpq's C{key=value} string or a C{postgresql://} URI.
@@ -705,29 +649,20 @@ class PostgreSQLStore:
             self._dsnError = ""
         except psycopg2.Error as e:
             self._params = None
-            self._dsnError = _firstLine(e)
+            self._dsnError = firstLine(e)
         params = self._params or {}
         where = params.get("host", "localhost")
         if "port" in params:
             where += f":{params['port']}"
-        self.describe = f"PostgreSQL at {where}/{params.get('dbname', params.get('user', ''))}"
-        self._pool = OrderedPool(
-            self._connect,
+        self._makePool(
             self._clock,
-            size=poolSize,
+            f"PostgreSQL at {where}/{params.get('dbname', params.get('user', ''))}",
+            poolSize=poolSize,
             batchMax=batchMax,
-            backoffInitial=reconnectInitial,
-            backoffMax=reconnectMax,
-            describe=self.describe,
+            reconnectInitial=reconnectInitial,
+            reconnectMax=reconnectMax,
             random=random,
         )
-
-    @property
-    def pool(self) -> OrderedPool:
-        """
-        The connections, for tests and monitoring.
-        """
-        return self._pool
 
     def open(self) -> Deferred[None]:
         return ensureDeferred(self._open())
@@ -744,9 +679,6 @@ class PostgreSQLStore:
             link.close()
             raise
         self._pool.start(link)
-
-    def close(self) -> Deferred[None]:
-        return self._pool.close()
 
     def _connect(self) -> Deferred[PostgresLink]:
         return ensureDeferred(self._connectLink())
@@ -775,7 +707,7 @@ class PostgreSQLStore:
         except Exception as e:
             if connection._connection is not None and not connection.closed:
                 connection.close()
-            why = f"no answer within {self._connectTimeout:g}s" if timedOut else _firstLine(e)
+            why = f"no answer within {self._connectTimeout:g}s" if timedOut else firstLine(e)
             raise StoreUnavailable(f"cannot connect to {self.describe}: {why}") from None
         finally:
             if timer.active():
@@ -852,7 +784,7 @@ class PostgreSQLStore:
     def getMessage(self, conv: str, mid: int) -> Deferred[StoredMessage | None]:
         def message(cursor: Any) -> StoredMessage | None:
             row = cursor.fetchone()
-            return _message(row) if row else None
+            return messageFrom(row) if row else None
 
         return self._read(f"{_MESSAGE} WHERE conv = %s AND mid = %s", (conv, mid), message)
 
@@ -864,7 +796,7 @@ class PostgreSQLStore:
 
     def history(self, conv: str, beforeMid: int | None, limit: int) -> Deferred[list[StoredMessage]]:
         def messages(cursor: Any) -> list[StoredMessage]:
-            return [_message(row) for row in cursor.fetchall()]
+            return [messageFrom(row) for row in cursor.fetchall()]
 
         if beforeMid is None:
             return self._read(f"{_MESSAGE} WHERE conv = %s ORDER BY mid DESC LIMIT %s", (conv, limit), messages)
@@ -967,14 +899,14 @@ class PostgreSQLStore:
         return self._write(
             "WITH g AS (INSERT INTO groups (gid, domain, founder, gtype, status, created, profile, member_cap, "
             f"muted_all) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)) {_PUT_MEMBER}",
-            (*_groupRow(group), group.gid, founder.uid, founder.role, founder.joined, founder.mutedUntil),
+            (*groupRow(group), group.gid, founder.uid, founder.role, founder.joined, founder.mutedUntil),
             _nothing,
         )
 
     def getGroup(self, gid: str) -> Deferred[Group | None]:
         def group(cursor: Any) -> Group | None:
             row = cursor.fetchone()
-            return _group(row) if row else None
+            return groupFrom(row) if row else None
 
         return self._read(f"{_GROUP} WHERE gid = %s", (gid,), group)
 
@@ -982,7 +914,7 @@ class PostgreSQLStore:
         return self._write(
             "UPDATE groups SET domain = %s, founder = %s, gtype = %s, status = %s, created = %s, profile = %s, "
             "member_cap = %s, muted_all = %s WHERE gid = %s",
-            (*_groupRow(group)[1:], group.gid),
+            (*groupRow(group)[1:], group.gid),
             _nothing,
             True,
         )
@@ -1072,22 +1004,8 @@ class PostgreSQLStore:
         return self._read(
             f"{_MESSAGE} WHERE conv = %s AND seq > %s ORDER BY seq LIMIT %s",
             (conv, afterSeq, limit),
-            lambda cursor: [_message(row) for row in cursor.fetchall()],
+            lambda cursor: [messageFrom(row) for row in cursor.fetchall()],
         )
-
-
-def _groupRow(group: Group) -> tuple[Any, ...]:
-    return (
-        group.gid,
-        group.domain,
-        group.founder,
-        group.gtype,
-        group.status,
-        group.created,
-        group.profile,
-        group.memberCap,
-        group.mutedAll,
-    )
 
 
 @implementer(IStoreFactory)
@@ -1096,14 +1014,4 @@ class PostgreSQLStoreFactory:
     description = "A PostgreSQL server (txpostgres, connection pool, group commit); for clusters."
 
     def makeStore(self, config: Any, reactor: Any) -> PostgreSQLStore:
-        store = config.store
-        return PostgreSQLStore(
-            reactor,
-            store.dsn,
-            poolSize=store.pool_size,
-            batchMax=store.batch_max,
-            statementTimeout=store.statement_timeout,
-            connectTimeout=store.connect_timeout,
-            reconnectInitial=store.reconnect_initial,
-            reconnectMax=store.reconnect_max,
-        )
+        return PostgreSQLStore(reactor, config.store.dsn, **poolOptions(config.store))
