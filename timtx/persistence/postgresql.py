@@ -1,4 +1,4 @@
-# -*- test-case-name: timtx.test.test_store_postgresql -*-
+# -*- test-case-name: timtx.test.test_store -*-
 """
 The PostgreSQL store: a database server that every node of a cluster can
 share.
@@ -10,11 +10,14 @@ L{OrderedPool}: queued writes are committed together in one transaction
 results come back in the order the calls were made; the pool's docstring
 states how that keeps "a read issued after a write sees it".
 
-Every operation is a single SQL statement, so that a batch of N operations
-costs N + 1 round trips (C{BEGIN} travels with the first one): an append of
-many messages with their inbox entries and duplicate keys is one statement
-of data-modifying CTEs over C{unnest}ed arrays.  All the SQL is in this
-module, in L{MIGRATIONS} and the L{PostgreSQLStore} methods.
+Every operation is a single SQL statement, prepared once per connection:
+an append of many messages with their inbox entries and duplicate keys is
+one statement of data-modifying CTEs over C{unnest}ed arrays.  A batch's
+appends, and its inbox deletions, run merged into one statement per kind
+(L{timtx.persistence.pool.mergedRuns}), so that a busy batch costs a few
+round trips, not one per operation; C{BEGIN} travels with the first.  All
+the SQL is in this module, in L{MIGRATIONS} and the L{PostgreSQLStore}
+methods.
 
 A batch in which a statement fails is rolled back and run again with a
 savepoint per operation, so only the failing one is undone: an append whose
@@ -439,16 +442,19 @@ class PostgresLink:
     async def migrate(self, describe: str) -> None:
         """
         Bring the schema to the current version, or refuse a newer one.
+
+        @raise SchemaTooNew: the database is newer than this code.
+        @raise StoreUnavailable: the schema cannot be read or created.
         """
-        cursor = await self._execute(
-            "BEGIN; SELECT pg_advisory_xact_lock(%s); "
-            "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL); "
-            "SELECT version FROM schema_version",
-            (MIGRATION_LOCK,),
-        )
-        rows = cursor.fetchall()
-        version = rows[0][0] if rows else 0
         try:
+            cursor = await self._execute(
+                "BEGIN; SELECT pg_advisory_xact_lock(%s); "
+                "CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL); "
+                "SELECT version FROM schema_version",
+                (MIGRATION_LOCK,),
+            )
+            rows = cursor.fetchall()
+            version = rows[0][0] if rows else 0
             if version > len(MIGRATIONS):
                 raise SchemaTooNew(
                     f"{describe}: database schema {version} is newer than this timtx ({len(MIGRATIONS)})"
@@ -460,13 +466,15 @@ class PostgresLink:
                     await self._execute("UPDATE schema_version SET version = %s", (len(MIGRATIONS),))
                 else:
                     await self._execute("INSERT INTO schema_version (version) VALUES (%s)", (len(MIGRATIONS),))
-        except SchemaTooNew:
-            await self._rollback()
-            raise
-        except Exception as e:
-            await self._rollback()
+            await self._execute("COMMIT")
+        except BaseException as e:
+            try:
+                await self._execute("ROLLBACK")
+            except Exception:
+                pass
+            if isinstance(e, SchemaTooNew):
+                raise
             raise StoreUnavailable(f"{describe}: cannot create the schema: {firstLine(e)}") from e
-        await self._execute("COMMIT")
 
 
 _PARAMETER = re.compile(r"%s((?:::[a-z0-9_]+(?:\[\])?)?)")

@@ -26,6 +26,7 @@ from timtx.test.databases import (
     pgExecute,
     postgresqlDatabase,
     privateServer,
+    uniqueName,
 )
 
 
@@ -93,6 +94,20 @@ class OpenFailureTests(TestCase):
             dsn, "CREATE TABLE schema_version (version integer NOT NULL); INSERT INTO schema_version VALUES (99)"
         )
         yield self.assertOpenFails(postgresqlStore(dsn), SchemaTooNew, "schema 99 is newer")
+
+    @inlineCallbacks
+    def test_postgresqlNoPermission(self):
+        """
+        A user that may not create tables (PostgreSQL 15 and later give
+        nobody but the owner CREATE in schema public): one line saying so.
+        """
+        dsn = yield postgresqlDatabase(self)
+        role = uniqueName()
+        yield pgExecute(dsn, f"CREATE ROLE {role} LOGIN")
+        self.addCleanup(pgExecute, dsn.replace(dsn.split("dbname=")[1].split()[0], "postgres"), f"DROP ROLE {role}")
+        yield self.assertOpenFails(
+            postgresqlStore(f"{dsn} user={role}"), StoreUnavailable, "cannot create the schema", "permission denied"
+        )
 
     def test_mariadbBadDSN(self):
         return self.assertOpenFails(mariadbStore("mariadb://root@127.0.0.1"), StoreUnavailable, "[store] dsn")
