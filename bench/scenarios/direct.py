@@ -69,6 +69,8 @@ class Direct(Scenario):
 
     def variant(self, params: dict) -> str:
         name = f"direct-{params['store']}"
+        if params["store"] == "mariadb" and params["driver"] != "auto":
+            name += f"-{params['driver']}"
         if params["encoding"] != "compact":
             name += f"-{params['encoding']}"
         if params["rate"]:

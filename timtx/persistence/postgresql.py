@@ -560,12 +560,35 @@ _PUT_MEMBER = (
 )
 
 
-def _columns(rows: Any, width: int) -> tuple[list[Any], ...]:
-    """
-    Rows of C{width} values as C{width} arrays, for C{unnest}.
-    """
-    return tuple(list(column) for column in zip(*rows, strict=True)) if rows else ([],) * width
+def _textElement(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
+
+def _bytesElement(value: bytes) -> str:
+    # The array parser unescapes \\x to \x, bytea's hex input.
+    return '"\\\\x' + value.hex() + '"'
+
+
+#: How each column type is written in an array literal.
+_ELEMENT: dict[str, Callable[[Any], str]] = {"t": _textElement, "b": _bytesElement, "i": repr, "f": repr}
+
+
+def _columns(rows: Any, types: str) -> tuple[str, ...]:
+    """
+    Rows as one array literal per column, for C{unnest}: C{types} has a
+    letter per column (C{t}ext, C{b}ytea, C{i}nteger, C{f}loat).  Written
+    here rather than by psycopg2, which adapts every element as an object
+    of its own: three times the CPU, measured on a 16-message append.
+    """
+    columns = zip(*rows, strict=True) if rows else [()] * len(types)
+    return tuple(
+        "{" + ",".join("NULL" if v is None else element(v) for v in column) + "}"
+        for element, column in zip((_ELEMENT[t] for t in types), columns, strict=True)
+    )
+
+
+#: The columns of L{_NEW_INBOX}: uid, conv, seq, stanza, created.
+_INBOX_TYPES = "ttibf"
 
 _DELETE_INBOX = (
     "DELETE FROM inbox i USING unnest(%s::text[], %s::bigint[]) AS d(uid, qid) "
@@ -596,7 +619,8 @@ class _Append(Appends):
                 Appends.checkStored(rows, zip(convs, seqs, strict=True))
             return Appends.split(appends, qids)
 
-        return Op(_APPEND, (*_columns(rows, 6), *_columns(inbox, 5), *_columns(dupes, 6)), result)
+        params = (*_columns(rows, "tiitbf"), *_columns(inbox, _INBOX_TYPES), *_columns(dupes, "titiif"))
+        return Op(_APPEND, params, result)
 
 
 class _DeleteInbox(InboxDeletion):
@@ -610,7 +634,7 @@ class _DeleteInbox(InboxDeletion):
         pairs = InboxDeletion.pairs(deletions)
         return Op(
             _DELETE_INBOX,
-            _columns(pairs, 2),
+            _columns(pairs, "ti"),
             lambda cursor: InboxDeletion.counts(deletions, cursor.fetchall()),
         )
 
@@ -799,7 +823,7 @@ class PostgreSQLStore(PooledStore):
     def replaceMessage(
         self, conv: str, seq: int, stanza: bytes, state: int, notices: list[tuple[str, bytes]], created: float
     ) -> Deferred[list[int]]:
-        inbox = _columns([(uid, conv, None, body, created) for uid, body in notices], 5)
+        inbox = _columns([(uid, conv, None, body, created) for uid, body in notices], _INBOX_TYPES)
         return self._write(_REPLACE, (stanza, state, conv, seq, *inbox), _scalar)
 
     def history(self, conv: str, beforeMid: int | None, limit: int) -> Deferred[list[StoredMessage]]:
@@ -828,7 +852,7 @@ class PostgreSQLStore(PooledStore):
     # Inboxes.
 
     def addInbox(self, entries: list[tuple[str, bytes]], created: float) -> Deferred[list[int]]:
-        inbox = _columns([(uid, None, None, stanza, created) for uid, stanza in entries], 5)
+        inbox = _columns([(uid, None, None, stanza, created) for uid, stanza in entries], _INBOX_TYPES)
         return self._write(_ADD_INBOX, inbox, _scalar)
 
     def readInbox(self, uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:

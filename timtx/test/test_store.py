@@ -269,6 +269,26 @@ class MessageStoreTestsMixin:
         self.assertEqual(list((yield store.recentDuplicates("a", 0.0))), [5])
 
     @inlineCallbacks
+    def test_awkwardValues(self):
+        """
+        Ids with quotes, backslashes, braces, commas, the word NULL and
+        non-ASCII letters, and stanzas of every byte, come back as written
+        (the server stores build array literals of their own).
+        """
+        store = yield self.store()
+        weird = "a\"b\\c'd{e},f NULL \u00e9\u4e2d"
+        body = bytes(range(256))
+        ((own, copy),) = yield store.appendMessages(
+            [NewMessage(weird, 1, 7, weird, body, 1e-5, inbox=((weird, None), ("x", body)), dedupe=(weird, 9))]
+        )
+        self.assertEqual([(e.conv, e.stanza) for e in (yield store.readInbox(weird, 0, 10))], [(weird, body)])
+        self.assertEqual([e.stanza for e in (yield store.readInbox("x", 0, 10))], [body])
+        (row,) = yield store.messagesAfter(weird, 0, 10)
+        self.assertEqual((row.sender, row.stanza, row.created), (weird, body, 1e-5))
+        self.assertEqual(list((yield store.recentDuplicates(weird, 0.0))), [9])
+        self.assertEqual((yield store.deleteInbox(weird, [own, copy])), 1)
+
+    @inlineCallbacks
     def test_transientAndInbox(self):
         """
         A message without seq writes no history row but its inbox copy;
