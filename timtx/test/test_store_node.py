@@ -12,7 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import timtx
 from timtx.config import load, replace
@@ -140,3 +140,24 @@ class UnreachableTests(TestCase):
     def test_mariadbDown(self):
         port = freePort()
         return self.assertExits("mariadb", f"mariadb://root@127.0.0.1:{port}/test", f"MariaDB at 127.0.0.1:{port}/test")
+
+
+class BenchTests(SynchronousTestCase):
+    """
+    C{python -m bench direct --quick --store postgresql|mariadb}: the
+    benchmark runs on the server stores (in a database of its own, dropped
+    afterwards) and loses nothing.  Timings are not asserted.
+    """
+
+    def test_serverStores(self):
+        from timtx.test.test_bench import checkout, runBench
+
+        root = checkout()
+        for store in ("postgresql", "mariadb"):
+            process, outcome = runBench(self, root, "direct", "--quick", "--store", store)
+            self.assertIsNotNone(outcome, process.stderr[-3000:])
+            [entry] = outcome
+            if entry["status"] == "failed" and "connect" in (entry["reason"] or ""):
+                requireOrSkip(f"{store}: {entry['reason']}")
+            self.assertEqual(entry["status"], "ok", f"{store}: {entry['reason']}\n{process.stderr[-3000:]}")
+            self.assertEqual(entry["lost"], 0)
