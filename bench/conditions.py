@@ -15,7 +15,18 @@ from typing import Any
 
 from bench.nodeproc import ROOT
 
-PACKAGES = ("twisted", "autobahn", "thrift", "cryptography", "zope.interface", "pyinstrument")
+PACKAGES = (
+    "twisted",
+    "autobahn",
+    "thrift",
+    "cryptography",
+    "zope.interface",
+    "pyinstrument",
+    "txpostgres",
+    "psycopg2",
+    "PyMySQL",
+    "mysqlclient",
+)
 
 
 def _cpuModel() -> str:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import ProcessProtocol
 
-from bench import conditions
+from bench import conditions, serverdb
 from bench.nodeproc import NodeProcess, childEnvironment, cpuSeconds
 
 
@@ -270,10 +270,14 @@ async def runScenario(
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
     }
     workdir = tempfile.mkdtemp(prefix=f"timtx-bench-{scenario.name}-")
-    node = workers = None
+    node = workers = database = None
     try:
         if scenario.role:
-            node = NodeProcess(os.path.join(workdir, "node"), scenario.nodeSections(params), profile)
+            sections = scenario.nodeSections(params)
+            database = serverdb.forSections(sections)
+            if database is not None:
+                record["conditions"]["database_server"] = database.server()
+            node = NodeProcess(os.path.join(workdir, "node"), sections, profile)
             record["node_config"] = node.sections
             await node.start(reactor)
             spec = {"role": scenario.role, "port": node.port, "http": node.httpURL, "params": params}
@@ -307,6 +311,8 @@ async def runScenario(
             record["node_exit"] = await node.stop(reactor)
             if node.profilePath and os.path.exists(node.profilePath):
                 record["profile"] = renderProfile(node.profilePath, out, record["variant"])
+        if database is not None:
+            database.drop()
         record["seconds"] = round(time.time() - started, 1)
         if keep or record["status"] == "failed":
             record["workdir"] = workdir

@@ -570,7 +570,10 @@ class VRoomsConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     backend: str = option(
-        "sqlite", TEXT, "Storage plugin: `sqlite` (embedded, the default), `memory` (nothing survives a restart)."
+        "sqlite",
+        TEXT,
+        "Storage plugin: `sqlite` (embedded, the default), `postgresql`, `mariadb` (servers a cluster can share, "
+        "see docs/storage.md), `memory` (nothing survives a restart).",
     )
     path: str = option("tim.db", TEXT, "SQLite database file; relative paths are taken from data_dir.")
     synchronous: str = option(
@@ -579,9 +582,42 @@ class StoreConfig:
         "SQLite durability: `full` syncs every commit (nothing acknowledged is lost on power failure); "
         "`normal` may lose the last commits on power failure but not on a crash of the process.",
     )
-    batch_max: int = option(
-        256, _int(1, 100000), "Most operations the SQLite writer commits in one transaction (group commit)."
+    batch_max: int = option(256, _int(1, 100000), "Most write operations committed in one transaction (group commit).")
+    dsn: str = option(
+        "",
+        TEXT,
+        "The database server of `postgresql` (`postgresql://user:password@host:port/database` or libpq's "
+        "`host=... dbname=...`) or `mariadb` (`mariadb://user:password@host:port/database`). "
+        "The database must exist; the node creates its tables.",
     )
+    mariadb_driver: str = option(
+        "auto",
+        _choice("auto", "mysqlclient", "pymysql"),
+        "Driver of `mariadb`: `auto` takes mysqlclient (C, less CPU per query; `pip install mysqlclient`, "
+        "needs libmariadb-dev to build) when installed, else PyMySQL (pure Python, installed with timtx).",
+    )
+    pool_size: int = option(
+        4,
+        _int(1, 1000),
+        "Connections `postgresql` and `mariadb` keep to the server: writes go through one of them in group "
+        "commits, reads share the others.",
+    )
+    statement_timeout: float = option(
+        10.0,
+        _seconds(0.1),
+        "Seconds a statement may run on `postgresql` or `mariadb`; a connection silent for longer than this "
+        "plus connect_timeout is taken as lost.",
+    )
+    connect_timeout: float = option(
+        5.0, _seconds(0.1), "Seconds to wait for a connection to `postgresql` or `mariadb` to open."
+    )
+    reconnect_initial: float = option(
+        0.5,
+        _seconds(0.01),
+        "While the database server is unreachable, seconds before the first reconnection attempt; the wait "
+        "doubles after each failure (with jitter) up to reconnect_max.",
+    )
+    reconnect_max: float = option(10.0, _seconds(0.01), "Longest wait between two reconnection attempts.")
 
 
 def _seconds_within(low: float, high: float) -> Kind:

@@ -6,9 +6,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.runner import Result, Run, Unsupported
+from bench.runner import Param, Result, Run, Unsupported
 from bench.stats import Histogram, merged
 from timtx.protocols.constants import ErrorCode
+
+#: Parameters of the server stores (postgresql, mariadb): where to create
+#: the run's database, and the pool.
+SERVER_STORE = (
+    Param(
+        "dsn", str, "", "", "server stores: database the run creates its own database from (default: this machine's)"
+    ),
+    Param("pool", int, 4, 4, "server stores: connections"),
+    Param("driver", str, "auto", "auto", "mariadb driver", ("auto", "mysqlclient", "pymysql")),
+)
+
+
+def serverStore(params: dict[str, Any]) -> dict[str, Any]:
+    """
+    The C{[store]} keys of a server store's parameters (see
+    L{bench.serverdb.forSections}).
+    """
+    if params.get("store") not in ("postgresql", "mariadb"):
+        return {}
+    keys: dict[str, Any] = {"pool_size": params["pool"]}
+    if params["store"] == "mariadb":
+        keys["mariadb_driver"] = params["driver"]
+    if params["dsn"]:
+        keys["admin_dsn"] = params["dsn"]
+    return keys
 
 
 def fmt(value: float) -> str:

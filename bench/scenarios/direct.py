@@ -18,13 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 from bench.runner import COMMON, Param, Result, Run, Scenario
-from bench.scenarios.common import deliverySummary, fmt, latencyRows, measuredRun, publish
+from bench.scenarios.common import SERVER_STORE, deliverySummary, fmt, latencyRows, measuredRun, publish, serverStore
 from bench.worker import Role, Sender
 from timtx.protocols.constants import TimType
 from timtx.protocols.structs import Tid, TimMessage
 
 #: The issue's goal for 1:1 with the SQLite store, delivered messages/s.
 SQLITE_GOAL = 5000
+#: Issue 11's goal for 1:1 with the PostgreSQL and MariaDB stores.
+SERVER_GOAL = 5000
 
 
 class DirectRole(Role):
@@ -58,14 +60,17 @@ class Direct(Scenario):
         Param("rate", float, 0.0, 0.0, "open loop: messages/s in total (0: closed loop)"),
         Param("warmup", int, 5, 2, "unmeasured messages per user first"),
         Param("body", int, 100, 100, "characters of text per message"),
-        Param("store", str, "sqlite", "sqlite", "node store", ("sqlite", "memory")),
+        Param("store", str, "sqlite", "sqlite", "node store", ("sqlite", "memory", "postgresql", "mariadb")),
         Param("synchronous", str, "full", "full", "SQLite synchronous", ("full", "normal")),
+        *SERVER_STORE,
         Param("timeout", float, 600.0, 60.0, "seconds to wait for deliveries"),
         *COMMON,
     )
 
     def variant(self, params: dict) -> str:
         name = f"direct-{params['store']}"
+        if params["store"] == "mariadb" and params["driver"] != "auto":
+            name += f"-{params['driver']}"
         if params["encoding"] != "compact":
             name += f"-{params['encoding']}"
         if params["rate"]:
@@ -75,7 +80,7 @@ class Direct(Scenario):
     def nodeSections(self, params: dict) -> dict:
         return {
             "messages": {"noauth": True},
-            "store": {"backend": params["store"], "synchronous": params["synchronous"]},
+            "store": {"backend": params["store"], "synchronous": params["synchronous"], **serverStore(params)},
         }
 
     async def drive(self, run: Run) -> Result:
@@ -127,6 +132,14 @@ class Direct(Scenario):
                     f"1:1 with the SQLite store ≥ {SQLITE_GOAL:,} delivered msgs/s",
                     f"{fmt(s['per_second'])}/s",
                     s["per_second"] >= SQLITE_GOAL,
+                )
+            ]
+        if p["store"] in ("postgresql", "mariadb") and not p["rate"]:
+            result.goals = [
+                (
+                    f"1:1 with the {p['store']} store ≥ {SERVER_GOAL:,} delivered msgs/s, 0 lost",
+                    f"{fmt(s['per_second'])}/s, lost {lost}",
+                    s["per_second"] >= SERVER_GOAL and not lost,
                 )
             ]
         return result

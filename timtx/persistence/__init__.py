@@ -2,18 +2,88 @@
 Storage plugins behind L{IMessageStore}.
 
 Plugins are found by the name in C{[store] backend}: the built-in ones here,
-others through L{twisted.plugin.getPlugins} of L{IStoreFactory}.
+others through L{twisted.plugin.getPlugins} of L{IStoreFactory}.  The
+server plugins are imported only when used, so that a node on SQLite needs
+no database driver.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
+from zope.interface import implementer
+
+from timtx.persistence.errors import SchemaTooNew, SequenceConflict, StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
 from timtx.persistence.memory import MemoryStoreFactory
 from timtx.persistence.sqlite import SQLiteStoreFactory
 
-BUILTIN_STORES: dict[str, Any] = {factory.name: factory for factory in (MemoryStoreFactory(), SQLiteStoreFactory())}
+
+@implementer(IStoreFactory)
+class LazyStoreFactory:
+    """
+    A built-in plugin whose module (and driver) is imported on first use.
+
+    @param path: C{module:Class} of the real factory.
+    """
+
+    def __init__(self, name: str, description: str, path: str):
+        self.name = name
+        self.description = description
+        self.path = path
+
+    def load(self) -> Any:
+        module, _, attribute = self.path.partition(":")
+        return getattr(import_module(module), attribute)()
+
+    def makeStore(self, config: Any, reactor: Any) -> Any:
+        try:
+            factory = self.load()
+        except ImportError as e:
+            # A broken install: say so when the node opens its store, as
+            # any other reason it cannot start.
+            return _Unloadable(self.name, f"the {self.name} store cannot be loaded: {e}")
+        return factory.makeStore(config, reactor)
+
+
+class _Unloadable:
+    """
+    Stands for a store whose module cannot be imported: opening it fails.
+    """
+
+    def __init__(self, name: str, why: str):
+        self.name = name
+        self._why = why
+
+    def open(self) -> Any:
+        from twisted.internet.defer import fail
+
+        return fail(StoreUnavailable(self._why))
+
+    def close(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+
+BUILTIN_STORES: dict[str, Any] = {
+    factory.name: factory
+    for factory in (
+        MemoryStoreFactory(),
+        SQLiteStoreFactory(),
+        LazyStoreFactory(
+            "postgresql",
+            "A PostgreSQL server (txpostgres, connection pool, group commit); for clusters.",
+            "timtx.persistence.postgresql:PostgreSQLStoreFactory",
+        ),
+        LazyStoreFactory(
+            "mariadb",
+            "A MariaDB server (connection pool in threads, group commit); for clusters.",
+            "timtx.persistence.mariadb:MariaDBStoreFactory",
+        ),
+    )
+}
 
 
 def storeFactories() -> dict[str, Any]:
@@ -41,4 +111,13 @@ def storeFactory(name: str) -> Any:
     return factories[name]
 
 
-__all__ = ["IMessageStore", "IStoreFactory", "storeFactories", "storeFactory"]
+__all__ = [
+    "IMessageStore",
+    "IStoreFactory",
+    "SchemaTooNew",
+    "SequenceConflict",
+    "StoreOutcomeUnknown",
+    "StoreUnavailable",
+    "storeFactories",
+    "storeFactory",
+]

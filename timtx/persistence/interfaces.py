@@ -6,6 +6,11 @@ Every method returns a L{Deferred}; none blocks the reactor thread.  A
 plugin may answer synchronously (the memory store does) or from a worker
 thread (SQLite).  Results are delivered in the order the calls were made, so
 a read issued after a write sees it.
+
+Any method may fail with L{timtx.persistence.errors.StoreUnavailable} when
+the database cannot be reached (the call did not happen), or with its
+subclass L{timtx.persistence.errors.StoreOutcomeUnknown} when a write may
+or may not have been committed.
 """
 
 from __future__ import annotations
@@ -106,6 +111,12 @@ class IMessageStore(Interface):
         """
         Write messages, their inbox entries and their duplicate keys in one
         transaction: all of them or none.
+
+        A C{(conv, seq)} that is already stored fails the call with
+        L{timtx.persistence.errors.SequenceConflict} and writes nothing of
+        it; other calls are not affected.  This is the fence that makes a
+        split view of who numbers a conversation cost a retry, never a
+        duplicate.
 
         @type messages: L{list} of L{timtx.persistence.records.NewMessage}
         @return: a L{Deferred} firing with, per message, the list of inbox

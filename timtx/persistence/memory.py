@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from timtx.persistence.errors import SequenceConflict
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
 from timtx.persistence.records import (
     BLOCK_BY_USER,
@@ -90,9 +91,15 @@ class MemoryStore:
     # Messages.
 
     def appendMessages(self, messages: list[NewMessage]) -> Deferred[list[list[int]]]:
+        taken: set[tuple[str, int]] = set()
         for m in messages:
-            if m.seq is not None and (m.seq in self._messages.get(m.conv, {}) or (m.conv, m.mid) in self._byMid):
-                return fail(ValueError(f"seq {m.seq} or mid {m.mid} of {m.conv} exists"))
+            if m.seq is None:
+                continue
+            if m.seq in self._messages.get(m.conv, {}) or (m.conv, m.seq) in taken:
+                return fail(SequenceConflict(m.conv, m.seq))
+            if (m.conv, m.mid) in self._byMid:
+                return fail(ValueError(f"mid {m.mid} of {m.conv} exists"))
+            taken.add((m.conv, m.seq))
         result = []
         for m in messages:
             if m.seq is not None and m.stanza is not None:

@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from timtx.persistence.errors import SchemaTooNew, SequenceConflict
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
 from timtx.persistence.records import (
     BLOCK_BY_USER,
@@ -137,12 +138,6 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     """,
 ]
-
-
-class SchemaTooNew(Exception):
-    """
-    The database was written by a newer timtx; refusing to touch it.
-    """
 
 
 def _connect(path: str, synchronous: str) -> Callable[[], sqlite3.Connection]:
@@ -267,10 +262,14 @@ class SQLiteStore:
             result = []
             for m in messages:
                 if m.seq is not None:
-                    c.execute(
-                        "INSERT INTO messages (conv, seq, mid, sender, stanza, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    cursor = c.execute(
+                        "INSERT INTO messages (conv, seq, mid, sender, stanza, created) VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (conv, seq) DO NOTHING",
                         (m.conv, m.seq, m.mid, m.sender, m.stanza, m.created),
                     )
+                    if cursor.rowcount != 1:
+                        # The worker undoes this call alone.
+                        raise SequenceConflict(m.conv, m.seq)
                 seq = m.seq
                 result.append(
                     [

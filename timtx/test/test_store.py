@@ -7,10 +7,10 @@ import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from timtx.persistence import BUILTIN_STORES, IMessageStore, storeFactory
+from timtx.persistence import BUILTIN_STORES, IMessageStore, SequenceConflict, StoreUnavailable, storeFactory
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.records import (
     BLOCK_BY_GROUP,
@@ -32,6 +32,7 @@ from timtx.persistence.records import (
 )
 from timtx.persistence.sqlite import MIGRATIONS, SchemaTooNew, SQLiteStore
 from timtx.persistence.worker import SerialWorker, WorkerStopped
+from timtx.test.databases import mariadbDatabase, postgresqlDatabase
 
 
 class MessageStoreTestsMixin:
@@ -138,10 +139,154 @@ class MessageStoreTestsMixin:
             NewMessage("c", 2, 2, "a", b"y", 0.0, inbox=(("bob", None),), dedupe=("a", 7)),
             NewMessage("c", 1, 3, "a", b"z", 0.0),
         ]
-        yield self.assertFailure(store.appendMessages(bad), Exception)
+        yield self.assertFailure(store.appendMessages(bad), SequenceConflict)
         self.assertEqual((yield store.lastMessage("c")), (1, 1))
         self.assertEqual((yield store.countInbox("bob")), 0)
         self.assertEqual((yield store.recentDuplicates("a", 0.0)), {})
+
+    @inlineCallbacks
+    def test_sequenceConflict(self):
+        """
+        A taken C{(conv, seq)} fails the append with L{SequenceConflict}
+        naming it, and nothing of that call is written: not its other
+        messages, inbox entries or duplicate keys.
+        """
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("c", 1, 1, "a", b"x", 0.0)])
+        bad = [
+            NewMessage("c", 2, 2, "a", b"y", 0.0, inbox=(("bob", None),), dedupe=("a", 7)),
+            NewMessage("c", 1, 3, "a", b"z", 0.0, inbox=(("bob", b"copy"),)),
+        ]
+        error = yield self.assertFailure(store.appendMessages(bad), SequenceConflict)
+        self.assertEqual((error.conv, error.seq), ("c", 1))
+        self.assertEqual((yield store.lastMessage("c")), (1, 1))
+        self.assertEqual((yield store.countInbox("bob")), 0)
+        self.assertEqual((yield store.recentDuplicates("a", 0.0)), {})
+        self.assertEqual([m.stanza for m in (yield store.history("c", None, 10))], [b"x"])
+
+    @inlineCallbacks
+    def test_sequenceConflictWithinCall(self):
+        """
+        Two messages of one call with the same seq conflict too.
+        """
+        store = yield self.store()
+        twice = [NewMessage("c", 1, 1, "a", b"x", 0.0), NewMessage("c", 1, 2, "a", b"y", 0.0)]
+        error = yield self.assertFailure(store.appendMessages(twice), SequenceConflict)
+        self.assertEqual((error.conv, error.seq), ("c", 1))
+        self.assertEqual((yield store.lastMessage("c")), (0, 0))
+
+    @inlineCallbacks
+    def test_sequenceConflictAlone(self):
+        """
+        Calls made together (committed together by stores with group
+        commit) are not taken down by one that conflicts: each gets its own
+        result, in call order.
+        """
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("c", 1, 1, "a", b"x", 0.0)])
+        order = []
+
+        def record(result, name):
+            order.append(name)
+            return result
+
+        calls = [
+            store.appendMessages([NewMessage("c", 2, 2, "a", b"ok1", 0.0, inbox=(("bob", None),))]),
+            store.appendMessages([NewMessage("c", 1, 3, "a", b"bad", 0.0, inbox=(("bob", None),))]),
+            store.createAccount(Account("u1", "", "h", 0.0)),
+            store.appendMessages([NewMessage("d", 1, 4, "a", b"ok2", 0.0, inbox=(("bob", None),))]),
+        ]
+        for name, d in zip(["ok1", "bad", "account", "ok2"], calls, strict=True):
+            d.addBoth(record, name)
+        ok1, bad, account, ok2 = yield gatherResults(
+            [d.addErrback(lambda f: f.trap(SequenceConflict) and f.value) for d in calls]
+        )
+        self.assertEqual(order, ["ok1", "bad", "account", "ok2"])
+        self.assertIsInstance(bad, SequenceConflict)
+        self.assertIs(account, True)
+        self.assertEqual([len(ok1[0]), len(ok2[0])], [1, 1])
+        inbox = yield store.readInbox("bob", 0, 10)
+        self.assertEqual([e.stanza for e in inbox], [b"ok1", b"ok2"])
+        self.assertEqual((yield store.lastMessage("c")), (2, 2))
+
+    def test_callsTogether(self):
+        """
+        Appends and inbox deletions made together (committed together, and
+        merged into few statements, by the server stores) each get their
+        own result: qids in call order, counts of their own entries.
+        """
+        return self.callsTogether(conflict=False)
+
+    def test_callsTogetherWithConflict(self):
+        """
+        The same with an append whose seq another call of the batch takes:
+        only that call fails.
+        """
+        return self.callsTogether(conflict=True)
+
+    @inlineCallbacks
+    def callsTogether(self, conflict):
+        store = yield self.store()
+        ((bobOld, carolOld),) = yield store.appendMessages(
+            [NewMessage("c0", 1, 1, "a", b"old", 0.0, inbox=(("bob", None), ("carol", None)))]
+        )
+        calls = [
+            store.createAccount(Account("u", "", "h", 0.0)),
+            store.appendMessages(
+                [
+                    NewMessage("c1", 1, 10, "a", b"a1", 0.0, inbox=(("bob", None),)),
+                    NewMessage("c1", 2, 11, "a", b"a2", 0.0, inbox=(("bob", None), ("carol", b"copy"))),
+                ]
+            ),
+            store.deleteInbox("bob", [bobOld, bobOld, 999999]),
+            store.appendMessages([NewMessage("c2", 1, 20, "a", b"b1", 0.0, inbox=(("carol", None),), dedupe=("a", 5))]),
+            store.deleteInbox("carol", [bobOld]),
+            store.deleteInbox("carol", [carolOld]),
+            store.appendMessages(
+                [NewMessage("c2", 1 if conflict else 2, 21, "a", b"taken", 0.0, inbox=(("x", None),))]
+            ),
+            store.appendMessages([NewMessage("c3", 1, 30, "a", b"c1", 0.0, inbox=(("bob", None),))]),
+        ]
+        results = yield gatherResults([d.addErrback(lambda f: f.trap(SequenceConflict) and f.value) for d in calls])
+        account, a, bobGone, b, notCarols, carolGone, taken, c = results
+        self.assertIs(account, True)
+        self.assertEqual((bobGone, notCarols, carolGone), (1, 0, 1))
+        if conflict:
+            self.assertIsInstance(taken, SequenceConflict)
+            self.assertEqual((taken.conv, taken.seq), ("c2", 1))
+        else:
+            self.assertEqual(len(taken[0]), 1)
+        self.assertEqual([len(q) for q in a], [1, 2])
+        qids = [*a[0], *a[1], *b[0], *c[0]]
+        self.assertEqual(qids, sorted(set(qids)), "qids grow in call order")
+        bob = yield store.readInbox("bob", 0, 10)
+        self.assertEqual([(e.qid, e.stanza) for e in bob], [(a[0][0], b"a1"), (a[1][0], b"a2"), (c[0][0], b"c1")])
+        carol = yield store.readInbox("carol", 0, 10)
+        self.assertEqual([(e.qid, e.stanza) for e in carol], [(a[1][1], b"copy"), (b[0][0], b"b1")])
+        stored = [m.stanza for m in (yield store.messagesAfter("c2", 0, 10))]
+        self.assertEqual(stored, [b"b1"] if conflict else [b"b1", b"taken"])
+        self.assertEqual((yield store.countInbox("x")), 0 if conflict else 1)
+        self.assertEqual(list((yield store.recentDuplicates("a", 0.0))), [5])
+
+    @inlineCallbacks
+    def test_awkwardValues(self):
+        """
+        Ids with quotes, backslashes, braces, commas, the word NULL and
+        non-ASCII letters, and stanzas of every byte, come back as written
+        (the server stores build array literals of their own).
+        """
+        store = yield self.store()
+        weird = "a\"b\\c'd{e},f NULL \u00e9\u4e2d"
+        body = bytes(range(256))
+        ((own, copy),) = yield store.appendMessages(
+            [NewMessage(weird, 1, 7, weird, body, 1e-5, inbox=((weird, None), ("x", body)), dedupe=(weird, 9))]
+        )
+        self.assertEqual([(e.conv, e.stanza) for e in (yield store.readInbox(weird, 0, 10))], [(weird, body)])
+        self.assertEqual([e.stanza for e in (yield store.readInbox("x", 0, 10))], [body])
+        (row,) = yield store.messagesAfter(weird, 0, 10)
+        self.assertEqual((row.sender, row.stanza, row.created), (weird, body, 1e-5))
+        self.assertEqual(list((yield store.recentDuplicates(weird, 0.0))), [9])
+        self.assertEqual((yield store.deleteInbox(weird, [own, copy])), 1)
 
     @inlineCallbacks
     def test_transientAndInbox(self):
@@ -332,6 +477,55 @@ class SQLiteStoreTests(MessageStoreTestsMixin, TestCase):
         self.assertLess(store._worker.batches, 50)
 
 
+class PostgreSQLStoreTests(MessageStoreTestsMixin, TestCase):
+    """
+    The conformance suite on this machine's PostgreSQL, in a database of
+    each test's own.
+    """
+
+    @inlineCallbacks
+    def makeStore(self):
+        from timtx.persistence.postgresql import PostgreSQLStore
+
+        self.dsn = yield postgresqlDatabase(self)
+        store = PostgreSQLStore(reactor, self.dsn, poolSize=3)
+        yield store.open()
+        return store
+
+
+class MariaDBStoreTests(MessageStoreTestsMixin, TestCase):
+    """
+    The conformance suite on this machine's MariaDB with PyMySQL (the
+    driver installed with timtx), in a database of each test's own.
+    """
+
+    driver = "pymysql"
+
+    @inlineCallbacks
+    def makeStore(self):
+        from timtx.persistence.mariadb import MariaDBStore
+
+        self.url = yield mariadbDatabase(self)
+        store = MariaDBStore(reactor, self.url, driver=self.driver, poolSize=3)
+        yield store.open()
+        return store
+
+
+class MariaDBMysqlclientStoreTests(MariaDBStoreTests):
+    """
+    The same with mysqlclient, the faster driver, when it is installed (an
+    option, so this skips without it even under CI).
+    """
+
+    driver = "mysqlclient"
+
+    def setUp(self):
+        try:
+            import MySQLdb  # noqa: F401
+        except ImportError:
+            raise SkipTest("mysqlclient is not installed (optional: pip install mysqlclient)") from None
+
+
 class SerialWorkerTests(TestCase):
     """
     The worker's transaction rules, on a SQLite connection.
@@ -392,8 +586,21 @@ class SerialWorkerTests(TestCase):
 
 class PluginLookupTests(SynchronousTestCase):
     def test_builtins(self):
-        self.assertEqual(sorted(BUILTIN_STORES), ["memory", "sqlite"])
+        self.assertEqual(sorted(BUILTIN_STORES), ["mariadb", "memory", "postgresql", "sqlite"])
         self.assertIs(storeFactory("memory"), BUILTIN_STORES["memory"])
+
+    def test_lazy(self):
+        """
+        The server plugins are imported when used; a plugin whose driver
+        cannot be imported makes a store that fails to open, saying why.
+        """
+        from timtx.persistence import LazyStoreFactory
+
+        factory = LazyStoreFactory("broken", "x", "timtx.persistence.nosuchmodule:Factory")
+        store = factory.makeStore(None, None)
+        failure = self.failureResultOf(store.open(), StoreUnavailable)
+        self.assertIn("the broken store cannot be loaded", str(failure.value))
+        self.successResultOf(store.close())
 
     def test_unknown(self):
         error = self.assertRaises(KeyError, storeFactory, "nosuchdb")

@@ -1,0 +1,51 @@
+# -*- test-case-name: timtx.test.test_store -*-
+"""
+What a store call can fail with, beyond a plain bug.
+
+Services tell these apart: L{SequenceConflict} means another node numbered
+the conversation (reload and retry), L{StoreUnavailable} means the database
+cannot be reached (answer the client with a retryable error), and
+L{StoreOutcomeUnknown} means the write may or may not have happened (never
+confirm it; a resend is matched by its duplicate key).
+"""
+
+from __future__ import annotations
+
+
+class SequenceConflict(Exception):
+    """
+    L{appendMessages<timtx.persistence.interfaces.IMessageStore.appendMessages>}
+    was given a C{(conv, seq)} that is already stored.  Nothing of that call
+    was written.  In a cluster it means two nodes each believed they owned
+    the conversation: the loser reloads the position and numbers again.
+
+    @ivar conv: the conversation.
+    @ivar seq: the first seq of the call found taken.
+    """
+
+    def __init__(self, conv: str, seq: int):
+        super().__init__(f"seq {seq} of {conv} is already stored")
+        self.conv = conv
+        self.seq = seq
+
+
+class StoreUnavailable(Exception):
+    """
+    The database cannot be reached (down, restarting, unreachable, or the
+    store is closed).  The call did not happen; it is safe to retry later.
+    The store reconnects by itself in the background.
+    """
+
+
+class StoreOutcomeUnknown(StoreUnavailable):
+    """
+    The connection was lost after the commit was sent: the write may have
+    been stored or not.  Never confirm such a write to a client; ask it to
+    resend, and let the duplicate keys sort out a write that did happen.
+    """
+
+
+class SchemaTooNew(Exception):
+    """
+    The database was written by a newer timtx; refusing to touch it.
+    """
