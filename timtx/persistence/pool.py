@@ -340,7 +340,8 @@ class OrderedPool:
         again: list[_Call] = []
         if failure.check(LinkLost):
             self._lost(link, failure)
-            committing = failure.value.committing
+            lost: LinkLost = failure.value  # type: ignore[assignment]
+            committing = lost.committing
             for call in batch:
                 call.lost += 1
                 if call.lost <= 1 and (call.idempotent or not committing):

@@ -201,7 +201,7 @@ class Op:
         self.merge = merge
 
 
-class _Connection(txpostgres.Connection):
+class _Connection(txpostgres.Connection):  # type: ignore[misc]
     """
     A txpostgres connection that tells its link when the server closes it
     while idle, instead of letting the driver's error escape into the

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from timtx.persistence import BUILTIN_STORES, IMessageStore, SequenceConflict, StoreUnavailable, storeFactory
+from timtx.persistence.errors import SchemaTooNew
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.records import (
     BLOCK_BY_GROUP,
@@ -30,7 +31,7 @@ from timtx.persistence.records import (
     Relation,
     TokenGrant,
 )
-from timtx.persistence.sqlite import MIGRATIONS, SchemaTooNew, SQLiteStore
+from timtx.persistence.sqlite import MIGRATIONS, SQLiteStore
 from timtx.persistence.worker import SerialWorker, WorkerStopped
 from timtx.test.databases import mariadbDatabase, postgresqlDatabase
 
