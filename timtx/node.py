@@ -38,6 +38,7 @@ from timtx.chat.groups.profiles import GroupProfiles
 from timtx.chat.history import History
 from timtx.chat.inbound import InboundMessages
 from timtx.chat.loginwebhook import LoginWebhook
+from timtx.chat.messagerules import refusal
 from timtx.chat.messaging import PersonalMessaging
 from timtx.chat.permissions import MessagePermissions
 from timtx.chat.presence import PresenceService
@@ -56,6 +57,7 @@ from timtx.delivery.router import LocalRouter
 from timtx.delivery.sessions import AckIds, Session
 from timtx.interfaces import IClientNode, IFrameSink, IRouter, Route
 from timtx.persistence import storeFactory
+from timtx.persistence.errors import StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
@@ -328,6 +330,7 @@ class Node(MultiService):
         """
         config = self.config
         work = [
+            (self._watchStore, self.storeWatchInterval),
             (self.accounts.purgeExpiredTokens, max(config.accounts.token_ttl, 1.0)),
             (self.fanout.flush, config.groups.cursor_flush_interval),
         ]
@@ -339,6 +342,23 @@ class Node(MultiService):
             loop.clock = self.clock
             sweeps.append((loop, interval))
         return sweeps
+
+    #: Seconds between two looks at the store's health.
+    storeWatchInterval = 0.5
+    _incidents = 0
+
+    def _watchStore(self) -> None:
+        """
+        Once the store is back after an outage, or after it could not say
+        whether a write was committed, re-read what live sessions may have
+        missed (L{InboxDelivery.recheckLive}).
+        """
+        incidents = getattr(self.store, "incidents", 0)
+        if incidents == self._incidents or not self.store.available:
+            return
+        self._incidents = incidents
+        count = self.inbox.recheckLive()
+        self.log.info("store available again: reading the inboxes of {count} live sessions again", count=count)
 
     def _lastSessionEnded(self, session: Session) -> None:
         self.runInBackground(self.presence.announceOffline, session.uid, session.domain)
@@ -357,6 +377,9 @@ class Node(MultiService):
         d.addBoth(lambda _: self._background.discard(d))
 
     def _backgroundFailed(self, failure: Any) -> None:
+        if failure.check(StoreUnavailable):
+            self.log.warn("background work failed: {why}", why=failure.getErrorMessage())
+            return
         self.log.failure("background work failed", failure)
 
     def _changePassword(self, session: Session, request: TimReq) -> Deferred[None]:
@@ -403,29 +426,60 @@ class Node(MultiService):
     # Starting and stopping.
 
     def startService(self) -> None:
+        """
+        Open the store, and only then listen: a node whose database cannot
+        be reached (a wrong DSN, a server down, a schema newer than this
+        code) fails to start with nothing listening.  A listener that fails
+        at once raises L{NodeStartError} from here, as before; anything
+        that fails later fails L{ready}.
+        """
         if not codec.ACCELERATED:
             self.log.critical(
                 "thrift's C codec (thrift.protocol.fastbinary) is missing: Thrift compact runs in pure "
                 "Python, many times slower. Reinstall thrift where a C compiler is available."
             )
         self.threadPool.start()
-        opened = self.store.open()
+        Service.startService(self)
+        self._startError: NodeStartError | None = None
+        self._inStart = True
         try:
-            super().startService()
-        except BaseException:
+            self.store.open().addCallbacks(self._storeOpened, self._storeFailed)
+        finally:
+            self._inStart = False
+        if self._startError is not None:
+            raise self._startError
+
+    def _storeOpened(self, _: object) -> None:
+        if not self.running:
+            # Stopped while the store opened.
+            return
+        try:
+            for child in self:
+                child.startService()
+        except NodeStartError as e:
             # Leave nothing half-started: stop the listeners that bound.
-            for child in list(self):
-                if child.running:
-                    child.stopService()
-            self.running = False
-            self.threadPool.stop()
-            self.store.close()
-            raise
+            self._abandonStart()
+            if self._inStart:
+                self._startError = e
+            else:
+                self._failedToStart(Failure(e))
+            return
         for sweep, interval in self._sweeps:
             sweep.start(interval, now=False).addErrback(self._backgroundFailed)
-        waits: list[Deferred[Any]] = [opened, *(listener.listening for listener in self._listeners.values())]
-        d = gatherResults(waits, consumeErrors=True)
+        d = gatherResults([listener.listening for listener in self._listeners.values()], consumeErrors=True)
         d.addCallbacks(self._started, self._failedToStart)
+
+    def _storeFailed(self, failure: Failure) -> None:
+        self._abandonStart()
+        self._failedToStart(failure)
+
+    def _abandonStart(self) -> None:
+        for child in list(self):
+            if child.running:
+                child.stopService()
+        self.running = False
+        self.threadPool.stop()
+        self.store.close()
 
     def _started(self, _: object) -> None:
         self.log.info(
@@ -438,7 +492,18 @@ class Node(MultiService):
     def _failedToStart(self, failure: Any) -> None:
         error = getattr(failure.value, "subFailure", failure)
         self.log.critical("timtx node failed to start: {error}", error=error.getErrorMessage())
-        self.ready.errback(error)
+        if not self.ready.called:
+            self.ready.errback(error)
+
+    @property
+    def storeAvailable(self) -> bool:
+        """
+        Whether the store can be reached now.  While it cannot, sends are
+        answered with a retryable error (C{ERR_DATABASE}, "try again"),
+        clients stay connected, and the store reconnects by itself; the
+        store logs each change.  For the admin API and metrics.
+        """
+        return bool(self.store.available)
 
     #: Whether L{stopService} has begun.
     stopping = False
@@ -453,7 +518,7 @@ class Node(MultiService):
         d = maybeDeferred(super().stopService)
         d.addCallback(lambda _: self._closeConnections())
         d.addBoth(lambda _: DeferredList(list(self._background)))
-        d.addBoth(lambda _: self.inbox.flushRemovals())
+        d.addBoth(lambda _: self.inbox.stop())
         d.addBoth(lambda _: self.fanout.flush())
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: self.threadPool.stop())
@@ -498,6 +563,7 @@ class Node(MultiService):
     def login(self, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Deferred[Session]:
         d = self.accounts.authenticate(auth)
         d.addCallback(self._startSession, sink, auth, encoding)
+        d.addErrback(_outageRefused)
         return d
 
     def _startSession(self, grant: Any, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Session:
@@ -549,3 +615,13 @@ class Node(MultiService):
         if port is None:
             raise RuntimeError(f"{name} is not listening")
         return port.getHost()
+
+
+def _outageRefused(failure: Failure) -> Failure:
+    """
+    A login the store could not answer: a retryable error, not an internal
+    one.
+    """
+    if failure.check(StoreUnavailable):
+        return Failure(refusal(failure))
+    return failure

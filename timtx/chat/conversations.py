@@ -27,11 +27,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from timtx.chat.messagerules import refusal
 from timtx.crypto.vault import StanzaVault
+from timtx.persistence.errors import SequenceConflict, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import NewMessage
-from timtx.protocols.constants import ErrorCode
-from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
 
 #: mids count milliseconds from here, shifted left by 12 bits: 4096 ids per
@@ -89,6 +89,8 @@ class _Draft:
     dedupe: tuple[str, int] | None
     created: float
     done: Deferred[Appended] = field(default_factory=Deferred)
+    #: Times the store refused its numbers as taken (L{SequenceConflict}).
+    conflicts: int = 0
 
 
 class ConversationLog:
@@ -117,6 +119,10 @@ class Conversations:
     """
 
     log = Logger()
+
+    #: Times a batch is numbered again after L{SequenceConflict} (another
+    #: node numbered the conversation) before its messages are refused.
+    maxConflicts = 3
 
     def __init__(
         self,
@@ -211,11 +217,14 @@ class Conversations:
         self._flush(log)
 
     def _loadFailed(self, failure: Failure, log: ConversationLog) -> None:
-        self.log.failure("reading the position of {conv} failed", failure, conv=log.conv)
+        if failure.check(StoreUnavailable):
+            self.log.warn("reading the position of {conv} failed: {why}", conv=log.conv, why=failure.getErrorMessage())
+        else:
+            self.log.failure("reading the position of {conv} failed", failure, conv=log.conv)
         log.busy = False
         pending, log.pending = log.pending, []
         for draft in pending:
-            draft.done.errback(TimProtocolError(ErrorCode.ERR_DATABASE, "message not stored, try again"))
+            draft.done.errback(refusal(failure))
 
     def _written(self, qids: list[list[int]], log: ConversationLog, batch: list[_Draft], seq: int, mid: int) -> None:
         log.lastSeq, log.lastMid = seq, mid
@@ -226,15 +235,41 @@ class Conversations:
         self._evictIdle()
 
     def _writeFailed(self, failure: Failure, log: ConversationLog, batch: list[_Draft]) -> None:
-        self.log.failure("storing {count} messages of {conv} failed", failure, count=len(batch), conv=log.conv)
-        # Nothing of the batch was written: forget the numbers it used and
-        # read the position again before the next batch.
+        # Nothing of the batch was written (or, for StoreOutcomeUnknown, it
+        # may have been): forget the numbers it used and read the position
+        # again before the next batch.
         log.lastSeq = None
         log.busy = False
         for draft in batch:
             draft.message.mid = None
             draft.message.seq = None
-            draft.done.errback(TimProtocolError(ErrorCode.ERR_DATABASE, "message not stored, try again"))
+        if failure.check(SequenceConflict):
+            # Another node numbered this conversation meanwhile (a moment of
+            # split ownership, fenced by the store): number the batch again
+            # from the stored position, a few times, then refuse.
+            again = [draft for draft in batch if draft.conflicts < self.maxConflicts]
+            refused = [draft for draft in batch if draft.conflicts >= self.maxConflicts]
+            for draft in again:
+                draft.conflicts += 1
+            self.log.info(
+                "{conv}: seq {seq} was taken by another writer; numbering {count} messages again",
+                conv=log.conv,
+                seq=getattr(failure.value, "seq", None),
+                count=len(again),
+            )
+            log.pending[:0] = again
+            batch = refused
+        elif failure.check(StoreUnavailable):
+            self.log.warn(
+                "storing {count} messages of {conv} failed: {why}",
+                count=len(batch),
+                conv=log.conv,
+                why=failure.getErrorMessage(),
+            )
+        else:
+            self.log.failure("storing {count} messages of {conv} failed", failure, count=len(batch), conv=log.conv)
+        for draft in batch:
+            draft.done.errback(refusal(failure))
         self._flush(log)
 
     def _evictIdle(self) -> None:

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from timtx.chat.conversations import Appended
+from timtx.chat.messagerules import MaybeStored
 from timtx.crypto.vault import StanzaVault
 from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import Duplicate
@@ -123,6 +124,10 @@ class DuplicateFilter:
 
         def failed(failure: Failure) -> Failure:
             known.pop(clientId, None)
+            if failure.check(MaybeStored):
+                # It may be stored after all, with its key: read the keys
+                # again before the resend is checked.
+                self._senders.pop(sender)
             inFlight.fire(failure)
             return failure
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from twisted.python.failure import Failure
 
+from timtx.persistence.errors import StoreOutcomeUnknown, StoreUnavailable
 from timtx.protocols.constants import ORDER_CUSTOM_MAX, ORDER_RESERVED_MAX, ErrorCode, MsType, OdType, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
@@ -81,6 +82,8 @@ def tagged(failure: Failure, clientId: int) -> Failure:
     Carry the client's message id in the error ack (C{t}), so that a client
     can tell which of its messages was refused.
     """
+    if failure.check(StoreUnavailable):
+        failure = Failure(refusal(failure))
     if isinstance(failure.value, TimProtocolError):
         failure.value.ackFields.setdefault("t", clientId)
     return failure
@@ -91,5 +94,25 @@ def refuseUnstored(failure: Failure, session: Session, message: TimMessage) -> N
     A message could not be stored: tell its sender, by its id, with the
     store's reason or 5103.
     """
-    error = failure.value if isinstance(failure.value, TimProtocolError) else TimProtocolError(ErrorCode.ERR_DATABASE)
+    error = failure.value if isinstance(failure.value, TimProtocolError) else refusal(failure)
     session.sendError(TimType.TIMMESSAGE, error, t=message.id)
+
+
+class MaybeStored(TimProtocolError):
+    """
+    The store lost its connection while committing: the message may have
+    been stored.  Never confirmed; the client is asked to send it again.
+    """
+
+
+def refusal(failure: Failure) -> TimProtocolError:
+    """
+    What a client is told about a message the store did not take: always
+    retryable, worded by what is known.
+    """
+    if failure.check(StoreOutcomeUnknown):
+        # A resend is matched by its duplicate key if the first did land.
+        return MaybeStored(ErrorCode.ERR_DATABASE, "message may not be stored, send it again")
+    if failure.check(StoreUnavailable):
+        return TimProtocolError(ErrorCode.ERR_DATABASE, "store unavailable, try again")
+    return TimProtocolError(ErrorCode.ERR_DATABASE, "message not stored, try again")

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from timtx.crypto.vault import SealError, StanzaVault
 from timtx.delivery.encoded import Encoded
 from timtx.delivery.flow import FlowControl, SessionFlow
+from timtx.persistence.errors import StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import server_header
@@ -82,6 +83,10 @@ class InboxDelivery:
 
     log = Logger()
 
+    #: Seconds before reading an inbox again after the store was
+    #: unavailable, and before removing acknowledged entries again.
+    outageRetry = 2.0
+
     def __init__(
         self,
         config: MessagesConfig,
@@ -110,6 +115,10 @@ class InboxDelivery:
         self._removalCall: IDelayedCall | None = None
         self.flow = FlowControl(config.max_unacked, caughtUp=self.drain)
         self.sources: list[BacklogSource] = []
+        #: Drains to try again once the store is back, by session.
+        self._retries: dict[Session, IDelayedCall] = {}
+        self._recheck: IDelayedCall | None = None
+        self._stopped = False
 
     def addSource(self, source: BacklogSource) -> None:
         """
@@ -133,6 +142,8 @@ class InboxDelivery:
         elif self.config.offline_push_after:
             # Others (groups) may hold something too: look after the wait
             # either way, so new messages never overtake missed ones.
+            if state.timer is not None and state.timer.active():
+                state.timer.cancel()
             state.timer = self.clock.callLater(self.config.offline_push_after, self.drain, session)
             if not count:
                 self.drain(session, quiet=True)
@@ -140,6 +151,9 @@ class InboxDelivery:
             self.drain(session)
 
     def sessionEnded(self, session: Session) -> None:
+        retry = self._retries.pop(session, None)
+        if retry is not None and retry.active():
+            retry.cancel()
         state = self.flow.end(session)
         if state is not None and state.timer is not None and state.timer.active():
             state.timer.cancel()
@@ -195,9 +209,65 @@ class InboxDelivery:
         removals, self._removals = self._removals, {}
         for uid, qids in removals.items():
             d = self.store.deleteInbox(uid, qids)
-            d.addErrback(partial(self._removeFailed, uid))
+            d.addErrback(partial(self._removeFailed, uid, qids))
 
-    def _removeFailed(self, uid: str, failure: Failure) -> None:
+    def stop(self) -> None:
+        """
+        The node stops: remove what was acknowledged, and try nothing again
+        later.
+        """
+        self._stopped = True
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        for retry in self._retries.values():
+            if retry.active():
+                retry.cancel()
+        self._retries.clear()
+        self.flushRemovals()
+
+    def recheckLive(self, chunk: int = 200, pause: float = 0.05) -> int:
+        """
+        Read again what every live session may have missed.
+
+        After the store went down, or could not say whether a write was
+        committed, a message may be stored that was never pushed: its
+        sender was asked to send it again, and the resend was matched by
+        its duplicate key and confirmed without a push.  Draining every
+        live session (in chunks of C{chunk}, C{pause} seconds apart, so that
+        a node with many sessions does not flood the store as it comes
+        back) delivers it; entries already pushed and not yet acknowledged
+        are not sent again.
+
+        @return: how many sessions will be drained.
+        """
+        live = [session for session in self.sessions if (state := self.flow.state(session)) is not None and state.live]
+
+        def drainSome(start: int) -> None:
+            self._recheck = None
+            for session in live[start : start + chunk]:
+                state = self.flow.state(session)
+                if state is not None and state.live and not session.closed:
+                    self.drain(session)
+            if start + chunk < len(live) and not self._stopped:
+                self._recheck = self.clock.callLater(pause, drainSome, start + chunk)
+
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+
+        drainSome(0)
+        return len(live)
+
+    def _removeFailed(self, uid: str, qids: list[int], failure: Failure) -> None:
+        if failure.check(StoreUnavailable) and not self._stopped:
+            # Removing is safe to repeat: keep them and try again later,
+            # rather than deliver them a second time at the next login.
+            self.log.warn(
+                "removing acknowledged entries of {uid} failed: {why}", uid=uid, why=failure.getErrorMessage()
+            )
+            self._removals.setdefault(uid, [])[:0] = qids
+            if self._removalCall is None:
+                self._removalCall = self.clock.callLater(self.outageRetry, self.flushRemovals)
+            return
         self.log.failure("removing acknowledged entries of {uid} failed", failure, uid=uid)
 
     # Offline lists.
@@ -322,6 +392,39 @@ class InboxDelivery:
         return message
 
     def _failed(self, failure: Failure, session: Session) -> None:
+        if failure.check(StoreUnavailable):
+            if self._stopped:
+                return
+            # An outage: the session stays connected, and its inbox is read
+            # again once the store may be back.
+            self.log.warn(
+                "reading what {uid} missed failed: {why}; trying again in {delay:g}s",
+                uid=session.uid,
+                why=failure.getErrorMessage(),
+                delay=self.outageRetry,
+            )
+            state = self.flow.state(session)
+            if state is None or session.closed:
+                return
+            quiet = state.quiet if state.draining else True
+            state.draining = False
+            old = self._retries.pop(session, None)
+            if old is not None and old.active():
+                old.cancel()
+            self._retries[session] = self.clock.callLater(self.outageRetry, self._retryDrain, session, quiet)
+            return
         self.log.failure("reading what {uid} missed failed", failure, uid=session.uid)
         if not session.closed:
             session.sink.closeConnection("storage error")
+
+    def _retryDrain(self, session: Session, quiet: bool) -> None:
+        self._retries.pop(session, None)
+        state = self.flow.state(session)
+        if state is None or session.closed or state.live or state.draining:
+            return
+        if quiet:
+            # Nobody asked yet: look again as at login.
+            d = self.store.countInbox(session.uid)
+            d.addCallbacks(self._counted, self._failed, callbackArgs=(session, state), errbackArgs=(session,))
+        else:
+            self.drain(session)

@@ -52,6 +52,8 @@ class _Unloadable:
     Stands for a store whose module cannot be imported: opening it fails.
     """
 
+    available = False
+
     def __init__(self, name: str, why: str):
         self.name = name
         self._why = why

@@ -42,6 +42,11 @@ class IMessageStore(Interface):
 
     name = Attribute("The plugin name, such as C{'sqlite'}.")
 
+    available = Attribute(
+        "Whether the database can be reached now (C{False} while calls fail at once with "
+        "L{timtx.persistence.errors.StoreUnavailable}); for monitoring."
+    )
+
     def open() -> Deferred[None]:
         """
         Connect and bring the schema to the current version.

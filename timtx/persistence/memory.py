@@ -32,6 +32,7 @@ from timtx.persistence.records import (
 @implementer(IMessageStore)
 class MemoryStore:
     name = "memory"
+    available = True
 
     def __init__(self) -> None:
         self._accounts: dict[str, Account] = {}

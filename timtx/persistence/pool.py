@@ -185,6 +185,10 @@ class OrderedPool:
         self._why = "not connected yet"
         #: Whether calls fail at once: no connection and the last attempt failed.
         self.down = False
+        #: Times the store went down or could not tell whether a write was
+        #: committed: after either, something may be stored that nobody was
+        #: told about (see L{timtx.delivery.inbox.InboxDelivery.recheckLive}).
+        self.incidents = 0
         #: Batches committed, for tests and monitoring.
         self.batches = 0
 
@@ -347,6 +351,8 @@ class OrderedPool:
                 if call.lost <= 1 and (call.idempotent or not committing):
                     again.append(call)
                 else:
+                    if committing:
+                        self.incidents += 1
                     error = StoreOutcomeUnknown(f"{self.describe}: connection lost while committing: {failure.value}")
                     self._finish(call, False, Failure(error) if committing else self._failureFor(call, failure))
         elif failure.check(Transient):
@@ -464,6 +470,7 @@ class OrderedPool:
             if not self._links and not self.down and not self._closing:
                 self.log.error("{db} is unavailable: {why}", db=self.describe, why=self._why)
                 self.down = True
+                self.incidents += 1
                 self._failQueued(self._unavailable())
             self._scheduleRetry()
             return
@@ -546,6 +553,21 @@ class PooledStore:
 
     def _connect(self) -> Deferred[Any]:
         raise NotImplementedError()
+
+    @property
+    def available(self) -> bool:
+        """
+        Whether calls may succeed: C{False} while the server cannot be
+        reached and calls fail at once.
+        """
+        return not self._pool.down
+
+    @property
+    def incidents(self) -> int:
+        """
+        See L{OrderedPool.incidents}.
+        """
+        return self._pool.incidents
 
     @property
     def pool(self) -> OrderedPool:

@@ -178,6 +178,8 @@ def _migrate(connection: sqlite3.Connection) -> None:
 @implementer(IMessageStore)
 class SQLiteStore:
     name = "sqlite"
+    #: A file on the node's own disk: there is no server to lose.
+    available = True
 
     def __init__(self, reactor: Any, path: str, synchronous: str = "full", batchMax: int = 256):
         self.path = path

@@ -4,12 +4,17 @@ Tests for L{timtx.chat.conversations}: gapless numbering, batching, failures.
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.chat.conversations import MID_EPOCH_MS, Conversations, MidClock, pairConversation
+from timtx.chat.messagerules import MaybeStored
 from timtx.crypto.ids import NodeKeys
 from timtx.crypto.vault import StanzaVault
+from timtx.persistence.errors import SequenceConflict, StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.memory import MemoryStore
+from timtx.persistence.records import NewMessage
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
@@ -33,8 +38,10 @@ class ControlledStore(MemoryStore):
 
     def release(self):
         d, messages = self.waiting.pop(0)
-        if self.fail:
+        if self.fail is True:
             d.errback(RuntimeError("disk full"))
+        elif self.fail:
+            d.errback(self.fail)
         else:
             super().appendMessages(messages).chainDeferred(d)
 
@@ -109,6 +116,70 @@ class ConversationsTests(SynchronousTestCase):
         self.store.release()
         self.assertIsNone(self.successResultOf(first).message.seq)
         self.assertEqual(self.successResultOf(second).message.seq, 1)
+
+    def test_sequenceConflictNumbersAgain(self):
+        """
+        When another writer took the seqs (a moment of split ownership, the
+        store's fence), the batch is numbered again from the stored
+        position, quietly: no failure is logged and the sender never hears
+        of it.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        first = self.conversations.append("c", "a", message("one"), ("b",))
+        self.store.release()
+        self.successResultOf(first)
+        # Another node writes seq 2 behind this owner's back.
+        self.successResultOf(MemoryStore.appendMessages(self.store, [NewMessage("c", 2, 10**15, "x", b"theirs", 0.0)]))
+        mine = self.conversations.append("c", "a", message("two"), ("b",))
+        ((d, rows),) = self.store.waiting
+        self.assertEqual([r.seq for r in rows], [2])
+        self.store.release()
+        self.assertEqual([r.seq for _, rows in self.store.waiting for r in rows], [3])
+        self.store.release()
+        self.assertEqual(self.successResultOf(mine).message.seq, 3)
+        self.assertEqual([e for e in observer if "log_failure" in e], [])
+
+    def test_sequenceConflictGivesUp(self):
+        """
+        A batch whose seqs keep being taken is refused after
+        C{maxConflicts} tries, with a retryable error.
+        """
+        done = self.conversations.append("c", "a", message("m"), ("b",))
+        for _ in range(self.conversations.maxConflicts + 1):
+            d, _ = self.store.waiting.pop(0)
+            d.errback(SequenceConflict("c", 1))
+        error = self.failureResultOf(done, TimProtocolError).value
+        self.assertEqual(error.code, ErrorCode.ERR_DATABASE)
+        self.assertEqual(self.store.waiting, [])
+
+    def test_unavailable(self):
+        """
+        A store that cannot be reached refuses the message with a retryable
+        error saying so, logged as one line without a traceback.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.store.fail = StoreUnavailable("PostgreSQL at db:5432/timtx is unavailable: refused")
+        d = self.conversations.append("c", "a", message("m"), ("b",))
+        self.store.release()
+        error = self.failureResultOf(d, TimProtocolError).value
+        self.assertEqual((error.code, error.text), (ErrorCode.ERR_DATABASE, "store unavailable, try again"))
+        self.assertEqual([e for e in observer if "log_failure" in e], [])
+        self.assertIn("unavailable", [e for e in observer if "why" in e][0]["why"])
+
+    def test_outcomeUnknown(self):
+        """
+        A write whose outcome is unknown is never confirmed: the client is
+        asked to send it again (its duplicate key will match), and the owner
+        reads the position again, since the message may be stored.
+        """
+        self.store.fail = StoreOutcomeUnknown("lost while committing")
+        d = self.conversations.append("c", "a", message("m"), ("b",))
+        self.store.release()
+        self.assertIsInstance(self.failureResultOf(d, TimProtocolError).value, MaybeStored)
+        self.store.fail = False
+        again = self.conversations.append("c", "a", message("m2"), ("b",))
+        self.store.release()
+        self.assertEqual(self.successResultOf(again).message.seq, 1)
 
 
 class MidClockTests(SynchronousTestCase):

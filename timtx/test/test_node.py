@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from timtx.crypto.ids import NodeKeys
 from timtx.node import Node, NodeStartError
+from timtx.persistence.errors import StoreUnavailable
 from timtx.persistence.memory import MemoryStore
 from timtx.protocols import codec
 from timtx.testing import startNode, testConfig
@@ -153,6 +154,79 @@ class NodeTests(TestCase):
         logged = [e["log_failure"].type for e in observer if "log_failure" in e]
         self.assertEqual(logged, [ZeroDivisionError, ValueError])
         self.flushLoggedErrors(ZeroDivisionError, ValueError)
+
+
+class StoreFirstTests(TestCase):
+    """
+    A node opens its store before it listens.
+    """
+
+    def test_storeFailsNothingListens(self):
+        """
+        A store that cannot be opened (a wrong DSN, a server down, a schema
+        too new) fails the start with its one-line reason, and the node
+        never listened.
+        """
+        store = _OpeningStore()
+        node = Node(
+            testConfig(self.mktemp(), client={"listen": "tcp:0:interface=127.0.0.1"}),
+            reactor,
+            store=store,
+            keys=NodeKeys(b"k" * 32),
+        )
+        node.startService()
+        self.assertEqual([listener.port for listener in node._listeners.values()], [None, None])
+        store.opening.errback(StoreUnavailable("cannot connect to PostgreSQL at db:5432/timtx: refused"))
+        failure = self.failureResultOf(node.ready, StoreUnavailable)
+        self.assertIn("PostgreSQL at db:5432/timtx", failure.getErrorMessage())
+        self.assertEqual([listener.port for listener in node._listeners.values()], [None, None])
+        self.assertFalse(node.running)
+        self.assertTrue(store.closed)
+        self.flushLoggedErrors()
+
+    @inlineCallbacks
+    def test_listensOnceOpen(self):
+        """
+        The listeners start once the store is open; the node reports the
+        store's availability.
+        """
+        store = _OpeningStore()
+        node = Node(testConfig(self.mktemp()), reactor, store=store, keys=NodeKeys(b"k" * 32))
+        node.startService()
+        self.addCleanup(node.stopService)
+        self.assertEqual([listener.port for listener in node._listeners.values()], [None, None])
+        store.opening.callback(None)
+        yield node.ready
+        self.assertNotIn(None, [listener.port for listener in node._listeners.values()])
+        self.assertTrue(node.storeAvailable)
+        store.available = False
+        self.assertFalse(node.storeAvailable)
+
+    def test_stoppedWhileOpening(self):
+        """
+        A node stopped before its store opened never listens.
+        """
+        store = _OpeningStore()
+        node = Node(testConfig(self.mktemp()), reactor, store=store, keys=NodeKeys(b"k" * 32))
+        node.startService()
+        self.successResultOf(node.stopService())
+        store.opening.callback(None)
+        self.assertEqual([listener.port for listener in node._listeners.values()], [None, None])
+
+
+class _OpeningStore(MemoryStore):
+    closed = False
+
+    def __init__(self):
+        super().__init__()
+        self.opening = Deferred()
+
+    def open(self):
+        return self.opening
+
+    def close(self):
+        self.closed = True
+        return super().close()
 
 
 class _ClosingStore(MemoryStore):
