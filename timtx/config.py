@@ -618,6 +618,32 @@ class StoreConfig:
         "doubles after each failure (with jitter) up to reconnect_max.",
     )
     reconnect_max: float = option(10.0, _seconds(0.01), "Longest wait between two reconnection attempts.")
+    shards: tuple[str, ...] = option(
+        (),
+        WORDS,
+        "A store split over several databases of `postgresql` (docs/storage.md#sharding): their DSNs, "
+        "comma-separated, the first being the directory that keeps the shard map. Read once, to make the map "
+        "when the directory has none; later shards are added with `python -m timtx shards add`. Empty: one "
+        "database, `dsn`.",
+    )
+    map_poll: float = option(
+        1.0,
+        _seconds(0.05),
+        "Sharded store: seconds between two looks at the shard map, each also recording that this node is "
+        "alive (ten times as often while a move is under way).",
+    )
+    map_lease: float = option(
+        10.0,
+        _seconds(0.5),
+        "Sharded store: a node that could not confirm the shard map for this many seconds refuses store calls "
+        "(slots may have moved); the mover waits this long for a node that stopped answering.",
+    )
+    repair_interval: float = option(
+        5.0,
+        _seconds(0.1),
+        "Sharded store: seconds between two looks for writes spanning shards that a crash or an unreachable "
+        "shard left half done, and how old one must be for any node to finish it.",
+    )
 
 
 def _seconds_within(low: float, high: float) -> Kind:

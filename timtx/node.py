@@ -56,7 +56,7 @@ from timtx.delivery.registry import SessionRegistry
 from timtx.delivery.router import LocalRouter
 from timtx.delivery.sessions import AckIds, Session
 from timtx.interfaces import IClientNode, IFrameSink, IRouter, Route
-from timtx.persistence import storeFactory
+from timtx.persistence import makeStore
 from timtx.persistence.errors import StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols import codec
@@ -178,9 +178,7 @@ class Node(MultiService):
         self.protocols = (protocols or defaultRegistry()).copy()
         for name, path in config.protocols.items():
             self.protocols.register(name, resolveProtocolPath(path))
-        self.store: IMessageStore = (
-            store if store is not None else storeFactory(config.store.backend).makeStore(config, reactor)
-        )
+        self.store: IMessageStore = store if store is not None else makeStore(config, reactor)
         self.threadPool = ThreadPool(0, config.node.worker_threads, "timtx-worker")
         self.vault = StanzaVault(self.keys)
         self.connections: set[IFrameSink] = set()

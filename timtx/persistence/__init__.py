@@ -101,6 +101,54 @@ def storeFactories() -> dict[str, Any]:
     return found
 
 
+def makeStore(config: Any, reactor: Any) -> Any:
+    """
+    The store C{config} describes, not yet opened: its C{[store] backend},
+    over several databases if C{[store] shards} lists them
+    (L{timtx.persistence.sharded.ShardedStore}).
+
+    @raise KeyError: for an unknown backend.
+    """
+    store = config.store
+    factory = storeFactory(store.backend)
+    if not store.shards:
+        return factory.makeStore(config, reactor)
+    if store.backend not in ("postgresql", "memory"):
+        return _Unloadable(
+            store.backend,
+            f"[store] shards needs backend = postgresql (a sharded {store.backend} store is not supported)",
+        )
+    from timtx.persistence.sharded import ShardedStore
+
+    if store.backend == "memory":
+        from timtx.persistence.memory import MemoryStore
+
+        databases: dict[str, Any] = {}
+
+        def openShard(dsn: str) -> Any:
+            return databases.setdefault(dsn, MemoryStore())
+
+    else:
+        from timtx.persistence.postgresql import PostgreSQLStore
+        from timtx.persistence.rows import poolOptions
+
+        def openShard(dsn: str) -> Any:
+            return PostgreSQLStore(reactor, dsn, **poolOptions(store))
+
+    cluster = getattr(config, "cluster", None)
+    return ShardedStore(
+        openShard,
+        list(store.shards),
+        reactor,
+        backend=store.backend,
+        mapPoll=store.map_poll,
+        mapLease=store.map_lease,
+        repairInterval=store.repair_interval,
+        holdTimeout=getattr(store, "statement_timeout", 10.0),
+        nodeName=getattr(cluster, "node_id", "") or None,
+    )
+
+
 def storeFactory(name: str) -> Any:
     """
     @raise KeyError: with the known names, if none is called C{name}.
@@ -120,6 +168,7 @@ __all__ = [
     "SequenceConflict",
     "StoreOutcomeUnknown",
     "StoreUnavailable",
+    "makeStore",
     "storeFactories",
     "storeFactory",
 ]

@@ -25,8 +25,10 @@ from timtx.persistence.records import (
     Duplicate,
     Group,
     InboxEntry,
+    Intent,
     Member,
     NewMessage,
+    Part,
     Relation,
     StoredMessage,
     TokenGrant,
@@ -341,6 +343,93 @@ class IMessageStore(Interface):
         @return: a L{Deferred} firing with up to C{limit}
             L{timtx.persistence.records.StoredMessage}s of C{conv} with a
             seq above C{afterSeq}, oldest first.
+        """
+
+
+class IShardStore(IMessageStore):
+    """
+    A store that can be one shard of a
+    L{ShardedStore<timtx.persistence.sharded.ShardedStore>}: besides
+    L{IMessageStore}, the steps of writes that span shards, reads that do
+    not resolve references to other shards, and (on the first shard, the
+    I{directory}) the shard map.
+    """
+
+    def appendStaged(messages: list[NewMessage], intent: Intent) -> Deferred[list[list[int]]]:
+        """
+        C{appendMessages} of the parts that live here, and C{intent} (what
+        is left for other shards), in one transaction.
+        """
+
+    def stagedWrite(method: str, args: tuple[Any, ...], intent: Intent) -> Deferred[Any]:
+        """
+        One of C{replaceMessage}, C{addInbox}, C{createGroup},
+        C{removeMembers} with C{args}, and C{intent}, in one transaction.
+
+        @return: the method's result.
+        """
+
+    def applyParts(parts: list[Part], intent: Intent | None) -> Deferred[list[int]]:
+        """
+        Make the writes C{parts} (each safe to repeat), and store C{intent}
+        if given, in one transaction.
+
+        @return: the qids of the C{inbox} parts, in order: the entry made
+            now, or the one an earlier run made for the same C{ref}.
+        """
+
+    def pendingIntents(before: float, limit: int) -> Deferred[list[Intent]]:
+        """
+        @return: up to C{limit} intents stored before C{before}, oldest first.
+        """
+
+    def dropIntents(ids: list[bytes]) -> Deferred[None]:
+        """
+        Forget intents whose parts are all done.
+        """
+
+    def readInboxRaw(
+        uid: str, afterQid: int, limit: int
+    ) -> Deferred[list[tuple[int, str | None, int | None, bytes | None]]]:
+        """
+        Like C{readInbox}, as C{(qid, conv, seq, stanza)}, with a C{None}
+        stanza for an entry whose history row is not on this shard.
+        """
+
+    def stanzasAt(rows: list[tuple[str, int]]) -> Deferred[dict[tuple[str, int], bytes]]:
+        """
+        @return: the stanzas of the history rows C{(conv, seq)} found here.
+        """
+
+    def foundedBy(uid: str) -> Deferred[list[str]]:
+        """
+        @return: the ids of the groups here, not dissolved, founded by C{uid}.
+        """
+
+    def shardMap() -> Deferred[Any]:
+        """
+        @return: the L{timtx.persistence.placement.ShardMap} kept here (the
+            directory), or C{None} if there is none yet.
+        """
+
+    def createShardMap(shardMap: Any) -> Deferred[None]:
+        """
+        Keep C{shardMap} here unless a map exists already (nodes starting
+        together create it once).
+        """
+
+    def heartbeat(node: str, version: int) -> Deferred[tuple[int, bool]]:
+        """
+        Record that C{node} is alive and has no call under a map older than
+        C{version}.
+
+        @return: the version of the map kept here, and whether a move is
+            under way.
+        """
+
+    def leave(node: str) -> Deferred[None]:
+        """
+        Forget C{node}: it stopped.
         """
 
 

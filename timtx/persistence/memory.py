@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from timtx.persistence.errors import SequenceConflict
-from timtx.persistence.interfaces import IMessageStore, IStoreFactory
+from timtx.persistence.interfaces import IMessageStore, IShardStore, IStoreFactory
 from timtx.persistence.records import (
     BLOCK_BY_USER,
     GROUP_ALIVE,
@@ -21,15 +21,17 @@ from timtx.persistence.records import (
     Duplicate,
     Group,
     InboxEntry,
+    Intent,
     Member,
     NewMessage,
+    Part,
     Relation,
     StoredMessage,
     TokenGrant,
 )
 
 
-@implementer(IMessageStore)
+@implementer(IMessageStore, IShardStore)
 class MemoryStore:
     name = "memory"
     available = True
@@ -50,6 +52,11 @@ class MemoryStore:
         self._requests: set[tuple[str, str]] = set()
         self._groupBlocks: dict[tuple[str, str], set[int]] = {}
         self._cursors: dict[tuple[str, str], int] = {}
+        # As a shard: intents, inbox entries by ref, the directory.
+        self._intents: dict[bytes, Intent] = {}
+        self._refs: dict[bytes, tuple[str, int]] = {}
+        self._shardMap: Any = None
+        self.nodes: dict[str, int] = {}
 
     def open(self) -> Deferred[None]:
         return succeed(None)
@@ -116,10 +123,18 @@ class MemoryStore:
                 self._duplicates[m.dedupe] = Duplicate(m.conv, m.seq, m.mid, m.created)
         return succeed(result)
 
-    def _addInbox(self, uid: str, conv: str | None, seq: int | None, stanza: bytes | None) -> int:
+    def _addInbox(
+        self, uid: str, conv: str | None, seq: int | None, stanza: bytes | None, ref: bytes | None = None
+    ) -> int:
+        if ref is not None and ref in self._refs:
+            owner, qid = self._refs[ref]
+            if qid in self._inbox.get(owner, {}):
+                return qid
         qid = self._nextQid
         self._nextQid += 1
         self._inbox.setdefault(uid, {})[qid] = (conv, seq, stanza)
+        if ref is not None:
+            self._refs[ref] = (uid, qid)
         return qid
 
     def lastMessage(self, conv: str) -> Deferred[tuple[int, int]]:
@@ -159,6 +174,22 @@ class MemoryStore:
 
     def addInbox(self, entries: list[tuple[str, bytes]], created: float) -> Deferred[list[int]]:
         return succeed([self._addInbox(uid, None, None, stanza) for uid, stanza in entries])
+
+    def readInboxRaw(
+        self, uid: str, afterQid: int, limit: int
+    ) -> Deferred[list[tuple[int, str | None, int | None, bytes | None]]]:
+        rows: list[tuple[int, str | None, int | None, bytes | None]] = []
+        for qid in sorted(self._inbox.get(uid, {})):
+            if qid <= afterQid:
+                continue
+            conv, seq, stanza = self._inbox[uid][qid]
+            if stanza is None:
+                row = self._messages.get(conv or "", {}).get(seq or 0)
+                stanza = None if row is None else row.stanza
+            rows.append((qid, conv, seq, stanza))
+            if len(rows) >= limit:
+                break
+        return succeed(rows)
 
     def readInbox(self, uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:
         entries = []
@@ -290,6 +321,86 @@ class MemoryStore:
     def messagesAfter(self, conv: str, afterSeq: int, limit: int) -> Deferred[list[StoredMessage]]:
         rows = self._messages.get(conv, {})
         return succeed([rows[seq] for seq in sorted(rows) if seq > afterSeq][:limit])
+
+    # As a shard.
+
+    def appendStaged(self, messages: list[NewMessage], intent: Intent) -> Deferred[list[list[int]]]:
+        d = self.appendMessages(messages)
+        d.addCallback(self._keep, intent)
+        return d
+
+    def stagedWrite(self, method: str, args: tuple[Any, ...], intent: Intent) -> Deferred[Any]:
+        if method not in ("replaceMessage", "addInbox", "createGroup", "removeMembers"):
+            return fail(ValueError(f"{method} is not written staged"))
+        d: Deferred[Any] = getattr(self, method)(*args)
+        d.addCallback(self._keep, intent)
+        return d
+
+    def _keep(self, result: Any, intent: Intent | None) -> Any:
+        if intent is not None:
+            self._intents[intent.id] = intent
+        return result
+
+    def applyParts(self, parts: list[Part], intent: Intent | None) -> Deferred[list[int]]:
+        qids = []
+        for part in parts:
+            args = part.args
+            if part.kind == "inbox":
+                uid, conv, seq, stanza, _, ref = args
+                qids.append(self._addInbox(uid, conv, seq, stanza, ref))
+            elif part.kind == "dedupe":
+                sender, clientId, conv, seq, mid, created = args
+                self._duplicates[(sender, clientId)] = Duplicate(conv, seq, mid, created)
+            elif part.kind == "stance":
+                self.setStance(*args)
+            elif part.kind == "member":
+                gid, uid, role, joined, muted = args
+                self._members.setdefault(gid, {})[uid] = Member(uid, role, joined, muted)
+            elif part.kind == "unmember":
+                gid, uid = args
+                self._members.get(gid, {}).pop(uid, None)
+            elif part.kind == "block":
+                self.setGroupBlock(*args)
+            else:
+                return fail(ValueError(f"unknown part {part.kind!r}"))
+        return succeed(qids).addCallback(self._keep, intent)
+
+    def pendingIntents(self, before: float, limit: int) -> Deferred[list[Intent]]:
+        found = sorted((i for i in self._intents.values() if i.created < before), key=lambda i: i.created)
+        return succeed(found[:limit])
+
+    def dropIntents(self, ids: list[bytes]) -> Deferred[None]:
+        for id in ids:
+            self._intents.pop(id, None)
+        return succeed(None)
+
+    def stanzasAt(self, rows: list[tuple[str, int]]) -> Deferred[dict[tuple[str, int], bytes]]:
+        found = {}
+        for conv, seq in rows:
+            row = self._messages.get(conv, {}).get(seq)
+            if row is not None:
+                found[(conv, seq)] = row.stanza
+        return succeed(found)
+
+    def foundedBy(self, uid: str) -> Deferred[list[str]]:
+        return succeed([g.gid for g in self._groups.values() if g.founder == uid and g.status == GROUP_ALIVE])
+
+    def shardMap(self) -> Deferred[Any]:
+        return succeed(self._shardMap)
+
+    def createShardMap(self, shardMap: Any) -> Deferred[None]:
+        if self._shardMap is None:
+            self._shardMap = shardMap
+        return succeed(None)
+
+    def heartbeat(self, node: str, version: int) -> Deferred[tuple[int, bool]]:
+        self.nodes[node] = version
+        shardMap = self._shardMap
+        return succeed((shardMap.version, shardMap.moving) if shardMap is not None else (0, False))
+
+    def leave(self, node: str) -> Deferred[None]:
+        self.nodes.pop(node, None)
+        return succeed(None)
 
 
 @implementer(IStoreFactory)

@@ -51,7 +51,8 @@ from txpostgres import txpostgres
 from zope.interface import implementer
 
 from timtx.persistence.errors import SchemaTooNew, StoreUnavailable
-from timtx.persistence.interfaces import IMessageStore, IStoreFactory
+from timtx.persistence.interfaces import IMessageStore, IShardStore, IStoreFactory
+from timtx.persistence.placement import Range, ShardMap, decodeParts, intentRow
 from timtx.persistence.pool import LinkLost, PooledStore, Transient, mergedRuns
 from timtx.persistence.records import (
     BLOCK_BY_USER,
@@ -60,8 +61,10 @@ from timtx.persistence.records import (
     Duplicate,
     Group,
     InboxEntry,
+    Intent,
     Member,
     NewMessage,
+    Part,
     Relation,
     StoredMessage,
     TokenGrant,
@@ -169,6 +172,56 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (uid, gid)
     );
     """,
+    # 2: sharding (timtx.persistence.sharded, pgmove).  Inbox entries are
+    # keyed by user, so that a user's entries keep their qids when moved
+    # to another shard; entries made by the second step of a write that
+    # spans shards carry the ref that makes them once.
+    """
+    ALTER TABLE inbox ADD COLUMN ref bytea;
+    CREATE UNIQUE INDEX inbox_ref ON inbox (ref) WHERE ref IS NOT NULL;
+    ALTER TABLE inbox DROP CONSTRAINT inbox_pkey;
+    ALTER TABLE inbox ADD PRIMARY KEY (uid, qid);
+    DROP INDEX inbox_uid;
+    CREATE TABLE shard_intents (
+        id bytea PRIMARY KEY,
+        created double precision NOT NULL,
+        payload bytea NOT NULL
+    );
+    CREATE INDEX shard_intents_created ON shard_intents (created);
+    CREATE TABLE shard_map (
+        id smallint PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+        version bigint NOT NULL,
+        moving boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE shard_list (shard integer PRIMARY KEY, dsn text NOT NULL, added double precision NOT NULL);
+    CREATE TABLE shard_ranges (
+        lo integer PRIMARY KEY,
+        hi integer NOT NULL,
+        shard integer NOT NULL,
+        held boolean NOT NULL DEFAULT false
+    );
+    CREATE TABLE shard_nodes (node text PRIMARY KEY, version bigint NOT NULL, seen timestamptz NOT NULL);
+    CREATE TABLE shard_moves (
+        id serial PRIMARY KEY,
+        lo integer NOT NULL,
+        hi integer NOT NULL,
+        source integer NOT NULL,
+        target integer NOT NULL,
+        phase text NOT NULL,
+        copied bigint NOT NULL DEFAULT 0,
+        total bigint NOT NULL DEFAULT 0,
+        started double precision NOT NULL,
+        updated double precision NOT NULL,
+        finished double precision,
+        detail text NOT NULL DEFAULT ''
+    );
+    CREATE TABLE shard_capture (lo integer PRIMARY KEY, hi integer NOT NULL, fenced boolean NOT NULL DEFAULT false);
+    CREATE TABLE shard_changes (id bigserial PRIMARY KEY, tbl text NOT NULL, pk jsonb NOT NULL);
+    CREATE FUNCTION timtx_slot(key text) RETURNS integer LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+        AS $$ SELECT ('x' || substr(md5(key), 1, 3))::bit(12)::integer $$;
+    CREATE FUNCTION timtx_slot(key bytea) RETURNS integer LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+        AS $$ SELECT ('x' || substr(md5(key), 1, 3))::bit(12)::integer $$;
+    """,
 ]
 
 #: The advisory lock nodes take to migrate one at a time ("timtx" in ASCII).
@@ -190,15 +243,20 @@ class Op:
     @ivar merge: for an operation that may run merged with others of its
         kind in one statement, what it writes (an L{_Append} or
         L{_DeleteInbox}); see L{timtx.persistence.pool.mergedRuns}.
+    @ivar then: more statements of the same operation, run after it and
+        undone with it (a write and its intent, for a sharded store).
     """
 
-    __slots__ = ("sql", "params", "result", "merge")
+    __slots__ = ("sql", "params", "result", "merge", "then")
 
-    def __init__(self, sql: str, params: Any, result: Callable[[Any], Any], merge: Any = None):
+    def __init__(
+        self, sql: str, params: Any, result: Callable[[Any], Any], merge: Any = None, then: tuple[Op, ...] = ()
+    ):
         self.sql = sql
         self.params = params
         self.result = result
         self.merge = merge
+        self.then = then
 
 
 class _Connection(txpostgres.Connection):  # type: ignore[misc]
@@ -372,6 +430,8 @@ class PostgresLink:
                     op = ops[indices[0]]
                     cursor = await self._statement(prefix, op.sql, op.params)
                     values[indices[0]] = op.result(cursor)
+                    for then in op.then:
+                        await self._statement("", then.sql, then.params)
                 else:
                     op = kind.combine([ops[i].merge for i in indices])
                     cursor = await self._statement(prefix, op.sql, op.params)
@@ -405,6 +465,8 @@ class PostgresLink:
                 try:
                     cursor = await self._statement(f"{prefix}SAVEPOINT {name};", op.sql, op.params)
                     value = op.result(cursor)
+                    for then in op.then:
+                        await self._statement("", then.sql, then.params)
                 except Exception as e:
                     await self._raiseFor(e)
                     failed[index] = Failure()
@@ -544,7 +606,41 @@ _APPEND = f"""WITH m AS (
 )
 SELECT ARRAY(SELECT conv FROM m), ARRAY(SELECT seq FROM m), ARRAY(SELECT qid FROM q ORDER BY ord)"""
 
+#: Intent rows of a sharded store, written with the first step of a write
+#: that spans shards (see L{timtx.persistence.sharded}).
+_INTENTS = """x AS (
+    INSERT INTO shard_intents (id, created, payload)
+    SELECT * FROM unnest(%s::bytea[], %s::float8[], %s::bytea[]) ON CONFLICT (id) DO NOTHING
+)"""
+
+_APPEND_STAGED = _APPEND.replace(
+    "\nSELECT ARRAY(SELECT conv FROM m)", f", {_INTENTS}\nSELECT ARRAY(SELECT conv FROM m)"
+)
+
 _ADD_INBOX = f"WITH {_NEW_INBOX} SELECT ARRAY(SELECT qid FROM q ORDER BY ord)"
+
+#: Inbox entries made once per ref: those an earlier run made are found,
+#: the others made; the result is every entry's qid, in order.
+_APPLY_INBOX = """WITH e AS (
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bytea[], %s::float8[], %s::bytea[])
+    WITH ORDINALITY AS e(uid, conv, seq, stanza, created, ref, ord)
+), old AS (
+    SELECT i.ref, i.qid FROM inbox i JOIN e ON i.ref = e.ref
+), q AS (
+    SELECT nextval('inbox_qid_seq') AS qid, n.* FROM (
+        SELECT * FROM e WHERE NOT EXISTS (SELECT 1 FROM old WHERE old.ref = e.ref) ORDER BY ord
+    ) n
+), i AS (
+    INSERT INTO inbox (qid, uid, conv, seq, stanza, created, ref)
+    SELECT qid, uid, conv, seq, stanza, created, ref FROM q ON CONFLICT DO NOTHING
+)
+SELECT ARRAY(SELECT COALESCE(old.qid, q.qid) FROM e LEFT JOIN old ON old.ref = e.ref LEFT JOIN q ON q.ref = e.ref
+             ORDER BY e.ord)"""
+
+_UPSERT_DUPLICATES = """INSERT INTO duplicates (sender, client_id, conv, seq, mid, created)
+SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::float8[])
+ON CONFLICT (sender, client_id) DO UPDATE
+SET conv = excluded.conv, seq = excluded.seq, mid = excluded.mid, created = excluded.created"""
 
 _REPLACE = f"""WITH u AS (
     UPDATE messages SET stanza = %s, state = %s WHERE conv = %s AND seq = %s
@@ -603,7 +699,14 @@ class _Append(Appends):
     """
     What one L{PostgreSQLStore.appendMessages} call writes; several run as
     one statement (L{timtx.persistence.pool.mergedRuns}).
+
+    @ivar intents: intent rows written with it (a sharded store's first
+        step).
     """
+
+    def __init__(self, messages: list[NewMessage], intents: list[tuple[bytes, float, bytes]] | None = None):
+        super().__init__(messages)
+        self.intents = intents or []
 
     @staticmethod
     def combine(appends: list[Appends]) -> Op:
@@ -615,6 +718,7 @@ class _Append(Appends):
             only the call that holds it fails).
         """
         rows, inbox, dupes = Appends.together(appends)
+        intents = [row for a in appends for row in getattr(a, "intents", ())]
 
         def result(cursor: Any) -> list[list[list[int]]]:
             convs, seqs, qids = cursor.fetchone()
@@ -623,6 +727,8 @@ class _Append(Appends):
             return Appends.split(appends, qids)
 
         params = (*_columns(rows, "tiitbf"), *_columns(inbox, _INBOX_TYPES), *_columns(dupes, "titiif"))
+        if intents:
+            return Op(_APPEND_STAGED, (*params, *_columns(intents, "bfb")), result)
         return Op(_APPEND, params, result)
 
 
@@ -650,7 +756,7 @@ def _mergeable(merge: Any) -> Op:
     return Op(combined.sql, combined.params, lambda cursor: combined.result(cursor)[0], merge)
 
 
-@implementer(IMessageStore)
+@implementer(IMessageStore, IShardStore)
 class PostgreSQLStore(PooledStore):
     """
     @param reactor: drives the connections (C{IReactorFDSet}).
@@ -826,8 +932,13 @@ class PostgreSQLStore(PooledStore):
     def replaceMessage(
         self, conv: str, seq: int, stanza: bytes, state: int, notices: list[tuple[str, bytes]], created: float
     ) -> Deferred[list[int]]:
+        return self._pool.write(self._replaceOp(conv, seq, stanza, state, notices, created))
+
+    def _replaceOp(
+        self, conv: str, seq: int, stanza: bytes, state: int, notices: list[tuple[str, bytes]], created: float
+    ) -> Op:
         inbox = _columns([(uid, conv, None, body, created) for uid, body in notices], _INBOX_TYPES)
-        return self._write(_REPLACE, (stanza, state, conv, seq, *inbox), _scalar)
+        return Op(_REPLACE, (stanza, state, conv, seq, *inbox), _scalar)
 
     def history(self, conv: str, beforeMid: int | None, limit: int) -> Deferred[list[StoredMessage]]:
         def messages(cursor: Any) -> list[StoredMessage]:
@@ -855,8 +966,11 @@ class PostgreSQLStore(PooledStore):
     # Inboxes.
 
     def addInbox(self, entries: list[tuple[str, bytes]], created: float) -> Deferred[list[int]]:
+        return self._pool.write(self._addInboxOp(entries, created))
+
+    def _addInboxOp(self, entries: list[tuple[str, bytes]], created: float) -> Op:
         inbox = _columns([(uid, None, None, stanza, created) for uid, stanza in entries], _INBOX_TYPES)
-        return self._write(_ADD_INBOX, inbox, _scalar)
+        return Op(_ADD_INBOX, inbox, _scalar)
 
     def readInbox(self, uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:
         def entries(cursor: Any) -> list[InboxEntry]:
@@ -897,15 +1011,7 @@ class PostgreSQLStore(PooledStore):
         )
 
     def setStance(self, owner: str, other: str, stance: int) -> Deferred[None]:
-        if stance:
-            return self._write(
-                "INSERT INTO stances (owner, other, stance) VALUES (%s, %s, %s) "
-                "ON CONFLICT (owner, other) DO UPDATE SET stance = excluded.stance",
-                (owner, other, stance),
-                _nothing,
-                True,
-            )
-        return self._write("DELETE FROM stances WHERE owner = %s AND other = %s", (owner, other), _nothing, True)
+        return self._pool.write(_stanceOp(owner, other, stance), True)
 
     def getProfile(self, uid: str) -> Deferred[bytes | None]:
         return self._read("SELECT stanza FROM profiles WHERE uid = %s", (uid,), lambda cursor: _bytes(_scalar(cursor)))
@@ -931,7 +1037,10 @@ class PostgreSQLStore(PooledStore):
     # Groups.
 
     def createGroup(self, group: Group, founder: Member) -> Deferred[None]:
-        return self._write(
+        return self._pool.write(self._createGroupOp(group, founder))
+
+    def _createGroupOp(self, group: Group, founder: Member) -> Op:
+        return Op(
             "WITH g AS (INSERT INTO groups (gid, domain, founder, gtype, status, created, profile, member_cap, "
             f"muted_all) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)) {_PUT_MEMBER}",
             (*groupRow(group), group.gid, founder.uid, founder.role, founder.joined, founder.mutedUntil),
@@ -970,14 +1079,13 @@ class PostgreSQLStore(PooledStore):
         )
 
     def putMember(self, gid: str, member: Member) -> Deferred[None]:
-        return self._write(
-            _PUT_MEMBER, (gid, member.uid, member.role, member.joined, member.mutedUntil), _nothing, True
-        )
+        return self._pool.write(_memberOp(gid, member.uid, member.role, member.joined, member.mutedUntil), True)
 
     def removeMembers(self, gid: str, uids: list[str]) -> Deferred[int]:
-        return self._write(
-            "DELETE FROM group_members WHERE gid = %s AND uid = ANY(%s::text[])", (gid, list(uids)), _rowcount
-        )
+        return self._pool.write(self._removeMembersOp(gid, uids))
+
+    def _removeMembersOp(self, gid: str, uids: list[str]) -> Op:
+        return Op("DELETE FROM group_members WHERE gid = %s AND uid = ANY(%s::text[])", (gid, list(uids)), _rowcount)
 
     def addJoinRequest(self, gid: str, uid: str, created: float) -> Deferred[None]:
         return self._write(
@@ -992,14 +1100,7 @@ class PostgreSQLStore(PooledStore):
         return self._write("DELETE FROM group_requests WHERE gid = %s AND uid = %s", (gid, uid), _changedOne)
 
     def setGroupBlock(self, gid: str, uid: str, by: int, blocked: bool) -> Deferred[None]:
-        if blocked:
-            sql = (
-                "INSERT INTO group_blocks (gid, uid, blocked_by) VALUES (%s, %s, %s) "
-                "ON CONFLICT (gid, uid, blocked_by) DO NOTHING"
-            )
-        else:
-            sql = "DELETE FROM group_blocks WHERE gid = %s AND uid = %s AND blocked_by = %s"
-        return self._write(sql, (gid, uid, by), _nothing, True)
+        return self._pool.write(_blockOp(gid, uid, by, blocked), True)
 
     def groupBlocks(self, gid: str) -> Deferred[dict[str, set[int]]]:
         def blocks(cursor: Any) -> dict[str, set[int]]:
@@ -1041,6 +1142,172 @@ class PostgreSQLStore(PooledStore):
             (conv, afterSeq, limit),
             lambda cursor: [messageFrom(row) for row in cursor.fetchall()],
         )
+
+    # As a shard of a sharded store (timtx.persistence.sharded).
+
+    def appendStaged(self, messages: list[NewMessage], intent: Intent) -> Deferred[list[list[int]]]:
+        return self._pool.write(_mergeable(_Append(messages, [intentRow(intent)])))
+
+    def stagedWrite(self, method: str, args: tuple[Any, ...], intent: Intent) -> Deferred[Any]:
+        builders: dict[str, Callable[..., Op]] = {
+            "replaceMessage": self._replaceOp,
+            "addInbox": self._addInboxOp,
+            "createGroup": self._createGroupOp,
+            "removeMembers": self._removeMembersOp,
+        }
+        op = builders[method](*args)
+        op.then = (_intentOp(intent),)
+        return self._pool.write(op)
+
+    def applyParts(self, parts: list[Part], intent: Intent | None) -> Deferred[list[int]]:
+        ops = _partOps(parts)
+        if intent is not None:
+            ops.append(_intentOp(intent))
+        first, rest = ops[0], ops[1:]
+        return self._pool.write(Op(first.sql, first.params, first.result, then=tuple(rest)), True)
+
+    def pendingIntents(self, before: float, limit: int) -> Deferred[list[Intent]]:
+        return self._read(
+            "SELECT id, created, payload FROM shard_intents WHERE created < %s ORDER BY created LIMIT %s",
+            (before, limit),
+            lambda cursor: [Intent(bytes(i), c, decodeParts(bytes(p))) for i, c, p in cursor.fetchall()],
+        )
+
+    def dropIntents(self, ids: list[bytes]) -> Deferred[None]:
+        return self._write(
+            "DELETE FROM shard_intents WHERE id = ANY(%s::bytea[])", _columns([(i,) for i in ids], "b"), _nothing, True
+        )
+
+    def readInboxRaw(
+        self, uid: str, afterQid: int, limit: int
+    ) -> Deferred[list[tuple[int, str | None, int | None, bytes | None]]]:
+        return self._read(
+            "SELECT i.qid, i.conv, i.seq, COALESCE(i.stanza, m.stanza) FROM inbox i "
+            "LEFT JOIN messages m ON i.stanza IS NULL AND m.conv = i.conv AND m.seq = i.seq "
+            "WHERE i.uid = %s AND i.qid > %s ORDER BY i.qid LIMIT %s",
+            (uid, afterQid, limit),
+            lambda cursor: [(q, c, s, _bytes(b)) for q, c, s, b in cursor.fetchall()],
+        )
+
+    def stanzasAt(self, rows: list[tuple[str, int]]) -> Deferred[dict[tuple[str, int], bytes]]:
+        return self._read(
+            "SELECT m.conv, m.seq, m.stanza FROM messages m "
+            "JOIN unnest(%s::text[], %s::bigint[]) AS r(conv, seq) ON m.conv = r.conv AND m.seq = r.seq",
+            _columns(rows, "ti"),
+            lambda cursor: {(c, s): bytes(b) for c, s, b in cursor.fetchall()},
+        )
+
+    def foundedBy(self, uid: str) -> Deferred[list[str]]:
+        return self._read(
+            "SELECT gid FROM groups WHERE founder = %s AND status = %s",
+            (uid, GROUP_ALIVE),
+            lambda cursor: [r[0] for r in cursor.fetchall()],
+        )
+
+    def shardMap(self) -> Deferred[ShardMap | None]:
+        return self._read(
+            "SELECT (SELECT json_build_object('version', version, 'moving', moving, "
+            "'shards', (SELECT json_agg(json_build_array(shard, dsn)) FROM shard_list), "
+            "'ranges', (SELECT json_agg(json_build_array(lo, hi, shard, held) ORDER BY lo) FROM shard_ranges)) "
+            "FROM shard_map)",
+            None,
+            lambda cursor: _shardMapFrom(_scalar(cursor)),
+        )
+
+    def createShardMap(self, shardMap: ShardMap) -> Deferred[None]:
+        ranges = [(r.lo, r.hi, r.shard) for r in shardMap.ranges]
+        shards = sorted(shardMap.shards.items())
+        return self._write(
+            "WITH m AS (INSERT INTO shard_map (version) VALUES (%s) ON CONFLICT (id) DO NOTHING RETURNING version), "
+            "s AS (INSERT INTO shard_list (shard, dsn, added) SELECT s.shard, s.dsn, extract(epoch FROM now()) "
+            "FROM unnest(%s::integer[], %s::text[]) AS s(shard, dsn) WHERE EXISTS (SELECT 1 FROM m)) "
+            "INSERT INTO shard_ranges (lo, hi, shard) SELECT * FROM unnest(%s::integer[], %s::integer[], %s::integer[]) "
+            "WHERE EXISTS (SELECT 1 FROM m)",
+            (shardMap.version, *_columns(shards, "it"), *_columns(ranges, "iii")),
+            _nothing,
+        )
+
+    def heartbeat(self, node: str, version: int) -> Deferred[tuple[int, bool]]:
+        return self._write(
+            "WITH h AS (INSERT INTO shard_nodes (node, version, seen) VALUES (%s, %s, clock_timestamp()) "
+            "ON CONFLICT (node) DO UPDATE SET version = excluded.version, seen = excluded.seen) "
+            "SELECT version, moving FROM shard_map",
+            (node, version),
+            lambda cursor: tuple(cursor.fetchone() or (0, False)),
+            True,
+        )
+
+    def leave(self, node: str) -> Deferred[None]:
+        return self._write("DELETE FROM shard_nodes WHERE node = %s", (node,), _nothing, True)
+
+
+def _shardMapFrom(found: Any) -> ShardMap | None:
+    if found is None:
+        return None
+    return ShardMap(
+        int(found["version"]),
+        {int(shard): dsn for shard, dsn in found["shards"] or ()},
+        tuple(Range(lo, hi, shard, held) for lo, hi, shard, held in found["ranges"] or ()),
+        bool(found["moving"]),
+    )
+
+
+def _stanceOp(owner: str, other: str, stance: int) -> Op:
+    if stance:
+        return Op(
+            "INSERT INTO stances (owner, other, stance) VALUES (%s, %s, %s) "
+            "ON CONFLICT (owner, other) DO UPDATE SET stance = excluded.stance",
+            (owner, other, stance),
+            _nothing,
+        )
+    return Op("DELETE FROM stances WHERE owner = %s AND other = %s", (owner, other), _nothing)
+
+
+def _memberOp(gid: str, uid: str, role: int, joined: float, mutedUntil: float) -> Op:
+    return Op(_PUT_MEMBER, (gid, uid, role, joined, mutedUntil), _nothing)
+
+
+def _blockOp(gid: str, uid: str, by: int, blocked: bool) -> Op:
+    if blocked:
+        sql = (
+            "INSERT INTO group_blocks (gid, uid, blocked_by) VALUES (%s, %s, %s) "
+            "ON CONFLICT (gid, uid, blocked_by) DO NOTHING"
+        )
+    else:
+        sql = "DELETE FROM group_blocks WHERE gid = %s AND uid = %s AND blocked_by = %s"
+    return Op(sql, (gid, uid, by), _nothing)
+
+
+def _intentOp(intent: Intent) -> Op:
+    return Op(
+        "INSERT INTO shard_intents (id, created, payload) VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
+        intentRow(intent),
+        _nothing,
+    )
+
+
+def _partOps(parts: list[Part]) -> list[Op]:
+    """
+    The statements of C{parts}: the inbox entries first (their qids are the
+    result), then the rest in order.
+    """
+    inbox = [p.args for p in parts if p.kind == "inbox"]
+    dupes = [p.args for p in parts if p.kind == "dedupe"]
+    ops = [Op(_APPLY_INBOX, _columns(inbox, "ttibfb"), _scalar) if inbox else Op("SELECT 1", None, lambda _: [])]
+    if dupes:
+        ops.append(Op(_UPSERT_DUPLICATES, _columns(dupes, "titiif"), _nothing))
+    for part in parts:
+        if part.kind == "stance":
+            ops.append(_stanceOp(*part.args))
+        elif part.kind == "member":
+            ops.append(_memberOp(*part.args))
+        elif part.kind == "unmember":
+            ops.append(Op("DELETE FROM group_members WHERE gid = %s AND uid = %s", part.args, _nothing))
+        elif part.kind == "block":
+            ops.append(_blockOp(*part.args))
+        elif part.kind not in ("inbox", "dedupe"):
+            raise ValueError(f"unknown part {part.kind!r}")
+    return ops
 
 
 @implementer(IStoreFactory)

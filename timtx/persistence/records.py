@@ -5,6 +5,7 @@ The plain records stores take and return.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -180,3 +181,39 @@ ROLE_FOUNDER = 2
 #: Who blocks whom between a user and a group.
 BLOCK_BY_USER = 1
 BLOCK_BY_GROUP = 2
+
+
+@dataclass(frozen=True)
+class Part:
+    """
+    One write a sharded store makes on the shard of C{key}, safe to repeat:
+
+      - C{inbox}: C{(uid, conv, seq, stanza, created, ref)}, an inbox entry
+        made once per C{ref} (see L{Intent});
+      - C{dedupe}: C{(sender, client id, conv, seq, mid, created)};
+      - C{stance}: C{(owner, other, stance)}, as C{setStance};
+      - C{member}: C{(gid, uid, role, joined, mutedUntil)}, as C{putMember};
+      - C{unmember}: C{(gid, uid)};
+      - C{block}: C{(gid, uid, by, blocked)}, as C{setGroupBlock}.
+    """
+
+    kind: str
+    key: str
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Intent:
+    """
+    What a write that spans shards still has to do on other shards, stored
+    with its first part in one transaction, and forgotten once done: a
+    crash between the two leaves it for any node to finish (parts are safe
+    to repeat).
+
+    @ivar id: 16 random bytes; inbox parts are made once per C{id} and
+        index.
+    """
+
+    id: bytes
+    created: float
+    parts: tuple[Part, ...]
