@@ -20,7 +20,7 @@ columns place a row; the mover (L{timtx.persistence.pgmove}) and the
 placement checks use it.
 
 The slot of a key is computed the same way in SQL (for the mover's triggers
-and copies): C{('x' || substr(md5(key), 1, 3))::bit(12)::int}.
+and copies): C{timtx_slot(key)}, C{('x' || substr(md5(key), 1, 3))::bit(12)::int}.
 """
 
 from __future__ import annotations
@@ -60,21 +60,33 @@ class Table:
     """
     How a table's rows are placed.
 
-    @ivar keys: SQL expressions of the placement keys of a row (two for the
-        rows kept on both sides).
     @ivar pk: its primary key columns.
+    @ivar keys: the columns holding the placement keys of a row (two for
+        the rows kept on both sides).
+    @ivar conv: the key is a conversation (see L{convKey}).
     """
 
     name: str
     pk: tuple[str, ...]
     keys: tuple[str, ...]
+    conv: bool = False
+
+    def keySql(self, column: str, row: str = "") -> str:
+        """
+        The SQL expression of the slot of C{column} (of record C{row}, such
+        as C{NEW}, if given).
+        """
+        ref = f"{row}.{column}" if row else column
+        if self.conv:
+            ref = f"CASE WHEN left({ref}, 2) = 'g:' THEN substr({ref}, 3) ELSE {ref} END"
+        return f"timtx_slot({ref})"
 
 
 #: Every table that holds placed rows, and how.
 TABLES: tuple[Table, ...] = (
     Table("accounts", ("uid",), ("uid",)),
     Table("login_tokens", ("token_key",), ("token_key",)),
-    Table("messages", ("conv", "seq"), ("CASE WHEN conv LIKE 'g:%' THEN substr(conv, 3) ELSE conv END",)),
+    Table("messages", ("conv", "seq"), ("conv",), conv=True),
     Table("inbox", ("uid", "qid"), ("uid",)),
     Table("duplicates", ("sender", "client_id"), ("sender",)),
     Table("stances", ("owner", "other"), ("owner", "other")),
@@ -211,3 +223,29 @@ def _typed(value: Any) -> Any:
 
 def intentRow(intent: Intent) -> tuple[bytes, float, bytes]:
     return (intent.id, intent.created, encodeParts(intent.parts))
+
+
+def reassigned(ranges: Iterable[Range], lo: int, hi: int, shard: int, held: bool) -> tuple[Range, ...]:
+    """
+    C{ranges} with slots C{lo} to C{hi} given to C{shard} (and C{held} or
+    not); neighbours of one shard and state are merged.
+    """
+    pieces: list[Range] = []
+    for r in ranges:
+        if r.hi < lo or r.lo > hi:
+            pieces.append(r)
+            continue
+        if r.lo < lo:
+            pieces.append(Range(r.lo, lo - 1, r.shard, r.held))
+        if r.hi > hi:
+            pieces.append(Range(hi + 1, r.hi, r.shard, r.held))
+    pieces.append(Range(lo, hi, shard, held))
+    pieces.sort(key=lambda r: r.lo)
+    merged: list[Range] = []
+    for r in pieces:
+        last = merged[-1] if merged else None
+        if last is not None and last.shard == r.shard and last.held == r.held and last.hi + 1 == r.lo:
+            merged[-1] = Range(last.lo, r.hi, r.shard, r.held)
+        else:
+            merged.append(r)
+    return tuple(merged)
