@@ -432,6 +432,12 @@ class IShardStore(IMessageStore):
         Forget C{node}: it stopped.
         """
 
+    def directoryStatus() -> Deferred[tuple[list[tuple[str, int, float]], list[dict[str, Any]]]]:
+        """
+        @return: the nodes' heartbeats (name, map version, seconds since)
+            and the recent moves (newest first), as kept here.
+        """
+
 
 class IStoreFactory(Interface):
     """

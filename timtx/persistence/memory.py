@@ -402,6 +402,9 @@ class MemoryStore:
         self.nodes.pop(node, None)
         return succeed(None)
 
+    def directoryStatus(self) -> Deferred[tuple[list[tuple[str, int, float]], list[dict[str, Any]]]]:
+        return succeed(([(node, version, 0.0) for node, version in sorted(self.nodes.items())], []))
+
 
 @implementer(IStoreFactory)
 class MemoryStoreFactory:

@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 
-from timtx.persistence.placement import SLOTS, TABLES, Range, ShardMap, Table, reassigned
+from timtx.persistence.placement import SLOTS, TABLES, Range, ShardMap, Table, reassigned, statusOf
 from timtx.persistence.postgresql import MIGRATION_LOCK, MIGRATIONS
 
 PHASES = ("prepare", "copy", "catchup", "switch", "cleanup", "done", "aborted")
@@ -306,29 +307,9 @@ def status(directoryDsn: str) -> dict[str, Any]:
     directory = Directory(directoryDsn)
     try:
         shardMap = directory.shardMap()
-        return statusOf(shardMap, directory.nodes(), directory.moves())
+        return statusOf(shardMap, directory.nodes(), [m.asDict() for m in directory.moves()], describe)
     finally:
         directory.close()
-
-
-def statusOf(shardMap: ShardMap, nodes: list[tuple[str, int, float]], moves: list[Move]) -> dict[str, Any]:
-    return {
-        "version": shardMap.version,
-        "moving": shardMap.moving,
-        "shards": [
-            {
-                "shard": shard,
-                "database": describe(dsn),
-                "slots": sum(r.hi - r.lo + 1 for r in shardMap.ranges if r.shard == shard),
-                "ranges": [
-                    f"{r.lo}-{r.hi}" + (" (held)" if r.held else "") for r in shardMap.ranges if r.shard == shard
-                ],
-            }
-            for shard, dsn in sorted(shardMap.shards.items())
-        ],
-        "nodes": [{"node": n, "version": v, "seen": round(age, 1)} for n, v, age in nodes],
-        "moves": [m.asDict() for m in moves],
-    }
 
 
 def _triggerSql(table: Table) -> str:
@@ -381,10 +362,9 @@ CREATE TRIGGER timtx_capture AFTER INSERT OR UPDATE OR DELETE ON {table.name}
 """
 
 
-def _dropTriggersSql() -> str:
-    return "".join(
-        f"DROP TRIGGER IF EXISTS timtx_capture ON {t.name}; DROP FUNCTION IF EXISTS timtx_capture_{t.name}();"
-        for t in TABLES
+def _dropTriggerSql(table: Table) -> str:
+    return (
+        f"DROP TRIGGER IF EXISTS timtx_capture ON {table.name}; DROP FUNCTION IF EXISTS timtx_capture_{table.name}();"
     )
 
 
@@ -515,7 +495,7 @@ class Mover:
         if held:
             ranges = tuple(Range(r.lo, r.hi, r.shard) for r in shardMap.ranges)
             shardMap = self.directory.saveMap(shardMap, reassigned(ranges, move.lo, move.hi, move.source, False), False)
-        self._execute(source, _dropTriggersSql() + "DELETE FROM shard_capture; DELETE FROM shard_changes;")
+        self._stopCapture(source)
         self._deleteUnowned(target, move.target, shardMap, move)
         self.directory.setMoving(False)
         move.phase, move.finished, move.detail = "aborted", time.time(), "abandoned before the switch"
@@ -550,27 +530,45 @@ class Mover:
             return cursor.fetchall() if cursor.description else []
 
     def _prepare(self, move: Move) -> None:
-        self.progress("prepare", 0, 1, f"slots {move.slots}: shard {move.source} -> shard {move.target}")
+        self.progress("prepare", 0, len(TABLES), f"slots {move.slots}: shard {move.source} -> shard {move.target}")
         source = self._db(move.source)
         self._db(move.target)
-        sql = (
-            "BEGIN; DELETE FROM shard_capture; "
-            f"INSERT INTO shard_capture (lo, hi) VALUES ({int(move.lo)}, {int(move.hi)});"
-            + "".join(_triggerSql(t) for t in TABLES)
-            + "COMMIT;"
+        self._execute(
+            source,
+            "BEGIN; DELETE FROM shard_capture; INSERT INTO shard_capture (lo, hi) VALUES (%s, %s); COMMIT",
+            (move.lo, move.hi),
         )
-        try:
-            self._execute(source, sql)
-        except psycopg2.Error:
-            self._execute(source, "ROLLBACK")
-            raise
+        # One table per transaction: a trigger waits for the writes under
+        # way on its table only, and cannot deadlock with a node's batch
+        # that writes several tables.  The copy starts once all are in
+        # place, so what changed before is copied anyway.
+        for done, table in enumerate(TABLES):
+            self._locking(source, _triggerSql(table))
+            self.progress("prepare", done + 1, len(TABLES), f"changes of {table.name} are recorded")
         self.directory.setMoving(True)
-        self.progress("prepare", 1, 1, "changes are recorded on the source")
         self._advance(move, "copy")
+
+    def _locking(self, connection: Any, sql: str, attempts: int = 50) -> None:
+        """
+        Run C{sql}, which takes a table lock, in a transaction that waits
+        for it at most a moment (nodes' writes queue behind a waiting
+        lock), and again until it gets it.
+        """
+        for attempt in range(attempts):
+            try:
+                self._execute(connection, f"BEGIN; SET LOCAL lock_timeout = '500ms'; {sql} COMMIT;")
+                return
+            except (psycopg2.errors.LockNotAvailable, psycopg2.errors.DeadlockDetected):
+                self._execute(connection, "ROLLBACK")
+                self.sleep(0.05 * (attempt + 1))
+        raise MoveError("could not lock the tables of the source shard; is something holding them? try again")
 
     def _copy(self, move: Move) -> None:
         source, target = self._db(move.source), self._db(move.target)
         window = {"lo": move.lo, "hi": move.hi}
+        # Start clean: rows of the range left on the target by an attempt
+        # that was abandoned or found wrong.
+        self._deleteUnowned(target, move.target, self.directory.shardMap(), move)
         move.total = sum(
             self._execute(source, f"SELECT count(*) FROM {t.name} WHERE {_inRange(t)}", window)[0][0] for t in TABLES
         )
@@ -698,7 +696,7 @@ class Mover:
         self._waitForNodes(move, shardMap.version, "the range is held")
         self._execute(source, "UPDATE shard_capture SET fenced = true")
         self._syncChanges(move, until=0)
-        self._verify(move, source, target)
+        shardMap = self._verify(move, source, target, shardMap)
         self._execute(
             target,
             "SELECT setval('inbox_qid_seq', GREATEST((SELECT last_value FROM inbox_qid_seq), "
@@ -724,28 +722,44 @@ class Mover:
             found[table.name] = (int(count), int(total))
         return found
 
-    def _verify(self, move: Move, source: Any, target: Any) -> None:
+    def _verify(self, move: Move, source: Any, target: Any, shardMap: ShardMap) -> ShardMap:
+        """
+        Compare the range on both shards; if they differ, give the range
+        back to the source (unheld, unfenced) and start the copy again on
+        the next run.
+        """
         before, after = self.checksums(source, move.lo, move.hi), self.checksums(target, move.lo, move.hi)
         differ = [name for name in before if before[name] != after[name]]
         if differ:
+            self._execute(source, "UPDATE shard_capture SET fenced = false")
+            shardMap = self.directory.saveMap(
+                shardMap, reassigned(shardMap.ranges, move.lo, move.hi, move.source, False), True
+            )
+            self._advance(move, "copy", f"{', '.join(differ)} differed after the copy; copying again")
             raise MoveError(
                 f"slots {move.slots} differ between shard {move.source} and shard {move.target} in "
-                f"{', '.join(differ)} after the last changes were copied; nothing was switched "
-                "(run the command again, or abandon the move with --abort)"
+                f"{', '.join(differ)}; nothing was switched and the slots stay on shard {move.source} "
+                "(run the command again to copy them again, or abandon the move with --abort)"
             )
         rows = sum(count for count, _ in after.values())
         move.detail = f"{rows:,} rows checked"
         self.progress("switch", 1, 1, f"{rows:,} rows equal on both shards")
+        return shardMap
 
     def _cleanup(self, move: Move) -> None:
         shardMap = self.directory.shardMap()
         self._waitForNodes(move, shardMap.version, "before deleting from the source")
         source = self._db(move.source)
-        self._execute(source, _dropTriggersSql() + "DELETE FROM shard_capture; DELETE FROM shard_changes;")
+        self._stopCapture(source)
         deleted = self._deleteUnowned(source, move.source, shardMap, move)
         self.directory.setMoving(False)
         self.progress("cleanup", 1, 1, f"{deleted:,} rows deleted from shard {move.source}")
         self._advance(move, "done", f"{move.copied:,} rows copied, {deleted:,} deleted from the source")
+
+    def _stopCapture(self, source: Any) -> None:
+        for table in TABLES:
+            self._locking(source, _dropTriggerSql(table))
+        self._execute(source, "DELETE FROM shard_capture; DELETE FROM shard_changes;")
 
     def _deleteUnowned(self, connection: Any, shard: int, shardMap: ShardMap, move: Move) -> int:
         """

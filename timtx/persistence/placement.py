@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from hashlib import md5
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from timtx.persistence.records import Intent, Part
 
@@ -249,3 +249,35 @@ def reassigned(ranges: Iterable[Range], lo: int, hi: int, shard: int, held: bool
         else:
             merged.append(r)
     return tuple(merged)
+
+
+def statusOf(
+    shardMap: ShardMap,
+    nodes: list[tuple[str, int, float]],
+    moves: list[dict[str, Any]],
+    describe: Callable[[str], str] = lambda dsn: dsn,
+) -> dict[str, Any]:
+    """
+    What C{shards status} prints and the admin API shows.
+
+    @param nodes: C{(name, map version, seconds since its heartbeat)}.
+    @param moves: the recent moves, newest first (C{shard_moves} rows).
+    @param describe: names a shard's database without its password.
+    """
+    return {
+        "version": shardMap.version,
+        "moving": shardMap.moving,
+        "shards": [
+            {
+                "shard": shard,
+                "database": describe(dsn),
+                "slots": sum(r.hi - r.lo + 1 for r in shardMap.ranges if r.shard == shard),
+                "ranges": [
+                    f"{r.lo}-{r.hi}" + (" (held)" if r.held else "") for r in shardMap.ranges if r.shard == shard
+                ],
+            }
+            for shard, dsn in sorted(shardMap.shards.items())
+        ],
+        "nodes": [{"node": n, "version": v, "seen": round(age, 1)} for n, v, age in nodes],
+        "moves": moves,
+    }

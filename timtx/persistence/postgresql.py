@@ -1240,6 +1240,17 @@ class PostgreSQLStore(PooledStore):
     def leave(self, node: str) -> Deferred[None]:
         return self._write("DELETE FROM shard_nodes WHERE node = %s", (node,), _nothing, True)
 
+    def directoryStatus(self) -> Deferred[tuple[list[tuple[str, int, float]], list[dict[str, Any]]]]:
+        return self._read(
+            "SELECT json_build_object("
+            "'nodes', (SELECT json_agg(json_build_array(node, version, extract(epoch FROM clock_timestamp() - seen)) "
+            "ORDER BY node) FROM shard_nodes), "
+            "'moves', (SELECT json_agg(m ORDER BY id DESC) FROM (SELECT id, lo || '-' || hi AS slots, source, target, "
+            "phase, copied, total, started, updated, finished, detail FROM shard_moves ORDER BY id DESC LIMIT 20) m))",
+            None,
+            lambda cursor: _directoryStatusFrom(_scalar(cursor)),
+        )
+
 
 def _shardMapFrom(found: Any) -> ShardMap | None:
     if found is None:
@@ -1250,6 +1261,11 @@ def _shardMapFrom(found: Any) -> ShardMap | None:
         tuple(Range(lo, hi, shard, held) for lo, hi, shard, held in found["ranges"] or ()),
         bool(found["moving"]),
     )
+
+
+def _directoryStatusFrom(found: Any) -> tuple[list[tuple[str, int, float]], list[dict[str, Any]]]:
+    nodes = [(node, int(version), float(age)) for node, version, age in found["nodes"] or ()]
+    return nodes, list(found["moves"] or ())
 
 
 def _stanceOp(owner: str, other: str, stance: int) -> Op:

@@ -60,7 +60,7 @@ from zope.interface import implementer
 
 from timtx.persistence.errors import StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
-from timtx.persistence.placement import ShardMap, convKey, evenRanges, slotOf
+from timtx.persistence.placement import ShardMap, convKey, evenRanges, slotOf, statusOf
 from timtx.persistence.records import (
     Account,
     Duplicate,
@@ -76,6 +76,9 @@ from timtx.persistence.records import (
 )
 
 _CANCELLED = object()
+
+#: The SQLSTATE of a write refused by a move's fence (L{timtx.persistence.pgmove}).
+FENCED = "TX001"
 
 
 class _Reservation:
@@ -345,6 +348,31 @@ class ShardedStore:
     def _leaseExpired(self) -> bool:
         return self._clock.seconds() - self._confirmed > self.mapLease
 
+    def shardStatus(self) -> Deferred[dict[str, Any]]:
+        """
+        The shard map, the nodes' heartbeats and the recent moves with
+        their progress, as C{python -m timtx shards status} shows them: for
+        the admin API.
+
+        @return: a L{Deferred} firing with a dict: C{version}, C{moving},
+            C{shards} (id, database, slots, ranges), C{nodes} (node,
+            version, seen), C{moves} (id, slots, source, target, phase,
+            copied, total, started, updated, finished, detail).
+        """
+        if self.map is None or self.directory is None:
+            return fail(StoreUnavailable(f"{self.name}: not open"))
+        shardMap = self.map
+        names = {
+            self._dsns[shard]: getattr(store, "describe", None) or _describe(self._dsns[shard])
+            for shard, store in self.shards.items()
+            if shard in self._dsns
+        }
+        d: Deferred[Any] = self.directory.directoryStatus()
+        d.addCallback(
+            lambda found: statusOf(shardMap, found[0], found[1], lambda dsn: names.get(dsn) or _describe(dsn))
+        )
+        return d
+
     # The map.
 
     def _schedulePoll(self) -> None:
@@ -540,7 +568,21 @@ class ShardedStore:
         """
         Call C{method(*args)} on shard C{shard}, in its order.
         """
-        return self._lane(shard).run(lambda: getattr(self._store(shard), method)(*args))
+        d = self._lane(shard).run(lambda: getattr(self._store(shard), method)(*args))
+        d.addErrback(self._fenced, shard)
+        return d
+
+    def _fenced(self, failure: Failure, shard: int) -> Failure:
+        """
+        A shard refused a write because its slot moved (the mover's fence):
+        this node's map is out of date.  Say so as an outage, and look at
+        the map at once.
+        """
+        if getattr(failure.value, "pgcode", None) != FENCED:
+            return failure
+        if self._pollCall is not None and self._pollCall.active():
+            self._pollCall.reset(0)
+        return Failure(StoreUnavailable(f"{self.name}: shard {shard} no longer holds that slot; try again"))
 
     def _on(self, key: str | bytes, method: str, *args: Any) -> Deferred[Any]:
         """
@@ -597,11 +639,13 @@ class ShardedStore:
                     remote.setdefault(target, []).append(part)
             if not remote:
                 alone = self._lane(shard).run(lambda: first(self._store(shard), None))
+                alone.addErrback(self._fenced, shard)
                 alone.addCallback(combine, [])
                 return alone
             intent = Intent(os.urandom(16), self._clock.seconds(), tuple(p for ps in remote.values() for p in ps))
             reservations = {target: self._lane(target).reserve() for target in remote}
             d = self._lane(shard).run(lambda: first(self._store(shard), intent))
+            d.addErrback(self._fenced, shard)
 
             def firstFailed(failure: Failure) -> Failure:
                 for target, reservation in reservations.items():
@@ -1053,6 +1097,17 @@ class ShardedStore:
 
     def cursorsOf(self, uid: str) -> Deferred[dict[str, int]]:
         return self._on(uid, "cursorsOf", uid)
+
+
+def _describe(dsn: str) -> str:
+    """
+    A shard's database without what may be secret in its DSN.
+    """
+    words = [w for w in dsn.split() if not w.startswith("password=")]
+    if "://" in dsn and "@" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        return f"{scheme}://{rest.rsplit('@', 1)[1]}"
+    return " ".join(words)
 
 
 def _first(failure: Failure) -> Failure:

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import timtx
 from timtx.commands import ProgressBar
-from timtx.persistence.placement import SLOTS, TABLES, ShardMap, convKey, slotOf
+from timtx.persistence.placement import SLOTS, TABLES, convKey, slotOf
 from timtx.persistence.records import (
     ROLE_FOUNDER,
     ROLE_MEMBER,
@@ -346,6 +346,42 @@ class MoveTests(TestCase):
         self.assertEqual((errors, rows), ([], before))
         yield store.createAccount(Account("after", "", "h", 0.0))
 
+    @inlineCallbacks
+    def test_differenceFound(self):
+        """
+        A range found different on the two shards at the switch (here: a
+        row slipped onto the target behind the mover's back) is not
+        switched: the map gives it back to the source, calls go on, and
+        the next run copies it again and finishes.
+        """
+        import psycopg2
+
+        from timtx.persistence.pgmove import MoveError, addShard
+
+        store = yield self.setUpShards()
+        yield fill(store, "d")
+        yield deferToThread(addShard, self.dsns[0], self.dsns[2])
+        uid = next(f"stray{i}" for i in range(10000) if slotOf(f"stray{i}") < 2048)
+
+        def tamper(phase, done, total, detail):
+            if phase == "catchup":
+                connection = psycopg2.connect(self.dsns[2])
+                connection.autocommit = True
+                connection.cursor().execute("INSERT INTO accounts VALUES (%s, '', 'h', 0)", (uid,))
+                connection.close()
+
+        failure = yield self.assertFailure(deferToThread(self.mover(progress=tamper).move, 0, 2047, 2), MoveError)
+        self.assertIn("accounts", str(failure))
+        shardMap, _ = yield deferToThread(self.shardDsns)
+        self.assertEqual((shardMap.shardOf(0), shardMap.anyHeld), (0, False))
+        yield store.createAccount(Account("during", "", "h", 0.0))
+        move = yield deferToThread(self.mover().resume)
+        self.assertEqual(move.phase, "done")
+        shardMap, dsns = yield deferToThread(self.shardDsns)
+        errors, logical = yield deferToThread(placementErrors, shardMap, dsns)
+        self.assertEqual(errors, [])
+        self.assertNotIn((uid,), logical["accounts"])
+
 
 class CommandTests(TestCase):
     """
@@ -393,6 +429,10 @@ class CommandTests(TestCase):
         self.assertEqual([m["phase"] for m in found["moves"]], ["done", "done"])
         yield sleep(0.5)
         self.assertEqual(store.map.version, found["version"])
-
-
-__all__ = ["ShardMap"]
+        mine = yield store.shardStatus()
+        self.assertEqual(mine["shards"], found["shards"])
+        self.assertEqual(
+            [(m["slots"], m["phase"]) for m in mine["moves"]], [("2048-2999", "done"), ("1000-2047", "done")]
+        )
+        self.assertEqual([n["node"] for n in mine["nodes"]], [store.nodeName])
+        self.assertNotIn("password", json.dumps(mine))

@@ -89,6 +89,7 @@ class OutageTests(NodeTestCase):
         node, people, routes, members = yield self.traffic()
         traffic = Traffic(reactor, routes)
         traffic.start()
+        self.addCleanup(traffic.cancel)
         yield sleep(1.0)
         before = sum(len(p.confirmed) for p in people)
         self.assertGreater(before, 10)
@@ -134,6 +135,7 @@ class OutageTests(NodeTestCase):
         node, people, routes, members = yield self.traffic()
         traffic = Traffic(reactor, routes)
         traffic.start()
+        self.addCleanup(traffic.cancel)
         yield sleep(1.0)
         self.server.signal(signal.SIGSTOP)
         try:

@@ -152,6 +152,14 @@ class Traffic:
                     p._transmit(waiting)
         self._resender = self.reactor.callLater(self.resendAfter, self._resend)
 
+    def cancel(self):
+        """
+        Stop at once, waiting for nothing (a test's cleanup).
+        """
+        self.running = False
+        if self._resender is not None and self._resender.active():
+            self._resender.cancel()
+
     def stop(self, timeout=30.0):
         """
         Stop sending; fires once every message sent is confirmed.
@@ -163,10 +171,10 @@ class Traffic:
         def poll():
             pending = sum(len(p.pending) for p in self.participants)
             if not pending:
-                self._resender.cancel()
+                self.cancel()
                 d.callback(None)
             elif self.reactor.seconds() > deadline:
-                self._resender.cancel()
+                self.cancel()
                 d.errback(AssertionError(f"{pending} messages never confirmed"))
             else:
                 self.reactor.callLater(0.05, poll)
