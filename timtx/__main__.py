@@ -1,6 +1,6 @@
 """
 C{python -m timtx --version}, C{--check-config}, and the operator commands
-(C{shards ...}); nodes are started with C{twist tim --config node.ini}.
+(C{shards ...}, C{keys ...}); nodes are started with C{twist tim --config node.ini}.
 """
 
 from __future__ import annotations
@@ -19,13 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--check-config", metavar="PATH", help="validate a node.ini and exit")
-    from timtx.commands import addShardsParser, shards
+    from timtx.commands import addKeysParser, addShardsParser, keys, shards
 
     sub = parser.add_subparsers(dest="command")
     addShardsParser(sub)
+    addKeysParser(sub)
     args = parser.parse_args(argv)
     if args.command == "shards":
         return shards(args)
+    if args.command == "keys":
+        return keys(args)
     if args.version:
         accelerated = "C codec" if codec.ACCELERATED else "pure-Python codec (slow)"
         print(f"timtx {__version__} ({accelerated})")

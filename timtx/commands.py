@@ -162,3 +162,119 @@ def addShardsParser(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=2000, help="move: rows per copy statement (default 2000)")
     p.add_argument("--wait", type=float, default=120.0, help="move: seconds to wait for nodes (default 120)")
     p.add_argument("--json", action="store_true", help="status: as JSON")
+
+
+def keys(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """
+    C{python -m timtx keys new|status|reencrypt|retire}.
+    """
+    from timtx.crypto.vault import KeyringError, newKeyFile
+
+    if args.action == "new":
+        if not args.path:
+            raise SystemExit("keys new needs the path of the file to write")
+        try:
+            newKeyFile(args.path)
+        except OSError as e:
+            print(f"timtx keys: cannot write {args.path}: {e}", file=sys.stderr)
+            return 1
+        out.write(f"{args.path}: a new key; add it to [store] data_keys as ID:{args.path} on every node\n")
+        return 0
+    if not args.config:
+        raise SystemExit("give the node config: --config node.ini")
+    from twisted.internet.task import react
+
+    result: list[int] = []
+
+    def main(reactor: Any) -> Any:
+        d = _keysWithStore(reactor, args, out)
+        d.addCallback(result.append)
+        return d
+
+    try:
+        react(main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return 1
+    except KeyringError as e:
+        print(f"timtx keys: {e}", file=sys.stderr)
+        return 1
+    return result[0] if result else 1
+
+
+def _keysWithStore(reactor: Any, args: argparse.Namespace, out: TextIO) -> Any:
+    from twisted.internet.defer import ensureDeferred
+
+    return ensureDeferred(_keysCommand(reactor, args, out))
+
+
+async def _keysCommand(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
+    from timtx.chat.reseal import Resealer
+    from timtx.config import load
+    from timtx.crypto.ids import NodeKeys
+    from timtx.crypto.vault import KeyringError, StanzaVault, loadKeyring
+    from timtx.persistence import makeStore
+    from timtx.persistence.errors import SchemaTooNew, StoreUnavailable
+
+    config = load(args.config)
+    nodeKeys = NodeKeys.fromFile(config.key_path)
+    try:
+        ring = loadKeyring(nodeKeys, config.data_key_paths, config.store.data_key, config.store.retired_keys)
+    except KeyringError as e:
+        print(f"timtx keys: [store] data_keys: {e}", file=sys.stderr)
+        return 1
+    vault = StanzaVault(nodeKeys, ring)
+    store = makeStore(config, reactor)
+    try:
+        await store.open()
+    except (StoreUnavailable, SchemaTooNew) as e:
+        print(f"timtx keys: {e}", file=sys.stderr)
+        return 1
+    try:
+        bar = ProgressBar(out)
+        resealer = Resealer(store=store, vault=vault, clock=reactor, rate=args.rate, progress=bar)
+        counts = await resealer.count()
+        if args.action == "status":
+            out.write(f"new data is sealed with key {vault.writeKey}; this node has keys {vault.keyIds}\n")
+            for keyId in sorted(counts):
+                out.write(f"key {keyId}: {counts[keyId]:,} blobs\n")
+            if not counts:
+                out.write("nothing is sealed yet\n")
+            return 0
+        if args.action == "reencrypt":
+            done = await resealer.run()
+            bar.end()
+            out.write(f"{done:,} blobs re-encrypted with key {vault.writeKey}")
+            out.write(f"; {resealer.unopened:,} did not open (a key this node lacks)\n" if resealer.unopened else "\n")
+            return 0 if not resealer.unopened else 1
+        keyId = args.key if args.key is not None else (int(args.path) if (args.path or "").isdigit() else None)
+        if keyId is None:
+            raise SystemExit("keys retire needs the id of the key: keys retire 1 --config node.ini")
+        if keyId == vault.writeKey:
+            print(f"timtx keys: key {keyId} seals new data ([store] data_key); it cannot be retired", file=sys.stderr)
+            return 1
+        left = counts.get(keyId, 0)
+        if left:
+            print(
+                f"timtx keys: {left:,} blobs are still sealed with key {keyId}: "
+                "run `python -m timtx keys reencrypt` first",
+                file=sys.stderr,
+            )
+            return 1
+        out.write(
+            f"no data is sealed with key {keyId} any more: add {keyId} to [store] retired_keys on every node"
+            + (" and remove it from data_keys (then delete its file)" if keyId != 1 else "")
+            + "\n"
+        )
+        return 0
+    finally:
+        await store.close()
+
+
+def addKeysParser(sub: Any) -> None:
+    p = sub.add_parser("keys", help="keys at rest: new, status, reencrypt, retire")
+    p.add_argument("action", choices=("new", "status", "reencrypt", "retire"))
+    p.add_argument("path", nargs="?", help="new: the key file to write; retire: the key id")
+    p.add_argument("--config", help="the node's INI file (its store and keys)")
+    p.add_argument("--key", type=int, help="retire: the key id")
+    p.add_argument("--rate", type=float, default=0.0, help="reencrypt: most blobs per second (default: no limit)")

@@ -212,6 +212,29 @@ HOSTPORT = Kind("host:port, or empty", _parse_hostport)
 HOSTPORTS = Kind("host:port, comma-separated", _parse_hostports)
 
 
+def _parse_data_keys(text: str) -> tuple[tuple[int, str], ...]:
+    keys = []
+    for word in _parse_words(text):
+        keyId, sep, path = word.partition(":")
+        if not sep or not keyId.strip().isdigit() or not path.strip():
+            raise ValueError("id:path pairs, comma-separated, such as 2:keys/data-2.key")
+        keys.append((int(keyId), path.strip()))
+    return tuple(keys)
+
+
+DATA_KEYS = Kind("id:path pairs, comma-separated", _parse_data_keys)
+
+
+def _parse_key_ids(text: str) -> tuple[int, ...]:
+    words = _parse_words(text)
+    if not all(w.isdigit() and 1 <= int(w) <= 65535 for w in words):
+        raise ValueError("key ids from 1 to 65535, comma-separated")
+    return tuple(int(w) for w in words)
+
+
+KEY_IDS = Kind("key ids, comma-separated", _parse_key_ids)
+
+
 def _parse_node_id(text: str) -> str:
     from timtx.protocols.peer import NODE_ID_PATTERN
 
@@ -626,6 +649,30 @@ class StoreConfig:
         "when the directory has none; later shards are added with `python -m timtx shards add`. Empty: one "
         "database, `dsn`.",
     )
+    data_keys: tuple[tuple[int, str], ...] = option(
+        (),
+        DATA_KEYS,
+        "Keys that seal data at rest besides key 1 (derived from the node secret): `id:path` pairs, "
+        "comma-separated, ids 2 to 65535, each file 32 random bytes in hex (`python -m timtx keys new PATH`); "
+        "relative paths are taken from data_dir. Every node of a cluster needs the same keys. See "
+        "docs/storage.md#keys-at-rest.",
+    )
+    data_key: int = option(
+        0,
+        _int(0, 65535),
+        "The key new data is sealed with: an id of data_keys, or 1; 0 takes the highest id configured.",
+    )
+    retired_keys: tuple[int, ...] = option(
+        (),
+        KEY_IDS,
+        "Key ids this node no longer opens (retire one with `python -m timtx keys retire ID` once no data uses it).",
+    )
+    reseal_rate: float = option(
+        500.0,
+        _rate(),
+        "While data is sealed with keys other than data_key, blobs per second this node re-encrypts in the "
+        "background (0: none; run `python -m timtx keys reencrypt` instead, or let one node of a cluster do it).",
+    )
     map_poll: float = option(
         1.0,
         _seconds(0.05),
@@ -914,6 +961,14 @@ class Config:
     @property
     def key_path(self) -> str:
         return self.resolve(self.node.key_file) if self.node.key_file else self.data_path("node.key")
+
+    @property
+    def data_key_paths(self) -> dict[int, str]:
+        """
+        C{[store] data_keys} as key id to an absolute path (relative paths
+        are taken from the data directory).
+        """
+        return {keyId: os.path.join(self.data_path(), os.path.expanduser(path)) for keyId, path in self.store.data_keys}
 
     @property
     def store_path(self) -> str:

@@ -43,12 +43,13 @@ from timtx.chat.messaging import PersonalMessaging
 from timtx.chat.permissions import MessagePermissions
 from timtx.chat.presence import PresenceService
 from timtx.chat.profiles import ProfileService
+from timtx.chat.reseal import Resealer
 from timtx.chat.roster import RelationCache, RosterService
 from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.chat.vrooms.service import StreamPush, VRoomService
 from timtx.config import Config
 from timtx.crypto.ids import NodeKeys
-from timtx.crypto.vault import StanzaVault
+from timtx.crypto.vault import KeyringError, StanzaVault, loadKeyring
 from timtx.delivery.fanout import GroupFanout
 from timtx.delivery.inbox import InboxDelivery
 from timtx.delivery.notices import Notices
@@ -180,7 +181,14 @@ class Node(MultiService):
             self.protocols.register(name, resolveProtocolPath(path))
         self.store: IMessageStore = store if store is not None else makeStore(config, reactor)
         self.threadPool = ThreadPool(0, config.node.worker_threads, "timtx-worker")
-        self.vault = StanzaVault(self.keys)
+        #: Why the node cannot start, found while it was built.
+        self._startProblem: str | None = None
+        try:
+            ring = loadKeyring(self.keys, config.data_key_paths, config.store.data_key, config.store.retired_keys)
+        except KeyringError as e:
+            self._startProblem = f"[store] data_keys: {e}"
+            ring = None
+        self.vault = StanzaVault(self.keys, ring)
         self.connections: set[IFrameSink] = set()
         #: Connections the node is closing as it stops, and what fires once
         #: each has closed.
@@ -286,6 +294,7 @@ class Node(MultiService):
             history=History(store=store, vault=vault, limit=config.messages.history_limit),
             maxBodyBytes=config.messages.max_body_bytes,
         )
+        self.resealer = Resealer(store=store, vault=vault, clock=clock, rate=config.store.reseal_rate)
         self.profiles = ProfileService(
             config.profiles, store=store, vault=vault, relations=self.relations, clock=clock, rooms=groupProfiles
         )
@@ -436,6 +445,8 @@ class Node(MultiService):
                 "thrift's C codec (thrift.protocol.fastbinary) is missing: Thrift compact runs in pure "
                 "Python, many times slower. Reinstall thrift where a C compiler is available."
             )
+        if self._startProblem is not None:
+            raise NodeStartError(self._startProblem)
         self.threadPool.start()
         Service.startService(self)
         self._startError: NodeStartError | None = None
@@ -464,6 +475,9 @@ class Node(MultiService):
             return
         for sweep, interval in self._sweeps:
             sweep.start(interval, now=False).addErrback(self._backgroundFailed)
+        if len(self.vault.keyIds) > 1 and self.config.store.reseal_rate > 0:
+            # Data may be sealed with an older key: move it to the new one.
+            self.resealer.start()
         d = gatherResults([listener.listening for listener in self._listeners.values()], consumeErrors=True)
         d.addCallbacks(self._started, self._failedToStart)
 
@@ -510,6 +524,7 @@ class Node(MultiService):
         if not self.running:
             return succeed(None)
         self.stopping = True
+        self.resealer.stop()
         for sweep, _ in self._sweeps:
             if sweep.running:
                 sweep.stop()

@@ -345,6 +345,33 @@ class IMessageStore(Interface):
             seq above C{afterSeq}, oldest first.
         """
 
+    # Sealed blobs, for re-encryption under a new key
+    # (timtx.persistence.sealed, timtx.chat.reseal).
+
+    def sealedRows(kind: str, after: Any, limit: int, keep: bytes) -> Deferred[tuple[list[tuple[Any, bytes]], Any]]:
+        """
+        Page through the blobs of C{kind} (C{message}, C{inbox},
+        C{profile}, C{group}) that do not start with C{keep}.
+
+        @param after: where the previous page ended, C{None} to start.
+        @return: a L{Deferred} firing with up to C{limit} C{(key, blob)},
+            and where to go on from (C{None} at the end).
+        """
+
+    def replaceSealed(kind: str, rows: list[tuple[Any, bytes, bytes]]) -> Deferred[int]:
+        """
+        Replace blobs: C{(key, old, new)}, each only if it is still C{old}
+        (a write since it was read wins).
+
+        @return: a L{Deferred} firing with how many were replaced.
+        """
+
+    def sealedKeys(kind: str) -> Deferred[dict[int, int]]:
+        """
+        @return: a L{Deferred} firing with, per key id, how many blobs of
+            C{kind} it sealed.
+        """
+
 
 class IShardStore(IMessageStore):
     """

@@ -62,6 +62,7 @@ from timtx.persistence.records import (
 from timtx.persistence.rows import Appends, InboxDeletion, firstLine, groupRow, poolOptions
 from timtx.persistence.rows import group as groupFrom
 from timtx.persistence.rows import message as messageFrom
+from timtx.persistence.sealed import keyCounts, keysSql, selectSql, updateSql
 
 _TABLE = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
 
@@ -917,6 +918,30 @@ class MariaDBStore(PooledStore):
             return dict(c.fetchall())
 
         return self._read(read)
+
+    def sealedRows(
+        self, kind: str, after: Any, limit: int, keep: bytes
+    ) -> Deferred[tuple[list[tuple[Any, bytes]], Any]]:
+        def read(c: Any) -> tuple[list[tuple[Any, bytes]], Any]:
+            c.execute(selectSql(kind, after is not None), (len(keep), keep, *(after or ()), limit))
+            rows = [(tuple(r[:-1]), bytes(r[-1])) for r in c.fetchall()]
+            return rows, rows[-1][0] if len(rows) == limit else None
+
+        return self._read(read)
+
+    def replaceSealed(self, kind: str, rows: list[tuple[Any, bytes, bytes]]) -> Deferred[int]:
+        def replace(c: Any) -> int:
+            sql = updateSql(kind)
+            return sum(_changed(c, sql, (new, *key, old)) for key, old, new in rows)
+
+        return self._write(replace, True)
+
+    def sealedKeys(self, kind: str) -> Deferred[dict[int, int]]:
+        def count(c: Any) -> dict[int, int]:
+            c.execute(keysSql(kind), (b"\x01",))
+            return keyCounts(c.fetchall())
+
+        return self._read(count)
 
     def messagesAfter(self, conv: str, afterSeq: int, limit: int) -> Deferred[list[StoredMessage]]:
         def read(c: Any) -> list[StoredMessage]:

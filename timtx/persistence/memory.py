@@ -322,6 +322,55 @@ class MemoryStore:
         rows = self._messages.get(conv, {})
         return succeed([rows[seq] for seq in sorted(rows) if seq > afterSeq][:limit])
 
+    # Sealed blobs.
+
+    def _sealed(self, kind: str) -> list[tuple[Any, bytes]]:
+        if kind == "message":
+            return [((c, q), m.stanza) for c, rows in self._messages.items() for q, m in rows.items()]
+        if kind == "inbox":
+            return [((u, q), e[2]) for u, box in self._inbox.items() for q, e in box.items() if e[2] is not None]
+        if kind == "profile":
+            return [((u,), b) for u, b in self._profiles.items()]
+        if kind == "group":
+            return [((g.gid,), g.profile) for g in self._groups.values() if g.profile is not None]
+        raise ValueError(f"no sealed blobs of kind {kind!r}")
+
+    def sealedRows(
+        self, kind: str, after: Any, limit: int, keep: bytes
+    ) -> Deferred[tuple[list[tuple[Any, bytes]], Any]]:
+        rows = sorted(r for r in self._sealed(kind) if not r[1].startswith(keep) and (after is None or r[0] > after))
+        page = rows[:limit]
+        return succeed((page, page[-1][0] if len(page) == limit else None))
+
+    def replaceSealed(self, kind: str, rows: list[tuple[Any, bytes, bytes]]) -> Deferred[int]:
+        current = dict(self._sealed(kind))
+        replaced = 0
+        for key, old, new in rows:
+            if current.get(tuple(key)) != old:
+                continue
+            replaced += 1
+            if kind == "message":
+                m = self._messages[key[0]][key[1]]
+                self._messages[key[0]][key[1]] = StoredMessage(m.conv, m.seq, m.mid, m.sender, new, m.state, m.created)
+            elif kind == "inbox":
+                conv, seq, _ = self._inbox[key[0]][key[1]]
+                self._inbox[key[0]][key[1]] = (conv, seq, new)
+            elif kind == "profile":
+                self._profiles[key[0]] = new
+            else:
+                g = self._groups[key[0]]
+                self._groups[key[0]] = Group(
+                    g.gid, g.domain, g.founder, g.gtype, g.status, g.created, new, g.memberCap, g.mutedAll
+                )
+        return succeed(replaced)
+
+    def sealedKeys(self, kind: str) -> Deferred[dict[int, int]]:
+        counts: dict[int, int] = {}
+        for _, blob in self._sealed(kind):
+            keyId = 1 if blob[:1] == b"\x01" else int.from_bytes(blob[1:3], "big")
+            counts[keyId] = counts.get(keyId, 0) + 1
+        return succeed(counts)
+
     # As a shard.
 
     def appendStaged(self, messages: list[NewMessage], intent: Intent) -> Deferred[list[list[int]]]:

@@ -72,6 +72,7 @@ from timtx.persistence.records import (
 from timtx.persistence.rows import Appends, InboxDeletion, firstLine, groupRow, poolOptions
 from timtx.persistence.rows import group as groupFrom
 from timtx.persistence.rows import message as messageFrom
+from timtx.persistence.sealed import SEALED, keyCounts, keysSql, selectSql
 
 #: Schema steps; step N brings C{schema_version} from N-1 to N.  Append only.
 #: Identifiers are compared byte-wise (C{COLLATE "C"}): cheaper than the
@@ -1141,6 +1142,36 @@ class PostgreSQLStore(PooledStore):
             f"{_MESSAGE} WHERE conv = %s AND seq > %s ORDER BY seq LIMIT %s",
             (conv, afterSeq, limit),
             lambda cursor: [messageFrom(row) for row in cursor.fetchall()],
+        )
+
+    # Sealed blobs.
+
+    def sealedRows(
+        self, kind: str, after: Any, limit: int, keep: bytes
+    ) -> Deferred[tuple[list[tuple[Any, bytes]], Any]]:
+        def rows(cursor: Any) -> tuple[list[tuple[Any, bytes]], Any]:
+            found = [(tuple(r[:-1]), bytes(r[-1])) for r in cursor.fetchall()]
+            return found, found[-1][0] if len(found) == limit else None
+
+        return self._read(selectSql(kind, after is not None), (len(keep), keep, *(after or ()), limit), rows)
+
+    def replaceSealed(self, kind: str, rows: list[tuple[Any, bytes, bytes]]) -> Deferred[int]:
+        table, pk, column = SEALED[kind]
+        types = "ti"[: len(pk)]
+        names = ", ".join(pk)
+        arrays = ", ".join(f"%s::{'text' if t == 't' else 'bigint'}[]" for t in types)
+        match = " AND ".join(f"t.{c} = r.{c}" for c in pk)
+        return self._write(
+            f"UPDATE {table} t SET {column} = r.new FROM unnest({arrays}, %s::bytea[], %s::bytea[]) "
+            f"AS r({names}, old, new) WHERE {match} AND t.{column} = r.old",
+            _columns([(*key, old, new) for key, old, new in rows], types + "bb"),
+            _rowcount,
+            True,
+        )
+
+    def sealedKeys(self, kind: str) -> Deferred[dict[int, int]]:
+        return self._read(
+            keysSql(kind, "%s", "encode({}, 'hex')"), (b"\x01",), lambda cursor: keyCounts(cursor.fetchall())
         )
 
     # As a shard of a sharded store (timtx.persistence.sharded).

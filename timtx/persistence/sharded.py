@@ -1098,6 +1098,75 @@ class ShardedStore:
     def cursorsOf(self, uid: str) -> Deferred[dict[str, int]]:
         return self._on(uid, "cursorsOf", uid)
 
+    # Sealed blobs: shard by shard, the rows each shard owns.
+
+    def _notMoving(self) -> None:
+        if self.map is not None and self.map.moving:
+            raise StoreUnavailable(f"{self.name}: a move is under way; re-encryption waits for it")
+
+    def sealedRows(
+        self, kind: str, after: Any, limit: int, keep: bytes
+    ) -> Deferred[tuple[list[tuple[Any, bytes]], Any]]:
+        try:
+            self._notMoving()
+        except StoreUnavailable:
+            return fail()
+        shards = sorted(self.shards)
+        shard, inner = after if after is not None else (shards[0], None)
+        placed = _PLACED[kind]
+
+        def page(found: tuple[list[tuple[Any, bytes]], Any]) -> tuple[list[tuple[Any, bytes]], Any]:
+            rows, cursor = found
+            mine = [(key, blob) for key, blob in rows if self._shard(placed(key)) == shard]
+            if cursor is not None:
+                return mine, (shard, cursor)
+            later = [s for s in shards if s > shard]
+            return mine, ((later[0], None) if later else None)
+
+        d: Deferred[Any] = self._run(shard, "sealedRows", kind, inner, limit, keep)
+        d.addCallback(page)
+        return d
+
+    def replaceSealed(self, kind: str, rows: list[tuple[Any, bytes, bytes]]) -> Deferred[int]:
+        try:
+            self._notMoving()
+        except StoreUnavailable:
+            return fail()
+        byShard: dict[int, list[tuple[Any, bytes, bytes]]] = {}
+        placed = _PLACED[kind]
+        for key, old, new in rows:
+            byShard.setdefault(self._shard(placed(key)), []).append((key, old, new))
+        waits = [self._run(shard, "replaceSealed", kind, some) for shard, some in byShard.items()]
+        d: Deferred[Any] = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+        d.addCallbacks(lambda results: sum(count for _, count in results), _first)
+        return d
+
+    def sealedKeys(self, kind: str) -> Deferred[dict[int, int]]:
+        try:
+            self._notMoving()
+        except StoreUnavailable:
+            return fail()
+        d: Deferred[Any] = self._everywhere("sealedKeys", kind)
+
+        def total(results: list[tuple[int, dict[int, int]]]) -> dict[int, int]:
+            counts: dict[int, int] = {}
+            for _, found in results:
+                for keyId, count in found.items():
+                    counts[keyId] = counts.get(keyId, 0) + count
+            return counts
+
+        d.addCallback(total)
+        return d
+
+
+#: The placement key of a sealed row's key, by kind.
+_PLACED: dict[str, Callable[[Any], str]] = {
+    "message": lambda key: convKey(key[0]),
+    "inbox": lambda key: key[0],
+    "profile": lambda key: key[0],
+    "group": lambda key: key[0],
+}
+
 
 def _describe(dsn: str) -> str:
     """

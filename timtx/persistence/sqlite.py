@@ -31,6 +31,7 @@ from timtx.persistence.records import (
     StoredMessage,
     TokenGrant,
 )
+from timtx.persistence.sealed import keyCounts, keysSql, selectSql, updateSql
 from timtx.persistence.worker import SerialWorker
 
 T = TypeVar("T")
@@ -535,6 +536,28 @@ class SQLiteStore:
             return [StoredMessage(*row) for row in rows]
 
         return self._run(read)
+
+    # Sealed blobs.
+
+    def sealedRows(
+        self, kind: str, after: Any, limit: int, keep: bytes
+    ) -> Deferred[tuple[list[tuple[Any, bytes]], Any]]:
+        def read(c: sqlite3.Connection) -> tuple[list[tuple[Any, bytes]], Any]:
+            params = (len(keep), keep, *(after or ()), limit)
+            rows = [(tuple(r[:-1]), bytes(r[-1])) for r in c.execute(selectSql(kind, after is not None, "?"), params)]
+            return rows, rows[-1][0] if len(rows) == limit else None
+
+        return self._run(read)
+
+    def replaceSealed(self, kind: str, rows: list[tuple[Any, bytes, bytes]]) -> Deferred[int]:
+        def replace(c: sqlite3.Connection) -> int:
+            sql = updateSql(kind, "?")
+            return sum(c.execute(sql, (new, *key, old)).rowcount for key, old, new in rows)
+
+        return self._run(replace)
+
+    def sealedKeys(self, kind: str) -> Deferred[dict[int, int]]:
+        return self._run(lambda c: keyCounts(c.execute(keysSql(kind, "?"), (b"\x01",)).fetchall()))
 
 
 def _groupRow(group: Group) -> tuple[Any, ...]:
