@@ -146,6 +146,13 @@ def _parse_endpoint(text: str) -> str:
         serverFromString(MemoryReactor(), text)
     except Exception as e:
         raise ValueError(f"a Twisted server endpoint string such as tcp:5120:interface=127.0.0.1 ({e})") from None
+    kind, _, rest = text.partition(":")
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = rest.split(":", 1)[0]
+        if port.startswith("port="):
+            port = port[5:]
+        if not port.isdigit() or int(port) > 65535:
+            raise ValueError("a port from 0 to 65535")
     return text
 
 
@@ -256,6 +263,13 @@ class NodeConfig:
     )
     worker_threads: int = option(
         2, _int(1, 64), "Threads for CPU-heavy work off the reactor thread, such as password hashing."
+    )
+    malloc_mmap_threshold: int = option(
+        131072,
+        _int(0, 1 << 30),
+        "Under `twist`, on glibc: buffers of at least this many bytes are mapped and returned to the system "
+        "when freed, so memory held by connections that closed is given back. 0 leaves glibc's dynamic "
+        "threshold, which keeps such memory in the heap.",
     )
 
 

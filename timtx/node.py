@@ -57,6 +57,7 @@ from timtx.delivery.sessions import AckIds, Session
 from timtx.interfaces import IClientNode, IFrameSink, IRouter, Route
 from timtx.persistence import storeFactory
 from timtx.persistence.interfaces import IMessageStore
+from timtx.preflight import privateDataDir
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, TimType
@@ -172,6 +173,7 @@ class Node(MultiService):
         self.config = config
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
+        privateDataDir(config)
         self.keys = keys if keys is not None else NodeKeys.fromFile(config.key_path)
         self.protocols = (protocols or defaultRegistry()).copy()
         for name, path in config.protocols.items():
