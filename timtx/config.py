@@ -394,6 +394,29 @@ class AccountsConfig:
         "HTTP 429 with error 5105. 0 disables the limit.",
     )
     http_burst: int = option(100, _int(1), "Requests one IP address may make to /tim2 at once above http_rate.")
+    login_free_failures_per_ip: int = option(
+        20,
+        _int(1),
+        "Failed logins (WebSocket, TCP or /tim2 token) one address may make within login_failure_window before "
+        "it must wait before each further try: 1 s, then 2, 4, ... up to login_backoff_max. Waiting logins "
+        "get error 5105 (HTTP 429 on /tim2) before any password is checked.",
+    )
+    login_free_failures_per_account: int = option(
+        5,
+        _int(1),
+        "Failed logins one address may make at one account within login_failure_window before it backs off "
+        "for that account; the account's owner from another address is not affected.",
+    )
+    login_spread_ips: int = option(
+        10,
+        _int(1),
+        "Addresses that may fail at one account within login_failure_window before the account takes logins "
+        "only from addresses that logged in to it before (a guess spread over many addresses).",
+    )
+    login_failure_window: float = option(
+        900.0, _seconds(1), "Seconds after its last failure that a failure budget is forgotten."
+    )
+    login_backoff_max: float = option(900.0, _seconds(1), "The longest wait after failed logins, in seconds.")
     login_webhook: str = option(
         "",
         URL,

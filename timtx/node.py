@@ -498,7 +498,7 @@ class Node(MultiService):
             closed.callback(None)
 
     def login(self, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Deferred[Session]:
-        d = self.accounts.authenticate(auth)
+        d = self.accounts.authenticate(auth, sink.peerAddress)
         d.addCallback(self._startSession, sink, auth, encoding)
         return d
 
@@ -537,8 +537,8 @@ class Node(MultiService):
     def register(self, auth: TimAuth) -> Deferred[str]:
         return self.accounts.register(auth)
 
-    def issueToken(self, auth: TimAuth) -> Deferred[int]:
-        return self.accounts.issueToken(auth)
+    def issueToken(self, auth: TimAuth, peer: str) -> Deferred[int]:
+        return self.accounts.issueToken(auth, peer)
 
     # For tests and tools.
 

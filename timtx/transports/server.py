@@ -190,6 +190,8 @@ class TimServerProtocolMixin:
 
     #: See L{IFrameSink.frameKind}.
     frameKind = "raw"
+    #: See L{IFrameSink.peerAddress}; set when the connection opens.
+    peerAddress = ""
 
     def writeFrame(self, frame: bytes) -> None:
         if self._admit(len(frame)):
@@ -294,6 +296,7 @@ class TimServerProtocolMixin:
             self.limits = self.connectionLimits()
         limits = self.limits
         node = self.node
+        self.peerAddress = str(getattr(self.transport.getPeer(), "host", ""))
         self.tim = TimConnection(limits.maxBadFrames)
         self.session = None
         self._queue: deque[tuple[ClientFrame, FrameHandler]] = deque()
