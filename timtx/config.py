@@ -548,6 +548,12 @@ class GroupsConfig:
     manager_recall: bool = option(
         True, BOOL, "Let the founder and managers recall any member's group message (timtx extension)."
     )
+    join_request_ack: bool = option(
+        False,
+        BOOL,
+        'Acknowledge a request to join a private group to the requester with n2 = "pending" (timtx '
+        'extension). Off by default, as tim 2.0: tim clients read any ok ack to a join as "joined".',
+    )
     cursor_flush_interval: float = option(
         1.0,
         _seconds(0.01),
