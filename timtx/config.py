@@ -421,9 +421,11 @@ class AccountsConfig:
         "",
         URL,
         "If set, every login is POSTed to this URL as the TimAuth JSON and allowed only if the response "
-        "body starts with `1` (tim's connectauthurl).",
+        "body starts with `1` (tim's connectauthurl). The JSON holds the password or token in clear: use "
+        "https:// or a loopback address (a plain http:// URL elsewhere is warned about at start). At most "
+        "64 bytes of the answer are read.",
     )
-    login_webhook_timeout: float = option(5.0, _seconds(0.1), "Seconds to wait for the login webhook.")
+    login_webhook_timeout: float = option(5.0, _seconds(0.1), "Seconds to wait for the login webhook's whole answer, connection, headers and body; then the login is refused.")
 
 
 @dataclass(frozen=True)
