@@ -425,7 +425,11 @@ class AccountsConfig:
         "https:// or a loopback address (a plain http:// URL elsewhere is warned about at start). At most "
         "64 bytes of the answer are read.",
     )
-    login_webhook_timeout: float = option(5.0, _seconds(0.1), "Seconds to wait for the login webhook's whole answer, connection, headers and body; then the login is refused.")
+    login_webhook_timeout: float = option(
+        5.0,
+        _seconds(0.1),
+        "Seconds to wait for the login webhook's whole answer, connection, headers and body; then the login is refused.",
+    )
 
 
 @dataclass(frozen=True)
