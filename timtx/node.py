@@ -60,6 +60,7 @@ from timtx.interfaces import IClientNode, IFrameSink, IRouter, Route
 from timtx.persistence import makeStore
 from timtx.persistence.errors import StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
+from timtx.preflight import privateDataDir
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, TimType
@@ -175,6 +176,7 @@ class Node(MultiService):
         self.config = config
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
+        privateDataDir(config)
         self.keys = keys if keys is not None else NodeKeys.fromFile(config.key_path)
         self.protocols = (protocols or defaultRegistry()).copy()
         for name, path in config.protocols.items():
@@ -574,7 +576,7 @@ class Node(MultiService):
             closed.callback(None)
 
     def login(self, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Deferred[Session]:
-        d = self.accounts.authenticate(auth)
+        d = self.accounts.authenticate(auth, sink.peerAddress)
         d.addCallback(self._startSession, sink, auth, encoding)
         d.addErrback(_outageRefused)
         return d
@@ -614,8 +616,8 @@ class Node(MultiService):
     def register(self, auth: TimAuth) -> Deferred[str]:
         return self.accounts.register(auth)
 
-    def issueToken(self, auth: TimAuth) -> Deferred[int]:
-        return self.accounts.issueToken(auth)
+    def issueToken(self, auth: TimAuth, peer: str) -> Deferred[int]:
+        return self.accounts.issueToken(auth, peer)
 
     # For tests and tools.
 
