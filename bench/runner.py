@@ -190,11 +190,20 @@ class Run:
     What a scenario's L{Scenario.drive} works with.
     """
 
-    def __init__(self, reactor: Any, params: dict[str, Any], node: NodeProcess | None, workers: WorkerPool | None):
+    def __init__(
+        self,
+        reactor: Any,
+        params: dict[str, Any],
+        node: NodeProcess | None,
+        workers: WorkerPool | None,
+        database: Any = None,
+    ):
         self.reactor = reactor
         self.params = params
         self._node = node
         self._workers = workers
+        #: The database(s) made for the run (L{bench.serverdb}), if any.
+        self.database = database
         self.started = time.monotonic()
 
     @property
@@ -283,7 +292,7 @@ async def runScenario(
             spec = {"role": scenario.role, "port": node.port, "http": node.httpURL, "params": params}
             workers = WorkerPool(reactor, params.get("workers", 2), spec)
             await workers.start()
-        run = Run(reactor, params, node, workers)
+        run = Run(reactor, params, node, workers, database)
         try:
             result = await scenario.drive(run)
         except Unsupported as e:

@@ -83,15 +83,49 @@ class ServerDatabase:
             connection.close()
 
 
-def forSections(sections: dict[str, dict[str, Any]]) -> ServerDatabase | None:
+class ShardDatabases:
+    """
+    Databases for a sharded PostgreSQL store: C{count} shards, and one
+    spare that a run may add as a shard and move slots to.
+
+    @ivar dsns: the shards' DSNs, the first being the directory.
+    @ivar spare: the spare's DSN.
+    """
+
+    def __init__(self, admin: str, count: int):
+        self._all = [ServerDatabase("postgresql", admin) for _ in range(count + 1)]
+        self.dsns: list[str] = []
+        self.spare = ""
+
+    def create(self) -> list[str]:
+        created = [database.create() for database in self._all]
+        self.dsns, self.spare = created[:-1], created[-1]
+        return self.dsns
+
+    def drop(self) -> None:
+        for database in self._all:
+            database.drop()
+
+    def server(self) -> str:
+        return self._all[0].server()
+
+
+def forSections(sections: dict[str, dict[str, Any]]) -> ServerDatabase | ShardDatabases | None:
     """
     If C{sections} put the node on a server store without a DSN, create a
-    database for it and set the DSN; the caller drops it at the end.
+    database for it and set the DSN (or, for C{shard_count}, databases and
+    C{shards}); the caller drops them at the end.
     """
     store = sections.get("store", {})
     backend = store.get("backend")
-    if backend not in ADMIN or store.get("dsn"):
+    count = store.pop("shard_count", 0)
+    if backend not in ADMIN or store.get("dsn") or store.get("shards"):
         return None
-    database = ServerDatabase(backend, store.pop("admin_dsn", "") or ADMIN[backend])
+    admin = store.pop("admin_dsn", "") or ADMIN[backend]
+    if count and backend == "postgresql":
+        shards = ShardDatabases(admin, count)
+        store["shards"] = ", ".join(shards.create())
+        return shards
+    database = ServerDatabase(backend, admin)
     store["dsn"] = database.create()
     return database

@@ -237,7 +237,8 @@ async def _keysCommand(reactor: Any, args: argparse.Namespace, out: TextIO) -> i
         if args.action == "status":
             out.write(f"new data is sealed with key {vault.writeKey}; this node has keys {vault.keyIds}\n")
             for keyId in sorted(counts):
-                out.write(f"key {keyId}: {counts[keyId]:,} blobs\n")
+                what = f"key {keyId}" if keyId else "not sealed (written by something else)"
+                out.write(f"{what}: {counts[keyId]:,} blobs\n")
             if not counts:
                 out.write("nothing is sealed yet\n")
             return 0
@@ -245,7 +246,7 @@ async def _keysCommand(reactor: Any, args: argparse.Namespace, out: TextIO) -> i
             done = await resealer.run()
             bar.end()
             out.write(f"{done:,} blobs re-encrypted with key {vault.writeKey}")
-            out.write(f"; {resealer.unopened:,} did not open (a key this node lacks)\n" if resealer.unopened else "\n")
+            out.write(f"; {resealer.unopened:,} did not open (not sealed, or sealed with a key this node lacks)\n" if resealer.unopened else "\n")
             return 0 if not resealer.unopened else 1
         keyId = args.key if args.key is not None else (int(args.path) if (args.path or "").isdigit() else None)
         if keyId is None:

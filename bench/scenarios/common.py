@@ -18,6 +18,7 @@ SERVER_STORE = (
     ),
     Param("pool", int, 4, 4, "server stores: connections"),
     Param("driver", str, "auto", "auto", "mariadb driver", ("auto", "mysqlclient", "pymysql")),
+    Param("shards", int, 0, 0, "postgresql: split the store over this many databases (0: one)"),
 )
 
 
@@ -29,6 +30,8 @@ def serverStore(params: dict[str, Any]) -> dict[str, Any]:
     if params.get("store") not in ("postgresql", "mariadb"):
         return {}
     keys: dict[str, Any] = {"pool_size": params["pool"]}
+    if params["store"] == "postgresql" and params.get("shards"):
+        keys["shard_count"] = params["shards"]
     if params["store"] == "mariadb":
         keys["mariadb_driver"] = params["driver"]
     if params["dsn"]:

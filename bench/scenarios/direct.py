@@ -15,8 +15,15 @@ C{[messages] noauth = true}, so no friendship set-up is needed.
 
 from __future__ import annotations
 
+import os
+import re
+import sys
+import time
 from typing import Any
 
+from twisted.internet.defer import ensureDeferred
+
+from bench.nodeproc import ROOT
 from bench.runner import COMMON, Param, Result, Run, Scenario
 from bench.scenarios.common import SERVER_STORE, deliverySummary, fmt, latencyRows, measuredRun, publish, serverStore
 from bench.worker import Role, Sender
@@ -63,6 +70,13 @@ class Direct(Scenario):
         Param("store", str, "sqlite", "sqlite", "node store", ("sqlite", "memory", "postgresql", "mariadb")),
         Param("synchronous", str, "full", "full", "SQLite synchronous", ("full", "normal")),
         *SERVER_STORE,
+        Param(
+            "move",
+            float,
+            0.0,
+            0.0,
+            "sharded postgresql: seconds into the measured run to move half the slots to a new shard",
+        ),
         Param("timeout", float, 600.0, 60.0, "seconds to wait for deliveries"),
         *COMMON,
     )
@@ -75,6 +89,8 @@ class Direct(Scenario):
             name += f"-{params['encoding']}"
         if params["rate"]:
             name += f"-rate{params['rate']:g}"
+        if params["shards"] and params["store"] == "postgresql":
+            name += f"-{params['shards']}shards" + ("-move" if params["move"] else "")
         return name
 
     def nodeSections(self, params: dict) -> dict:
@@ -106,9 +122,13 @@ class Direct(Scenario):
             lost += deliverySummary(tallies, cpu)["lost"]
         mode = f"open loop at {fmt(p['rate'])}/s" if p["rate"] else f"closed loop, window {p['window']}"
         run.log(f"measured: {2 * pairs * p['messages']} messages, {mode}")
+        moving = None
+        if p["move"] and p["shards"] and p["store"] == "postgresql":
+            moving = ensureDeferred(moveHalf(run, p["move"]))
         tallies, cpu = await measuredRun(
             run, lambda w: 2 * len(pairsOf(w)) * p["messages"], send(p["messages"]), p["timeout"]
         )
+        moved = await moving if moving is not None else None
         s = deliverySummary(tallies, cpu)
         lost += s["lost"]
         run.log(f"{s['received']} delivered in {s['seconds']}s: {s['per_second']}/s, lost {s['lost']}")
@@ -126,6 +146,9 @@ class Direct(Scenario):
             ("node RSS after the run", f"{s['node_rss_kb'] / 1024:.1f} MiB"),
             ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
         ]
+        if moved is not None:
+            result.rows.append(("slot move (half the slots to a new shard)", moved["summary"]))
+            result.metrics["move"] = moved
         if p["store"] == "sqlite" and not p["rate"]:
             result.goals = [
                 (
@@ -143,3 +166,55 @@ class Direct(Scenario):
                 )
             ]
         return result
+
+
+async def moveHalf(run: Run, after: float) -> dict[str, Any]:
+    """
+    C{after} seconds from now, add the spare database as a shard and move
+    half the slots to it (a quarter from each of the first two shards),
+    with C{python -m timtx shards}, as an operator would.
+    """
+    from twisted.internet.task import deferLater
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    from timtx.persistence.placement import SLOTS
+
+    database = run.database
+    await deferLater(run.reactor, after, lambda: None)
+    directory = database.dsns[0]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    started = time.monotonic()
+    run.log("adding a shard and moving half the slots to it")
+    for args in (
+        ["add", database.spare, "--directory", directory],
+        [
+            "move",
+            "--directory",
+            directory,
+            "--slots",
+            f"{SLOTS // 4}-{SLOTS * 3 // 4 - 1}",
+            "--to",
+            str(len(database.dsns)),
+        ],
+    ):
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "timtx", "shards", *args], env=env, reactor=run.reactor
+        )
+        if code:
+            raise RuntimeError(f"shards {args[0]} failed: {(out + err).decode()[-2000:]}")
+    seconds = time.monotonic() - started
+    text = out.decode()
+    copied = sum(int(m.replace(",", "")) for m in re.findall(r"([\d,]+) rows copied", text))
+    held = [float(h) for h in re.findall(r"held ([\d.]+)s", text)]
+    rate = copied / seconds if seconds else 0.0
+    summary = (
+        f"{copied:,} rows in {seconds:.1f}s ({rate:,.0f} rows/s), ranges held {', '.join(f'{h:.2f}s' for h in held)}"
+    )
+    run.log(f"moved: {summary}")
+    return {
+        "rows": copied,
+        "seconds": round(seconds, 2),
+        "rows_per_second": round(rate),
+        "held": held,
+        "summary": summary,
+    }

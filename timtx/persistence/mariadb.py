@@ -938,7 +938,7 @@ class MariaDBStore(PooledStore):
 
     def sealedKeys(self, kind: str) -> Deferred[dict[int, int]]:
         def count(c: Any) -> dict[int, int]:
-            c.execute(keysSql(kind), (b"\x01",))
+            c.execute(keysSql(kind), (b"\x01", b"\x02"))
             return keyCounts(c.fetchall())
 
         return self._read(count)

@@ -367,7 +367,8 @@ class MemoryStore:
     def sealedKeys(self, kind: str) -> Deferred[dict[int, int]]:
         counts: dict[int, int] = {}
         for _, blob in self._sealed(kind):
-            keyId = 1 if blob[:1] == b"\x01" else int.from_bytes(blob[1:3], "big")
+            first = blob[:1]
+            keyId = 1 if first == b"\x01" else int.from_bytes(blob[1:3], "big") if first == b"\x02" else 0
             counts[keyId] = counts.get(keyId, 0) + 1
         return succeed(counts)
 

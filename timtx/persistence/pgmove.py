@@ -417,6 +417,8 @@ class Mover:
         self.waitTimeout = waitTimeout
         self.sleep = sleep
         self._connections: dict[int, Any] = {}
+        #: Seconds each move's range was held at its switch, by move id.
+        self.held: dict[int, float] = {}
 
     def close(self) -> None:
         for connection in self._connections.values():
@@ -693,6 +695,7 @@ class Mover:
             shardMap = self.directory.saveMap(
                 shardMap, reassigned(shardMap.ranges, move.lo, move.hi, move.source, True), True
             )
+        heldAt = time.monotonic()
         self._waitForNodes(move, shardMap.version, "the range is held")
         self._execute(source, "UPDATE shard_capture SET fenced = true")
         self._syncChanges(move, until=0)
@@ -703,7 +706,8 @@ class Mover:
             "(SELECT COALESCE(max(qid), 1) FROM inbox)))",
         )
         self.directory.saveMap(shardMap, reassigned(shardMap.ranges, move.lo, move.hi, move.target, False), True)
-        self.progress("switch", 1, 1, f"slots {move.slots} are on shard {move.target}")
+        self.held[move.id] = time.monotonic() - heldAt
+        self.progress("switch", 1, 1, f"slots {move.slots} are on shard {move.target}, held {self.held[move.id]:.2f}s")
         self._advance(move, "cleanup")
 
     def checksums(self, connection: Any, lo: int, hi: int) -> dict[str, tuple[int, int]]:
@@ -754,7 +758,8 @@ class Mover:
         deleted = self._deleteUnowned(source, move.source, shardMap, move)
         self.directory.setMoving(False)
         self.progress("cleanup", 1, 1, f"{deleted:,} rows deleted from shard {move.source}")
-        self._advance(move, "done", f"{move.copied:,} rows copied, {deleted:,} deleted from the source")
+        held = f", held {self.held[move.id]:.2f}s" if move.id in self.held else ""
+        self._advance(move, "done", f"{move.copied:,} rows copied{held}, {deleted:,} deleted from the source")
 
     def _stopCapture(self, source: Any) -> None:
         for table in TABLES:

@@ -1171,7 +1171,7 @@ class PostgreSQLStore(PooledStore):
 
     def sealedKeys(self, kind: str) -> Deferred[dict[int, int]]:
         return self._read(
-            keysSql(kind, "%s", "encode({}, 'hex')"), (b"\x01",), lambda cursor: keyCounts(cursor.fetchall())
+            keysSql(kind, "%s", "encode({}, 'hex')"), (b"\x01", b"\x02"), lambda cursor: keyCounts(cursor.fetchall())
         )
 
     # As a shard of a sharded store (timtx.persistence.sharded).

@@ -50,24 +50,27 @@ def updateSql(kind: str, mark: str = "%s") -> str:
 
 def keysSql(kind: str, mark: str = "%s", hexOf: str = "hex({})") -> str:
     """
-    The rows of C{kind} per key: a key column (C{''} for key 1, else the
-    id in hex) and a count; the parameter is the one byte C{01}.
+    The rows of C{kind} per key: a key column (C{''} for key 1, the id in
+    hex for a blob that names it, C{'-'} for anything else) and a count;
+    the parameters are the bytes C{01} and C{02}.
     """
     table, _, column = SEALED[kind]
     idHex = hexOf.format(f"substr({column}, 2, 2)")
+    first = f"substr({column}, 1, 1)"
     return (
-        f"SELECT CASE WHEN substr({column}, 1, 1) = {mark} THEN '' ELSE {idHex} END, count(*) "
+        f"SELECT CASE WHEN {first} = {mark} THEN '' WHEN {first} = {mark} THEN {idHex} ELSE '-' END, count(*) "
         f"FROM {table} WHERE {column} IS NOT NULL GROUP BY 1"
     )
 
 
 def keyCounts(rows: list[tuple[Any, ...]]) -> dict[int, int]:
     """
-    The result of L{keysSql} as key id to rows.
+    The result of L{keysSql} as key id to rows (0 for what is not a
+    sealed blob).
     """
     counts: dict[int, int] = {}
     for idHex, count in rows:
         text = idHex.decode() if isinstance(idHex, (bytes, bytearray)) else str(idHex or "")
-        keyId = 1 if not text else int(text, 16)
+        keyId = 1 if not text else 0 if text == "-" else int(text, 16)
         counts[keyId] = counts.get(keyId, 0) + int(count)
     return counts

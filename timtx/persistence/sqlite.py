@@ -557,7 +557,7 @@ class SQLiteStore:
         return self._run(replace)
 
     def sealedKeys(self, kind: str) -> Deferred[dict[int, int]]:
-        return self._run(lambda c: keyCounts(c.execute(keysSql(kind, "?"), (b"\x01",)).fetchall()))
+        return self._run(lambda c: keyCounts(c.execute(keysSql(kind, "?"), (b"\x01", b"\x02")).fetchall()))
 
 
 def _groupRow(group: Group) -> tuple[Any, ...]:
