@@ -246,7 +246,11 @@ async def _keysCommand(reactor: Any, args: argparse.Namespace, out: TextIO) -> i
             done = await resealer.run()
             bar.end()
             out.write(f"{done:,} blobs re-encrypted with key {vault.writeKey}")
-            out.write(f"; {resealer.unopened:,} did not open (not sealed, or sealed with a key this node lacks)\n" if resealer.unopened else "\n")
+            out.write(
+                f"; {resealer.unopened:,} did not open (not sealed, or sealed with a key this node lacks)\n"
+                if resealer.unopened
+                else "\n"
+            )
             return 0 if not resealer.unopened else 1
         keyId = args.key if args.key is not None else (int(args.path) if (args.path or "").isdigit() else None)
         if keyId is None:

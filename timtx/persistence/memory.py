@@ -7,7 +7,8 @@ nothing survives a restart.
 
 from __future__ import annotations
 
-from typing import Any
+from itertools import islice
+from typing import Any, Iterator
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -175,37 +176,24 @@ class MemoryStore:
     def addInbox(self, entries: list[tuple[str, bytes]], created: float) -> Deferred[list[int]]:
         return succeed([self._addInbox(uid, None, None, stanza) for uid, stanza in entries])
 
+    def _inboxRows(self, uid: str, afterQid: int) -> Iterator[tuple[int, str | None, int | None, bytes | None]]:
+        box = self._inbox.get(uid, {})
+        for qid in sorted(box):
+            if qid > afterQid:
+                conv, seq, stanza = box[qid]
+                if stanza is None:
+                    row = self._messages.get(conv or "", {}).get(seq or 0)
+                    stanza = None if row is None else row.stanza
+                yield qid, conv, seq, stanza
+
     def readInboxRaw(
         self, uid: str, afterQid: int, limit: int
     ) -> Deferred[list[tuple[int, str | None, int | None, bytes | None]]]:
-        rows: list[tuple[int, str | None, int | None, bytes | None]] = []
-        for qid in sorted(self._inbox.get(uid, {})):
-            if qid <= afterQid:
-                continue
-            conv, seq, stanza = self._inbox[uid][qid]
-            if stanza is None:
-                row = self._messages.get(conv or "", {}).get(seq or 0)
-                stanza = None if row is None else row.stanza
-            rows.append((qid, conv, seq, stanza))
-            if len(rows) >= limit:
-                break
-        return succeed(rows)
+        return succeed(list(islice(self._inboxRows(uid, afterQid), limit)))
 
     def readInbox(self, uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:
-        entries = []
-        for qid in sorted(self._inbox.get(uid, {})):
-            if qid <= afterQid:
-                continue
-            conv, seq, stanza = self._inbox[uid][qid]
-            if stanza is None:
-                row = self._messages.get(conv or "", {}).get(seq or 0)
-                if row is None:
-                    continue
-                stanza = row.stanza
-            entries.append(InboxEntry(qid, uid, conv, seq, stanza))
-            if len(entries) >= limit:
-                break
-        return succeed(entries)
+        found = (InboxEntry(q, uid, c, s, b) for q, c, s, b in self._inboxRows(uid, afterQid) if b is not None)
+        return succeed(list(islice(found, limit)))
 
     def deleteInbox(self, uid: str, qids: list[int]) -> Deferred[int]:
         box = self._inbox.get(uid, {})

@@ -127,6 +127,47 @@ class _Call:
         self.transient = 0
 
 
+class InOrder:
+    """
+    Results released in the order calls were made: a call's result waits
+    until every earlier call's has been released.  Calls are anything with
+    C{deferred}, C{done}, C{ok} and C{value}.
+
+    @param drained: called whenever the last pending call is released.
+    """
+
+    def __init__(self, drained: Callable[[], None]):
+        self._calls: deque[Any] = deque()
+        self._releasing = False
+        self._drained = drained
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def add(self, call: Any) -> None:
+        self._calls.append(call)
+
+    def finish(self, call: Any, ok: bool, value: Any) -> None:
+        call.done = True
+        call.ok = ok
+        call.value = value
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            calls = self._calls
+            while calls and calls[0].done:
+                head = calls.popleft()
+                if head.ok:
+                    head.deferred.callback(head.value)
+                else:
+                    head.deferred.errback(head.value)
+        finally:
+            self._releasing = False
+        if not self._calls:
+            self._drained()
+
+
 class OrderedPool:
     """
     Connections to one database server, shared by one store.
@@ -169,7 +210,7 @@ class OrderedPool:
         self._retryCall: IDelayedCall | None = None
         self._delay = 0.0
         #: Every call not yet released, in ticket order.
-        self._calls: deque[_Call] = deque()
+        self._calls = InOrder(self._maybeClosed)
         self._reads: deque[_Call] = deque()
         self._writes: deque[_Call] = deque()
         self._batch: list[_Call] | None = None
@@ -180,7 +221,6 @@ class OrderedPool:
         self._shutDown = False
         self._pumping = False
         self._pumpAgain = False
-        self._releasing = False
         #: Why the last connection attempt failed, for errors while down.
         self._why = "not connected yet"
         #: Whether calls fail at once: no connection and the last attempt failed.
@@ -249,7 +289,7 @@ class OrderedPool:
     def _submit(self, write: bool, idempotent: bool, op: Any) -> Deferred[Any]:
         self._ticket += 1
         call = _Call(self._ticket, write, idempotent, op)
-        self._calls.append(call)
+        self._calls.add(call)
         d = call.deferred
         if self._closing:
             self._finish(call, False, Failure(StoreUnavailable(f"{self.describe}: store closed")))
@@ -382,25 +422,8 @@ class OrderedPool:
         return failure
 
     def _finish(self, call: _Call, ok: bool, value: Any) -> None:
-        call.done = True
-        call.ok = ok
-        call.value = value
         call.op = None
-        if self._releasing:
-            return
-        self._releasing = True
-        try:
-            calls = self._calls
-            while calls and calls[0].done:
-                head = calls.popleft()
-                if head.ok:
-                    head.deferred.callback(head.value)
-                else:
-                    head.deferred.errback(head.value)
-        finally:
-            self._releasing = False
-        if not calls:
-            self._maybeClosed()
+        self._calls.finish(call, ok, value)
 
     def _failQueued(self, error: Exception) -> None:
         queued = list(self._reads) + list(self._writes)

@@ -61,6 +61,7 @@ from zope.interface import implementer
 from timtx.persistence.errors import StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.placement import ShardMap, convKey, evenRanges, slotOf, statusOf
+from timtx.persistence.pool import InOrder
 from timtx.persistence.records import (
     Account,
     Duplicate,
@@ -192,10 +193,9 @@ class ShardedStore:
         self._dsns: dict[int, str] = {}
         self._lanes: dict[int, _Lane] = {}
         self.map: ShardMap | None = None
-        self._calls: deque[_Call] = deque()
+        self._calls = InOrder(self._maybeClosed)
         self._parked: deque[_Call] = deque()
         self._ticket = 0
-        self._releasing = False
         self._inflight: Counter[int] = Counter()
         self._confirmed = 0.0
         self._pollCall: IDelayedCall | None = None
@@ -453,7 +453,7 @@ class ShardedStore:
     def _submit(self, slots: Iterable[int], start: Callable[[_Call], Deferred[Any]]) -> Deferred[Any]:
         self._ticket += 1
         call = _Call(self._ticket, start, slots)
-        self._calls.append(call)
+        self._calls.add(call)
         if self._closing:
             self._finish(call, False, Failure(StoreUnavailable(f"{self.name}: store closed")))
         elif self.map is None:
@@ -494,24 +494,7 @@ class ShardedStore:
             del self._inflight[call.version]
 
     def _finish(self, call: _Call, ok: bool, value: Any) -> None:
-        call.done = True
-        call.ok = ok
-        call.value = value
-        if self._releasing:
-            return
-        self._releasing = True
-        try:
-            calls = self._calls
-            while calls and calls[0].done:
-                head = calls.popleft()
-                if head.ok:
-                    head.deferred.callback(head.value)
-                else:
-                    head.deferred.errback(head.value)
-        finally:
-            self._releasing = False
-        if not self._calls:
-            self._maybeClosed()
+        self._calls.finish(call, ok, value)
 
     def _unpark(self) -> None:
         shardMap = self.map

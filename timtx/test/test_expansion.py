@@ -10,21 +10,16 @@ the map names, and the mover found the moved range equal on both sides
 Slow: about 20 seconds.
 """
 
-import os
-import sys
-
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-import timtx
 from timtx.crypto.ids import NodeKeys
 from timtx.persistence.placement import SLOTS
 from timtx.protocols.constants import Business, GroupType
-from timtx.test.test_pgmove import placementErrors, shardedDatabases
+from timtx.test.test_pgmove import placementErrors, runTimtx, shardedDatabases
 from timtx.test.traffic import Participant, Traffic, refusalsAreRetryable, undelivered
 from timtx.testing import loggedInClient, startNode, testConfig
 
@@ -38,10 +33,9 @@ class ExpansionTests(TestCase):
 
     @inlineCallbacks
     def command(self, *args):
-        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(timtx.__file__))))
-        out, err, code = yield getProcessOutputAndValue(sys.executable, ["-m", "timtx", "shards", *args], env=env)
-        self.assertEqual(code, 0, (out + err).decode())
-        return out.decode()
+        out, err, code = yield runTimtx("shards", *args)
+        self.assertEqual(code, 0, out + err)
+        return out
 
     @inlineCallbacks
     def people(self, node, count=4):

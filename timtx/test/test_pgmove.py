@@ -38,6 +38,18 @@ def sleep(seconds):
     return deferLater(reactor, seconds, lambda: None)
 
 
+@inlineCallbacks
+def runTimtx(*args):
+    """
+    C{python -m timtx ARGS} with the timtx under test.
+
+    @return: a L{Deferred} firing with its output, errors and status.
+    """
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(timtx.__file__))))
+    out, err, code = yield getProcessOutputAndValue(sys.executable, ["-m", "timtx", *args], env=env)
+    return out.decode(), err.decode(), code
+
+
 def rowsOf(dsn):
     """
     Every placed row of the database C{dsn}, by table: primary key to the
@@ -390,11 +402,8 @@ class CommandTests(TestCase):
 
     timeout = 120
 
-    @inlineCallbacks
     def command(self, *args):
-        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(timtx.__file__))))
-        out, err, code = yield getProcessOutputAndValue(sys.executable, ["-m", "timtx", "shards", *args], env=env)
-        return out.decode(), err.decode(), code
+        return runTimtx("shards", *args)
 
     @inlineCallbacks
     def test_statusAddMove(self):

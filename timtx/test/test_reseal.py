@@ -342,17 +342,10 @@ class RotationTests(TestCase):
 
     timeout = 120
 
-    @inlineCallbacks
     def command(self, *args):
-        import sys
+        from timtx.test.test_pgmove import runTimtx
 
-        from twisted.internet.utils import getProcessOutputAndValue
-
-        import timtx
-
-        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(timtx.__file__))))
-        out, err, code = yield getProcessOutputAndValue(sys.executable, ["-m", "timtx", "keys", *args], env=env)
-        return out.decode(), err.decode(), code
+        return runTimtx("keys", *args)
 
     def ini(self, directory, extra=""):
         path = os.path.join(directory, "node.ini")
