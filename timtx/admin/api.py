@@ -77,7 +77,7 @@ MESSAGE_BODY = {
     "additionalProperties": False,
     "properties": {
         "text": {"type": "string", "minLength": 1, "maxLength": 1 << 20},
-        "udtype": {"type": "integer", "minimum": -(1 << 31), "maximum": (1 << 31) - 1},
+        "udtype": {"type": "integer", "minimum": -(1 << 15), "maximum": (1 << 15) - 1},
         "extend": EXTEND,
     },
 }

@@ -234,6 +234,12 @@ class Operations:
             raise ApiError(413, "too_large", f"the message content is over {limit} bytes ([messages] max_body_bytes)")
         if message.roomTid is not None:
             raise badRequest("a system message goes to accounts, not to a group (roomTid)")
+        try:
+            # What tim's JSON lets through but Thrift cannot carry (an i16
+            # out of range, say) is refused here, not when it is stored.
+            codec.encode_compact(message)
+        except (OverflowError, ValueError, TypeError) as e:
+            raise badRequest(f"the message cannot be encoded: {e}") from None
 
     @inlineCallbacks
     def sendSystemMessage(self, uids: Iterable[str], message: TimMessage) -> Any:

@@ -14,7 +14,16 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.admin.accounts import ADMIN, Admin, AdminAccountError, AdminFile, AdminTokens, checkName, checkPassword
+from timtx.admin.accounts import (
+    ADMIN,
+    Admin,
+    AdminAccountError,
+    AdminFile,
+    AdminTokens,
+    LoginThrottle,
+    checkName,
+    checkPassword,
+)
 from timtx.admin.web import ApiError, isLoopback, validate
 from timtx.chat.bans import UserBans
 from timtx.client import TimRequestFailed, connect
@@ -22,7 +31,8 @@ from timtx.protocols.constants import ErrorCode, MsType, NodeInfo, OdType, TimTy
 from timtx.protocols.structs import TimNodes
 from timtx.test.admintools import ROOT_PASSWORD, WATCHER_PASSWORD, AdminTestCase
 from timtx.test.base import waitUntil, within
-from timtx.testing import loggedInClient, wsURL
+from timtx.test.test_config import sourceRoot
+from timtx.testing import loggedInClient, requireOrSkip, wsURL
 
 
 class ValidateTests(SynchronousTestCase):
@@ -137,6 +147,23 @@ class AccountsTests(SynchronousTestCase):
         self.assertTrue(tokens.revoke(c))
         self.assertEqual(len(tokens), 0)
 
+    def test_throttle(self):
+        """
+        Failed logins from one address are limited; one that succeeds gives
+        its place back; other addresses are not affected.
+        """
+        clock = Clock()
+        throttle = LoginThrottle(rate=1.0, burst=2, clock=clock)
+        self.assertTrue(throttle.begin("a"))
+        throttle.succeeded("a")
+        self.assertTrue(throttle.begin("a"))
+        self.assertTrue(throttle.begin("a"))
+        self.assertFalse(throttle.begin("a"))
+        self.assertTrue(throttle.begin("b"))
+        clock.advance(1.0)
+        self.assertTrue(throttle.begin("a"))
+        self.assertTrue(LoginThrottle(0, 1, clock).begin("a"))
+
     def test_loopback(self):
         for host in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"]:
             self.assertTrue(isLoopback(host), host)
@@ -185,6 +212,18 @@ class OpenAPITests(AdminTestCase):
             self.assertEqual("401" in responses, endpoint.access != "public", endpoint.name)
         for name in ("timRegister", "timMessage", "timOnline", "getUser", "kickUser", "blockUser", "cluster", "store"):
             self.assertIn(name, operations)
+
+    def test_documented(self):
+        """
+        docs/admin.md lists every endpoint with the role it needs.
+        """
+        root = sourceRoot()
+        if root is None:
+            requireOrSkip("no source checkout (docs/ is not installed)")
+        doc = root.child("docs").child("admin.md").getContent().decode()
+        for endpoint in self.admin.endpoints:
+            role = "public" if endpoint.access == "public" else "admin" if endpoint.write else "observer"
+            self.assertIn(f"| `{endpoint.method} {endpoint.path}` | {role} |", doc)
 
 
 class AccessTests(AdminTestCase):

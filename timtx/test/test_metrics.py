@@ -23,6 +23,7 @@ from timtx.protocols.constants import TimType
 from timtx.protocols.structs import Tid
 from timtx.test.admintools import ROOT_PASSWORD, AdminTestCase
 from timtx.test.base import waitUntil, within
+from timtx.test.test_config import sourceRoot
 from timtx.util.histogram import Histogram, StoreStats, percentile
 
 
@@ -179,6 +180,13 @@ class MetricsTests(AdminTestCase):
         for uid in (alice.uid, bob.uid):
             self.assertNotIn(uid, text)
         self.assertNotIn("alice", text)
+        root = sourceRoot()
+        if root is not None:
+            doc = root.child("docs").child("monitoring.md").getContent().decode()
+            for family in families.values():
+                if family.name.startswith("timtx_"):
+                    suffix = "_total" if family.type == "counter" else ""
+                    self.assertIn(f"| `{family.name}{suffix}` |", doc, "docs/monitoring.md lists every metric")
 
     @inlineCallbacks
     def test_openMetrics(self):

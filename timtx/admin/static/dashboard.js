@@ -96,8 +96,9 @@
       svg.appendChild(path);
     }
     const label = document.createElementNS(SVG, "text");
-    label.setAttribute("x", "4");
+    label.setAttribute("x", String(width - 4));
     label.setAttribute("y", "12");
+    label.setAttribute("text-anchor", "end");
     label.setAttribute("class", "axis");
     label.textContent = "max " + (lines[0].format ? lines[0].format(max) : number(max));
     svg.appendChild(label);
