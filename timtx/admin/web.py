@@ -12,7 +12,7 @@ Every request passes the same gate, in this order:
      tim's endpoints, tim's C{username} and C{password} headers; without
      one, 401 and nothing else happens;
   3. the role: an endpoint that changes anything (L{Endpoint.write})
-     refuses an observer with 403, before its body is even read;
+     refuses an observer with 403, before its body is looked at;
   4. the body: at most C{[admin] max_body_bytes} (413, before it is
      buffered: L{timtx.transports.http.BoundedRequest}), JSON that decodes
      (400) and matches the endpoint's schema (400, naming the field);
