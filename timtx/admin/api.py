@@ -273,10 +273,9 @@ def restEndpoints(admin: AdminContext) -> list[Endpoint]:
     @inlineCallbacks
     def createGroup(call: Call) -> Any:
         body = call.body
-        request = TimReq(rtype=Business.NEWROOM, node=body["topic"], reqInt=1 if body.get("private") else 2)
-        ack = yield ops.actAs(body["founder"], TimType.TIMBUSINESS, request)
-        call.target = ack.n
-        return {"gid": ack.n}
+        gid = yield ops.createGroup(body["founder"], body["topic"], bool(body.get("private")))
+        call.target = gid
+        return {"gid": gid}
 
     @inlineCallbacks
     def dissolveGroup(call: Call) -> Any:
@@ -295,10 +294,9 @@ def restEndpoints(admin: AdminContext) -> list[Endpoint]:
 
     @inlineCallbacks
     def createVRoom(call: Call) -> Any:
-        request = TimReq(rtype=VRoomOp.REGISTER, reqInt=1 if call.body.get("private") else 0)
-        ack = yield ops.actAs(call.body["founder"], TimType.TIMVROOM, request)
-        call.target = ack.n
-        return {"vnode": ack.n}
+        vnode = yield ops.createVRoom(call.body["founder"], bool(call.body.get("private")))
+        call.target = vnode
+        return {"vnode": vnode}
 
     @inlineCallbacks
     def removeVRoom(call: Call) -> Any:

@@ -30,10 +30,10 @@ from timtx.delivery.sessions import Session
 from timtx.interfaces import IFrameSink
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
-from timtx.protocols.constants import ErrorCode, MsType, OdType, TimType
+from timtx.protocols.constants import Business, ErrorCode, GroupType, MsType, OdType, TimType, VRoomOp
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import parse_server_frame
-from timtx.protocols.structs import Tid, TimAck, TimAuth, TimMessage, TimStruct
+from timtx.protocols.structs import Tid, TimAck, TimAuth, TimMessage, TimReq, TimStruct
 
 if TYPE_CHECKING:
     from timtx.node import Node
@@ -325,6 +325,27 @@ class Operations:
         return acks[0] if acks else TimAck(ok=True)
 
     # Groups and virtual rooms.
+
+    @inlineCallbacks
+    def createGroup(self, founder: str, topic: str, private: bool) -> Any:
+        """
+        A group founded by C{founder}, as its client would make it.
+
+        @return: the group id.
+        """
+        request = TimReq(rtype=Business.NEWROOM, node=topic, reqInt=GroupType.PRIVATE if private else GroupType.OPEN)
+        ack = yield self.actAs(founder, TimType.TIMBUSINESS, request)
+        return ack.n
+
+    @inlineCallbacks
+    def createVRoom(self, founder: str, private: bool) -> Any:
+        """
+        A virtual room founded by C{founder}.
+
+        @return: the room id.
+        """
+        ack = yield self.actAs(founder, TimType.TIMVROOM, TimReq(rtype=VRoomOp.REGISTER, reqInt=1 if private else 0))
+        return ack.n
 
     @inlineCallbacks
     def group(self, gid: str, limit: int) -> Any:

@@ -23,7 +23,6 @@ from prometheus_client.exposition import choose_encoder
 from twisted.application.service import Service
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
-from twisted.web import server
 from twisted.web.resource import Resource
 
 from timtx import __version__
@@ -36,7 +35,7 @@ from timtx.admin.timapi import timEndpoints
 from timtx.admin.web import ApiError, ApiResource, Authenticator, Call, bearerToken, header, isLoopback, openapi
 from timtx.crypto.passwords import PasswordHasher
 from timtx.transports.admission import ConnectionGate, withBacklog
-from timtx.transports.http import BoundedRequest, TimHTTPChannel
+from timtx.transports.http import GatedSite
 
 if TYPE_CHECKING:
     from timtx.node import Node
@@ -117,40 +116,6 @@ class MetricsResource(Resource):
         return body
 
 
-class AdminSite(server.Site):
-    """
-    The admin listener: bounded bodies (413), a deadline per request, at
-    most C{[admin] max_connections} sockets, no access log.
-    """
-
-    requestFactory = BoundedRequest
-    protocol = TimHTTPChannel  # type: ignore[assignment]
-
-    def __init__(self, root: Resource, admin: AdminService):
-        super().__init__(root, reactor=admin.node.reactor)
-        config = admin.config
-        self.clock = admin.node.clock
-        self.maxBodyBytes = config.max_body_bytes
-        self.requestTimeout = config.request_timeout
-        self.timeOut = config.request_timeout or None
-        self.slowRequests = 0
-        self.gate = ConnectionGate(config.max_connections, 0, 0)
-        self.noisy = False
-        self.displayTracebacks = False
-
-    def buildProtocol(self, addr: Any) -> Any:
-        ticket = self.gate.admit(getattr(addr, "host", ""))
-        if ticket is None:
-            return None
-        channel = super().buildProtocol(addr)
-        channel.ticket = ticket
-        return channel
-
-    def log(self, request: Any) -> None:
-        # Admin actions are in the audit log; reads need no line each.
-        pass
-
-
 class AdminService(Service, Authenticator):
     """
     The admin side of C{node}.
@@ -183,7 +148,16 @@ class AdminService(Service, Authenticator):
         self._openapi: dict[str, Any] | None = None
         api = ApiResource(self.endpoints, self)
         root = _Root(api, StaticResource(), MetricsResource(self))
-        self.site = AdminSite(root, self)
+        #: At most max_connections sockets, bounded bodies, a deadline per
+        #: request, no access log (actions are in the audit log).
+        self.site = GatedSite(
+            root,
+            reactor=node.reactor,
+            clock=clock,
+            gate=ConnectionGate(config.max_connections, 0, 0),
+            maxBodyBytes=config.max_body_bytes,
+            requestTimeout=config.request_timeout,
+        )
         self.listener = node.addListener(withBacklog(config.listen, 128), self.site, "admin")
         self.setServiceParent(node)
 

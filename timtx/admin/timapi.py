@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import inlineCallbacks
 
 from timtx.admin.web import TIM, ApiError, Call, Endpoint
-from timtx.protocols.constants import Business, ErrorCode, NodeInfo, TimType, VRoomOp
+from timtx.protocols.constants import ErrorCode, GroupType, NodeInfo, TimType, VRoomOp
 from timtx.protocols.errors import TimProtocolError
-from timtx.protocols.structs import TimAck, TimError, TimMessage, TimNodes, TimReq, TimRoomBean, TimStruct, TimUserBean
+from timtx.protocols.structs import TimAck, TimError, TimMessage, TimNodes, TimRoomBean, TimStruct, TimUserBean
 
 if TYPE_CHECKING:
     from timtx.admin.context import AdminContext
@@ -171,10 +171,8 @@ def timEndpoints(admin: AdminContext) -> list[Endpoint]:
         if founder is None or topic is None:
             raise params("node (the founder) and topic are required")
         call.target = founder
-        private = call.body.get("gtype") == 1
-        request = TimReq(rtype=Business.NEWROOM, node=topic, reqInt=1 if private else 2)
-        done = yield ops.actAs(founder, TimType.TIMBUSINESS, request)
-        return ack(n=done.n)
+        gid = yield ops.createGroup(founder, topic, call.body.get("gtype") == GroupType.PRIVATE)
+        return ack(n=gid)
 
     @inlineCallbacks
     def modifyRoomInfo(call: Call) -> Any:
@@ -193,8 +191,8 @@ def timEndpoints(admin: AdminContext) -> list[Endpoint]:
             # tim's handler does rtype 1 only; the REST API removes rooms.
             raise params("node and rtype 1 are required")
         call.target = founder
-        done = yield ops.actAs(founder, TimType.TIMVROOM, TimReq(rtype=VRoomOp.REGISTER))
-        return ack(n=done.n)
+        vnode = yield ops.createVRoom(founder, False)
+        return ack(n=vnode)
 
     def E(
         path: str,

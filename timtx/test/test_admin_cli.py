@@ -12,8 +12,7 @@ import signal
 import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
@@ -25,6 +24,7 @@ from timtx.admin.cli import urlFromListen
 from timtx.client import connect, register
 from timtx.test.admintools import WATCHER_PASSWORD, AdminTestCase
 from timtx.test.base import within
+from timtx.test.test_tap import _Collect
 from timtx.testing import TEST_SCRYPT_N
 
 SOURCE = os.path.dirname(os.path.dirname(os.path.abspath(timtx.__file__)))
@@ -152,23 +152,6 @@ class CommandTests(AdminTestCase):
         self.assertEqual(code, 2)
 
 
-class _Collect(ProcessProtocol):
-    def __init__(self):
-        self.output = []
-        self.ended = Deferred()
-
-    def outReceived(self, data):
-        self.output.append(data)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback(reason.value.exitCode)
-
-    def text(self):
-        return b"".join(self.output).decode()
-
-
 class TwistTests(TestCase):
     timeout = 120
 
@@ -195,17 +178,21 @@ class TwistTests(TestCase):
         )
         self.assertEqual(code, 0, err)
         process = _Collect()
+
+        def text():
+            return b"".join(process.output).decode()
+
         transport = reactor.spawnProcess(
             process, sys.executable, [sys.executable, "-m", "twisted", "tim", "--config", ini.path], env=childEnv()
         )
         self.addCleanup(lambda: process.ended.called or transport.signalProcess("KILL"))
         for _ in range(400):
-            if "timtx node ready" in process.text() or process.ended.called:
+            if "timtx node ready" in text() or process.ended.called:
                 break
             yield deferLater(reactor, 0.05, lambda: None)
-        events = [json.loads(line.lstrip("\x1e")) for line in process.text().splitlines() if line.strip()]
+        events = [json.loads(line.lstrip("\x1e")) for line in text().splitlines() if line.strip()]
         ports = {e["name"]: e["port"] for e in events if e.get("log_format", "").startswith("{name} listening")}
-        self.assertEqual(set(ports), {"client-ws", "admin"}, process.text())
+        self.assertEqual(set(ports), {"client-ws", "admin"}, text())
         url = f"http://127.0.0.1:{ports['client-ws']}"
         yield register(reactor, url + "/tim2", "dora", "dora-password")
         client = yield connect(reactor, f"ws://127.0.0.1:{ports['client-ws']}/tim")
@@ -219,12 +206,12 @@ class TwistTests(TestCase):
         self.assertIn(client.uid, out.decode())
         yield client.disconnect()
         for _ in range(100):
-            if "logout " in process.text():
+            if "logout " in text():
                 break
             yield deferLater(reactor, 0.05, lambda: None)
         transport.signalProcess(signal.SIGTERM)
         yield process.ended
-        lines = [line for line in process.text().splitlines() if line.strip()]
+        lines = [line for line in text().splitlines() if line.strip()]
         events = [json.loads(line.lstrip("\x1e")) for line in lines]
         formats = [e.get("log_format", "") for e in events]
         self.assertIn("login {uid} termtyp={termtyp} tim {generation}", formats)
@@ -233,5 +220,5 @@ class TwistTests(TestCase):
         login = next(e for e in events if e.get("log_format", "").startswith("login {uid}"))
         self.assertEqual(login["uid"], client.uid)
         for secret in ("dora-password", "ops-password-1"):
-            self.assertNotIn(secret, process.text())
-        self.assertFalse(re.search(r"Traceback", process.text()), process.text())
+            self.assertNotIn(secret, text())
+        self.assertFalse(re.search(r"Traceback", text()), text())

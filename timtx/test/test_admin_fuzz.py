@@ -13,30 +13,16 @@ import shutil
 import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import inlineCallbacks
 
 from timtx.test.admintools import AdminTestCase
+from timtx.test.test_tap import _Collect
 from timtx.testing import requireOrSkip
 
 #: Seconds schemathesis may spend.
 BUDGET = 45
 #: Operations left out: they would end the run's own login.
 EXCLUDED = ("logout", "deleteAdmin")
-
-
-class _Run(ProcessProtocol):
-    def __init__(self):
-        self.output = []
-        self.ended = Deferred()
-
-    def outReceived(self, data):
-        self.output.append(data)
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback(reason.value.exitCode)
 
 
 def schemathesis():
@@ -88,10 +74,10 @@ class FuzzTests(AdminTestCase):
         for name in EXCLUDED:
             args += ["--exclude-operation-id", name]
         env = dict(os.environ, NO_COLOR="1", SCHEMATHESIS_HOOKS="")
-        run = _Run()
+        run = _Collect()
         transport = reactor.spawnProcess(run, command, args, env=env, path=work)
         self.addCleanup(lambda: run.ended.called or transport.signalProcess("KILL"))
-        code = yield run.ended
+        code, _ = yield run.ended
         output = b"".join(run.output).decode("utf-8", "replace")
         self.assertEqual(code, 0, output)
         self.assertNotIn("Server error", output)

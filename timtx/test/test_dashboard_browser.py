@@ -48,7 +48,7 @@ async function main() {
     executablePath: executable,
     headless: true,
     args: JSON.parse(flags),
-    viewport: { width: 1360, height: 1100 },
+    viewport: { width: 1360, height: 800 },
   });
   const result = { errors: [] };
   try {
