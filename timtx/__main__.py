@@ -32,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"timtx {__version__} ({accelerated})")
         return 0
     if args.check_config:
-        from timtx.config import ConfigError, load
+        from timtx.config import ConfigError
+        from timtx.preflight import CONFIG_ERROR_STATUS, checkedConfig
 
         try:
-            load(args.check_config)
+            checkedConfig(args.check_config)
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            print(f"timtx: {e}", file=sys.stderr)
+            return CONFIG_ERROR_STATUS
         print(f"{args.check_config}: ok")
         return 0
     parser.print_help()

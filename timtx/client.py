@@ -34,12 +34,13 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
 from twisted.web.http_headers import Headers
 
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
-from timtx.protocols.constants import Business, NodeInfo, TimType
+from timtx.protocols.constants import Business, ErrorCode, NodeInfo, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.frames import (
     LengthPrefixedDecoder,
@@ -957,14 +958,27 @@ def register(
     domain: str | None = None,
     encoding: Encoding = Encoding.COMPACT,
     trustRoot: Any = None,
-) -> Deferred[str]:
+    existing: bool = False,
+) -> Deferred[str | None]:
     """
     Register an account at C{url} (C{http://host:port/tim2}).
 
+    @param existing: an account that exists already is fine: the
+        L{Deferred} fires with C{None} instead of failing with error 4101
+        (so that a script that registers can run again).
     @return: a L{Deferred} firing with the new account id.
     """
     d = _tim2(reactor, url, TimType.TIMREGISTER, TimAuth(name=name, pwd=pwd, domain=domain), encoding, trustRoot)
     d.addCallback(lambda ack: ack.n)
+    if existing:
+
+        def exists(failure: Failure) -> None:
+            failure.trap(TimRequestFailed)
+            error: TimRequestFailed = failure.value  # type: ignore[assignment]
+            if error.code != ErrorCode.ERR_HASEXIST:
+                failure.raiseException()
+
+        d.addErrback(exists)
     return d
 
 

@@ -146,6 +146,13 @@ def _parse_endpoint(text: str) -> str:
         serverFromString(MemoryReactor(), text)
     except Exception as e:
         raise ValueError(f"a Twisted server endpoint string such as tcp:5120:interface=127.0.0.1 ({e})") from None
+    kind, _, rest = text.partition(":")
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = rest.split(":", 1)[0]
+        if port.startswith("port="):
+            port = port[5:]
+        if not port.isdigit() or int(port) > 65535:
+            raise ValueError("a port from 0 to 65535")
     return text
 
 
@@ -256,6 +263,13 @@ class NodeConfig:
     )
     worker_threads: int = option(
         2, _int(1, 64), "Threads for CPU-heavy work off the reactor thread, such as password hashing."
+    )
+    malloc_mmap_threshold: int = option(
+        131072,
+        _int(0, 1 << 30),
+        "Under `twist`, on glibc: buffers of at least this many bytes are mapped and returned to the system "
+        "when freed, so memory held by connections that closed is given back. 0 leaves glibc's dynamic "
+        "threshold, which keeps such memory in the heap.",
     )
 
 
@@ -380,13 +394,42 @@ class AccountsConfig:
         "HTTP 429 with error 5105. 0 disables the limit.",
     )
     http_burst: int = option(100, _int(1), "Requests one IP address may make to /tim2 at once above http_rate.")
+    login_free_failures_per_ip: int = option(
+        20,
+        _int(1),
+        "Failed logins (WebSocket, TCP or /tim2 token) one address may make within login_failure_window before "
+        "it must wait before each further try: 1 s, then 2, 4, ... up to login_backoff_max. Waiting logins "
+        "get error 5105 (HTTP 429 on /tim2) before any password is checked.",
+    )
+    login_free_failures_per_account: int = option(
+        5,
+        _int(1),
+        "Failed logins one address may make at one account within login_failure_window before it backs off "
+        "for that account; the account's owner from another address is not affected.",
+    )
+    login_spread_ips: int = option(
+        10,
+        _int(1),
+        "Addresses that may fail at one account within login_failure_window before the account takes logins "
+        "only from addresses that logged in to it before (a guess spread over many addresses).",
+    )
+    login_failure_window: float = option(
+        900.0, _seconds(1), "Seconds after its last failure that a failure budget is forgotten."
+    )
+    login_backoff_max: float = option(900.0, _seconds(1), "The longest wait after failed logins, in seconds.")
     login_webhook: str = option(
         "",
         URL,
         "If set, every login is POSTed to this URL as the TimAuth JSON and allowed only if the response "
-        "body starts with `1` (tim's connectauthurl).",
+        "body starts with `1` (tim's connectauthurl). The JSON holds the password or token in clear: use "
+        "https:// or a loopback address (a plain http:// URL elsewhere is warned about at start). At most "
+        "64 bytes of the answer are read.",
     )
-    login_webhook_timeout: float = option(5.0, _seconds(0.1), "Seconds to wait for the login webhook.")
+    login_webhook_timeout: float = option(
+        5.0,
+        _seconds(0.1),
+        "Seconds to wait for the login webhook's whole answer, connection, headers and body; then the login is refused.",
+    )
 
 
 @dataclass(frozen=True)
@@ -510,6 +553,12 @@ class GroupsConfig:
     )
     manager_recall: bool = option(
         True, BOOL, "Let the founder and managers recall any member's group message (timtx extension)."
+    )
+    join_request_ack: bool = option(
+        False,
+        BOOL,
+        'Acknowledge a request to join a private group to the requester with n2 = "pending" (timtx '
+        'extension). Off by default, as tim 2.0: tim clients read any ok ack to a join as "joined".',
     )
     cursor_flush_interval: float = option(
         1.0,

@@ -55,6 +55,7 @@ class IFrameSink(Interface):
         "How this sink frames bytes (C{'ws'}, C{'tcp'}); sinks of one kind share frames made by L{prepareFrame}."
     )
     congested = Attribute("Whether the peer is behind in reading what was written.")
+    peerAddress = Attribute("The client's address (a host) as this node sees it, for logs and login budgets.")
     backlog = Attribute("Bytes written since the connection became congested.")
 
     def writeFrame(frame: bytes) -> None:
@@ -177,9 +178,10 @@ class IClientNode(Interface):
         @return: a L{Deferred} firing with the new account id.
         """
 
-    def issueToken(auth: TimAuth) -> Deferred[int]:
+    def issueToken(auth: TimAuth, peer: str) -> Deferred[int]:
         """
-        Issue a one-time login token (C{/tim2} TIMTOKEN).
+        Issue a one-time login token (C{/tim2} TIMTOKEN) to a client at
+        address C{peer}.
 
         @return: a L{Deferred} firing with the token.
         """

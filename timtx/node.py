@@ -59,6 +59,7 @@ from timtx.interfaces import IClientNode, IFrameSink, IRouter, Route
 from timtx.persistence import storeFactory
 from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.timed import TimedStore
+from timtx.preflight import privateDataDir
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, ErrorCode, TimType
@@ -186,6 +187,7 @@ class Node(MultiService):
         self.config = config
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
+        privateDataDir(config)
         self.keys = keys if keys is not None else NodeKeys.fromFile(config.key_path)
         self.protocols = (protocols or defaultRegistry()).copy()
         for name, path in config.protocols.items():
@@ -521,21 +523,23 @@ class Node(MultiService):
             closed.callback(None)
 
     def login(self, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Deferred[Session]:
-        d = self.accounts.authenticate(auth)
+        d = self.accounts.authenticate(auth, sink.peerAddress)
         d.addCallback(self._startSession, sink, auth, encoding)
         d.addErrback(self._loginFailed)
         return d
 
     def _loginFailed(self, failure: Failure) -> Failure:
+        # Counted here, whatever refused it; the accounts log wrong
+        # passwords and tokens, _startSession what it refuses.
         error, reason = failure.value, "error"
         if isinstance(error, TimProtocolError) and error.code in ErrorCode._value2member_map_:
             reason = ErrorCode(error.code).name.lower()
         self.loginFailures[reason] = self.loginFailures.get(reason, 0) + 1
-        self.log.info("login refused ({reason})", reason=reason)
         return failure
 
     def _startSession(self, grant: Any, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Session:
         if self.bans.blockedUntil(grant.uid) is not None:
+            self.log.info("login of {uid} refused: the account is blocked", uid=grant.uid)
             raise TimProtocolError(ErrorCode.ERR_BLOCK, "account blocked")
         session = Session(
             sink,
@@ -549,7 +553,11 @@ class Node(MultiService):
             auth.extend,
             login_generation(auth, Generation(self.config.client.default_generation)),
         )
-        self.sessions.admit(session)
+        try:
+            self.sessions.admit(session)
+        except TimProtocolError as e:
+            self.log.info("login of {uid} refused: {why}", uid=grant.uid, why=e.text)
+            raise
         self.logins += 1
         self.log.info(
             "login {uid} termtyp={termtyp} tim {generation}",
@@ -581,8 +589,8 @@ class Node(MultiService):
     def register(self, auth: TimAuth) -> Deferred[str]:
         return self.accounts.register(auth)
 
-    def issueToken(self, auth: TimAuth) -> Deferred[int]:
-        return self.accounts.issueToken(auth)
+    def issueToken(self, auth: TimAuth, peer: str) -> Deferred[int]:
+        return self.accounts.issueToken(auth, peer)
 
     # For tests and tools.
 

@@ -255,7 +255,7 @@ class MemoryClientNode:
     def register(self, auth: TimAuth) -> Deferred[str]:
         return succeed(f"u-{auth.name}")
 
-    def issueToken(self, auth: TimAuth) -> Deferred[int]:
+    def issueToken(self, auth: TimAuth, peer: str) -> Deferred[int]:
         return succeed(1)
 
 

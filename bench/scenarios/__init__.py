@@ -13,6 +13,9 @@ from bench.scenarios.codec import Codec
 from bench.scenarios.direct import Direct
 from bench.scenarios.group import GroupFanout
 from bench.scenarios.login import LoginStorm
+from bench.scenarios.soak import Soak
 from bench.scenarios.vroom import VroomFanout
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in (LoginStorm(), Direct(), GroupFanout(), VroomFanout(), Codec())}
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s for s in (LoginStorm(), Direct(), GroupFanout(), VroomFanout(), Codec(), Soak())
+}

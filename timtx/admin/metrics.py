@@ -140,6 +140,17 @@ class NodeCollector(Collector):
         for reason, count in sorted(node.loginFailures.items()):
             failures.add_metric([reason], count)
         yield failures
+        guard = node.accounts.guard
+        yield CounterMetricFamily(
+            "timtx_login_guard_failures",
+            "Wrong passwords and tokens counted against the failed-login budgets (logins and token requests).",
+            value=guard.failures,
+        )
+        yield CounterMetricFamily(
+            "timtx_login_guard_refusals",
+            "Logins and token requests refused before any password was checked, while an address backs off.",
+            value=guard.refusals,
+        )
         yield CounterMetricFamily("timtx_logouts", "Sessions ended.", value=node.logouts)
         yield GaugeMetricFamily(
             "timtx_accounts_blocked", "Accounts an operator blocked from logging in.", value=len(node.bans.blocked())

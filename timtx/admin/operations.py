@@ -52,6 +52,7 @@ class CaptureSink:
     frameKind = "admin"
     congested = False
     backlog = 0
+    peerAddress = "admin"
 
     def __init__(self) -> None:
         self.frames: list[bytes] = []
@@ -104,9 +105,7 @@ def timError(error: TimProtocolError) -> ApiError:
 
 def describeSession(session: Session, now: float) -> dict[str, Any]:
     sink = session.sink
-    transport = getattr(sink, "transport", None)
-    peer = getattr(transport, "getPeer", None)
-    address = getattr(peer(), "host", None) if callable(peer) else None
+    address = getattr(sink, "peerAddress", None) or None
     return {
         "uid": session.uid,
         "domain": session.domain or None,

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from timtx.chat.loginguard import LoginGuard
 from timtx.chat.loginwebhook import LoginWebhook
 from timtx.config import AccountsConfig
 from timtx.crypto.ids import NodeKeys
@@ -62,6 +63,14 @@ class AccountService:
         self._runInThread = runInThread
         self.webhook = webhook
         self._known: OrderedDict[str, None] = OrderedDict()
+        self.guard = LoginGuard(
+            clock,
+            freePerAddress=config.login_free_failures_per_ip,
+            freePerAccountAddress=config.login_free_failures_per_account,
+            spread=config.login_spread_ips,
+            window=config.login_failure_window,
+            maxBackoff=config.login_backoff_max,
+        )
 
     # Checks of what a client sent.
 
@@ -125,19 +134,41 @@ class AccountService:
             yield self.store.setPasswordHash(uid, newHash)
         return account
 
+    def _guarded(self, uid: str | None, peer: str) -> None:
+        """
+        @raise TimProtocolError: C{ERR_OVERHZ} if C{peer} must wait before it
+            tries to log in to C{uid} again (see L{LoginGuard}).
+        """
+        wait = self.guard.wait(uid, peer)
+        if wait > 0:
+            raise TimProtocolError(
+                ErrorCode.ERR_OVERHZ, f"too many failed logins; try again in {max(1, round(wait))} s"
+            )
+
+    def _failed(self, uid: str | None, peer: str, why: str) -> None:
+        self.guard.failed(uid, peer)
+        # The account id and address, never the name or the password.
+        self.log.warn("login failed for {uid} from {peer}: {why}", uid=uid or "(token)", peer=peer, why=why)
+
     @inlineCallbacks
-    def issueToken(self, auth: TimAuth) -> Any:
+    def issueToken(self, auth: TimAuth, peer: str = "") -> Any:
         """
         A one-time login token for the account whose password C{auth}
         holds, valid for C{token_ttl} seconds.
 
+        @param peer: the client's address, for the failure budgets.
         @return: a L{Deferred} firing with the token, an int below 2**53.
-        @raise TimProtocolError: C{ERR_NOPASS} for a wrong name or password.
+        @raise TimProtocolError: C{ERR_NOPASS} for a wrong name or password,
+            C{ERR_OVERHZ} while C{peer} backs off.
         """
         name, pwd, domain = self._credentials(auth)
+        uid = self.keys.accountId(name, domain)
+        self._guarded(uid, peer)
         account = yield self.checkPassword(name, pwd, domain)
         if account is None:
+            self._failed(uid, peer, "wrong name or password (token request)")
             raise TimProtocolError(ErrorCode.ERR_NOPASS, "wrong name or password")
+        self.guard.succeeded(uid, peer)
         token = yield self.grantToken(account.uid, account.domain)
         return token
 
@@ -152,7 +183,7 @@ class AccountService:
         return d.addCallback(lambda _: token)
 
     @inlineCallbacks
-    def authenticate(self, auth: TimAuth) -> Any:
+    def authenticate(self, auth: TimAuth, peer: str = "") -> Any:
         """
         Check a TIMAUTH: by token if it has one, else by name and password.
 
@@ -160,15 +191,20 @@ class AccountService:
         same frame carries them: timjs keeps one TimAuth for its lifetime and
         reconnects with its spent token and its password.
 
+        @param peer: the client's address, for the failure budgets.
         @return: a L{Deferred} firing with the L{TokenGrant} (uid and
             domain) of the account.
         @raise TimProtocolError: C{ERR_TOKEN} for a bad token, C{ERR_AUTH}
-            for a bad name or password or a refusal by the login webhook.
+            for a bad name or password or a refusal by the login webhook,
+            C{ERR_OVERHZ} while C{peer} backs off after failures.
         """
+        claimed = self.keys.accountId(auth.name, auth.domain or "") if auth.name else None
+        self._guarded(claimed, peer)
         grant = None
         if auth.token is not None and auth.token != "":
             grant = yield self.store.takeToken(self.keys.tokenKeyFor(auth.token), self.clock.seconds())
             if grant is None and not (auth.name and auth.pwd):
+                self._failed(claimed, peer, "invalid or expired token")
                 raise TimProtocolError(ErrorCode.ERR_TOKEN, "invalid or expired token")
             if grant is not None and auth.name and self.keys.accountId(auth.name, auth.domain) != grant.uid:
                 # tim 2.1 sends name and domain with the token; they must agree.
@@ -179,12 +215,15 @@ class AccountService:
             name, pwd, domain = self._credentials(auth)
             account = yield self.checkPassword(name, pwd, domain)
             if account is None:
+                self._failed(claimed, peer, "wrong name or password")
                 raise TimProtocolError(ErrorCode.ERR_AUTH, "wrong name or password")
             grant = TokenGrant(account.uid, account.domain)
         if self.webhook is not None:
             allowed = yield self.webhook.approve(auth)
             if not allowed:
+                self.log.warn("login of {uid} from {peer} refused by the webhook", uid=grant.uid, peer=peer)
                 raise TimProtocolError(ErrorCode.ERR_AUTH, "login refused")
+        self.guard.succeeded(grant.uid, peer)
         return grant
 
     @inlineCallbacks

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from thrift.protocol.TCompactProtocol import TCompactProtocol
+from thrift.Thrift import TType
 from thrift.transport.TTransport import TMemoryBuffer
 
 from timtx.protocols.constants import ErrorCode
@@ -105,7 +106,55 @@ def _decode_with_spec(cls: type[S], data: bytes, spec: tuple[Any, ...]) -> S:
         # The C codec raises EOFError, TypeError, OverflowError and others;
         # the pure-Python one raises TProtocolException.  All mean "bad bytes".
         raise TimProtocolError(ErrorCode.ERR_FORMAT, f"malformed {cls.__name__}: {_why(e)}") from None
+    if _fastbinary is not None and _replaced(result):
+        # The C codec replaces bytes that are not UTF-8 with U+FFFD instead
+        # of failing.  Whether the client sent U+FFFD itself or bytes that
+        # are no text, the strict pure-Python codec tells (rarely needed).
+        try:
+            _slow_decode(cls(), data, spec)
+        except UnicodeError:
+            raise TimProtocolError(ErrorCode.ERR_FORMAT, f"malformed {cls.__name__}: invalid UTF-8") from None
+        except Exception:
+            pass
     return result
+
+
+_TEXT_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _textFields(cls: type[TimStruct]) -> tuple[str, ...]:
+    """
+    The fields of C{cls} that can hold text: strings, and containers and
+    structs that may hold strings.
+    """
+    names = _TEXT_FIELDS.get(cls)
+    if names is None:
+        names = _TEXT_FIELDS[cls] = tuple(
+            f.name
+            for f in cls.FIELDS
+            if f.kind.ttype in (TType.LIST, TType.SET, TType.MAP, TType.STRUCT)
+            or (f.kind.ttype == TType.STRING and f.kind.spec_args() == "UTF8")
+        )
+    return names
+
+
+def _replaced(value: Any) -> bool:
+    """
+    Whether a decoded struct holds U+FFFD in any string, however nested.
+    """
+    if isinstance(value, str):
+        return "\ufffd" in value
+    if isinstance(value, TimStruct):
+        for name in _textFields(type(value)):
+            item = getattr(value, name)
+            if item is not None and _replaced(item):
+                return True
+        return False
+    if isinstance(value, list):
+        return any(_replaced(v) for v in value)
+    if isinstance(value, dict):
+        return any(_replaced(k) or _replaced(v) for k, v in value.items())
+    return False
 
 
 def _why(error: Exception) -> str:
@@ -150,9 +199,19 @@ def decode_json(cls: type[S], data: bytes) -> S:
         value of the wrong type.
     """
     try:
-        value = json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        value = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise TimProtocolError(ErrorCode.ERR_FORMAT, f"invalid JSON for {cls.__name__}") from None
+    if "\\u" in text:
+        # A \uD800-style escape decodes to a lone surrogate, which is no
+        # Unicode text: it would fail later, when the string is encoded.
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise TimProtocolError(
+                ErrorCode.ERR_FORMAT, f"invalid Unicode (a lone surrogate escape) in JSON for {cls.__name__}"
+            ) from None
     return cls.from_json_dict(value)  # type: ignore[return-value]
 
 

@@ -15,7 +15,7 @@ from timtx.delivery.fanout import groupConversation
 from timtx.persistence.records import MESSAGE_RECALLED, ROLE_MEMBER, Member
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, ErrorCode, GroupType, NodeInfo, TimType
-from timtx.protocols.structs import Tid, TimRoomBean
+from timtx.protocols.structs import Tid, TimReq, TimRoomBean
 from timtx.test.base import NodeTestCase, waitUntil, within
 from timtx.testing import fitDescriptors, httpURL, wsURL
 
@@ -79,30 +79,50 @@ class GroupTestsMixin:
     @inlineCallbacks
     def test_privateGroupRequests(self):
         """
-        Joining a private group makes a request: the requester gets an ack
-        (n2 "pending"), founder and managers a bnType 9 notice; approving
-        is pulling in (bnType 10 to the requester); rejecting sends bnType
-        11, and a second reject is 4103.
+        Joining a private group makes a request: as in tim 2.0 the
+        requester gets nothing (tim clients read an ack as "joined"), founder
+        and managers a bnType 9 notice; approving is pulling in (bnType 10 to
+        the requester, and an ack naming the group in n so that tim's web
+        client can list its members); rejecting sends bnType 11, and a
+        second reject is 4103.
         """
         node = yield self.node()
         alice = yield self.user(node)
         bob = yield self.user(node)
         carol = yield self.user(node)
         gid = yield self.create(alice, GroupType.PRIVATE)
-        ack = yield bob.business(Business.ADDROOM, node=gid, reqStr="let me in")
-        self.assertEqual((ack.n, ack.n2), (gid, "pending"))
+        bob.send(TimType.TIMBUSINESS, TimReq(rtype=Business.ADDROOM, node=gid, reqStr="let me in"))
         request = (yield alice.next(notice(Business.ADDROOM))).body
         self.assertEqual((request.fromTid.node, request.roomTid.node, request.dataString), (bob.uid, gid, "let me in"))
+        yield bob.ping()
+        self.assertEqual(bob.take(TimType.TIMACK), [], "no ack to a join request")
         yield self.failsWith(ErrorCode.ERR_AUTH, carol.business(Business.PULLROOM, node=gid, node2=bob.uid))
-        yield alice.business(Business.PULLROOM, node=gid, node2=bob.uid)
+        approved = yield alice.business(Business.PULLROOM, node=gid, node2=bob.uid)
+        self.assertEqual((approved.n, approved.n2), (gid, bob.uid))
+        # What webtim does next with the ack's n works.
+        yield alice.business(Business.ROOMUSERS, node=approved.n, reply=nodesReply)
         passed = (yield bob.next(notice(Business.PASSROOM))).body
         self.assertEqual(passed.roomTid.node, gid)
-        yield carol.business(Business.ADDROOM, node=gid)
+        carol.send(TimType.TIMBUSINESS, TimReq(rtype=Business.ADDROOM, node=gid))
+        yield alice.next(notice(Business.ADDROOM))
         yield alice.business(Business.NOPASSROOM, node=gid, node2=carol.uid)
         yield carol.next(notice(Business.NOPASSROOM))
         yield self.failsWith(ErrorCode.ERR_EXPIREOP, alice.business(Business.NOPASSROOM, node=gid, node2=carol.uid))
         members = yield alice.business(Business.ROOMUSERS, node=gid, reply=nodesReply)
         self.assertEqual(sorted(members.nodelist), sorted([alice.uid, bob.uid]))
+
+    @inlineCallbacks
+    def test_joinRequestAck(self):
+        """
+        With C{join_request_ack} (extension), the requester gets an ack with
+        n2 "pending".
+        """
+        node = yield self.node(groups={"join_request_ack": True})
+        alice = yield self.user(node)
+        bob = yield self.user(node)
+        gid = yield self.create(alice, GroupType.PRIVATE)
+        ack = yield bob.business(Business.ADDROOM, node=gid, reqStr="let me in")
+        self.assertEqual((ack.n, ack.n2), (gid, "pending"))
 
     @inlineCallbacks
     def test_foundedLimit(self):
@@ -156,7 +176,7 @@ class GroupTestsMixin:
         yield self.failsWith(ErrorCode.ERR_AUTH, dave.business(Business.KICKROOM, node=gid, node2=carol.uid))
         yield self.failsWith(ErrorCode.ERR_AUTH, bob.business(Business.KICKROOM, node=gid, node2=bob.uid))
         ack = yield bob.business(Business.KICKROOM, node=gid, node2=dave.uid)
-        self.assertEqual((ack.t, ack.n), (Business.KICKROOM, dave.uid))
+        self.assertEqual((ack.t, ack.n, ack.n2), (Business.KICKROOM, gid, dave.uid))
         yield dave.next(notice(Business.KICKROOM))
         yield alice.business(Business.KICKROOM, node=gid, node2=carol.uid)
         yield self.failsWith(ErrorCode.ERR_AUTH, alice.business(Business.LEAVEROOM, node=gid))

@@ -31,6 +31,7 @@ class _Sink:
     frameKind = "raw"
     congested = False
     backlog = 0
+    peerAddress = "127.0.0.1"
 
     def __init__(self):
         self.frames = []

@@ -139,7 +139,7 @@ class TimeoutTests(SynchronousTestCase):
 
     def test_rateLimit(self):
         """
-        Frames over C{request_rate} get 4115, and pass again once the clock
+        Frames over C{request_rate} get 5105, and pass again once the clock
         has refilled the bucket.
         """
         wire = _Wire(client={"request_rate": 1.0, "request_burst": 3})
@@ -153,6 +153,20 @@ class TimeoutTests(SynchronousTestCase):
         wire.node.clock.advance(1.0)
         wire.send(TimType.TIMPING)
         self.assertEqual([f.timType for f in wire.frames()], [TimType.TIMPING])
+
+    def test_rateLimitNamesTheMessage(self):
+        """
+        A message refused for the rate carries its id in C{t}, in both
+        encodings, so that the client knows which one to send again.
+        """
+        for encoding in Encoding:
+            wire = _Wire(client={"request_rate": 1.0, "request_burst": 1})
+            wire.login()
+            wire.node.route(TimType.TIMMESSAGE, TimMessage, lambda session, message: None)
+            wire.send(TimType.TIMMESSAGE, TimMessage(msType=2, odType=1, id=77, dataString="hi"), encoding)
+            (frame,) = wire.frames()
+            refused = codec.decode(TimAck, frame.payload, Encoding.COMPACT)
+            self.assertEqual((refused.error.code, refused.t), (ErrorCode.ERR_OVERHZ, 77))
 
 
 class _SmallFrames(TimTcpServerProtocol):

@@ -3,6 +3,7 @@ Tests for the C{twist tim} plugin and C{python -m timtx}: they run the
 commands a user runs, in child processes.
 """
 
+import io
 import os
 import re
 import signal
@@ -42,11 +43,29 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(plugins["tim"].module, "timtx.tap")
 
     def test_options(self):
+        """
+        --config is required; a bad config is one line on stderr naming the
+        file, section and key, and exit status 64.
+        """
         self.assertRaises(usage.UsageError, Options().parseOptions, [])
         bad = FilePath(self.mktemp())
         bad.setContent(b"[client]\nlisten_on = 1\n")
-        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", bad.path])
-        self.assertIn("[client] listen_on", str(error))
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--config", bad.path])
+        self.assertEqual(error.code, 64)
+        self.assertIn(f"{bad.path}: [client] listen_on", stderr.getvalue())
+        self.assertEqual(len(stderr.getvalue().splitlines()), 1)
+
+    def test_version(self):
+        """
+        C{twist tim --version} prints timtx's version, not Twisted's.
+        """
+        stdout = io.StringIO()
+        self.patch(sys, "stdout", stdout)
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--version"])
+        self.assertEqual(error.code, 0)
+        self.assertEqual(stdout.getvalue(), f"timtx {__version__}\n")
 
 
 class _Collect(ProcessProtocol):

@@ -59,7 +59,8 @@ class Tim2Resource(Resource):
             frame = parse_client_frame(body)
         except TimProtocolError as e:
             return self._reply(request, errorAck(0, e), Encoding.COMPACT)
-        if not self._buckets.take(request.getClientAddress().host):
+        peer = str(request.getClientAddress().host)
+        if not self._buckets.take(peer):
             request.setResponseCode(429)  # Too Many Requests
             error = TimProtocolError(ErrorCode.ERR_OVERHZ, "too many requests")
             return self._reply(request, errorAck(frame.timType, error), frame.encoding)
@@ -73,7 +74,7 @@ class Tim2Resource(Resource):
             if accounts.forbid_token:
                 request.setResponseCode(http.FORBIDDEN)
                 return b""
-            work = self.node.issueToken
+            work = lambda auth: self.node.issueToken(auth, peer)  # noqa: E731
         else:
             error = TimProtocolError(ErrorCode.ERR_INTERFACE, f"frame type {frame.timType} is not served on /tim2")
             return self._reply(request, errorAck(frame.timType, error), frame.encoding)
@@ -94,6 +95,8 @@ class Tim2Resource(Resource):
         def failed(failure: Failure) -> None:
             if isinstance(failure.value, TimProtocolError):
                 ack = errorAck(frame.timType, failure.value)
+                if failure.value.code == ErrorCode.ERR_OVERHZ and not finished[0]:
+                    request.setResponseCode(429)  # backing off after failed logins
             else:
                 self.log.failure("/tim2 request failed", failure)
                 ack = errorAck(frame.timType, TimProtocolError(ErrorCode.ERR_UNDEFINED, "internal error"))

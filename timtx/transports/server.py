@@ -46,7 +46,7 @@ from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.errors import BadFrame, TimProtocolError
 from timtx.protocols.frames import ClientFrame, server_frame
 from timtx.protocols.generations import decode_for_session
-from timtx.protocols.structs import TimAck, TimAuth, TimError, TimStruct
+from timtx.protocols.structs import TimAck, TimAuth, TimError, TimMessage, TimStruct
 from timtx.transports.reassembly import BigDataReceiver
 from timtx.util.ratelimit import TokenBucket
 
@@ -66,6 +66,23 @@ def errorAck(timType: int, error: TimProtocolError, **fields: object) -> TimAck:
     C{TimAck{ok: false, timType, error: {code, info}}} for C{error}.
     """
     return TimAck(ok=False, timType=timType, error=TimError(code=error.code, info=error.text), **fields)
+
+
+#: Frame types whose payload is a TimMessage with the client's id.
+_MESSAGE_TYPES = frozenset((TimType.TIMMESSAGE, TimType.TIMREVOKEMESSAGE, TimType.TIMBURNMESSAGE))
+
+
+def _messageId(frame: ClientFrame) -> int | None:
+    """
+    The client's id of the message in C{frame}, if it is one and has one.
+    """
+    if frame.timType not in _MESSAGE_TYPES:
+        return None
+    try:
+        message: TimMessage = codec.decode(TimMessage, frame.payload, frame.encoding)
+    except TimProtocolError:
+        return None
+    return message.id
 
 
 @dataclass(frozen=True)
@@ -193,6 +210,8 @@ class TimServerProtocolMixin:
 
     #: See L{IFrameSink.frameKind}.
     frameKind = "raw"
+    #: See L{IFrameSink.peerAddress}; set when the connection opens.
+    peerAddress = ""
 
     def writeFrame(self, frame: bytes) -> None:
         if self._admit(len(frame)):
@@ -298,6 +317,7 @@ class TimServerProtocolMixin:
             self.limits = self.connectionLimits()
         limits = self.limits
         node = self.node
+        self.peerAddress = str(getattr(self.transport.getPeer(), "host", ""))
         self.tim = TimConnection(limits.maxBadFrames)
         self.session = None
         self._queue: deque[tuple[ClientFrame, FrameHandler]] = deque()
@@ -381,6 +401,11 @@ class TimServerProtocolMixin:
         if not self._bucket.take():
             timType = event.frame.timType if isinstance(event, RequestReceived) else TimType.TIMPING
             error = TimProtocolError(ErrorCode.ERR_OVERHZ, "too many requests")
+            if isinstance(event, RequestReceived):
+                # The client resends what was refused: tell it which message.
+                clientId = _messageId(event.frame)
+                if clientId is not None:
+                    error.ackFields["t"] = clientId
             self._sendError(timType, error, self.tim.encoding or frameEncoding(data))
             return
         if isinstance(event, PingReceived):

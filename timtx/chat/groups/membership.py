@@ -84,10 +84,12 @@ class GroupMembership:
     @inlineCallbacks
     def join(self, session: Session, request: TimReq) -> Any:
         """
-        rtype 9: an open group is joined at once; a private one gets a
-        request that its founder and managers are told about (bnType 9).
-        The requester gets an ack either way; C{n2} is "pending" while a
-        request waits.
+        rtype 9: an open group is joined at once (acked); a private one gets
+        a request that its founder and managers are told about (bnType 9).
+        As in tim 2.0 the requester then hears nothing until the request is
+        decided (bnType 10 or 11): tim clients read any ok ack to rtype 9 as
+        "joined".  C{[groups] join_request_ack} sends an ack with C{n2}
+        "pending" instead (extension).
         """
         groups = self.groups
         state = yield groups.group(request.node)
@@ -105,7 +107,8 @@ class GroupMembership:
         yield groups.store.addJoinRequest(state.gid, uid, groups.now())
         for staff in state.staff():
             yield groups.notify(staff, groups.notice(state, Business.ADDROOM, session.tid, staff, request.reqStr))
-        groups.ack(session, Business.ADDROOM, n=state.gid, n2="pending")
+        if groups.config.join_request_ack:
+            groups.ack(session, Business.ADDROOM, n=state.gid, n2="pending")
 
     @inlineCallbacks
     def pullIn(self, session: Session, request: TimReq) -> Any:
@@ -133,7 +136,10 @@ class GroupMembership:
         yield groups.admit(state, target)
         bnType = Business.PASSROOM if requested else Business.PULLROOM
         yield groups.notify(target, groups.notice(state, bnType, session.tid, target))
-        groups.ack(session, Business.PULLROOM, n=target)
+        # The group in n: tim's web client asks for the group's members and
+        # profile with it (tim 2.0 put the user there, and the client then
+        # got 4109).  The user is in n2.
+        groups.ack(session, Business.PULLROOM, n=state.gid, n2=target)
 
     @inlineCallbacks
     def reject(self, session: Session, request: TimReq) -> Any:
@@ -162,7 +168,9 @@ class GroupMembership:
         groups.mayModerate(state, session.uid, target)
         yield groups.drop(state, target)
         yield groups.notify(target, groups.notice(state, Business.KICKROOM, session.tid, target))
-        groups.ack(session, Business.KICKROOM, n=target)
+        # As tim 2.0: the group in n (its web client refreshes the member
+        # list with it); the user in n2.
+        groups.ack(session, Business.KICKROOM, n=state.gid, n2=target)
 
     @inlineCallbacks
     def leave(self, session: Session, request: TimReq) -> Any:

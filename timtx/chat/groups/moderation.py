@@ -78,7 +78,7 @@ class GroupModeration:
         elif target == session.uid:
             raise TimProtocolError(ErrorCode.ERR_AUTH, "not yourself")
         yield groups.directory.setBlock(state, target, BLOCK_BY_GROUP, True)
-        groups.ack(session, Business.BLOCKROOMMEMBER, n=target)
+        groups.ack(session, Business.BLOCKROOMMEMBER, n=state.gid, n2=target)
 
     @inlineCallbacks
     def setCap(self, session: Session, request: TimReq) -> Any:
