@@ -61,6 +61,8 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
     "accounts": {"scrypt_n": 16, "scrypt_r": 1, "http_rate": 0, "token_ttl": 3600},
     "devices": {"limit": 0, "type_limit": 0},
     "store": {"backend": "sqlite", "synchronous": "full"},
+    # No admin side: nodes of one run would contend for its fixed port.
+    "admin": {"listen": ""},
 }
 
 
