@@ -54,11 +54,15 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
         "tcp_listen": "",
         "request_rate": 0,
         "max_connections": 0,
+        # Every generated client comes from 127.0.0.1.
+        "max_connections_per_ip": 0,
         "auth_timeout": 120,
     },
     "accounts": {"scrypt_n": 16, "scrypt_r": 1, "http_rate": 0, "token_ttl": 3600},
     "devices": {"limit": 0, "type_limit": 0},
     "store": {"backend": "sqlite", "synchronous": "full"},
+    # No admin side: nodes of one run would contend for its fixed port.
+    "admin": {"listen": ""},
 }
 
 

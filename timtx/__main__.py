@@ -1,6 +1,7 @@
 """
-C{python -m timtx --version}, C{--check-config}, and the operator commands
-(C{shards ...}, C{keys ...}); nodes are started with C{twist tim --config node.ini}.
+C{python -m timtx --version}, C{python -m timtx admin ...} (see
+L{timtx.admin.cli}), the operator commands C{shards ...} and C{keys ...}
+(L{timtx.commands}); nodes are started with C{twist tim --config node.ini}.
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ def main(argv: list[str] | None = None) -> int:
     from timtx import __version__
     from timtx.protocols import codec
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admin"]:
+        from timtx.admin.cli import main as admin
+
+        return admin(argv[1:])
+
     parser = argparse.ArgumentParser(
         prog="python -m timtx",
-        description="timtx instant-messaging engine. Start a node with: twist tim --config node.ini",
+        description="timtx instant-messaging engine. Start a node with: twist tim --config node.ini. "
+        "Operate one with: python -m timtx admin --help.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--check-config", metavar="PATH", help="validate a node.ini and exit")

@@ -972,6 +972,64 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    listen: str = option(
+        "tcp:5122:interface=127.0.0.1",
+        ENDPOINT,
+        "Where the admin side listens: the dashboard at `/`, the API under `/api/` (OpenAPI document at "
+        "`/api/openapi.json`), tim's server API (`/timRegister`, ...) and `/metrics`. Keep it on loopback or a "
+        "private network; use an `ssl:` endpoint elsewhere. Empty disables it.",
+    )
+    admins_file: str = option(
+        "admins.json",
+        TEXT,
+        "File of admin accounts (names, roles, scrypt hashes), written by `python -m timtx admin create-admin`; "
+        "relative to data_dir. There is no default account: until one is created nobody can log in.",
+    )
+    audit_log: str = option(
+        "admin-audit.log",
+        TEXT,
+        "File every admin action is appended to as a JSON line (who, from where, what, on what, the outcome); "
+        "relative to data_dir.",
+    )
+    token_ttl: float = option(
+        3600.0, _seconds(60), "Seconds an admin login token stays valid; the dashboard logs in again after it."
+    )
+    max_tokens: int = option(
+        1000, _int(1), "Admin login tokens held at once; past it the oldest is revoked to make room."
+    )
+    login_rate: float = option(
+        1.0,
+        _rate(),
+        "Failed admin logins (on /api/login, and tim's username/password headers) one IP address may make per "
+        "second on average; over it, HTTP 429. A login that succeeds does not count. 0 disables the limit.",
+    )
+    login_burst: int = option(10, _int(1), "Failed admin logins one IP address may make at once above login_rate.")
+    metrics_auth: str = option(
+        "remote",
+        _choice("remote", "always", "never"),
+        "Who must log in to read `/metrics`: `remote` (the default) lets loopback clients scrape without a "
+        "token and asks others for one; `always` asks everyone; `never` asks no one.",
+    )
+    max_body_bytes: int = option(
+        1 << 20, _int(1024, 1 << 30), "Largest admin request body, in bytes; larger gets HTTP 413."
+    )
+    request_timeout: float = option(
+        10.0,
+        _seconds(0),
+        "Seconds an admin connection has to send a whole request; then it is cut off. 0 disables it.",
+    )
+    max_connections: int = option(
+        100, _int(1), "Admin connections open at once; more are refused, so the admin side cannot starve clients."
+    )
+    max_targets: int = option(
+        10000,
+        _int(1),
+        "Most users one system message may name; a broadcast to everyone online is sent in batches of this size.",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """
     A whole node configuration.  L{base_dir} is the directory relative paths
@@ -991,6 +1049,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     nat: NatConfig = field(default_factory=NatConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     protocols: Mapping[str, str] = field(default_factory=dict)
     base_dir: str = "."
     path: str | None = None
@@ -1040,6 +1099,7 @@ SECTIONS: dict[str, type] = {
     "store": StoreConfig,
     "cluster": ClusterConfig,
     "nat": NatConfig,
+    "admin": AdminConfig,
 }
 FREE_SECTIONS = ("protocols",)
 

@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from timtx.chat.accounts import AccountService
+from timtx.chat.bans import UserBans
 from timtx.chat.bigpayloads import BigDataService
 from timtx.chat.business import BusinessRouter
 from timtx.chat.conversations import Conversations
@@ -60,10 +61,12 @@ from timtx.interfaces import IClientNode, IFrameSink, IRouter, Route
 from timtx.persistence import makeStore
 from timtx.persistence.errors import StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
+from timtx.persistence.timed import TimedStore
 from timtx.preflight import privateDataDir
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
-from timtx.protocols.constants import Business, TimType
+from timtx.protocols.constants import Business, ErrorCode, TimType
+from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.generations import login_generation
 from timtx.protocols.structs import Generation, TimAuth, TimMessage, TimNodes, TimPresence, TimReq
 from timtx.transports.admission import ConnectionGate, withBacklog
@@ -71,6 +74,7 @@ from timtx.transports.http import TimSite
 from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
 from timtx.transports.tcp import TimTcpServerFactory
 from timtx.transports.websocket import TimWebSocketResource, TimWebSocketServerFactory
+from timtx.util.histogram import StoreStats
 
 
 class NodeStartError(Exception):
@@ -158,6 +162,16 @@ class Node(MultiService):
 
     @ivar ready: a L{Deferred} that fires with the node once its store is
         open and it listens.
+    @ivar storeStats: the latency and outcomes of every store operation
+        (L{StoreStats}).
+    @ivar logins: sessions started.
+    @ivar loginFailures: logins refused, by reason.
+    @ivar logouts: sessions ended.
+    @ivar framesReceived: frames handled after login, by frame type
+        (acks and pings are not routed, so not counted here).
+    @ivar slowReadersDropped: connections dropped for leaving more than
+        C{[client] max_output_bytes} unread.
+    @ivar startedAt: when the node became ready (its clock), or C{None}.
     """
 
     log = Logger()
@@ -181,7 +195,15 @@ class Node(MultiService):
         self.protocols = (protocols or defaultRegistry()).copy()
         for name, path in config.protocols.items():
             self.protocols.register(name, resolveProtocolPath(path))
-        self.store: IMessageStore = store if store is not None else makeStore(config, reactor)
+        self.storeStats = StoreStats()
+        self.store: IMessageStore = TimedStore(
+            store if store is not None else makeStore(config, reactor),
+            self.storeStats.observe,
+        )
+        self.logins = self.logouts = self.slowReadersDropped = 0
+        self.loginFailures: dict[str, int] = {}
+        self.framesReceived: dict[int, int] = {}
+        self.startedAt: float | None = None
         self.threadPool = ThreadPool(0, config.node.worker_threads, "timtx-worker")
         #: Why the node cannot start, found while it was built.
         self._startProblem: str | None = None
@@ -255,6 +277,8 @@ class Node(MultiService):
         self.accounts = AccountService(
             config.accounts, store=store, keys=self.keys, clock=clock, runInThread=self.runInThread, webhook=webhook
         )
+        #: Accounts an operator blocked from logging in.
+        self.bans = UserBans(config.data_path("blocked-accounts.json"), clock)
         self.relations = RelationCache(store)
         permissions = MessagePermissions(self.relations, self.accounts, config.messages.noauth)
         self.conversations = Conversations(store=store, vault=vault, clock=clock, maxBatch=config.store.batch_max)
@@ -496,6 +520,7 @@ class Node(MultiService):
         self.store.close()
 
     def _started(self, _: object) -> None:
+        self.startedAt = self.clock.seconds()
         self.log.info(
             "timtx node ready ({store} store, compact codec {codec})",
             store=self.store.name,
@@ -571,6 +596,8 @@ class Node(MultiService):
 
     def connectionClosed(self, connection: IFrameSink) -> None:
         self.connections.discard(connection)
+        if getattr(connection, "droppedUnread", False):
+            self.slowReadersDropped += 1
         closed = self._closing.pop(connection, None)
         if closed is not None and not closed.called:
             closed.callback(None)
@@ -579,9 +606,22 @@ class Node(MultiService):
         d = self.accounts.authenticate(auth, sink.peerAddress)
         d.addCallback(self._startSession, sink, auth, encoding)
         d.addErrback(_outageRefused)
+        d.addErrback(self._loginFailed)
         return d
 
+    def _loginFailed(self, failure: Failure) -> Failure:
+        # Counted here, whatever refused it; the accounts log wrong
+        # passwords and tokens, _startSession what it refuses.
+        error, reason = failure.value, "error"
+        if isinstance(error, TimProtocolError) and error.code in ErrorCode._value2member_map_:
+            reason = ErrorCode(error.code).name.lower()
+        self.loginFailures[reason] = self.loginFailures.get(reason, 0) + 1
+        return failure
+
     def _startSession(self, grant: Any, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Session:
+        if self.bans.blockedUntil(grant.uid) is not None:
+            self.log.info("login of {uid} refused: the account is blocked", uid=grant.uid)
+            raise TimProtocolError(ErrorCode.ERR_BLOCK, "account blocked")
         session = Session(
             sink,
             grant.uid,
@@ -594,7 +634,12 @@ class Node(MultiService):
             auth.extend,
             login_generation(auth, Generation(self.config.client.default_generation)),
         )
-        self.sessions.admit(session)
+        try:
+            self.sessions.admit(session)
+        except TimProtocolError as e:
+            self.log.info("login of {uid} refused: {why}", uid=grant.uid, why=e.text)
+            raise
+        self.logins += 1
         self.log.info(
             "login {uid} termtyp={termtyp} tim {generation}",
             uid=session.uid,
@@ -609,8 +654,17 @@ class Node(MultiService):
     def sessionEnded(self, session: Session) -> None:
         self.sessions.remove(session)
         self.inbox.sessionEnded(session)
+        self.logouts += 1
+        self.log.info(
+            "logout {uid} termtyp={termtyp} after {seconds:.0f}s",
+            uid=session.uid,
+            termtyp=session.termtyp,
+            seconds=self.clock.seconds() - session.loginTime,
+        )
 
     def routeFor(self, timType: int) -> Route | None:
+        frames = self.framesReceived
+        frames[timType] = frames.get(timType, 0) + 1
         return self.dispatcher.lookup(timType)
 
     def register(self, auth: TimAuth) -> Deferred[str]:
@@ -620,6 +674,13 @@ class Node(MultiService):
         return self.accounts.issueToken(auth, peer)
 
     # For tests and tools.
+
+    def listener(self, name: str) -> Listener | None:
+        """
+        The listener called C{name} (C{"client-ws"}, C{"client-tcp"}, or
+        what L{addListener} was given), or C{None}.
+        """
+        return self._listeners.get(name)
 
     def listeningAddress(self, name: str) -> Any:
         """

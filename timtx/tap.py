@@ -45,15 +45,19 @@ class Options(usage.Options):
 
 class NodeRunner(Service):
     """
-    Runs a L{Node} under C{twist}: a node that cannot start prints why and
-    makes the process exit with status 1 instead of idling without ports.
+    Runs a L{Node} and its admin side under C{twist}: a node that cannot
+    start prints why and makes the process exit with status 1 instead of
+    idling without ports.
     """
 
     def __init__(self, config: Any, reactor: Any):
+        from timtx.admin.service import startAdmin
         from timtx.node import Node
 
         self.reactor = reactor
         self.node = Node(config, reactor)
+        #: The admin side (C{[admin] listen}), or C{None} when it is off.
+        self.admin = startAdmin(self.node)
 
     def startService(self) -> None:
         from timtx.node import NodeStartError

@@ -99,7 +99,7 @@ class Soak(Scenario):
         deadline = time.monotonic() + 60 * p["minutes"]
         rounds: list[dict[str, Any]] = []
         lost = duplicates = 0
-        gid = None
+        gid = vnode = None
         streamExpected = streamReceived = 0
         while len(rounds) < 3 or time.monotonic() < deadline:
             await workers.all("login", lambda w: {"indices": usersOf(w)})
@@ -108,9 +108,11 @@ class Soak(Scenario):
                 raiseIfUnsupported(created, "groups")
                 gid = created["gids"][str(founder)]
                 await workers.all("groupJoin", lambda w, gid=gid: {"memberships": [(i, gid) for i in membersOf(w)]})
-            room = await workers.one(owner(publisher), "roomCreate", index=publisher)
-            raiseIfUnsupported(room, "virtual rooms")
-            vnode = room["vnode"]
+            if vnode is None:
+                # The room stays; subscriptions end with each session.
+                room = await workers.one(owner(publisher), "roomCreate", index=publisher)
+                raiseIfUnsupported(room, "virtual rooms")
+                vnode = room["vnode"]
             await workers.all("roomSubscribe", lambda w, vnode=vnode: {"indices": subscribersOf(w), "vnode": vnode})
             # 1:1, closed loop.
             tallies, cpu = await measuredRun(

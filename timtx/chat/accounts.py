@@ -169,10 +169,18 @@ class AccountService:
             self._failed(uid, peer, "wrong name or password (token request)")
             raise TimProtocolError(ErrorCode.ERR_NOPASS, "wrong name or password")
         self.guard.succeeded(uid, peer)
+        token = yield self.grantToken(account.uid, account.domain)
+        return token
+
+    def grantToken(self, uid: str, domain: str) -> Deferred[int]:
+        """
+        A one-time login token for the account C{uid}, without its password:
+        for the operator's API (tim's C{/timToken}).
+        """
         token = secrets.randbits(TOKEN_BITS) | 1
         expires = self.clock.seconds() + self.config.token_ttl
-        yield self.store.addToken(self.keys.tokenKeyFor(token), TokenGrant(account.uid, account.domain), expires)
-        return token
+        d = self.store.addToken(self.keys.tokenKeyFor(token), TokenGrant(uid, domain), expires)
+        return d.addCallback(lambda _: token)
 
     @inlineCallbacks
     def authenticate(self, auth: TimAuth, peer: str = "") -> Any:
@@ -231,6 +239,21 @@ class AccountService:
         ok = yield self._runInThread(self.hasher.verify, old, account.passwordHash)
         if not ok:
             raise TimProtocolError(ErrorCode.ERR_MODIFYAUTH)
+        newHash = yield self._runInThread(self.hasher.hash, new)
+        yield self.store.setPasswordHash(uid, newHash)
+
+    @inlineCallbacks
+    def resetPassword(self, uid: str, new: str | None) -> Any:
+        """
+        Set the password of C{uid} without the old one: for the operator's
+        API (tim's C{/timResetAuth}).
+
+        @raise TimProtocolError: C{ERR_PARAMS} if C{new} is out of bounds,
+            C{ERR_ACCOUNT} if there is no such account.
+        """
+        self._checkNewPassword(new)
+        if (yield self.store.getAccount(uid)) is None:
+            raise TimProtocolError(ErrorCode.ERR_ACCOUNT, "no such account")
         newHash = yield self._runInThread(self.hasher.hash, new)
         yield self.store.setPasswordHash(uid, newHash)
 

@@ -116,6 +116,8 @@ class Conversations:
     recently used (at most C{maxIdle} idle ones).
 
     @param maxBatch: most messages written in one transaction.
+
+    @ivar stored: messages made durable.
     """
 
     log = Logger()
@@ -140,6 +142,7 @@ class Conversations:
         self.maxBatch = maxBatch
         self.maxIdle = maxIdle
         self._logs: OrderedDict[str, ConversationLog] = OrderedDict()
+        self.stored = 0
 
     def append(
         self,
@@ -229,6 +232,7 @@ class Conversations:
     def _written(self, qids: list[list[int]], log: ConversationLog, batch: list[_Draft], seq: int, mid: int) -> None:
         log.lastSeq, log.lastMid = seq, mid
         log.busy = False
+        self.stored += len(batch)
         for draft, entries in zip(batch, qids, strict=True):
             draft.done.callback(Appended(draft.message, dict(zip(draft.recipients, entries, strict=True))))
         self._flush(log)

@@ -102,11 +102,12 @@ class DuplicateFilter:
             return False, None
         return True, self._lookup(known, clientId)
 
-    def remember(self, sender: str, clientId: int, appending: Deferred[Appended]) -> None:
+    def remember(self, sender: str, clientId: int, appending: Deferred[Appended], conv: str) -> None:
         """
-        Note that C{clientId} is being written.  Once written it is known by
-        its message; if writing fails it is forgotten.  Call after L{check}
-        answered C{None}.
+        Note that C{clientId} is being written to C{conv}.  Once written it
+        is known by where it was stored (a small L{Duplicate}, not the
+        message: a busy sender's window holds thousands); if writing fails
+        it is forgotten.  Call after L{check} answered C{None}.
         """
         known = self._senders.peek(sender)
         if known is None:
@@ -118,7 +119,10 @@ class DuplicateFilter:
         known[clientId] = (self.clock.seconds(), inFlight)
 
         def written(appended: Appended) -> Appended:
-            known[clientId] = (self.clock.seconds(), appended)
+            now = self.clock.seconds()
+            message = appended.message
+            known[clientId] = (now, Duplicate(conv, message.seq, message.mid or 0, now))
+            # Resends that waited meanwhile get the message itself.
             inFlight.fire(appended)
             return appended
 
@@ -180,6 +184,10 @@ class DuplicateFilter:
 
     def purge(self) -> Deferred[int]:
         """
-        Forget expired keys in the store.
+        Forget expired keys, in memory and in the store.
         """
+        for sender, known in self._senders.items():
+            self._prune(known)
+            if not known:
+                self._senders.pop(sender)
         return self.store.purgeDuplicates(self.clock.seconds() - self.window)

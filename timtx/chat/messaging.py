@@ -134,11 +134,10 @@ class PersonalMessaging:
             return None
         keep = message.odType == OdType.ORDER_INOF
         dedupe = (session.uid, clientId) if clientId is not None and self.duplicates.enabled else None
-        appending = self.conversations.append(
-            pairConversation(session.uid, other), session.uid, message, (other,), keep=keep, dedupe=dedupe
-        )
+        conv = pairConversation(session.uid, other)
+        appending = self.conversations.append(conv, session.uid, message, (other,), keep=keep, dedupe=dedupe)
         if dedupe is not None:
-            self.duplicates.remember(session.uid, dedupe[1], appending)
+            self.duplicates.remember(session.uid, dedupe[1], appending, conv)
         appending.addCallbacks(
             self._appended, refuseUnstored, callbackArgs=(session.uid, other), errbackArgs=(session, message)
         )

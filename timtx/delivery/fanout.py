@@ -26,6 +26,7 @@ most that much again (at least once).
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from twisted.internet.defer import Deferred, succeed
@@ -38,6 +39,7 @@ from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import server_header
 from timtx.util.cache import LoadingCache
+from timtx.util.histogram import Histogram
 
 if TYPE_CHECKING:
     from timtx.delivery.registry import SessionRegistry
@@ -48,22 +50,32 @@ def groupConversation(gid: str) -> str:
     return f"g:{gid}"
 
 
+#: One group ack in this many (a power of two, minus one) has its latency
+#: observed: a sample, so that an ack costs an addition and a test.
+ACK_SAMPLE_MASK = 15
+
+
 class _Acked:
     """
     The acknowledgement handler shared by every session a group message was
     pushed to.
     """
 
-    __slots__ = ("fanout", "gid", "seq")
+    __slots__ = ("fanout", "gid", "seq", "sent")
 
-    def __init__(self, fanout: GroupFanout, gid: str, seq: int):
+    def __init__(self, fanout: GroupFanout, gid: str, seq: int, sent: float):
         self.fanout = fanout
         self.gid = gid
         self.seq = seq
+        self.sent = sent
 
     def __call__(self, session: Session) -> None:
-        self.fanout.advance(session.uid, self.gid, self.seq)
-        self.fanout.flow.acked(session)
+        fanout = self.fanout
+        fanout.advance(session.uid, self.gid, self.seq)
+        fanout.flow.acked(session)
+        fanout.acked += 1
+        if not fanout.acked & ACK_SAMPLE_MASK:
+            fanout.ackSeconds.observe(perf_counter() - self.sent)
 
 
 class GroupFanout:
@@ -73,6 +85,13 @@ class GroupFanout:
 
     @param groupsOf: C{groupsOf(uid)} fires with the ids of the groups
         C{uid} is a member of, for what it missed.
+
+    @ivar messages: group messages fanned out.
+    @ivar delivered: frames written to sessions by fan-out.
+    @ivar acked: of those, acknowledged.
+    @ivar fanoutSeconds: seconds to write one message to every session.
+    @ivar ackSeconds: seconds from fan-out to a session's ack, for one ack
+        in C{ACK_SAMPLE_MASK + 1}.
     """
 
     log = Logger()
@@ -102,6 +121,11 @@ class GroupFanout:
         self._cursors: LoadingCache[str, dict[str, int]] = LoadingCache(
             self._read, maxUsers, onEvict=lambda uid, _: uid in self._dirty
         )
+        self.messages = 0
+        self.delivered = 0
+        self.acked = 0
+        self.fanoutSeconds = Histogram()
+        self.ackSeconds = Histogram()
 
     # Cursors.
 
@@ -179,11 +203,12 @@ class GroupFanout:
 
         @return: how many sessions it was written to.
         """
+        start = perf_counter()
         seq = encoded.message.seq
         ackId = self.ackIds.next()
         header = server_header(TimType.TIMMESSAGE, ackId)
         prepared: dict[tuple[str, Any], tuple[Any, int]] = {}
-        handler = _Acked(self, gid, seq)
+        handler = _Acked(self, gid, seq, start)
         admit = self.flow.admit
         sessionsView = self.sessions.sessionsView
         written = 0
@@ -203,6 +228,10 @@ class GroupFanout:
                 session.expectAck(ackId, handler)
                 sink.writePrepared(frame[0], frame[1])
                 written += 1
+        # Counted once per message, never per session.
+        self.messages += 1
+        self.delivered += written
+        self.fanoutSeconds.observe(perf_counter() - start)
         return written
 
     # Offline: the delivery drain asks for batches.

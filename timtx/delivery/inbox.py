@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import secrets
 from functools import partial
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -50,6 +51,7 @@ from timtx.persistence.interfaces import IMessageStore
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import server_header
 from timtx.protocols.structs import TimMessage, TimMessageList
+from timtx.util.histogram import Histogram
 
 if TYPE_CHECKING:
     from timtx.config import MessagesConfig
@@ -79,6 +81,10 @@ class InboxDelivery:
         fan-out uses it too.
     @ivar sources: what else a session may have missed, drained after the
         inbox, in order.
+    @ivar pushed: inbox entries written to live sessions.
+    @ivar acked: of those, acknowledged.
+    @ivar offlineSent: messages sent in offline lists.
+    @ivar ackSeconds: seconds from a live push to its ack.
     """
 
     log = Logger()
@@ -119,6 +125,10 @@ class InboxDelivery:
         self._retries: dict[Session, IDelayedCall] = {}
         self._recheck: IDelayedCall | None = None
         self._stopped = False
+        self.pushed = 0
+        self.acked = 0
+        self.offlineSent = 0
+        self.ackSeconds = Histogram()
 
     def addSource(self, source: BacklogSource) -> None:
         """
@@ -165,21 +175,25 @@ class InboxDelivery:
         Push a durable inbox entry of C{uid} to its live sessions on this
         node.  Call in the order entries were written.
         """
-        ackId = header = None
+        ackId = header = onAck = None
         admit = self.flow.admit
         for session in self.sessions.sessionsView(uid):
             state = admit(session)
             if state is None:
                 continue
-            if ackId is None or header is None:
+            if ackId is None or header is None or onAck is None:
                 # One id for every session: the frame's bytes are the same.
                 ackId = self.ackIds.next()
                 header = server_header(TimType.TIMMESSAGE, ackId)
+                onAck = partial(self._inboxAcked, qid, perf_counter())
             state.inFlight[qid] = ackId
-            session.expectAck(ackId, partial(self._inboxAcked, qid))
+            session.expectAck(ackId, onAck)
             session.sink.writeFrameParts(header, encoded.payload(session.encoding))
+            self.pushed += 1
 
-    def _inboxAcked(self, qid: int, session: Session) -> None:
+    def _inboxAcked(self, qid: int, sent: float, session: Session) -> None:
+        self.acked += 1
+        self.ackSeconds.observe(perf_counter() - sent)
         state = self.flow.state(session)
         if state is not None:
             state.inFlight.pop(qid, None)
@@ -363,6 +377,7 @@ class InboxDelivery:
     def _sendList(self, session: Session, messages: list[TimMessage], acked: Any) -> None:
         batch = TimMessageList(id=secrets.randbits(53), messageList=messages)
         session.send(TimType.TIMOFFLINEMSG, batch, onAck=acked)
+        self.offlineSent += len(messages)
 
     def _finish(self, session: Session, state: SessionFlow) -> None:
         if state.skipped:

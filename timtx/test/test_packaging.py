@@ -72,6 +72,8 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 print("timtx at", timtx.__file__)
 print("plugins", sorted(p.tapname for p in getPlugins(IServiceMaker)))
+import importlib.resources
+print("dashboard", sorted(p.name for p in importlib.resources.files("timtx.admin").joinpath("static").iterdir()))
 """
 
 
@@ -119,6 +121,8 @@ class InstallTests(TestCase):
         output, purelib = yield self.installInto(editable=False)
         self.assertIn(f"timtx at {purelib}", output)
         self.assertIn("'tim'", output)
+        # The dashboard's files are installed with the package (no CDN).
+        self.assertIn("dashboard ['dashboard.css', 'dashboard.js', 'index.html']", output)
 
     @inlineCallbacks
     def test_editableInstall(self):

@@ -113,7 +113,7 @@ class UnreachableTests(TestCase):
         directory.makedirs()
         ini = directory.child("node.ini")
         ini.setContent(
-            f"[client]\nlisten = tcp:0:interface=127.0.0.1\ntcp_listen =\n"
+            f"[client]\nlisten = tcp:0:interface=127.0.0.1\ntcp_listen =\n[admin]\nlisten =\n"
             f"[store]\nbackend = {backend}\ndsn = {dsn}\nconnect_timeout = 2\n".encode()
         )
         # The timtx under test, whether installed or a checkout.

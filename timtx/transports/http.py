@@ -225,15 +225,15 @@ class TimHTTPChannel(http.HTTPChannel):
             self.ticket = None
 
 
-class TimSite(server.Site):
+class GatedSite(server.Site):
     """
-    The client port: C{/tim} (WebSocket), C{/tim2} (HTTP POST) and a short
-    text at C{/} so that a browser pointed at the port sees what it is.
-    Every socket it accepts is admitted by the node's L{ConnectionGate}
-    first.
+    A twisted.web site with bounds: every socket is admitted by a
+    L{ConnectionGate} first, a body over C{maxBodyBytes} is refused with
+    413 (L{BoundedRequest}), a request must arrive whole within
+    C{requestTimeout} (L{TimHTTPChannel}), and there is no access log.
 
     @ivar slowRequests: connections cut off for not delivering a request
-        within C{request_timeout}.
+        within C{requestTimeout}.
     """
 
     requestFactory = BoundedRequest
@@ -241,19 +241,23 @@ class TimSite(server.Site):
     # which would hide the channel's hooks; tim clients speak HTTP/1.1.
     protocol = TimHTTPChannel  # type: ignore[assignment]
 
-    def __init__(self, node: IClientNode, websocket: Any, gate: ConnectionGate):
-        root = Resource()
-        root.putChild(b"", _Banner())
-        root.putChild(b"tim", websocket)
-        root.putChild(b"tim2", Tim2Resource(node))
-        super().__init__(root, reactor=node.reactor)
-        client = node.config.client
+    def __init__(
+        self,
+        root: Resource,
+        *,
+        reactor: Any,
+        clock: Any,
+        gate: ConnectionGate,
+        maxBodyBytes: int,
+        requestTimeout: float,
+    ):
+        super().__init__(root, reactor=reactor)
         self.gate = gate
-        self.clock = node.clock
-        self.maxBodyBytes = client.max_frame_bytes
-        self.requestTimeout = client.request_timeout
+        self.clock = clock
+        self.maxBodyBytes = maxBodyBytes
+        self.requestTimeout = requestTimeout
         # Between requests of a kept-alive connection.
-        self.timeOut = client.request_timeout or None
+        self.timeOut = requestTimeout or None
         self.slowRequests = 0
         self.noisy = False
         self.displayTracebacks = False
@@ -270,6 +274,30 @@ class TimSite(server.Site):
         # No access log per request: it would carry client addresses for
         # every login; operators who want one can subclass.
         pass
+
+
+class TimSite(GatedSite):
+    """
+    The client port: C{/tim} (WebSocket), C{/tim2} (HTTP POST) and a short
+    text at C{/} so that a browser pointed at the port sees what it is.
+    Every socket it accepts is admitted by the node's L{ConnectionGate}
+    first.
+    """
+
+    def __init__(self, node: IClientNode, websocket: Any, gate: ConnectionGate):
+        root = Resource()
+        root.putChild(b"", _Banner())
+        root.putChild(b"tim", websocket)
+        root.putChild(b"tim2", Tim2Resource(node))
+        client = node.config.client
+        super().__init__(
+            root,
+            reactor=node.reactor,
+            clock=node.clock,
+            gate=gate,
+            maxBodyBytes=client.max_frame_bytes,
+            requestTimeout=client.request_timeout,
+        )
 
 
 class _Banner(Resource):

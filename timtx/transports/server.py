@@ -188,6 +188,9 @@ class TimServerProtocolMixin:
     congested = False
     #: Bytes written since the connection became congested.
     backlog = 0
+    #: Whether it was dropped for leaving more than C{maxOutputBytes} unread
+    #: (the node counts slow readers dropped when it closes).
+    droppedUnread = False
 
     # Provided by the transport-specific subclass.
 
@@ -251,6 +254,7 @@ class TimServerProtocolMixin:
         self.logger.info(
             "dropping {session}: over {limit} bytes unread", session=self.session, limit=self.limits.maxOutputBytes
         )
+        self.droppedUnread = True
         self._closing = True
         self._queue.clear()
         self.transport.abortConnection()

@@ -79,6 +79,13 @@ class LoadingCache(Generic[K, V]):
         self._values.move_to_end(key)
         self._trim()
 
+    def items(self) -> list[tuple[K, V]]:
+        """
+        The cached keys and values, least recently used first (a copy; no
+        use is counted).
+        """
+        return list(self._values.items())
+
     def pop(self, key: K) -> V | None:
         return self._values.pop(key, None)
 

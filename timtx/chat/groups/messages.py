@@ -97,7 +97,7 @@ class GroupMessages:
             dedupe = (session.uid, clientId)
         appending = groups.conversations.append(groupConversation(state.gid), session.uid, message, (), dedupe=dedupe)
         if dedupe is not None:
-            self.duplicates.remember(session.uid, dedupe[1], appending)
+            self.duplicates.remember(session.uid, dedupe[1], appending, groupConversation(state.gid))
         appending.addCallbacks(
             self._appended, refuseUnstored, callbackArgs=(state, session.uid), errbackArgs=(session, message)
         )
