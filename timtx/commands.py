@@ -28,6 +28,7 @@ class ProgressBar:
         self.tty = out.isatty() if tty is None else tty
         self._phase = ""
         self._tenth = -1
+        self._detail = ""
         self._drawn = 0.0
 
     def __call__(self, phase: str, done: int, total: int, detail: str) -> None:
@@ -48,9 +49,10 @@ class ProgressBar:
             self.out.write(f"\r{phase:<8} [{bar}] {fraction:4.0%} {counts} {detail}"[:200].ljust(100))
         else:
             tenth = int(fraction * 10)
-            if tenth == self._tenth:
+            if tenth == self._tenth and (fraction < 1.0 or detail == self._detail):
                 return
             self._tenth = tenth
+            self._detail = detail
             self.out.write(f"{phase}: {fraction:.0%} ({done:,}/{total:,}) {detail}\n")
         self.out.flush()
 
@@ -98,7 +100,9 @@ def shards(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             )
             return 0
         bar = ProgressBar(out)
-        mover = pgmove.Mover(directory, bar, batch=args.batch, lease=lease, waitTimeout=args.wait)
+        mover = pgmove.Mover(
+            directory, bar, batch=args.batch, lease=lease, waitTimeout=args.wait, verify=not args.no_verify
+        )
         try:
             if args.abort:
                 aborted = mover.abort()
@@ -161,6 +165,11 @@ def addShardsParser(sub: Any) -> None:
     p.add_argument("--abort", action="store_true", help="move: abandon the unfinished move (before its switch)")
     p.add_argument("--batch", type=int, default=2000, help="move: rows per copy statement (default 2000)")
     p.add_argument("--wait", type=float, default=120.0, help="move: seconds to wait for nodes (default 120)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="move: do not compare the range on both shards while it is held (for ranges of millions of rows)",
+    )
     p.add_argument("--json", action="store_true", help="status: as JSON")
 
 

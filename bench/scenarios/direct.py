@@ -204,8 +204,11 @@ async def moveHalf(run: Run, after: float) -> dict[str, Any]:
             raise RuntimeError(f"shards {args[0]} failed: {(out + err).decode()[-2000:]}")
     seconds = time.monotonic() - started
     text = out.decode()
+    for line in text.splitlines():
+        if "held" in line and "(nodes" in line:
+            run.log(line.strip())
     copied = sum(int(m.replace(",", "")) for m in re.findall(r"([\d,]+) rows copied", text))
-    held = [float(h) for h in re.findall(r"held ([\d.]+)s", text)]
+    held = [float(h) for h in re.findall(r"are on shard \d+, held ([\d.]+)s", text)]
     rate = copied / seconds if seconds else 0.0
     summary = (
         f"{copied:,} rows in {seconds:.1f}s ({rate:,.0f} rows/s), ranges held {', '.join(f'{h:.2f}s' for h in held)}"

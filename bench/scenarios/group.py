@@ -151,6 +151,8 @@ class GroupFanout(Scenario):
 
     def variant(self, params: dict) -> str:
         store = "" if params["store"] == "sqlite" else f"-{params['store']}"
+        if params["store"] == "postgresql" and params["shards"]:
+            store += f"-{params['shards']}shards"
         return f"group-{params['size']}{store}" + ("-standin" if params["standin"] else "")
 
     def nodeSections(self, params: dict) -> dict:

@@ -522,7 +522,10 @@ def mergedRuns(merges: list[Any]) -> list[tuple[list[int], Any]]:
     Mergeable kinds must commute with each other and with themselves
     within a batch (appends make new rows, inbox deletions name rows
     committed earlier), so each run of them between two other ops becomes
-    one step per kind.  Other ops are steps of their own, in order.
+    one step per kind.  Kinds marked C{ordered} (they make inbox entries,
+    whose qids follow the order of the calls) do not commute with each
+    other: a run ends where one follows another.  Other ops are steps of
+    their own, in order.
 
     @return: C{(indices of the ops, kind)}, in the order to run them; the
         kind is C{None} for a step of one op to run as is.
@@ -539,8 +542,13 @@ def mergedRuns(merges: list[Any]) -> list[tuple[list[int], Any]]:
         if merge is None:
             flush()
             steps.append(([index], None))
-        else:
-            run.setdefault(type(merge), []).append(index)
+            continue
+        kind = type(merge)
+        if getattr(kind, "ordered", False) and any(getattr(k, "ordered", False) and k is not kind for k in run):
+            # Two kinds that both make inbox entries: a user's entries keep
+            # the order of the calls, so one may not overtake the other.
+            flush()
+        run.setdefault(kind, []).append(index)
     flush()
     return steps
 

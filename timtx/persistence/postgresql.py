@@ -705,6 +705,8 @@ class _Append(Appends):
         step).
     """
 
+    ordered = True
+
     def __init__(self, messages: list[NewMessage], intents: list[tuple[bytes, float, bytes]] | None = None):
         super().__init__(messages)
         self.intents = intents or []
@@ -731,6 +733,42 @@ class _Append(Appends):
         if intents:
             return Op(_APPEND_STAGED, (*params, *_columns(intents, "bfb")), result)
         return Op(_APPEND, params, result)
+
+
+_APPLY_PARTS = _APPLY_INBOX.replace(
+    "\nSELECT ARRAY(", ", d AS (" + _UPSERT_DUPLICATES.replace("\n", " ") + ")\nSELECT ARRAY("
+)
+
+
+class _Parts:
+    """
+    The inbox entries and duplicate keys of one C{applyParts} call (the
+    second step of a message whose conversation lives on another shard);
+    several run as one statement.
+    """
+
+    ordered = True
+
+    def __init__(self, parts: list[Part]):
+        self.inbox = [p.args for p in parts if p.kind == "inbox"]
+        self.dupes = {(p.args[0], p.args[1]): p.args for p in parts if p.kind == "dedupe"}
+
+    @staticmethod
+    def combine(calls: list[_Parts]) -> Op:
+        inbox = [row for c in calls for row in c.inbox]
+        dupes: dict[Any, Any] = {}
+        for c in calls:
+            dupes.update(c.dupes)
+
+        def result(cursor: Any) -> list[list[int]]:
+            qids = list(_scalar(cursor))
+            out = []
+            for c in calls:
+                out.append(qids[: len(c.inbox)])
+                del qids[: len(c.inbox)]
+            return out
+
+        return Op(_APPLY_PARTS, (*_columns(inbox, "ttibfb"), *_columns(list(dupes.values()), "titiif")), result)
 
 
 class _DeleteInbox(InboxDeletion):
@@ -1191,6 +1229,10 @@ class PostgreSQLStore(PooledStore):
         return self._pool.write(op)
 
     def applyParts(self, parts: list[Part], intent: Intent | None) -> Deferred[list[int]]:
+        if intent is None and all(p.kind in ("inbox", "dedupe") for p in parts):
+            # The second step of a message: merged with the others of the
+            # batch into one statement.
+            return self._pool.write(_mergeable(_Parts(parts)), True)
         ops = _partOps(parts)
         if intent is not None:
             ops.append(_intentOp(intent))

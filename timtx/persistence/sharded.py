@@ -83,49 +83,77 @@ FENCED = "TX001"
 
 
 class _Reservation:
-    __slots__ = ("fn", "result")
+    __slots__ = ("fn", "result", "keys")
 
-    def __init__(self) -> None:
+    def __init__(self, keys: frozenset[Any] | None) -> None:
         self.fn: Any = None
         self.result: Deferred[Any] = Deferred()
+        self.keys = keys
 
 
 class _Lane:
     """
-    The order in which calls reach one shard: reservations are made in
-    call order and issued in that order, each as soon as it is filled.
-    Issuing does not wait for the shard's answer (the shard's store keeps
-    the order from there).
+    The order in which calls reach one shard, per placement key: a call is
+    issued once no earlier call that touches one of its keys is still
+    waiting (a reservation for a later step, made when that call was made,
+    not yet filled).  Calls on other keys pass.  Issuing does not wait for
+    the shard's answer: the shard's store keeps the order from there.
+
+    Keys C{None} stand for every key (a call on every row of the shard).
     """
 
     def __init__(self) -> None:
-        self._queue: deque[_Reservation] = deque()
+        self._queue: list[_Reservation] = []
+        self._pumping = False
 
-    def run(self, fn: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+    def run(self, fn: Callable[[], Deferred[Any]], keys: frozenset[Any] | None) -> Deferred[Any]:
         """
-        Issue C{fn} after every earlier reservation.
+        Issue C{fn} after every earlier waiting call on C{keys}.
         """
         if not self._queue:
             return maybeDeferred(fn)
-        reservation = self.reserve()
+        reservation = self.reserve(keys)
         self.issue(reservation, fn)
         return reservation.result
 
-    def reserve(self) -> _Reservation:
-        reservation = _Reservation()
+    def reserve(self, keys: frozenset[Any] | None) -> _Reservation:
+        reservation = _Reservation(keys)
         self._queue.append(reservation)
         return reservation
 
     def issue(self, reservation: _Reservation, fn: Any) -> None:
         reservation.fn = fn
-        queue = self._queue
-        while queue and queue[0].fn is not None:
-            head = queue.popleft()
-            if head.fn is not _CANCELLED:
-                maybeDeferred(head.fn).chainDeferred(head.result)
+        self._pump()
 
     def cancel(self, reservation: _Reservation) -> None:
         self.issue(reservation, _CANCELLED)
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            progress = True
+            while progress:
+                progress = False
+                waiting: list[frozenset[Any] | None] = []
+                index = 0
+                while index < len(self._queue):
+                    reservation = self._queue[index]
+                    if reservation.fn is not None and not any(_overlap(reservation.keys, w) for w in waiting):
+                        del self._queue[index]
+                        progress = True
+                        if reservation.fn is not _CANCELLED:
+                            maybeDeferred(reservation.fn).chainDeferred(reservation.result)
+                        continue
+                    waiting.append(reservation.keys)
+                    index += 1
+        finally:
+            self._pumping = False
+
+
+def _overlap(a: frozenset[Any] | None, b: frozenset[Any] | None) -> bool:
+    return a is None or b is None or not a.isdisjoint(b)
 
 
 class _Call:
@@ -206,6 +234,7 @@ class ShardedStore:
         self._drops: dict[int, list[bytes]] = {}
         self._dropCall: IDelayedCall | None = None
         self._closing = False
+        self._acking = False
         self._shutDown = False
         self._closed: Deferred[None] | None = None
         self._opening: dict[int, Deferred[Any]] = {}
@@ -429,6 +458,8 @@ class ShardedStore:
                     self.log.error("cannot open a new shard: {why}", why=value.getErrorMessage())
             self._useMap(shardMap)
             self._confirmed = started
+            if not self._inflight.keys() - {shardMap.version}:
+                self._acknowledge()
 
         d.addCallback(use)
         return d
@@ -492,6 +523,29 @@ class ShardedStore:
         self._inflight[call.version] -= 1
         if not self._inflight[call.version]:
             del self._inflight[call.version]
+            if (
+                self.map is not None
+                and call.version < self.map.version
+                and not self._inflight.keys() - {self.map.version}
+            ):
+                # The last call under an older map is done: tell the mover
+                # now rather than at the next look.
+                self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        """
+        Send a heartbeat now, so that a mover waiting for this node to use
+        the current map goes on at once.
+        """
+        if self._closing or self.map is None or self._acking:
+            return
+        self._acking = True
+
+        def sent(_: object) -> None:
+            self._acking = False
+
+        d: Deferred[Any] = self.directory.heartbeat(self.nodeName, min(self._inflight, default=self.map.version))
+        d.addBoth(sent)
 
     def _finish(self, call: _Call, ok: bool, value: Any) -> None:
         self._calls.finish(call, ok, value)
@@ -547,11 +601,11 @@ class ShardedStore:
             raise StoreUnavailable(f"{self.name}: shard {shard} is not open")
         return store
 
-    def _run(self, shard: int, method: str, *args: Any) -> Deferred[Any]:
+    def _run(self, shard: int, keys: frozenset[Any] | None, method: str, *args: Any) -> Deferred[Any]:
         """
-        Call C{method(*args)} on shard C{shard}, in its order.
+        Call C{method(*args)} on shard C{shard}, in its order for C{keys}.
         """
-        d = self._lane(shard).run(lambda: getattr(self._store(shard), method)(*args))
+        d = self._lane(shard).run(lambda: getattr(self._store(shard), method)(*args), keys)
         d.addErrback(self._fenced, shard)
         return d
 
@@ -573,7 +627,7 @@ class ShardedStore:
         """
 
         def start(call: _Call) -> Deferred[Any]:
-            return self._run(self._shard(key), method, *args)
+            return self._run(self._shard(key), frozenset((key,)), method, *args)
 
         return self._submit((slotOf(key),), start)
 
@@ -586,7 +640,7 @@ class ShardedStore:
 
         def start(call: _Call) -> Deferred[Any]:
             shards = sorted(self.shards)
-            waits = [self._run(s, method, *args) for s in shards]
+            waits = [self._run(s, None, method, *args) for s in shards]
             d = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
             d.addCallback(lambda results: [(s, value) for s, (_, value) in zip(shards, results, strict=True)])
             d.addErrback(_first)
@@ -620,14 +674,17 @@ class ShardedStore:
                 target = self._shard(part.key)
                 if target != shard:
                     remote.setdefault(target, []).append(part)
+            local = frozenset([home, *(p.key for p in parts if self._shard(p.key) == shard)])
             if not remote:
-                alone = self._lane(shard).run(lambda: first(self._store(shard), None))
+                alone = self._lane(shard).run(lambda: first(self._store(shard), None), local)
                 alone.addErrback(self._fenced, shard)
                 alone.addCallback(combine, [])
                 return alone
             intent = Intent(os.urandom(16), self._clock.seconds(), tuple(p for ps in remote.values() for p in ps))
-            reservations = {target: self._lane(target).reserve() for target in remote}
-            d = self._lane(shard).run(lambda: first(self._store(shard), intent))
+            reservations = {
+                target: self._lane(target).reserve(frozenset(p.key for p in ps)) for target, ps in remote.items()
+            }
+            d = self._lane(shard).run(lambda: first(self._store(shard), intent), local)
             d.addErrback(self._fenced, shard)
 
             def firstFailed(failure: Failure) -> Failure:
@@ -671,13 +728,19 @@ class ShardedStore:
 
         return self._submit(slots, start)
 
+    #: Seconds intents that are done wait to be deleted together: one
+    #: statement per shard for all of them, rather than one more commit
+    #: per batch.  Well below L{repairInterval}, so that a repair never
+    #: finds one that is done.
+    dropDelay = 0.2
+
     def _drop(self, shard: int, intentId: bytes) -> None:
         """
-        Forget an intent that is done, with the others of this reactor turn.
+        Forget an intent that is done, with the others of the next moment.
         """
         self._drops.setdefault(shard, []).append(intentId)
         if self._dropCall is None:
-            self._dropCall = self._clock.callLater(0, self._flushDrops)
+            self._dropCall = self._clock.callLater(min(self.dropDelay, self.repairInterval / 10), self._flushDrops)
 
     def _flushDrops(self) -> None:
         if self._dropCall is not None and self._dropCall.active():
@@ -753,7 +816,7 @@ class ShardedStore:
             byShard: dict[int, list[Part]] = {}
             for part in intent.parts:
                 byShard.setdefault(self._shard(part.key), []).append(part)
-            waits = [self._run(s, "applyParts", ps, None) for s, ps in byShard.items()]
+            waits = [self._run(s, frozenset(p.key for p in ps), "applyParts", ps, None) for s, ps in byShard.items()]
             d: Deferred[Any] = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
 
             def done(_: object) -> Any:
@@ -915,7 +978,7 @@ class ShardedStore:
     def readInbox(self, uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:
         def start(call: _Call) -> Deferred[Any]:
             shard = self._shard(uid)
-            d = self._lane(shard).run(lambda: self._store(shard).readInboxRaw(uid, afterQid, limit))
+            d = self._lane(shard).run(lambda: self._store(shard).readInboxRaw(uid, afterQid, limit), frozenset((uid,)))
             d.addCallback(self._resolved, uid, shard)
             return d
 
@@ -1071,7 +1134,7 @@ class ShardedStore:
             byShard: dict[int, list[tuple[str, str, int]]] = {}
             for cursor in cursors:
                 byShard.setdefault(self._shard(cursor[0]), []).append(cursor)
-            waits = [self._run(s, "saveCursors", cs) for s, cs in byShard.items()]
+            waits = [self._run(s, frozenset(c[0] for c in cs), "saveCursors", cs) for s, cs in byShard.items()]
             d = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
             d.addCallbacks(lambda _: None, _first)
             return d
@@ -1106,7 +1169,7 @@ class ShardedStore:
             later = [s for s in shards if s > shard]
             return mine, ((later[0], None) if later else None)
 
-        d: Deferred[Any] = self._run(shard, "sealedRows", kind, inner, limit, keep)
+        d: Deferred[Any] = self._run(shard, None, "sealedRows", kind, inner, limit, keep)
         d.addCallback(page)
         return d
 
@@ -1119,7 +1182,10 @@ class ShardedStore:
         placed = _PLACED[kind]
         for key, old, new in rows:
             byShard.setdefault(self._shard(placed(key)), []).append((key, old, new))
-        waits = [self._run(shard, "replaceSealed", kind, some) for shard, some in byShard.items()]
+        waits = [
+            self._run(shard, frozenset(placed(k) for k, _, _ in some), "replaceSealed", kind, some)
+            for shard, some in byShard.items()
+        ]
         d: Deferred[Any] = DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
         d.addCallbacks(lambda results: sum(count for _, count in results), _first)
         return d

@@ -151,7 +151,7 @@ class CrossShardTests(TestCase):
         yield store.replaceMessage(conv, 1, b"tomb", MESSAGE_RECALLED, [(alice, b"notice")], 2.0)
         self.assertEqual([e.stanza for e in (yield store.readInbox(bob, 0, 10))], [b"tomb"])
         self.assertEqual([e.stanza for e in (yield store.readInbox(alice, 0, 10))], [b"notice"])
-        yield deferLater(0)
+        yield deferLater(store.dropDelay + 0.1)
         self.assertEqual([dict(s._intents) for s in shards.values()], [{}, {}, {}])
 
     @inlineCallbacks
