@@ -184,6 +184,7 @@ class SQLiteStore:
 
     def __init__(self, reactor: Any, path: str, synchronous: str = "full", batchMax: int = 256):
         self.path = path
+        self._qids = _Qids()
         self._worker = SerialWorker(
             reactor,
             _connect(path, synchronous),
@@ -261,34 +262,7 @@ class SQLiteStore:
     # Messages.
 
     def appendMessages(self, messages: list[NewMessage]) -> Deferred[list[list[int]]]:
-        def append(c: sqlite3.Connection) -> list[list[int]]:
-            result = []
-            for m in messages:
-                if m.seq is not None:
-                    cursor = c.execute(
-                        "INSERT INTO messages (conv, seq, mid, sender, stanza, created) VALUES (?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (conv, seq) DO NOTHING",
-                        (m.conv, m.seq, m.mid, m.sender, m.stanza, m.created),
-                    )
-                    if cursor.rowcount != 1:
-                        # The worker undoes this call alone.
-                        raise SequenceConflict(m.conv, m.seq)
-                seq = m.seq
-                result.append(
-                    [
-                        _insertInbox(c, uid, m.conv, seq if body is None else None, body, m.created)
-                        for uid, body in m.inbox
-                    ]
-                )
-                if m.dedupe is not None:
-                    c.execute(
-                        "INSERT OR REPLACE INTO duplicates (sender, client_id, conv, seq, mid, created) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (*m.dedupe, m.conv, m.seq, m.mid, m.created),
-                    )
-            return result
-
-        return self._run(append)
+        return self._run(_Append(messages, self._qids))
 
     def lastMessage(self, conv: str) -> Deferred[tuple[int, int]]:
         def last(c: sqlite3.Connection) -> tuple[int, int]:
@@ -315,7 +289,7 @@ class SQLiteStore:
             c.execute(
                 "UPDATE messages SET stanza = ?, state = ? WHERE conv = ? AND seq = ?", (stanza, state, conv, seq)
             )
-            return [_insertInbox(c, uid, conv, None, body, created) for uid, body in notices]
+            return [_insertInbox(c, self._qids, uid, conv, None, body, created) for uid, body in notices]
 
         return self._run(replace)
 
@@ -347,7 +321,9 @@ class SQLiteStore:
     # Inboxes.
 
     def addInbox(self, entries: list[tuple[str, bytes]], created: float) -> Deferred[list[int]]:
-        return self._run(lambda c: [_insertInbox(c, uid, None, None, stanza, created) for uid, stanza in entries])
+        return self._run(
+            lambda c: [_insertInbox(c, self._qids, uid, None, None, stanza, created) for uid, stanza in entries]
+        )
 
     def readInbox(self, uid: str, afterQid: int, limit: int) -> Deferred[list[InboxEntry]]:
         def read(c: sqlite3.Connection) -> list[InboxEntry]:
@@ -363,7 +339,13 @@ class SQLiteStore:
 
     def deleteInbox(self, uid: str, qids: list[int]) -> Deferred[int]:
         def delete(c: sqlite3.Connection) -> int:
-            return sum(c.execute("DELETE FROM inbox WHERE qid = ? AND uid = ?", (qid, uid)).rowcount for qid in qids)
+            unique = list(dict.fromkeys(qids))
+            count = 0
+            for start in range(0, len(unique), 500):
+                chunk = unique[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                count += c.execute(f"DELETE FROM inbox WHERE uid = ? AND qid IN ({marks})", (uid, *chunk)).rowcount
+            return count
 
         return self._run(delete)
 
@@ -586,13 +568,125 @@ def _putMember(c: sqlite3.Connection, gid: str, member: Member) -> None:
     )
 
 
+class _Qids:
+    """
+    Inbox qids, given out by the store rather than by SQLite, so that a
+    batch's entries are inserted with one C{executemany}.  Only the worker
+    thread uses it; it starts past every qid ever given (C{AUTOINCREMENT}
+    keeps the highest in C{sqlite_sequence}), and never goes back: a batch
+    rolled back leaves a gap, which readers do not mind.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def take(self, c: sqlite3.Connection, count: int) -> int:
+        """
+        The first of C{count} new qids.
+        """
+        if not self._next:
+            (top,) = c.execute(
+                "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'inbox'), 0), "
+                "COALESCE((SELECT MAX(qid) FROM inbox), 0))"
+            ).fetchone()
+            self._next = int(top) + 1
+        first = self._next
+        self._next += count
+        return first
+
+
 def _insertInbox(
-    c: sqlite3.Connection, uid: str, conv: str | None, seq: int | None, stanza: bytes | None, created: float
+    c: sqlite3.Connection,
+    qids: _Qids,
+    uid: str,
+    conv: str | None,
+    seq: int | None,
+    stanza: bytes | None,
+    created: float,
 ) -> int:
-    cursor = c.execute(
-        "INSERT INTO inbox (uid, conv, seq, stanza, created) VALUES (?, ?, ?, ?, ?)", (uid, conv, seq, stanza, created)
+    qid = qids.take(c, 1)
+    c.execute(
+        "INSERT INTO inbox (qid, uid, conv, seq, stanza, created) VALUES (?, ?, ?, ?, ?, ?)",
+        (qid, uid, conv, seq, stanza, created),
     )
-    return int(cursor.lastrowid or 0)
+    return qid
+
+
+class _Append:
+    """
+    One C{appendMessages} call, as a worker operation: run alone, or with
+    the others of its batch merged into three C{executemany} (history
+    rows, inbox entries, duplicate keys), which spends far less of the
+    reactor's GIL than a statement per row.
+    """
+
+    def __init__(self, messages: list[NewMessage], qids: _Qids):
+        self.messages = messages
+        self.qids = qids
+        self.merge = self
+
+    def __call__(self, c: sqlite3.Connection) -> list[list[int]]:
+        return _Append.combine([self])(c)[0]
+
+    @staticmethod
+    def combine(appends: list[_Append]) -> Callable[[sqlite3.Connection], list[list[list[int]]]]:
+        def run(c: sqlite3.Connection) -> list[list[list[int]]]:
+            messages = [m for a in appends for m in a.messages]
+            rows = [(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created) for m in messages if m.seq is not None]
+            if rows:
+                stored = c.executemany(
+                    "INSERT INTO messages (conv, seq, mid, sender, stanza, created) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (conv, seq) DO NOTHING",
+                    rows,
+                ).rowcount
+                if stored != len(rows):
+                    # A taken seq: the worker runs the batch again one call
+                    # at a time, and the call that holds it fails alone.
+                    taken = _firstTaken(c, rows) if len(appends) == 1 else rows[0]
+                    raise SequenceConflict(taken[0], taken[1])
+            count = sum(len(m.inbox) for m in messages)
+            qid = appends[0].qids.take(c, count) if count else 0
+            inbox = []
+            results = []
+            for a in appends:
+                mine = []
+                for m in a.messages:
+                    qids = []
+                    for uid, body in m.inbox:
+                        inbox.append((qid, uid, m.conv, m.seq if body is None else None, body, m.created))
+                        qids.append(qid)
+                        qid += 1
+                    mine.append(qids)
+                results.append(mine)
+            if inbox:
+                c.executemany(
+                    "INSERT INTO inbox (qid, uid, conv, seq, stanza, created) VALUES (?, ?, ?, ?, ?, ?)", inbox
+                )
+            dupes = [(*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None]
+            if dupes:
+                c.executemany(
+                    "INSERT OR REPLACE INTO duplicates (sender, client_id, conv, seq, mid, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    dupes,
+                )
+            return results
+
+        return run
+
+
+def _firstTaken(c: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """
+    Which row of one call found its seq taken (inserted as the others were,
+    so look: a row of ours has our mid).
+    """
+    seen = set()
+    for row in rows:
+        conv, seq, mid = row[0], row[1], row[2]
+        found = c.execute("SELECT mid FROM messages WHERE conv = ? AND seq = ?", (conv, seq)).fetchone()
+        if found is None or found[0] != mid or (conv, seq) in seen:
+            return row
+        seen.add((conv, seq))
+    return rows[0]
 
 
 @implementer(IStoreFactory)

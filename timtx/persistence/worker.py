@@ -10,6 +10,10 @@ again with a savepoint around each operation, so that the failing one is
 undone alone and the others still commit; savepoints cost time, so they are
 only paid for when needed.
 
+Operations that carry a C{merge} (see
+L{timtx.persistence.pool.mergedRuns}) run merged with the others of their
+kind in the batch; alone, in the isolated retry, each runs as it is.
+
 Why one thread and not a pool: SQLite allows one writer at a time anyway, a
 single commit for a burst of writes is what makes durable writes fast, and a
 strict order of operations lets callers reason simply ("a read issued after
@@ -25,6 +29,8 @@ from typing import Any, Callable, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
+
+from timtx.persistence.pool import mergedRuns
 
 T = TypeVar("T")
 
@@ -155,8 +161,20 @@ class SerialWorker:
         results: list[tuple[Deferred[Any], bool, Any]] = []
         try:
             self._begin(connection)
-            for operation, d in batch:
-                results.append((d, True, operation(connection)))
+            merges = [getattr(operation, "merge", None) for operation, _ in batch]
+            if any(merges):
+                values: list[Any] = [None] * len(batch)
+                for indices, kind in mergedRuns(merges):
+                    if kind is None:
+                        values[indices[0]] = batch[indices[0]][0](connection)
+                    else:
+                        combined = kind.combine([merges[i] for i in indices])(connection)
+                        for index, value in zip(indices, combined, strict=True):
+                            values[index] = value
+                results = [(d, True, value) for (_, d), value in zip(batch, values, strict=True)]
+            else:
+                for operation, d in batch:
+                    results.append((d, True, operation(connection)))
             self._commit(connection)
         except BaseException:
             try:

@@ -455,6 +455,26 @@ class SQLiteStoreTests(MessageStoreTestsMixin, TestCase):
         self.assertEqual((yield again.getAccount("u")), Account("u", "d", "h", 1.0))
 
     @inlineCallbacks
+    def test_qidsAcrossReopen(self):
+        """
+        Qids given by the store keep growing across a reopen, even after
+        the newest entry was deleted, and do not collide with those SQLite
+        gave before.
+        """
+        store = yield self.makeStore()
+        ((first,),) = yield store.appendMessages([NewMessage("c", 1, 1, "a", b"x", 0.0, inbox=(("bob", None),))])
+        (second,) = yield store.addInbox([("bob", b"n")], 0.0)
+        self.assertGreater(second, first)
+        yield store.deleteInbox("bob", [second])
+        yield store.close()
+        again = SQLiteStore(reactor, self.path)
+        yield again.open()
+        self.addCleanup(again.close)
+        ((third,),) = yield again.appendMessages([NewMessage("c", 2, 2, "a", b"y", 0.0, inbox=(("bob", None),))])
+        self.assertGreater(third, second)
+        self.assertEqual([e.qid for e in (yield again.readInbox("bob", 0, 10))], [first, third])
+
+    @inlineCallbacks
     def test_refusesNewerSchema(self):
         """
         A database written by a newer timtx is not touched.
