@@ -368,7 +368,9 @@ class Node(MultiService):
             (self.fanout.flush, config.groups.cursor_flush_interval),
         ]
         if self.duplicates.enabled:
-            work.append((self.duplicates.purge, max(config.messages.dedupe_window, 60.0)))
+            # Keys live a window and at most a minute more, in memory and in
+            # the store: a sender's keys are what it sent in that time.
+            work.append((self.duplicates.purge, min(max(config.messages.dedupe_window / 4, 1.0), 60.0)))
         sweeps = []
         for f, interval in work:
             loop = LoopingCall(f)
