@@ -40,6 +40,26 @@ TEST_SCRYPT_N = 16
 _names = itertools.count(1)
 
 
+def sourceRoot() -> Any:
+    """
+    The source checkout holding C{docs/} and C{examples/}, as a
+    L{FilePath}, or C{None} when the tests run from an installed copy
+    without one.  The working directory is tried first: C{.ci/run} runs
+    the installed package's tests from the checkout, where C{__file__}
+    is in site-packages.
+    """
+    import os
+
+    from twisted.python.filepath import FilePath
+
+    for start in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
+        path = FilePath(start)
+        for candidate in [path, *path.parents()]:
+            if candidate.child("setup.cfg").exists() and candidate.child("timtx").isdir():
+                return candidate
+    return None
+
+
 def requireOrSkip(reason: str) -> None:
     """
     Skip the running test for C{reason}, except under CI (C{TIMTX_CI} set),

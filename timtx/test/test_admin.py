@@ -31,8 +31,7 @@ from timtx.protocols.constants import ErrorCode, MsType, NodeInfo, OdType, TimTy
 from timtx.protocols.structs import TimNodes
 from timtx.test.admintools import ROOT_PASSWORD, WATCHER_PASSWORD, AdminTestCase
 from timtx.test.base import waitUntil, within
-from timtx.test.test_config import sourceRoot
-from timtx.testing import loggedInClient, requireOrSkip, wsURL
+from timtx.testing import loggedInClient, requireOrSkip, sourceRoot, wsURL
 
 
 class ValidateTests(SynchronousTestCase):

@@ -16,8 +16,7 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.test.test_config import sourceRoot
-from timtx.testing import requireOrSkip
+from timtx.testing import requireOrSkip, sourceRoot
 
 #: Scenarios that must run today, and how many runs of each C{all} makes
 #: (1:1 runs once per store); the others may be skipped until the node

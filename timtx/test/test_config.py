@@ -9,22 +9,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from timtx import config as configModule
 from timtx.config import ConfigError, load, reference_markdown
-from timtx.testing import requireOrSkip
+from timtx.testing import requireOrSkip, sourceRoot
 
 HERE = FilePath(__file__).parent()
-
-
-def sourceRoot():
-    """
-    The source checkout holding docs/ and examples/, or C{None} when the
-    tests run from an installed copy without one.
-    """
-    for start in (os.getcwd(), HERE.path):
-        path = FilePath(start)
-        for candidate in [path, *path.parents()]:
-            if candidate.child("setup.cfg").exists() and candidate.child("timtx").isdir():
-                return candidate
-    return None
 
 
 class LoadTests(SynchronousTestCase):

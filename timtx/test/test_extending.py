@@ -18,8 +18,7 @@ from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import client_frame, length_prefixed
 from timtx.protocols.structs import TimAuth
-from timtx.test.test_config import sourceRoot
-from timtx.testing import MemoryClientNode, loggedInClient, requireOrSkip, startNode, testConfig, wsURL
+from timtx.testing import MemoryClientNode, loggedInClient, requireOrSkip, sourceRoot, startNode, testConfig, wsURL
 from timtx.transports.registry import ProtocolRegistry, defaultRegistry, resolveProtocolPath
 from timtx.transports.websocket import TimWebSocketServerProtocol
 

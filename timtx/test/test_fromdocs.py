@@ -19,24 +19,22 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from timtx.persistence.records import STANCE_FRIEND
-from timtx.testing import httpURL, requireOrSkip, startNode, testConfig
+from timtx.testing import httpURL, requireOrSkip, sourceRoot, startNode, testConfig
 from timtx.util.bodies import BytesProducer
 
 Column = namedtuple("Column", "fid name type json required")
 
 
 def protocolDoc():
-    here = FilePath(__file__)
-    doc = here.parent().parent().parent().child("docs").child("protocol.md")
-    if not doc.exists():
+    root = sourceRoot()
+    if root is None:
         requireOrSkip("no source checkout (docs/ is not installed)")
-    return doc.getContent().decode("utf-8")
+    return root.child("docs").child("protocol.md").getContent().decode("utf-8")
 
 
 def structTables(markdown):

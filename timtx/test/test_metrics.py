@@ -23,7 +23,7 @@ from timtx.protocols.constants import TimType
 from timtx.protocols.structs import Tid
 from timtx.test.admintools import ROOT_PASSWORD, AdminTestCase
 from timtx.test.base import waitUntil, within
-from timtx.test.test_config import sourceRoot
+from timtx.testing import sourceRoot
 from timtx.util.histogram import Histogram, StoreStats, percentile
 
 

@@ -17,8 +17,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from timtx.test.test_config import sourceRoot
-from timtx.testing import requireOrSkip
+from timtx.testing import requireOrSkip, sourceRoot
 
 _OURS = ("timtx", "__editable__", "_trial_temp")
 

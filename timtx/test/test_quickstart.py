@@ -13,8 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, inlineCallbacks
 
 from timtx.test.base import NodeTestCase
-from timtx.test.test_config import sourceRoot
-from timtx.testing import requireOrSkip
+from timtx.testing import requireOrSkip, sourceRoot
 
 
 def codeBlock(path, after):

@@ -9,7 +9,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, readBody
 
@@ -19,15 +18,15 @@ from timtx.protocols.frames import client_frame
 from timtx.protocols.reference import BEGIN, END, reference_markdown, struct_table
 from timtx.protocols.structs import ALL_STRUCTS, TimAuth, TimRoomBean
 from timtx.test.base import NodeTestCase
-from timtx.testing import httpURL, requireOrSkip
+from timtx.testing import httpURL, requireOrSkip, sourceRoot
 from timtx.util.bodies import BytesProducer
 
 
 def protocolDoc():
-    doc = FilePath(__file__).parent().parent().parent().child("docs").child("protocol.md")
-    if not doc.exists():
+    root = sourceRoot()
+    if root is None:
         requireOrSkip("no source checkout (docs/ is not installed)")
-    return doc.getContent().decode("utf-8")
+    return root.child("docs").child("protocol.md").getContent().decode("utf-8")
 
 
 class ReferenceTests(SynchronousTestCase):

@@ -18,9 +18,8 @@ import timtx
 from timtx.config import load, replace
 from timtx.test.base import NodeTestCase
 from timtx.test.databases import freePort, mariadbDatabase, postgresqlDatabase
-from timtx.test.test_config import sourceRoot
 from timtx.test.test_messaging import MessagingTestsMixin, isMessage
-from timtx.testing import loggedInClient, requireOrSkip, startNode
+from timtx.testing import loggedInClient, requireOrSkip, sourceRoot, startNode
 
 
 class ExampleTests(TestCase):

@@ -23,8 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from timtx import __version__
 from timtx.client import connect, register
 from timtx.tap import Options
-from timtx.test.test_config import sourceRoot
-from timtx.testing import requireOrSkip
+from timtx.testing import requireOrSkip, sourceRoot
 
 
 def childEnv():
