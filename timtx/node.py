@@ -48,6 +48,9 @@ from timtx.chat.reseal import Resealer
 from timtx.chat.roster import RelationCache, RosterService
 from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.chat.vrooms.service import StreamPush, VRoomService
+from timtx.cluster.directory import UserDirectory
+from timtx.cluster.membership import ClusterService
+from timtx.cluster.router import ClusterRouter
 from timtx.config import Config
 from timtx.crypto.ids import NodeKeys
 from timtx.crypto.vault import KeyringError, StanzaVault, loadKeyring
@@ -219,6 +222,14 @@ class Node(MultiService):
         self._closing: dict[IFrameSink, Deferred[None]] = {}
         self._background: set[Deferred[Any]] = set()
         self.ready: Deferred[Node] = Deferred()
+        #: This node's part in the cluster, or C{None} without C{[cluster]
+        #: listen}: the node then serves alone, as it always did.
+        self.cluster: ClusterService | None = None
+        #: Which nodes hold each user's sessions (with a cluster).
+        self.userDirectory: UserDirectory | None = None
+        if config.cluster.listen:
+            self.cluster = ClusterService.fromConfig(config, reactor, protocol=self.protocols.lookup("peer"))
+            self.cluster.setServiceParent(self)
         self._buildDelivery()
         self._buildChat()
         self._sweeps = self._periodicWork()
@@ -262,9 +273,17 @@ class Node(MultiService):
     def makeRouter(self) -> IRouter:
         """
         The L{IRouter} the chat services deliver through: this node's
-        sessions.  The cluster overrides it.
+        sessions, and with a cluster the nodes holding a user's other
+        sessions, found in the user directory.
         """
-        return LocalRouter(self.sessions, self.inbox, self.fanout)
+        local = LocalRouter(self.sessions, self.inbox, self.fanout)
+        if self.cluster is None:
+            return local
+        directory = self.userDirectory = UserDirectory(
+            self.cluster, self.sessions, lastSessionEnded=self._lastSessionInCluster
+        )
+        self.sessions.onSessionRemoved.append(self._sessionLeft)
+        return ClusterRouter(local, directory, self.cluster)
 
     def _buildChat(self) -> None:
         """
@@ -396,7 +415,22 @@ class Node(MultiService):
         self.log.info("store available again: reading the inboxes of {count} live sessions again", count=count)
 
     def _lastSessionEnded(self, session: Session) -> None:
-        self.runInBackground(self.presence.announceOffline, session.uid, session.domain)
+        if self.cluster is None:
+            self.runInBackground(self.presence.announceOffline, session.uid, session.domain)
+        # In a cluster the user's owner announces it, once its last session
+        # anywhere has ended (L{_lastSessionInCluster}).
+
+    def _lastSessionInCluster(self, uid: str, domain: str) -> None:
+        self.runInBackground(self.presence.announceOffline, uid, domain)
+
+    def _sessionLeft(self, session: Session) -> None:
+        directory = self.userDirectory
+        assert directory is not None
+        directory.forgetSession(session)
+        if not self.stopping:
+            # A node that stops leaves the cluster: the owners drop its
+            # sessions all at once.
+            self.runInBackground(directory.register, session.uid, session.domain)
 
     def runInBackground(self, f: Callable[..., Any], *args: Any) -> None:
         """
@@ -506,7 +540,10 @@ class Node(MultiService):
         if len(self.vault.keyIds) > 1 and self.config.store.reseal_rate > 0:
             # Data may be sealed with an older key: move it to the new one.
             self.resealer.start()
-        d = gatherResults([listener.listening for listener in self._listeners.values()], consumeErrors=True)
+        waits: list[Deferred[Any]] = [listener.listening for listener in self._listeners.values()]
+        if self.cluster is not None:
+            waits.append(self.cluster.ready)
+        d = gatherResults(waits, consumeErrors=True)
         d.addCallbacks(self._started, self._failedToStart)
 
     def _storeFailed(self, failure: Failure) -> None:
@@ -607,6 +644,8 @@ class Node(MultiService):
     def login(self, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Deferred[Session]:
         d = self.accounts.authenticate(auth, sink.peerAddress)
         d.addCallback(self._startSession, sink, auth, encoding)
+        if self.userDirectory is not None:
+            d.addCallback(self._registerSession, self.userDirectory)
         d.addErrback(_outageRefused)
         d.addErrback(self._loginFailed)
         return d
@@ -649,6 +688,19 @@ class Node(MultiService):
             generation=session.generation.value,
         )
         return session
+
+    def _registerSession(self, session: Session, directory: UserDirectory) -> Deferred[Session]:
+        """
+        Tell the user's owner that the session is here before the client
+        has its TIMAUTH ack: its inbox is read after that, once every node
+        routing to the user knows (see L{timtx.cluster.directory}), so
+        nothing stored meanwhile is missed, and a message sent to it after
+        the ack is pushed live as on a single node.
+        """
+        # What it sent through another node may be a resend's original.
+        self.duplicates.forget(session.uid)
+        d = directory.register(session.uid, session.domain)
+        return d.addCallback(lambda _: session)
 
     def sessionReady(self, session: Session) -> None:
         self.inbox.sessionStarted(session)

@@ -1,0 +1,225 @@
+# -*- test-case-name: timtx.test.test_clusterrouting -*-
+"""
+Routing between nodes: several L{Node}s in this process, each with a
+C{[cluster]} on loopback (ports chosen by the OS), sharing one PostgreSQL
+database, with real tim clients logged in to different nodes.
+"""
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from timtx.cluster.router import ClusterRouter
+from timtx.cluster.wire import BadPayload, pack, unpack
+from timtx.delivery.router import LocalRouter
+from timtx.persistence.records import STANCE_FRIEND
+from timtx.protocols.codec import Encoding
+from timtx.test.base import within
+from timtx.test.databases import postgresqlDatabase
+from timtx.test.test_messaging import isMessage
+from timtx.testing import loggedInClient, startNode, testConfig
+
+SECRET = "cluster-secret-for-tests"
+
+
+def untilMembers(node, count):
+    """
+    Fire once C{node} sees C{count} live members (itself included).
+    """
+    cluster = node.cluster
+    done = Deferred()
+
+    def check(change=None):
+        if not done.called and len(cluster.liveMembers()) >= count:
+            cluster.removeObserver(check)
+            done.callback(node)
+
+    cluster.addObserver(check)
+    check()
+    return within(done, 20)
+
+
+class WireTests(SynchronousTestCase):
+    def test_roundTrip(self):
+        """
+        Fields come back as packed, empty ones included.
+        """
+        fields = [b"", b"compact", b"\x00\xff" * 3]
+        self.assertEqual(unpack(pack(*fields), 3), fields)
+
+    def test_malformed(self):
+        """
+        A payload cut short, with trailing bytes or another number of fields
+        is refused with L{BadPayload}.
+        """
+        data = pack(b"one", b"two")
+        for bad, count in [(data[:-1], 2), (data + b"x", 2), (data, 3), (data, 1), (b"\x00\x00", 1)]:
+            self.assertRaises(BadPayload, unpack, bad, count)
+
+
+class ClusterRoutingTests(TestCase):
+    """
+    Nodes that form a mesh, and clients on different nodes.
+    """
+
+    timeout = 60
+    encoding = Encoding.COMPACT
+
+    @inlineCallbacks
+    def cluster(self, count=2, **sections):
+        """
+        C{count} nodes sharing a fresh PostgreSQL database, each seeing all.
+        """
+        dsn = yield postgresqlDatabase(self)
+        nodes = []
+        seeds = ()
+        for i in range(count):
+            merged = {name: dict(values) for name, values in sections.items()}
+            merged.setdefault("store", {})["dsn"] = dsn
+            merged.setdefault("devices", {}).setdefault("limit", 0)
+            merged["devices"].setdefault("type_limit", 0)
+            merged["cluster"] = {
+                "listen": "tcp:0:interface=127.0.0.1",
+                "secret": SECRET,
+                "node_id": f"node{i + 1}",
+                "seeds": seeds,
+            }
+            config = testConfig(self.mktemp(), backend="postgresql", **merged)
+            node = yield startNode(self, reactor, config)
+            nodes.append(node)
+            seeds = (node.cluster.address,)
+        for node in nodes:
+            yield untilMembers(node, count)
+        return nodes
+
+    @inlineCallbacks
+    def user(self, node, name=None, **kwargs):
+        kwargs.setdefault("encoding", self.encoding)
+        client = yield loggedInClient(reactor, node, name, testCase=self, **kwargs)
+        return client
+
+    @inlineCallbacks
+    def friends(self, node, *clients):
+        for a in clients:
+            for b in clients:
+                if a is not b:
+                    yield node.relations.setStance(a.uid, b.uid, STANCE_FRIEND)
+
+    @inlineCallbacks
+    def test_mesh(self):
+        """
+        Three nodes started with seeds form one mesh, agree on the owners of
+        keys, and route through a L{ClusterRouter}.
+        """
+        nodes = yield self.cluster(3)
+        self.assertEqual({n.cluster.ownership for n in nodes}, {nodes[0].cluster.ownership})
+        self.assertEqual(nodes[0].cluster.ownership.nodes, ("node1", "node2", "node3"))
+        for node in nodes:
+            self.assertIsInstance(node.router, ClusterRouter)
+
+    @inlineCallbacks
+    def test_crossNode(self):
+        """
+        A message from a user on one node reaches the recipient on another,
+        durable and numbered, and the sender's other device on a third node
+        gets the echo; history reads the same from any node.
+        """
+        node1, node2, node3 = yield self.cluster(3)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        alice2 = yield self.user(node3, alice.loginName, registerFirst=False)
+        yield self.friends(node1, alice, bob)
+        alice.sendMessage(bob.uid, "across", id=5)
+        echo = yield alice.next(isMessage)
+        got = yield bob.next(isMessage)
+        other = yield alice2.next(isMessage)
+        for message in (echo.body, got.body, other.body):
+            self.assertEqual((message.dataString, message.seq, message.mid), ("across", 1, echo.body.mid))
+        self.assertIsNotNone(got.ackId)
+        history = yield bob.history(alice.uid)
+        self.assertEqual([m.dataString for m in history], ["across"])
+        history = yield alice2.history(bob.uid)
+        self.assertEqual([m.dataString for m in history], ["across"])
+
+    @inlineCallbacks
+    def test_inOrder(self):
+        """
+        Many messages from one node to a recipient with devices on two other
+        nodes arrive at each in seq order, each once; the acks empty the
+        shared inbox.
+        """
+        node1, node2, node3 = yield self.cluster(3)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        bob2 = yield self.user(node3, bob.loginName, registerFirst=False)
+        yield self.friends(node1, alice, bob)
+        count = 50
+        for i in range(count):
+            alice.sendMessage(bob.uid, f"m{i}")
+        for device in (bob, bob2):
+            seqs = []
+            for _ in range(count):
+                seqs.append((yield device.next(isMessage)).body.seq)
+            self.assertEqual(seqs, list(range(1, count + 1)))
+        yield bob.ping()
+        yield bob2.ping()
+        self.assertEqual(bob.take(isMessage) + bob2.take(isMessage), [])
+
+    @inlineCallbacks
+    def test_offlineFromAnyNode(self):
+        """
+        What a user missed while offline is read at its next login on
+        another node, in order.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield self.friends(node1, alice, bob)
+        yield bob.disconnect()
+        for i in range(3):
+            yield alice.postMessage(bob.uid, f"while away {i}")
+        again = yield self.user(node1, bob.loginName, registerFirst=False)
+        messages = yield again.offlineMessages()
+        self.assertEqual([m.dataString for m in messages], [f"while away {i}" for i in range(3)])
+
+    @inlineCallbacks
+    def test_resendThroughAnotherNode(self):
+        """
+        A client that sent through one node and resends with the same id
+        through another gets the first message back; it is stored once.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield self.friends(node1, alice, bob)
+        # Alice is known on node2 before the first send.
+        alice2 = yield self.user(node2, alice.loginName, registerFirst=False)
+        alice2.sendMessage(bob.uid, "before")
+        yield alice2.next(isMessage)
+        first = yield alice.postMessage(bob.uid, "once", id=9191)
+        yield alice.disconnect()
+        again = yield self.user(node2, alice.loginName, registerFirst=False)
+        second = yield again.postMessage(bob.uid, "once", id=9191)
+        self.assertEqual(second.mid, first.mid)
+        history = yield bob.history(alice.uid)
+        self.assertEqual([m.dataString for m in history], ["once", "before"])
+
+
+class JSONClusterRoutingTests(ClusterRoutingTests):
+    """
+    The same with clients speaking JSON.
+    """
+
+    encoding = Encoding.JSON
+
+
+class AloneTests(TestCase):
+    @inlineCallbacks
+    def test_noCluster(self):
+        """
+        Without C{[cluster] listen} a node has no cluster and routes locally,
+        as it always did.
+        """
+        node = yield startNode(self, reactor, testConfig(self.mktemp()))
+        self.assertIsNone(node.cluster)
+        self.assertIsInstance(node.router, LocalRouter)
