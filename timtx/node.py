@@ -48,6 +48,7 @@ from timtx.chat.reseal import Resealer
 from timtx.chat.roster import RelationCache, RosterService
 from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.chat.vrooms.service import StreamPush, VRoomService
+from timtx.cluster.caches import CacheMirror
 from timtx.cluster.directory import UserDirectory
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.router import ClusterRouter
@@ -359,6 +360,10 @@ class Node(MultiService):
         GroupMembership(self.groups, accounts=self.accounts).register(self.business)
         GroupModeration(self.groups).register(self.business)
         self.business.register(Business.MODIFYAUTH, self._changePassword)
+
+        if self.cluster is not None:
+            #: Mirrors this node's cache changes on the other nodes.
+            self.cacheMirror = CacheMirror(self.cluster, relations=self.relations, presence=self.presence)
 
         self.dispatcher = Dispatcher()
         route = self.dispatcher.route

@@ -9,17 +9,25 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from timtx.client import TimRequestFailed
 from timtx.cluster.router import ClusterRouter
 from timtx.cluster.wire import BadPayload, pack, unpack
 from timtx.delivery.router import LocalRouter
 from timtx.persistence.records import STANCE_FRIEND
 from timtx.protocols.codec import Encoding
-from timtx.test.base import within
+from timtx.protocols.constants import Business, ErrorCode, NodeInfo, TimType
+from timtx.protocols.structs import Tid, TimPresence, TimUserBean
+from timtx.test.base import waitUntil, within
 from timtx.test.databases import postgresqlDatabase
 from timtx.test.test_messaging import isMessage
+from timtx.test.test_roster import notice
 from timtx.testing import loggedInClient, startNode, testConfig
 
 SECRET = "cluster-secret-for-tests"
+
+
+def presence(i):
+    return i.timType == TimType.TIMPRESENCE
 
 
 def untilMembers(node, count):
@@ -203,6 +211,125 @@ class ClusterRoutingTests(TestCase):
         self.assertEqual(second.mid, first.mid)
         history = yield bob.history(alice.uid)
         self.assertEqual([m.dataString for m in history], ["once", "before"])
+
+    def owner(self, nodes, uid):
+        """
+        The node owning C{uid}'s directory entry.
+        """
+        name = nodes[0].userDirectory.owner(uid)
+        return next(node for node in nodes if node.cluster.nodeId == name)
+
+    def sessionsKnown(self, nodes, uid, count):
+        """
+        Wait until C{uid}'s owner knows it has C{count} sessions.
+        """
+        owner = self.owner(nodes, uid)
+        return waitUntil(lambda: len(owner.userDirectory.sessionsOf(uid)) == count)
+
+    @inlineCallbacks
+    def test_presence(self):
+        """
+        TIMPRESENCE and TIMBROADPRESENCE reach friends on other nodes.
+        """
+        nodes = yield self.cluster(3)
+        alice = yield self.user(nodes[0])
+        bob = yield self.user(nodes[1])
+        carol = yield self.user(nodes[2])
+        yield self.friends(nodes[0], alice, bob, carol)
+        alice.send(TimType.TIMPRESENCE, TimPresence(toTid=Tid(node=bob.uid), status="busy"))
+        got = (yield bob.next(presence)).body
+        self.assertEqual((got.status, got.fromTid.node), ("busy", alice.uid))
+        alice.send(TimType.TIMBROADPRESENCE, TimPresence(status="online"))
+        for friend in (bob, carol):
+            got = (yield friend.next(presence)).body
+            self.assertEqual((got.status, got.fromTid.node), ("online", alice.uid))
+
+    @inlineCallbacks
+    def test_offlineWhenLastSessionInCluster(self):
+        """
+        Friends are told a user went offline when its last session in the
+        whole cluster ends, once, and not when a session on one node ends
+        while another node holds one; isOnline says so on every node.
+        """
+        nodes = yield self.cluster(3)
+        alice = yield self.user(nodes[0])
+        phone = yield self.user(nodes[1], alice.loginName, registerFirst=False)
+        bob = yield self.user(nodes[2])
+        yield self.friends(nodes[0], alice, bob)
+        yield self.sessionsKnown(nodes, alice.uid, 2)
+        for node in nodes:
+            yield node.userDirectory.locate(alice.uid)
+            self.assertTrue(node.router.isOnline(alice.uid))
+        yield alice.disconnect()
+        yield self.sessionsKnown(nodes, alice.uid, 1)
+        yield phone.ping()
+        yield bob.ping()
+        self.assertEqual(bob.take(presence), [])
+        self.assertTrue(nodes[2].router.isOnline(alice.uid))
+        yield phone.disconnect()
+        got = (yield bob.next(presence)).body
+        self.assertEqual((got.offline, got.fromTid.node), (True, alice.uid))
+        for node in nodes:
+            yield waitUntil(lambda node=node: not node.router.isOnline(alice.uid))
+        yield bob.ping()
+        self.assertEqual(bob.take(presence), [], "told once")
+
+    @inlineCallbacks
+    def test_invisibleOnEveryNode(self):
+        """
+        A user that turns invisible on one node stays invisible on another:
+        what its other session sends there goes nowhere.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        phone = yield self.user(node2, alice.loginName, registerFirst=False)
+        bob = yield self.user(node2)
+        yield self.friends(node1, alice, bob)
+        # node2 caches alice as visible first.
+        phone.send(TimType.TIMBROADPRESENCE, TimPresence(status="here"))
+        self.assertEqual((yield bob.next(presence)).body.status, "here")
+        alice.send(TimType.TIMBROADPRESENCE, TimPresence(invisible=True))
+        got = (yield bob.next(presence)).body
+        self.assertEqual((got.offline, got.fromTid.node), (True, alice.uid))
+        yield waitUntil(lambda: node2.presence.isInvisible(alice.uid).result is True)
+        phone.send(TimType.TIMBROADPRESENCE, TimPresence(status="still here"))
+        yield phone.ping()
+        yield bob.ping()
+        self.assertEqual(bob.take(presence), [])
+
+    @inlineCallbacks
+    def test_rosterAndBlocks(self):
+        """
+        A friend request and a block made on one node reach the other user's
+        node: the notice arrives, and that node refuses what the blocked
+        user sends from then on.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield alice.business(Business.ADDROSTER, node=bob.uid, reqStr="hi")
+        request = (yield bob.next(notice(Business.ADDROSTER))).body
+        self.assertEqual(request.fromTid.node, alice.uid)
+        yield bob.business(Business.ADDROSTER, node=alice.uid)
+        yield alice.next(notice(Business.FRIEND))
+        yield bob.postMessage(alice.uid, "friends now")
+        yield alice.business(Business.BLOCKROSTER, node=bob.uid)
+        yield bob.next(notice(Business.BLOCKROSTER))
+        yield waitUntil(lambda: getattr((node2.relations.peek(bob.uid) or {}).get(alice.uid), "theirs", 0) == 2)
+        failure = yield self.assertFailure(bob.postMessage(alice.uid, "blocked"), TimRequestFailed)
+        self.assertEqual(failure.code, ErrorCode.ERR_BLOCK)
+
+    @inlineCallbacks
+    def test_profiles(self):
+        """
+        A profile changed through one node reads the same through another.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield alice.nodes(NodeInfo.MODIFYUSER, usermap={"": TimUserBean(nickName="Al")})
+        reply = yield bob.nodes(NodeInfo.USERINFO, nodelist=[alice.uid])
+        self.assertEqual(reply.usermap[alice.uid].nickName, "Al")
 
 
 class JSONClusterRoutingTests(ClusterRoutingTests):
