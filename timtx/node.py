@@ -10,6 +10,7 @@ their own config and clock.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
@@ -246,7 +247,10 @@ class Node(MultiService):
         """
         config, store, clock = self.config, self.store, self.clock
         self.ackIds = AckIds()
-        self.sessions = SessionRegistry(config.devices)
+        # In a cluster the device limits count a user's sessions on every
+        # node: its owner applies them (L{UserDirectory}), not each node.
+        devices = config.devices if self.cluster is None else dataclasses.replace(config.devices, limit=0, type_limit=0)
+        self.sessions = SessionRegistry(devices)
         self.directory = GroupDirectory(store, maxGroups=config.groups.cache_groups)
         self.inbox = InboxDelivery(
             config.messages,
@@ -281,7 +285,11 @@ class Node(MultiService):
         if self.cluster is None:
             return local
         directory = self.userDirectory = UserDirectory(
-            self.cluster, self.sessions, lastSessionEnded=self._lastSessionInCluster
+            self.cluster,
+            self.sessions,
+            devices=self.config.devices,
+            kick=self._kickSession,
+            lastSessionEnded=self._lastSessionInCluster,
         )
         self.sessions.onSessionRemoved.append(self._sessionLeft)
         return ClusterRouter(local, directory, self.cluster)
@@ -704,8 +712,26 @@ class Node(MultiService):
         """
         # What it sent through another node may be a resend's original.
         self.duplicates.forget(session.uid)
-        d = directory.register(session.uid, session.domain)
-        return d.addCallback(lambda _: session)
+        d = directory.register(session.uid, session.domain, admit=session)
+        return d.addCallback(self._admitted, session)
+
+    def _admitted(self, admitted: bool, session: Session) -> Session:
+        if not admitted:
+            self.log.info("login of {uid} refused: too many sessions in the cluster", uid=session.uid)
+            self.sessions.remove(session)
+            raise TimProtocolError(ErrorCode.ERR_OVERENTRY, "too many sessions for this account")
+        return session
+
+    def _kickSession(self, uid: str, sid: int) -> None:
+        """
+        A login on another node pushed this session out (C{kick-oldest}).
+        """
+        assert self.userDirectory is not None
+        session = self.userDirectory.sessionFor(uid, sid)
+        if session is not None:
+            self.log.info("kicking {victim} to admit a session on another node", victim=session)
+            self.sessions.remove(session)
+            session.kick()
 
     def sessionReady(self, session: Session) -> None:
         self.inbox.sessionStarted(session)

@@ -42,8 +42,10 @@ from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, Ownership, userKey
 from timtx.cluster.swim import ChangeKind, MemberChange
 from timtx.cluster.wire import BadPayload, dumps, loads
+from timtx.delivery.registry import overflow
 
 if TYPE_CHECKING:
+    from timtx.config import DevicesConfig
     from timtx.delivery.registry import SessionRegistry
     from timtx.delivery.sessions import Session
 
@@ -79,6 +81,10 @@ class UserDirectory:
     @param sessions: this node's sessions.
     @param maxCached: users whose nodes are kept for routing; the least
         recently used are forgotten (and the owner told) past it.
+    @param devices: the device limits, applied by the owner over a user's
+        sessions on every node when a node registers a new one.
+    @param kick: called with C{(uid, sid)} to log out a session of this
+        node that a login elsewhere pushed out (C{kick-oldest}).
     @param lastSessionEnded: called with C{(uid, domain)} by the owner when
         a user's last session in the whole cluster ends.
 
@@ -93,9 +99,13 @@ class UserDirectory:
         sessions: SessionRegistry,
         *,
         maxCached: int = 100_000,
+        devices: DevicesConfig | None = None,
+        kick: Callable[[str, int], object] | None = None,
         lastSessionEnded: Callable[[str, str], object] | None = None,
     ):
         self.cluster = cluster
+        self.devices = devices
+        self.kick: Callable[[str, int], object] = kick or (lambda uid, sid: None)
         self.sessions = sessions
         self.maxCached = maxCached
         self.lastSessionEnded = lastSessionEnded
@@ -107,7 +117,6 @@ class UserDirectory:
         self._sids: dict[Session, int] = {}
         self._nextSid = count(1)
         self._ownership = cluster.ownership
-        self.kick: Callable[[str, int], object] = lambda uid, sid: None
         cluster.addHandler(KIND_SET, self._setReceived)
         cluster.addHandler(KIND_GET, self._getReceived)
         cluster.addHandler(KIND_UPDATE, self._updateReceived)
@@ -142,26 +151,35 @@ class UserDirectory:
                 return session
         return None
 
-    def register(self, uid: str, domain: str) -> Deferred[Any]:
+    def register(self, uid: str, domain: str, admit: Session | None = None) -> Deferred[bool]:
         """
         Tell C{uid}'s owner the sessions this node holds of it now.
 
+        @param admit: a new session among them, to admit within the device
+            limits across the cluster.
         @return: fires once the owner has it and has told the nodes that
-            route to C{uid}, or failed to.
+            route to C{uid} (or failed to), with whether C{admit} was
+            admitted; C{True} if the owner could not be asked (the limits
+            are then only this node's own).
         """
         sessions = [
             [self.sessionId(s), s.termtyp, s.loginTime] for s in self.sessions.sessionsView(uid) if not s.closed
         ]
-        payload = dumps({"uid": uid, "domain": domain, "sessions": sessions})
-        d = self.cluster.request(self.owner(uid), KIND_SET, payload)
-        d.addErrback(self._registerFailed, uid)
+        message: dict[str, Any] = {"uid": uid, "domain": domain, "sessions": sessions}
+        if admit is not None:
+            message["admit"] = self.sessionId(admit)
+        d: Deferred[Any] = self.cluster.request(self.owner(uid), KIND_SET, dumps(message))
+        d.addCallbacks(
+            lambda answer: loads(answer).get("admitted") is not False, self._registerFailed, errbackArgs=(uid,)
+        )
         return d
 
     def forgetSession(self, session: Session) -> None:
         self._sids.pop(session, None)
 
-    def _registerFailed(self, failure: Failure, uid: str) -> None:
+    def _registerFailed(self, failure: Failure, uid: str) -> bool:
         self.log.warn("registering the sessions of {uid} failed: {why}", uid=uid, why=failure.getErrorMessage())
+        return True
 
     # The owner's side.
 
@@ -172,7 +190,59 @@ class UserDirectory:
         if not isinstance(rows, list):
             raise BadPayload("sessions is not a list")
         sessions = [SessionEntry(node, int(sid), int(termtyp), float(login)) for sid, termtyp, login in rows]
-        return self._set(uid, domain, node, sessions)
+        admitted = True
+        admit = message.get("admit")
+        if isinstance(admit, int):
+            sessions, admitted = self._admit(uid, node, sessions, admit)
+        d = self._set(uid, domain, node, sessions)
+        return d.addCallback(lambda _: dumps({"admitted": admitted}))
+
+    def _admit(self, uid: str, node: str, sessions: list[SessionEntry], sid: int) -> tuple[list[SessionEntry], bool]:
+        """
+        Apply the device limits to the new session C{sid} of C{node}, over
+        every session of C{uid} in the cluster, as one node does over its
+        own (L{overflow}): refuse it, or log out the oldest wherever they
+        are.
+
+        @return: the sessions of C{node} to keep, and whether C{sid} is
+            admitted.
+        """
+        devices = self.devices
+        new = next((entry for entry in sessions if entry.sid == sid), None)
+        if devices is None or new is None:
+            return sessions, True
+        byNode = self.entries.get(uid, {})
+        existing = [entry for other, entries in byNode.items() if other != node for entry in entries]
+        existing.extend(entry for entry in sessions if entry.sid != sid)
+        existing.sort(key=lambda e: (e.loginTime, e.node, e.sid))
+        victims = overflow(devices, existing, new.termtyp)
+        if not victims:
+            return sessions, True
+        if devices.overflow == "reject":
+            return [entry for entry in sessions if entry.sid != sid], False
+        for victim in victims:
+            self.log.info(
+                "kicking session {sid} of {uid} on node {node} to admit a new one",
+                sid=victim.sid,
+                uid=uid,
+                node=victim.node,
+            )
+            if victim.node in byNode and victim.node != node:
+                # Its node registers again once it has logged it out.
+                left = [entry for entry in byNode[victim.node] if entry != victim]
+                if left:
+                    byNode[victim.node] = left
+                else:
+                    del byNode[victim.node]
+            if victim.node == self.nodeId:
+                self.kick(uid, victim.sid)
+            else:
+                d = self.cluster.send(victim.node, KIND_KICK, dumps({"uid": uid, "sid": victim.sid}))
+                d.addErrback(self._kickFailed, victim.node)
+        return [entry for entry in sessions if entry not in victims], True
+
+    def _kickFailed(self, failure: Failure, node: str) -> None:
+        self.log.warn("cannot kick a session on node {node}: {why}", node=node, why=failure.getErrorMessage())
 
     def _set(self, uid: str, domain: str, node: str, sessions: list[SessionEntry]) -> Deferred[Any]:
         byNode = self.entries.get(uid)

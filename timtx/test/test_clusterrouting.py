@@ -331,6 +331,57 @@ class ClusterRoutingTests(TestCase):
         reply = yield bob.nodes(NodeInfo.USERINFO, nodelist=[alice.uid])
         self.assertEqual(reply.usermap[alice.uid].nickName, "Al")
 
+    @inlineCallbacks
+    def test_kickOldestAcrossNodes(self):
+        """
+        With C{kick-oldest}, a login past the limit logs out the user's
+        oldest session, on whichever node it is.
+        """
+        nodes = yield self.cluster(3, devices={"limit": 2, "type_limit": 0, "overflow": "kick-oldest"})
+        oldest = yield self.user(nodes[0])
+        second = yield self.user(nodes[1], oldest.loginName, registerFirst=False)
+        yield self.sessionsKnown(nodes, oldest.uid, 2)
+        newest = yield self.user(nodes[2], oldest.loginName, registerFirst=False)
+        logout = yield oldest.next(lambda i: i.timType == TimType.TIMACK and i.body.timType == TimType.TIMLOGOUT)
+        self.assertTrue(logout.body.ok)
+        yield within(oldest.closed)
+        yield self.sessionsKnown(nodes, oldest.uid, 2)
+        yield nodes[0].userDirectory.locate(oldest.uid)
+        yield waitUntil(lambda: nodes[0].userDirectory.nodes(oldest.uid) == {"node2", "node3"})
+        yield second.ping()
+        yield newest.ping()
+
+    @inlineCallbacks
+    def test_typeLimitAcrossNodes(self):
+        """
+        C{type_limit} counts the sessions of one terminal type on every
+        node.
+        """
+        nodes = yield self.cluster(2, devices={"limit": 0, "type_limit": 1, "overflow": "kick-oldest"})
+        phone = yield self.user(nodes[0], termtyp=2)
+        desktop = yield self.user(nodes[1], phone.loginName, registerFirst=False, termtyp=3)
+        yield self.sessionsKnown(nodes, phone.uid, 2)
+        phone2 = yield self.user(nodes[1], phone.loginName, registerFirst=False, termtyp=2)
+        yield within(phone.closed)
+        yield desktop.ping()
+        yield phone2.ping()
+        yield self.sessionsKnown(nodes, phone.uid, 2)
+
+    @inlineCallbacks
+    def test_rejectAcrossNodes(self):
+        """
+        With C{reject}, a login past the limit on another node is refused
+        with ERR_OVERENTRY, and the sessions already in keep going.
+        """
+        nodes = yield self.cluster(2, devices={"limit": 1, "type_limit": 0, "overflow": "reject"})
+        first = yield self.user(nodes[0])
+        yield self.sessionsKnown(nodes, first.uid, 1)
+        failure = yield self.assertFailure(self.user(nodes[1], first.loginName, registerFirst=False), TimRequestFailed)
+        self.assertEqual(failure.code, ErrorCode.ERR_OVERENTRY)
+        yield first.ping()
+        self.assertEqual(len(nodes[1].sessions), 0)
+        yield self.sessionsKnown(nodes, first.uid, 1)
+
 
 class JSONClusterRoutingTests(ClusterRoutingTests):
     """
