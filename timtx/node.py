@@ -505,6 +505,15 @@ class Node(MultiService):
         """
         return deferToThreadPool(self.reactor, self.threadPool, f, *args)
 
+    def _clientAddresses(self) -> list[str]:
+        addresses = []
+        for name, scheme, path in (("client-ws", "ws", "/tim"), ("client-tcp", "tcp", "")):
+            listener = self._listeners.get(name)
+            if listener is not None and listener.port is not None:
+                host = listener.port.getHost()
+                addresses.append(f"{scheme}://{getattr(host, 'host', '')}:{getattr(host, 'port', '')}{path}")
+        return addresses
+
     # Starting and stopping.
 
     def startService(self) -> None:
@@ -573,6 +582,10 @@ class Node(MultiService):
 
     def _started(self, _: object) -> None:
         self.startedAt = self.clock.seconds()
+        if self.cluster is not None:
+            # Where this node's clients connect, for other nodes and
+            # `python -m timtx.cluster members`.
+            self.cluster.advertise(clientAddresses=self._clientAddresses())
         self.log.info(
             "timtx node ready ({store} store, compact codec {codec})",
             store=self.store.name,

@@ -10,8 +10,10 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.client import TimRequestFailed
+from timtx.cluster.membership import checkClusterConfig, loadSecret
 from timtx.cluster.router import ClusterRouter
 from timtx.cluster.wire import BadPayload, pack, unpack
+from timtx.config import load, replace
 from timtx.delivery.router import LocalRouter
 from timtx.persistence.records import STANCE_FRIEND
 from timtx.protocols.codec import Encoding
@@ -21,7 +23,7 @@ from timtx.test.base import waitUntil, within
 from timtx.test.databases import postgresqlDatabase
 from timtx.test.test_messaging import isMessage
 from timtx.test.test_roster import notice
-from timtx.testing import loggedInClient, startNode, testConfig
+from timtx.testing import loggedInClient, requireOrSkip, sourceRoot, startNode, testConfig
 
 SECRET = "cluster-secret-for-tests"
 
@@ -401,3 +403,82 @@ class AloneTests(TestCase):
         node = yield startNode(self, reactor, testConfig(self.mktemp()))
         self.assertIsNone(node.cluster)
         self.assertIsInstance(node.router, LocalRouter)
+
+
+class ExampleClusterTests(TestCase):
+    """
+    C{examples/cluster/node1.ini}, C{node2.ini} and C{node3.ini}.
+    """
+
+    timeout = 60
+
+    def examples(self):
+        root = sourceRoot()
+        if root is None:
+            requireOrSkip("no source checkout (examples/ is not installed)")
+        directory = root.child("examples").child("cluster")
+        return [load(directory.child(f"node{n}.ini").path) for n in (1, 2, 3)]
+
+    def test_agree(self):
+        """
+        The three are valid cluster configs that share the secret, the
+        store and the node key, on distinct ports, with clients where the
+        issue says, each seeding all.
+        """
+        configs = self.examples()
+        for config in configs:
+            checkClusterConfig(config)
+        self.assertEqual({loadSecret(config) for config in configs}, {loadSecret(configs[0])})
+        self.assertEqual({(c.store.backend, c.store.dsn) for c in configs}, {("postgresql", configs[0].store.dsn)})
+        self.assertIn("/test", configs[0].store.dsn)
+        self.assertEqual({c.key_path for c in configs}, {configs[0].key_path})
+        self.assertEqual(len({c.node.data_dir for c in configs}), 3)
+        self.assertEqual(
+            [c.client.listen for c in configs],
+            [f"tcp:{port}:interface=127.0.0.1" for port in (5120, 5130, 5140)],
+        )
+        ports = [
+            endpoint.split(":")[1]
+            for c in configs
+            for endpoint in (c.client.listen, c.client.tcp_listen, c.admin.listen, c.cluster.listen)
+        ]
+        self.assertEqual(len(ports), len(set(ports)), "every port is distinct")
+        peers = {f"127.0.0.1:{c.cluster.listen.split(':')[1]}" for c in configs}
+        for config in configs:
+            self.assertEqual(set(config.cluster.seeds), peers)
+        self.assertEqual(len({c.cluster.node_id for c in configs}), 3)
+
+    @inlineCallbacks
+    def test_form(self):
+        """
+        The three as they are, but on ports chosen by the OS, data
+        directories and a database of the test's own, form one mesh and
+        carry a message from the first node to the third.
+        """
+        dsn = yield postgresqlDatabase(self)
+        nodes = []
+        seeds = ()
+        for config in self.examples():
+            config = replace(
+                config,
+                node={"data_dir": self.mktemp()},
+                client={"listen": "tcp:0:interface=127.0.0.1", "tcp_listen": "tcp:0:interface=127.0.0.1"},
+                admin={"listen": ""},
+                accounts={"scrypt_n": 16, "scrypt_r": 1},
+                store={"dsn": dsn},
+                cluster={"listen": "tcp:0:interface=127.0.0.1", "seeds": seeds},
+            )
+            node = yield startNode(self, reactor, config)
+            nodes.append(node)
+            seeds = (node.cluster.address,)
+        for node in nodes:
+            yield untilMembers(node, 3)
+        member = nodes[0].cluster.member("node3")
+        self.assertTrue(any(a.startswith("ws://127.0.0.1:") for a in member.clientAddresses))
+        alice = yield loggedInClient(reactor, nodes[0], testCase=self)
+        bob = yield loggedInClient(reactor, nodes[2], testCase=self, encoding=Encoding.JSON)
+        yield nodes[1].relations.setStance(alice.uid, bob.uid, STANCE_FRIEND)
+        yield nodes[1].relations.setStance(bob.uid, alice.uid, STANCE_FRIEND)
+        yield alice.postMessage(bob.uid, "hello, node3")
+        got = yield bob.next(isMessage)
+        self.assertEqual(got.body.dataString, "hello, node3")
