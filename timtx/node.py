@@ -11,6 +11,7 @@ their own config and clock.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
@@ -52,6 +53,7 @@ from timtx.chat.vrooms.service import StreamPush, VRoomService
 from timtx.cluster.caches import CacheMirror
 from timtx.cluster.directory import UserDirectory
 from timtx.cluster.membership import ClusterService
+from timtx.cluster.messaging import ClusterMessaging
 from timtx.cluster.router import ClusterRouter
 from timtx.config import Config
 from timtx.crypto.ids import NodeKeys
@@ -317,7 +319,11 @@ class Node(MultiService):
         self.presence = PresenceService(
             config.presence, store=store, relations=self.relations, accounts=self.accounts, router=router
         )
-        self.messaging = PersonalMessaging(
+        # In a cluster a 1:1 conversation is stored and routed by its owner.
+        messaging: Any = PersonalMessaging
+        if self.cluster is not None and config.cluster.conversation_owner:
+            messaging = partial(ClusterMessaging, cluster=self.cluster)
+        self.messaging = messaging(
             config.messages,
             store=store,
             vault=vault,

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.client import TimRequestFailed
 from timtx.cluster.membership import checkClusterConfig, loadSecret
+from timtx.cluster.messaging import ClusterMessaging
 from timtx.cluster.router import ClusterRouter
 from timtx.cluster.wire import BadPayload, pack, unpack
 from timtx.config import load, replace
@@ -93,6 +94,7 @@ class ClusterRoutingTests(TestCase):
                 "secret": SECRET,
                 "node_id": f"node{i + 1}",
                 "seeds": seeds,
+                **sections.get("cluster", {}),
             }
             config = testConfig(self.mktemp(), backend="postgresql", **merged)
             node = yield startNode(self, reactor, config)
@@ -174,6 +176,52 @@ class ClusterRoutingTests(TestCase):
         yield bob.ping()
         yield bob2.ping()
         self.assertEqual(bob.take(isMessage) + bob2.take(isMessage), [])
+
+    @inlineCallbacks
+    def test_bothSendAtOnce(self):
+        """
+        Two users on different nodes sending to each other at once: every
+        device of either, on a third node too, gets the whole conversation
+        (its own echoes and the other's messages) in seq order, each once.
+        """
+        nodes = yield self.cluster(3)
+        alice = yield self.user(nodes[0])
+        bob = yield self.user(nodes[1])
+        alice3 = yield self.user(nodes[2], alice.loginName, registerFirst=False)
+        bob3 = yield self.user(nodes[2], bob.loginName, registerFirst=False)
+        yield self.friends(nodes[0], alice, bob)
+        count = 40
+        for i in range(count):
+            alice.sendMessage(bob.uid, f"a{i}")
+            bob.sendMessage(alice.uid, f"b{i}")
+        for device in (alice, bob, alice3, bob3):
+            got = []
+            for _ in range(2 * count):
+                got.append((yield device.next(isMessage)).body)
+            self.assertEqual([m.seq for m in got], list(range(1, 2 * count + 1)))
+            self.assertEqual([m.dataString for m in got if m.dataString[0] == "a"], [f"a{i}" for i in range(count)])
+        owners = [n for n in nodes if n.messaging.appendedForOthers]
+        self.assertLessEqual(len(owners), 1, "one node stores the conversation")
+
+    @inlineCallbacks
+    def test_conversationOwnerOff(self):
+        """
+        With C{conversation_owner} off, the sender's node stores and routes
+        the message itself: one link to the recipient's node.
+        """
+        nodes = yield self.cluster(3, cluster={"conversation_owner": False})
+        alice = yield self.user(nodes[0])
+        bob = yield self.user(nodes[1])
+        yield self.friends(nodes[0], alice, bob)
+        for i in range(5):
+            alice.sendMessage(bob.uid, f"m{i}")
+        got = []
+        for _ in range(5):
+            got.append((yield bob.next(isMessage)).body.seq)
+        self.assertEqual(got, [1, 2, 3, 4, 5])
+        self.assertEqual(nodes[0].router.forwarded.get("route.push"), 5)
+        self.assertEqual([n.router.received.get("route.push", 0) for n in nodes], [0, 5, 0])
+        self.assertNotIsInstance(nodes[0].messaging, ClusterMessaging)
 
     @inlineCallbacks
     def test_offlineFromAnyNode(self):
