@@ -9,7 +9,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from timtx.client import TimRequestFailed
+from timtx.client import TimRequestFailed, connect, register, requestToken
 from timtx.cluster.membership import checkClusterConfig, loadSecret
 from timtx.cluster.messaging import ClusterMessaging
 from timtx.cluster.router import ClusterRouter
@@ -24,7 +24,16 @@ from timtx.test.base import waitUntil, within
 from timtx.test.databases import postgresqlDatabase
 from timtx.test.test_messaging import isMessage
 from timtx.test.test_roster import notice
-from timtx.testing import loggedInClient, requireOrSkip, sourceRoot, startNode, testConfig
+from timtx.testing import (
+    httpURL,
+    loggedInClient,
+    requireOrSkip,
+    sourceRoot,
+    startNode,
+    testConfig,
+    uniqueName,
+    wsURL,
+)
 
 SECRET = "cluster-secret-for-tests"
 
@@ -222,6 +231,82 @@ class ClusterRoutingTests(TestCase):
         self.assertEqual(nodes[0].router.forwarded.get("route.push"), 5)
         self.assertEqual([n.router.received.get("route.push", 0) for n in nodes], [0, 5, 0])
         self.assertNotIsInstance(nodes[0].messaging, ClusterMessaging)
+
+    @inlineCallbacks
+    def test_everyOdType(self):
+        """
+        Streams (unstored, unacked), custom types (inbox only), recalls and
+        burns cross nodes, and their notices arrive.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield self.friends(node1, alice, bob)
+        alice.sendMessage(bob.uid, "frame", odType=5)
+        got = yield bob.next(isMessage)
+        self.assertEqual((got.body.odType, got.ackId), (5, None))
+        alice.sendMessage(bob.uid, "typing", odType=40)
+        got = yield bob.next(isMessage)
+        self.assertEqual((got.body.odType, got.body.dataString, got.body.seq), (40, "typing", None))
+        first = yield alice.postMessage(bob.uid, "oops")
+        second = yield alice.postMessage(bob.uid, "burn me")
+        yield bob.next(isMessage)
+        yield bob.next(isMessage)
+        yield alice.postMessage(bob.uid, None, odType=2, mid=first.mid, timType=TimType.TIMREVOKEMESSAGE)
+        notice = (yield bob.next(isMessage)).body
+        self.assertEqual((notice.odType, notice.mid), (2, first.mid))
+        bob.sendMessage(alice.uid, None, odType=3, mid=second.mid, timType=TimType.TIMBURNMESSAGE)
+        notice = (yield alice.next(lambda i: isMessage(i) and i.body.odType == 3)).body
+        self.assertEqual(notice.mid, second.mid)
+        history = yield alice.history(bob.uid)
+        self.assertEqual([m.dataString for m in history], [None, None])
+
+    @inlineCallbacks
+    def test_accountsOnAnyNode(self):
+        """
+        A token issued by one node logs in on another, and a password
+        changed through one node is the one every node checks.
+        """
+        node1, node2 = yield self.cluster(2)
+        name = uniqueName()
+        yield register(reactor, httpURL(node1), name, "secret")
+        ack = yield requestToken(reactor, httpURL(node1), name, "secret")
+        client = yield connect(reactor, wsURL(node2), self.encoding)
+        self.addCleanup(client.disconnect)
+        login = yield client.login(token=ack.t)
+        self.assertTrue(login.ok)
+        yield client.business(Business.MODIFYAUTH, reqStr="secret", reqStr2="changed")
+        again = yield connect(reactor, wsURL(node1), self.encoding)
+        self.addCleanup(again.disconnect)
+        failure = yield self.assertFailure(again.login(name, "secret"), TimRequestFailed)
+        self.assertEqual(failure.code, ErrorCode.ERR_AUTH)
+        self.assertTrue((yield again.login(name, "changed")).ok)
+
+    @inlineCallbacks
+    def test_nodeLeaves(self):
+        """
+        When a node stops, its users' sessions leave the directory (their
+        friends are told they went offline), the owners of what it owned
+        move, and the others keep talking.
+        """
+        nodes = yield self.cluster(3)
+        alice = yield self.user(nodes[0])
+        bob = yield self.user(nodes[1])
+        carol = yield self.user(nodes[2])
+        yield self.friends(nodes[0], alice, bob, carol)
+        yield alice.postMessage(bob.uid, "before")
+        yield bob.next(isMessage)
+        yield nodes[2].stopService()
+        got = (yield alice.next(presence)).body
+        self.assertEqual((got.offline, got.fromTid.node), (True, carol.uid))
+        for node in nodes[:2]:
+            yield waitUntil(lambda node=node: len(node.cluster.liveMembers()) == 2)
+        for uid in (alice.uid, bob.uid):
+            yield self.sessionsKnown(nodes[:2], uid, 1)
+        yield alice.postMessage(bob.uid, "after")
+        self.assertEqual((yield bob.next(isMessage)).body.dataString, "after")
+        yield bob.postMessage(alice.uid, "back")
+        self.assertEqual((yield alice.next(isMessage)).body.dataString, "back")
 
     @inlineCallbacks
     def test_offlineFromAnyNode(self):
