@@ -16,12 +16,16 @@ import json
 import struct
 from typing import Any
 
+from timtx.cluster.membership import PeerRequestError
+
 _LENGTH = struct.Struct(">I")
 
 
-class BadPayload(ValueError):
+class BadPayload(PeerRequestError, ValueError):
     """
-    A routing payload does not have the shape its kind promises.
+    A routing payload does not have the shape its kind promises.  A
+    request carrying one is answered with this error (no traceback logged
+    here: the other node is at fault).
     """
 
 

@@ -9,8 +9,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from timtx.admin.status import clusterStatus
 from timtx.client import TimRequestFailed, connect, register, requestToken
-from timtx.cluster.membership import checkClusterConfig, loadSecret
+from timtx.cluster.membership import PeerRequestFailed, checkClusterConfig, loadSecret
 from timtx.cluster.messaging import ClusterMessaging
 from timtx.cluster.router import ClusterRouter
 from timtx.cluster.wire import BadPayload, pack, unpack
@@ -137,6 +138,32 @@ class ClusterRoutingTests(TestCase):
         self.assertEqual(nodes[0].cluster.ownership.nodes, ("node1", "node2", "node3"))
         for node in nodes:
             self.assertIsInstance(node.router, ClusterRouter)
+        status = clusterStatus(nodes[1])
+        self.assertEqual((status["clustered"], status["self"], status["live"]), (True, "node2", 3))
+
+    @inlineCallbacks
+    def test_badPayloads(self):
+        """
+        Routing requests and messages of the wrong shape are refused, one at
+        a time, and the mesh goes on routing.
+        """
+        node1, node2 = yield self.cluster(2)
+        for kind, payload in [
+            ("dir.set", b"not json"),
+            ("dir.set", b'{"uid": 5}'),
+            ("dir.get", b"[]"),
+            ("conv.append", pack(b"too", b"few")),
+        ]:
+            failure = yield self.assertFailure(node1.cluster.request("node2", kind, payload), PeerRequestFailed)
+            self.assertNotEqual(failure.reason, "internal error", kind)
+        for kind in ("route.push", "route.send", "dir.update", "cache.stance"):
+            yield node1.cluster.send("node2", kind, b"\x00garbage")
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield self.friends(node1, alice, bob)
+        yield alice.postMessage(bob.uid, "still routing")
+        self.assertEqual((yield bob.next(isMessage)).body.dataString, "still routing")
+        self.flushLoggedErrors(BadPayload)
 
     @inlineCallbacks
     def test_crossNode(self):
