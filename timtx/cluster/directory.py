@@ -25,6 +25,12 @@ When membership changes, owners move: each node registers its users again
 with their new owners, forgets the entries it no longer owns and the cached
 users whose owner moved (they are asked again when next needed); a dead
 node's sessions are removed by the owners of its users.
+
+The owner keeps a copy of each entry on its successor (the node with the
+next highest score for the user, C{dir.replica}), which is the node that
+owns the user if the owner goes.  So when a node dies holding sessions of
+users it also owned, their new owner knows the sessions were there, and
+announces the users offline.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ KIND_GET = "dir.get"
 KIND_UPDATE = "dir.update"
 KIND_DROP = "dir.drop"
 KIND_KICK = "dir.kick"
+KIND_REPLICA = "dir.replica"
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,9 @@ class UserDirectory:
         self.maxCached = maxCached
         self.lastSessionEnded = lastSessionEnded
         self.entries: dict[str, dict[str, list[SessionEntry]]] = {}
+        #: Copies of the entries of users this node is the successor for:
+        #: their domain and sessions by node.
+        self.replicas: dict[str, tuple[str, dict[str, list[SessionEntry]]]] = {}
         self._domains: dict[str, str] = {}
         self._subscribers: dict[str, set[str]] = {}
         self._cache: OrderedDict[str, frozenset[str]] = OrderedDict()
@@ -122,6 +132,7 @@ class UserDirectory:
         cluster.addHandler(KIND_UPDATE, self._updateReceived)
         cluster.addHandler(KIND_DROP, self._dropReceived)
         cluster.addHandler(KIND_KICK, self._kickReceived)
+        cluster.addHandler(KIND_REPLICA, self._replicaReceived)
         cluster.addObserver(self._membershipChanged)
 
     @property
@@ -257,11 +268,53 @@ class UserDirectory:
         after = frozenset(self.entries.get(uid, ()))
         if not after:
             self.entries.pop(uid, None)
+        self._replicate(uid, domain)
         if before == after:
             return succeed(None)
         if before and not after:
             self._lastEnded(uid)
         return self._publish(uid, after)
+
+    def _successor(self, ownership: Ownership, uid: str) -> str | None:
+        """
+        The node that would own C{uid} if its owner went, if this node owns
+        it.
+        """
+        try:
+            owners = ownership.owners(userKey(uid), 2)
+        except NoOwner:
+            return None
+        return owners[1] if len(owners) == 2 and owners[0] == self.nodeId else None
+
+    def _replicate(self, uid: str, domain: str) -> None:
+        successor = self._successor(self.cluster.ownership, uid)
+        if successor is None:
+            return
+        byNode = self.entries.get(uid, {})
+        nodes = {node: [[e.sid, e.termtyp, e.loginTime] for e in entries] for node, entries in byNode.items()}
+        d = self.cluster.send(successor, KIND_REPLICA, dumps({"uid": uid, "domain": domain, "nodes": nodes}))
+        d.addErrback(self._replicateFailed, successor)
+
+    def _replicateFailed(self, failure: Failure, node: str) -> None:
+        self.log.info("copying an entry to node {node} failed: {why}", node=node, why=failure.getErrorMessage())
+
+    def _replicaReceived(self, node: str, payload: bytes) -> None:
+        message = loads(payload)
+        uid, domain, nodes = _text(message, "uid"), message.get("domain"), message.get("nodes")
+        if not isinstance(nodes, dict) or not isinstance(domain, str):
+            raise BadPayload("domain and nodes are required")
+        if not nodes:
+            self.replicas.pop(uid, None)
+            return
+        self.replicas[uid] = (
+            domain,
+            {
+                str(holder): [
+                    SessionEntry(str(holder), int(sid), int(termtyp), float(login)) for sid, termtyp, login in rows
+                ]
+                for holder, rows in nodes.items()
+            },
+        )
 
     def _lastEnded(self, uid: str) -> None:
         domain = self._domains.pop(uid, "")
@@ -383,6 +436,8 @@ class UserDirectory:
     def _membershipChanged(self, change: MemberChange) -> None:
         new = self.cluster.ownership
         old, self._ownership = self._ownership, new
+        if old != new:
+            self._promote(new)
         gone = change.kind in (ChangeKind.DIED, ChangeKind.LEFT, ChangeKind.FORGOTTEN)
         if gone:
             self._nodeGone(change.member.nodeId)
@@ -400,6 +455,29 @@ class UserDirectory:
                 sessions = self.sessions.sessionsView(uid)
                 if sessions:
                     self.register(uid, sessions[0].domain)
+        for uid in list(self.entries):
+            if self._successor(old, uid) != self._successor(new, uid):
+                self._replicate(uid, self._domains.get(uid, ""))
+
+    def _promote(self, new: Ownership) -> None:
+        """
+        Take the copies of the entries of users this node now owns as its
+        own (their holders register again too); forget the copies of users
+        it is no longer the successor for.
+        """
+        for uid, (domain, byNode) in list(self.replicas.items()):
+            key = userKey(uid)
+            try:
+                owners = new.owners(key, 2)
+            except NoOwner:
+                continue
+            if owners[0] == self.nodeId:
+                del self.replicas[uid]
+                if uid not in self.entries:
+                    self.entries[uid] = dict(byNode)
+                    self._domains[uid] = domain
+            elif owners[1:] != [self.nodeId]:
+                del self.replicas[uid]
 
     def _moved(self, old: Ownership, new: Ownership) -> Callable[[str], bool]:
         def moved(uid: str) -> bool:

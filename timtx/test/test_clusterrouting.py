@@ -336,6 +336,29 @@ class ClusterRoutingTests(TestCase):
         self.assertEqual((yield alice.next(isMessage)).body.dataString, "back")
 
     @inlineCallbacks
+    def test_ownerDiesWithItsUser(self):
+        """
+        A node that owned a user and held its only session stops: the
+        successor, which kept a copy of the user's entry, now owns it and
+        tells the user's friends it went offline.
+        """
+        nodes = yield self.cluster(3)
+        name = uniqueName()
+        uid = yield register(reactor, httpURL(nodes[0]), name, "secret")
+        owner = self.owner(nodes, uid)
+        successorName = owner.cluster.ownership.owners(f"user:{uid}", 2)[1]
+        successor = next(node for node in nodes if node.cluster.nodeId == successorName)
+        other = next(node for node in nodes if node is not owner)
+        carol = yield self.user(owner, name, registerFirst=False)
+        alice = yield self.user(other)
+        yield self.friends(other, alice, carol)
+        yield waitUntil(lambda: uid in successor.userDirectory.replicas)
+        yield owner.stopService()
+        got = (yield alice.next(presence)).body
+        self.assertEqual((got.offline, got.fromTid.node), (True, uid))
+        self.assertNotIn(uid, successor.userDirectory.entries)
+
+    @inlineCallbacks
     def test_offlineFromAnyNode(self):
         """
         What a user missed while offline is read at its next login on
