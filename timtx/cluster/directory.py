@@ -200,7 +200,10 @@ class UserDirectory:
         rows = message.get("sessions")
         if not isinstance(rows, list):
             raise BadPayload("sessions is not a list")
-        sessions = [SessionEntry(node, int(sid), int(termtyp), float(login)) for sid, termtyp, login in rows]
+        try:
+            sessions = [SessionEntry(node, int(sid), int(termtyp), float(login)) for sid, termtyp, login in rows]
+        except (TypeError, ValueError):
+            raise BadPayload("sessions are [sid, termtyp, loginTime] lists") from None
         admitted = True
         admit = message.get("admit")
         if isinstance(admit, int):

@@ -97,6 +97,10 @@ class ClusterMessaging(PersonalMessaging):
         to = recipient.decode()
         self.appendedForOthers += 1
         d = super().appendAndRoute(conv.decode(), sender.decode(), message, to, bool(keep), dedupe)
+        if dedupe is not None and self.duplicates.peek(*dedupe)[0]:
+            # The sender's keys are in memory here too (it has a session
+            # here): add this one, so a resend through this node is known.
+            self.duplicates.remember(dedupe[0], dedupe[1], d, conv.decode())
         return d.addCallbacks(
             lambda appended: pack(b"ok", codec.encode_compact(appended.message), b"%d" % appended.qids[to]),
             _refused,

@@ -151,6 +151,7 @@ class ClusterRoutingTests(TestCase):
         for kind, payload in [
             ("dir.set", b"not json"),
             ("dir.set", b'{"uid": 5}'),
+            ("dir.set", b'{"uid": "u", "domain": "", "sessions": [[1]]}'),
             ("dir.get", b"[]"),
             ("conv.append", pack(b"too", b"few")),
         ]:
