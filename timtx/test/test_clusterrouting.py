@@ -5,6 +5,8 @@ C{[cluster]} on loopback (ports chosen by the OS), sharing one PostgreSQL
 database, with real tim clients logged in to different nodes.
 """
 
+import random
+
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -288,6 +290,28 @@ class ClusterRoutingTests(TestCase):
         self.assertEqual(notice.mid, second.mid)
         history = yield alice.history(bob.uid)
         self.assertEqual([m.dataString for m in history], [None, None])
+
+    @inlineCallbacks
+    def test_bigPayloads(self):
+        """
+        TIMBIGSTRING and a big binary of a few MiB reach the recipient's
+        sessions on other nodes, raw, as on one node.
+        """
+        nodes = yield self.cluster(3)
+        alice = yield self.user(nodes[0])
+        bob = yield self.user(nodes[1])
+        bob3 = yield self.user(nodes[2], bob.loginName, registerFirst=False)
+        yield self.friends(nodes[0], alice, bob)
+        text = "Grüße | 你好 " * 1000
+        alice.bigString(bob.uid, text)
+        for client in (bob, bob3):
+            frame = yield client.next(TimType.TIMBIGSTRING)
+            self.assertEqual(client.bigDataOf(frame), (alice.uid, text.encode()))
+        data = random.Random(1).randbytes(3 << 20)
+        alice.bigBinary(bob.uid, data, chunkSize=512 * 1024)
+        for client in (bob, bob3):
+            frame = yield client.next(TimType.TIMBIGBINARY, timeout=30)
+            self.assertEqual(client.bigDataOf(frame), (alice.uid, data))
 
     @inlineCallbacks
     def test_accountsOnAnyNode(self):
