@@ -5,6 +5,7 @@ C{[cluster]} on loopback (ports chosen by the OS), sharing one PostgreSQL
 database, with real tim clients logged in to different nodes.
 """
 
+import os
 import random
 
 from twisted.internet import reactor
@@ -669,7 +670,9 @@ class ExampleClusterTests(TestCase):
         for config in self.examples():
             config = replace(
                 config,
-                node={"data_dir": self.mktemp()},
+                # Absolute: relative paths are taken from the example's
+                # directory, which the test must not write to.
+                node={"data_dir": os.path.abspath(self.mktemp())},
                 client={"listen": "tcp:0:interface=127.0.0.1", "tcp_listen": "tcp:0:interface=127.0.0.1"},
                 admin={"listen": ""},
                 accounts={"scrypt_n": 16, "scrypt_r": 1},
