@@ -969,6 +969,14 @@ class ClusterConfig:
         "Requests this node may have waiting on one peer, and requests one peer may have in progress here; past "
         "it new requests fail at once as busy.",
     )
+    conversation_owner: bool = option(
+        True,
+        BOOL,
+        "Store and route each 1:1 conversation on the node that owns it, so that every device of either party "
+        "gets it in seq order even when both send at once from different nodes; a message then crosses two "
+        "links when that node holds neither party. false: the sender's node stores and routes (always one "
+        "link), and only what one node stores arrives in order.",
+    )
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ their own config and clock.
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
@@ -48,6 +50,11 @@ from timtx.chat.reseal import Resealer
 from timtx.chat.roster import RelationCache, RosterService
 from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.chat.vrooms.service import StreamPush, VRoomService
+from timtx.cluster.caches import CacheMirror
+from timtx.cluster.directory import UserDirectory
+from timtx.cluster.membership import ClusterService
+from timtx.cluster.messaging import ClusterMessaging
+from timtx.cluster.router import ClusterRouter
 from timtx.config import Config
 from timtx.crypto.ids import NodeKeys
 from timtx.crypto.vault import KeyringError, StanzaVault, loadKeyring
@@ -219,6 +226,14 @@ class Node(MultiService):
         self._closing: dict[IFrameSink, Deferred[None]] = {}
         self._background: set[Deferred[Any]] = set()
         self.ready: Deferred[Node] = Deferred()
+        #: This node's part in the cluster, or C{None} without C{[cluster]
+        #: listen}: the node then serves alone, as it always did.
+        self.cluster: ClusterService | None = None
+        #: Which nodes hold each user's sessions (with a cluster).
+        self.userDirectory: UserDirectory | None = None
+        if config.cluster.listen:
+            self.cluster = ClusterService.fromConfig(config, reactor, protocol=self.protocols.lookup("peer"))
+            self.cluster.setServiceParent(self)
         self._buildDelivery()
         self._buildChat()
         self._sweeps = self._periodicWork()
@@ -234,7 +249,10 @@ class Node(MultiService):
         """
         config, store, clock = self.config, self.store, self.clock
         self.ackIds = AckIds()
-        self.sessions = SessionRegistry(config.devices)
+        # In a cluster the device limits count a user's sessions on every
+        # node: its owner applies them (L{UserDirectory}), not each node.
+        devices = config.devices if self.cluster is None else dataclasses.replace(config.devices, limit=0, type_limit=0)
+        self.sessions = SessionRegistry(devices)
         self.directory = GroupDirectory(store, maxGroups=config.groups.cache_groups)
         self.inbox = InboxDelivery(
             config.messages,
@@ -262,9 +280,21 @@ class Node(MultiService):
     def makeRouter(self) -> IRouter:
         """
         The L{IRouter} the chat services deliver through: this node's
-        sessions.  The cluster overrides it.
+        sessions, and with a cluster the nodes holding a user's other
+        sessions, found in the user directory.
         """
-        return LocalRouter(self.sessions, self.inbox, self.fanout)
+        local = LocalRouter(self.sessions, self.inbox, self.fanout)
+        if self.cluster is None:
+            return local
+        directory = self.userDirectory = UserDirectory(
+            self.cluster,
+            self.sessions,
+            devices=self.config.devices,
+            kick=self._kickSession,
+            lastSessionEnded=self._lastSessionInCluster,
+        )
+        self.sessions.onSessionRemoved.append(self._sessionLeft)
+        return ClusterRouter(local, directory, self.cluster)
 
     def _buildChat(self) -> None:
         """
@@ -289,7 +319,11 @@ class Node(MultiService):
         self.presence = PresenceService(
             config.presence, store=store, relations=self.relations, accounts=self.accounts, router=router
         )
-        self.messaging = PersonalMessaging(
+        # In a cluster a 1:1 conversation is stored and routed by its owner.
+        messaging: Any = PersonalMessaging
+        if self.cluster is not None and config.cluster.conversation_owner:
+            messaging = partial(ClusterMessaging, cluster=self.cluster)
+        self.messaging = messaging(
             config.messages,
             store=store,
             vault=vault,
@@ -340,6 +374,10 @@ class Node(MultiService):
         GroupMembership(self.groups, accounts=self.accounts).register(self.business)
         GroupModeration(self.groups).register(self.business)
         self.business.register(Business.MODIFYAUTH, self._changePassword)
+
+        if self.cluster is not None:
+            #: Mirrors this node's cache changes on the other nodes.
+            self.cacheMirror = CacheMirror(self.cluster, relations=self.relations, presence=self.presence)
 
         self.dispatcher = Dispatcher()
         route = self.dispatcher.route
@@ -396,7 +434,22 @@ class Node(MultiService):
         self.log.info("store available again: reading the inboxes of {count} live sessions again", count=count)
 
     def _lastSessionEnded(self, session: Session) -> None:
-        self.runInBackground(self.presence.announceOffline, session.uid, session.domain)
+        if self.cluster is None:
+            self.runInBackground(self.presence.announceOffline, session.uid, session.domain)
+        # In a cluster the user's owner announces it, once its last session
+        # anywhere has ended (L{_lastSessionInCluster}).
+
+    def _lastSessionInCluster(self, uid: str, domain: str) -> None:
+        self.runInBackground(self.presence.announceOffline, uid, domain)
+
+    def _sessionLeft(self, session: Session) -> None:
+        directory = self.userDirectory
+        assert directory is not None
+        directory.forgetSession(session)
+        if not self.stopping:
+            # A node that stops leaves the cluster: the owners drop its
+            # sessions all at once.
+            self.runInBackground(directory.register, session.uid, session.domain)
 
     def runInBackground(self, f: Callable[..., Any], *args: Any) -> None:
         """
@@ -458,6 +511,15 @@ class Node(MultiService):
         """
         return deferToThreadPool(self.reactor, self.threadPool, f, *args)
 
+    def _clientAddresses(self) -> list[str]:
+        addresses = []
+        for name, scheme, path in (("client-ws", "ws", "/tim"), ("client-tcp", "tcp", "")):
+            listener = self._listeners.get(name)
+            if listener is not None and listener.port is not None:
+                host = listener.port.getHost()
+                addresses.append(f"{scheme}://{getattr(host, 'host', '')}:{getattr(host, 'port', '')}{path}")
+        return addresses
+
     # Starting and stopping.
 
     def startService(self) -> None:
@@ -506,7 +568,10 @@ class Node(MultiService):
         if len(self.vault.keyIds) > 1 and self.config.store.reseal_rate > 0:
             # Data may be sealed with an older key: move it to the new one.
             self.resealer.start()
-        d = gatherResults([listener.listening for listener in self._listeners.values()], consumeErrors=True)
+        waits: list[Deferred[Any]] = [listener.listening for listener in self._listeners.values()]
+        if self.cluster is not None:
+            waits.append(self.cluster.ready)
+        d = gatherResults(waits, consumeErrors=True)
         d.addCallbacks(self._started, self._failedToStart)
 
     def _storeFailed(self, failure: Failure) -> None:
@@ -523,6 +588,10 @@ class Node(MultiService):
 
     def _started(self, _: object) -> None:
         self.startedAt = self.clock.seconds()
+        if self.cluster is not None:
+            # Where this node's clients connect, for other nodes and
+            # `python -m timtx.cluster members`.
+            self.cluster.advertise(clientAddresses=self._clientAddresses())
         self.log.info(
             "timtx node ready ({store} store, compact codec {codec})",
             store=self.store.name,
@@ -607,6 +676,8 @@ class Node(MultiService):
     def login(self, sink: IFrameSink, auth: TimAuth, encoding: Encoding) -> Deferred[Session]:
         d = self.accounts.authenticate(auth, sink.peerAddress)
         d.addCallback(self._startSession, sink, auth, encoding)
+        if self.userDirectory is not None:
+            d.addCallback(self._registerSession, self.userDirectory)
         d.addErrback(_outageRefused)
         d.addErrback(self._loginFailed)
         return d
@@ -649,6 +720,37 @@ class Node(MultiService):
             generation=session.generation.value,
         )
         return session
+
+    def _registerSession(self, session: Session, directory: UserDirectory) -> Deferred[Session]:
+        """
+        Tell the user's owner that the session is here before the client
+        has its TIMAUTH ack: its inbox is read after that, once every node
+        routing to the user knows (see L{timtx.cluster.directory}), so
+        nothing stored meanwhile is missed, and a message sent to it after
+        the ack is pushed live as on a single node.
+        """
+        # What it sent through another node may be a resend's original.
+        self.duplicates.forget(session.uid)
+        d = directory.register(session.uid, session.domain, admit=session)
+        return d.addCallback(self._admitted, session)
+
+    def _admitted(self, admitted: bool, session: Session) -> Session:
+        if not admitted:
+            self.log.info("login of {uid} refused: too many sessions in the cluster", uid=session.uid)
+            self.sessions.remove(session)
+            raise TimProtocolError(ErrorCode.ERR_OVERENTRY, "too many sessions for this account")
+        return session
+
+    def _kickSession(self, uid: str, sid: int) -> None:
+        """
+        A login on another node pushed this session out (C{kick-oldest}).
+        """
+        assert self.userDirectory is not None
+        session = self.userDirectory.sessionFor(uid, sid)
+        if session is not None:
+            self.log.info("kicking {victim} to admit a session on another node", victim=session)
+            self.sessions.remove(session)
+            session.kick()
 
     def sessionReady(self, session: Session) -> None:
         self.inbox.sessionStarted(session)

@@ -2,7 +2,8 @@
 """
 Checks of a configuration that need more than the config itself: that the
 store plugin exists, that the data directory can be used, that an existing
-SQLite file is one.  C{twist tim} and C{python -m timtx --check-config} run
+SQLite file is one, that C{[cluster]} has what it needs and its secret and
+TLS files can be read.  C{twist tim} and C{python -m timtx --check-config} run
 them before anything listens, so that every problem a config can have is
 one message naming the file, section and key, and one exit status.
 
@@ -17,6 +18,7 @@ import stat
 
 from twisted.logger import Logger
 
+from timtx.cluster.membership import checkClusterConfig, loadSecret, loadTLS
 from timtx.config import Config, ConfigError, load
 from timtx.persistence import storeFactory
 
@@ -54,6 +56,12 @@ def checkConfig(config: Config) -> None:
     _checkDataDir(config)
     if config.store.backend == "sqlite":
         _checkSQLiteFile(config)
+    if config.cluster.listen:
+        # The keys [cluster] needs together, its secret and TLS files: read
+        # now, so that a node with a bad cluster setup does not start.
+        checkClusterConfig(config)
+        loadSecret(config)
+        loadTLS(config)
 
 
 def _checkDataDir(config: Config) -> None:

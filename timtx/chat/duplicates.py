@@ -158,6 +158,18 @@ class DuplicateFilter:
         else:
             session.sendAck(TimType.TIMMESSAGE, t=seen.mid)
 
+    def forget(self, sender: str) -> None:
+        """
+        Drop C{sender}'s keys from memory, so that its next message reads
+        them from the store again: in a cluster, once the sender logs in
+        here, a resend of what it sent through another node must be seen.
+        Keys of writes still under way here are kept (a resend waits for
+        them).
+        """
+        known = self._senders.peek(sender)
+        if known is not None and not any(isinstance(seen, InFlight) for _, seen in known.values()):
+            self._senders.pop(sender)
+
     def _read(self, sender: str) -> Deferred[Any]:
         d: Deferred[Any] = self.store.recentDuplicates(sender, self.clock.seconds() - self.window)
         d.addCallback(lambda rows: {cid: (dup.created, dup) for cid, dup in rows.items()})

@@ -29,7 +29,7 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -135,13 +135,27 @@ class PersonalMessaging:
         keep = message.odType == OdType.ORDER_INOF
         dedupe = (session.uid, clientId) if clientId is not None and self.duplicates.enabled else None
         conv = pairConversation(session.uid, other)
-        appending = self.conversations.append(conv, session.uid, message, (other,), keep=keep, dedupe=dedupe)
+        appending = self.appendAndRoute(conv, session.uid, message, other, keep, dedupe)
         if dedupe is not None:
             self.duplicates.remember(session.uid, dedupe[1], appending, conv)
-        appending.addCallbacks(
-            self._appended, refuseUnstored, callbackArgs=(session.uid, other), errbackArgs=(session, message)
-        )
+        appending.addErrback(refuseUnstored, session, message)
         return None
+
+    def appendAndRoute(
+        self, conv: str, sender: str, message: TimMessage, recipient: str, keep: bool, dedupe: tuple[str, int] | None
+    ) -> Deferred[Appended]:
+        """
+        Store a checked message through its conversation's owner and, once
+        durable, route it: the echo to the sender's sessions, the push to
+        the recipient's.  The cluster overrides this to do both on the
+        node that owns the conversation, so that one node routes a
+        conversation's messages, in seq order.
+
+        @return: fires with the L{Appended} message once durable; fails
+            with what the client is to be told.
+        """
+        d = self.conversations.append(conv, sender, message, (recipient,), keep=keep, dedupe=dedupe)
+        return d.addCallback(self._appended, sender, recipient)
 
     def _appended(self, appended: Appended, sender: str, recipient: str) -> Appended:
         encoded = Encoded(appended.message)

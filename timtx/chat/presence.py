@@ -18,7 +18,7 @@ The flag is stored, so it outlives sessions and restarts.
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
@@ -56,9 +56,18 @@ class PresenceService:
         self.accounts = accounts
         self.router = router
         self._invisible: LoadingCache[str, bool] = LoadingCache(store.getInvisible, 100_000)
+        #: Called with C{(uid, invisible)} when a user turns invisible or
+        #: visible here (the cluster mirrors it in the other nodes' caches).
+        self.onInvisible: list[Callable[[str, bool], object]] = []
 
     def isInvisible(self, uid: str) -> Any:
         return self._invisible.get(uid)
+
+    def applyInvisible(self, uid: str, invisible: bool) -> None:
+        """
+        Note C{uid}'s invisible flag, stored here or by another node.
+        """
+        self._invisible.put(uid, invisible)
 
     def _outgoing(self, session: Session, presence: TimPresence) -> TimPresence:
         if presence.offline:
@@ -91,7 +100,9 @@ class PresenceService:
             was = yield self.isInvisible(session.uid)
             if presence.invisible != was:
                 yield self.store.setInvisible(session.uid, presence.invisible)
-                self._invisible.put(session.uid, presence.invisible)
+                self.applyInvisible(session.uid, presence.invisible)
+                for observer in self.onInvisible:
+                    observer(session.uid, presence.invisible)
                 if presence.invisible:
                     yield self.announceOffline(session.uid, session.domain, force=True)
             return not presence.invisible

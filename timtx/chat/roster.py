@@ -15,7 +15,7 @@ store together.
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
@@ -55,6 +55,9 @@ class RelationCache:
     def __init__(self, store: IMessageStore, maxUsers: int = 100_000):
         self.store = store
         self._users: LoadingCache[str, dict[str, Relation]] = LoadingCache(self._read, maxUsers)
+        #: Called with C{(owner, other, stance)} after each L{setStance}
+        #: (the cluster mirrors it in the other nodes' caches).
+        self.onChange: list[Callable[[str, str, int], object]] = []
 
     def _read(self, uid: str) -> Deferred[dict[str, Relation]]:
         d: Deferred[Any] = self.store.relationsOf(uid)
@@ -88,6 +91,16 @@ class RelationCache:
         Store C{owner}'s new stance toward C{other} and update both users'
         cached views.
         """
+        self.applyStance(owner, other, stance)
+        for observer in self.onChange:
+            observer(owner, other, stance)
+        return self.store.setStance(owner, other, stance)
+
+    def applyStance(self, owner: str, other: str, stance: int) -> None:
+        """
+        Update the cached views of a stance stored elsewhere (by another
+        node of the cluster).
+        """
         mine = self._users.peek(owner)
         if mine is not None:
             old = mine.get(other) or Relation(other, STANCE_NONE, STANCE_NONE)
@@ -96,7 +109,6 @@ class RelationCache:
         if theirs is not None:
             old = theirs.get(owner) or Relation(owner, STANCE_NONE, STANCE_NONE)
             theirs[owner] = Relation(owner, old.mine, stance)
-        return self.store.setStance(owner, other, stance)
 
 
 class RosterService:

@@ -624,6 +624,9 @@ class ClusterService(Service):
         return d.addCallback(lambda answer: b"" if answer is None else bytes(answer))
 
     def _reachable(self, nodeId: str) -> _Peer:
+        if self._stopping:
+            # Links are closing: nothing sent now would be answered.
+            raise PeerUnavailable(nodeId, "this node is stopping")
         peer = self._peers.get(nodeId)
         if peer is not None and peer.link is not None:
             return peer

@@ -25,6 +25,17 @@ class Encoded:
         self._compact: bytes | None = None
         self._json: bytes | None = None
 
+    @classmethod
+    def prepared(cls, compact: bytes, json: bytes) -> Encoded:
+        """
+        A message that arrives already encoded both ways (from another node
+        of the cluster), so that it is never decoded here.
+        """
+        encoded = cls(None)
+        encoded._compact = compact
+        encoded._json = json
+        return encoded
+
     def payload(self, encoding: Encoding) -> bytes:
         if encoding is Encoding.JSON:
             if self._json is None:

@@ -8,7 +8,7 @@ decides, at login, whether a new session fits within C{[devices]}.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence, TypeVar
 
 from twisted.logger import Logger
 
@@ -18,6 +18,36 @@ from timtx.protocols.errors import TimProtocolError
 if TYPE_CHECKING:
     from timtx.config import DevicesConfig
     from timtx.delivery.sessions import Session
+
+
+class _HasTermtyp(Protocol):
+    @property
+    def termtyp(self) -> int: ...
+
+
+S = TypeVar("S", bound=_HasTermtyp)
+
+
+def overflow(devices: DevicesConfig, existing: Sequence[S], termtyp: int) -> list[S]:
+    """
+    The oldest of C{existing} (oldest first) that must go for one more
+    session of C{termtyp} to fit within C{devices}; the cluster's user
+    directory decides with it too, over a user's sessions on every node.
+    """
+    victims: list[S] = []
+    typeLimit = devices.type_limit
+    if typeLimit:
+        sameType = [s for s in existing if s.termtyp == termtyp]
+        excess = len(sameType) - typeLimit + 1
+        if excess > 0:
+            victims.extend(sameType[:excess])
+    limit = devices.limit
+    if limit:
+        remaining = [s for s in existing if s not in victims]
+        excess = len(remaining) - limit + 1
+        if excess > 0:
+            victims.extend(remaining[:excess])
+    return victims
 
 
 class SessionRegistry:
@@ -91,23 +121,7 @@ class SessionRegistry:
         return victims
 
     def _overflow(self, existing: list[Session], termtyp: int) -> list[Session]:
-        """
-        The oldest sessions that must go for one more of C{termtyp} to fit.
-        """
-        victims: list[Session] = []
-        typeLimit = self.devices.type_limit
-        if typeLimit:
-            sameType = [s for s in existing if s.termtyp == termtyp]
-            excess = len(sameType) - typeLimit + 1
-            if excess > 0:
-                victims.extend(sameType[:excess])
-        limit = self.devices.limit
-        if limit:
-            remaining = [s for s in existing if s not in victims]
-            excess = len(remaining) - limit + 1
-            if excess > 0:
-                victims.extend(remaining[:excess])
-        return victims
+        return overflow(self.devices, existing, termtyp)
 
     def _add(self, session: Session) -> None:
         sessions = self._byUser.setdefault(session.uid, [])

@@ -178,6 +178,124 @@ class Topology:
         return ["ip", "netns", "exec", host.namespace, sys.executable, "-m", module, *args]
 
 
+@dataclass
+class MeshTopology:
+    """
+    Hosts on one LAN, for the mesh: a bridge in its own namespace, a host
+    namespace per node on it, and this (the root) namespace on it too, so
+    that the test reaches every host and the hosts reach what the test
+    forwards to them (the database):
+
+        root  10.78.S.1 --+
+        PREFIX-h1  10.78.S.11 --+-- br0 in PREFIX-br
+        PREFIX-h2  10.78.S.12 --+
+        ...
+
+    C{S} comes from the prefix, so that runs side by side rarely share a
+    subnet.
+    """
+
+    prefix: str
+    hosts: int
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def subnet(self) -> str:
+        return f"10.78.{int(self.prefix[-2:], 16)}"
+
+    @property
+    def root(self) -> str:
+        """
+        This namespace's address on the LAN.
+        """
+        return f"{self.subnet}.1"
+
+    def host(self, index: int) -> Host:
+        """
+        Host C{index} (from 1).
+        """
+        return Host(f"{self.prefix}-h{index}", f"{self.subnet}.{10 + index}")
+
+    def commands(self) -> list[list[str]]:
+        bridge, rootLink = f"{self.prefix}-br", f"{self.prefix}r"
+        cmds: list[list[str]] = [
+            ["ip", "netns", "add", bridge],
+            ["ip", "-n", bridge, "link", "set", "lo", "up"],
+            ["ip", "-n", bridge, "link", "add", "br0", "type", "bridge"],
+            ["ip", "-n", bridge, "link", "set", "br0", "up"],
+            ["ip", "link", "add", rootLink, "type", "veth", "peer", "name", "root", "netns", bridge],
+            ["ip", "-n", bridge, "link", "set", "root", "master", "br0", "up"],
+            ["ip", "addr", "add", f"{self.root}/24", "dev", rootLink],
+            ["ip", "link", "set", rootLink, "up"],
+        ]
+        for i in range(1, self.hosts + 1):
+            host = self.host(i)
+            cmds += [
+                ["ip", "netns", "add", host.namespace],
+                ["ip", "-n", host.namespace, "link", "set", "lo", "up"],
+                [
+                    "ip",
+                    "-n",
+                    bridge,
+                    "link",
+                    "add",
+                    f"h{i}",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    host.namespace,
+                ],
+                ["ip", "-n", bridge, "link", "set", f"h{i}", "master", "br0", "up"],
+                ["ip", "-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", "eth0"],
+                ["ip", "-n", host.namespace, "link", "set", "eth0", "up"],
+            ]
+        return cmds
+
+    def up(self) -> None:
+        try:
+            for cmd in self.commands():
+                if cmd[:3] == ["ip", "netns", "add"]:
+                    self.namespaces.append(cmd[3])
+                _run(cmd)
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        """
+        Delete every namespace; the root end of the LAN goes with its peer.
+        """
+        for name in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+        self.namespaces.clear()
+        subprocess.run(["ip", "link", "del", f"{self.prefix}r"], capture_output=True, check=False)
+
+    def run(self, index: int, *argv: str) -> list[str]:
+        """
+        The argv running C{argv} inside host C{index}'s namespace.
+        """
+        return ["ip", "netns", "exec", self.host(index).namespace, *argv]
+
+
+def buildMesh(testCase: Any, hosts: int) -> MeshTopology:
+    """
+    Build a LAN of C{hosts} hosts for C{testCase}, removed when it ends;
+    skip (fail under CI) where namespaces are unavailable.
+    """
+    from timtx.testing import requireOrSkip
+
+    reason = unavailable()
+    if reason:
+        requireOrSkip(reason)
+    topology = MeshTopology(f"tx{os.urandom(3).hex()}", hosts)
+    testCase.addCleanup(topology.down)
+    topology.up()
+    return topology
+
+
 def _run(cmd: Sequence[str]) -> None:
     result = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
     if result.returncode:

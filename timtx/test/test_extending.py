@@ -66,7 +66,7 @@ class ExtendingExampleTests(TestCase):
 class RegistryTests(SynchronousTestCase):
     def test_register(self):
         registry = defaultRegistry()
-        self.assertEqual(registry.names(), ["client-tcp", "client-ws"])
+        self.assertEqual(registry.names(), ["client-tcp", "client-ws", "peer"])
         copy = registry.copy()
         copy.register("client-ws", object)
         self.assertIs(registry.lookup("client-ws"), TimWebSocketServerProtocol)

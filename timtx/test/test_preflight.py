@@ -18,9 +18,10 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
+from timtx.config import ConfigError
 from timtx.crypto.ids import NodeKeys
 from timtx.node import Node
-from timtx.preflight import CONFIG_ERROR_STATUS
+from timtx.preflight import CONFIG_ERROR_STATUS, checkedConfig
 from timtx.test.test_tap import childEnv
 from timtx.testing import testConfig
 
@@ -88,6 +89,23 @@ class CheckConfigTests(TestCase):
                 lambda _: None
             )
         return self.check("[node]\ndata_dir = /proc/timtx\n", "[node] data_dir: ")
+
+    def test_clusterChecked(self):
+        """
+        A C{[cluster]} without a secret, or with a secret file that cannot
+        be read, is a config error naming the key (checked in process: the
+        commands above run the installed timtx).
+        """
+        for text, expected in [
+            ("[cluster]\nlisten = tcp:0:interface=127.0.0.1\n", "[cluster] secret: a cluster needs secret"),
+            (
+                "[cluster]\nlisten = tcp:0:interface=127.0.0.1\nsecret_file = nosuch.secret\n",
+                "[cluster] secret_file: cannot read",
+            ),
+        ]:
+            directory, ini = self.ini(text)
+            error = self.assertRaises(ConfigError, checkedConfig, ini.path)
+            self.assertIn(expected, str(error))
 
     def test_storePathIsDirectory(self):
         return self.check("[node]\ndata_dir = .\n[store]\npath = .\n", "[store] path: ")

@@ -3,8 +3,8 @@
 Protocol classes by name.
 
 A node asks the registry for the class to serve each kind of connection:
-C{client-ws} (WebSocket at C{/tim}), C{client-tcp} (raw TCP) and, once the
-cluster lands, C{peer}.  A downstream project registers a subclass under the
+C{client-ws} (WebSocket at C{/tim}), C{client-tcp} (raw TCP) and C{peer}
+(other nodes of the cluster).  A downstream project registers a subclass under the
 same name, in code (L{ProtocolRegistry.register}) or in C{node.ini}::
 
     [protocols]
@@ -48,7 +48,10 @@ def defaultRegistry() -> ProtocolRegistry:
     """
     A registry holding timtx's own protocols.
     """
+    from timtx.transports.peer import PeerProtocol
     from timtx.transports.tcp import TimTcpServerProtocol
     from timtx.transports.websocket import TimWebSocketServerProtocol
 
-    return ProtocolRegistry({"client-ws": TimWebSocketServerProtocol, "client-tcp": TimTcpServerProtocol})
+    return ProtocolRegistry(
+        {"client-ws": TimWebSocketServerProtocol, "client-tcp": TimTcpServerProtocol, "peer": PeerProtocol}
+    )

@@ -1,0 +1,128 @@
+# -*- test-case-name: timtx.test.test_clusterrouting -*-
+"""
+1:1 messages stored and routed by their conversation's owner.
+
+The owner of C{conv:<conversation>} among the live members numbers a 1:1
+conversation's messages and routes them: the node a sender is on checks a
+message (permissions, duplicates) and hands it to the owner
+(C{conv.append}); the owner stores it, and once durable sends the echo to
+the sender's sessions and the push to the recipient's, wherever they are.
+Since one node routes all of a conversation, and messages from one node to
+another keep their order, every device of either party gets the
+conversation in seq order, even when both parties send at once from
+different nodes.
+
+When the owner cannot be reached at all, the sender's node stores and
+routes the message itself: the store fences the numbers, so a moment of
+two owners costs a retry, never a duplicate seq.  When the owner was asked
+and did not answer, the message may or may not be stored: the client is
+asked to send it again, and the resend is recognised by its id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from timtx.chat.conversations import Appended
+from timtx.chat.messagerules import MaybeStored, refusal
+from timtx.chat.messaging import PersonalMessaging
+from timtx.cluster.membership import ClusterService
+from timtx.cluster.ownership import NoOwner, conversationKey
+from timtx.cluster.wire import BadPayload, pack, unpack
+from timtx.protocols import codec
+from timtx.protocols.constants import ErrorCode
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.structs import TimMessage
+
+KIND_APPEND = "conv.append"
+
+
+class ClusterMessaging(PersonalMessaging):
+    """
+    L{PersonalMessaging} whose appends go to the conversation's owner.
+
+    @ivar forwarded: messages handed to another node's conversation owner.
+    @ivar appendedForOthers: messages stored here for senders on other
+        nodes.
+    """
+
+    def __init__(self, *args: Any, cluster: ClusterService, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.cluster = cluster
+        self.forwarded = 0
+        self.appendedForOthers = 0
+        cluster.addHandler(KIND_APPEND, self._appendReceived)
+
+    def appendAndRoute(
+        self, conv: str, sender: str, message: TimMessage, recipient: str, keep: bool, dedupe: tuple[str, int] | None
+    ) -> Deferred[Appended]:
+        try:
+            owner = self.cluster.ownership.owner(conversationKey(conv))
+        except NoOwner:
+            owner = self.cluster.nodeId
+        if owner == self.cluster.nodeId:
+            return super().appendAndRoute(conv, sender, message, recipient, keep, dedupe)
+        payload = pack(
+            conv.encode(),
+            sender.encode(),
+            codec.encode_compact(message),
+            recipient.encode(),
+            b"1" if keep else b"",
+            b"%d" % dedupe[1] if dedupe is not None else b"",
+        )
+        sent = False
+
+        def failed(failure: Failure) -> Any:
+            if not sent:
+                # Refused before anything left this node (the owner is not
+                # a live member here, or too busy): store it here.
+                return super(ClusterMessaging, self).appendAndRoute(conv, sender, message, recipient, keep, dedupe)
+            if failure.check(TimProtocolError):
+                return failure
+            return Failure(MaybeStored(ErrorCode.ERR_DATABASE, "message may not be stored, send it again"))
+
+        d: Deferred[Any] = self.cluster.request(owner, KIND_APPEND, payload)
+        d.addCallbacks(_answered, failed)
+        sent = True
+        self.forwarded += 1
+        return d
+
+    def _appendReceived(self, node: str, payload: bytes) -> Deferred[bytes]:
+        conv, sender, body, recipient, keep, clientId = unpack(payload, 6)
+        message = codec.decode_compact(TimMessage, body)
+        dedupe = (sender.decode(), _int(clientId)) if clientId else None
+        to = recipient.decode()
+        self.appendedForOthers += 1
+        d = super().appendAndRoute(conv.decode(), sender.decode(), message, to, bool(keep), dedupe)
+        if dedupe is not None and self.duplicates.peek(*dedupe)[0]:
+            # The sender's keys are in memory here too (it has a session
+            # here): add this one, so a resend through this node is known.
+            self.duplicates.remember(dedupe[0], dedupe[1], d, conv.decode())
+        return d.addCallbacks(
+            lambda appended: pack(b"ok", codec.encode_compact(appended.message), b"%d" % appended.qids[to]),
+            _refused,
+        )
+
+
+def _answered(answer: bytes) -> Appended:
+    status, first, second = unpack(answer, 3)
+    if status == b"ok":
+        return Appended(codec.decode_compact(TimMessage, first), {})
+    error = MaybeStored if status == b"maybe" else TimProtocolError
+    raise error(_int(first), second.decode("utf-8", "replace"))
+
+
+def _refused(failure: Failure) -> bytes:
+    error = failure.value if isinstance(failure.value, TimProtocolError) else refusal(failure)
+    status = b"maybe" if isinstance(error, MaybeStored) else b"refused"
+    return pack(status, b"%d" % error.code, error.text.encode("utf-8"))
+
+
+def _int(field: bytes) -> int:
+    try:
+        return int(field)
+    except ValueError:
+        raise BadPayload(f"not an integer: {field[:20]!r}") from None

@@ -1,0 +1,80 @@
+# -*- test-case-name: timtx.test.test_clusterrouting -*-
+"""
+The payloads of the routing kinds between nodes: a fixed number of
+length-prefixed byte fields (big-endian 32-bit lengths), and small JSON
+objects for the directory.
+
+Peer frames are already authenticated and bounded by the peer protocol;
+what is checked here is only that a payload has the shape its kind
+promises, so that a node running other code fails one message with a log
+line, not the link.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from timtx.cluster.membership import PeerRequestError
+
+_LENGTH = struct.Struct(">I")
+
+
+class BadPayload(PeerRequestError, ValueError):
+    """
+    A routing payload does not have the shape its kind promises.  A
+    request carrying one is answered with this error (no traceback logged
+    here: the other node is at fault).
+    """
+
+
+def pack(*fields: bytes) -> bytes:
+    """
+    The fields, each after its length.
+    """
+    parts = []
+    for field in fields:
+        parts.append(_LENGTH.pack(len(field)))
+        parts.append(field)
+    return b"".join(parts)
+
+
+def unpack(data: bytes, count: int) -> list[bytes]:
+    """
+    The C{count} fields of a payload made by L{pack}.
+
+    @raise BadPayload: if it holds another number of fields or is cut short.
+    """
+    fields: list[bytes] = []
+    view = memoryview(data)
+    offset = 0
+    for _ in range(count):
+        if offset + 4 > len(view):
+            raise BadPayload(f"expected {count} fields, got {len(fields)}")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise BadPayload("a field runs past the end")
+        fields.append(bytes(view[offset : offset + length]))
+        offset += length
+    if offset != len(view):
+        raise BadPayload("trailing bytes")
+    return fields
+
+
+def dumps(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def loads(data: bytes) -> dict[str, Any]:
+    """
+    @raise BadPayload: if C{data} is not a JSON object.
+    """
+    try:
+        value = json.loads(data)
+    except ValueError as e:
+        raise BadPayload(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise BadPayload("not a JSON object")
+    return value
