@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 
 _ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _INDEX = {c: i for i, c in enumerate(_ALPHABET)}
@@ -94,11 +95,23 @@ class NodeKeys:
                 return cls(bytes.fromhex(f.read().strip()))
         except FileNotFoundError:
             pass
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         secret = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(secret.hex() + "\n")
+        # Written whole under a private name, then linked into place: the
+        # nodes of a cluster on one machine share one key file and may all
+        # start at once, so another must never read it half written, and
+        # the first to link wins.
+        fd, temporary = tempfile.mkstemp(prefix=".node-key-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(secret.hex() + "\n")
+            os.link(temporary, path)
+        except FileExistsError:
+            with open(path, encoding="ascii") as f:
+                return cls(bytes.fromhex(f.read().strip()))
+        finally:
+            os.unlink(temporary)
         return cls(secret)
 
 

@@ -53,6 +53,30 @@ class NodeKeysTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(NodeKeys.fromFile(path).accountId("a", ""), first.accountId("a", ""))
 
+    def test_fromFileRace(self):
+        """
+        When another node creates the shared key file first (the nodes of a
+        cluster on one machine start at once), the later one uses that key
+        and leaves no file of its own behind.
+        """
+        import tempfile
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "node.key")
+        winner = NodeKeys(b"w" * 32)
+        realMkstemp = tempfile.mkstemp
+
+        def otherNodeFirst(**kwargs):
+            with open(path, "w", encoding="ascii") as f:
+                f.write((b"w" * 32).hex() + "\n")
+            return realMkstemp(**kwargs)
+
+        self.patch(tempfile, "mkstemp", otherNodeFirst)
+        keys = NodeKeys.fromFile(path)
+        self.assertEqual(keys.accountId("a", ""), winner.accountId("a", ""))
+        self.assertEqual(os.listdir(directory), ["node.key"])
+
     def test_shortSecret(self):
         self.assertRaises(ValueError, NodeKeys, b"short")
 
