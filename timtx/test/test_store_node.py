@@ -38,7 +38,9 @@ class ExampleTests(TestCase):
         dsn = yield database(self)
         config = replace(
             config,
-            node={"data_dir": self.mktemp()},
+            # Absolute: the example's relative paths are taken from
+            # examples/, where a test must not write.
+            node={"data_dir": os.path.abspath(self.mktemp())},
             client={"listen": "tcp:0:interface=127.0.0.1", "tcp_listen": "tcp:0:interface=127.0.0.1"},
             accounts={"scrypt_n": 16, "scrypt_r": 1},
             store={"dsn": dsn},
