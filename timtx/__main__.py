@@ -1,6 +1,7 @@
 """
 C{python -m timtx --version}, C{python -m timtx admin ...} (see
-L{timtx.admin.cli}), the operator commands C{shards ...} and C{keys ...}
+L{timtx.admin.cli}), C{python -m timtx cluster members} (the same as
+C{python -m timtx.cluster members}), the operator commands C{shards ...} and C{keys ...}
 (L{timtx.commands}); nodes are started with C{twist tim --config node.ini}.
 """
 
@@ -19,11 +20,16 @@ def main(argv: list[str] | None = None) -> int:
         from timtx.admin.cli import main as admin
 
         return admin(argv[1:])
+    if argv[:1] == ["cluster"]:
+        from timtx.cluster.__main__ import main as cluster
+
+        return cluster(argv[1:])
 
     parser = argparse.ArgumentParser(
         prog="python -m timtx",
         description="timtx instant-messaging engine. Start a node with: twist tim --config node.ini. "
-        "Operate one with: python -m timtx admin --help.",
+        "Operate one with: python -m timtx admin --help; see its cluster view with: "
+        "python -m timtx cluster members --config node.ini.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--check-config", metavar="PATH", help="validate a node.ini and exit")

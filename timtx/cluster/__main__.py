@@ -1,6 +1,7 @@
 # -*- test-case-name: timtx.test.test_membership -*-
 """
-C{python -m timtx.cluster members --config node.ini}: print a node's view
+C{python -m timtx cluster members --config node.ini} (or C{python -m
+timtx.cluster members ...}): print a node's view
 of the cluster, as the node last saved it in its data directory (a running
 node rewrites it within a second of every change; a stopped one left its
 last view there).
@@ -45,7 +46,7 @@ def formatMembers(saved: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = argparse.ArgumentParser(prog="python -m timtx.cluster", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m timtx cluster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     members = commands.add_parser("members", help="print this node's view of the cluster")
     members.add_argument("--config", default="node.ini", help="the node's configuration (default: node.ini)")

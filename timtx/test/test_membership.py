@@ -686,6 +686,23 @@ class MembersCommandTests(SynchronousTestCase):
         main(["members", "--config", ini, "--json"], out)
         self.assertEqual(json.loads(out.getvalue())["nodeId"], a.nodeId)
 
+    def test_fromTimtxCommand(self):
+        """
+        C{python -m timtx cluster members} is the same command.
+        """
+        import io
+        import sys
+
+        from timtx.__main__ import main
+
+        ini = self.mktemp()
+        with open(ini, "w") as f:
+            f.write(f"[node]\ndata_dir = {os.path.abspath(self.mktemp())}\n")
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(main(["cluster", "members", "--config", ini]), 1)
+        self.assertIn("has not taken part in a cluster", err.getvalue())
+
     def test_noView(self):
         from timtx.cluster.__main__ import main
 
