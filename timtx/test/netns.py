@@ -126,22 +126,13 @@ class Topology:
         for kind in self.kinds:
             if kind not in _NAT_RULES:
                 raise ValueError(f"NAT kind {kind!r}: expected one of {', '.join(_NAT_RULES)}")
-        try:
-            for cmd in self.commands():
-                if cmd[:3] == ["ip", "netns", "add"]:
-                    self.namespaces.append(cmd[3])
-                _run(cmd)
-        except BaseException:
-            self.down()
-            raise
+        _bringUp(self.commands(), self.namespaces, self.down)
 
     def down(self) -> None:
         """
         Delete every namespace (and so every interface and rule in it).
         """
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-        self.namespaces.clear()
+        _deleteNamespaces(self.namespaces)
 
     def dropUdp(self, natIndex: int) -> None:
         """
@@ -255,22 +246,13 @@ class MeshTopology:
         return cmds
 
     def up(self) -> None:
-        try:
-            for cmd in self.commands():
-                if cmd[:3] == ["ip", "netns", "add"]:
-                    self.namespaces.append(cmd[3])
-                _run(cmd)
-        except BaseException:
-            self.down()
-            raise
+        _bringUp(self.commands(), self.namespaces, self.down)
 
     def down(self) -> None:
         """
         Delete every namespace; the root end of the LAN goes with its peer.
         """
-        for name in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
-        self.namespaces.clear()
+        _deleteNamespaces(self.namespaces)
         subprocess.run(["ip", "link", "del", f"{self.prefix}r"], capture_output=True, check=False)
 
     def run(self, index: int, *argv: str) -> list[str]:
@@ -294,6 +276,28 @@ def buildMesh(testCase: Any, hosts: int) -> MeshTopology:
     testCase.addCleanup(topology.down)
     topology.up()
     return topology
+
+
+def _bringUp(commands: list[list[str]], namespaces: list[str], down: Any) -> None:
+    """
+    Run a topology's C{commands}, noting each namespace made in
+    C{namespaces} so that C{down} removes exactly those, and call C{down}
+    if any command fails: a half-built topology is never left behind.
+    """
+    try:
+        for cmd in commands:
+            if cmd[:3] == ["ip", "netns", "add"]:
+                namespaces.append(cmd[3])
+            _run(cmd)
+    except BaseException:
+        down()
+        raise
+
+
+def _deleteNamespaces(namespaces: list[str]) -> None:
+    for name in reversed(namespaces):
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    namespaces.clear()
 
 
 def _run(cmd: Sequence[str]) -> None:
