@@ -284,6 +284,14 @@ class NodeConfig:
         "comma-separated), after moving what startup allocated out of the collector's view (gc.freeze). "
         "Python's defaults (700, 10, 10) make a busy node pause often; empty leaves the collector alone.",
     )
+    gc_full_interval: float = option(
+        60.0,
+        _seconds(0),
+        "Seconds between two full garbage collections under `twist`. With the raised thresholds the collector "
+        "rarely looks at its older generations by itself, so objects in reference cycles that lived through a "
+        "young collection (a closed connection, its session) would stay for tens of minutes or for good; "
+        "0 leaves it to the thresholds.",
+    )
     worker_threads: int = option(
         2, _int(1, 64), "Threads for CPU-heavy work off the reactor thread, such as password hashing."
     )
