@@ -1,4 +1,4 @@
-# -*- test-case-name: timtx.test.test_messaging -*-
+# -*- test-case-name: timtx.test.test_duplicates,timtx.test.test_messaging -*-
 """
 Recognising a client's resend of a message it already sent.
 
@@ -201,8 +201,9 @@ class DuplicateFilter:
 
     def _merge(self, rows: dict[int, Duplicate], sender: str) -> bool:
         keys = self._keys
-        # Oldest first, so that the bound drops the oldest; a key known
-        # here already is newer than the store's copy.
+        # Oldest first, so that the bound drops this sender's oldest; they
+        # go after every key in memory, older or not: the sender is active
+        # now.  A key known here already is newer than the store's copy.
         for clientId, dup in sorted(rows.items(), key=lambda item: item[1].created):
             key = (sender, clientId)
             if key not in keys:
