@@ -284,6 +284,14 @@ class NodeConfig:
         "comma-separated), after moving what startup allocated out of the collector's view (gc.freeze). "
         "Python's defaults (700, 10, 10) make a busy node pause often; empty leaves the collector alone.",
     )
+    gc_full_interval: float = option(
+        60.0,
+        _seconds(0),
+        "Seconds between two full garbage collections under `twist`. With the raised thresholds the collector "
+        "rarely looks at its older generations by itself, so objects in reference cycles that lived through a "
+        "young collection (a closed connection, its session) would stay for tens of minutes or for good; "
+        "0 leaves it to the thresholds.",
+    )
     worker_threads: int = option(
         2, _int(1, 64), "Threads for CPU-heavy work off the reactor thread, such as password hashing."
     )
@@ -492,6 +500,13 @@ class MessagesConfig:
         _seconds(0),
         "Seconds during which a resend with the same sender and client id is answered with the original "
         "message instead of being stored again. 0 turns deduplication off.",
+    )
+    dedupe_memory_keys: int = option(
+        100_000,
+        _int(1),
+        "Most recent message ids (of all senders together) the node keeps in memory to recognise resends, "
+        "about 360 bytes each. An id pushed out by newer ones is forgotten before dedupe_window ends: at 1,000 "
+        "messages a second the default recognises a resend for 100 seconds.",
     )
     history_limit: int = option(100, _int(1, 10000), "Most messages one TIMPULLMESSAGE returns, whatever it asks for.")
     offline_batch: int = option(

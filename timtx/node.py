@@ -312,7 +312,13 @@ class Node(MultiService):
         self.relations = RelationCache(store)
         permissions = MessagePermissions(self.relations, self.accounts, config.messages.noauth)
         self.conversations = Conversations(store=store, vault=vault, clock=clock, maxBatch=config.store.batch_max)
-        self.duplicates = DuplicateFilter(store=store, vault=vault, clock=clock, window=config.messages.dedupe_window)
+        self.duplicates = DuplicateFilter(
+            store=store,
+            vault=vault,
+            clock=clock,
+            window=config.messages.dedupe_window,
+            maxKeys=config.messages.dedupe_memory_keys,
+        )
         self.roster = RosterService(
             config.roster, relations=self.relations, accounts=self.accounts, notices=self.notices, clock=clock
         )

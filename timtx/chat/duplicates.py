@@ -1,4 +1,4 @@
-# -*- test-case-name: timtx.test.test_messaging -*-
+# -*- test-case-name: timtx.test.test_duplicates,timtx.test.test_messaging -*-
 """
 Recognising a client's resend of a message it already sent.
 
@@ -9,14 +9,23 @@ instead of being stored again.
 
 The keys live in the store, written in the same transaction as the message,
 so they survive restarts.  A sender's recent keys are read once, on its
-first message with an id, and kept in memory while the sender is active;
-after that, checks cost no store round trip, and a resend that arrives while
-the first copy is still being written waits for it.
+first message with an id, and kept in memory; after that, checks cost no
+store round trip, and a resend that arrives while the first copy is still
+being written waits for it.
+
+Memory holds at most C{[messages] dedupe_memory_keys} keys, the most recently
+written, whoever sent them: the number of keys a window holds grows with
+the message rate (a node taking 600 messages a second writes 180,000 in five
+minutes), so past the bound a key is forgotten before its window ends.  A
+resend of it is then stored again: a client resends what it did not see
+echoed, its last few messages, not one from 100,000 messages ago.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Union
+import sys
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
@@ -33,17 +42,25 @@ from timtx.util.cache import LoadingCache
 if TYPE_CHECKING:
     from timtx.delivery.sessions import Session
 
-#: What a client id is known as: the message written in this process, a
-#: key read from the store, or a write still under way.
+#: What a client id is known as: the message written in this process (to
+#: those who waited for it), a key, or a write still under way.
 Seen = Union[Appended, Duplicate, "InFlight"]
+
+#: A written key in memory: C{(created, conv, seq, mid)}.  Atomic values
+#: only, so the garbage collector stops tracking the tuple and full
+#: collections (L{timtx.tap.collectPeriodically}) do not walk every key.
+_Written = tuple[float, str, Optional[int], int]
 
 
 class InFlight:
     """
     A message being written; resends wait for it.
+
+    @ivar created: when its write began.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, created: float) -> None:
+        self.created = created
         self._waiters: list[Deferred[Appended]] = []
 
     def wait(self) -> Deferred[Appended]:
@@ -63,25 +80,43 @@ class InFlight:
 class DuplicateFilter:
     """
     @param window: seconds a client id is remembered; 0 disables the filter.
-    @param maxSenders: senders whose keys are kept in memory at once.
+    @param maxKeys: keys kept in memory at most, the most recently written
+        (or read from the store) first; older ones are forgotten.
+    @param maxSenders: senders remembered as having had their keys read
+        from the store; one past it is read again on its next message.
     """
 
-    #: Past this many keys for one sender, expired ones are dropped.
-    pruneAbove = 10_000
-
     def __init__(
-        self, *, store: IMessageStore, vault: StanzaVault, clock: IReactorTime, window: float, maxSenders: int = 100_000
+        self,
+        *,
+        store: IMessageStore,
+        vault: StanzaVault,
+        clock: IReactorTime,
+        window: float,
+        maxKeys: int = 100_000,
+        maxSenders: int = 100_000,
     ):
         self.store = store
         self.vault = vault
         self.clock = clock
         self.window = window
+        self.maxKeys = maxKeys
         self.maxSenders = maxSenders
-        self._senders: LoadingCache[str, dict[int, tuple[float, Seen]]] = LoadingCache(self._read, maxSenders)
+        #: Every sender's keys in one order, oldest first: the bound and
+        #: the expiry are one pass from the front.
+        self._keys: OrderedDict[tuple[str, int], _Written | InFlight] = OrderedDict()
+        #: Senders whose stored keys are in L{_keys}.
+        self._senders: LoadingCache[str, bool] = LoadingCache(self._read, maxSenders)
 
     @property
     def enabled(self) -> bool:
         return self.window > 0
+
+    def __len__(self) -> int:
+        """
+        The keys in memory.
+        """
+        return len(self._keys)
 
     def check(self, sender: str, clientId: int) -> Deferred[Any]:
         """
@@ -89,7 +124,7 @@ class DuplicateFilter:
             what C{clientId} is already known as.
         """
         d: Deferred[Any] = self._senders.get(sender)
-        d.addCallback(self._lookup, clientId)
+        d.addCallback(lambda _: self._lookup(sender, clientId))
         return d
 
     def peek(self, sender: str, clientId: int) -> tuple[bool, Seen | None]:
@@ -97,37 +132,38 @@ class DuplicateFilter:
         Like L{check} without a Deferred: whether C{sender}'s keys are in
         memory, and if so what C{clientId} is known as.
         """
-        known = self._senders.peek(sender)
-        if known is None:
+        if self._senders.peek(sender) is None:
             return False, None
-        return True, self._lookup(known, clientId)
+        return True, self._lookup(sender, clientId)
 
     def remember(self, sender: str, clientId: int, appending: Deferred[Appended], conv: str) -> None:
         """
         Note that C{clientId} is being written to C{conv}.  Once written it
-        is known by where it was stored (a small L{Duplicate}, not the
-        message: a busy sender's window holds thousands); if writing fails
-        it is forgotten.  Call after L{check} answered C{None}.
+        is known by where it was stored (a small tuple, not the message: a
+        busy node's window holds hundreds of thousands); if writing fails it
+        is forgotten.  Call after L{check} answered C{None}.
         """
-        known = self._senders.peek(sender)
-        if known is None:
-            known = {}
-            self._senders.put(sender, known)
-        if len(known) > self.pruneAbove:
-            self._prune(known)
-        inFlight = InFlight()
-        known[clientId] = (self.clock.seconds(), inFlight)
+        keys = self._keys
+        key = (sys.intern(sender), clientId)
+        inFlight = InFlight(self.clock.seconds())
+        keys[key] = inFlight
+        keys.move_to_end(key)
+        self._trim()
+        # Every message of a conversation shares one string.
+        conv = sys.intern(conv)
 
         def written(appended: Appended) -> Appended:
-            now = self.clock.seconds()
             message = appended.message
-            known[clientId] = (now, Duplicate(conv, message.seq, message.mid or 0, now))
+            # Unless it was forgotten for room meanwhile.
+            if keys.get(key) is inFlight:
+                keys[key] = (self.clock.seconds(), conv, message.seq, message.mid or 0)
             # Resends that waited meanwhile get the message itself.
             inFlight.fire(appended)
             return appended
 
         def failed(failure: Failure) -> Failure:
-            known.pop(clientId, None)
+            if keys.get(key) is inFlight:
+                del keys[key]
             if failure.check(MaybeStored):
                 # It may be stored after all, with its key: read the keys
                 # again before the resend is checked.
@@ -160,46 +196,66 @@ class DuplicateFilter:
 
     def forget(self, sender: str) -> None:
         """
-        Drop C{sender}'s keys from memory, so that its next message reads
-        them from the store again: in a cluster, once the sender logs in
-        here, a resend of what it sent through another node must be seen.
-        Keys of writes still under way here are kept (a resend waits for
-        them).
+        Read C{sender}'s keys from the store again on its next message: in
+        a cluster, once the sender logs in here, a resend of what it sent
+        through another node must be seen.  The keys in memory stay (a
+        write under way here is newer than the store's copy, and a resend
+        waits for it); the store's are merged in beside them.
         """
-        known = self._senders.peek(sender)
-        if known is not None and not any(isinstance(seen, InFlight) for _, seen in known.values()):
-            self._senders.pop(sender)
+        self._senders.pop(sender)
 
-    def _read(self, sender: str) -> Deferred[Any]:
+    def _read(self, sender: str) -> Deferred[bool]:
         d: Deferred[Any] = self.store.recentDuplicates(sender, self.clock.seconds() - self.window)
-        d.addCallback(lambda rows: {cid: (dup.created, dup) for cid, dup in rows.items()})
+        d.addCallback(self._merge, sys.intern(sender))
         return d
 
-    def _lookup(self, known: dict[int, tuple[float, Seen]], clientId: int) -> Seen | None:
-        entry = known.get(clientId)
+    def _merge(self, rows: dict[int, Duplicate], sender: str) -> bool:
+        keys = self._keys
+        # Oldest first, so that the bound drops this sender's oldest; they
+        # go after every key in memory, older or not: the sender is active
+        # now.  A key known here already is newer than the store's copy.
+        for clientId, dup in sorted(rows.items(), key=lambda item: item[1].created):
+            key = (sender, clientId)
+            if key not in keys:
+                keys[key] = (dup.created, sys.intern(dup.conv), dup.seq, dup.mid)
+        self._trim()
+        return True
+
+    def _lookup(self, sender: str, clientId: int) -> Seen | None:
+        key = (sender, clientId)
+        entry = self._keys.get(key)
         if entry is None:
             return None
-        created, seen = entry
-        if isinstance(seen, InFlight):
-            return seen
+        if isinstance(entry, InFlight):
+            return entry
+        created, conv, seq, mid = entry
         if created < self.clock.seconds() - self.window:
-            del known[clientId]
+            del self._keys[key]
             return None
-        return seen
+        return Duplicate(conv, seq, mid, created)
 
-    def _prune(self, known: dict[int, tuple[float, Seen]]) -> None:
-        oldest = self.clock.seconds() - self.window
-        for cid in [
-            cid for cid, (created, seen) in known.items() if created < oldest and not isinstance(seen, InFlight)
-        ]:
-            del known[cid]
+    def _trim(self) -> None:
+        keys = self._keys
+        while len(keys) > self.maxKeys:
+            # A write under way that is dropped still answers those who
+            # wait for it; only a later resend is no longer recognised.
+            keys.popitem(last=False)
 
     def purge(self) -> Deferred[int]:
         """
         Forget expired keys, in memory and in the store.
         """
-        for sender, known in self._senders.items():
-            self._prune(known)
-            if not known:
-                self._senders.pop(sender)
-        return self.store.purgeDuplicates(self.clock.seconds() - self.window)
+        oldest = self.clock.seconds() - self.window
+        expired = []
+        for key, entry in self._keys.items():
+            if isinstance(entry, InFlight):
+                # Its write ends it, or the bound does.
+                if entry.created >= oldest:
+                    break
+                continue
+            if entry[0] >= oldest:
+                break
+            expired.append(key)
+        for key in expired:
+            del self._keys[key]
+        return self.store.purgeDuplicates(oldest)

@@ -3,17 +3,19 @@ Tests for the C{twist tim} plugin and C{python -m timtx}: they run the
 commands a user runs, in child processes.
 """
 
+import gc
 import io
 import os
 import re
 import signal
 import sys
+import weakref
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -22,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx import __version__
 from timtx.client import connect, register
-from timtx.tap import Options
+from timtx.tap import Options, collectPeriodically, tuneGarbageCollector
 from timtx.testing import requireOrSkip, sourceRoot
 
 
@@ -65,6 +67,57 @@ class PluginTests(SynchronousTestCase):
         error = self.assertRaises(SystemExit, Options().parseOptions, ["--version"])
         self.assertEqual(error.code, 0)
         self.assertEqual(stdout.getvalue(), f"timtx {__version__}\n")
+
+
+class _Cycle:
+    """
+    An object in a reference cycle, as a connection and its session are.
+    """
+
+    def __init__(self):
+        self.me = self
+
+
+class GarbageCollectorTests(SynchronousTestCase):
+    def setUp(self):
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
+        self.addCleanup(gc.unfreeze)
+        self.clock = Clock()
+        tuneGarbageCollector(("100000", "50", "1000"))
+
+    def oldGarbage(self):
+        """
+        A cycle that lived through a collection of the young generations,
+        then became garbage.
+
+        @return: a weak reference to it.
+        """
+        cycle = _Cycle()
+        ref = weakref.ref(cycle)
+        gc.collect(1)
+        del cycle
+        return ref
+
+    def test_fullCollections(self):
+        """
+        Under the node's thresholds, a cycle that outlived the young
+        generations stays until the periodic full collection frees it
+        (issue 10: closed connections kept for good).
+        """
+        collections = collectPeriodically(self.clock, 60)
+        self.addCleanup(collections.stop)
+        ref = self.oldGarbage()
+        self.clock.advance(59)
+        self.assertIsNotNone(ref())
+        self.clock.advance(1)
+        self.assertIsNone(ref())
+
+    def test_noFullCollections(self):
+        """
+        With an interval of 0 nothing is scheduled.
+        """
+        self.assertIsNone(collectPeriodically(self.clock, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class _Collect(ProcessProtocol):
