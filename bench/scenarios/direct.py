@@ -89,6 +89,13 @@ class Direct(Scenario):
             1,
             "nodes forming one cluster on a server store; each pair's two users on different nodes",
         ),
+        Param(
+            "probe_timeout",
+            float,
+            0.0,
+            0.0,
+            "cluster: [cluster] probe_timeout in seconds, probe_interval twice it (0: the node's defaults)",
+        ),
         Param("timeout", float, 600.0, 60.0, "seconds to wait for deliveries"),
         *COMMON,
     )
@@ -105,13 +112,19 @@ class Direct(Scenario):
             name += f"-{params['shards']}shards" + ("-move" if params["move"] else "")
         if params["nodes"] > 1:
             name += f"-{params['nodes']}nodes"
+            if params["probe_timeout"]:
+                name += f"-probe{params['probe_timeout']:g}s"
         return name
 
     def nodeSections(self, params: dict) -> dict:
-        return {
+        sections = {
             "messages": {"noauth": True},
             "store": {"backend": params["store"], "synchronous": params["synchronous"], **serverStore(params)},
         }
+        if params["nodes"] > 1 and params["probe_timeout"]:
+            timeout = params["probe_timeout"]
+            sections["cluster"] = {"probe_timeout": timeout, "probe_interval": 2 * timeout}
+        return sections
 
     async def drive(self, run: Run) -> Result:
         p = run.params
