@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import ProcessProtocol
 
 from bench import conditions, serverdb
-from bench.nodeproc import NodeProcess, childEnvironment, cpuSeconds
+from bench.nodeproc import NodeProcess, childEnvironment, cpuSeconds, freePort, mergeSections
 
 
 class Unsupported(Exception):
@@ -197,10 +197,14 @@ class Run:
         node: NodeProcess | None,
         workers: WorkerPool | None,
         database: Any = None,
+        nodes: list[NodeProcess] | None = None,
     ):
         self.reactor = reactor
         self.params = params
         self._node = node
+        #: Every node of the run: C{[node]}, or the C{--nodes} of a cluster
+        #: (the first being C{node}).
+        self.nodes: list[NodeProcess] = nodes or ([node] if node is not None else [])
         self._workers = workers
         #: The database(s) made for the run (L{bench.serverdb}), if any.
         self.database = database
@@ -215,6 +219,15 @@ class Run:
     def workers(self) -> WorkerPool:
         assert self._workers is not None
         return self._workers
+
+    def nodesCpuSeconds(self) -> float:
+        """
+        CPU seconds used so far by all the nodes of the run.
+        """
+        return sum(node.cpuSeconds() for node in self.nodes)
+
+    def nodesRssKB(self) -> int:
+        return sum(node.rssKB() for node in self.nodes)
 
     def log(self, message: str) -> None:
         print(f"  [{time.monotonic() - self.started:7.1f}s] {message}", file=sys.stderr, flush=True)
@@ -280,19 +293,35 @@ async def runScenario(
     }
     workdir = tempfile.mkdtemp(prefix=f"timtx-bench-{scenario.name}-")
     node = workers = database = None
+    nodes: list[NodeProcess] = []
     try:
         if scenario.role:
             sections = scenario.nodeSections(params)
             database = serverdb.forSections(sections)
             if database is not None:
                 record["conditions"]["database_server"] = database.server()
-            node = NodeProcess(os.path.join(workdir, "node"), sections, profile)
+            count = params.get("nodes", 1)
+            if count > 1:
+                nodes = clusterNodes(workdir, sections, count, profile)
+            else:
+                nodes = [NodeProcess(os.path.join(workdir, "node"), sections, profile)]
+            node = nodes[0]
             record["node_config"] = node.sections
+            # The first node alone, so that one node creates the schema.
             await node.start(reactor)
-            spec = {"role": scenario.role, "port": node.port, "http": node.httpURL, "params": params}
+            await gatherResults([Deferred.fromCoroutine(n.start(reactor)) for n in nodes[1:]], consumeErrors=True)
+            if count > 1:
+                record["mesh_seconds"] = await waitForMesh(reactor, nodes)
+            spec = {
+                "role": scenario.role,
+                "port": node.port,
+                "ports": [n.port for n in nodes],
+                "http": node.httpURL,
+                "params": params,
+            }
             workers = WorkerPool(reactor, params.get("workers", 2), spec)
             await workers.start()
-        run = Run(reactor, params, node, workers, database)
+        run = Run(reactor, params, node, workers, database, nodes)
         try:
             result = await scenario.drive(run)
         except Unsupported as e:
@@ -316,6 +345,8 @@ async def runScenario(
     finally:
         if workers is not None:
             await workers.stop()
+        for other in nodes[1:]:
+            record.setdefault("other_node_exits", []).append(await other.stop(reactor))
         if node is not None:
             record["node_exit"] = await node.stop(reactor)
             if node.profilePath and os.path.exists(node.profilePath):
@@ -331,6 +362,62 @@ async def runScenario(
 
     record["files"] = writeRecord(record, out)
     return record
+
+
+def clusterNodes(
+    workdir: str, sections: dict[str, dict[str, Any]], count: int, profile: str | None = None
+) -> list[NodeProcess]:
+    """
+    C{count} nodes forming one cluster (docs/cluster.md) on the store of
+    C{sections}: each with its own data directory and free client and peer
+    ports, all with one node key file, one cluster secret and every peer
+    address as a seed.  Only the first is profiled.
+    """
+    import secrets
+
+    peers = [freePort() for _ in range(count)]
+    seeds = ", ".join(f"127.0.0.1:{port}" for port in peers)
+    shared = {
+        "node": {"key_file": os.path.join(workdir, "node.key")},
+        "cluster": {"seeds": seeds, "secret": secrets.token_hex(24)},
+    }
+    nodes = []
+    for index, port in enumerate(peers):
+        own = {"cluster": {"listen": f"tcp:{port}:interface=127.0.0.1", "node_id": f"node{index + 1}"}}
+        layers = mergeSections(sections, shared, own)
+        nodes.append(NodeProcess(os.path.join(workdir, f"node{index + 1}"), layers, profile if index == 0 else None))
+    return nodes
+
+
+async def waitForMesh(reactor: Any, nodes: list[NodeProcess], timeout: float = 60.0) -> float:
+    """
+    Wait until every node's saved view (C{cluster-members.json}, written at
+    most once a second) holds all the nodes, alive.
+
+    @return: seconds waited.
+    """
+    from twisted.internet.task import deferLater
+
+    from timtx.cluster.membership import readMembers
+
+    started = time.monotonic()
+    wanted = {f"node{index + 1}" for index in range(len(nodes))}
+    while time.monotonic() - started < timeout:
+        formed = True
+        for node in nodes:
+            try:
+                saved = readMembers(node.sections["node"]["data_dir"])
+            except (OSError, ValueError):
+                formed = False
+                break
+            alive = {m["nodeId"] for m in saved.get("members", []) if m.get("state") == "alive"}
+            if alive != wanted:
+                formed = False
+                break
+        if formed:
+            return round(time.monotonic() - started, 2)
+        await deferLater(reactor, 0.2, lambda: None)
+    raise RuntimeError(f"the {len(nodes)} nodes formed no mesh within {timeout}s")
 
 
 def renderProfile(session: str, out: str, variant: str) -> dict[str, str]:

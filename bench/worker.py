@@ -108,6 +108,9 @@ class Role:
         self.workerIndex: int = spec["index"]
         self.host = "127.0.0.1"
         self.port: int = spec["port"]
+        #: The client ports of every node of the run (C{--nodes}), the
+        #: first being C{port}.
+        self.ports: list[int] = spec.get("ports") or [self.port]
         self.encodingName: str = self.params.get("encoding", "compact")
         self.tim2 = Tim2(reactor, spec["http"], concurrency=int(self.params.get("http_concurrency", 16)))
         self.uids: dict[int, str] = {}
@@ -158,12 +161,18 @@ class Role:
         await DeferredList([Deferred.fromCoroutine(one(i)) for i in indices], fireOnOneErrback=True, consumeErrors=True)
         return {"tokens": len(self.tokens), "seconds": time.monotonic() - start}
 
-    async def op_login(self, indices: list[int], useTokens: bool = False, concurrency: int = 0) -> dict[str, Any]:
+    async def op_login(
+        self, indices: list[int], useTokens: bool = False, concurrency: int = 0, nodes: list[int] | None = None
+    ) -> dict[str, Any]:
         """
         Connect and log in every user in C{indices}, at most C{concurrency}
         at once.  Each login is timed from the TCP connect to the TIMAUTH
         ack.
+
+        @param nodes: for each of C{indices}, which node (an index into
+            C{ports}) the user connects to; all to the first by default.
         """
+        portOf = dict(zip(indices, [self.ports[n] for n in nodes], strict=True)) if nodes else {}
         limit = DeferredSemaphore(concurrency or self.loginConcurrency)
         latency = Histogram()
         failures: list[str] = []
@@ -173,7 +182,7 @@ class Role:
             begin = nowNs()
             try:
                 connection = await openConnection(
-                    self.reactor, self.host, self.port, self, i, encodingOf(self.encodingName, i)
+                    self.reactor, self.host, portOf.get(i, self.port), self, i, encodingOf(self.encodingName, i)
                 )
                 if useTokens:
                     ack = await connection.login(token=self.tokens[i])

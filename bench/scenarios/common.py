@@ -103,14 +103,14 @@ async def measuredRun(
         C{senders} (all by default).
     @param profiled: whether a py-spy profile (C{--profile py-spy}) covers
         this run; warm-ups say no.
-    @return: each worker's tally, and CPU seconds used by the node and by
-        the workers while it ran.
+    @return: each worker's tally, and CPU seconds used by the node (all
+        the nodes of a cluster) and by the workers while it ran.
     """
     workers = run.workers
     await workers.all("expect", lambda w: {"count": expect(w)})
     if profiled:
         run.node.profileBegin()
-    nodeCpu, workerCpu = run.node.cpuSeconds(), workers.cpuSeconds()
+    nodeCpu, workerCpu = run.nodesCpuSeconds(), workers.cpuSeconds()
     waits = workers.all("wait", {"timeout": timeout})
     sending = []
     for w in senders if senders is not None else range(workers.count):
@@ -120,9 +120,9 @@ async def measuredRun(
         await d
     tallies = await waits
     cpu = {
-        "node": run.node.cpuSeconds() - nodeCpu,
+        "node": run.nodesCpuSeconds() - nodeCpu,
         "workers": workers.cpuSeconds() - workerCpu,
-        "node_rss_kb": run.node.rssKB(),
+        "node_rss_kb": run.nodesRssKB(),
     }
     run.node.profileEnd()
     return tallies, cpu

@@ -11,6 +11,11 @@ the recipient's after reading the frame.
 
 Both sides of a pair live in the same worker, and the node runs with
 C{[messages] noauth = true}, so no friendship set-up is needed.
+
+With C{--nodes N} (N > 1) the run starts N nodes forming one cluster on the
+shared store (PostgreSQL), and the two sides of every pair log in to
+different nodes: pair C{k} puts its first user on node C{k mod N} and its
+second on the next one, so every message crosses the mesh.
 """
 
 from __future__ import annotations
@@ -77,6 +82,20 @@ class Direct(Scenario):
             0.0,
             "sharded postgresql: seconds into the measured run to move half the slots to a new shard",
         ),
+        Param(
+            "nodes",
+            int,
+            1,
+            1,
+            "nodes forming one cluster on a server store; each pair's two users on different nodes",
+        ),
+        Param(
+            "probe_timeout",
+            float,
+            0.0,
+            0.0,
+            "cluster: [cluster] probe_timeout in seconds, probe_interval twice it (0: the node's defaults)",
+        ),
         Param("timeout", float, 600.0, 60.0, "seconds to wait for deliveries"),
         *COMMON,
     )
@@ -91,23 +110,36 @@ class Direct(Scenario):
             name += f"-rate{params['rate']:g}"
         if params["shards"] and params["store"] == "postgresql":
             name += f"-{params['shards']}shards" + ("-move" if params["move"] else "")
+        if params["nodes"] > 1:
+            name += f"-{params['nodes']}nodes"
+            if params["probe_timeout"]:
+                name += f"-probe{params['probe_timeout']:g}s"
         return name
 
     def nodeSections(self, params: dict) -> dict:
-        return {
+        sections = {
             "messages": {"noauth": True},
             "store": {"backend": params["store"], "synchronous": params["synchronous"], **serverStore(params)},
         }
+        if params["nodes"] > 1 and params["probe_timeout"]:
+            timeout = params["probe_timeout"]
+            sections["cluster"] = {"probe_timeout": timeout, "probe_interval": 2 * timeout}
+        return sections
 
     async def drive(self, run: Run) -> Result:
         p = run.params
         pairs = p["pairs"]
+        nodes = len(run.nodes)
+        if nodes > 1 and p["store"] not in ("postgresql", "mariadb"):
+            raise ValueError("--nodes needs a store the nodes share: postgresql or mariadb")
         workers = run.workers.count
         pairsOf = run.share(range(pairs))
         usersOf = lambda w: [u for k in pairsOf(w) for u in (2 * k, 2 * k + 1)]  # noqa: E731
-        run.log(f"registering and logging in {2 * pairs} users")
+        # Pair k: its first user on node k mod N, its second on the next.
+        nodesOf = lambda w: [(k + side) % nodes for k in pairsOf(w) for side in (0, 1)]  # noqa: E731
+        run.log(f"registering and logging in {2 * pairs} users" + (f" on {nodes} nodes" if nodes > 1 else ""))
         await run.workers.all("register", lambda w: {"indices": usersOf(w)})
-        await run.workers.all("login", lambda w: {"indices": usersOf(w)})
+        await run.workers.all("login", lambda w: {"indices": usersOf(w), "nodes": nodesOf(w)})
         rate = p["rate"] / workers
 
         def send(count: int) -> Any:
@@ -142,8 +174,14 @@ class Direct(Scenario):
             *latencyRows("send → receive", s["_latency"]),
             *latencyRows("send → echo (stored)", s["_echo"]),
             ("send errors", str(s["send_errors"])),
-            ("node CPU", f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery"),
-            ("node RSS after the run", f"{s['node_rss_kb'] / 1024:.1f} MiB"),
+            (
+                "node CPU" + (f" (all {nodes} nodes)" if nodes > 1 else ""),
+                f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery",
+            ),
+            (
+                "node RSS after the run" + (f" (all {nodes} nodes)" if nodes > 1 else ""),
+                f"{s['node_rss_kb'] / 1024:.1f} MiB",
+            ),
             ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
         ]
         if moved is not None:

@@ -34,6 +34,23 @@ def checkout():
     return root
 
 
+def requirePostgreSQL():
+    """
+    Skip (fail under CI) unless this machine's PostgreSQL, where the
+    benchmark creates its databases, answers.
+    """
+    try:
+        import psycopg2
+    except ImportError:
+        requireOrSkip("psycopg2 is not installed")
+    from timtx.test.databases import POSTGRESQL_ADMIN
+
+    try:
+        psycopg2.connect(POSTGRESQL_ADMIN, connect_timeout=5).close()
+    except Exception as e:
+        requireOrSkip(f"PostgreSQL is not reachable with {POSTGRESQL_ADMIN!r}: {str(e).strip().splitlines()[0]}")
+
+
 def runBench(testCase, root, *args):
     """
     Run C{python -m bench <args> --summary ...} from the checkout and return
@@ -122,3 +139,27 @@ class QuickTests(SynchronousTestCase):
                 record = json.load(f)
             self.assertGreater(record["metrics"]["received"], 0)
             self.assertEqual(record["metrics"]["duplicates"], 0)
+
+    def test_directAcrossNodes(self):
+        """
+        C{python -m bench direct --quick --store postgresql --nodes 2}
+        starts two nodes forming one cluster on one PostgreSQL database,
+        logs the two users of every pair in to different nodes, and every
+        message crosses the mesh and arrives: 0 lost, no duplicates, CPU
+        counted over both nodes.
+        """
+        root = checkout()
+        requirePostgreSQL()
+        process, outcome = runBench(self, root, "direct", "--quick", "--store", "postgresql", "--nodes", "2")
+        self.assertIsNotNone(outcome, process.stderr[-3000:])
+        [entry] = outcome
+        self.assertEqual(entry["status"], "ok", f"{entry['reason']}\n{process.stderr[-3000:]}")
+        self.assertEqual(entry["variant"], "direct-postgresql-mixed-2nodes")
+        self.assertEqual(entry["lost"], 0)
+        with open(entry["files"]["json"], encoding="utf-8") as f:
+            record = json.load(f)
+        self.assertGreater(record["metrics"]["received"], 0)
+        self.assertEqual(record["metrics"]["duplicates"], 0)
+        self.assertIn("mesh_seconds", record)
+        self.assertEqual(len(record["other_node_exits"]), 1)
+        self.assertEqual(process.returncode, 0, process.stderr[-3000:])
