@@ -407,9 +407,18 @@ class InboxDelivery:
         return message
 
     def _failed(self, failure: Failure, session: Session) -> None:
+        if session.closed or self._stopped:
+            # No one is waiting for this read any more (the session ended,
+            # or the node is stopping and its store closed under the read):
+            # what it would have delivered stays in the inbox for the next
+            # login.  Not an error, and no traceback in the log.
+            self.log.info(
+                "reading what {uid} missed ended with the session: {why}",
+                uid=session.uid,
+                why=failure.getErrorMessage(),
+            )
+            return
         if failure.check(StoreUnavailable):
-            if self._stopped:
-                return
             # An outage: the session stays connected, and its inbox is read
             # again once the store may be back.
             self.log.warn(

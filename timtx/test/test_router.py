@@ -4,6 +4,7 @@ Tests for L{timtx.delivery.router}: the single-node router sends to this
 node's sessions, through the same flow control for 1:1 and group pushes.
 """
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -20,6 +21,7 @@ from timtx.delivery.router import LocalRouter
 from timtx.delivery.sessions import AckIds, Session
 from timtx.interfaces import IFrameSink, IRouter
 from timtx.persistence.memory import MemoryStore
+from timtx.persistence.worker import WorkerStopped
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import parse_server_frame
@@ -114,3 +116,48 @@ class LocalRouterTests(SynchronousTestCase):
         self.assertEqual((state.unacked, state.backlogged), (2, True))
         session.ackReceived(sink.frames[1].ackId)
         self.assertEqual(state.unacked, 1)
+
+
+class _StoppingStore(MemoryStore):
+    """
+    A store whose inbox reads wait until the test answers them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def readInbox(self, uid, after, limit):
+        d = Deferred()
+        self.reads.append(d)
+        return d
+
+
+class InboxReadAfterSessionTests(SynchronousTestCase):
+    def test_storeStopsUnderRead(self):
+        """
+        A read of what a session missed that fails after the session ended
+        (the node stopping closed its store under the read, as SIGTERM
+        does) is no error: nothing is logged as one, and what the read
+        would have delivered stays in the inbox.
+        """
+        store = _StoppingStore()
+        ackIds = AckIds()
+        sessions = SessionRegistry(DevicesConfig(limit=0, type_limit=0))
+        inbox = InboxDelivery(
+            MessagesConfig(),
+            store=store,
+            vault=StanzaVault(NodeKeys(b"r" * 32)),
+            sessions=sessions,
+            ackIds=ackIds,
+            clock=Clock(),
+        )
+        session = Session(_Sink(), "ann", "", None, 0, Encoding.COMPACT, 0.0, ackIds)
+        sessions.admit(session)
+        inbox.flow.start(session)
+        inbox.drain(session)
+        self.assertEqual(len(store.reads), 1)
+        session.connectionLost()
+        inbox.sessionEnded(session)
+        store.reads[0].errback(WorkerStopped())
+        self.assertEqual(self.flushLoggedErrors(), [])
