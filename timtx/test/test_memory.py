@@ -85,8 +85,8 @@ class ClosedConnectionMemoryTests(TestCase):
     def test_buffersGiveBack(self):
         """
         Three rounds of 300 connections that each buffered 1 MB leave the
-        node's resident memory within a few MB of what the first round left,
-        and far below what the buffers took.
+        node's resident memory within a tenth of one round's buffers of
+        what the first round left, and far below what the buffers took.
         """
         if not os.path.exists("/proc/self/status"):
             requireOrSkip("no /proc to read resident memory from")
@@ -132,7 +132,11 @@ class ClosedConnectionMemoryTests(TestCase):
             yield deferToThread(buffersRound, port)
             yield deferLater(reactor, 0.5, lambda: None)
             after.append(residentMiB(transport.pid))
-        # 300 MB passed through the node each round.
-        self.assertLess(after[-1] - after[0], 8, (start, after))
+        # 300 MB passed through the node each round; a leak of the buffers
+        # adds about that much per round (it did: 1.6 GB after five).
+        # What stays is allocator and collector noise, which on a loaded
+        # machine has reached 12 MB over two rounds: the bound is a tenth
+        # of one round's buffers, not a few MB.
+        self.assertLess(after[-1] - after[0], 30, (start, after))
         self.assertLess(after[-1] - start, 40, (start, after))
         self.assertNotIn(b"Traceback", log.getContent())
