@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from typing import Any
 
 from twisted.internet import defer, error, protocol, reactor
@@ -29,6 +28,7 @@ from timtx.protocols.constants import Business, TimType
 from timtx.test import netns
 from timtx.test.base import waitUntil
 from timtx.test.databases import _dsnWith, postgresqlDatabase
+from timtx.test.test_tap import twistTim
 
 NODES = 3
 MESSAGES = 1000
@@ -149,17 +149,7 @@ class MeshInNamespacesTests(TestCase):
 
     def spawn(self, topology: netns.MeshTopology, n: int, directory: FilePath, config: FilePath, log: FilePath) -> None:
         node = _Node()
-        argv = topology.run(
-            n,
-            sys.executable,
-            "-m",
-            "twisted",
-            "--log-format=text",
-            f"--log-file={log.path}",
-            "tim",
-            "--config",
-            config.path,
-        )
+        argv = topology.run(n, *twistTim(config.path, log.path))
         transport = reactor.spawnProcess(node, argv[0], argv, env=netns.childEnvironment(), path=directory.path)
 
         def kill() -> None:

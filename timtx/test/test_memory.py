@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from timtx.test.test_tap import childEnv
+from timtx.test.test_tap import childEnv, twistTim
 from timtx.testing import requireOrSkip
 
 CONNECTIONS = 300
@@ -98,16 +98,7 @@ class ClosedConnectionMemoryTests(TestCase):
         transport = reactor.spawnProcess(
             process,
             sys.executable,
-            [
-                sys.executable,
-                "-m",
-                "twisted",
-                "--log-format=text",
-                f"--log-file={log.path}",
-                "tim",
-                "--config",
-                "node.ini",
-            ],
+            twistTim("node.ini", log.path),
             env=childEnv(),
             path=directory.path,
         )

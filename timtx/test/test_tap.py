@@ -34,6 +34,15 @@ def childEnv():
     return env
 
 
+def twistTim(config, log=None):
+    """
+    The argv of C{twist tim --config config} in a child process, logging
+    as text to C{log} (a path) or to its stdout.
+    """
+    logFile = [f"--log-file={log}"] if log else []
+    return [sys.executable, "-m", "twisted", "--log-format=text", *logFile, "tim", "--config", config]
+
+
 class PluginTests(SynchronousTestCase):
     def test_found(self):
         """
@@ -183,7 +192,7 @@ class CommandTests(TestCase):
         transport = reactor.spawnProcess(
             process,
             sys.executable,
-            [sys.executable, "-m", "twisted", "--log-format=text", "tim", "--config", "node.ini"],
+            twistTim("node.ini"),
             env=childEnv(),
             path=directory.path,
         )
