@@ -553,6 +553,13 @@ class ClusterService(Service):
     def removeHandler(self, kind: str) -> None:
         self._handlers.pop(kind, None)
 
+    @property
+    def kinds(self) -> frozenset[str]:
+        """
+        The kinds this node handles.
+        """
+        return frozenset(self._handlers)
+
     def _checkKind(self, kind: str) -> None:
         if not KIND_PATTERN.match(kind):
             raise ValueError(f"invalid kind {kind!r}: 1 to 64 letters, digits, '.', '_' or '-'")

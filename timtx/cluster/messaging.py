@@ -31,7 +31,7 @@ from timtx.chat.messagerules import MaybeStored, refusal
 from timtx.chat.messaging import PersonalMessaging
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, conversationKey
-from timtx.cluster.wire import BadPayload, pack, unpack
+from timtx.cluster.wire import BadPayload, integer, pack, text, unpack
 from timtx.protocols import codec
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
@@ -92,15 +92,18 @@ class ClusterMessaging(PersonalMessaging):
 
     def _appendReceived(self, node: str, payload: bytes) -> Deferred[bytes]:
         conv, sender, body, recipient, keep, clientId = unpack(payload, 6)
-        message = codec.decode_compact(TimMessage, body)
-        dedupe = (sender.decode(), _int(clientId)) if clientId else None
-        to = recipient.decode()
+        try:
+            message = codec.decode_compact(TimMessage, body)
+        except TimProtocolError as e:
+            raise BadPayload(f"not a TimMessage: {e.text}") from None
+        dedupe = (text(sender), integer(clientId)) if clientId else None
+        to = text(recipient)
         self.appendedForOthers += 1
-        d = super().appendAndRoute(conv.decode(), sender.decode(), message, to, bool(keep), dedupe)
+        d = super().appendAndRoute(text(conv), text(sender), message, to, bool(keep), dedupe)
         if dedupe is not None and self.duplicates.peek(*dedupe)[0]:
             # The sender's keys are in memory here too (it has a session
             # here): add this one, so a resend through this node is known.
-            self.duplicates.remember(dedupe[0], dedupe[1], d, conv.decode())
+            self.duplicates.remember(dedupe[0], dedupe[1], d, text(conv))
         return d.addCallbacks(
             lambda appended: pack(b"ok", codec.encode_compact(appended.message), b"%d" % appended.qids[to]),
             _refused,
@@ -112,17 +115,10 @@ def _answered(answer: bytes) -> Appended:
     if status == b"ok":
         return Appended(codec.decode_compact(TimMessage, first), {})
     error = MaybeStored if status == b"maybe" else TimProtocolError
-    raise error(_int(first), second.decode("utf-8", "replace"))
+    raise error(integer(first), second.decode("utf-8", "replace"))
 
 
 def _refused(failure: Failure) -> bytes:
     error = failure.value if isinstance(failure.value, TimProtocolError) else refusal(failure)
     status = b"maybe" if isinstance(error, MaybeStored) else b"refused"
     return pack(status, b"%d" % error.code, error.text.encode("utf-8"))
-
-
-def _int(field: bytes) -> int:
-    try:
-        return int(field)
-    except ValueError:
-        raise BadPayload(f"not an integer: {field[:20]!r}") from None

@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from timtx.cluster.directory import UserDirectory
 from timtx.cluster.membership import ClusterService
-from timtx.cluster.wire import BadPayload, pack, unpack
+from timtx.cluster.wire import integer, pack, text, unpack
 from timtx.delivery.encoded import Encoded
 from timtx.interfaces import IRouter
 from timtx.protocols.codec import Encoding
@@ -131,25 +131,18 @@ class ClusterRouter:
     def _pushReceived(self, node: str, payload: bytes) -> None:
         compact, json, uid, qid = unpack(payload, 4)
         self._count(KIND_PUSH)
-        self.local.push(uid.decode(), _int(qid), Encoded.prepared(compact, json))
+        self.local.push(text(uid), integer(qid), Encoded.prepared(compact, json))
 
     def _sendReceived(self, node: str, payload: bytes) -> None:
         compact, json, uid, timType = unpack(payload, 4)
         self._count(KIND_SEND)
-        self.local.send(uid.decode(), _int(timType), Encoded.prepared(compact, json))
+        self.local.send(text(uid), integer(timType), Encoded.prepared(compact, json))
 
     def _frameReceived(self, node: str, payload: bytes) -> None:
         header, body, uid = unpack(payload, 3)
         self._count(KIND_FRAME)
-        self.local.sendFrame(uid.decode(), header, body)
+        self.local.sendFrame(text(uid), header, body)
 
 
 def _encodings(message: Encoded) -> tuple[bytes, bytes]:
     return message.payload(Encoding.COMPACT), message.payload(Encoding.JSON)
-
-
-def _int(field: bytes) -> int:
-    try:
-        return int(field)
-    except ValueError:
-        raise BadPayload(f"not an integer: {field[:20]!r}") from None

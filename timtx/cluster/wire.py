@@ -63,6 +63,34 @@ def unpack(data: bytes, count: int) -> list[bytes]:
     return fields
 
 
+def text(field: bytes) -> str:
+    """
+    A field as text.
+
+    @raise BadPayload: if it is not UTF-8.
+    """
+    try:
+        return field.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadPayload(f"not UTF-8: {field[:20]!r}") from None
+
+
+def integer(field: bytes) -> int:
+    """
+    A field as a signed 64-bit decimal integer (no sign but C{-}, no
+    spaces, no exponent: what L{pack}'s callers write with C{b"%d"}).
+
+    @raise BadPayload: if it is anything else.
+    """
+    digits = field[1:] if field[:1] == b"-" else field
+    if not (digits.isdigit() and len(digits) <= 19):
+        raise BadPayload(f"not an integer: {field[:20]!r}")
+    value = int(field)
+    if not -(2**63) <= value < 2**63:
+        raise BadPayload(f"integer out of range: {field[:20]!r}")
+    return value
+
+
 def dumps(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 

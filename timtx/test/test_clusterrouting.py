@@ -81,12 +81,11 @@ class WireTests(SynchronousTestCase):
             self.assertRaises(BadPayload, unpack, bad, count)
 
 
-class ClusterRoutingTests(TestCase):
+class ClusterFixture:
     """
-    Nodes that form a mesh, and clients on different nodes.
+    A mesh of nodes in this process and clients of them, for a L{TestCase}.
     """
 
-    timeout = 60
     encoding = Encoding.COMPACT
 
     @inlineCallbacks
@@ -129,6 +128,14 @@ class ClusterRoutingTests(TestCase):
             for b in clients:
                 if a is not b:
                     yield node.relations.setStance(a.uid, b.uid, STANCE_FRIEND)
+
+
+class ClusterRoutingTests(ClusterFixture, TestCase):
+    """
+    Nodes that form a mesh, and clients on different nodes.
+    """
+
+    timeout = 60
 
     @inlineCallbacks
     def test_mesh(self):
