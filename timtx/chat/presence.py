@@ -69,6 +69,13 @@ class PresenceService:
         """
         self._invisible.put(uid, invisible)
 
+    def forgetCached(self) -> None:
+        """
+        Drop every cached invisible flag (they are read again when needed):
+        this node may have missed changes made elsewhere.
+        """
+        self._invisible.clear()
+
     def _outgoing(self, session: Session, presence: TimPresence) -> TimPresence:
         if presence.offline:
             raise TimProtocolError(ErrorCode.ERR_PARAMS, "offline is set by the server; use invisible mode")

@@ -110,6 +110,13 @@ class RelationCache:
             old = theirs.get(owner) or Relation(owner, STANCE_NONE, STANCE_NONE)
             theirs[owner] = Relation(owner, old.mine, stance)
 
+    def forgetCached(self) -> None:
+        """
+        Drop every cached user's relations (they are read again when
+        needed): this node may have missed changes made elsewhere.
+        """
+        self._users.clear()
+
 
 class RosterService:
     def __init__(

@@ -10,9 +10,14 @@ each applies it to what it has cached and reads nothing.  Sending the change
 rather than "forget this" matters: a node that forgot and read the store
 before the write committed would cache the old value again.
 
-A node that misses a change (it was unreachable) keeps a stale entry until
-it drops it: the caches are bounded and least-recently-used, and a node
-that restarts starts empty.
+A node misses changes only while another node holds it dead: nothing is
+sent to a dead member.  So when a member comes back (L{ChangeKind.JOINED}
+with a previous state: a healed partition, a node that was wrongly declared
+dead, or a restart), each node that sees it tells it to drop what it cached
+(C{cache.flush}), and it reads the store again as it needs to.  The notice
+goes from the side that did the holding, which matters when only one side
+held the other dead: the one that missed changes may never have seen a
+change in its own view.  A new node starts empty and gets nothing.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from twisted.python.failure import Failure
 from timtx.chat.presence import PresenceService
 from timtx.chat.roster import RelationCache
 from timtx.cluster.membership import ClusterService
+from timtx.cluster.swim import ChangeKind, MemberChange
 from timtx.cluster.wire import BadPayload, dumps, loads
 
 KIND_STANCE = "cache.stance"
 KIND_INVISIBLE = "cache.invisible"
+KIND_FLUSH = "cache.flush"
 
 
 class CacheMirror:
@@ -44,6 +51,10 @@ class CacheMirror:
         presence.onInvisible.append(self._invisibleChanged)
         cluster.addHandler(KIND_STANCE, self._stanceReceived)
         cluster.addHandler(KIND_INVISIBLE, self._invisibleReceived)
+        cluster.addHandler(KIND_FLUSH, self._flushReceived)
+        cluster.addObserver(self._membershipChanged)
+        #: Times this node dropped its caches when told to.
+        self.flushes = 0
 
     def _broadcast(self, kind: str, payload: bytes) -> None:
         me = self.cluster.nodeId
@@ -74,3 +85,14 @@ class CacheMirror:
         if not isinstance(uid, str) or not isinstance(invisible, bool):
             raise BadPayload("uid and invisible are required")
         self.presence.applyInvisible(uid, invisible)
+
+    def _membershipChanged(self, change: MemberChange) -> None:
+        node = change.member.nodeId
+        if change.kind is ChangeKind.JOINED and change.previous is not None and node != self.cluster.nodeId:
+            self.cluster.send(node, KIND_FLUSH, b"").addErrback(self._sendFailed, node, KIND_FLUSH)
+
+    def _flushReceived(self, node: str, payload: bytes) -> None:
+        self.log.info("node {node} held this node dead: dropping cached relations and flags", node=node)
+        self.flushes += 1
+        self.relations.forgetCached()
+        self.presence.forgetCached()

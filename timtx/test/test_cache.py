@@ -46,3 +46,25 @@ class LoadingCacheTests(SynchronousTestCase):
         cache = LoadingCache(lambda key: fail(RuntimeError("down")), 2)
         self.failureResultOf(cache.get("a"), RuntimeError)
         self.assertNotIn("a", cache)
+
+    def test_clearDuringRead(self):
+        """
+        After L{LoadingCache.clear}, a read that began before it is handed
+        to its waiters but not kept: it may predate what cleared the cache.
+        """
+        pending = Deferred()
+        reads = []
+
+        def load(key):
+            reads.append(key)
+            return pending if len(reads) == 1 else succeed("new")
+
+        cache = LoadingCache(load, 10)
+        cache.put("kept", "old")
+        first = cache.get("k")
+        cache.clear()
+        self.assertIsNone(cache.peek("kept"))
+        pending.callback("old")
+        self.assertEqual(self.successResultOf(first), "old")
+        self.assertEqual(self.successResultOf(cache.get("k")), "new")
+        self.assertEqual(reads, ["k", "k"])

@@ -17,10 +17,11 @@ from timtx.client import TimRequestFailed, connect, register, requestToken
 from timtx.cluster.membership import PeerRequestFailed, checkClusterConfig, loadSecret
 from timtx.cluster.messaging import ClusterMessaging
 from timtx.cluster.router import ClusterRouter
+from timtx.cluster.swim import ChangeKind, MemberChange
 from timtx.cluster.wire import BadPayload, pack, unpack
 from timtx.config import load, replace
 from timtx.delivery.router import LocalRouter
-from timtx.persistence.records import STANCE_FRIEND
+from timtx.persistence.records import STANCE_BLOCK, STANCE_FRIEND
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, ErrorCode, NodeInfo, TimType
 from timtx.protocols.structs import Tid, TimPresence, TimUserBean
@@ -534,6 +535,27 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
         yield alice.business(Business.BLOCKROSTER, node=bob.uid)
         yield bob.next(notice(Business.BLOCKROSTER))
         yield waitUntil(lambda: getattr((node2.relations.peek(bob.uid) or {}).get(alice.uid), "theirs", 0) == 2)
+        failure = yield self.assertFailure(bob.postMessage(alice.uid, "blocked"), TimRequestFailed)
+        self.assertEqual(failure.code, ErrorCode.ERR_BLOCK)
+
+    @inlineCallbacks
+    def test_missedChangesFlushed(self):
+        """
+        A node that another held dead may have missed its cache changes:
+        when it comes back, the other tells it to drop its caches, and what
+        it decides from then on follows the store.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield self.friends(node1, alice, bob)
+        yield bob.postMessage(alice.uid, "cached on node2 now")
+        # A block node2 never heard of, as if made while node1 held it dead.
+        yield node1.store.setStance(alice.uid, bob.uid, STANCE_BLOCK)
+        yield bob.postMessage(alice.uid, "node2 still thinks they are friends")
+        member = node1.cluster.member("node2")
+        node1.cacheMirror._membershipChanged(MemberChange(ChangeKind.JOINED, member, previous=member))
+        yield waitUntil(lambda: node2.cacheMirror.flushes == 1)
         failure = yield self.assertFailure(bob.postMessage(alice.uid, "blocked"), TimRequestFailed)
         self.assertEqual(failure.code, ErrorCode.ERR_BLOCK)
 

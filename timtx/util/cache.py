@@ -41,6 +41,9 @@ class LoadingCache(Generic[K, V]):
         self._onEvict = onEvict
         self._values: OrderedDict[K, V] = OrderedDict()
         self._loading: dict[K, list[Deferred[V]]] = {}
+        # Raised by clear(): a read that began before it may be older than
+        # what cleared the cache, so its value is handed out but not kept.
+        self._generation = 0
 
     def __contains__(self, key: K) -> bool:
         return key in self._values
@@ -62,7 +65,9 @@ class LoadingCache(Generic[K, V]):
             waiters.append(d)
             return d
         self._loading[key] = [d]
-        self._load(key).addCallbacks(self._loaded, self._failed, callbackArgs=(key,), errbackArgs=(key,))
+        self._load(key).addCallbacks(
+            self._loaded, self._failed, callbackArgs=(key, self._generation), errbackArgs=(key,)
+        )
         return d
 
     def peek(self, key: K) -> V | None:
@@ -89,13 +94,21 @@ class LoadingCache(Generic[K, V]):
     def pop(self, key: K) -> V | None:
         return self._values.pop(key, None)
 
-    def _loaded(self, value: V, key: K) -> None:
+    def clear(self) -> None:
+        """
+        Forget every value, and what reads under way will return: the next
+        L{get} of each key reads it again.
+        """
+        self._values.clear()
+        self._generation += 1
+
+    def _loaded(self, value: V, key: K, generation: int) -> None:
         # A value put while the read was under way is newer than the read;
         # nothing (None) is not kept, so it is read again next time.
         current = self._values.get(key)
         if current is None:
             current = value
-            if value is not None:
+            if value is not None and generation == self._generation:
                 self.put(key, value)
         for d in self._loading.pop(key):
             d.callback(current)
