@@ -41,6 +41,8 @@ class LoadingCache(Generic[K, V]):
         self._onEvict = onEvict
         self._values: OrderedDict[K, V] = OrderedDict()
         self._loading: dict[K, list[Deferred[V]]] = {}
+        #: Keys whose read under way started before an L{invalidate}.
+        self._stale: set[K] = set()
 
     def __contains__(self, key: K) -> bool:
         return key in self._values
@@ -89,18 +91,31 @@ class LoadingCache(Generic[K, V]):
     def pop(self, key: K) -> V | None:
         return self._values.pop(key, None)
 
+    def invalidate(self, key: K) -> None:
+        """
+        Forget C{key}'s value because the store changed: the next use reads
+        it again.  A read already under way may have seen the store before
+        the change, so its result goes to those waiting for it but is not
+        kept.
+        """
+        self._values.pop(key, None)
+        if key in self._loading:
+            self._stale.add(key)
+
     def _loaded(self, value: V, key: K) -> None:
         # A value put while the read was under way is newer than the read;
         # nothing (None) is not kept, so it is read again next time.
         current = self._values.get(key)
         if current is None:
             current = value
-            if value is not None:
+            if value is not None and key not in self._stale:
                 self.put(key, value)
+        self._stale.discard(key)
         for d in self._loading.pop(key):
             d.callback(current)
 
     def _failed(self, failure: Failure, key: K) -> None:
+        self._stale.discard(key)
         for d in self._loading.pop(key):
             d.errback(failure)
 
