@@ -354,7 +354,7 @@ class Node(MultiService):
                 maxGroups=config.groups.cache_groups,
             )
             groupsClass = partial(
-                ClusterGroups, cluster=self.cluster, routing=self.groupRouting, duplicates=self.duplicates
+                ClusterGroups, cluster=router.cluster, routing=self.groupRouting, duplicates=self.duplicates
             )
         self.groups = groupsClass(
             config.groups,

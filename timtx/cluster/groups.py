@@ -61,7 +61,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -251,7 +251,7 @@ class GroupRouting:
         maxGroups: int = 10_000,
     ):
         self.router = router
-        self.cluster: ClusterService = router.cluster
+        self.cluster = router.cluster
         self.users = router.directory
         self.groups = directory
         self.fanout = fanout
@@ -295,8 +295,11 @@ class GroupRouting:
                 break
             if uid not in self._locating:
                 self._locating.add(uid)
-                self.users.locate(uid).addBoth(lambda _, uid=uid: self._locating.discard(uid))
+                self.users.locate(uid).addBoth(self._located, uid)
         return nodes, unknown
+
+    def _located(self, result: object, uid: str) -> None:
+        self._locating.discard(uid)
 
     def _othersFor(self, members: Iterable[str]) -> set[str]:
         nodes, unknown = self.nodesOf(members)
@@ -379,12 +382,25 @@ class GroupRouting:
 
     # Changes to groups.
 
-    def _changed(self, gid: str, uids: tuple[str, ...]) -> None:
+    def _changed(self, gid: str, uids: tuple[str, ...]) -> Deferred[Any]:
+        """
+        Tell every other live node, and wait for their answers (or their
+        failures): the client that made the change is answered after, so
+        that whatever it or anyone it tells does next, through any node,
+        sees the change.
+        """
         payload = dumps({"gid": gid, "uids": list(uids)})
         me = self.cluster.nodeId
-        self._sendTo({m.nodeId for m in self.cluster.liveMembers() if m.nodeId != me}, KIND_CHANGED, payload)
+        asked = []
+        forwarded = self.router.forwarded
+        for member in self.cluster.liveMembers():
+            if member.nodeId != me:
+                forwarded[KIND_CHANGED] = forwarded.get(KIND_CHANGED, 0) + 1
+                d = self.cluster.request(member.nodeId, KIND_CHANGED, payload)
+                asked.append(d.addErrback(self._sendFailed, member.nodeId, KIND_CHANGED))
+        return gatherResults(asked)
 
-    def _changedReceived(self, node: str, payload: bytes) -> None:
+    def _changedReceived(self, node: str, payload: bytes) -> bytes:
         change = loads(payload)
         gid, uids = change.get("gid"), change.get("uids")
         if not isinstance(gid, str) or not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
@@ -393,6 +409,7 @@ class GroupRouting:
         self.groups.forget(gid, uids)
         for uid in uids:
             self.fanout.forgetCursors(uid)
+        return b""
 
     def _sendTo(self, nodes: Iterable[str], kind: str, payload: bytes) -> None:
         forwarded = self.router.forwarded
@@ -416,7 +433,9 @@ class ClusterGroups(Groups):
         nodes.
     """
 
-    def __init__(self, *args: Any, cluster: ClusterService, routing: GroupRouting, duplicates: Any = None, **kwargs: Any):
+    def __init__(
+        self, *args: Any, cluster: ClusterService, routing: GroupRouting, duplicates: Any = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.cluster = cluster
         self.routing = routing
@@ -506,4 +525,3 @@ def _int(field: bytes) -> int:
         return int(field)
     except ValueError:
         raise BadPayload(f"not an integer: {field[:20]!r}") from None
-

@@ -25,7 +25,7 @@ L{ClusterRouter.groups}).  Virtual rooms stay on each node for now.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,12 +39,27 @@ from timtx.interfaces import IRouter
 from timtx.protocols.codec import Encoding
 
 if TYPE_CHECKING:
-    from timtx.cluster.groups import GroupRouting
+    from timtx.delivery.fanout import GroupFanout
     from timtx.delivery.router import LocalRouter
 
 KIND_PUSH = "route.push"
 KIND_SEND = "route.send"
 KIND_FRAME = "route.frame"
+
+
+class GroupRoute(Protocol):
+    """
+    What the router hands group messages to
+    (L{timtx.cluster.groups.GroupRouting}, which imports this module).
+    """
+
+    fanout: GroupFanout
+
+    def route(
+        self, gid: str, members: Iterable[str], encoded: Encoded, seq: int, skip: str | None, echo: bool
+    ) -> None: ...
+
+    def sendToGroup(self, members: Iterable[str], timType: int, message: Encoded, skip: str | None) -> None: ...
 
 
 @implementer(IRouter)
@@ -66,7 +81,7 @@ class ClusterRouter:
         self.forwarded: dict[str, int] = {}
         self.received: dict[str, int] = {}
         #: Routes group messages once per node (set by L{GroupRouting}).
-        self.groups: GroupRouting | None = None
+        self.groups: GroupRoute | None = None
         cluster.addHandler(KIND_PUSH, self._pushReceived)
         cluster.addHandler(KIND_SEND, self._sendReceived)
         cluster.addHandler(KIND_FRAME, self._frameReceived)

@@ -83,7 +83,8 @@ class GroupDirectory:
         self._groups: LoadingCache[str, GroupState] = LoadingCache(self._read, maxGroups)
         self._userGroups: LoadingCache[str, set[str]] = LoadingCache(self._readGroupsOf, maxUsers)
         #: Called with C{(gid, uids)} once a change of group C{gid} (and of
-        #: the memberships of C{uids}) is in the store.
+        #: the memberships of C{uids}) is in the store; a L{Deferred} it
+        #: returns is waited for before the change is done.
         self.onChange: list[Callable[[str, tuple[str, ...]], object]] = []
 
     # Reading.
@@ -132,9 +133,10 @@ class GroupDirectory:
 
     def _changed(self, d: Deferred[Any], gid: str, *uids: str) -> Deferred[Any]:
         def tell(result: Any) -> Any:
-            for listener in self.onChange:
-                listener(gid, uids)
-            return result
+            waits = [w for w in (listener(gid, uids) for listener in self.onChange) if isinstance(w, Deferred)]
+            if not waits:
+                return result
+            return gatherResults(waits, consumeErrors=True).addCallback(lambda _: result)
 
         return d.addCallback(tell)
 
