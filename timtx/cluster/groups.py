@@ -92,7 +92,7 @@ KIND_CHANGED = "group.changed"
 
 
 @dataclass
-class _Item:
+class GroupItem:
     """
     One stored group message to deliver on this node.
 
@@ -144,12 +144,12 @@ class GroupDelivery:
         #: groups; a group forgotten starts again from its next message).
         self._last: OrderedDict[str, int] = OrderedDict()
         #: Messages waiting while an earlier one of the group is delivered.
-        self._queues: dict[str, deque[_Item]] = {}
+        self._queues: dict[str, deque[GroupItem]] = {}
         self.delivered = 0
         self.late = 0
         self.repaired = 0
 
-    def arrived(self, gid: str, item: _Item) -> None:
+    def arrived(self, gid: str, item: GroupItem) -> None:
         queue = self._queues.get(gid)
         if queue is not None:
             queue.append(item)
@@ -171,11 +171,11 @@ class GroupDelivery:
                 return
         del self._queues[gid]
 
-    def _failed(self, failure: Failure, gid: str, item: _Item) -> None:
+    def _failed(self, failure: Failure, gid: str, item: GroupItem) -> None:
         # The members here get it from the group's history.
         self.log.failure("delivering seq {seq} of group {gid} failed", failure, seq=item.seq, gid=gid)
 
-    def _withState(self, state: GroupState | None, gid: str, item: _Item) -> Any:
+    def _withState(self, state: GroupState | None, gid: str, item: GroupItem) -> Any:
         last = self._last.get(gid)
         if last is not None and item.seq <= last:
             self.late += 1
@@ -188,7 +188,7 @@ class GroupDelivery:
         self._deliver(state, item)
         return None
 
-    def _repair(self, state: GroupState, item: _Item, last: int) -> Deferred[None]:
+    def _repair(self, state: GroupState, item: GroupItem, last: int) -> Deferred[None]:
         after = max(last, item.seq - 1 - self.maxRepair)
         d = self.store.messagesAfter(groupConversation(state.gid), after, item.seq - 1 - after)
 
@@ -198,12 +198,12 @@ class GroupDelivery:
                     break
                 message = self.vault.openMessage(row.conv, row.seq, row.stanza)
                 self.repaired += 1
-                self._deliver(state, _Item(row.seq, Encoded(message), None, False, repaired=True))
+                self._deliver(state, GroupItem(row.seq, Encoded(message), None, False, repaired=True))
             self._deliver(state, item)
 
         return d.addCallback(read)
 
-    def _deliver(self, state: GroupState, item: _Item) -> None:
+    def _deliver(self, state: GroupState, item: GroupItem) -> None:
         gid, seq, fanout = state.gid, item.seq, self.fanout
         self._remember(gid, seq)
         self.delivered += 1
@@ -316,7 +316,7 @@ class GroupRouting:
         Deliver a stored message of group C{gid} here and send it once to
         every other node holding members.
         """
-        self.delivery.arrived(gid, _Item(seq, encoded, skip, echo))
+        self.delivery.arrived(gid, GroupItem(seq, encoded, skip, echo))
         others = self._othersFor(members)
         if not others:
             return
@@ -333,7 +333,7 @@ class GroupRouting:
     def _pushReceived(self, node: str, payload: bytes) -> None:
         gid, compact, json, seq, skip, echo = unpack(payload, 6)
         self.router._count(KIND_PUSH)
-        item = _Item(_int(seq), Encoded.prepared(compact, json), skip.decode() or None, bool(echo))
+        item = GroupItem(_int(seq), Encoded.prepared(compact, json), skip.decode() or None, bool(echo))
         self.delivery.arrived(gid.decode(), item)
 
     # Unstored messages (streams).

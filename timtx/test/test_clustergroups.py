@@ -12,14 +12,17 @@ group's owner node may die in the middle of traffic.
 """
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from timtx.chat.groups.directory import GroupState
 from timtx.client import TimRequestFailed
-from timtx.cluster.groups import KIND_CHANGED, KIND_PUSH, KIND_SEND
+from timtx.cluster.groups import KIND_CHANGED, KIND_PUSH, KIND_SEND, GroupDelivery, GroupItem
 from timtx.cluster.ownership import groupKey
+from timtx.delivery.encoded import Encoded
+from timtx.persistence.records import GROUP_ALIVE, ROLE_MEMBER, Group, Member, StoredMessage
 from timtx.protocols.constants import Business, ErrorCode, GroupType
-from timtx.protocols.structs import Tid
+from timtx.protocols.structs import Tid, TimMessage
 from timtx.test.base import waitUntil, within
 from timtx.test.test_clusterrouting import ClusterRoutingTests
 from timtx.test.test_groups import GroupTestsMixin, groupMessage
@@ -274,3 +277,121 @@ class ClusterGroupTests(ClusterGroupsBase, TestCase):
         texts = [m.dataString for m in history]
         self.assertEqual(len(texts), len(set(texts)), "each message stored once")
         self.assertEqual(sorted(m.seq for m in history), list(range(1, last + 1)))
+
+
+class _Fanout:
+    def __init__(self):
+        self.pushed = []
+        self.cursors = {}
+
+    def deliver(self, gid, members, encoded, skip=None, seq=None):
+        self.pushed.append((seq, sorted(uid for uid in members if uid != skip), skip))
+        return 0
+
+    def cursor(self, uid, gid):
+        return self.cursors.get(uid)
+
+    def advance(self, uid, gid, seq):
+        self.cursors[uid] = seq
+
+
+class _Store:
+    def __init__(self):
+        self.reads = []
+
+    def messagesAfter(self, conv, after, limit):
+        d = Deferred()
+        self.reads.append((conv, after, limit, d))
+        return d
+
+
+class _Vault:
+    def openMessage(self, conv, seq, stanza):
+        return TimMessage(seq=seq, dataString=stanza.decode())
+
+
+class GroupDeliveryTests(SynchronousTestCase):
+    """
+    L{GroupDelivery} without a network: order, late copies, gaps.
+    """
+
+    def setUp(self):
+        self.state = GroupState(Group("g", "", "alice", 2, GROUP_ALIVE, 0.0, b""), {})
+        for uid in ("alice", "bob", "carol"):
+            self.state.members[uid] = Member(uid, ROLE_MEMBER, 0.0)
+        self.loads = []
+        self.fanout = _Fanout()
+        self.store = _Store()
+        self.sent = []
+        directory = self
+
+        class _Directory:
+            def get(self, gid):
+                if directory.loads is None:
+                    return succeed(directory.state)
+                d = Deferred()
+                directory.loads.append(d)
+                return d
+
+        self.delivery = GroupDelivery(
+            directory=_Directory(),
+            fanout=self.fanout,
+            send=lambda uid, timType, encoded: self.sent.append(uid),
+            store=self.store,
+            vault=_Vault(),
+        )
+
+    def item(self, seq, skip=None, echo=False):
+        return GroupItem(seq, Encoded(TimMessage(seq=seq)), skip, echo)
+
+    def test_queuedWhileLoading(self):
+        """
+        Messages that arrive while the group is read wait, and go out in
+        arrival order once it is.
+        """
+        self.delivery.arrived("g", self.item(1))
+        self.delivery.arrived("g", self.item(2, "bob", echo=True))
+        self.assertEqual(self.fanout.pushed, [])
+        self.loads[0].callback(self.state)
+        self.loads[1].callback(self.state)
+        self.assertEqual([p[0] for p in self.fanout.pushed], [1, 2])
+        self.assertEqual(self.fanout.pushed[1], (2, ["alice", "carol"], "bob"))
+        self.assertEqual(self.sent, ["bob"])
+
+    def test_lateCopyDropped(self):
+        """
+        A message older than one delivered (another owner's, during a view
+        change) was delivered already: dropped.
+        """
+        self.loads = None
+        for seq in (1, 2, 2, 1):
+            self.delivery.arrived("g", self.item(seq))
+        self.assertEqual([p[0] for p in self.fanout.pushed], [1, 2])
+        self.assertEqual(self.delivery.late, 2)
+
+    def test_gapFilledFromStore(self):
+        """
+        A message after a gap waits for the missing ones, read from the
+        store and pushed first to the members that have not acknowledged
+        them; messages arriving meanwhile wait their turn.
+        """
+        self.loads = None
+        self.delivery.arrived("g", self.item(1))
+        self.delivery.arrived("g", self.item(4))
+        self.delivery.arrived("g", self.item(5))
+        self.assertEqual([p[0] for p in self.fanout.pushed], [1])
+        conv, after, limit, d = self.store.reads[0]
+        self.assertEqual((conv, after, limit), ("g:g", 1, 2))
+        # bob read seq 2 (from history, say) and acknowledged it.
+        self.fanout.cursors.update({"alice": 1, "bob": 2})
+        d.callback([StoredMessage("g:g", 2, 0, "x", b"two", 0, 0.0), StoredMessage("g:g", 3, 0, "x", b"three", 0, 0.0)])
+        self.assertEqual(
+            self.fanout.pushed[1:],
+            [
+                (2, ["alice", "carol"], None),
+                (3, ["alice", "bob", "carol"], None),
+                (4, ["alice", "bob", "carol"], None),
+                (5, ["alice", "bob", "carol"], None),
+            ],
+        )
+        self.assertEqual(self.delivery.repaired, 2)
