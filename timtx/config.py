@@ -992,6 +992,13 @@ class ClusterConfig:
         "links when that node holds neither party. false: the sender's node stores and routes (always one "
         "link), and only what one node stores arrives in order.",
     )
+    group_locates: int = option(
+        256,
+        _int(1),
+        "Members of a group whose nodes a group's owner node looks up in the user directory at a time. Until "
+        "every member's nodes are known, a group message goes to every live node instead of only to those "
+        "holding members.",
+    )
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.chat.vrooms.service import StreamPush, VRoomService
 from timtx.cluster.caches import CacheMirror
 from timtx.cluster.directory import UserDirectory
+from timtx.cluster.groups import ClusterGroups, GroupRouting
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.messaging import ClusterMessaging
 from timtx.cluster.router import ClusterRouter
@@ -339,7 +340,23 @@ class Node(MultiService):
             permissions=permissions,
             duplicates=self.duplicates,
         )
-        self.groups = Groups(
+        # In a cluster a group is stored and routed by its owner, and its
+        # messages cross once to each node holding members.
+        groupsClass: Any = Groups
+        if isinstance(router, ClusterRouter):
+            self.groupRouting = GroupRouting(
+                router,
+                directory=self.directory,
+                fanout=self.fanout,
+                store=store,
+                vault=vault,
+                maxLocates=config.cluster.group_locates,
+                maxGroups=config.groups.cache_groups,
+            )
+            groupsClass = partial(
+                ClusterGroups, cluster=router.cluster, routing=self.groupRouting, duplicates=self.duplicates
+            )
+        self.groups = groupsClass(
             config.groups,
             store=store,
             vault=vault,

@@ -7,7 +7,8 @@ to test and measure them (L{timtx.cluster.simulation}), and the routing of
 client operations between nodes: the user directory
 (L{timtx.cluster.directory}), the router (L{timtx.cluster.router}),
 conversations stored and routed by their owner
-(L{timtx.cluster.messaging}), the mirrored caches
+(L{timtx.cluster.messaging}), groups stored by their owner and sent once
+to each node holding members (L{timtx.cluster.groups}), the mirrored caches
 (L{timtx.cluster.caches}) and their payloads (L{timtx.cluster.wire}).  See
 C{docs/cluster.md}.
 """

@@ -17,13 +17,15 @@ the inbox.
 Messages to one node go over one link in the order they were routed, so a
 recipient gets what one node stored for it in that order.
 
-Groups and virtual rooms stay on each node for now (issue 13):
-L{pushToGroup} pushes to this node's sessions only.
+Group messages go once to each node holding members, which fans them out
+to its own sessions: L{pushToGroup} and L{sendToGroup} hand them to
+L{timtx.cluster.groups.GroupRouting} when a node has one (it sets
+L{ClusterRouter.groups}).  Virtual rooms stay on each node for now.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,11 +39,27 @@ from timtx.interfaces import IRouter
 from timtx.protocols.codec import Encoding
 
 if TYPE_CHECKING:
+    from timtx.delivery.fanout import GroupFanout
     from timtx.delivery.router import LocalRouter
 
 KIND_PUSH = "route.push"
 KIND_SEND = "route.send"
 KIND_FRAME = "route.frame"
+
+
+class GroupRoute(Protocol):
+    """
+    What the router hands group messages to
+    (L{timtx.cluster.groups.GroupRouting}, which imports this module).
+    """
+
+    fanout: GroupFanout
+
+    def route(
+        self, gid: str, members: Iterable[str], encoded: Encoded, seq: int, skip: str | None, echo: bool
+    ) -> None: ...
+
+    def sendToGroup(self, members: Iterable[str], timType: int, message: Encoded, skip: str | None) -> None: ...
 
 
 @implementer(IRouter)
@@ -62,6 +80,8 @@ class ClusterRouter:
         self.cluster = cluster
         self.forwarded: dict[str, int] = {}
         self.received: dict[str, int] = {}
+        #: Routes group messages once per node (set by L{GroupRouting}).
+        self.groups: GroupRoute | None = None
         cluster.addHandler(KIND_PUSH, self._pushReceived)
         cluster.addHandler(KIND_SEND, self._sendReceived)
         cluster.addHandler(KIND_FRAME, self._frameReceived)
@@ -81,9 +101,17 @@ class ClusterRouter:
         self._forward(uid, KIND_FRAME, lambda: pack(header, payload, uid.encode()))
 
     def pushToGroup(self, gid: str, members: Iterable[str], message: Encoded, skip: str | None = None) -> int:
-        return self.local.pushToGroup(gid, members, message, skip)
+        if self.groups is None:
+            return self.local.pushToGroup(gid, members, message, skip)
+        fanout = self.groups.fanout
+        before = fanout.delivered
+        self.groups.route(gid, members, message, message.message.seq, skip, echo=False)
+        return fanout.delivered - before
 
     def sendToGroup(self, members: Iterable[str], timType: int, message: Encoded, skip: str | None = None) -> None:
+        if self.groups is not None:
+            self.groups.sendToGroup(members, timType, message, skip)
+            return
         for uid in members:
             if uid != skip:
                 self.send(uid, timType, message)

@@ -150,6 +150,14 @@ class GroupFanout:
         known = self._cursors.peek(uid)
         return None if known is None else known.get(gid, 0)
 
+    def forgetCursors(self, uid: str) -> None:
+        """
+        Another node moved C{uid}'s cursors in the store (it placed a new
+        member's): read them again when next needed, with this node's
+        unsaved moves on top.
+        """
+        self._cursors.invalidate(uid)
+
     def advance(self, uid: str, gid: str, seq: int) -> None:
         """
         C{uid} acknowledged C{gid}'s message C{seq}.  Cursors only move
@@ -196,15 +204,20 @@ class GroupFanout:
 
     # Pushing.
 
-    def deliver(self, gid: str, members: Iterable[str], encoded: Encoded, skip: str | None = None) -> int:
+    def deliver(
+        self, gid: str, members: Iterable[str], encoded: Encoded, skip: str | None = None, seq: int | None = None
+    ) -> int:
         """
         Push a durable group message to every live session on this node of
         every member but C{skip} (the sender, who gets an echo instead).
 
+        @param seq: the message's seq, when C{encoded} came from another
+            node already encoded (without its struct).
         @return: how many sessions it was written to.
         """
         start = perf_counter()
-        seq = encoded.message.seq
+        if seq is None:
+            seq = encoded.message.seq
         ackId = self.ackIds.next()
         header = server_header(TimType.TIMMESSAGE, ackId)
         prepared: dict[tuple[str, Any], tuple[Any, int]] = {}

@@ -33,6 +33,33 @@ class LoadingCacheTests(SynchronousTestCase):
         pending.callback("older")
         self.assertEqual(self.successResultOf(d), "newer")
 
+    def test_invalidate(self):
+        """
+        An invalidated key is read again; a read under way when it was
+        invalidated answers its waiters but is not kept (it may predate the
+        change).
+        """
+        reads = []
+
+        def load(key):
+            d = Deferred()
+            reads.append(d)
+            return d
+
+        cache = LoadingCache(load, 10)
+        d = cache.get("a")
+        cache.invalidate("a")
+        reads[0].callback("older")
+        self.assertEqual(self.successResultOf(d), "older")
+        again = cache.get("a")
+        self.assertEqual(len(reads), 2)
+        reads[1].callback("newer")
+        self.assertEqual(self.successResultOf(again), "newer")
+        cache.invalidate("a")
+        self.assertIsNone(cache.peek("a"))
+        cache.get("a")
+        self.assertEqual(len(reads), 3)
+
     def test_lru(self):
         evicted = []
         cache = LoadingCache(lambda key: succeed(key.upper()), 2, lambda k, v: evicted.append(k) or k == "keep")

@@ -41,9 +41,8 @@ class LoadingCache(Generic[K, V]):
         self._onEvict = onEvict
         self._values: OrderedDict[K, V] = OrderedDict()
         self._loading: dict[K, list[Deferred[V]]] = {}
-        # Raised by clear(): a read that began before it may be older than
-        # what cleared the cache, so its value is handed out but not kept.
-        self._generation = 0
+        #: Keys whose read under way started before an L{invalidate}.
+        self._stale: set[K] = set()
 
     def __contains__(self, key: K) -> bool:
         return key in self._values
@@ -65,9 +64,7 @@ class LoadingCache(Generic[K, V]):
             waiters.append(d)
             return d
         self._loading[key] = [d]
-        self._load(key).addCallbacks(
-            self._loaded, self._failed, callbackArgs=(key, self._generation), errbackArgs=(key,)
-        )
+        self._load(key).addCallbacks(self._loaded, self._failed, callbackArgs=(key,), errbackArgs=(key,))
         return d
 
     def peek(self, key: K) -> V | None:
@@ -96,24 +93,37 @@ class LoadingCache(Generic[K, V]):
 
     def clear(self) -> None:
         """
-        Forget every value, and what reads under way will return: the next
-        L{get} of each key reads it again.
+        Forget every value, as L{invalidate} does each: the next use of
+        each key reads it again.
         """
         self._values.clear()
-        self._generation += 1
+        self._stale.update(self._loading)
 
-    def _loaded(self, value: V, key: K, generation: int) -> None:
+    def invalidate(self, key: K) -> None:
+        """
+        Forget C{key}'s value because the store changed: the next use reads
+        it again.  A read already under way may have seen the store before
+        the change, so its result goes to those waiting for it but is not
+        kept.
+        """
+        self._values.pop(key, None)
+        if key in self._loading:
+            self._stale.add(key)
+
+    def _loaded(self, value: V, key: K) -> None:
         # A value put while the read was under way is newer than the read;
         # nothing (None) is not kept, so it is read again next time.
         current = self._values.get(key)
         if current is None:
             current = value
-            if value is not None and generation == self._generation:
+            if value is not None and key not in self._stale:
                 self.put(key, value)
+        self._stale.discard(key)
         for d in self._loading.pop(key):
             d.callback(current)
 
     def _failed(self, failure: Failure, key: K) -> None:
+        self._stale.discard(key)
         for d in self._loading.pop(key):
             d.errback(failure)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
-from timtx.chat.conversations import Conversations
+from timtx.chat.conversations import Appended, Conversations
 from timtx.chat.groups.directory import GroupDirectory, GroupState
 from timtx.crypto.vault import StanzaVault
 from timtx.delivery.encoded import Encoded
@@ -124,15 +124,54 @@ class Groups:
         """
         return self.notices.notify(uid, notice)
 
-    @inlineCallbacks
-    def post(self, state: GroupState, sender: str, notice: TimMessage) -> Any:
+    # Storing and routing group messages: the one seam the cluster changes
+    # (L{timtx.cluster.groups.ClusterGroups} hands both to the group's
+    # owner node).
+
+    def appendAndRoute(
+        self, state: GroupState, sender: str, message: TimMessage, dedupe: tuple[str, int] | None, echo: bool
+    ) -> Deferred[Appended]:
+        """
+        Number and store C{message} in the group's history, then route it:
+        to every member, or with C{echo} as an echo to the sender's sessions
+        and a push to every other member.
+
+        @return: a L{Deferred} firing with L{Appended} once durable and
+            routed, in seq order.
+        """
+        d = self.conversations.append(groupConversation(state.gid), sender, message, (), dedupe=dedupe)
+        return d.addCallback(self._appended, state, sender if echo else None)
+
+    def _appended(self, appended: Appended, state: GroupState, echoTo: str | None) -> Appended:
+        self.route(state, Encoded(appended.message), appended.message.seq or 0, echoTo)
+        return appended
+
+    def route(self, state: GroupState, encoded: Encoded, seq: int, echoTo: str | None) -> None:
+        """
+        Deliver a stored group message: the echo to C{echoTo}'s sessions (if
+        any) and the push to every other member's.
+        """
+        if echoTo is not None:
+            self.router.send(echoTo, TimType.TIMMESSAGE, encoded)
+            self.echoed(state.gid, echoTo, seq)
+        self.router.pushToGroup(state.gid, state.members, encoded, echoTo)
+
+    def echoed(self, gid: str, sender: str, seq: int) -> None:
+        """
+        The sender has its own message: move its cursor if it had all
+        before it, so it does not get it back as offline.
+        """
+        fanout = self.fanout
+        if fanout.cursor(sender, gid) == seq - 1:
+            fanout.advance(sender, gid, seq)
+
+    def post(self, state: GroupState, sender: str, notice: TimMessage) -> Deferred[Appended]:
         """
         A notice to all members, kept in the group's history so that offline
         members see it in order.
         """
         notice.msType = MsType.SOURCE_ROOM
-        appended = yield self.conversations.append(groupConversation(state.gid), sender, notice, ())
-        self.router.pushToGroup(state.gid, state.members, Encoded(appended.message), None)
+        return self.appendAndRoute(state, sender, notice, None, echo=False)
 
     @inlineCallbacks
     def announce(self, state: GroupState, bnType: int, who: str) -> Any:

@@ -6,12 +6,16 @@ tim reads a group's member list from the database for every message.  Here a
 group's state is read once, kept while in use (at most C{maxGroups} groups),
 and changed in memory and in the store together, so fan-out and permission
 checks never wait on the store.
+
+In a cluster other nodes cache the same groups: L{GroupDirectory.onChange}
+tells who listens (L{timtx.cluster.groups}) of each change once it is
+durable, and L{GroupDirectory.forget} drops what another node changed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from twisted.internet.defer import Deferred, gatherResults
 
@@ -78,6 +82,10 @@ class GroupDirectory:
         self.store = store
         self._groups: LoadingCache[str, GroupState] = LoadingCache(self._read, maxGroups)
         self._userGroups: LoadingCache[str, set[str]] = LoadingCache(self._readGroupsOf, maxUsers)
+        #: Called with C{(gid, uids)} once a change of group C{gid} (and of
+        #: the memberships of C{uids}) is in the store; a L{Deferred} it
+        #: returns is waited for before the change is done.
+        self.onChange: list[Callable[[str, tuple[str, ...]], object]] = []
 
     # Reading.
 
@@ -114,6 +122,24 @@ class GroupDirectory:
         d.addCallback(set)
         return d
 
+    def forget(self, gid: str, uids: Iterable[str] = ()) -> None:
+        """
+        Another node changed group C{gid} (and the memberships of C{uids})
+        in the store: read them again when next needed.
+        """
+        self._groups.invalidate(gid)
+        for uid in uids:
+            self._userGroups.invalidate(uid)
+
+    def _changed(self, d: Deferred[Any], gid: str, *uids: str) -> Deferred[Any]:
+        def tell(result: Any) -> Any:
+            waits = [w for w in (listener(gid, uids) for listener in self.onChange) if isinstance(w, Deferred)]
+            if not waits:
+                return result
+            return gatherResults(waits, consumeErrors=True).addCallback(lambda _: result)
+
+        return d.addCallback(tell)
+
     # Changing: memory and store together.
 
     def create(self, group: Group, founder: Member) -> Deferred[GroupState]:
@@ -125,23 +151,23 @@ class GroupDirectory:
             self._joined(founder.uid, group.gid)
             return state
 
-        return d.addCallback(created)
+        return self._changed(d.addCallback(created), group.gid, founder.uid)
 
     def update(self, state: GroupState, **changes: Any) -> Deferred[None]:
         state.group = replace(state.group, **changes)
-        return self.store.updateGroup(state.group)
+        return self._changed(self.store.updateGroup(state.group), state.gid)
 
     def putMember(self, state: GroupState, member: Member) -> Deferred[None]:
         state.members[member.uid] = member
         self._joined(member.uid, state.gid)
-        return self.store.putMember(state.gid, member)
+        return self._changed(self.store.putMember(state.gid, member), state.gid, member.uid)
 
     def removeMember(self, state: GroupState, uid: str) -> Deferred[int]:
         state.members.pop(uid, None)
         known = self._userGroups.peek(uid)
         if known is not None:
             known.discard(state.gid)
-        return self.store.removeMembers(state.gid, [uid])
+        return self._changed(self.store.removeMembers(state.gid, [uid]), state.gid, uid)
 
     def setBlock(self, state: GroupState, uid: str, by: int, blocked: bool) -> Deferred[None]:
         flags = state.blocks.setdefault(uid, set())
@@ -151,7 +177,7 @@ class GroupDirectory:
             flags.discard(by)
         if not flags:
             del state.blocks[uid]
-        return self.store.setGroupBlock(state.gid, uid, by, blocked)
+        return self._changed(self.store.setGroupBlock(state.gid, uid, by, blocked), state.gid, uid)
 
     def _joined(self, uid: str, gid: str) -> None:
         known = self._userGroups.peek(uid)

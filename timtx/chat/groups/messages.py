@@ -12,10 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import inlineCallbacks
 
-from timtx.chat.conversations import Appended
 from timtx.chat.duplicates import DuplicateFilter
 from timtx.chat.groups.core import Groups
-from timtx.chat.groups.directory import GroupState
 from timtx.chat.messagerules import refuseUnstored, stamp
 from timtx.chat.messaging import PersonalMessaging
 from timtx.delivery.encoded import Encoded
@@ -95,25 +93,10 @@ class GroupMessages:
                 yield self.duplicates.answer(session, seen)
                 return
             dedupe = (session.uid, clientId)
-        appending = groups.conversations.append(groupConversation(state.gid), session.uid, message, (), dedupe=dedupe)
+        appending = groups.appendAndRoute(state, session.uid, message, dedupe, echo=True)
         if dedupe is not None:
             self.duplicates.remember(session.uid, dedupe[1], appending, groupConversation(state.gid))
-        appending.addCallbacks(
-            self._appended, refuseUnstored, callbackArgs=(state, session.uid), errbackArgs=(session, message)
-        )
-
-    def _appended(self, appended: Appended, state: GroupState, sender: str) -> Appended:
-        groups = self.groups
-        message = appended.message
-        encoded = Encoded(message)
-        groups.router.send(sender, TimType.TIMMESSAGE, encoded)
-        # The sender has its own message: move its cursor if it had all
-        # before it, so it does not get it back as offline.
-        fanout = groups.fanout
-        if fanout.cursor(sender, state.gid) == (message.seq or 0) - 1:
-            fanout.advance(sender, state.gid, message.seq or 0)
-        groups.router.pushToGroup(state.gid, state.members, encoded, sender)
-        return appended
+        appending.addErrback(refuseUnstored, session, message)
 
     @inlineCallbacks
     def _stream(self, session: Session, message: TimMessage) -> Any:
