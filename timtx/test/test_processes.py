@@ -16,9 +16,11 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, eventAsJSON
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -400,7 +402,7 @@ class ProcessesTests(TestCase):
                 break
             yield bob.disconnect()
         else:
-            self.fail("60 connections in a row went to one process")
+            self.fail("60 connections in a row went to one process:\n" + self.output()[-6000:])
         alice.sendMessage(bob.uid, "across processes", id=7)
         got = yield bob.next(isMessage)
         self.assertEqual(got.body.dataString, "across processes")
@@ -447,7 +449,7 @@ class ProcessesTests(TestCase):
             if on == number:
                 return client, on
             yield client.disconnect()
-        self.fail(f"60 connections in a row missed process {number}")
+        self.fail(f"60 connections in a row missed process {number}:\n" + self.output()[-6000:])
 
     @inlineCallbacks
     def disconnectAll(self):
@@ -455,3 +457,117 @@ class ProcessesTests(TestCase):
         for client in clients:
             if client.connected:
                 yield client.disconnect()
+
+
+class _FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def signalProcess(self, number):
+        self.signals.append(number)
+
+
+class _FakeReactor(Clock):
+    """
+    A clock that records the processes it is asked to start.
+    """
+
+    running = False
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, protocol, executable, args, env, path, childFDs):
+        process = _FakeProcess(1000 + len(self.spawned))
+        self.spawned.append((protocol, args, childFDs, process))
+        return process
+
+
+class SupervisorTests(TestCase):
+    """
+    The parent's decisions, on a clock: restarts and their backoff, giving
+    up on a refused config, stopping.
+    """
+
+    def setUp(self):
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        config = from_sections(
+            {
+                "node": {"restart_delay": "1", "restart_delay_max": "8", "stop_timeout": "5"},
+                "client": {"listen": "tcp:0:interface=127.0.0.1", "tcp_listen": ""},
+                "admin": {"listen": ""},
+                "store": {"backend": "postgresql"},
+            },
+            path=directory.child("node.ini").path,
+            base_dir=directory.path,
+        )
+        self.reactor = _FakeReactor()
+        self.exits = []
+        self.supervisor = Supervisor(config, self.reactor, 2, executable="python", exit=self.exits.append)
+        self.supervisor.startService()
+        self.addCleanup(self.supervisor._closeSockets)
+
+    def end(self, index, **how):
+        protocol, _, _, _ = [s for s in self.reactor.spawned if s[0].child.index == index][-1]
+        protocol.processEnded(Failure(ProcessTerminated(**how)))
+
+    def test_started(self):
+        """
+        Each child gets the shared client socket and its own peer socket as
+        descriptors 3 and 4, and every child's peer address.
+        """
+        self.assertEqual(len(self.reactor.spawned), 2)
+        _, args, childFDs, _ = self.reactor.spawned[1]
+        self.assertEqual(set(childFDs), {0, 1, 2, 3, 4})
+        self.assertEqual(args[args.index("--adopt") + 1], "client-ws=3,cluster=4")
+        self.assertEqual(args[args.index("--process") + 1], "2")
+        self.assertEqual(args[args.index("--peers") + 1].count("127.0.0.1:"), 2)
+
+    def test_restartBackoff(self):
+        """
+        A child that dies is started again after restart_delay, doubled for
+        each death in a row up to restart_delay_max; one that ran that long
+        counts as a first death again.
+        """
+        waits = []
+        for _ in range(5):
+            self.end(1, signal=9)
+            before = len(self.reactor.spawned)
+            [call] = self.reactor.getDelayedCalls()
+            waits.append(call.getTime() - self.reactor.seconds())
+            self.reactor.advance(waits[-1])
+            self.assertEqual(len(self.reactor.spawned), before + 1)
+        self.assertEqual(waits, [1, 2, 4, 8, 8])
+        self.reactor.advance(8)
+        self.end(1, exitCode=1)
+        [call] = self.reactor.getDelayedCalls()
+        self.assertEqual(call.getTime() - self.reactor.seconds(), 1)
+
+    def test_configRefused(self):
+        """
+        A child that refuses its config (exit status 64) stops the host with
+        status 64: starting it again would not help.
+        """
+        self.patch(sys, "stderr", io.StringIO())
+        self.end(2, exitCode=64)
+        self.assertEqual(self.exits, [64])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stop(self):
+        """
+        Stopping sends SIGTERM to every child and fires once all ended; a
+        child still running after stop_timeout gets SIGKILL.
+        """
+        stopped = self.supervisor.stopService()
+        processes = [p for _, _, _, p in self.reactor.spawned]
+        self.assertEqual([p.signals for p in processes], [[signal.SIGTERM], [signal.SIGTERM]])
+        self.end(1, signal=15)
+        self.assertNoResult(stopped)
+        self.reactor.advance(5)
+        self.assertEqual(processes[1].signals, [signal.SIGTERM, signal.SIGKILL])
+        self.end(2, signal=9)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.reactor.spawned), 2, "nothing restarted")
