@@ -58,6 +58,13 @@ class _ParentPipe:
         self.reactor = reactor
         self.fd = fd
         self.gone = gone
+        #: Whether this process stops anyway (the reactor then closes
+        #: every descriptor it watches: not a sign of the parent).
+        self.stopping = False
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.reactor.removeReader(self)
 
     def fileno(self) -> int:
         return self.fd
@@ -74,13 +81,21 @@ class _ParentPipe:
             data = b""
         if not data:
             self.reactor.removeReader(self)
-            self.log.warn("the parent process is gone: stopping")
-            self.gone()
+            self._parentGone()
         return None
 
     def connectionLost(self, reason: Failure) -> None:
-        # The reactor stops: nothing to do.
-        pass
+        # epoll reports a pipe whose writer closed as a hang-up, which the
+        # reactor turns into this call, without doRead.
+        if not self.stopping:
+            self._parentGone()
+
+    def _parentGone(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.log.warn("the parent process is gone: stopping")
+        self.gone()
 
 
 def watchParent(reactor: Any, fd: int = 0) -> None:
@@ -92,7 +107,9 @@ def watchParent(reactor: Any, fd: int = 0) -> None:
         if reactor.running:
             reactor.stop()
 
-    reactor.addReader(_ParentPipe(reactor, fd, gone))
+    pipe = _ParentPipe(reactor, fd, gone)
+    reactor.addReader(pipe)
+    reactor.addSystemEventTrigger("before", "shutdown", pipe.stop)
 
 
 def detachFromTerminal() -> None:

@@ -15,7 +15,7 @@ import stat
 import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
@@ -27,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from timtx.client import connect, register
 from timtx.config import Config, ConfigError, from_sections, replace
 from timtx.preflight import checkProcesses
+from timtx.processes.child import _ParentPipe
 from timtx.processes.plan import (
     childArgv,
     childConfig,
@@ -300,6 +301,18 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(json.loads(eventAsJSON(relayed))["log_format"], "timtx node ready")
 
 
+def _running(pid):
+    """
+    Whether C{pid} runs (a zombie, ended but not yet reaped by init, does
+    not).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def isMessage(incoming):
     return bool(incoming.timType == TimType.TIMMESSAGE and incoming.body.dataString)
 
@@ -358,12 +371,12 @@ class ProcessesTests(TestCase):
         return client, int(number)
 
     @inlineCallbacks
-    def test_twoProcesses(self):
+    def startHost(self):
         """
-        Two processes share one client port and form one cluster: clients
-        land on both, and a message crosses from one to the other.  A child
-        killed with SIGKILL is started again while the port keeps serving;
-        SIGTERM stops the parent and every child.
+        Start C{twist tim} with two processes on a database of its own and
+        wait until both are ready and members of one cluster.
+
+        @return: the parent's process transport.
         """
         dsn = yield postgresqlDatabase(self)
         directory = FilePath(self.mktemp())
@@ -387,8 +400,43 @@ class ProcessesTests(TestCase):
         self.addCleanup(self.disconnectAll)
         yield self.waitFor(r"\[process-\d timtx\.\S+#info\] member \S+ joined", 2)
         yield self.waitFor(r"\[process-\d timtx\.\S+#info\] timtx node ready", 2)
+        return transport
+
+    def childPids(self):
+        return {int(i): int(p) for i, p in re.findall(r"process (\d) started \(pid (\d+)\)", self.output())}
+
+    @inlineCallbacks
+    def test_parentKilled(self):
+        """
+        Children whose parent is killed (SIGKILL: it cannot tell them) see
+        their stdin close and stop.
+        """
+        transport = yield self.startHost()
+        pids = self.childPids()
+        self.assertEqual(set(pids), {1, 2})
+        transport.signalProcess("KILL")
+        yield self.process.ended
+        for _ in range(400):
+            alive = [pid for pid in pids.values() if _running(pid)]
+            if not alive:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        else:
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+            self.fail(f"processes {alive} outlived their parent by 20 s")
+
+    @inlineCallbacks
+    def test_twoProcesses(self):
+        """
+        Two processes share one client port and form one cluster: clients
+        land on both, and a message crosses from one to the other.  A child
+        killed with SIGKILL is started again while the port keeps serving;
+        SIGTERM stops the parent and every child.
+        """
+        transport = yield self.startHost()
         [ws] = re.findall(r"client-ws listening on 127\.0\.0\.1:(\d+) \(shared by 2 processes\)", self.output())
-        pids = {int(i): int(p) for i, p in re.findall(r"process (\d) started \(pid (\d+)\)", self.output())}
+        pids = self.childPids()
         self.assertEqual(set(pids), {1, 2})
         url = f"ws://127.0.0.1:{ws}/tim"
         for name in ("alice", "bob"):
@@ -437,7 +485,7 @@ class ProcessesTests(TestCase):
         self.assertIn("every process ended", output)
         self.assertNotIn("Traceback", output)
         for pid in pids.values():
-            self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+            self.assertFalse(_running(pid), f"process {pid} still runs")
 
     @inlineCallbacks
     def landOnProcess(self, url, name, pwd, number):
@@ -571,3 +619,34 @@ class SupervisorTests(TestCase):
         self.end(2, signal=9)
         self.successResultOf(stopped)
         self.assertEqual(len(self.reactor.spawned), 2, "nothing restarted")
+
+
+class ParentPipeTests(TestCase):
+    @inlineCallbacks
+    def test_parentGone(self):
+        """
+        The parent's end of the pipe closing (whatever ended the parent)
+        tells the child, once.
+        """
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        gone = []
+        called = Deferred()
+        pipe = _ParentPipe(reactor, r, lambda: (gone.append(1), called.callback(None)))
+        reactor.addReader(pipe)
+        self.addCleanup(reactor.removeReader, pipe)
+        os.write(w, b"ignored")
+        os.close(w)
+        yield called
+        pipe.connectionLost(None)
+        self.assertEqual(gone, [1])
+
+    def test_stopping(self):
+        """
+        Once the child stops anyway, the pipe closing means nothing.
+        """
+        gone = []
+        pipe = _ParentPipe(Clock(), -1, lambda: gone.append(1))
+        pipe.stopping = True
+        pipe.connectionLost(None)
+        self.assertEqual(gone, [])
