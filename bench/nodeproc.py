@@ -144,7 +144,8 @@ class NodeProcess:
                 raise RuntimeError(f"the node exited with {self.process.returncode}; see {self.directory}")
             if os.path.exists(self.logPath):
                 with open(self.logPath, encoding="utf-8", errors="replace") as f:
-                    if "timtx node ready" in f.read():
+                    # With [node] processes, every process says so.
+                    if f.read().count("timtx node ready") >= self.processes:
                         return
             await deferLater(reactor, 0.1, lambda: None)
         raise RuntimeError(f"the node was not ready within {timeout}s; see {self.directory}")
@@ -212,14 +213,28 @@ class NodeProcess:
 
     # Measurements.
 
+    @property
+    def processes(self) -> int:
+        """
+        The node processes it runs (C{[node] processes}).
+        """
+        return int(self.sections.get("node", {}).get("processes", 1))
+
+    def pids(self) -> list[int]:
+        """
+        The node's process, and with C{[node] processes} the node processes
+        it runs.
+        """
+        return [self.pid, *childPids(self.pid)] if self.processes > 1 else [self.pid]
+
     def rssKB(self) -> int:
-        return procStatus(self.pid).get("VmRSS", 0)
+        return sum(procStatus(pid).get("VmRSS", 0) for pid in self.pids())
 
     def peakRssKB(self) -> int:
-        return procStatus(self.pid).get("VmHWM", 0)
+        return sum(procStatus(pid).get("VmHWM", 0) for pid in self.pids())
 
     def cpuSeconds(self) -> float:
-        return cpuSeconds(self.pid)
+        return sum(cpuSeconds(pid) for pid in self.pids())
 
     def openFiles(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -237,6 +252,17 @@ def procStatus(pid: int) -> dict[str, int]:
             if len(parts) == 2 and parts[1] == "kB":
                 values[key] = int(parts[0])
     return values
+
+
+def childPids(pid: int) -> list[int]:
+    """
+    The processes C{pid} started that still run.
+    """
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(word) for word in f.read().split()]
+    except OSError:
+        return []
 
 
 def cpuSeconds(pid: int) -> float:

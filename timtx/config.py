@@ -302,6 +302,33 @@ class NodeConfig:
         "when freed, so memory held by connections that closed is given back. 0 leaves glibc's dynamic "
         "threshold, which keeps such memory in the heap.",
     )
+    processes: int = option(
+        1,
+        _int(0, 1024),
+        "Node processes `twist tim` starts on this host. 1 runs the node in the `twist` process itself, as "
+        "always; more starts a parent that binds the client and admin ports and that many child processes "
+        'that share the client ports and form one cluster (docs/cluster.md, "Many processes per host"); '
+        "0 means one per CPU core. Needs a shared store (postgresql, mariadb, sharded). "
+        "`twist tim --processes N` overrides it.",
+    )
+    restart_delay: float = option(
+        1.0,
+        _seconds(0.05),
+        "With processes above 1: seconds the parent waits before restarting a node process that died; the wait "
+        "doubles with each death in a row, up to restart_delay_max.",
+    )
+    restart_delay_max: float = option(
+        30.0,
+        _seconds(0.05),
+        "With processes above 1: the longest wait before restarting a node process. A process that ran this "
+        "long before dying is restarted after restart_delay again.",
+    )
+    stop_timeout: float = option(
+        30.0,
+        _seconds(1),
+        "With processes above 1: seconds the parent waits, once stopping, for its node processes to end after "
+        "SIGTERM before it kills them (SIGKILL).",
+    )
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,46 @@ def checkConfig(config: Config) -> None:
         loadTLS(config)
 
 
+#: Stores that live in one process: the embedded SQLite store hands out
+#: inbox ids from a counter in memory (and the memory store is memory).
+PROCESS_LOCAL_STORES = ("sqlite", "memory")
+
+#: The endpoints whose sockets a parent can bind for its node processes.
+SHAREABLE_ENDPOINTS = ("tcp", "tcp6", "ssl")
+
+
+def checkProcesses(config: Config, count: int) -> None:
+    """
+    Check that C{count} node processes can run on this config (nothing to
+    check for one): they need a store they all share, and listeners that a
+    parent can bind and hand them.
+
+    @raise ConfigError: naming the key at fault.
+    """
+    if count <= 1:
+        return
+    backend = config.store.backend
+    if backend in PROCESS_LOCAL_STORES:
+        raise ConfigError(
+            f"{count} processes need a store they all share (postgresql, mariadb or sharded); "
+            f"the {backend} store belongs to one process",
+            config.path,
+            "node",
+            "processes",
+        )
+    listeners = (
+        ("client", "listen", config.client.listen),
+        ("client", "tcp_listen", config.client.tcp_listen),
+        ("admin", "listen", config.admin.listen),
+        ("cluster", "listen", config.cluster.listen),
+    )
+    for section, key, description in listeners:
+        if description and description.split(":", 1)[0] not in SHAREABLE_ENDPOINTS:
+            raise ConfigError(
+                f"with {count} processes only tcp:, tcp6: and ssl: endpoints can be used", config.path, section, key
+            )
+
+
 def _checkDataDir(config: Config) -> None:
     directory = config.resolve(config.node.data_dir)
     existing = directory

@@ -16,13 +16,42 @@ from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
 from timtx.config import ConfigError
-from timtx.preflight import CONFIG_ERROR_STATUS, checkedConfig
+from timtx.preflight import CONFIG_ERROR_STATUS, checkConfig, checkedConfig, checkProcesses
+from timtx.processes.plan import childConfig, parseAdopt, processCount
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError("expected a number of processes (0: one per CPU core)")
+    return int(text)
 
 
 class Options(usage.Options):
-    synopsis = "--config node.ini"
+    synopsis = "--config node.ini [--processes N]"
     longdesc = "Run a timtx node. Every setting lives in the INI file; see docs/configuration.md."
-    optParameters = [["config", "c", None, "Path to the node's INI file."]]
+    optParameters = [
+        ["config", "c", None, "Path to the node's INI file."],
+        [
+            "processes",
+            "n",
+            None,
+            "Node processes to run on this host, sharing its client ports ([node] processes; 0: one per CPU core).",
+            _count,
+        ],
+        # Given by the parent of many processes to each child; not for
+        # people.
+        ["process", None, None, "(set by the parent) This child's number, from 1.", int],
+        ["adopt", None, "", "(set by the parent) Inherited listening sockets, as listener=fd,..."],
+        ["peers", None, "", "(set by the parent) Every child's peer address, in order."],
+    ]
+
+    #: This process's number among its host's processes (a child's), or
+    #: C{None}.
+    index: int | None = None
+    #: The inherited sockets of a child, by listener name.
+    adopted: dict[str, int] = {}
+    #: How many processes this one runs: more than 1 makes it their parent.
+    count = 1
 
     def opt_version(self) -> None:
         """
@@ -37,12 +66,35 @@ class Options(usage.Options):
         if not self["config"]:
             raise usage.UsageError("--config is required")
         try:
-            self.config = checkedConfig(self["config"])
+            config = checkedConfig(self["config"])
+            if self["process"]:
+                config = self._childConfig(config)
+            else:
+                self.count = processCount(config, self["processes"])
+                checkProcesses(config, self.count)
+            self.config = config
         except ConfigError as e:
             # One line that names the file, section and key, not twist's
             # usage text after it.
             print(f"timtx: {e}", file=sys.stderr)
             sys.exit(CONFIG_ERROR_STATUS)
+
+    def _childConfig(self, config: Any) -> Any:
+        """
+        The config of this child, as its parent computed it.
+        """
+        try:
+            self.adopted = parseAdopt(self["adopt"])
+        except ValueError as e:
+            raise usage.UsageError(f"--adopt: {e}") from None
+        peers = [p for p in self["peers"].split(",") if p]
+        index = self["process"]
+        if not 1 <= index <= len(peers):
+            raise usage.UsageError("--process must be from 1 to the number of --peers")
+        self.index = index
+        config = childConfig(config, index, peers)
+        checkConfig(config)
+        return config
 
 
 class NodeRunner(Service):
@@ -52,12 +104,14 @@ class NodeRunner(Service):
     idling without ports.
     """
 
-    def __init__(self, config: Any, reactor: Any):
+    def __init__(self, config: Any, reactor: Any, adopted: dict[str, int] | None = None):
         from timtx.admin.service import startAdmin
         from timtx.node import Node
+        from timtx.processes.child import AdoptingNode
 
         self.reactor = reactor
-        self.node = Node(config, reactor)
+        # A child of many processes serves the sockets its parent bound.
+        self.node = AdoptingNode(config, reactor, adopted=adopted) if adopted else Node(config, reactor)
         #: The admin side (C{[admin] listen}), or C{None} when it is off.
         self.admin = startAdmin(self.node)
         #: The periodic full collection, once the node is ready.
@@ -141,7 +195,17 @@ def makeService(options: Options) -> IService:
     # Whatever the node writes (the database, its WAL, the key) is for the
     # node's user alone.
     os.umask(0o077)
+    if options.count > 1:
+        from timtx.processes.supervisor import Supervisor
+
+        return Supervisor(options.config, reactor, options.count)
     tuneMalloc(options.config.node.malloc_mmap_threshold)
+    if options.index is not None:
+        from timtx.processes.child import detachFromTerminal, watchParent
+
+        detachFromTerminal()
+        watchParent(reactor)
+        return NodeRunner(options.config, reactor, options.adopted)
     return NodeRunner(options.config, reactor)
 
 

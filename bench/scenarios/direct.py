@@ -90,6 +90,13 @@ class Direct(Scenario):
             "nodes forming one cluster on a server store; each pair's two users on different nodes",
         ),
         Param(
+            "processes",
+            int,
+            1,
+            1,
+            "node processes behind one client port ([node] processes) on a server store",
+        ),
+        Param(
             "probe_timeout",
             float,
             0.0,
@@ -110,6 +117,8 @@ class Direct(Scenario):
             name += f"-rate{params['rate']:g}"
         if params["shards"] and params["store"] == "postgresql":
             name += f"-{params['shards']}shards" + ("-move" if params["move"] else "")
+        if params["processes"] > 1:
+            name += f"-{params['processes']}processes"
         if params["nodes"] > 1:
             name += f"-{params['nodes']}nodes"
             if params["probe_timeout"]:
@@ -121,6 +130,8 @@ class Direct(Scenario):
             "messages": {"noauth": True},
             "store": {"backend": params["store"], "synchronous": params["synchronous"], **serverStore(params)},
         }
+        if params["processes"] > 1:
+            sections["node"] = {"processes": params["processes"]}
         if params["nodes"] > 1 and params["probe_timeout"]:
             timeout = params["probe_timeout"]
             sections["cluster"] = {"probe_timeout": timeout, "probe_interval": 2 * timeout}

@@ -46,6 +46,8 @@ STATIC_FILES = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
 }
+#: Connections the admin listener's kernel queue holds before accept.
+ADMIN_BACKLOG = 128
 #: No script, style or connection from anywhere but this listener.
 CONTENT_SECURITY_POLICY = (
     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -158,7 +160,7 @@ class AdminService(Service, Authenticator):
             maxBodyBytes=config.max_body_bytes,
             requestTimeout=config.request_timeout,
         )
-        self.listener = node.addListener(withBacklog(config.listen, 128), self.site, "admin")
+        self.listener = node.addListener(withBacklog(config.listen, ADMIN_BACKLOG), self.site, "admin")
         self.setServiceParent(node)
 
     def openapi(self) -> dict[str, Any]:

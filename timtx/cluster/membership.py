@@ -45,7 +45,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, serverFromString
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -454,6 +454,9 @@ class ClusterService(Service):
         self._incarnation = 0
         self._remembered: list[str] = []
         self._stopping = False
+        #: Where to listen for peers instead of C{config.listen}: a socket
+        #: handed down by a parent process (L{timtx.processes}).
+        self.listenEndpoint: IStreamServerEndpoint | None = None
 
     @classmethod
     def fromConfig(
@@ -700,7 +703,8 @@ class ClusterService(Service):
         factory = _LinkFactory(self, self.settings, self.clock, initiator=False, protocol=self.protocol)
         factory.service = self
         wrapped = self.tls.wrapServerFactory(factory) if self.tls is not None else factory
-        d = serverFromString(self.reactor, self.config.listen).listen(wrapped)
+        endpoint = self.listenEndpoint or serverFromString(self.reactor, self.config.listen)
+        d = endpoint.listen(wrapped)
         d.addCallbacks(self._listening, self._listenFailed)
 
     def _listenFailed(self, failure: Failure) -> None:

@@ -29,9 +29,12 @@ from timtx.testing import requireOrSkip, sourceRoot
 
 
 def childEnv():
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    return env
+    """
+    The environment of a child process: this one's, C{PYTHONPATH} included,
+    so that a child runs the code under test (a checkout's or worktree's,
+    not whatever copy of timtx is installed).
+    """
+    return dict(os.environ)
 
 
 def twistTim(config, log=None):
