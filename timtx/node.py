@@ -400,7 +400,9 @@ class Node(MultiService):
 
         if self.cluster is not None:
             #: Mirrors this node's cache changes on the other nodes.
-            self.cacheMirror = CacheMirror(self.cluster, relations=self.relations, presence=self.presence)
+            self.cacheMirror = CacheMirror(
+                self.cluster, relations=self.relations, presence=self.presence, groups=self.directory
+            )
 
         self.dispatcher = Dispatcher()
         route = self.dispatcher.route

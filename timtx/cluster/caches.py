@@ -14,7 +14,8 @@ A node misses changes only while another node holds it dead: nothing is
 sent to a dead member.  So when a member comes back (L{ChangeKind.JOINED}
 with a previous state: a healed partition, a node that was wrongly declared
 dead, or a restart), each node that sees it tells it to drop what it cached
-(C{cache.flush}), and it reads the store again as it needs to.  The notice
+(C{cache.flush}): relations, invisible flags and groups, which it reads
+from the store again as it needs them.  The notice
 goes from the side that did the holding, which matters when only one side
 held the other dead: the one that missed changes may never have seen a
 change in its own view.  A new node starts empty and gets nothing.
@@ -25,6 +26,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from timtx.chat.groups.directory import GroupDirectory
 from timtx.chat.presence import PresenceService
 from timtx.chat.roster import RelationCache
 from timtx.cluster.membership import ClusterService
@@ -43,10 +45,18 @@ class CacheMirror:
 
     log = Logger()
 
-    def __init__(self, cluster: ClusterService, *, relations: RelationCache, presence: PresenceService):
+    def __init__(
+        self,
+        cluster: ClusterService,
+        *,
+        relations: RelationCache,
+        presence: PresenceService,
+        groups: GroupDirectory | None = None,
+    ):
         self.cluster = cluster
         self.relations = relations
         self.presence = presence
+        self.groups = groups
         relations.onChange.append(self._stanceChanged)
         presence.onInvisible.append(self._invisibleChanged)
         cluster.addHandler(KIND_STANCE, self._stanceReceived)
@@ -92,7 +102,9 @@ class CacheMirror:
             self.cluster.send(node, KIND_FLUSH, b"").addErrback(self._sendFailed, node, KIND_FLUSH)
 
     def _flushReceived(self, node: str, payload: bytes) -> None:
-        self.log.info("node {node} held this node dead: dropping cached relations and flags", node=node)
+        self.log.info("node {node} held this node dead: dropping cached relations, flags and groups", node=node)
         self.flushes += 1
         self.relations.forgetCached()
         self.presence.forgetCached()
+        if self.groups is not None:
+            self.groups.forgetCached()

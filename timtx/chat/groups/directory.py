@@ -131,6 +131,14 @@ class GroupDirectory:
         for uid in uids:
             self._userGroups.invalidate(uid)
 
+    def forgetCached(self) -> None:
+        """
+        Drop every cached group and membership list (read again when next
+        needed): this node may have missed changes made elsewhere.
+        """
+        self._groups.clear()
+        self._userGroups.clear()
+
     def _changed(self, d: Deferred[Any], gid: str, *uids: str) -> Deferred[Any]:
         def tell(result: Any) -> Any:
             waits = [w for w in (listener(gid, uids) for listener in self.onChange) if isinstance(w, Deferred)]
