@@ -1,0 +1,267 @@
+"""
+A cluster of real node processes for tests: C{twist tim} on each host of a
+L{timtx.test.netns.MeshTopology}, all sharing one PostgreSQL database, each
+started, killed, cut off and let back in as an operator (or a failure)
+would.
+
+The database listens on this machine's loopback, which the hosts cannot
+reach: the mesh forwards a port on this namespace's LAN address to it.  A
+host cut off from the others (L{ProcessMesh.isolate}) still reaches the
+database, as a node on the far side of a broken switch between racks
+would: the interesting split, where both sides go on storing.
+
+Needs root, C{ip}, C{nft} and PostgreSQL; skips without them (fails under
+CI).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from typing import Any
+
+from twisted.internet import defer, error, protocol, reactor
+from twisted.protocols.portforward import ProxyFactory
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
+
+from timtx.cluster.membership import MEMBERS_FILE
+from timtx.crypto.ids import NodeKeys
+from timtx.test import netns
+from timtx.test.base import waitUntil
+from timtx.test.databases import _dsnWith, postgresqlDatabase
+from timtx.test.test_tap import twistTim
+
+CLIENT_PORT = 5120
+PEER_PORT = 7946
+
+CONFIG = """\
+[node]
+data_dir = node{n}-data
+key_file = node.key
+
+[client]
+listen = tcp:{clientPort}:interface={address}
+tcp_listen =
+max_connections_per_ip = 0
+request_rate = 0
+
+[accounts]
+scrypt_n = 16
+scrypt_r = 1
+http_rate = 0
+
+[admin]
+listen =
+
+[devices]
+limit = 0
+type_limit = 0
+
+[store]
+backend = postgresql
+dsn = {dsn}
+
+[cluster]
+listen = tcp:{peerPort}:interface={address}
+node_id = node{n}
+seeds = {seeds}
+secret = mesh test secret, 16 bytes or more
+{extra}"""
+
+
+class _Process(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
+class ProcessMesh:
+    """
+    C{count} node processes on their own hosts; see the module docstring.
+    Everything it starts or changes is undone when the test ends.
+
+    @ivar directory: where the configs, logs and data directories are.
+    """
+
+    def __init__(self, testCase: TestCase, topology: netns.MeshTopology, directory: FilePath, dsn: str, extra: str):
+        self.testCase = testCase
+        self.topology = topology
+        self.directory = directory
+        self.dsn = dsn
+        self.extra = extra
+        self.count = topology.hosts
+        self._processes: dict[int, tuple[_Process, Any]] = {}
+        self._isolated: set[int] = set()
+
+    @classmethod
+    @defer.inlineCallbacks
+    def start(cls, testCase: TestCase, count: int, extra: str = "") -> Any:
+        """
+        Start C{count} nodes, with C{extra} appended to each config (more
+        sections), and wait until each is ready and sees all the others.
+        """
+        dsn = yield postgresqlDatabase(testCase)
+        topology = netns.buildMesh(testCase, count)
+        forward: Any = ProxyFactory("127.0.0.1", 5432)
+        proxy = reactor.listenTCP(0, forward, interface=topology.root)
+        testCase.addCleanup(proxy.stopListening)
+        proxied: Any = proxy.getHost()
+        directory = FilePath(testCase.mktemp())
+        directory.makedirs()
+        NodeKeys.fromFile(directory.child("node.key").path)
+        mesh = cls(testCase, topology, directory, _dsnWith(dsn, host=topology.root, port=proxied.port), extra)
+        for n in mesh.nodes:
+            mesh.spawn(n)
+        for n in mesh.nodes:
+            yield mesh.untilReady(n)
+        for n in mesh.nodes:
+            yield mesh.untilLive(n, count)
+        return mesh
+
+    @property
+    def nodes(self) -> range:
+        return range(1, self.count + 1)
+
+    def address(self, n: int) -> str:
+        return self.topology.host(n).address
+
+    def url(self, n: int, path: str = "/tim") -> str:
+        """
+        Where clients of node C{n} connect: C{/tim} (WebSocket) or C{/tim2}.
+        """
+        scheme = "ws" if path == "/tim" else "http"
+        return f"{scheme}://{self.address(n)}:{CLIENT_PORT}{path}"
+
+    def log(self, n: int) -> FilePath:
+        return self.directory.child(f"node{n}.log")
+
+    def config(self, n: int) -> FilePath:
+        return self.directory.child(f"node{n}.ini")
+
+    # Processes.
+
+    def spawn(self, n: int) -> None:
+        """
+        Start node C{n} (again, after L{kill}: same id, data and config).
+        """
+        seeds = ", ".join(f"{self.address(i)}:{PEER_PORT}" for i in self.nodes)
+        text = CONFIG.format(
+            n=n,
+            address=self.address(n),
+            clientPort=CLIENT_PORT,
+            peerPort=PEER_PORT,
+            dsn=self.dsn,
+            seeds=seeds,
+            extra=self.extra,
+        )
+        self.config(n).setContent(text.encode())
+        process = _Process()
+        argv = self.topology.run(n, *twistTim(self.config(n).path, self.log(n).path))
+        transport = reactor.spawnProcess(process, argv[0], argv, env=netns.childEnvironment(), path=self.directory.path)
+        self._processes[n] = (process, transport)
+        self.testCase.addCleanup(self.stop, n, process, transport)
+
+    def untilReady(self, n: int) -> defer.Deferred[None]:
+        log = self.log(n)
+        return waitUntil(lambda: log.exists() and b"timtx node ready" in log.getContent(), 30)
+
+    @defer.inlineCallbacks
+    def kill(self, n: int) -> Any:
+        """
+        C{kill -9} node C{n}, and wait until it is gone.
+        """
+        process, transport = self._processes[n]
+        transport.signalProcess("KILL")
+        yield process.ended
+
+    @defer.inlineCallbacks
+    def stop(self, n: int, process: _Process | None = None, transport: Any = None) -> Any:
+        """
+        Stop node C{n} as an operator does (SIGTERM, SIGKILL after 10 s).
+        """
+        if process is None:
+            process, transport = self._processes[n]
+        if process.ended.called:
+            return
+        try:
+            transport.signalProcess(signal.SIGTERM)
+        except error.ProcessExitedAlready:
+            return
+        timer = reactor.callLater(10, lambda: process.ended.called or transport.signalProcess("KILL"))
+        yield process.ended
+        if timer.active():
+            timer.cancel()
+
+    # The network.
+
+    def isolate(self, n: int) -> None:
+        """
+        Cut node C{n}'s host off from the other hosts (both ways); it still
+        reaches the database and its clients (this namespace).
+        """
+        others = ", ".join(self.address(i) for i in self.nodes if i != n)
+        rules = (
+            "table inet split {\n"
+            " chain in { type filter hook input priority 0; ip saddr { %s } drop; }\n"
+            " chain out { type filter hook output priority 0; ip daddr { %s } drop; }\n"
+            "}\n" % (others, others)
+        )
+        self._nft(n, rules)
+        if n not in self._isolated:
+            self._isolated.add(n)
+            self.testCase.addCleanup(self.heal, n)
+
+    def heal(self, n: int) -> None:
+        """
+        Undo L{isolate}.
+        """
+        if n in self._isolated:
+            self._isolated.discard(n)
+            self._nft(n, None)
+
+    def _nft(self, n: int, rules: str | None) -> None:
+        namespace = self.topology.host(n).namespace
+        subprocess.run(
+            ["ip", "netns", "exec", namespace, "nft", "delete", "table", "inet", "split"],
+            capture_output=True,
+            check=False,
+        )
+        if rules is not None:
+            subprocess.run(
+                ["ip", "netns", "exec", namespace, "nft", "-f", "-"],
+                input=rules.encode(),
+                check=True,
+                capture_output=True,
+            )
+
+    # What a node sees, as C{python -m timtx cluster members} prints it.
+
+    def members(self, n: int) -> dict[str, str]:
+        """
+        Node C{n}'s last saved view: each member's state.
+        """
+        path = self.directory.child(f"node{n}-data").child(MEMBERS_FILE)
+        try:
+            saved = json.loads(path.getContent())
+        except (OSError, ValueError):
+            return {}
+        return {member["nodeId"]: member["state"] for member in saved.get("members", [])}
+
+    def live(self, n: int) -> set[str]:
+        return {node for node, state in self.members(n).items() if state in ("alive", "suspect")}
+
+    def untilLive(self, n: int, count: int, seconds: float = 30) -> defer.Deferred[None]:
+        """
+        Wait until node C{n} holds C{count} members live (itself included).
+        """
+        return waitUntil(lambda: len(self.live(n)) == count, seconds)
+
+    def tracebacks(self) -> dict[int, int]:
+        """
+        Tracebacks logged by each node, by node.
+        """
+        return {n: self.log(n).getContent().count(b"Traceback") for n in self.nodes if self.log(n).exists()}
