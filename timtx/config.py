@@ -780,6 +780,37 @@ class NatConfig:
     their NAT'd peers, discovery, hole punching and the direct QUIC channel.
     """
 
+    reachable: bool = option(
+        True,
+        BOOL,
+        "Whether other nodes can dial this node's cluster address. `false` for a node behind a NAT (or a "
+        "firewall that lets nothing in): it dials the reachable members itself and the others reach it through "
+        "one of them, its relay (docs/nat.md).",
+    )
+    relay: bool = option(
+        True,
+        BOOL,
+        "Whether this node, when reachable, relays peer traffic between members that cannot dial each other. "
+        "A relay forwards bytes it cannot read (each relayed link is authenticated end to end).",
+    )
+    relay_rate: int = option(
+        1 << 20,
+        _int(0),
+        "Bytes per second one node may send through this relay on average (0: no limit); more wait in "
+        "relay_max_queued_bytes.",
+    )
+    relay_burst: int = option(
+        256 << 10, _int(64 << 10), "Bytes one node may send through this relay at once above relay_rate."
+    )
+    relay_max_queued_bytes: int = option(
+        4 << 20,
+        _int(0),
+        "Bytes of one node's relayed traffic held while it is over relay_rate; past it the relayed link that "
+        "overflows is closed (counted as limited).",
+    )
+    relay_max_circuits: int = option(
+        64, _int(1), "Relayed links one node may have open through this relay at once; more are refused."
+    )
     stun_port: int = option(
         3478,
         _int(0, 65535),
