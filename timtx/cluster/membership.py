@@ -100,6 +100,9 @@ META_REACH = "nat.reach"
 META_RELAY = "nat.relay"
 #: How a dialer's address names a link through a relay: relay:RELAY/TARGET.
 RELAY_ADDRESS = "relay:"
+#: Seconds between rewrites of the members file while relayed links carry
+#: traffic (their byte counters change without a membership change).
+COUNTERS_SAVE_INTERVAL = 5.0
 #: SWIM messages queued for a node being dialled; more are dropped (SWIM
 #: copes with loss).
 MAX_QUEUED_SWIM = 64
@@ -1428,6 +1431,9 @@ class ClusterService(Service):
             os.replace(tmp, path)
         except OSError as e:
             self.log.warn("cannot save the members to {path}: {error}", path=path, error=e)
+        if self._saveTimer is None and not self._stopping and (self.circuits.ends() or self.relay.circuits()):
+            # Relayed traffic moves the counters without a membership change.
+            self._saveTimer = self.clock.callLater(COUNTERS_SAVE_INTERVAL, self._save)
 
 
 def readMembers(dataDir: str) -> dict[str, Any]:

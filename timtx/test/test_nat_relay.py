@@ -15,6 +15,7 @@ import random
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from timtx.cluster.__main__ import formatMembers
 from timtx.cluster.membership import META_REACH, META_RELAY, ClusterService, readMembers
 from timtx.cluster.relay import (
     CIRCUIT_ID_BYTES,
@@ -275,6 +276,19 @@ class RelayedMeshTests(SynchronousTestCase):
         saved = readMembers(pub.dataDir)
         self.assertEqual(saved["relay"]["opened"], 1)
         self.assertGreater({m["nodeId"]: m for m in saved["members"]}["x"]["relayedFor"]["bytesFrom"], 85000)
+
+        # python -m timtx cluster members shows the paths and counters.
+        table = formatMembers(readMembers(x.dataDir)).splitlines()
+        self.assertEqual(table[0].split()[-3:], ["PATH", "NAT", "COUNTERS"])
+        rows = {line.split()[0]: line for line in table[1:4] if not line.startswith("*")}
+        self.assertIn("relayed via pub", rows["y"])
+        self.assertIn("behind NAT", rows["y"])
+        self.assertRegex(rows["y"], r"relay \d+B out/\d+B in")
+        self.assertIn("tcp", rows["pub"])
+        self.assertIn("this node cannot be dialled; its relay: pub", table)
+        table = formatMembers(saved)
+        self.assertIn("relay: 1 circuits open, 1 opened, 0 requests refused", table)
+        self.assertRegex(table, r"relayed for it \d+B/\d+B")
 
     def test_relayLinkLostRecovers(self):
         """
