@@ -823,7 +823,14 @@ class NatConfig:
         "Second UDP port of the STUN server, from which it answers CHANGE-REQUEST and dial-back requests, so "
         "peers can tell how their NAT filters. 0 runs without it (peers learn less).",
     )
-    stun_interface: str = option("", TEXT, "Address the STUN server binds; empty means all.")
+    stun_interface: str = option(
+        "",
+        TEXT,
+        "Addresses the STUN server binds, comma-separated (one server on each, so that every answer comes from "
+        "the address asked); empty: the host of [cluster] advertise. Each is advertised to the members as "
+        "ADDRESS:stun_port; give two (a host with two addresses) so that NAT'd members can tell their NAT's "
+        "mapping.",
+    )
     stun_rate: float = option(
         20.0, _seconds(0), "STUN requests per second one source address may make on average; more are dropped."
     )
@@ -841,6 +848,12 @@ class NatConfig:
         1.0,
         _seconds_within(0.05, 30),
         "Seconds discovery waits for a peer's dial-back, the test of whether this node is reachable unasked.",
+    )
+    direct: bool = option(
+        True,
+        BOOL,
+        "Whether a node that cannot be dialled tries for a direct path (punched UDP, QUIC) to the other NAT'd "
+        "members it talks to through a relay; it stays relayed when either side's NAT maps endpoint-dependently.",
     )
     udp_port: int = option(
         0,

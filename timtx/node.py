@@ -65,6 +65,7 @@ from timtx.delivery.registry import SessionRegistry
 from timtx.delivery.router import LocalRouter
 from timtx.delivery.sessions import AckIds, Session
 from timtx.interfaces import IClientNode, IFrameSink, IRouter, Route
+from timtx.nat.direct import DirectPaths
 from timtx.persistence import makeStore
 from timtx.persistence.errors import StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
@@ -229,10 +230,15 @@ class Node(MultiService):
         #: This node's part in the cluster, or C{None} without C{[cluster]
         #: listen}: the node then serves alone, as it always did.
         self.cluster: ClusterService | None = None
+        self.directPaths: DirectPaths | None = None
         #: Which nodes hold each user's sessions (with a cluster).
         self.userDirectory: UserDirectory | None = None
         if config.cluster.listen:
             self.cluster = ClusterService.fromConfig(config, reactor, protocol=self.protocols.lookup("peer"))
+            # STUN and direct paths to NAT'd peers (docs/nat.md); it stops
+            # after the mesh has closed its links, so is added first.
+            self.directPaths = DirectPaths(self.cluster, reactor, config.nat)
+            self.directPaths.setServiceParent(self)
             self.cluster.setServiceParent(self)
         self._buildDelivery()
         self._buildChat()

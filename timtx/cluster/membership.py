@@ -491,6 +491,10 @@ class ClusterService(Service):
         self.relay = Relay(self, relayLimits or RelayLimits())
         self.circuits = Circuits(self)
         self._responderFactory: _LinkFactory | None = None
+        #: Metadata the NAT layer advertises (its mapping, STUN servers).
+        self._natMeta: dict[str, str] = {}
+        self._linkObservers: list[Callable[[str, str | None], None]] = []
+        self._pathInfo: list[Callable[[str], Mapping[str, Any]]] = []
         self._peers: dict[str, _Peer] = {}
         self._seedDialers: dict[str, _Dialer] = {}
         self._unwanted: set[str] = set()
@@ -606,11 +610,56 @@ class ClusterService(Service):
         meta = dict(self._meta)
         meta.pop(META_REACH, None)
         meta.pop(META_RELAY, None)
+        meta.update(self._natMeta)
         if not self.reachable:
             meta[META_REACH] = "relay"
             if self.relayId is not None:
                 meta[META_RELAY] = self.relayId
         return meta
+
+    # Hooks for the NAT layer (timtx.nat.direct), which the node wires in.
+
+    def setNatMeta(self, entries: Mapping[str, str]) -> None:
+        """
+        Advertise C{entries} (keys starting with C{nat.}) beside the
+        application's metadata, replacing those set before.
+        """
+        if dict(entries) == self._natMeta:
+            return
+        self._natMeta = {key: value for key, value in entries.items() if key.startswith("nat.")}
+        if self.swim is not None and not self.swim.left:
+            self.swim.update(self.clock.seconds(), meta=self._advertisedMeta())
+            self._pump()
+
+    def addLinkObserver(self, observer: Callable[[str, str | None], None]) -> None:
+        """
+        Call C{observer(nodeId, path)} when the link to a node changes:
+        C{path} is C{tcp}, C{relayed} or C{direct}, or C{None} when lost.
+        """
+        self._linkObservers.append(observer)
+
+    def addPathInfo(self, provider: Callable[[str], Mapping[str, Any]]) -> None:
+        """
+        Add what C{provider(nodeId)} returns to that member's entry in the
+        members file (punch counters, say).
+        """
+        self._pathInfo.append(provider)
+
+    def directLinkFactory(self, initiator: bool) -> PeerFactory:
+        """
+        A factory of peer links for a channel the NAT layer opened (the
+        punch initiator's side initiates the link).  The service tracks
+        such a link once established; until then its channel's owner
+        closes it.
+        """
+        return PeerFactory(self, self.settings, self.clock, initiator=initiator, protocol=self.protocol)
+
+    def _linkChanged(self, nodeId: str, path: str | None) -> None:
+        for observer in list(self._linkObservers):
+            try:
+                observer(nodeId, path)
+            except Exception:
+                self.log.failure("link observer {observer} failed", observer=observer)
 
     # Application messages.
 
@@ -978,17 +1027,18 @@ class ClusterService(Service):
         """
         peer = self._peers.get(nodeId)
         link = peer.link if peer is not None else None
-        if link is None:
-            return {"path": None}
-        transport = link.transport
-        if isinstance(transport, RelayedTransport):
-            return {
-                "path": "relayed",
-                "via": transport.relay,
-                "relayBytesSent": transport.bytesSent,
-                "relayBytesReceived": transport.bytesReceived,
-            }
-        return {"path": "tcp"}
+        info: dict[str, Any] = {"path": None if link is None else pathOf(link)}
+        if link is not None and isinstance(link.transport, RelayedTransport):
+            transport = link.transport
+            info.update(
+                via=transport.relay, relayBytesSent=transport.bytesSent, relayBytesReceived=transport.bytesReceived
+            )
+        for provider in self._pathInfo:
+            try:
+                info.update(provider(nodeId))
+            except Exception:
+                self.log.failure("path information for node {node}", node=nodeId)
+        return info
 
     def _chooseRelay(self) -> None:
         """
@@ -1020,7 +1070,7 @@ class ClusterService(Service):
 
     @staticmethod
     def _isRelayed(link: PeerProtocol) -> bool:
-        return isinstance(link.transport, RelayedTransport)
+        return pathOf(link) == "relayed"
 
     def dialFailed(self, dialer: _Dialer, reason: str) -> None:
         """
@@ -1067,16 +1117,16 @@ class ClusterService(Service):
             link.close(CloseCode.SHUTTING_DOWN, "node stopping")
             return
         self._links.add(link)
-        transport = link.transport
-        if isinstance(transport, RelayedTransport) and transport.peerNodeId != link.peerId:
-            # The relay named one node and another answered.
+        expected = getattr(link.transport, "peerNodeId", None)
+        if expected is not None and expected != link.peerId:
+            # A relayed or direct link is made for one node; another answered.
             self.log.warn(
-                "relayed link to node {expected} through {relay} answered by node {node}: closed",
-                expected=transport.peerNodeId,
-                relay=transport.relay,
+                "{path} link to node {expected} answered by node {node}: closed",
+                path=pathOf(link),
+                expected=expected,
                 node=link.peerId,
             )
-            link.close(CloseCode.AUTHENTICATION_FAILED, "not the node the relay named")
+            link.close(CloseCode.AUTHENTICATION_FAILED, "not the node this link was made for")
             return
         dialer: _Dialer | None = getattr(link.factory, "dialer", None)
         peer = self._peer(link.peerId)
@@ -1096,6 +1146,7 @@ class ClusterService(Service):
         if not self._isRelayed(link):
             self._relayUp(peer.nodeId)
         self._scheduleSave()
+        self._linkChanged(peer.nodeId, pathOf(link))
         if (dialer is not None and dialer.nodeId is None) or not self.swim.joined:
             self.swim.join(peer.nodeId, self.clock.seconds())
             self._pump()
@@ -1160,6 +1211,7 @@ class ClusterService(Service):
         if peer.nodeId == self.relayId:
             self._chooseRelay()
         self._scheduleSave()
+        self._linkChanged(peer.nodeId, None)
         if link.closeCode != CloseCode.DUPLICATE_LINK:
             # Requests sent on a link given up for a duplicate are answered
             # on the other one; on a lost link they may never be.
@@ -1434,6 +1486,14 @@ class ClusterService(Service):
         if self._saveTimer is None and not self._stopping and (self.circuits.ends() or self.relay.circuits()):
             # Relayed traffic moves the counters without a membership change.
             self._saveTimer = self.clock.callLater(COUNTERS_SAVE_INTERVAL, self._save)
+
+
+def pathOf(link: PeerProtocol) -> str:
+    """
+    How a link goes: C{tcp}, C{relayed} (L{RelayedTransport}) or
+    C{direct} (a punched UDP path), as its transport says.
+    """
+    return str(getattr(link.transport, "linkPath", "tcp"))
 
 
 def readMembers(dataDir: str) -> dict[str, Any]:

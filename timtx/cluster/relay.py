@@ -413,6 +413,8 @@ class RelayedTransport:
 
     disconnecting = False
     producer: Any = None
+    #: How the link goes, for the members file.
+    linkPath = "relayed"
 
     def __init__(self, circuits: Circuits, relay: str, circuitId: bytes, peer: str, initiator: bool):
         self.circuits = circuits
