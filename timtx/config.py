@@ -812,10 +812,12 @@ class NatConfig:
         64, _int(1), "Relayed links one node may have open through this relay at once; more are refused."
     )
     stun_port: int = option(
-        3478,
+        0,
         _int(0, 65535),
-        "UDP port of this node's STUN server, which answers cluster members only (requests keyed from the node "
-        "secret). 0 runs no server: a node behind NAT has no use for one.",
+        "UDP port of this reachable node's STUN server (3478 is STUN's), which answers cluster members only "
+        "(requests keyed from the cluster secret); NAT'd members learn their NAT's behaviour from it, which they "
+        "need for a direct path. 0 (the default) runs no server: no new port opens unasked, and a node behind NAT "
+        "has no use for one.",
     )
     stun_alternate_port: int = option(
         3479,

@@ -36,6 +36,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -174,8 +175,8 @@ class DirectPaths(Service):
             hosts = [splitHostPort(self.cluster.address)[0]]
         advertised = []
         for host in hosts:
-            self.stunServices.append(
-                listenStun(
+            try:
+                service = listenStun(
                     self.reactor,
                     self.reactor,
                     self.key,
@@ -185,8 +186,15 @@ class DirectPaths(Service):
                     rate=nat.stun_rate,
                     burst=nat.stun_burst,
                 )
-            )
+            except CannotListenError as e:
+                # Another node on this host has the port, say: NAT'd
+                # members learn from the others.
+                self.log.warn("no STUN server on {host}: {error}", host=host, error=e)
+                continue
+            self.stunServices.append(service)
             advertised.append(formatAddress(Address.of(host, nat.stun_port)))
+        if not advertised:
+            return
         self.log.info("STUN server on {addresses}", addresses=", ".join(advertised))
         self.cluster.setNatMeta({META_STUN: ",".join(advertised)})
 
@@ -417,9 +425,14 @@ class DirectPaths(Service):
         session = PunchInitiator(self.secret, [mapped])
         reply: Deferred[bytes] = Deferred()
         state.reply = (session.sessionId, reply)
+        reply.addTimeout(self.nat.punch_timeout, self.reactor)
+
+        def unsent(failure: Failure) -> None:
+            if not reply.called:
+                reply.errback(failure)
+
         try:
-            yield self.cluster.send(nodeId, KIND, session.start(self.reactor.seconds()))
-            reply.addTimeout(self.nat.punch_timeout, self.reactor)
+            self.cluster.send(nodeId, KIND, session.start(self.reactor.seconds())).addErrback(unsent)
             data = yield reply
         finally:
             state.reply = None
