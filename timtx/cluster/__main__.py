@@ -54,6 +54,8 @@ def _counters(member: dict[str, Any]) -> str:
         text = f"punch {punch.get('successes', 0)}/{punch.get('attempts', 0)}"
         if punch.get("timeToDirect") is not None:
             text += f" in {punch['timeToDirect']:.2f}s"
+        if punch.get("fallbacks"):
+            text += f", {punch['fallbacks']} lost"
         parts.append(text)
     relayed = member.get("relayedFor")
     if isinstance(relayed, dict):
