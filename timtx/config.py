@@ -125,6 +125,18 @@ def _parse_bool(text: str) -> bool:
 
 
 BOOL = Kind("true or false", _parse_bool)
+
+
+def _parse_reachable(text: str) -> str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if _parse_bool(text) else "false"
+    except ValueError:
+        raise ValueError("true, false or auto") from None
+
+
+REACHABLE = Kind("true, false or auto", _parse_reachable)
 TEXT = Kind("text", lambda text: text)
 
 
@@ -780,12 +792,13 @@ class NatConfig:
     their NAT'd peers, discovery, hole punching and the direct QUIC channel.
     """
 
-    reachable: bool = option(
-        True,
-        BOOL,
+    reachable: str = option(
+        "true",
+        REACHABLE,
         "Whether other nodes can dial this node's cluster address. `false` for a node behind a NAT (or a "
         "firewall that lets nothing in): it dials the reachable members itself and the others reach it through "
-        "one of them, its relay (docs/nat.md).",
+        "one of them, its relay (docs/nat.md). `auto`: it starts as `false` and asks the first reachable member "
+        "it links with to dial it back; if that arrives, it is reachable from then on.",
     )
     relay: bool = option(
         True,

@@ -18,7 +18,10 @@ probed next), not a verdict; SWIM's verdict of dead or left closes the link.
 
 Nodes behind NAT.  A node that cannot be dialled (C{[nat] reachable =
 false}) dials every reachable member at once, and names one of them, its
-relay, in its metadata (L{META_RELAY}); no reachable node dials it.  Two
+relay, in its metadata (L{META_RELAY}); no reachable node dials it.  With
+C{reachable = auto} a node starts so, and asks the first reachable member
+it links with to dial it back (L{DIALBACK_KIND}); once that link arrives it
+is reachable.  Two
 such nodes get their link through the relay of the one dialled
 (L{timtx.cluster.relay}): the same peer protocol, authenticated end to end,
 with the relay forwarding bytes.  Where both a direct and a relayed link
@@ -98,6 +101,9 @@ NODE_ID_FILE = "node-id"
 META_REACH = "nat.reach"
 #: Metadata naming the node id of the relay of a node that cannot be dialled.
 META_RELAY = "nat.relay"
+#: The request a node with [nat] reachable = auto sends a reachable member:
+#: dial me back at this address (the payload).
+DIALBACK_KIND = "nat.dialback"
 #: How a dialer's address names a link through a relay: relay:RELAY/TARGET.
 RELAY_ADDRESS = "relay:"
 #: Seconds between rewrites of the members file while relayed links carry
@@ -457,7 +463,7 @@ class ClusterService(Service):
         tls: PeerTLS | None = None,
         rng: random.Random | None = None,
         protocol: type[PeerProtocol] = PeerProtocol,
-        reachable: bool = True,
+        reachable: bool | None = True,
         relayLimits: RelayLimits | None = None,
     ):
         self.config = config
@@ -484,8 +490,15 @@ class ClusterService(Service):
         self.address: str | None = None
         self._clientAddresses = tuple(clientAddresses)
         self._meta = dict(meta or {})
-        #: Whether other nodes can dial this one ([nat] reachable).
-        self.reachable = reachable
+        #: Whether other nodes can dial this one ([nat] reachable); with
+        #: auto (C{None}), not until a dial-back proves it.
+        self.reachable = bool(reachable)
+        self.autoReachable = reachable is None
+        #: The reachable nodes asked to dial this one back.
+        self._dialBackAsked: set[str] = set()
+        #: One-off dials beside a peer's link (a dial-back, a relayed peer
+        #: that turned out reachable), one per node at a time.
+        self._sideDialers: dict[str, _Dialer] = {}
         #: This node's relay while it cannot be dialled.
         self.relayId: str | None = None
         self.relay = Relay(self, relayLimits or RelayLimits())
@@ -516,6 +529,7 @@ class ClusterService(Service):
             (RELAY_INCOMING, self.circuits.incomingReceived),
             (RELAY_DELIVER, self.circuits.deliverReceived),
             (RELAY_CLOSED, self.circuits.closedReceived),
+            (DIALBACK_KIND, self._dialBackRequested),
         ):
             self.addHandler(kind, handler)
 
@@ -553,7 +567,7 @@ class ClusterService(Service):
             tls=loadTLS(config),
             rng=rng,
             protocol=protocol,
-            reachable=config.nat.reachable,
+            reachable={"true": True, "false": False}.get(config.nat.reachable),
             relayLimits=RelayLimits.fromConfig(config.nat),
         )
 
@@ -875,9 +889,10 @@ class ClusterService(Service):
                 timer.cancel()
         self._timer = self._saveTimer = None
         self._save()
-        for dialer in list(self._seedDialers.values()):
+        for dialer in [*self._seedDialers.values(), *self._sideDialers.values()]:
             dialer.stop()
         self._seedDialers.clear()
+        self._sideDialers.clear()
         waits: list[Deferred[Any]] = []
         for peer in list(self._peers.values()):
             if peer.dialer is not None:
@@ -1128,6 +1143,8 @@ class ClusterService(Service):
             )
             link.close(CloseCode.AUTHENTICATION_FAILED, "not the node this link was made for")
             return
+        if link.peerId in self._dialBackAsked and not link.initiator and pathOf(link) == "tcp":
+            self._dialedBack(link.peerId)
         dialer: _Dialer | None = getattr(link.factory, "dialer", None)
         peer = self._peer(link.peerId)
         if dialer is not None:
@@ -1157,10 +1174,69 @@ class ClusterService(Service):
         and links waiting to go through it are dialled now.
         """
         self._chooseRelay()
+        self._askDialBack(nodeId)
         prefix = f"{RELAY_ADDRESS}{nodeId}/"
         for peer in list(self._peers.values()):
             if peer.dialer is not None and peer.dialer.address.startswith(prefix):
                 peer.dialer.retryNow()
+
+    def _tryDirectTcp(self, nodeId: str, address: str) -> None:
+        """
+        A relayed peer can now be dialled (it found it is reachable): dial
+        it once beside the relayed link, which gives way if the dial works
+        (a TCP link ranks first) and carries on if not.
+        """
+        if address.startswith(RELAY_ADDRESS):
+            return
+        dialer = self._sideDialers.get(nodeId)
+        if dialer is not None and not dialer.stopped:
+            return
+        dialer = self._sideDialers[nodeId] = _Dialer(self, address, nodeId, persistent=False)
+        dialer.start()
+
+    # Finding out whether this node can be dialled ([nat] reachable = auto).
+
+    def _askDialBack(self, nodeId: str) -> None:
+        """
+        Ask C{nodeId}, a reachable member this node has a direct link with,
+        to dial it back, once.
+        """
+        if not self.autoReachable or self.reachable or self._dialBackAsked or self.address is None:
+            return
+        member = self.member(nodeId)
+        if member is not None and member.meta.get(META_REACH) == "relay":
+            return
+        self._dialBackAsked.add(nodeId)
+        self.log.info("asking node {node} to dial this node back at {address}", node=nodeId, address=self.address)
+        self.send(nodeId, DIALBACK_KIND, self.address.encode("utf-8")).addErrback(lambda f: None)
+
+    def _dialBackRequested(self, nodeId: str, payload: bytes) -> None:
+        """
+        Dial C{nodeId} at the address it gives; the link, if it comes,
+        tells it that it can be dialled.
+        """
+        if not self.reachable or self._stopping or self.swim is None:
+            # A node that cannot be dialled proves nothing by dialling.
+            return
+        try:
+            address = payload.decode("utf-8")
+            splitHostPort(address)
+        except ValueError as e:
+            self.log.warn("bad dial-back request from node {node}: {error}", node=nodeId, error=e)
+            return
+        dialer = self._sideDialers.get(nodeId)
+        if dialer is not None and not dialer.stopped:
+            return
+        dialer = self._sideDialers[nodeId] = _Dialer(self, address, nodeId, persistent=False)
+        dialer.start()
+
+    def _dialedBack(self, nodeId: str) -> None:
+        self.reachable = True
+        self.relayId = None
+        self.log.info("node {node} dialled this node back: it is reachable", node=nodeId)
+        if self.swim is not None and not self.swim.left:
+            self.swim.update(self.clock.seconds(), meta=self._advertisedMeta())
+            self._pump()
 
     def _adopt(self, peer: _Peer, link: PeerProtocol) -> bool:
         """
@@ -1386,6 +1462,8 @@ class ClusterService(Service):
                 peer.dialer.stop()
                 peer.dialer = None
             self._ensureLink(peer)
+            if peer.link is not None and self._isRelayed(peer.link) and plan is not None:
+                self._tryDirectTcp(peer.nodeId, plan[0])
         elif change.kind in (ChangeKind.DIED, ChangeKind.LEFT, ChangeKind.FORGOTTEN):
             gone = self._peers.get(member.nodeId)
             if gone is None:

@@ -195,7 +195,7 @@ class NatNetwork(FakeNetwork):
     other node can dial it.
     """
 
-    def natService(self, name, seeds=(), reachable=True, **relay):
+    def natService(self, name, seeds=(), reachable=True, dialable=None, **relay):
         config = ClusterConfig(listen="tcp:0:interface=127.0.0.1", advertise=f"{name}:7946", seeds=tuple(seeds))
         network = self
 
@@ -214,7 +214,7 @@ class NatNetwork(FakeNetwork):
             relayLimits=RelayLimits(**relay),
         )
         service.startService()
-        if reachable:
+        if reachable if dialable is None else dialable:
             self.listeners[config.advertise] = self.clock.tcpServers[-1][1]
         self.services[name] = service
         self.testCase.assertIsNone(self.testCase.successResultOf(service.ready))
@@ -318,3 +318,27 @@ class RelayedMeshTests(SynchronousTestCase):
         self.assertNotIn("x", net.links(y))
         self.assertGreater(pub.relay.stats.refused["this node does not relay"], 0)
         self.assertEqual(pub.relay.circuits(), 0)
+
+    def test_autoReachable(self):
+        """
+        With reachable = auto a node starts as one that cannot be dialled
+        and asks the first reachable member to dial it back: where that
+        arrives it becomes reachable (and drops its relay); where it
+        cannot, it stays relayed, and the mesh forms either way.
+        """
+        net = self.network
+        pub = net.natService("pub")
+        open_ = net.natService("open", seeds=["pub:7946"], reachable=None, dialable=True)
+        hidden = net.natService("hidden", seeds=["pub:7946"], reachable=None, dialable=False)
+        self.assertFalse(open_.reachable)
+        self.assertIsNotNone(net.run(15, until=lambda: net.converged() and self.linked()), "no full mesh")
+        self.assertIsNotNone(net.run(5, until=lambda: open_.reachable), "never dialled back")
+        self.assertNotIn(META_REACH, pub.member("open").meta)
+        self.assertIsNone(open_.relayId)
+        self.assertFalse(hidden.reachable)
+        self.assertEqual(pub.member("hidden").meta[META_RELAY], "pub")
+        # The hidden node's link to the open one is TCP (it dials a
+        # reachable node), once the open one says it is reachable.
+        self.assertIsNotNone(
+            net.run(10, until=lambda: hidden.linkPath("open")["path"] == "tcp" and self.linked()), "not direct TCP"
+        )
