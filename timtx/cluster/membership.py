@@ -1279,9 +1279,11 @@ class ClusterService(Service):
         if peer is None or peer.link is not link:
             return
         peer.link = None
-        # Circuits through the lost link end with it.
-        self.relay.nodeGone(peer.nodeId)
-        self.circuits.linkLost(peer.nodeId)
+        if not self._isRelayed(link):
+            # Circuits through the lost link end with it (a relayed link
+            # carries none).
+            self.relay.nodeGone(peer.nodeId)
+            self.circuits.linkLost(peer.nodeId)
         if self._stopping:
             return
         if peer.nodeId == self.relayId:
