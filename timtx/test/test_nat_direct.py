@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -92,6 +93,7 @@ class FakeUdpPort:
     def __init__(self, port, interface):
         self.port, self.interface = port, interface
         self.written = []
+        self.stopped = False
         self.handle = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
     def write(self, data, address):
@@ -104,6 +106,7 @@ class FakeUdpPort:
         return IPv4Address("UDP", self.interface or "0.0.0.0", self.port)
 
     def stopListening(self):
+        self.stopped = True
         self.handle.close()
 
 
@@ -116,10 +119,17 @@ class UdpReactor(MemoryReactorClock):
     def __init__(self):
         super().__init__()
         self.udpServers = []
+        self.udpPorts = []
+
+    #: Ports that are taken: listening there fails.
+    taken = ()
 
     def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        if port in self.taken:
+            raise CannotListenError(interface, port, OSError("taken"))
         self.udpServers.append((port, protocol, maxPacketSize, interface))
         udp = FakeUdpPort(port, interface)
+        self.udpPorts.append(udp)
         protocol.makeConnection(udp)
         return udp
 
@@ -155,6 +165,21 @@ class DirectPathsTests(SynchronousTestCase):
         )
         self.start(reachable=True)
         self.assertEqual((self.cluster.natMeta, self.reactor.udpServers), ({}, []))
+
+    def test_stunPortTaken(self):
+        """
+        A STUN port already taken is a warning: no half server stays open
+        (its primary port is closed if the alternate cannot be had), and
+        nothing is advertised.
+        """
+        self.reactor = UdpReactor()
+        self.reactor.taken = (3479,)
+        self.cluster = FakeCluster(reachable=True)
+        paths = DirectPaths(self.cluster, self.reactor, NatConfig(stun_port=3478, stun_interface="203.0.113.10"))
+        paths.startService()
+        self.assertEqual([udp.stopped for udp in self.reactor.udpPorts], [True])
+        self.assertEqual(self.cluster.natMeta, {})
+        self.assertEqual(paths.stunServices, [])
 
     def test_natdNodeDiscovers(self):
         """
