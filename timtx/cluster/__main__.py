@@ -49,6 +49,9 @@ def _counters(member: dict[str, Any]) -> str:
     parts = []
     if member.get("path") == "relayed":
         parts.append(f"relay {member.get('relayBytesSent', 0)}B out/{member.get('relayBytesReceived', 0)}B in")
+    direct = member.get("direct")
+    if member.get("path") == "direct" and isinstance(direct, dict):
+        parts.append(f"direct {direct.get('datagramsOut', 0)} out/{direct.get('datagramsIn', 0)} in datagrams")
     punch = member.get("punch")
     if isinstance(punch, dict):
         text = f"punch {punch.get('successes', 0)}/{punch.get('attempts', 0)}"

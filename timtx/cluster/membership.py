@@ -106,8 +106,8 @@ META_RELAY = "nat.relay"
 DIALBACK_KIND = "nat.dialback"
 #: How a dialer's address names a link through a relay: relay:RELAY/TARGET.
 RELAY_ADDRESS = "relay:"
-#: Seconds between rewrites of the members file while relayed links carry
-#: traffic (their byte counters change without a membership change).
+#: Seconds between rewrites of the members file while relayed or direct
+#: links carry traffic (their counters change without a membership change).
 COUNTERS_SAVE_INTERVAL = 5.0
 #: SWIM messages queued for a node being dialled; more are dropped (SWIM
 #: copes with loss).
@@ -1526,6 +1526,7 @@ class ClusterService(Service):
         if swim is None:
             return
         relayStats = self.relay.stats
+        direct = any(peer.link is not None and pathOf(peer.link) == "direct" for peer in self._peers.values())
         saved = {
             "version": 1,
             "nodeId": self.nodeId,
@@ -1563,8 +1564,9 @@ class ClusterService(Service):
             os.replace(tmp, path)
         except OSError as e:
             self.log.warn("cannot save the members to {path}: {error}", path=path, error=e)
-        if self._saveTimer is None and not self._stopping and (self.circuits.ends() or self.relay.circuits()):
-            # Relayed traffic moves the counters without a membership change.
+        if self._saveTimer is None and not self._stopping and (self.circuits.ends() or self.relay.circuits() or direct):
+            # Relayed and direct traffic move the counters without a
+            # membership change.
             self._saveTimer = self.clock.callLater(COUNTERS_SAVE_INTERVAL, self._save)
 
 

@@ -327,7 +327,12 @@ class DirectPaths(Service):
         if state is None:
             return {}
         counters = state.counters
+        info: dict[str, Any] = {}
+        if state.channel is not None:
+            stats = state.channel.stats
+            info["direct"] = {"datagramsIn": stats.datagramsIn, "datagramsOut": stats.datagramsOut}
         return {
+            **info,
             "punch": {
                 "attempts": counters.attempts,
                 "successes": counters.successes,
@@ -335,7 +340,7 @@ class DirectPaths(Service):
                 "fallbacks": counters.fallbacks,
                 "timeToDirect": counters.timeToDirect,
                 "lastError": counters.lastError,
-            }
+            },
         }
 
     # Deciding.
