@@ -176,7 +176,9 @@ class NatMeshTests(TestCase):
         relay and stay there (no punch with an endpoint-dependent side),
         and a 1:1 message and presence between their users arrive.
         """
-        sender, recipient = yield self.startMesh(["eim", "edm"])
+        # The sender's node stores and routes (over the relayed link), not
+        # a conversation owner that may be the public node.
+        sender, recipient = yield self.startMesh(["eim", "edm"], cluster="conversation_owner = false\n")
         yield waitUntil(lambda: all("nat.mapping" in self.members("pub")[n]["meta"] for n in ("h1", "h2")), 20)
         mappings = {name: self.members("pub")[name]["meta"].get("nat.mapping") for name in ("h1", "h2")}
         self.assertEqual(mappings, {"h1": "endpoint-independent", "h2": "endpoint-dependent"})
@@ -187,10 +189,16 @@ class NatMeshTests(TestCase):
             self.assertEqual(self.members(a)[b].get("punch", {}).get("attempts", 0), 0)
         self.assertEqual(self.members("pub")["h1"]["reach"], "relay")
 
-        sender.sendMessage(recipient.uid, "through the relay")
+        def relayedFromH1() -> int:
+            return int(self.members("pub")["h1"].get("relayedFor", {}).get("bytesFrom", 0))
+
+        before = relayedFromH1()
+        sender.sendMessage(recipient.uid, "through the relay " + "x" * 2000)
         got = yield recipient.next(lambda i: i.timType == TimType.TIMMESSAGE and bool(i.body.dataString), timeout=30)
-        self.assertEqual(got.body.dataString, "through the relay")
+        self.assertEqual(got.body.dataString, "through the relay " + "x" * 2000)
         self.assertEqual(got.body.fromTid.node, sender.uid)
+        # It crossed the relay (whose members file is rewritten every 5 s).
+        yield waitUntil(lambda: relayedFromH1() >= before + 2000, 15)
 
         sender.send(TimType.TIMPRESENCE, TimPresence(toTid=Tid(node=recipient.uid), status="behind a NAT"))
         got = yield recipient.next(lambda i: i.timType == TimType.TIMPRESENCE, timeout=30)
