@@ -12,17 +12,25 @@ no listener others can reach.
 
 import random
 
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.cluster.__main__ import formatMembers
 from timtx.cluster.membership import META_REACH, META_RELAY, ClusterService, readMembers
 from timtx.cluster.relay import (
+    CHUNK_BYTES,
     CIRCUIT_ID_BYTES,
+    RELAY_CLOSE,
     RELAY_CLOSED,
+    RELAY_CONNECT,
+    RELAY_DATA,
     RELAY_DELIVER,
     RELAY_INCOMING,
+    Circuits,
     Relay,
+    RelayedAddress,
     RelayedTransport,
     RelayLimits,
 )
@@ -187,6 +195,107 @@ class RelayTests(SynchronousTestCase):
         relay.nodeGone("b")
         self.assertEqual(host.sent[-1][:2], ("a", RELAY_CLOSED))
         self.assertEqual(relay.circuits(), 0)
+
+
+class Recorder(Protocol):
+    def __init__(self):
+        self.data = []
+        self.lost = None
+
+    def dataReceived(self, data):
+        self.data.append(data)
+
+    def connectionLost(self, reason=None):
+        self.lost = reason
+
+
+class CircuitTests(SynchronousTestCase):
+    """
+    The endpoint role: circuit ends as transports, on a clock.
+    """
+
+    def setUp(self):
+        self.host = FakeHost(nodeId="a", members=("relay", "b"), links=("relay",))
+        self.responder = Recorder()
+        self.host.relayedResponderFactory = lambda: Factory.forProtocol(lambda: self.responder)
+        self.circuits = Circuits(self.host)
+
+    def open(self):
+        protocol = self.successResultOf(self.circuits.connect("relay", "b", Factory.forProtocol(Recorder)))
+        ((to, kind, payload),) = self.host.sent
+        self.assertEqual((to, kind, payload[CIRCUIT_ID_BYTES:]), ("relay", RELAY_CONNECT, b"b"))
+        return protocol, payload[:CIRCUIT_ID_BYTES]
+
+    def test_writeChunked(self):
+        """
+        Writes go to the relay in chunks small enough for any peer frame
+        limit, in order; what the relay delivers reaches the protocol.
+        """
+        protocol, cid = self.open()
+        self.assertEqual(protocol.transport.getPeer(), RelayedAddress("b", "relay"))
+        protocol.transport.write(b"x" * (CHUNK_BYTES * 2 + 5))
+        sent = [p for _, kind, p in self.host.sent if kind == RELAY_DATA]
+        self.assertEqual([len(p) - CIRCUIT_ID_BYTES for p in sent], [CHUNK_BYTES, CHUNK_BYTES, 5])
+        self.assertTrue(all(p.startswith(cid) for p in sent))
+        self.circuits.deliverReceived("relay", cid + b"hello")
+        self.assertEqual(protocol.data, [b"hello"])
+        # Another relay, or another circuit id, reaches nothing.
+        self.circuits.deliverReceived("other", cid + b"no")
+        self.circuits.deliverReceived("relay", b"z" * CIRCUIT_ID_BYTES + b"no")
+        self.assertEqual((protocol.data, self.circuits.dropped), ([b"hello"], 2))
+
+    def test_closedByRelay(self):
+        """
+        The relay's close ends the protocol's connection on the next turn,
+        with the reason.
+        """
+        protocol, cid = self.open()
+        self.circuits.closedReceived("relay", cid + b"relay refused: not a live member")
+        self.assertIsNone(protocol.lost)
+        self.host.clock.advance(0)
+        self.assertIn("not a live member", protocol.lost.getErrorMessage())
+        self.assertEqual(self.circuits.ends(), [])
+
+    def test_loseConnection(self):
+        """
+        The protocol closing its transport tells the relay and ends its
+        connection; writes after are dropped.
+        """
+        protocol, cid = self.open()
+        protocol.transport.loseConnection()
+        self.assertEqual(self.host.sent[-1][:2], ("relay", RELAY_CLOSE))
+        protocol.transport.write(b"late")
+        self.assertNotIn(RELAY_DATA, [kind for _, kind, _ in self.host.sent])
+        self.host.clock.advance(0)
+        self.assertIsNotNone(protocol.lost)
+
+    def test_relayLinkLost(self):
+        """
+        When the link to the relay is lost, every circuit through it ends;
+        a write with no link to the relay ends its circuit too.
+        """
+        protocol, cid = self.open()
+        self.circuits.linkLost("relay")
+        self.host.clock.advance(0)
+        self.assertIn("link to the relay", protocol.lost.getErrorMessage())
+        self.host.sent.clear()
+        protocol = self.successResultOf(self.circuits.connect("relay", "b", Factory.forProtocol(Recorder)))
+        self.host.links.discard("relay")
+        protocol.transport.write(b"x")
+        self.host.clock.advance(0)
+        self.assertIsNotNone(protocol.lost)
+        self.failureResultOf(self.circuits.connect("relay", "b", Factory.forProtocol(Recorder)), ConnectError)
+
+    def test_incoming(self):
+        """
+        A circuit the relay announces gets a protocol from the responder
+        factory; a malformed announcement is ignored.
+        """
+        self.circuits.incomingReceived("relay", CID + b"b")
+        self.assertEqual(self.responder.transport.peerNodeId, "b")
+        self.assertFalse(self.responder.transport.initiator)
+        self.circuits.incomingReceived("relay", b"short")
+        self.assertEqual(len(self.circuits.ends()), 1)
 
 
 class NatNetwork(FakeNetwork):
