@@ -1,0 +1,204 @@
+"""
+Time to a direct path in the mesh, in the network namespaces of docs/nat.md
+(root, PostgreSQL on this machine):
+
+    python -m bench.natmesh [--tries 20]
+
+Starts the example public node (C{examples/nat/pub.ini}) as C{twist tim},
+then C{--tries} times starts the two NAT'd example nodes (C{h1.ini},
+C{h2.ini}) behind two endpoint-independent NATs, with fresh data
+directories, waits until each sees its link to the other as C{direct}, and
+stops them.  Per try it records the initiator's time to direct (from the
+start of its punch attempt, a STUN binding first, to the QUIC channel up:
+what the members file calls C{timeToDirect}) and the time from starting the
+two processes to both seeing the direct link (start-up, joining through the
+relay, discovery and the punch).  Discovery runs with short STUN
+retransmissions (as in the tests), so that its last probe, which times out
+behind these NATs, takes seconds rather than the defaults' 20.
+
+Not registered in C{python -m bench all}: it needs root and builds its own
+topology.  Results go to C{bench/results/}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench.conditions import collect, oneLine
+from bench.nat import percentile
+from bench.nodeproc import ROOT
+from timtx.test import netns
+from timtx.test.test_tap import twistTim
+
+EXAMPLES = os.path.join(ROOT, "examples", "nat")
+FAST_STUN = "stun_rto = 0.2\nstun_max_rto = 1.0\nstun_retransmissions = 4\n"
+
+
+def config(name: str, directory: str, dsn: str, tryIndex: int) -> str:
+    with open(os.path.join(EXAMPLES, f"{name}.ini")) as f:
+        text = f.read()
+    text = re.sub(r"(?m)^dsn = .*$", lambda m: f"dsn = {dsn}", text)
+    data = os.path.join(directory, f"{name}-{tryIndex}-data")
+    text = re.sub(r"(?m)^data_dir = .*$", lambda m: f"data_dir = {data}", text)
+    if name != "pub":
+        text += FAST_STUN
+    path = os.path.join(directory, f"{name}-{tryIndex}.ini")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def members(directory: str, name: str, tryIndex: int) -> dict[str, Any]:
+    path = os.path.join(directory, f"{name}-{tryIndex}-data", "cluster-members.json")
+    try:
+        with open(path) as f:
+            return {m["nodeId"]: m for m in json.load(f)["members"]}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def start(host: netns.Host, path: str, log: str, directory: str) -> subprocess.Popen[bytes]:
+    argv = ["ip", "netns", "exec", host.namespace, *twistTim(path, log)]
+    return subprocess.Popen(argv, env=netns.childEnvironment(), cwd=directory, stdin=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def database() -> tuple[str, Any]:
+    import psycopg2
+
+    name = f"txnatmesh{os.getpid()}"
+    admin = psycopg2.connect("host=127.0.0.1 user=postgres dbname=test")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+
+    def drop() -> None:
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+    # Every namespace shares the file system, so the Unix socket reaches it.
+    return f"host=/var/run/postgresql user=postgres dbname={name}", drop
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    reason = netns.unavailable()
+    if reason:
+        raise SystemExit(f"cannot run: {reason}")
+    dsn, drop = database()
+    topology = netns.Topology(f"txm{os.urandom(2).hex()}", ("eim", "eim"))
+    directory = tempfile.mkdtemp(prefix="txnatmesh")
+    procs: list[subprocess.Popen[bytes]] = []
+    tries: list[dict[str, Any]] = []
+    try:
+        topology.up()
+        from timtx.crypto.ids import NodeKeys
+
+        NodeKeys.fromFile(os.path.join(directory, "nat-node.key"))
+        pub = start(topology.public, config("pub", directory, dsn, 0), os.path.join(directory, "pub.log"), directory)
+        procs.append(pub)
+        for index in range(1, args.tries + 1):
+            started = time.monotonic()
+            pair = [
+                start(
+                    topology.host(i),
+                    config(f"h{i}", directory, dsn, index),
+                    os.path.join(directory, f"h{i}-{index}.log"),
+                    directory,
+                )
+                for i in (1, 2)
+            ]
+            procs += pair
+            outcome: dict[str, Any] = {"try": index, "direct": False}
+            deadline = started + args.timeout
+            while time.monotonic() < deadline:
+                a, b = members(directory, "h1", index), members(directory, "h2", index)
+                if a.get("h2", {}).get("path") == "direct" and b.get("h1", {}).get("path") == "direct":
+                    punch = a["h2"].get("punch", {})
+                    outcome = {
+                        "try": index,
+                        "direct": True,
+                        "start_to_direct_s": round(time.monotonic() - started, 3),
+                        "time_to_direct_ms": round(punch.get("timeToDirect", 0) * 1000, 2),
+                        "attempts": punch.get("attempts"),
+                    }
+                    break
+                time.sleep(0.05)
+            tries.append(outcome)
+            sys.stderr.write(f"{outcome}\n")
+            for proc in pair:
+                stop(proc)
+        return summarise(tries)
+    finally:
+        for proc in procs:
+            stop(proc)
+        topology.down()
+        drop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def summarise(tries: list[dict[str, Any]]) -> dict[str, Any]:
+    direct = [t for t in tries if t["direct"]]
+    ttd = [t["time_to_direct_ms"] for t in direct]
+    total = [t["start_to_direct_s"] for t in direct]
+    return {
+        "tries": len(tries),
+        "direct": len(direct),
+        "first_attempt": sum(1 for t in direct if t["attempts"] == 1),
+        "time_to_direct_p50_ms": percentile(ttd, 50) if ttd else None,
+        "time_to_direct_p99_ms": percentile(ttd, 99) if ttd else None,
+        "start_to_direct_p50_s": percentile(total, 50) if total else None,
+        "start_to_direct_p99_s": percentile(total, 99) if total else None,
+        "each": tries,
+    }
+
+
+def markdown(result: dict[str, Any], conditions: dict[str, Any]) -> str:
+    r = result
+    return (
+        f"Conditions: {oneLine(conditions)}\n\n"
+        "| Two NAT'd nodes, both endpoint-independent | Direct | On the first attempt | p50 | p99 |\n"
+        "|---|---|---|---|---|\n"
+        f"| time to direct (punch attempt to QUIC channel up) | {r['direct']}/{r['tries']} | {r['first_attempt']} | "
+        f"{r['time_to_direct_p50_ms']} ms | {r['time_to_direct_p99_ms']} ms |\n"
+        f"| from starting both nodes to both seeing the direct link | {r['direct']}/{r['tries']} | "
+        f"{r['first_attempt']} | {r['start_to_direct_p50_s']} s | {r['start_to_direct_p99_s']} s |\n"
+    )
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.natmesh", description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--tries", type=int, default=20)
+    parser.add_argument("--timeout", type=float, default=40.0, help="seconds one try may take")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = parser.parse_args(argv)
+    conditions = collect()
+    result = run(args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"natmesh-{stamp}.json"), "w") as f:
+        json.dump({"conditions": conditions, "result": result}, f, indent=2)
+    text = markdown(result, conditions)
+    with open(os.path.join(args.out, f"natmesh-{stamp}.md"), "w") as f:
+        f.write(text)
+    sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
