@@ -2,7 +2,7 @@
 Time to a direct path in the mesh, in the network namespaces of docs/nat.md
 (root, PostgreSQL on this machine):
 
-    python -m bench.natmesh [--tries 20]
+    python -m bench.natmesh [--tries 20] [--kinds eim,eim]
 
 Starts the example public node (C{examples/nat/pub.ini}) as C{twist tim},
 then C{--tries} times starts the two NAT'd example nodes (C{h1.ini},
@@ -15,6 +15,11 @@ two processes to both seeing the direct link (start-up, joining through the
 relay, discovery and the punch).  Discovery runs with short STUN
 retransmissions (as in the tests), so that its last probe, which times out
 behind these NATs, takes seconds rather than the defaults' 20.
+
+With C{--kinds eim,edm} (NAT 2 endpoint-dependent) a try succeeds when
+both NAT'd nodes have discovered their mapping and, a settle time later,
+their link is still relayed with no punch attempted: the pair stays on the
+relay by design.
 
 Not registered in C{python -m bench all}: it needs root and builds its own
 topology.  Results go to C{bench/results/}.
@@ -102,7 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if reason:
         raise SystemExit(f"cannot run: {reason}")
     dsn, drop = database()
-    topology = netns.Topology(f"txm{os.urandom(2).hex()}", ("eim", "eim"))
+    kinds = tuple(args.kinds.split(","))
+    topology = netns.Topology(f"txm{os.urandom(2).hex()}", kinds)
     directory = tempfile.mkdtemp(prefix="txnatmesh")
     procs: list[subprocess.Popen[bytes]] = []
     tries: list[dict[str, Any]] = []
@@ -127,6 +133,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             procs += pair
             outcome: dict[str, Any] = {"try": index, "direct": False}
             deadline = started + args.timeout
+            if kinds != ("eim", "eim"):
+                outcome = staysRelayed(directory, index, started, deadline, args.settle)
+                deadline = 0
             while time.monotonic() < deadline:
                 a, b = members(directory, "h1", index), members(directory, "h2", index)
                 if a.get("h2", {}).get("path") == "direct" and b.get("h1", {}).get("path") == "direct":
@@ -153,7 +162,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def staysRelayed(directory: str, index: int, started: float, deadline: float, settle: float) -> dict[str, Any]:
+    """
+    Wait until both NAT'd nodes know each other's mapping over a relayed
+    link, then C{settle} seconds: a success if still relayed, unpunched.
+    """
+    outcome: dict[str, Any] = {"try": index, "relayed": False}
+
+    def state() -> tuple[bool, bool]:
+        a, b = members(directory, "h1", index), members(directory, "h2", index)
+        known = all(
+            view.get(other, {}).get("meta", {}).get("nat.mapping") not in (None, "unknown")
+            for view, other in ((a, "h2"), (b, "h1"))
+        )
+        relayed = a.get("h2", {}).get("path") == "relayed" and b.get("h1", {}).get("path") == "relayed"
+        attempts = a.get("h2", {}).get("punch", {}).get("attempts", 0) + b.get("h1", {}).get("punch", {}).get(
+            "attempts", 0
+        )
+        return known and relayed, attempts == 0
+
+    while time.monotonic() < deadline:
+        ready, _ = state()
+        if ready:
+            outcome["discovered_s"] = round(time.monotonic() - started, 3)
+            time.sleep(settle)
+            ready, unpunched = state()
+            outcome["relayed"] = ready and unpunched
+            break
+        time.sleep(0.05)
+    return outcome
+
+
 def summarise(tries: list[dict[str, Any]]) -> dict[str, Any]:
+    if tries and "relayed" in tries[0]:
+        return {"tries": len(tries), "relayed": sum(1 for t in tries if t["relayed"]), "each": tries}
     direct = [t for t in tries if t["direct"]]
     ttd = [t["time_to_direct_ms"] for t in direct]
     total = [t["start_to_direct_s"] for t in direct]
@@ -171,6 +213,13 @@ def summarise(tries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any], conditions: dict[str, Any]) -> str:
     r = result
+    if "relayed" in r:
+        return (
+            f"Conditions: {oneLine(conditions)}\n\n"
+            "| Two NAT'd nodes, one endpoint-dependent | Stayed relayed, no punch tried |\n"
+            "|---|---|\n"
+            f"| after both discovered their mapping | {r['relayed']}/{r['tries']} |\n"
+        )
     return (
         f"Conditions: {oneLine(conditions)}\n\n"
         "| Two NAT'd nodes, both endpoint-independent | Direct | On the first attempt | p50 | p99 |\n"
@@ -186,16 +235,19 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.natmesh", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--tries", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=40.0, help="seconds one try may take")
+    parser.add_argument("--kinds", default="eim,eim", help="the two NATs: eim,eim or eim,edm")
+    parser.add_argument("--settle", type=float, default=3.0, help="eim,edm: seconds to watch after discovery")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args(argv)
     conditions = collect()
     result = run(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"natmesh-{stamp}.json"), "w") as f:
+    name = "natmesh" if args.kinds == "eim,eim" else f"natmesh-{args.kinds.replace(',', '-')}"
+    with open(os.path.join(args.out, f"{name}-{stamp}.json"), "w") as f:
         json.dump({"conditions": conditions, "result": result}, f, indent=2)
     text = markdown(result, conditions)
-    with open(os.path.join(args.out, f"natmesh-{stamp}.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}-{stamp}.md"), "w") as f:
         f.write(text)
     sys.stdout.write(text)
 
