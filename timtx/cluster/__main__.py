@@ -36,7 +36,7 @@ def _nat(member: dict[str, Any]) -> str:
     What is known of C{member}'s NAT: C{none} (it can be dialled), or
     C{behind NAT} with the mapping seen, if known.
     """
-    if member.get("reach", "direct") == "direct":
+    if member.get("reach", "dial") == "dial":
         return "none"
     mapping = (member.get("meta") or {}).get("nat.mapping")
     return f"behind NAT ({mapping})" if mapping else "behind NAT"

@@ -18,15 +18,15 @@ probed next), not a verdict; SWIM's verdict of dead or left closes the link.
 
 Nodes behind NAT.  A node that cannot be dialled (C{[nat] reachable =
 false}) dials every reachable member at once, and names one of them, its
-relay, in its metadata (L{META_RELAY}); no reachable node dials it.  With
-C{reachable = auto} a node starts so, and asks the first reachable member
-it links with to dial it back (L{DIALBACK_KIND}); once that link arrives it
-is reachable.  Two
+relay, in its metadata (L{META_RELAY}); no reachable node dials it.  Two
 such nodes get their link through the relay of the one dialled
 (L{timtx.cluster.relay}): the same peer protocol, authenticated end to end,
-with the relay forwarding bytes.  Where both a direct and a relayed link
-exist, both ends keep the direct one.  L{ClusterService.dialPlan} is the
-one place that decides how to reach a member.
+with the relay forwarding bytes.  Where both a direct (TCP, or a punched
+path the NAT layer opened) and a relayed link exist, both ends keep the
+direct one.  L{ClusterService.dialPlan} is the one place that decides how
+to reach a member.  With C{reachable = auto} a node starts as one that
+cannot be dialled, and asks the first reachable member it links with to
+dial it back (L{DIALBACK_KIND}); once that link arrives it is reachable.
 
 Messages.  L{ClusterService.send} carries one-way messages and
 L{ClusterService.request} requests, each under a I{kind} whose handler
@@ -1548,7 +1548,7 @@ class ClusterService(Service):
                     "address": member.address,
                     "clientAddresses": list(member.clientAddresses),
                     "meta": dict(member.meta),
-                    "reach": member.meta.get(META_REACH) or "direct",
+                    "reach": member.meta.get(META_REACH) or "dial",
                     **({} if member.nodeId == self.nodeId else self.linkPath(member.nodeId)),
                     **self._relayedFor(member.nodeId),
                 }
