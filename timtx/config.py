@@ -125,6 +125,18 @@ def _parse_bool(text: str) -> bool:
 
 
 BOOL = Kind("true or false", _parse_bool)
+
+
+def _parse_reachable(text: str) -> str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if _parse_bool(text) else "false"
+    except ValueError:
+        raise ValueError("true, false or auto") from None
+
+
+REACHABLE = Kind("true, false or auto", _parse_reachable)
 TEXT = Kind("text", lambda text: text)
 
 
@@ -807,11 +819,45 @@ class NatConfig:
     their NAT'd peers, discovery, hole punching and the direct QUIC channel.
     """
 
+    reachable: str = option(
+        "true",
+        REACHABLE,
+        "Whether other nodes can dial this node's cluster address. `false` for a node behind a NAT (or a "
+        "firewall that lets nothing in): it dials the reachable members itself and the others reach it through "
+        "one of them, its relay (docs/nat.md). `auto`: it starts as `false` and asks the first reachable member "
+        "it links with to dial it back; if that arrives, it is reachable from then on.",
+    )
+    relay: bool = option(
+        True,
+        BOOL,
+        "Whether this node, when reachable, relays peer traffic between members that cannot dial each other. "
+        "A relay forwards bytes it cannot read (each relayed link is authenticated end to end).",
+    )
+    relay_rate: int = option(
+        1 << 20,
+        _int(0),
+        "Bytes per second one node may send through this relay on average (0: no limit); more wait in "
+        "relay_max_queued_bytes.",
+    )
+    relay_burst: int = option(
+        256 << 10, _int(64 << 10), "Bytes one node may send through this relay at once above relay_rate."
+    )
+    relay_max_queued_bytes: int = option(
+        4 << 20,
+        _int(0),
+        "Bytes of one node's relayed traffic held while it is over relay_rate; past it the relayed link that "
+        "overflows is closed (counted as limited).",
+    )
+    relay_max_circuits: int = option(
+        64, _int(1), "Relayed links one node may have open through this relay at once; more are refused."
+    )
     stun_port: int = option(
-        3478,
+        0,
         _int(0, 65535),
-        "UDP port of this node's STUN server, which answers cluster members only (requests keyed from the node "
-        "secret). 0 runs no server: a node behind NAT has no use for one.",
+        "UDP port of this reachable node's STUN server (3478 is STUN's), which answers cluster members only "
+        "(requests keyed from the cluster secret); NAT'd members learn their NAT's behaviour from it, which they "
+        "need for a direct path. 0 (the default) runs no server: no new port opens unasked, and a node behind NAT "
+        "has no use for one.",
     )
     stun_alternate_port: int = option(
         3479,
@@ -819,7 +865,14 @@ class NatConfig:
         "Second UDP port of the STUN server, from which it answers CHANGE-REQUEST and dial-back requests, so "
         "peers can tell how their NAT filters. 0 runs without it (peers learn less).",
     )
-    stun_interface: str = option("", TEXT, "Address the STUN server binds; empty means all.")
+    stun_interface: str = option(
+        "",
+        TEXT,
+        "Addresses the STUN server binds, comma-separated (one server on each, so that every answer comes from "
+        "the address asked); empty: the host of [cluster] advertise. Each is advertised to the members as "
+        "ADDRESS:stun_port; give two (a host with two addresses) so that NAT'd members can tell their NAT's "
+        "mapping.",
+    )
     stun_rate: float = option(
         20.0, _seconds(0), "STUN requests per second one source address may make on average; more are dropped."
     )
@@ -837,6 +890,12 @@ class NatConfig:
         1.0,
         _seconds_within(0.05, 30),
         "Seconds discovery waits for a peer's dial-back, the test of whether this node is reachable unasked.",
+    )
+    direct: bool = option(
+        True,
+        BOOL,
+        "Whether a node that cannot be dialled tries for a direct path (punched UDP, QUIC) to the other NAT'd "
+        "members it talks to through a relay; it stays relayed when either side's NAT maps endpoint-dependently.",
     )
     udp_port: int = option(
         0,

@@ -66,6 +66,7 @@ from timtx.delivery.registry import SessionRegistry
 from timtx.delivery.router import LocalRouter
 from timtx.delivery.sessions import AckIds, Session
 from timtx.interfaces import IClientNode, IFrameSink, IRouter, Route
+from timtx.nat.direct import DirectPaths
 from timtx.persistence import makeStore
 from timtx.persistence.errors import StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
@@ -230,11 +231,19 @@ class Node(MultiService):
         #: This node's part in the cluster, or C{None} without C{[cluster]
         #: listen}: the node then serves alone, as it always did.
         self.cluster: ClusterService | None = None
+        self.directPaths: DirectPaths | None = None
+        #: Nodes whose link was lost and has not come back.
+        self._linksLost: set[str] = set()
         #: Which nodes hold each user's sessions (with a cluster).
         self.userDirectory: UserDirectory | None = None
         if config.cluster.listen:
             self.cluster = ClusterService.fromConfig(config, reactor, protocol=self.protocols.lookup("peer"))
+            # STUN and direct paths to NAT'd peers (docs/nat.md); it stops
+            # after the mesh has closed its links, so is added first.
+            self.directPaths = DirectPaths(self.cluster, reactor, config.nat)
+            self.directPaths.setServiceParent(self)
             self.cluster.setServiceParent(self)
+            self.cluster.addLinkObserver(self._peerLinkChanged)
         self._buildDelivery()
         self._buildChat()
         self._sweeps = self._periodicWork()
@@ -457,6 +466,28 @@ class Node(MultiService):
         self._incidents = incidents
         count = self.inbox.recheckLive()
         self.log.info("store available again: reading the inboxes of {count} live sessions again", count=count)
+
+    def _peerLinkChanged(self, nodeId: str, path: str | None) -> None:
+        """
+        Pushes another node wrote to a link as it broke are lost with it,
+        though their entries are in the inboxes (a direct path that went
+        silent, say, and the peer moved back to the relay).  Once a link to
+        that node is back, re-read what live sessions may have missed
+        (L{InboxDelivery.recheckLive}), as after a store outage.
+        """
+        if path is None:
+            self._linksLost.add(nodeId)
+            return
+        if nodeId not in self._linksLost or self.stopping:
+            return
+        self._linksLost.discard(nodeId)
+        count = self.inbox.recheckLive()
+        self.log.info(
+            "link to node {node} back ({path}): reading the inboxes of {count} live sessions again",
+            node=nodeId,
+            path=path,
+            count=count,
+        )
 
     def _lastSessionEnded(self, session: Session) -> None:
         if self.cluster is None:

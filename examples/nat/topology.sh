@@ -20,6 +20,10 @@
 # dependent ("masquerade random,fully-random": a random port per
 # destination).  Both filter by address and port (conntrack).  The router
 # between the NATs is why a TTL-2 pre-open dies before the far NAT.
+#
+# It prints, for each node, its namespace and the address its clients
+# connect to.  The node configs beside this script (pub.ini, h1.ini, h2.ini)
+# fit it; pub.ini says how to start them, and docs/nat.md what to expect.
 set -euo pipefail
 
 action=${1:-}
@@ -59,7 +63,7 @@ up() {
     ip -n "$pub" addr add 203.0.113.20/24 dev eth0
     ip -n "$pub" link set eth0 up
     ip -n "$pub" route add default via 203.0.113.1
-    echo "$pub 203.0.113.10 203.0.113.20 (public)"
+    echo "node pub: namespace $pub, address 203.0.113.10 (and 203.0.113.20), clients at ws://203.0.113.10:5120/tim, config examples/nat/pub.ini (public, reachable)"
     local i=0
     for kind in "${kinds[@]}"; do
         i=$((i + 1))
@@ -83,7 +87,9 @@ up() {
         ip netns exec "$nat" nft add table ip nat
         ip netns exec "$nat" nft "add chain ip nat postrouting { type nat hook postrouting priority srcnat; }"
         ip netns exec "$nat" nft "add rule ip nat postrouting oifname \"wan\" $masq"
-        echo "$host 10.$i.0.10 (behind $nat, $kind, public address 198.18.$i.2)"
+        local config="no example config"
+        [ -f "$(dirname "$0")/h$i.ini" ] && config="config examples/nat/h$i.ini"
+        echo "node h$i: namespace $host, address 10.$i.0.10, clients at ws://10.$i.0.10:5120/tim (from its LAN: ip netns exec $host ...), $config (behind $nat, $kind, public address 198.18.$i.2)"
     done
 }
 

@@ -16,6 +16,18 @@ smaller node id (a tie broken by the link id both ends share), or the newer
 if the peer restarted.  A broken link is a hint to SWIM (the member is
 probed next), not a verdict; SWIM's verdict of dead or left closes the link.
 
+Nodes behind NAT.  A node that cannot be dialled (C{[nat] reachable =
+false}) dials every reachable member at once, and names one of them, its
+relay, in its metadata (L{META_RELAY}); no reachable node dials it.  Two
+such nodes get their link through the relay of the one dialled
+(L{timtx.cluster.relay}): the same peer protocol, authenticated end to end,
+with the relay forwarding bytes.  Where both a direct (TCP, or a punched
+path the NAT layer opened) and a relayed link exist, both ends keep the
+direct one.  L{ClusterService.dialPlan} is the one place that decides how
+to reach a member.  With C{reachable = auto} a node starts as one that
+cannot be dialled, and asks the first reachable member it links with to
+dial it back (L{DIALBACK_KIND}); once that link arrives it is reachable.
+
 Messages.  L{ClusterService.send} carries one-way messages and
 L{ClusterService.request} requests, each under a I{kind} whose handler
 (L{ClusterService.addHandler}) runs on the receiving node; a request's
@@ -51,6 +63,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from timtx.cluster.ownership import Ownership
+from timtx.cluster.relay import (
+    RELAY_CLOSE,
+    RELAY_CLOSED,
+    RELAY_CONNECT,
+    RELAY_DATA,
+    RELAY_DELIVER,
+    RELAY_INCOMING,
+    Circuits,
+    Relay,
+    RelayedTransport,
+    RelayEndpoint,
+    RelayLimits,
+)
 from timtx.cluster.swim import (
     ChangeKind,
     Member,
@@ -71,6 +96,19 @@ SWIM_KIND = "swim"
 MEMBERS_FILE = "cluster-members.json"
 #: The file in the data directory holding the node id made on first start.
 NODE_ID_FILE = "node-id"
+#: Metadata of a node that cannot be dialled: "relay" (reach it through
+#: the relay named by META_RELAY).
+META_REACH = "nat.reach"
+#: Metadata naming the node id of the relay of a node that cannot be dialled.
+META_RELAY = "nat.relay"
+#: The request a node with [nat] reachable = auto sends a reachable member:
+#: dial me back at this address (the payload).
+DIALBACK_KIND = "nat.dialback"
+#: How a dialer's address names a link through a relay: relay:RELAY/TARGET.
+RELAY_ADDRESS = "relay:"
+#: Seconds between rewrites of the members file while relayed or direct
+#: links carry traffic (their counters change without a membership change).
+COUNTERS_SAVE_INTERVAL = 5.0
 #: SWIM messages queued for a node being dialled; more are dropped (SWIM
 #: copes with loss).
 MAX_QUEUED_SWIM = 64
@@ -337,6 +375,16 @@ class _Dialer:
             attempt, self._attempt = self._attempt, None
             attempt.cancel()
 
+    def retryNow(self) -> None:
+        """
+        Dial now if waiting for a retry (the relay it needs came up).
+        """
+        if self._timer is not None and not self.stopped:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            self._dial()
+
     def _dial(self) -> None:
         self._timer = None
         if self.stopped:
@@ -345,7 +393,7 @@ class _Dialer:
         factory = service.makeClientFactory()
         factory.dialer = self
         try:
-            endpoint = service.endpointFor(self.address)
+            endpoint = service.dialEndpoint(self.address)
         except ValueError as e:
             self._failed(str(e))
             return
@@ -415,6 +463,8 @@ class ClusterService(Service):
         tls: PeerTLS | None = None,
         rng: random.Random | None = None,
         protocol: type[PeerProtocol] = PeerProtocol,
+        reachable: bool | None = True,
+        relayLimits: RelayLimits | None = None,
     ):
         self.config = config
         self.reactor = reactor
@@ -440,6 +490,24 @@ class ClusterService(Service):
         self.address: str | None = None
         self._clientAddresses = tuple(clientAddresses)
         self._meta = dict(meta or {})
+        #: Whether other nodes can dial this one ([nat] reachable); with
+        #: auto (C{None}), not until a dial-back proves it.
+        self.reachable = bool(reachable)
+        self.autoReachable = reachable is None
+        #: The reachable nodes asked to dial this one back.
+        self._dialBackAsked: set[str] = set()
+        #: One-off dials beside a peer's link (a dial-back, a relayed peer
+        #: that turned out reachable), one per node at a time.
+        self._sideDialers: dict[str, _Dialer] = {}
+        #: This node's relay while it cannot be dialled.
+        self.relayId: str | None = None
+        self.relay = Relay(self, relayLimits or RelayLimits())
+        self.circuits = Circuits(self)
+        self._responderFactory: _LinkFactory | None = None
+        #: Metadata the NAT layer advertises (its mapping, STUN servers).
+        self._natMeta: dict[str, str] = {}
+        self._linkObservers: list[Callable[[str, str | None], None]] = []
+        self._pathInfo: list[Callable[[str], Mapping[str, Any]]] = []
         self._peers: dict[str, _Peer] = {}
         self._seedDialers: dict[str, _Dialer] = {}
         self._unwanted: set[str] = set()
@@ -457,6 +525,16 @@ class ClusterService(Service):
         #: Where to listen for peers instead of C{config.listen}: a socket
         #: handed down by a parent process (L{timtx.processes}).
         self.listenEndpoint: IStreamServerEndpoint | None = None
+        for kind, handler in (
+            (RELAY_CONNECT, self.relay.connectReceived),
+            (RELAY_DATA, self.relay.dataReceived),
+            (RELAY_CLOSE, self.relay.closeReceived),
+            (RELAY_INCOMING, self.circuits.incomingReceived),
+            (RELAY_DELIVER, self.circuits.deliverReceived),
+            (RELAY_CLOSED, self.circuits.closedReceived),
+            (DIALBACK_KIND, self._dialBackRequested),
+        ):
+            self.addHandler(kind, handler)
 
     @classmethod
     def fromConfig(
@@ -492,6 +570,8 @@ class ClusterService(Service):
             tls=loadTLS(config),
             rng=rng,
             protocol=protocol,
+            reachable={"true": True, "false": False}.get(config.nat.reachable),
+            relayLimits=RelayLimits.fromConfig(config.nat),
         )
 
     # The view.
@@ -536,8 +616,67 @@ class ClusterService(Service):
         if meta is not None:
             self._meta = dict(meta)
         if self.swim is not None and not self.swim.left:
-            self.swim.update(self.clock.seconds(), clientAddresses=clientAddresses, meta=meta)
+            merged = None if meta is None else self._advertisedMeta()
+            self.swim.update(self.clock.seconds(), clientAddresses=clientAddresses, meta=merged)
             self._pump()
+
+    def _advertisedMeta(self) -> dict[str, str]:
+        """
+        The application's metadata with this node's NAT entries.
+        """
+        meta = dict(self._meta)
+        meta.pop(META_REACH, None)
+        meta.pop(META_RELAY, None)
+        meta.update(self._natMeta)
+        if not self.reachable:
+            meta[META_REACH] = "relay"
+            if self.relayId is not None:
+                meta[META_RELAY] = self.relayId
+        return meta
+
+    # Hooks for the NAT layer (timtx.nat.direct), which the node wires in.
+
+    def setNatMeta(self, entries: Mapping[str, str]) -> None:
+        """
+        Advertise C{entries} (keys starting with C{nat.}) beside the
+        application's metadata, replacing those set before.
+        """
+        if dict(entries) == self._natMeta:
+            return
+        self._natMeta = {key: value for key, value in entries.items() if key.startswith("nat.")}
+        if self.swim is not None and not self.swim.left:
+            self.swim.update(self.clock.seconds(), meta=self._advertisedMeta())
+            self._pump()
+
+    def addLinkObserver(self, observer: Callable[[str, str | None], None]) -> None:
+        """
+        Call C{observer(nodeId, path)} when the link to a node changes:
+        C{path} is C{tcp}, C{relayed} or C{direct}, or C{None} when lost.
+        """
+        self._linkObservers.append(observer)
+
+    def addPathInfo(self, provider: Callable[[str], Mapping[str, Any]]) -> None:
+        """
+        Add what C{provider(nodeId)} returns to that member's entry in the
+        members file (punch counters, say).
+        """
+        self._pathInfo.append(provider)
+
+    def directLinkFactory(self, initiator: bool) -> PeerFactory:
+        """
+        A factory of peer links for a channel the NAT layer opened (the
+        punch initiator's side initiates the link).  The service tracks
+        such a link once established; until then its channel's owner
+        closes it.
+        """
+        return PeerFactory(self, self.settings, self.clock, initiator=initiator, protocol=self.protocol)
+
+    def _linkChanged(self, nodeId: str, path: str | None) -> None:
+        for observer in list(self._linkObservers):
+            try:
+                observer(nodeId, path)
+            except Exception:
+                self.log.failure("link observer {observer} failed", observer=observer)
 
     # Application messages.
 
@@ -702,6 +841,7 @@ class ClusterService(Service):
         self._loadMembers()
         factory = _LinkFactory(self, self.settings, self.clock, initiator=False, protocol=self.protocol)
         factory.service = self
+        self._responderFactory = factory
         wrapped = self.tls.wrapServerFactory(factory) if self.tls is not None else factory
         endpoint = self.listenEndpoint or serverFromString(self.reactor, self.config.listen)
         d = endpoint.listen(wrapped)
@@ -736,7 +876,7 @@ class ClusterService(Service):
             config=self.swimConfig,
             rng=random.Random(self.rng.getrandbits(64)),
             clientAddresses=self._clientAddresses,
-            meta=self._meta,
+            meta=self._advertisedMeta(),
             incarnation=self._incarnation,
         )
         self.log.info("node {node} takes part in the cluster at {address}", node=self.nodeId, address=address)
@@ -760,9 +900,10 @@ class ClusterService(Service):
                 timer.cancel()
         self._timer = self._saveTimer = None
         self._save()
-        for dialer in list(self._seedDialers.values()):
+        for dialer in [*self._seedDialers.values(), *self._sideDialers.values()]:
             dialer.stop()
         self._seedDialers.clear()
+        self._sideDialers.clear()
         waits: list[Deferred[Any]] = []
         for peer in list(self._peers.values()):
             if peer.dialer is not None:
@@ -781,6 +922,7 @@ class ClusterService(Service):
             waits.append(maybeDeferred(self._port.stopListening))
             self._port = None
         self.swim = None
+        self.relay.stop()
         return gatherResults(waits)
 
     def _abortLinks(self) -> None:
@@ -847,11 +989,114 @@ class ClusterService(Service):
         member = self.swim.member(peer.nodeId)
         if member is None:
             return
+        plan = self.dialPlan(member)
+        if plan is None:
+            return
+        address, delay = plan
+        peer.dialer = _Dialer(self, address, peer.nodeId, persistent=member.live)
+        peer.dialer.start(0.0 if hurry else delay)
+
+    def dialPlan(self, member: Member) -> tuple[str, float] | None:
+        """
+        How and when to dial C{member}: the address (C{host:port}, or
+        C{relay:RELAY/NODE} through a relay) and the delay before the first
+        attempt; or C{None} to wait for it to dial.
+        """
+        later = 2 * self.swimConfig.probeInterval
         # The node with the smaller id dials first; the other waits a
         # little for it, so two links are rarely made at once.
-        delay = 0.0 if hurry or self.nodeId < peer.nodeId else 2 * self.swimConfig.probeInterval
-        peer.dialer = _Dialer(self, member.address, peer.nodeId, persistent=member.live)
-        peer.dialer.start(delay)
+        first = 0.0 if self.nodeId < member.nodeId else later
+        if member.meta.get(META_REACH) != "relay":
+            # A node that cannot be dialled dials the reachable ones at once.
+            return member.address, (first if self.reachable else 0.0)
+        relay = member.meta.get(META_RELAY)
+        if relay is None or relay == self.nodeId or not self.isLiveMember(relay):
+            # It dials this node (its relay, or a reachable member) itself.
+            return None
+        # A reachable node waits for the member to dial it, and goes
+        # through its relay only if that does not come.
+        return f"{RELAY_ADDRESS}{relay}/{member.nodeId}", (later if self.reachable else first)
+
+    def dialEndpoint(self, address: str) -> IStreamClientEndpoint:
+        """
+        The endpoint for a dialer's address: through a relay, or
+        L{endpointFor}.
+
+        @raise ValueError: if C{address} is not C{host:port}.
+        """
+        if address.startswith(RELAY_ADDRESS):
+            relay, _, target = address[len(RELAY_ADDRESS) :].partition("/")
+            return RelayEndpoint(self.circuits, relay, target)
+        return self.endpointFor(address)
+
+    # What the relay needs (timtx.cluster.relay.RelayHost).
+
+    def isLiveMember(self, nodeId: str) -> bool:
+        member = self.member(nodeId)
+        return member is not None and member.live
+
+    def sendOnLink(self, nodeId: str, kind: str, payload: bytes) -> bool:
+        peer = self._peers.get(nodeId)
+        return peer is not None and peer.link is not None and peer.link.sendMessage(kind, payload)
+
+    def relayedResponderFactory(self) -> _LinkFactory:
+        assert self._responderFactory is not None, "not started"
+        return self._responderFactory
+
+    # Paths to peers, for the members file.
+
+    def linkPath(self, nodeId: str) -> dict[str, Any]:
+        """
+        How this node reaches C{nodeId} now: C{path} is C{tcp},
+        C{relayed} (with the relay and the bytes sent and received on it)
+        or C{None} (no link).
+        """
+        peer = self._peers.get(nodeId)
+        link = peer.link if peer is not None else None
+        info: dict[str, Any] = {"path": None if link is None else pathOf(link)}
+        if link is not None and isinstance(link.transport, RelayedTransport):
+            transport = link.transport
+            info.update(
+                via=transport.relay, relayBytesSent=transport.bytesSent, relayBytesReceived=transport.bytesReceived
+            )
+        for provider in self._pathInfo:
+            try:
+                info.update(provider(nodeId))
+            except Exception:
+                self.log.failure("path information for node {node}", node=nodeId)
+        return info
+
+    def _chooseRelay(self) -> None:
+        """
+        A node that cannot be dialled keeps a relay: a reachable live
+        member it has a direct link with.
+        """
+        if self.reachable or self._stopping or self.swim is None:
+            return
+        current = self.relayId
+        if current is not None:
+            peer = self._peers.get(current)
+            if peer is not None and peer.link is not None and not self._isRelayed(peer.link):
+                return
+        chosen = None
+        for peer in self._peers.values():
+            if peer.link is None or self._isRelayed(peer.link):
+                continue
+            member = self.swim.member(peer.nodeId)
+            if member is None or (member.live and member.meta.get(META_REACH) != "relay"):
+                chosen = peer.nodeId
+                break
+        if chosen == current:
+            return
+        self.relayId = chosen
+        self.log.info("reachable through relay {relay}", relay=chosen or "(none)")
+        if not self.swim.left:
+            self.swim.update(self.clock.seconds(), meta=self._advertisedMeta())
+            self._pump()
+
+    @staticmethod
+    def _isRelayed(link: PeerProtocol) -> bool:
+        return pathOf(link) == "relayed"
 
     def dialFailed(self, dialer: _Dialer, reason: str) -> None:
         """
@@ -898,6 +1143,19 @@ class ClusterService(Service):
             link.close(CloseCode.SHUTTING_DOWN, "node stopping")
             return
         self._links.add(link)
+        expected = getattr(link.transport, "peerNodeId", None)
+        if expected is not None and expected != link.peerId:
+            # A relayed or direct link is made for one node; another answered.
+            self.log.warn(
+                "{path} link to node {expected} answered by node {node}: closed",
+                path=pathOf(link),
+                expected=expected,
+                node=link.peerId,
+            )
+            link.close(CloseCode.AUTHENTICATION_FAILED, "not the node this link was made for")
+            return
+        if link.peerId in self._dialBackAsked and not link.initiator and pathOf(link) == "tcp":
+            self._dialedBack(link.peerId)
         dialer: _Dialer | None = getattr(link.factory, "dialer", None)
         peer = self._peer(link.peerId)
         if dialer is not None:
@@ -913,8 +1171,82 @@ class ClusterService(Service):
             peer.dialer = None
         self.log.debug("link to node {node} established", node=peer.nodeId)
         self._flushQueue(peer)
+        if not self._isRelayed(link):
+            self._relayUp(peer.nodeId)
+        self._scheduleSave()
+        self._linkChanged(peer.nodeId, pathOf(link))
         if (dialer is not None and dialer.nodeId is None) or not self.swim.joined:
             self.swim.join(peer.nodeId, self.clock.seconds())
+            self._pump()
+
+    def _relayUp(self, nodeId: str) -> None:
+        """
+        A direct link to C{nodeId} is up: it may become this node's relay,
+        and links waiting to go through it are dialled now.
+        """
+        self._chooseRelay()
+        self._askDialBack(nodeId)
+        prefix = f"{RELAY_ADDRESS}{nodeId}/"
+        for peer in list(self._peers.values()):
+            if peer.dialer is not None and peer.dialer.address.startswith(prefix):
+                peer.dialer.retryNow()
+
+    def _tryDirectTcp(self, nodeId: str, address: str) -> None:
+        """
+        A relayed peer can now be dialled (it found it is reachable): dial
+        it once beside the relayed link, which gives way if the dial works
+        (a TCP link ranks first) and carries on if not.
+        """
+        if address.startswith(RELAY_ADDRESS):
+            return
+        dialer = self._sideDialers.get(nodeId)
+        if dialer is not None and not dialer.stopped:
+            return
+        dialer = self._sideDialers[nodeId] = _Dialer(self, address, nodeId, persistent=False)
+        dialer.start()
+
+    # Finding out whether this node can be dialled ([nat] reachable = auto).
+
+    def _askDialBack(self, nodeId: str) -> None:
+        """
+        Ask C{nodeId}, a reachable member this node has a direct link with,
+        to dial it back, once.
+        """
+        if not self.autoReachable or self.reachable or self._dialBackAsked or self.address is None:
+            return
+        member = self.member(nodeId)
+        if member is not None and member.meta.get(META_REACH) == "relay":
+            return
+        self._dialBackAsked.add(nodeId)
+        self.log.info("asking node {node} to dial this node back at {address}", node=nodeId, address=self.address)
+        self.send(nodeId, DIALBACK_KIND, self.address.encode("utf-8")).addErrback(lambda f: None)
+
+    def _dialBackRequested(self, nodeId: str, payload: bytes) -> None:
+        """
+        Dial C{nodeId} at the address it gives; the link, if it comes,
+        tells it that it can be dialled.
+        """
+        if not self.reachable or self._stopping or self.swim is None:
+            # A node that cannot be dialled proves nothing by dialling.
+            return
+        try:
+            address = payload.decode("utf-8")
+            splitHostPort(address)
+        except ValueError as e:
+            self.log.warn("bad dial-back request from node {node}: {error}", node=nodeId, error=e)
+            return
+        dialer = self._sideDialers.get(nodeId)
+        if dialer is not None and not dialer.stopped:
+            return
+        dialer = self._sideDialers[nodeId] = _Dialer(self, address, nodeId, persistent=False)
+        dialer.start()
+
+    def _dialedBack(self, nodeId: str) -> None:
+        self.reachable = True
+        self.relayId = None
+        self.log.info("node {node} dialled this node back: it is reachable", node=nodeId)
+        if self.swim is not None and not self.swim.left:
+            self.swim.update(self.clock.seconds(), meta=self._advertisedMeta())
             self._pump()
 
     def _adopt(self, peer: _Peer, link: PeerProtocol) -> bool:
@@ -938,9 +1270,10 @@ class ClusterService(Service):
         drop.close(CloseCode.DUPLICATE_LINK, f"{why}: keeping the other link")
         return keep is link
 
-    def _linkRank(self, link: PeerProtocol) -> tuple[str, bytes]:
+    def _linkRank(self, link: PeerProtocol) -> tuple[bool, str, bytes]:
+        # A direct link before a relayed one; both ends know which is which.
         initiator = self.nodeId if link.initiator else link.peerId
-        return (initiator or "", link.linkId)
+        return (self._isRelayed(link), initiator or "", link.linkId)
 
     def peerLinkLost(self, link: PeerProtocol, reason: str) -> None:
         self._links.discard(link)
@@ -957,8 +1290,17 @@ class ClusterService(Service):
         if peer is None or peer.link is not link:
             return
         peer.link = None
+        if not self._isRelayed(link):
+            # Circuits through the lost link end with it (a relayed link
+            # carries none).
+            self.relay.nodeGone(peer.nodeId)
+            self.circuits.linkLost(peer.nodeId)
         if self._stopping:
             return
+        if peer.nodeId == self.relayId:
+            self._chooseRelay()
+        self._scheduleSave()
+        self._linkChanged(peer.nodeId, None)
         if link.closeCode != CloseCode.DUPLICATE_LINK:
             # Requests sent on a link given up for a duplicate are answered
             # on the other one; on a lost link they may never be.
@@ -1128,10 +1470,13 @@ class ClusterService(Service):
         member = change.member
         if change.kind in (ChangeKind.JOINED, ChangeKind.RECOVERED, ChangeKind.UPDATED):
             peer = self._peer(member.nodeId)
-            if peer.dialer is not None and peer.dialer.address != member.address:
+            plan = self.dialPlan(member)
+            if peer.dialer is not None and (plan is None or peer.dialer.address != plan[0]):
                 peer.dialer.stop()
                 peer.dialer = None
             self._ensureLink(peer)
+            if peer.link is not None and self._isRelayed(peer.link) and plan is not None:
+                self._tryDirectTcp(peer.nodeId, plan[0])
         elif change.kind in (ChangeKind.DIED, ChangeKind.LEFT, ChangeKind.FORGOTTEN):
             gone = self._peers.get(member.nodeId)
             if gone is None:
@@ -1147,6 +1492,20 @@ class ClusterService(Service):
                 del self._peers[member.nodeId]
 
     # The members file.
+
+    def _relayedFor(self, nodeId: str) -> dict[str, Any]:
+        stats = self.relay.stats.nodes.get(nodeId)
+        if stats is None:
+            return {}
+        return {
+            "relayedFor": {
+                "bytesFrom": stats.bytesFrom,
+                "bytesTo": stats.bytesTo,
+                "circuits": stats.circuits,
+                "delayed": stats.delayed,
+                "limited": stats.limited,
+            }
+        }
 
     def _membersPath(self) -> str:
         return os.path.join(self.dataDir, MEMBERS_FILE)
@@ -1177,11 +1536,21 @@ class ClusterService(Service):
         swim = self.swim
         if swim is None:
             return
+        relayStats = self.relay.stats
+        direct = any(peer.link is not None and pathOf(peer.link) == "direct" for peer in self._peers.values())
         saved = {
             "version": 1,
             "nodeId": self.nodeId,
             "incarnation": swim.incarnation,
             "savedAt": self.clock.seconds(),
+            "reachable": self.reachable,
+            "relayId": self.relayId,
+            "relay": {
+                "opened": relayStats.opened,
+                "open": self.relay.circuits(),
+                "refused": dict(relayStats.refused),
+                "dropped": relayStats.dropped,
+            },
             "members": [
                 {
                     "nodeId": member.nodeId,
@@ -1190,6 +1559,9 @@ class ClusterService(Service):
                     "address": member.address,
                     "clientAddresses": list(member.clientAddresses),
                     "meta": dict(member.meta),
+                    "reach": member.meta.get(META_REACH) or "dial",
+                    **({} if member.nodeId == self.nodeId else self.linkPath(member.nodeId)),
+                    **self._relayedFor(member.nodeId),
                 }
                 for member in swim.members()
             ],
@@ -1203,6 +1575,18 @@ class ClusterService(Service):
             os.replace(tmp, path)
         except OSError as e:
             self.log.warn("cannot save the members to {path}: {error}", path=path, error=e)
+        if self._saveTimer is None and not self._stopping and (self.circuits.ends() or self.relay.circuits() or direct):
+            # Relayed and direct traffic move the counters without a
+            # membership change.
+            self._saveTimer = self.clock.callLater(COUNTERS_SAVE_INTERVAL, self._save)
+
+
+def pathOf(link: PeerProtocol) -> str:
+    """
+    How a link goes: C{tcp}, C{relayed} (L{RelayedTransport}) or
+    C{direct} (a punched UDP path), as its transport says.
+    """
+    return str(getattr(link.transport, "linkPath", "tcp"))
 
 
 def readMembers(dataDir: str) -> dict[str, Any]:

@@ -143,8 +143,13 @@ class QuicStreamTransport:
     window, after which QUIC itself stops the sender).
     """
 
+    #: How a peer link over it goes, for the members file.
+    linkPath = "direct"
+
     def __init__(self, channel: QuicChannel):
         self._channel = channel
+        #: The node the link must authenticate as, when the mesh knows.
+        self.peerNodeId: str | None = None
         self.disconnecting = False
         self.producer: Any = None
         self._streaming = False

@@ -219,5 +219,10 @@ def listenStun(
     ports = [reactor.listenUDP(port, responder.primary, interface, MAX_DATAGRAM)]
     if alternatePort is not None:
         responder.alternate = StunServer(responder)
-        ports.append(reactor.listenUDP(alternatePort, responder.alternate, interface, MAX_DATAGRAM))
+        try:
+            ports.append(reactor.listenUDP(alternatePort, responder.alternate, interface, MAX_DATAGRAM))
+        except BaseException:
+            # Not half a server: the primary port closes too.
+            ports[0].stopListening()
+            raise
     return StunService(responder, ports)

@@ -133,6 +133,7 @@ class Topology:
         Delete every namespace (and so every interface and rule in it).
         """
         _deleteNamespaces(self.namespaces)
+        subprocess.run(["ip", "link", "del", f"{self.prefix}r"], capture_output=True, check=False)
 
     def dropUdp(self, natIndex: int) -> None:
         """
@@ -155,6 +156,60 @@ class Topology:
             natIndex,
             "add chain ip nat prerouting { type nat hook prerouting priority dstnat; }",
             f'add rule ip nat prerouting iifname "wan" tcp dport {port} dnat to {self.host(natIndex).address}',
+        )
+
+    @property
+    def rootSubnet(self) -> str:
+        """
+        The first three octets of the /30 between this (the root) namespace
+        and the router (L{linkRoot}); from the prefix, so that runs side by
+        side rarely share it.
+        """
+        return f"10.79.{int(self.prefix[-2:], 16)}"
+
+    def linkRoot(self) -> str:
+        """
+        Link this (the root) namespace to the router by a /30 of its own,
+        adding no route here, so the test reaches hosts through the ports
+        L{exposeTcp} forwards.
+
+        @return: the router's address on that link.
+        """
+        p, wan, subnet = self.prefix, f"{self.prefix}-wan", self.rootSubnet
+        for cmd in (
+            ["ip", "link", "add", f"{p}r", "type", "veth", "peer", "name", "root", "netns", wan],
+            ["ip", "addr", "add", f"{subnet}.1/30", "dev", f"{p}r"],
+            ["ip", "link", "set", f"{p}r", "up"],
+            ["ip", "-n", wan, "addr", "add", f"{subnet}.2/30", "dev", "root"],
+            ["ip", "-n", wan, "link", "set", "root", "up"],
+            ["ip", "netns", "exec", wan, "nft", "add table ip expose"],
+            [
+                "ip",
+                "netns",
+                "exec",
+                wan,
+                "nft",
+                "add chain ip expose pre { type nat hook prerouting priority dstnat; }",
+            ],
+        ):
+            _run(cmd)
+        return f"{subnet}.2"
+
+    def exposeTcp(self, port: int, destination: str, destinationPort: int) -> None:
+        """
+        Forward TCP C{port} on the router's root-side address (L{linkRoot})
+        to C{destination}:C{destinationPort} (a NAT's public address with
+        L{forwardTcp}, for a host behind it).
+        """
+        _run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                f"{self.prefix}-wan",
+                "nft",
+                f'add rule ip expose pre iifname "root" tcp dport {port} dnat to {destination}:{destinationPort}',
+            ]
         )
 
     def _nft(self, natIndex: int, *commands: str) -> None:

@@ -678,7 +678,9 @@ class MembersCommandTests(SynchronousTestCase):
         out = io.StringIO()
         self.assertEqual(main(["members", "--config", ini], out), 0)
         lines = out.getvalue().splitlines()
-        self.assertEqual(lines[0].split(), ["NODE", "STATE", "INCARNATION", "PEER", "ADDRESS", "CLIENT", "ADDRESSES"])
+        self.assertEqual(
+            lines[0].split()[:7], ["NODE", "STATE", "INCARNATION", "PEER", "ADDRESS", "CLIENT", "ADDRESSES"]
+        )
         self.assertEqual(lines[1].split()[:3], ["*", "a", "left"])
         self.assertEqual(lines[2].split()[:2], ["b", "alive"])
         self.assertIn("as saved by node a", lines[-1])
