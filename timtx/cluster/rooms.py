@@ -169,7 +169,7 @@ def _rules(room: VRoom) -> dict[str, Any]:
     }
 
 
-class _Rules:
+class RoomRules:
     """
     A room's rules as another node sent them, checked.
     """
@@ -222,7 +222,7 @@ class ClusterVRoomService(VRoomService):
         self.directory = directory
         self.nodeBufferBytes = min(self.config.node_stream_buffer_bytes, peerOutputBytes // 2)
         self.nodes: dict[str, set[str]] = {}
-        self.replicas: dict[str, _Rules] = {}
+        self.replicas: dict[str, RoomRules] = {}
         self.sent: dict[str, int] = {}
         self.received: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
@@ -424,7 +424,7 @@ class ClusterVRoomService(VRoomService):
         return d
 
     def _joined(self, answer: dict[str, Any], session: Session, binary: bool, holder: str) -> None:
-        room = self._mirror(holder, _Rules(answer))
+        room = self._mirror(holder, RoomRules(answer))
         if session.closed:
             self._leaveIfEmpty(room)
             return
@@ -444,7 +444,7 @@ class ClusterVRoomService(VRoomService):
 
     # Subscriber nodes.
 
-    def _mirror(self, holder: str, rules: _Rules) -> VRoom:
+    def _mirror(self, holder: str, rules: RoomRules) -> VRoom:
         """
         This node's mirror of a room C{holder} holds, made or updated from
         its rules.
@@ -568,7 +568,7 @@ class ClusterVRoomService(VRoomService):
     def _joinReceived(self, node: str, payload: bytes) -> bytes:
         message = loads(payload)
         vnode, uid, subscribe = _text(message, "vnode"), message.get("uid"), message.get("subscribe")
-        rules = _Rules(message["rules"]) if message.get("rules") is not None else None
+        rules = RoomRules(message["rules"]) if message.get("rules") is not None else None
         if (uid is not None and not isinstance(uid, str)) or not isinstance(subscribe, bool):
             raise BadPayload("uid and subscribe have the wrong type")
 
@@ -584,7 +584,7 @@ class ClusterVRoomService(VRoomService):
 
         return self._answering(join)
 
-    def _restore(self, rules: _Rules) -> VRoom:
+    def _restore(self, rules: RoomRules) -> VRoom:
         """
         Hold the room C{rules} describe (handed over, or registered again
         by a subscriber node after its holder went), keeping the newest
@@ -653,7 +653,7 @@ class ClusterVRoomService(VRoomService):
                 self._send(node, KIND_GONE, payload)
 
     def _rulesReceived(self, node: str, payload: bytes) -> None:
-        rules = _Rules(loads(payload))
+        rules = RoomRules(loads(payload))
         room = self.registry.get(rules.vnode)
         if room is not None and room.mirrorOf is not None:
             ended = self.registry.applyRules(room, rules.private, rules.publishers, rules.allowed, rules.version)
@@ -704,7 +704,7 @@ class ClusterVRoomService(VRoomService):
             elif holder == me:
                 self.log.info("taking over virtual room {vnode} from {node}", vnode=room.vnode, node=room.mirrorOf)
                 replica = self.replicas.get(room.vnode)
-                self._restore(replica if replica is not None else _Rules(_rules(room)))
+                self._restore(replica if replica is not None else RoomRules(_rules(room)))
                 self._sendRules(room, self._successor(room.vnode))
             elif holder != room.mirrorOf or rejoin:
                 self.registry.setMirror(room, holder)
@@ -748,7 +748,7 @@ class ClusterVRoomService(VRoomService):
 
     def _rejoined(self, answer: dict[str, Any], room: VRoom, holder: str) -> None:
         if self.registry.get(room.vnode) is room and room.mirrorOf == holder:
-            rules = _Rules(answer)
+            rules = RoomRules(answer)
             ended = self.registry.applyRules(room, rules.private, rules.publishers, rules.allowed, rules.version)
             self._tell(ended, VRoomOp.SUBCANCEL)
 

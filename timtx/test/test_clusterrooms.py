@@ -7,16 +7,23 @@ publishers and subscribers on different nodes.
 
 import random
 
+from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.internet.task import LoopingCall
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock, LoopingCall
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from timtx.admin.metrics import NodeCollector, Sampler
+from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.client import TimRequestFailed
 from timtx.cluster.ownership import roomKey
+from timtx.cluster.rooms import RemoteStreamFrame, RoomRules
 from timtx.cluster.wire import BadPayload, dumps, pack
+from timtx.config import VRoomsConfig
 from timtx.crypto.ids import new_random_id
+from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import ErrorCode, TimType
+from timtx.protocols.structs import TimStream
 from timtx.test import test_clusterrouting as routing
 from timtx.test.base import waitUntil
 
@@ -33,6 +40,70 @@ def vroomAck(rtype):
 
 def byId(nodes, nodeId):
     return next(node for node in nodes if node.cluster.nodeId == nodeId)
+
+
+class PiecesTests(SynchronousTestCase):
+    """
+    The parts of rooms across nodes that need no network.
+    """
+
+    def test_remoteFrame(self):
+        """
+        A frame that arrived compact is written as it came to compact
+        subscribers; its JSON, raw and missed forms are made from it.
+        """
+        stream = TimStream(id=7, VNode="room", dtype=1, body=b"\x00body", fromNode="alice")
+        compact = codec.encode_compact(stream)
+        frame = RemoteStreamFrame(compact)
+        self.assertIs(frame.payload(Encoding.COMPACT), compact)
+        self.assertEqual(frame.payload(Encoding.JSON), codec.encode_json(stream))
+        self.assertEqual(frame.stream.body, b"\x00body")
+        self.assertTrue(frame.rawHeader().startswith(bytes((TimType.TIMBIGBINARYSTREAM,)) + b"room"))
+        withMissed = codec.decode_compact(TimStream, frame.payloadWithMissed(Encoding.COMPACT, 3))
+        self.assertEqual((withMissed.id, withMissed.missed), (7, 3))
+
+    def test_badRules(self):
+        """
+        Rules of the wrong shape are refused as a bad payload.
+        """
+        good = {
+            "vnode": "r",
+            "founder": "f",
+            "private": True,
+            "publishers": [],
+            "allowed": ["u"],
+            "version": 2,
+            "seq": 9,
+        }
+        self.assertEqual(RoomRules(good).allowed, {"u"})
+        for change in ({"private": 1}, {"publishers": "u"}, {"allowed": [5]}, {"seq": None}, {"vnode": None}):
+            self.assertRaises(BadPayload, RoomRules, {**good, **change})
+        self.assertRaises(BadPayload, RoomRules, [])
+
+    def test_newerRulesWin(self):
+        """
+        A mirror takes rules only as new as its own; taking a private
+        room's leave back ends the user's subscriptions there.
+        """
+        registry = VRoomRegistry(VRoomsConfig(), Clock())
+        room = registry.adopt("r", "founder", True, mirrorOf="node1")
+        self.assertEqual(registry.applyRules(room, True, set(), {"u"}, 2), [])
+
+        class Session:
+            uid = "u"
+            closed = False
+
+        session = Session()
+        registry.subscribe(session, "r")
+        self.assertEqual(registry.applyRules(room, True, set(), set(), 1), [])
+        self.assertEqual(room.allowed, {"u"})
+        ended = registry.applyRules(room, True, set(), set(), 3)
+        self.assertEqual([s.session for s in ended], [session])
+        self.assertIsNone(registry.subscription(session, "r"))
+        # A mirror does not count toward its founder's rooms, nor expire.
+        self.assertEqual(registry._founded, {})
+        registry.setMirror(room, None)
+        self.assertEqual(registry._founded, {"founder": 1})
 
 
 class ClusterRoomsTests(TestCase):
@@ -108,6 +179,13 @@ class ClusterRoomsTests(TestCase):
         self.assertEqual(nodes[2].vrooms.stats(vnode).subscribers, 5)
         counters = nodes[2].vrooms.counters()
         self.assertEqual((counters["held"], counters["mirrored"]), (0, 1))
+        metrics = {
+            (metric.name, tuple(sorted(sample.labels.items()))): sample.value
+            for metric in NodeCollector(nodes[2], Sampler(nodes[2], reactor)).collect()
+            for sample in metric.samples
+        }
+        key = ("timtx_cluster_room_messages", (("direction", "received"), ("kind", "room.frame")))
+        self.assertEqual(metrics[key], 30)
         # Nothing more arrives: each frame came once.
         host.pushStream(vnode, b"last")
         for viewer in viewers:
@@ -368,3 +446,30 @@ class HolderMovesTests(TestCase):
         declare it dead, the next holder takes the room.
         """
         return self.holderGoesMidStream(cluster={"leave_on_stop": False})
+
+    @inlineCallbacks
+    def test_rulesOnTheSuccessor(self):
+        """
+        A room nobody subscribes to yet survives its holder: the successor
+        kept a copy of its rules, so the founder's leave and grants still
+        hold after the move.
+        """
+        nodes = yield self.cluster(3)
+        holderNode = nodes[2]
+        host = yield self.user(holderNode)
+        vnode = yield host.vroomRegister(private=True)
+        publisher = yield self.user(nodes[0])
+        viewer = yield self.user(nodes[1])
+        yield host.vroomGrant(vnode, publisher.uid)
+        yield host.vroomAllow(vnode, viewer.uid)
+        successor = byId(nodes, holderNode.cluster.ownership.owners(roomKey(vnode), 2)[1])
+        yield waitUntil(lambda: viewer.uid in getattr(successor.vrooms.replicas.get(vnode), "allowed", ()))
+        yield holderNode.stopService()
+        yield waitUntil(lambda: vnode in successor.vrooms.registry)
+        yield viewer.vroomSubscribe(vnode)
+        outsider = yield self.user(nodes[0])
+        failure = yield self.assertFailure(outsider.vroomSubscribe(vnode), TimRequestFailed)
+        self.assertEqual(failure.code, ErrorCode.ERR_AUTH)
+        publisher.pushStream(vnode, b"after the move")
+        got = (yield viewer.next(STREAM)).body
+        self.assertEqual((got.body, got.fromNode), (b"after the move", publisher.uid))
