@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from timtx.admin.metrics import NodeCollector, Sampler
 from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.client import TimRequestFailed
-from timtx.cluster.ownership import roomKey
+from timtx.cluster.ownership import Ownership, roomKey
 from timtx.cluster.rooms import RemoteStreamFrame, RoomRules
 from timtx.cluster.wire import BadPayload, dumps, pack
 from timtx.config import VRoomsConfig
@@ -26,6 +26,7 @@ from timtx.protocols.constants import ErrorCode, TimType
 from timtx.protocols.structs import TimStream
 from timtx.test import test_clusterrouting as routing
 from timtx.test.base import waitUntil
+from timtx.testing import startNode, testConfig
 
 STREAM = TimType.TIMSTREAM
 
@@ -473,3 +474,56 @@ class HolderMovesTests(TestCase):
         publisher.pushStream(vnode, b"after the move")
         got = (yield viewer.next(STREAM)).body
         self.assertEqual((got.body, got.fromNode), (b"after the move", publisher.uid))
+
+    @inlineCallbacks
+    def test_nodeJoinsAndTakesTheRoom(self):
+        """
+        A node that joins and now owns a room gets it handed over while
+        frames flow; the old holder keeps its subscribers as a mirror.
+        """
+        nodes = yield self.cluster(2)
+        three = Ownership(["node1", "node2", "node3"])
+        while True:
+            vnode = new_random_id(16)
+            key = roomKey(vnode)
+            if nodes[0].cluster.ownership.owner(key) == "node1" and three.owner(key) == "node3":
+                break
+        nodes[0].vrooms._drawId = lambda: vnode
+        host = yield self.user(nodes[0])
+        self.assertEqual((yield host.vroomRegister()), vnode)
+        viewers = []
+        for node in nodes:
+            viewer = yield self.user(node)
+            yield viewer.vroomSubscribe(vnode)
+            viewers.append(viewer)
+        pushes = LoopingCall(lambda: host.pushStream(vnode, b"frame"))
+        pushes.start(0.02)
+        self.addCleanup(lambda: pushes.running and pushes.stop())
+        before = yield gatherResults([viewer.next(STREAM) for viewer in viewers])
+        config = testConfig(
+            self.mktemp(),
+            backend="postgresql",
+            store={"dsn": nodes[0].config.store.dsn},
+            devices={"limit": 0, "type_limit": 0},
+            cluster={
+                "listen": "tcp:0:interface=127.0.0.1",
+                "secret": routing.SECRET,
+                "node_id": "node3",
+                "seeds": (nodes[0].cluster.address,),
+            },
+        )
+        node3 = yield startNode(self, reactor, config)
+        for node in (*nodes, node3):
+            yield routing.untilMembers(node, 3)
+        yield waitUntil(lambda: vnode in node3.vrooms.registry)
+        room = node3.vrooms.registry.get(vnode)
+        yield waitUntil(lambda: room.mirrorOf is None)
+        moved = room.seq
+        for viewer, first in zip(viewers, before, strict=True):
+            ids = [first.body.id]
+            while ids[-1] <= moved + 20:
+                ids.append((yield viewer.next(STREAM, timeout=20)).body.id)
+            self.assertEqual(ids, sorted(set(ids)))
+        pushes.stop()
+        self.assertEqual(nodes[0].vrooms.registry.get(vnode).mirrorOf, "node3")
+        self.assertEqual(node3.vrooms.nodes[vnode], {"node1", "node2"})
