@@ -81,6 +81,7 @@ in the wrong place, so such splits heal within one sweep interval.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
@@ -120,6 +121,10 @@ KIND_FRAME = "room.frame"
 #: the node sets (see the module docstring).
 HEAL_INTERVAL = 10.0
 
+#: Rooms that ended here remembered, so that a late copy of their rules
+#: (a mirror registering again before it heard) does not bring them back.
+ENDED_MEMORY = 4096
+
 _MANAGE_OPS = ("remove", "grant", "revoke", "allow", "disallow")
 
 
@@ -157,7 +162,10 @@ def _error(code: int, text: str, n: str | None = None) -> TimProtocolError:
     return error
 
 
-def _rules(room: VRoom) -> dict[str, Any]:
+def roomRules(room: VRoom) -> dict[str, Any]:
+    """
+    What another node needs to hold or mirror C{room}, as JSON.
+    """
     return {
         "vnode": room.vnode,
         "founder": room.founder,
@@ -227,6 +235,7 @@ class ClusterVRoomService(VRoomService):
         self.received: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
         self.refused: dict[str, int] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
         self._ownership = cluster.ownership
         handlers: dict[str, Callable[[str, bytes], Any]] = {
             KIND_CREATE: self._createReceived,
@@ -573,6 +582,8 @@ class ClusterVRoomService(VRoomService):
             raise BadPayload("uid and subscribe have the wrong type")
 
         def join() -> dict[str, Any]:
+            if vnode in self._ended and self._held(vnode) is None:
+                raise _error(ErrorCode.ERR_NOEXIST, "virtual room ended", vnode)
             room = self._restore(rules) if rules is not None else self._held(vnode)
             if room is None:
                 raise _error(ErrorCode.ERR_NOEXIST, "no such virtual room", vnode)
@@ -580,7 +591,7 @@ class ClusterVRoomService(VRoomService):
                 raise _error(ErrorCode.ERR_AUTH, "this virtual room needs the founder's leave", vnode)
             if subscribe and node != self.nodeId:
                 self.nodes.setdefault(vnode, set()).add(node)
-            return _rules(room)
+            return roomRules(room)
 
         return self._answering(join)
 
@@ -639,13 +650,16 @@ class ClusterVRoomService(VRoomService):
             self._sendRules(room, self._successor(vnode), *self.nodes.get(vnode, ()))
 
     def _sendRules(self, room: VRoom, *nodes: str | None) -> None:
-        payload = dumps(_rules(room))
+        payload = dumps(roomRules(room))
         for node in {n for n in nodes if n is not None and n != self.nodeId}:
             self._send(node, KIND_RULES, payload)
 
     def roomEnded(self, room: VRoom) -> None:
         if room.mirrorOf is not None:
             return
+        self._ended[room.vnode] = None
+        while len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
         nodes = self.nodes.pop(room.vnode, set())
         payload = dumps({"vnode": room.vnode})
         for node in {*nodes, self._successor(room.vnode)}:
@@ -704,7 +718,7 @@ class ClusterVRoomService(VRoomService):
             elif holder == me:
                 self.log.info("taking over virtual room {vnode} from {node}", vnode=room.vnode, node=room.mirrorOf)
                 replica = self.replicas.get(room.vnode)
-                self._restore(replica if replica is not None else RoomRules(_rules(room)))
+                self._restore(replica if replica is not None else RoomRules(roomRules(room)))
                 self._sendRules(room, self._successor(room.vnode))
             elif holder != room.mirrorOf or rejoin:
                 self.registry.setMirror(room, holder)
@@ -730,7 +744,7 @@ class ClusterVRoomService(VRoomService):
             self.registry.setMirror(room, holder)
             self._join(room, holder, subscribe=True)
         else:
-            rules = _rules(room)
+            rules = roomRules(room)
             self.registry.forget(room.vnode)
             self._join(None, holder, subscribe=False, rules=rules)
 
@@ -739,7 +753,7 @@ class ClusterVRoomService(VRoomService):
         Register this node with C{holder} as one with subscribers of
         C{room}, handing it this node's copy of the rules.
         """
-        rules = rules if rules is not None else _rules(room) if room is not None else None
+        rules = rules if rules is not None else roomRules(room) if room is not None else None
         assert rules is not None
         d = self._ask(holder, KIND_JOIN, {"vnode": rules["vnode"], "uid": None, "subscribe": subscribe, "rules": rules})
         if room is not None:
@@ -753,6 +767,13 @@ class ClusterVRoomService(VRoomService):
             self._tell(ended, VRoomOp.SUBCANCEL)
 
     def _joinFailed(self, failure: Failure, vnode: str, holder: str) -> None:
+        room = self.registry.get(vnode)
+        error = failure.value
+        if isinstance(error, TimProtocolError) and error.code == ErrorCode.ERR_NOEXIST:
+            if room is not None and room.mirrorOf == holder:
+                # It ended while this node did not hear.
+                self._tell(self.registry.forget(vnode), VRoomOp.REMOVE)
+            return
         # The next sweep, or the next change of membership, tries again.
         self.log.info(
             "registering virtual room {vnode} with node {node} failed: {why}",

@@ -5,6 +5,7 @@ PostgreSQL database (as in L{timtx.test.test_clusterrouting}), founders,
 publishers and subscribers on different nodes.
 """
 
+import json
 import random
 
 from twisted.internet import reactor
@@ -16,7 +17,7 @@ from timtx.admin.metrics import NodeCollector, Sampler
 from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.client import TimRequestFailed
 from timtx.cluster.ownership import Ownership, roomKey
-from timtx.cluster.rooms import RemoteStreamFrame, RoomRules
+from timtx.cluster.rooms import RemoteStreamFrame, RoomRules, roomRules
 from timtx.cluster.wire import BadPayload, dumps, pack
 from timtx.config import VRoomsConfig
 from timtx.crypto.ids import new_random_id
@@ -342,6 +343,27 @@ class ClusterRoomsTests(TestCase):
         host.pushStream(vnode, b"real")
         got = (yield viewer.next(STREAM)).body
         self.assertEqual((got.body, got.id, got.missed), (b"real", 1, None))
+
+    @inlineCallbacks
+    def test_lateCopyAfterRemoval(self):
+        """
+        A copy of a removed room's rules that arrives late (a mirror
+        registering again before it heard of the removal) does not bring
+        the room back; the mirror told so drops it.
+        """
+        node1, node2 = yield self.cluster(2)
+        host = yield self.user(node1)
+        vnode = yield host.vroomRegister()
+        viewer = yield self.user(node2)
+        yield viewer.vroomSubscribe(vnode)
+        rules = dumps(roomRules(node1.vrooms.registry.get(vnode)))
+        yield host.vroomRemove(vnode)
+        yield viewer.next(vroomAck(2))
+        late = dumps({"vnode": vnode, "uid": None, "subscribe": True, "rules": json.loads(rules)})
+        answer = json.loads((yield node2.cluster.request("node1", "room.join", late)))
+        self.assertEqual(answer["error"], ErrorCode.ERR_NOEXIST)
+        self.assertNotIn(vnode, node1.vrooms.registry)
+        self.assertNotIn(vnode, node1.vrooms.nodes)
 
     @inlineCallbacks
     def test_slowNode(self):
