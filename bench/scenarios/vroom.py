@@ -100,6 +100,13 @@ class VroomFanout(Scenario):
         Param("store", str, "memory", "memory", "node store (a cluster needs a server store)", STORES),
         *SERVER_STORE,
         Param("nodes", int, 1, 1, "nodes forming one cluster on a server store; subscribers spread over them"),
+        Param(
+            "probe_timeout",
+            float,
+            0.0,
+            0.0,
+            "cluster: [cluster] probe_timeout in seconds, probe_interval twice it (0: the node's defaults)",
+        ),
         *COMMON,
     )
 
@@ -109,11 +116,16 @@ class VroomFanout(Scenario):
             name += f"-{params['store']}"
         if params["nodes"] > 1:
             name += f"-{params['nodes']}nodes"
+            if params["probe_timeout"]:
+                name += f"-probe{params['probe_timeout']:g}s"
         return name
 
     def nodeSections(self, params: dict) -> dict:
-        store = {"backend": params["store"], **serverStore(params)}
-        return {"store": store, **standIn(params)}
+        sections: dict = {"store": {"backend": params["store"], **serverStore(params)}, **standIn(params)}
+        if params["nodes"] > 1 and params["probe_timeout"]:
+            timeout = params["probe_timeout"]
+            sections["cluster"] = {"probe_timeout": timeout, "probe_interval": 2 * timeout}
+        return sections
 
     async def drive(self, run: Run) -> Result:
         p = run.params

@@ -236,6 +236,9 @@ class ClusterVRoomService(VRoomService):
         self.dropped: dict[str, int] = {}
         self.refused: dict[str, int] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
+        #: For each node declared dead, the rooms held here it had
+        #: subscribers of, until it comes back or is forgotten.
+        self._lost: dict[str, set[str]] = {}
         self._ownership = cluster.ownership
         handlers: dict[str, Callable[[str, bytes], Any]] = {
             KIND_CREATE: self._createReceived,
@@ -690,9 +693,23 @@ class ClusterVRoomService(VRoomService):
     def _membershipChanged(self, change: MemberChange) -> None:
         new = self.cluster.ownership
         old, self._ownership = self._ownership, new
+        node = change.member.nodeId
         if change.kind in (ChangeKind.DIED, ChangeKind.LEFT, ChangeKind.FORGOTTEN):
-            for nodes in self.nodes.values():
-                nodes.discard(change.member.nodeId)
+            lost = {vnode for vnode, nodes in self.nodes.items() if node in nodes}
+            for vnode in lost:
+                self.nodes[vnode].discard(node)
+            if change.kind is ChangeKind.DIED and lost:
+                self._lost.setdefault(node, set()).update(lost)
+            else:
+                self._lost.pop(node, None)
+        elif change.kind is ChangeKind.JOINED and node in self._lost:
+            # Declared dead while alive (a saturated node answers probes
+            # late): it may never have seen a change that would make it
+            # register again, so take its rooms back now.  If it did
+            # restart, its first frame tells us it has no subscribers.
+            for vnode in self._lost.pop(node):
+                if vnode in self.nodes:
+                    self.nodes[vnode].add(node)
         if old != new:
             self._settle(old, rejoin=False)
 

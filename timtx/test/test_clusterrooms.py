@@ -18,6 +18,7 @@ from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.client import TimRequestFailed
 from timtx.cluster.ownership import Ownership, roomKey
 from timtx.cluster.rooms import RemoteStreamFrame, RoomRules, roomRules
+from timtx.cluster.swim import ChangeKind, MemberChange
 from timtx.cluster.wire import BadPayload, dumps, pack
 from timtx.config import VRoomsConfig
 from timtx.crypto.ids import new_random_id
@@ -364,6 +365,25 @@ class ClusterRoomsTests(TestCase):
         self.assertEqual(answer["error"], ErrorCode.ERR_NOEXIST)
         self.assertNotIn(vnode, node1.vrooms.registry)
         self.assertNotIn(vnode, node1.vrooms.nodes)
+
+    @inlineCallbacks
+    def test_wronglyDeclaredDead(self):
+        """
+        A node declared dead while alive, which may never learn it, gets
+        the frames of its rooms again as soon as it is back.
+        """
+        node1, node2 = yield self.cluster(2)
+        host = yield self.user(node1)
+        vnode = yield host.vroomRegister()
+        viewer = yield self.user(node2)
+        yield viewer.vroomSubscribe(vnode)
+        member = node1.cluster.member("node2")
+        node1.vrooms._membershipChanged(MemberChange(ChangeKind.DIED, member, member))
+        self.assertEqual(node1.vrooms.nodes[vnode], set())
+        node1.vrooms._membershipChanged(MemberChange(ChangeKind.JOINED, member, member))
+        self.assertEqual(node1.vrooms.nodes[vnode], {"node2"})
+        host.pushStream(vnode, b"still here")
+        self.assertEqual((yield viewer.next(STREAM)).body.body, b"still here")
 
     @inlineCallbacks
     def test_slowNode(self):
