@@ -64,6 +64,12 @@ def _roomCounters(counters: dict[str, Any]) -> Iterator[Metric]:
     for kind, count in sorted(counters["dropped"].items()):
         dropped.add_metric([kind], count)
     yield dropped
+    failed = CounterMetricFamily(
+        "timtx_cluster_room_failed", "Virtual-room messages not sent: their node was unreachable.", labels=["kind"]
+    )
+    for kind, count in sorted(counters.get("failed", {}).items()):
+        failed.add_metric([kind], count)
+    yield failed
     refused = CounterMetricFamily(
         "timtx_cluster_room_refused", "Virtual-room messages from other nodes refused.", labels=["reason"]
     )

@@ -218,6 +218,8 @@ class ClusterVRoomService(VRoomService):
         sent because too much already waited for their node.
     @ivar refused: peer messages refused, by reason (C{unknown-room},
         C{not-holder}, C{no-permission}, C{stale}, C{bad-payload}).
+    @ivar failed: messages that could not be sent (their node unreachable),
+        by kind.
     """
 
     log = Logger()
@@ -235,6 +237,8 @@ class ClusterVRoomService(VRoomService):
         self.received: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
         self.refused: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self._failing: set[tuple[str, str]] = set()
         self._ended: OrderedDict[str, None] = OrderedDict()
         #: For each node declared dead, the rooms held here it had
         #: subscribers of, until it comes back or is forgotten.
@@ -330,6 +334,12 @@ class ClusterVRoomService(VRoomService):
         return True
 
     def _sendFailed(self, failure: Failure, node: str, kind: str) -> None:
+        self.failed[kind] = self.failed.get(kind, 0) + 1
+        if (node, kind) in self._failing:
+            # Frames come many a second: one line per node until it is
+            # back (a change of membership).
+            return
+        self._failing.add((node, kind))
         self.log.info("{kind} to node {node} failed: {why}", kind=kind, node=node, why=failure.getErrorMessage())
 
     def _ask(self, node: str, kind: str, message: dict[str, Any]) -> Deferred[dict[str, Any]]:
@@ -587,6 +597,8 @@ class ClusterVRoomService(VRoomService):
         def join() -> dict[str, Any]:
             if vnode in self._ended and self._held(vnode) is None:
                 raise _error(ErrorCode.ERR_NOEXIST, "virtual room ended", vnode)
+            if rules is not None and self._held(vnode) is None:
+                self.log.info("taking over virtual room {vnode}, its rules from node {node}", vnode=vnode, node=node)
             room = self._restore(rules) if rules is not None else self._held(vnode)
             if room is None:
                 raise _error(ErrorCode.ERR_NOEXIST, "no such virtual room", vnode)
@@ -694,6 +706,7 @@ class ClusterVRoomService(VRoomService):
         new = self.cluster.ownership
         old, self._ownership = self._ownership, new
         node = change.member.nodeId
+        self._failing = {(n, kind) for n, kind in self._failing if n != node}
         if change.kind in (ChangeKind.DIED, ChangeKind.LEFT, ChangeKind.FORGOTTEN):
             lost = {vnode for vnode, nodes in self.nodes.items() if node in nodes}
             for vnode in lost:
@@ -813,6 +826,7 @@ class ClusterVRoomService(VRoomService):
             "received": dict(self.received),
             "dropped": dict(self.dropped),
             "refused": dict(self.refused),
+            "failed": dict(self.failed),
         }
 
 
