@@ -73,8 +73,12 @@ memory only, as on one node: the shared store holds nothing about them;
 they survive as long as one copy of the rules is on a live node.
 
 While views of the membership differ (the seconds a change takes to
-spread), a node takes whatever it is asked: a frame may then reach a
-holder that nobody else uses and be lost.  Every sweep of idle rooms
+spread, or a node wrongly declared dead by some), a node takes whatever it
+is asked, and takes frames from the holder of its previous view too (the
+node that lost the room in its view may not know yet), so the subscribers
+of a node that took a room over keep getting the old holder's frames; ids
+only rise, so none is delivered twice or out of order.  Frames may still be
+lost then (numbered by two holders, the later of two equal ids is dropped).  Every sweep of idle rooms
 also re-registers each mirror with its holder and hands over rooms held
 in the wrong place, so such splits heal within one sweep interval.
 """
@@ -244,6 +248,8 @@ class ClusterVRoomService(VRoomService):
         #: subscribers of, until it comes back or is forgotten.
         self._lost: dict[str, set[str]] = {}
         self._ownership = cluster.ownership
+        #: The view before the last change of ownership.
+        self._previous: Ownership | None = None
         handlers: dict[str, Callable[[str, bytes], Any]] = {
             KIND_CREATE: self._createReceived,
             KIND_JOIN: self._joinReceived,
@@ -553,7 +559,7 @@ class ClusterVRoomService(VRoomService):
             self._refuse("unknown-room")
             self._send(node, KIND_LEAVE, dumps({"vnode": vnode.decode()}))
             return
-        if room.mirrorOf is None or node not in (room.mirrorOf, self.holder(room.vnode)):
+        if not self._mayNumber(node, room):
             self._refuse("not-holder")
             return
         number = _int(seq)
@@ -570,7 +576,28 @@ class ClusterVRoomService(VRoomService):
         room.lastActivity = self.clock.seconds()
         room.frames.mark()
         room.bytes.mark(len(compact))
-        self.deliver(room, RemoteStreamFrame(compact))
+        frame = RemoteStreamFrame(compact)
+        if room.mirrorOf is None:
+            # Numbered by the previous holder while views differ: for the
+            # subscribers here only; the other nodes hear it from it too.
+            VRoomService.deliver(self, room, frame)
+        else:
+            self.deliver(room, frame)
+
+    def _mayNumber(self, node: str, room: VRoom) -> bool:
+        """
+        Whether frames of C{room} from C{node} are taken: from the node
+        this node registered with or the holder in its view, and, while
+        views of a change differ (the node that lost the room in this
+        view may not know yet), from the holder before the last change,
+        even if this node took the room over.  Ids only rise, so nothing
+        is taken twice or out of order.
+        """
+        if node == self.nodeId:
+            return False
+        if room.mirrorOf is not None and node in (room.mirrorOf, self.holder(room.vnode)):
+            return True
+        return self._previous is not None and node == self.holder(room.vnode, self._previous)
 
     # The holder's side.
 
@@ -705,6 +732,8 @@ class ClusterVRoomService(VRoomService):
     def _membershipChanged(self, change: MemberChange) -> None:
         new = self.cluster.ownership
         old, self._ownership = self._ownership, new
+        if old != new:
+            self._previous = old
         node = change.member.nodeId
         self._failing = {(n, kind) for n, kind in self._failing if n != node}
         if change.kind in (ChangeKind.DIED, ChangeKind.LEFT, ChangeKind.FORGOTTEN):

@@ -386,6 +386,33 @@ class ClusterRoomsTests(TestCase):
         self.assertEqual((yield viewer.next(STREAM)).body.body, b"still here")
 
     @inlineCallbacks
+    def test_viewsDiffer(self):
+        """
+        A node that took a room over (it saw the holder die) while the
+        holder is alive and still sends frames takes them for its own
+        subscribers, in order, until the views agree again.
+        """
+        node1, node2 = yield self.cluster(2)
+        host = yield self.user(node1)
+        vnode = yield host.vroomRegister()
+        viewer = yield self.user(node2)
+        yield viewer.vroomSubscribe(vnode)
+        host.pushStream(vnode, b"one")
+        self.assertEqual((yield viewer.next(STREAM)).body.id, 1)
+        # What node2 does when it sees node1 die: it takes the room over.
+        vrooms = node2.vrooms
+        vrooms._restore(RoomRules(roomRules(vrooms.registry.get(vnode))))
+        vrooms._previous = Ownership(["node1"])
+        self.assertIsNone(vrooms.registry.get(vnode).mirrorOf)
+        host.pushStream(vnode, b"two")
+        got = (yield viewer.next(STREAM)).body
+        self.assertEqual((got.body, got.id), (b"two", 2))
+        self.assertEqual(vrooms.refused, {})
+        # Its own frames are not taken as another's.
+        yield node2.cluster.send("node2", "room.frame", pack(vnode.encode(), b"9", b"\x00"))
+        yield waitUntil(lambda: vrooms.refused.get("not-holder") == 1)
+
+    @inlineCallbacks
     def test_slowNode(self):
         """
         A node that stops reading its link gets no more frames once what
