@@ -270,6 +270,11 @@ class ClusterVRoomService(VRoomService):
         if not self._sweep.running:
             self._sweep.start(HEAL_INTERVAL, now=False)
 
+    def stopService(self) -> Any:
+        if self.sent or self.received:
+            self.log.info("virtual rooms across nodes, since start: {counters}", counters=self.counters())
+        return super().stopService()
+
     # Who holds what.
 
     @property
@@ -587,7 +592,8 @@ class ClusterVRoomService(VRoomService):
     def _mayNumber(self, node: str, room: VRoom) -> bool:
         """
         Whether frames of C{room} from C{node} are taken: from the node
-        this node registered with or the holder in its view, and, while
+        this node registered with or the holder in its view (even if this
+        node holds the room too), and, while
         views of a change differ (the node that lost the room in this
         view may not know yet), from the holder before the last change,
         even if this node took the room over.  Ids only rise, so nothing
@@ -595,7 +601,10 @@ class ClusterVRoomService(VRoomService):
         """
         if node == self.nodeId:
             return False
-        if room.mirrorOf is not None and node in (room.mirrorOf, self.holder(room.vnode)):
+        if node in (room.mirrorOf, self.holder(room.vnode)):
+            # A node holding a room its view says another holds (it was
+            # handed it by a node whose view differs) takes that one's
+            # frames too.
             return True
         return self._previous is not None and node == self.holder(room.vnode, self._previous)
 
