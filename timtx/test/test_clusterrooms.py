@@ -445,6 +445,11 @@ class ClusterRoomsTests(TestCase):
         self.assertEqual(last.id, count + 1)
         self.assertEqual(len(frames) + dropped, count + 1)
         self.assertEqual((yield slow.vroomMissed(vnode)), dropped)
+        # The first frame after each gap says how many were missed so far.
+        for got, frame in enumerate(frames):
+            if frame.missed is not None:
+                self.assertEqual(frame.missed, frame.id - 1 - got)
+        self.assertTrue(any(frame.missed for frame in frames))
 
 
 class HolderMovesTests(TestCase):
