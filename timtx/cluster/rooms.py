@@ -636,6 +636,9 @@ class ClusterVRoomService(VRoomService):
             if rules is not None and self._held(vnode) is None:
                 self.log.info("taking over virtual room {vnode}, its rules from node {node}", vnode=vnode, node=node)
             room = self._restore(rules) if rules is not None else self._held(vnode)
+            if rules is not None and room is not None:
+                # A copy on the successor, as for a room registered here.
+                self._sendRules(room, self._successor(vnode))
             if room is None:
                 raise _error(ErrorCode.ERR_NOEXIST, "no such virtual room", vnode)
             if uid is not None and not room.maySubscribe(uid):

@@ -601,3 +601,6 @@ class HolderMovesTests(TestCase):
         pushes.stop()
         self.assertEqual(nodes[0].vrooms.registry.get(vnode).mirrorOf, "node3")
         self.assertEqual(node3.vrooms.nodes[vnode], {"node1", "node2"})
+        # The new holder keeps a copy of the rules on its successor.
+        successor = next(n for n in (*nodes, node3) if n.cluster.nodeId == three.owners(roomKey(vnode), 2)[1])
+        yield waitUntil(lambda: vnode in successor.vrooms.replicas)
