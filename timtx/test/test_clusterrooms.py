@@ -9,7 +9,7 @@ import json
 import random
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import Clock, LoopingCall
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -17,7 +17,7 @@ from timtx.admin.metrics import NodeCollector, Sampler
 from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.client import TimRequestFailed
 from timtx.cluster.ownership import Ownership, roomKey
-from timtx.cluster.rooms import RemoteStreamFrame, RoomRules, roomRules
+from timtx.cluster.rooms import ClusterVRoomService, RemoteStreamFrame, RoomRules, roomRules
 from timtx.cluster.swim import ChangeKind, MemberChange
 from timtx.cluster.wire import BadPayload, dumps, pack
 from timtx.config import VRoomsConfig
@@ -107,6 +107,109 @@ class PiecesTests(SynchronousTestCase):
         self.assertEqual(registry._founded, {})
         registry.setMirror(room, None)
         self.assertEqual(registry._founded, {"founder": 1})
+
+
+class _Cluster:
+    """
+    What L{ClusterVRoomService} uses of a L{ClusterService}: sends are
+    recorded, and what waits for each node is set by the test.
+    """
+
+    def __init__(self, nodeId, nodes):
+        self.nodeId = nodeId
+        self.ownership = Ownership(nodes)
+        self.handlers = {}
+        self.waitingFor = {}
+        self.sent = []
+
+    def addHandler(self, kind, handler):
+        self.handlers[kind] = handler
+
+    def addObserver(self, observer):
+        pass
+
+    def waiting(self, nodeId):
+        return self.waitingFor.get(nodeId)
+
+    def send(self, nodeId, kind, payload):
+        self.sent.append((nodeId, kind, payload))
+        return succeed(None)
+
+
+class _Session:
+    closed = False
+
+    def __init__(self, uid):
+        self.uid = uid
+        self.sink = self
+        self.encoding = Encoding.COMPACT
+        self.congested = False
+        self.backlog = 0
+        self.written = []
+
+    def writeFrameParts(self, header, payload):
+        self.written.append(codec.decode_compact(TimStream, payload))
+
+
+class DropPolicyTests(SynchronousTestCase):
+    """
+    The per-node bound on what waits, on a fake cluster and a clock: no
+    network, no sleeps.
+    """
+
+    def service(self, nodeId, nodes, **config):
+        cluster = _Cluster(nodeId, nodes)
+        vroomsConfig = VRoomsConfig(**{"node_stream_buffer_bytes": 10_000, **config})
+        clock = Clock()
+        service = ClusterVRoomService(
+            vroomsConfig,
+            cluster=cluster,
+            directory=None,
+            peerOutputBytes=1 << 20,
+            registry=VRoomRegistry(vroomsConfig, clock),
+            accounts=None,
+            clock=clock,
+            maxOutputBytes=1 << 20,
+        )
+        return service, cluster
+
+    def test_slowNodeSkipped(self):
+        """
+        A frame goes to every node with subscribers except one that has
+        more than C{node_stream_buffer_bytes} waiting; that one is counted.
+        """
+        service, cluster = self.service("a", ["a"])
+        room = service.registry.register("founder", vnode="room")
+        service.nodes["room"] = {"b", "c"}
+        cluster.waitingFor = {"b": 100, "c": 9_990}
+        service.deliver(room, service.publish(room, "founder", b"x" * 100))
+        self.assertEqual([(node, kind) for node, kind, _ in cluster.sent], [("b", "room.frame")])
+        self.assertEqual(service.dropped, {"room.frame": 1})
+        cluster.waitingFor = {}
+        service.deliver(room, service.publish(room, "founder", b"y"))
+        self.assertEqual(sorted(node for node, _, _ in cluster.sent[1:]), ["b", "c"])
+
+    def test_gapCountedAsMissed(self):
+        """
+        A mirror that sees a gap in the frame ids adds it to each of its
+        subscriptions' missed count; the next frame carries it.
+        """
+        service, cluster = self.service("b", ["a", "b"])
+        service.registry.adopt("room", "founder", False, mirrorOf="a")
+        viewer = _Session("viewer")
+        service.registry.subscribe(viewer, "room")
+
+        def frame(number):
+            stream = TimStream(id=number, VNode="room", body=b"f", fromNode="founder")
+            payload = pack(b"room", b"%d" % number, codec.encode_compact(stream))
+            cluster.handlers["room.frame"]("a", payload)
+
+        frame(1)
+        frame(4)
+        frame(3)
+        self.assertEqual([(f.id, f.missed) for f in viewer.written], [(1, None), (4, 2)])
+        self.assertEqual(service.refused, {"stale": 1})
+        self.assertEqual(service.registry.subscription(viewer, "room").missed, 2)
 
 
 class ClusterRoomsTests(TestCase):
