@@ -511,7 +511,7 @@ class ClusterVRoomService(VRoomService):
 
     def push(
         self, session: Session, vnode: str, body: bytes, dtype: int | None = None, timType: int = TimType.TIMSTREAM
-    ) -> Any:
+    ) -> tuple[int, int]:
         if self._servedHere(vnode):
             return super().push(session, vnode, body, dtype, timType)
         fields = (vnode, session.uid, str(self.directory.sessionId(session)), "" if dtype is None else str(dtype))

@@ -243,7 +243,7 @@ class VRoomService(Service):
 
     def push(
         self, session: Session, vnode: str, body: bytes, dtype: int | None = None, timType: int = TimType.TIMSTREAM
-    ) -> Any:
+    ) -> tuple[int, int]:
         """
         Push one frame from C{session}'s user into room C{vnode}.
 
