@@ -673,6 +673,14 @@ class VRoomsConfig:
         "counted until it catches up. At most half of [client] max_output_bytes is used, so messages and acks "
         "always have room.",
     )
+    node_stream_buffer_bytes: int = option(
+        4 << 20,
+        _int(0),
+        "In a cluster: stream bytes that may wait for one other node that takes them slower than they come "
+        "(beyond its link's write buffer); past it frames for that node are dropped and counted, and its "
+        "subscribers see them as missed, so a slow or dead node holds up neither the publisher nor the other "
+        "nodes. At most half of [cluster] max_peer_output_bytes is used, so other traffic always has room.",
+    )
     max_stream_bytes: int = option(
         262144,
         _int(1, 1 << 30),

@@ -55,6 +55,7 @@ from timtx.cluster.directory import UserDirectory
 from timtx.cluster.groups import ClusterGroups, GroupRouting
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.messaging import ClusterMessaging
+from timtx.cluster.rooms import ClusterVRoomService
 from timtx.cluster.router import ClusterRouter
 from timtx.config import Config
 from timtx.crypto.ids import NodeKeys
@@ -390,7 +391,18 @@ class Node(MultiService):
         self.profiles = ProfileService(
             config.profiles, store=store, vault=vault, relations=self.relations, clock=clock, rooms=groupProfiles
         )
-        self.vrooms = VRoomService(
+        # In a cluster a room is held by its owner node and mirrored on the
+        # nodes of its subscribers.
+        vrooms: Any = VRoomService
+        if self.cluster is not None:
+            assert self.userDirectory is not None
+            vrooms = partial(
+                ClusterVRoomService,
+                cluster=self.cluster,
+                directory=self.userDirectory,
+                peerOutputBytes=config.cluster.max_peer_output_bytes,
+            )
+        self.vrooms = vrooms(
             config.vrooms,
             registry=VRoomRegistry(config.vrooms, clock),
             accounts=self.accounts,

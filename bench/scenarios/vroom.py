@@ -8,6 +8,11 @@ C{node} = the id), the publisher sends TIMSTREAM C{TimStream{VNode, body}}
 and every subscriber gets C{TimStream{id, VNode, fromNode, body}}: no ack,
 no storage.  Measured like group fan-out.  A node without vrooms answers
 4107 and the scenario is skipped.
+
+With C{--nodes N} (N > 1) the run starts N nodes forming one cluster on a
+shared server store (C{--store postgresql}): the publisher (the room's
+founder, so its node holds the room) is on the first node, and subscriber
+C{i} on node C{i mod N}, so each frame crosses to every other node once.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 
 from bench.runner import COMMON, Param, Result, Run, Scenario
 from bench.scenarios.common import (
+    SERVER_STORE,
     deliverySummary,
     fmt,
     latencyRows,
@@ -27,6 +33,7 @@ from bench.scenarios.common import (
     notSupported,
     publish,
     raiseIfUnsupported,
+    serverStore,
     standIn,
 )
 from bench.wire import LeanConnection
@@ -74,6 +81,9 @@ class VroomRole(Role):
         return self.startSending([sender], rate=rate).addCallback(lambda _: {"sent": count})
 
 
+STORES = ("memory", "sqlite", "postgresql", "mariadb")
+
+
 class VroomFanout(Scenario):
     name = "vroom"
     letter = "d"
@@ -87,19 +97,43 @@ class VroomFanout(Scenario):
         Param("body", int, 100, 100, "bytes per stream frame"),
         Param("standin", int, 0, 0, "1: serve it with bench/standin.py, to test the generator itself"),
         Param("timeout", float, 120.0, 30.0, "seconds to wait for frames after the last send"),
+        Param("store", str, "memory", "memory", "node store (a cluster needs a server store)", STORES),
+        *SERVER_STORE,
+        Param("nodes", int, 1, 1, "nodes forming one cluster on a server store; subscribers spread over them"),
+        Param(
+            "probe_timeout",
+            float,
+            0.0,
+            0.0,
+            "cluster: [cluster] probe_timeout in seconds, probe_interval twice it (0: the node's defaults)",
+        ),
         *COMMON,
     )
 
     def variant(self, params: dict) -> str:
-        return f"vroom-{params['subscribers']}" + ("-standin" if params["standin"] else "")
+        name = f"vroom-{params['subscribers']}" + ("-standin" if params["standin"] else "")
+        if params["store"] != "memory":
+            name += f"-{params['store']}"
+        if params["nodes"] > 1:
+            name += f"-{params['nodes']}nodes"
+            if params["probe_timeout"]:
+                name += f"-probe{params['probe_timeout']:g}s"
+        return name
 
     def nodeSections(self, params: dict) -> dict:
-        return {"store": {"backend": "memory"}, **standIn(params)}
+        sections: dict = {"store": {"backend": params["store"], **serverStore(params)}, **standIn(params)}
+        if params["nodes"] > 1 and params["probe_timeout"]:
+            timeout = params["probe_timeout"]
+            sections["cluster"] = {"probe_timeout": timeout, "probe_interval": 2 * timeout}
+        return sections
 
     async def drive(self, run: Run) -> Result:
         p = run.params
         workers = run.workers
         publisher = 0
+        nodes = len(run.nodes)
+        if nodes > 1 and p["store"] not in ("postgresql", "mariadb"):
+            raise ValueError("--nodes needs a store the nodes share: postgresql or mariadb")
         run.log("probing vroom support")
         await workers.one(0, "register", indices=[publisher])
         await workers.one(0, "login", indices=[publisher])
@@ -110,7 +144,7 @@ class VroomFanout(Scenario):
         usersOf = run.share(subscribers)
         run.log(f"registering, logging in and subscribing {len(subscribers)} users")
         await workers.all("register", lambda w: {"indices": usersOf(w)})
-        await workers.all("login", lambda w: {"indices": usersOf(w)})
+        await workers.all("login", lambda w: {"indices": usersOf(w), "nodes": [i % nodes for i in usersOf(w)]})
         answers = await workers.all("subscribe", lambda w: {"indices": usersOf(w), "vnode": vnode})
         failed = sum(a["failed"] for a in answers)
         if failed:
@@ -136,14 +170,20 @@ class VroomFanout(Scenario):
         publish(s, result)
         result.metrics["lost_including_warmup"] = lost
         result.rows = [
-            ("subscribers (online)", str(len(subscribers))),
+            ("subscribers (online)", str(len(subscribers)) + (f" over {nodes} nodes" if nodes > 1 else "")),
             ("frames × rate", f"{p['messages']} at {fmt(p['rate'])}/s, {p['body']} bytes"),
             ("deliveries", f"{s['received']} of {s['expected']} (duplicates {s['duplicates']})"),
             ("deliveries/s", fmt(s["per_second"])),
             *latencyRows("send → receive", s["_latency"]),
             ("lost", str(s["lost"])),
-            ("node CPU", f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery"),
-            ("node RSS after the run", f"{s['node_rss_kb'] / 1024:.1f} MiB"),
+            (
+                "node CPU" + (f" (all {nodes} nodes)" if nodes > 1 else ""),
+                f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery",
+            ),
+            (
+                "node RSS after the run" + (f" (all {nodes} nodes)" if nodes > 1 else ""),
+                f"{s['node_rss_kb'] / 1024:.1f} MiB",
+            ),
             ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
         ]
         return result

@@ -44,6 +44,40 @@ if TYPE_CHECKING:
     from timtx.node import Node
 
 
+def _roomCounters(counters: dict[str, Any]) -> Iterator[Metric]:
+    """
+    Rooms across the cluster (L{timtx.cluster.rooms}): peer messages by
+    kind, frames dropped for slow nodes, peer messages refused by reason.
+    """
+    messages = CounterMetricFamily(
+        "timtx_cluster_room_messages", "Virtual-room messages between nodes.", labels=["direction", "kind"]
+    )
+    for direction in ("sent", "received"):
+        for kind, count in sorted(counters[direction].items()):
+            messages.add_metric([direction, kind], count)
+    yield messages
+    dropped = CounterMetricFamily(
+        "timtx_cluster_room_dropped",
+        "Stream frames and pushes not sent to a node that was too far behind.",
+        labels=["kind"],
+    )
+    for kind, count in sorted(counters["dropped"].items()):
+        dropped.add_metric([kind], count)
+    yield dropped
+    failed = CounterMetricFamily(
+        "timtx_cluster_room_failed", "Virtual-room messages not sent: their node was unreachable.", labels=["kind"]
+    )
+    for kind, count in sorted(counters.get("failed", {}).items()):
+        failed.add_metric([kind], count)
+    yield failed
+    refused = CounterMetricFamily(
+        "timtx_cluster_room_refused", "Virtual-room messages from other nodes refused.", labels=["reason"]
+    )
+    for reason, count in sorted(counters["refused"].items()):
+        refused.add_metric([reason], count)
+    yield refused
+
+
 def frameTypeLabel(timType: int) -> str:
     """
     C{TIMMESSAGE} -> C{message}; frame types tim does not define are
@@ -233,6 +267,9 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily(
             "timtx_vroom_subscribers", "Subscriptions to virtual rooms.", value=sum(r.subscribers for r in rooms)
         )
+        counters = getattr(node.vrooms, "counters", None)
+        if callable(counters):
+            yield from _roomCounters(counters())
 
         # The cluster.
         cluster = clusterStatus(node)

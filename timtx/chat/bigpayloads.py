@@ -84,7 +84,7 @@ class BigDataService:
         pushed into the room like a TIMSTREAM body (without C{dtype}).
         """
         vnode, data = self._split(TimType.TIMBIGBINARYSTREAM, payload)
-        self.vrooms.push(session, vnode, data)
+        self.vrooms.push(session, vnode, data, timType=TimType.TIMBIGBINARYSTREAM)
 
     # To users.
 

@@ -765,6 +765,23 @@ class ClusterService(Service):
             self._enqueue(peer, _Queued(kind, payload, requestId=requestId))
         return d
 
+    def waiting(self, nodeId: str) -> int | None:
+        """
+        Bytes waiting to go to C{nodeId} beyond what its link takes at
+        once (queued for a link, or written since the link became
+        congested), or C{None} while nothing has to wait.  For traffic
+        that is worthless late (stream frames): its sender drops it past a
+        bound of its own instead of letting the link be dropped.
+        """
+        peer = self._peers.get(nodeId)
+        if peer is None:
+            return None
+        link = peer.link
+        congested = link is not None and link.congested
+        if not congested and not peer.queue:
+            return None
+        return peer.queuedBytes + (link.backlog if link is not None and congested else 0)
+
     def _answerLocally(self, kind: str, payload: bytes) -> Deferred[bytes]:
         handler = self._handlers.get(kind)
         if handler is None:

@@ -163,3 +163,23 @@ class QuickTests(SynchronousTestCase):
         self.assertIn("mesh_seconds", record)
         self.assertEqual(len(record["other_node_exits"]), 1)
         self.assertEqual(process.returncode, 0, process.stderr[-3000:])
+
+    def test_vroomAcrossNodes(self):
+        """
+        C{python -m bench vroom --quick --store postgresql --nodes 3}
+        spreads the subscribers over three nodes of one cluster; every
+        frame reaches every subscriber: 0 lost, no duplicates.
+        """
+        root = checkout()
+        requirePostgreSQL()
+        process, outcome = runBench(self, root, "vroom", "--quick", "--store", "postgresql", "--nodes", "3")
+        self.assertIsNotNone(outcome, process.stderr[-3000:])
+        [entry] = outcome
+        self.assertEqual(entry["status"], "ok", f"{entry['reason']}\n{process.stderr[-3000:]}")
+        self.assertEqual(entry["variant"], "vroom-20-postgresql-3nodes")
+        self.assertEqual(entry["lost"], 0)
+        with open(entry["files"]["json"], encoding="utf-8") as f:
+            record = json.load(f)
+        self.assertEqual(record["metrics"]["duplicates"], 0)
+        self.assertEqual(len(record["other_node_exits"]), 2)
+        self.assertEqual(process.returncode, 0, process.stderr[-3000:])

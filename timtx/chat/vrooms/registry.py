@@ -87,6 +87,10 @@ class VRoom:
         3... so that a subscriber can see gaps and order.
     @ivar lastActivity: clock seconds of the last frame pushed, or of the
         registration.
+    @ivar version: raised by every change of the rules (publishers,
+        allowed), so that copies on other nodes can tell the newer.
+    @ivar mirrorOf: C{None} for a room this node holds; for a copy of a
+        room held by another node of the cluster, that node's id.
     """
 
     __slots__ = (
@@ -103,6 +107,8 @@ class VRoom:
         "bytes",
         "delivered",
         "dropped",
+        "version",
+        "mirrorOf",
     )
 
     def __init__(self, vnode: str, founder: str, private: bool, clock: IReactorTime):
@@ -118,6 +124,8 @@ class VRoom:
         self.bytes = RateMeter(clock)
         self.delivered = 0
         self.dropped = 0
+        self.version = 0
+        self.mirrorOf: str | None = None
 
     def __repr__(self) -> str:
         return f"<VRoom {self.vnode} founder={self.founder} subscribers={len(self.subscribers)}>"
@@ -183,21 +191,90 @@ class VRoomRegistry:
 
     # Rooms.
 
-    def register(self, founder: str, private: bool = False) -> VRoom:
+    def register(self, founder: str, private: bool = False, vnode: str | None = None) -> VRoom:
         """
         A new room founded by C{founder}.
 
-        @raise TimProtocolError: C{ERR_OVERENTRY} past C{max_rooms_per_user}.
+        @param vnode: its id, if the caller drew one (a cluster draws ids
+            this node owns); a fresh random id by default.
+        @raise TimProtocolError: C{ERR_OVERENTRY} past C{max_rooms_per_user},
+            C{ERR_PARAMS} for an id already in use.
         """
         limit = self.config.max_rooms_per_user
         if limit and self._founded.get(founder, 0) >= limit:
             raise _error(ErrorCode.ERR_OVERENTRY, f"at most {limit} virtual rooms per user")
-        vnode = new_random_id(ROOM_ID_BYTES)
-        while vnode in self._rooms:  # pragma: no cover - 128 random bits
+        if vnode is None:
             vnode = new_random_id(ROOM_ID_BYTES)
+            while vnode in self._rooms:  # pragma: no cover - 128 random bits
+                vnode = new_random_id(ROOM_ID_BYTES)
+        elif vnode in self._rooms:
+            raise _error(ErrorCode.ERR_PARAMS, "virtual room id in use", vnode)
         room = self._rooms[vnode] = VRoom(vnode, founder, private, self.clock)
         self._founded[founder] = self._founded.get(founder, 0) + 1
         return room
+
+    def rooms(self) -> list[VRoom]:
+        """
+        Every room here, mirrors included.
+        """
+        return list(self._rooms.values())
+
+    def adopt(self, vnode: str, founder: str, private: bool, mirrorOf: str | None) -> VRoom:
+        """
+        Room C{vnode} as another node described it: a mirror of a room
+        C{mirrorOf} holds, or (C{mirrorOf} C{None}) one this node now holds
+        in its place.  An existing room is kept, with C{mirrorOf} set.
+        Limits are not applied: the room exists already.
+        """
+        room = self._rooms.get(vnode)
+        if room is None:
+            room = self._rooms[vnode] = VRoom(vnode, founder, private, self.clock)
+            room.mirrorOf = mirrorOf
+            if mirrorOf is None:
+                self._founded[founder] = self._founded.get(founder, 0) + 1
+        else:
+            self.setMirror(room, mirrorOf)
+        return room
+
+    def setMirror(self, room: VRoom, mirrorOf: str | None) -> None:
+        """
+        Make C{room} a mirror of the room C{mirrorOf} holds, or (C{None})
+        a room held here; only held rooms count toward their founder's
+        limit.
+        """
+        held, room.mirrorOf = room.mirrorOf is None, mirrorOf
+        if held and mirrorOf is not None:
+            self._unfound(room.founder)
+        elif not held and mirrorOf is None:
+            self._founded[room.founder] = self._founded.get(room.founder, 0) + 1
+
+    def applyRules(
+        self, room: VRoom, private: bool, publishers: set[str], allowed: set[str], version: int
+    ) -> list[Subscription]:
+        """
+        Take the rules another node sent for C{room}, if newer than what is
+        here; end the subscriptions of users who may no longer subscribe.
+
+        @return: the subscriptions that ended.
+        """
+        if version < room.version:
+            return []
+        room.private, room.publishers, room.allowed, room.version = private, set(publishers), set(allowed), version
+        ended = [s for s in room.subscribers.values() if not room.maySubscribe(s.session.uid)]
+        for subscription in ended:
+            del room.subscribers[subscription.session]
+            self._forget(subscription)
+        return ended
+
+    def forget(self, vnode: str) -> list[Subscription]:
+        """
+        Drop room C{vnode} whoever founded it (its holder removed it, or
+        it moved away from this node).
+
+        @return: the subscriptions that ended with it.
+        """
+        room = self._rooms.get(vnode)
+        return [] if room is None else self._drop(room)
 
     def get(self, vnode: str) -> VRoom | None:
         return self._rooms.get(vnode)
@@ -233,13 +310,17 @@ class VRoomRegistry:
         """
         return self._drop(self.managed(uid, vnode))
 
+    def _unfound(self, founder: str) -> None:
+        left = self._founded.get(founder, 1) - 1
+        if left:
+            self._founded[founder] = left
+        else:
+            self._founded.pop(founder, None)
+
     def _drop(self, room: VRoom) -> list[Subscription]:
         del self._rooms[room.vnode]
-        left = self._founded.get(room.founder, 1) - 1
-        if left:
-            self._founded[room.founder] = left
-        else:
-            self._founded.pop(room.founder, None)
+        if room.mirrorOf is None:
+            self._unfound(room.founder)
         ended = list(room.subscribers.values())
         for subscription in ended:
             self._forget(subscription)
@@ -255,7 +336,7 @@ class VRoomRegistry:
         if not self.config.idle_expiry:
             return []
         deadline = self.clock.seconds() - self.config.idle_expiry
-        idle = [room for room in self._rooms.values() if room.lastActivity <= deadline]
+        idle = [r for r in self._rooms.values() if r.lastActivity <= deadline and r.mirrorOf is None]
         return [(room, self._drop(room)) for room in idle]
 
     # Permissions.
@@ -274,18 +355,23 @@ class VRoomRegistry:
         if limit and len(room.publishers) >= limit:
             raise _error(ErrorCode.ERR_OVERENTRY, f"at most {limit} publishers per virtual room", user)
         room.publishers.add(user)
+        room.version += 1
 
     def revoke(self, uid: str, vnode: str, user: str) -> None:
         """
         Take push permission back.  Subscriptions stay.
         """
-        self.managed(uid, vnode).publishers.discard(user)
+        room = self.managed(uid, vnode)
+        room.publishers.discard(user)
+        room.version += 1
 
     def allow(self, uid: str, vnode: str, user: str) -> None:
         """
         Let C{user} subscribe to a private room.
         """
-        self.managed(uid, vnode).allowed.add(user)
+        room = self.managed(uid, vnode)
+        room.allowed.add(user)
+        room.version += 1
 
     def disallow(self, uid: str, vnode: str, user: str) -> list[Subscription]:
         """
@@ -296,6 +382,7 @@ class VRoomRegistry:
         """
         room = self.managed(uid, vnode)
         room.allowed.discard(user)
+        room.version += 1
         if room.maySubscribe(user):
             return []
         ended = [s for s in room.subscribers.values() if s.session.uid == user]
@@ -355,12 +442,16 @@ class VRoomRegistry:
             if not mine:
                 del self._bySession[subscription.session]
 
-    def sessionEnded(self, session: Session) -> None:
+    def sessionEnded(self, session: Session) -> list[Subscription]:
         """
         End every subscription of a session that closed.
+
+        @return: the subscriptions that ended.
         """
-        for subscription in list(self._bySession.pop(session, {}).values()):
+        ended = list(self._bySession.pop(session, {}).values())
+        for subscription in ended:
             subscription.room.subscribers.pop(session, None)
+        return ended
 
     # Statistics.
 

@@ -31,7 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from timtx.chat.business import requireNode
-from timtx.chat.vrooms.registry import RoomStats, Subscription, VRoomRegistry
+from timtx.chat.vrooms.registry import RoomStats, Subscription, VRoom, VRoomRegistry
 from timtx.chat.vrooms.streams import StreamFrame, fanOut
 from timtx.protocols.constants import ErrorCode, TimType, VRoomOp
 from timtx.protocols.errors import TimProtocolError
@@ -74,7 +74,13 @@ def sweepInterval(idleExpiry: float) -> float:
     return min(max(idleExpiry / 10, 1.0), 60.0)
 
 
-def _flag(request: TimReq, meaning: str) -> bool:
+def _noPermission(vnode: str) -> TimProtocolError:
+    error = TimProtocolError(ErrorCode.ERR_AUTH, "no push permission in this virtual room")
+    error.ackFields["n"] = vnode
+    return error
+
+
+def flag(request: TimReq, meaning: str) -> bool:
     if request.reqInt in (None, 0):
         return False
     if request.reqInt == 1:
@@ -146,16 +152,18 @@ class VRoomService(Service):
         return op(session, request)
 
     def _register(self, session: Session, request: TimReq) -> None:
-        room = self.registry.register(session.uid, private=_flag(request, "1 for a private room"))
+        room = self.registry.register(session.uid, private=flag(request, "1 for a private room"))
         self.log.info("{uid} registered virtual room {vnode}", uid=session.uid, vnode=room.vnode)
         session.sendAck(TimType.TIMVROOM, n=room.vnode, t=VRoomOp.REGISTER)
 
     def _remove(self, session: Session, request: TimReq) -> None:
         vnode = requireNode(request)
+        room = self.registry.managed(session.uid, vnode)
         ended = self.registry.remove(session.uid, vnode)
         self.log.info("{uid} removed virtual room {vnode}", uid=session.uid, vnode=vnode)
         session.sendAck(TimType.TIMVROOM, n=vnode, t=VRoomOp.REMOVE)
         self._tell(ended, VRoomOp.REMOVE)
+        self.roomEnded(room)
 
     @inlineCallbacks
     def _existingUser(self, session: Session, request: TimReq) -> Any:
@@ -196,7 +204,7 @@ class VRoomService(Service):
 
     def _subscribe(self, session: Session, request: TimReq) -> None:
         vnode = requireNode(request)
-        self.registry.subscribe(session, vnode, binary=_flag(request, "1 for binary frames"))
+        self.registry.subscribe(session, vnode, binary=flag(request, "1 for binary frames"))
         session.sendAck(TimType.TIMVROOM, n=vnode, t=VRoomOp.SUB)
 
     def _unsubscribe(self, session: Session, request: TimReq) -> None:
@@ -205,6 +213,8 @@ class VRoomService(Service):
         # As in tim, unsubscribing from a room one is not in is fine.
         missed = subscription.missed if subscription is not None else None
         session.sendAck(TimType.TIMVROOM, n=vnode, t=VRoomOp.SUBCANCEL, t2=missed)
+        if subscription is not None:
+            self.endSubscriptions([subscription])
 
     def _status(self, session: Session, request: TimReq) -> None:
         vnode = requireNode(request)
@@ -231,26 +241,42 @@ class VRoomService(Service):
             raise error
         self.push(session, stream.VNode, body, stream.dtype)
 
-    def push(self, session: Session, vnode: str, body: bytes, dtype: int | None = None) -> tuple[int, int]:
+    def push(
+        self, session: Session, vnode: str, body: bytes, dtype: int | None = None, timType: int = TimType.TIMSTREAM
+    ) -> tuple[int, int]:
         """
         Push one frame from C{session}'s user into room C{vnode}.
 
-        @return: how many subscriptions got it and how many missed it.
+        @param timType: the frame type it came in (TIMSTREAM, or
+            TIMBIGBINARYSTREAM), for a refusal that comes later (in a
+            cluster, from the room's node).
+        @return: how many subscriptions here got it and how many missed it.
         @raise TimProtocolError: C{ERR_NOEXIST} for an unknown room,
             C{ERR_AUTH} for a user without push permission; both name the
             room in C{n}.
         """
         room = self.registry.require(vnode)
         if not room.mayPublish(session.uid):
-            error = TimProtocolError(ErrorCode.ERR_AUTH, "no push permission in this virtual room")
-            error.ackFields["n"] = vnode
-            raise error
+            raise _noPermission(vnode)
+        return self.deliver(room, self.publish(room, session.uid, body, dtype))
+
+    def publish(self, room: VRoom, publisher: str, body: bytes, dtype: int | None = None) -> StreamFrame:
+        """
+        Number the next frame of C{room}, from C{publisher}, and count it.
+        """
         room.seq += 1
         room.lastActivity = self.clock.seconds()
         room.frames.mark()
         room.bytes.mark(len(body))
-        stream = TimStream(id=room.seq, VNode=vnode, dtype=dtype, body=body, fromNode=session.uid)
-        delivered, dropped = fanOut(list(room.subscribers.values()), StreamFrame(stream), self.streamBufferBytes)
+        return StreamFrame(TimStream(id=room.seq, VNode=room.vnode, dtype=dtype, body=body, fromNode=publisher))
+
+    def deliver(self, room: VRoom, frame: StreamFrame) -> tuple[int, int]:
+        """
+        Write C{frame} to this node's subscribers of C{room}.
+
+        @return: how many subscriptions got it and how many missed it.
+        """
+        delivered, dropped = fanOut(list(room.subscribers.values()), frame, self.streamBufferBytes)
         room.delivered += delivered
         room.dropped += dropped
         return delivered, dropped
@@ -258,7 +284,20 @@ class VRoomService(Service):
     # Endings.
 
     def sessionEnded(self, session: Session) -> None:
-        self.registry.sessionEnded(session)
+        self.endSubscriptions(self.registry.sessionEnded(session))
+
+    def endSubscriptions(self, ended: list[Subscription]) -> None:
+        """
+        Subscriptions that ended here (unsubscribed, closed, disallowed,
+        or their room ended): a hook for the cluster, whose room holder
+        must learn when a node has no subscriber left.
+        """
+
+    def roomEnded(self, room: VRoom) -> None:
+        """
+        C{room} was removed or expired here: a hook for the cluster, which
+        tells the other nodes that mirror it.
+        """
 
     def expire(self) -> None:
         """
@@ -269,6 +308,7 @@ class VRoomService(Service):
                 "virtual room {vnode} expired after {idle}s idle", vnode=room.vnode, idle=self.config.idle_expiry
             )
             self._tell(ended, VRoomOp.REMOVE)
+            self.roomEnded(room)
 
     def _tell(self, ended: Iterable[Subscription], rtype: int) -> None:
         """
@@ -276,8 +316,10 @@ class VRoomService(Service):
         the ack they would get for asking: C{t} 2 when the room is gone, 6
         when they may no longer subscribe.
         """
+        ended = list(ended)
         for subscription in ended:
             subscription.session.sendAck(TimType.TIMVROOM, n=subscription.room.vnode, t=rtype, t2=subscription.missed)
+        self.endSubscriptions(ended)
 
     # For operators.
 

@@ -92,14 +92,13 @@ def fanOut(subscriptions: Iterable[Subscription], frame: StreamFrame, bufferByte
     @return: how many subscriptions got the frame and how many missed it.
     """
     delivered = dropped = 0
-    body = frame.stream.body or b""
     for subscription in subscriptions:
         session = subscription.session
         if session.closed:
             continue
         sink = session.sink
         if subscription.binary:
-            header, payload = frame.rawHeader(), body
+            header, payload = frame.rawHeader(), frame.stream.body or b""
         else:
             header, payload = _STREAM_HEADER, frame.payload(session.encoding)
         if sink.congested and sink.backlog + len(header) + len(payload) + _MISSED_FIELD_BYTES > bufferBytes:
