@@ -20,7 +20,8 @@ recipient gets what one node stored for it in that order.
 Group messages go once to each node holding members, which fans them out
 to its own sessions: L{pushToGroup} and L{sendToGroup} hand them to
 L{timtx.cluster.groups.GroupRouting} when a node has one (it sets
-L{ClusterRouter.groups}).  Virtual rooms stay on each node for now.
+L{ClusterRouter.groups}).  Virtual rooms route their frames themselves,
+through the room's holder (L{timtx.cluster.rooms}).
 """
 
 from __future__ import annotations
