@@ -71,7 +71,7 @@ from timtx.chat.groups.directory import GroupDirectory, GroupState
 from timtx.chat.messagerules import MaybeStored, refusal
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, groupKey
-from timtx.cluster.wire import BadPayload, dumps, loads, pack, unpack
+from timtx.cluster.wire import BadPayload, dumps, integer, loads, pack, text, thrift, unpack
 from timtx.crypto.vault import StanzaVault
 from timtx.delivery.encoded import Encoded
 from timtx.delivery.fanout import GroupFanout, groupConversation
@@ -333,8 +333,8 @@ class GroupRouting:
     def _pushReceived(self, node: str, payload: bytes) -> None:
         gid, compact, json, seq, skip, echo = unpack(payload, 6)
         self.router._count(KIND_PUSH)
-        item = GroupItem(_int(seq), Encoded.prepared(compact, json), skip.decode() or None, bool(echo))
-        self.delivery.arrived(gid.decode(), item)
+        item = GroupItem(integer(seq), Encoded.prepared(compact, json), text(skip) or None, bool(echo))
+        self.delivery.arrived(text(gid), item)
 
     # Unstored messages (streams).
 
@@ -375,8 +375,8 @@ class GroupRouting:
         timType, compact, json, uids = unpack(payload, 4)
         self.router._count(KIND_SEND)
         encoded = Encoded.prepared(compact, json)
-        send, kind = self.router.local.send, _int(timType)
-        for uid in uids.decode().split("\n"):
+        send, kind = self.router.local.send, integer(timType)
+        for uid in text(uids).split("\n"):
             if uid:
                 send(uid, kind, encoded)
 
@@ -485,11 +485,11 @@ class ClusterGroups(Groups):
 
     def _appendReceived(self, node: str, payload: bytes) -> Deferred[bytes]:
         gid, sender, body, clientId, echo = unpack(payload, 5)
-        message = codec.decode_compact(TimMessage, body)
-        uid = sender.decode()
-        dedupe = (uid, _int(clientId)) if clientId else None
+        message = thrift(TimMessage, body)
+        uid = text(sender)
+        dedupe = (uid, integer(clientId)) if clientId else None
         self.appendedForOthers += 1
-        d: Deferred[Any] = self.directory.get(gid.decode())
+        d: Deferred[Any] = self.directory.get(text(gid))
 
         def found(state: GroupState | None) -> Any:
             if state is None:
@@ -511,17 +511,10 @@ def _answered(answer: bytes) -> Appended:
     if status == b"ok":
         return Appended(codec.decode_compact(TimMessage, first), {})
     error = MaybeStored if status == b"maybe" else TimProtocolError
-    raise error(_int(first), second.decode("utf-8", "replace"))
+    raise error(integer(first), second.decode("utf-8", "replace"))
 
 
 def _refused(failure: Failure) -> bytes:
     error = failure.value if isinstance(failure.value, TimProtocolError) else refusal(failure)
     status = b"maybe" if isinstance(error, MaybeStored) else b"refused"
     return pack(status, b"%d" % error.code, error.text.encode("utf-8"))
-
-
-def _int(field: bytes) -> int:
-    try:
-        return int(field)
-    except ValueError:
-        raise BadPayload(f"not an integer: {field[:20]!r}") from None

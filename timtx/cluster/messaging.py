@@ -31,7 +31,7 @@ from timtx.chat.messagerules import MaybeStored, refusal
 from timtx.chat.messaging import PersonalMessaging
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, conversationKey
-from timtx.cluster.wire import BadPayload, integer, pack, text, unpack
+from timtx.cluster.wire import integer, pack, text, thrift, unpack
 from timtx.protocols import codec
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
@@ -92,10 +92,7 @@ class ClusterMessaging(PersonalMessaging):
 
     def _appendReceived(self, node: str, payload: bytes) -> Deferred[bytes]:
         conv, sender, body, recipient, keep, clientId = unpack(payload, 6)
-        try:
-            message = codec.decode_compact(TimMessage, body)
-        except TimProtocolError as e:
-            raise BadPayload(f"not a TimMessage: {e.text}") from None
+        message = thrift(TimMessage, body)
         dedupe = (text(sender), integer(clientId)) if clientId else None
         to = text(recipient)
         self.appendedForOthers += 1

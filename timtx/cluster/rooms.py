@@ -100,7 +100,7 @@ from timtx.cluster.directory import UserDirectory
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, Ownership, roomKey
 from timtx.cluster.swim import ChangeKind, MemberChange
-from timtx.cluster.wire import BadPayload, dumps, loads, pack, unpack
+from timtx.cluster.wire import BadPayload, dumps, integer, loads, pack, text, unpack
 from timtx.crypto.ids import new_random_id
 from timtx.protocols import codec
 from timtx.protocols.codec import Encoding
@@ -530,21 +530,21 @@ class ClusterVRoomService(VRoomService):
 
     def _pushReceived(self, node: str, payload: bytes) -> None:
         vnode, uid, sid, dtype, timType, body = unpack(payload, 6)
-        room = self._held(vnode.decode())
+        room = self._held(text(vnode))
         if room is None:
             self._refusePush(node, "unknown-room", uid, sid, vnode, timType, ErrorCode.ERR_NOEXIST)
-        elif not room.mayPublish(uid.decode()):
+        elif not room.mayPublish(text(uid)):
             self._refusePush(node, "no-permission", uid, sid, vnode, timType, ErrorCode.ERR_AUTH)
         else:
-            self.deliver(room, self.publish(room, uid.decode(), body, _int(dtype) if dtype else None))
+            self.deliver(room, self.publish(room, text(uid), body, integer(dtype) if dtype else None))
 
     def _refusePush(
         self, node: str, reason: str, uid: bytes, sid: bytes, vnode: bytes, timType: bytes, code: int
     ) -> None:
         self._refuse(reason)
-        text = "no such virtual room" if code == ErrorCode.ERR_NOEXIST else "no push permission in this virtual room"
-        message = {"uid": uid.decode(), "sid": _int(sid), "vnode": vnode.decode(), "timType": _int(timType)}
-        self._send(node, KIND_REFUSED, dumps({**message, "code": code, "text": text}))
+        why = "no such virtual room" if code == ErrorCode.ERR_NOEXIST else "no push permission in this virtual room"
+        message = {"uid": text(uid), "sid": integer(sid), "vnode": text(vnode), "timType": integer(timType)}
+        self._send(node, KIND_REFUSED, dumps({**message, "code": code, "text": why}))
 
     def _refusedReceived(self, node: str, payload: bytes) -> None:
         message = loads(payload)
@@ -558,16 +558,16 @@ class ClusterVRoomService(VRoomService):
 
     def _frameReceived(self, node: str, payload: bytes) -> None:
         vnode, seq, compact = unpack(payload, 3)
-        room = self.registry.get(vnode.decode())
+        room = self.registry.get(text(vnode))
         if room is None:
             # Nobody subscribes here (any more): the holder should not send.
             self._refuse("unknown-room")
-            self._send(node, KIND_LEAVE, dumps({"vnode": vnode.decode()}))
+            self._send(node, KIND_LEAVE, dumps({"vnode": text(vnode)}))
             return
         if not self._mayNumber(node, room):
             self._refuse("not-holder")
             return
-        number = _int(seq)
+        number = integer(seq)
         if number <= room.seq:
             self._refuse("stale")
             return
@@ -885,10 +885,3 @@ def _text(message: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise BadPayload(f"{key} is not a string")
     return value
-
-
-def _int(field: bytes) -> int:
-    try:
-        return int(field)
-    except ValueError:
-        raise BadPayload(f"not an integer: {field[:20]!r}") from None

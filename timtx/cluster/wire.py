@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+from typing import Any, TypeVar
 
 from timtx.cluster.membership import PeerRequestError
+from timtx.protocols import codec
+from timtx.protocols.errors import TimProtocolError
+from timtx.protocols.structs import TimStruct
 
 _LENGTH = struct.Struct(">I")
+T = TypeVar("T", bound=TimStruct)
 
 
 class BadPayload(PeerRequestError, ValueError):
@@ -89,6 +93,18 @@ def integer(field: bytes) -> int:
     if not -(2**63) <= value < 2**63:
         raise BadPayload(f"integer out of range: {field[:20]!r}")
     return value
+
+
+def thrift(kind: type[T], field: bytes) -> T:
+    """
+    A field as the Thrift struct C{kind}, compact-encoded.
+
+    @raise BadPayload: if it is not one.
+    """
+    try:
+        return codec.decode_compact(kind, field)
+    except TimProtocolError as e:
+        raise BadPayload(f"not a {kind.__name__}: {e.text}") from None
 
 
 def dumps(value: dict[str, Any]) -> bytes:

@@ -85,7 +85,7 @@ class RoutingFuzzTests(ClusterFixture, TestCase):
     """
 
     timeout = 120
-    payloadsPerKind = 25
+    payloadsPerKind = 60
 
     @inlineCallbacks
     def test_randomPayloads(self):
@@ -94,22 +94,25 @@ class RoutingFuzzTests(ClusterFixture, TestCase):
         self.assertIn("route.push", kinds)
         # A fixed seed, so that a failure repeats; TIMTX_FUZZ_SEED tries others.
         rng = random.Random(int(os.environ.get("TIMTX_FUZZ_SEED", "1")))
-        pending = []
+        pending, sent = [], []
         for kind in kinds:
             for _ in range(self.payloadsPerKind):
                 pending.append(node1.cluster.send("node2", kind, randomPayload(rng)))
-                pending.append(node1.cluster.request("node2", kind, randomPayload(rng), timeout=10))
+                sent.append((kind, None))
+                payload = randomPayload(rng)
+                pending.append(node1.cluster.request("node2", kind, payload, timeout=10))
+                sent.append((kind, payload))
         results = yield DeferredList(pending, consumeErrors=True)
         internal = []
-        for ok, result in results:
+        for (kind, payload), (ok, result) in zip(sent, results, strict=True):
             if ok:
                 continue
             if result.check(PeerRequestFailed):
                 if result.value.reason == "internal error":
-                    internal.append(result)
+                    internal.append((kind, payload))
             elif not result.check(PeerTimeout):
                 result.raiseException()
-        self.assertEqual(internal, [])
+        self.assertEqual(internal, [], "requests answered 'internal error'")
         # Let one-way messages still on the link be handled before looking.
         alice = yield self.user(node1)
         bob = yield self.user(node2)
