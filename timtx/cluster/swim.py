@@ -499,6 +499,7 @@ class Swim:
         self._lag = _RecentPeak()
         self._lagPenaltyAt: float | None = None
         self._roundTrips: dict[str, _RecentPeak] = {}
+        self._lastHeard: dict[str, float] = {}
         self._endedProbes: dict[int, tuple[str, float]] = {}
         config = self.config
         # Start each periodic task at a random phase, so nodes started
@@ -622,6 +623,8 @@ class Swim:
         """
         if self.left:
             return
+        if sender in self._members:
+            self._lastHeard[sender] = now
         for update in message.updates:
             self._apply(update, now)
         known = self._members.get(sender)
@@ -911,6 +914,7 @@ class Swim:
             if not member.live and nodeId != self.nodeId and now - member.since >= ttl:
                 del self._members[nodeId]
                 self._roundTrips.pop(nodeId, None)
+                self._lastHeard.pop(nodeId, None)
                 self._liveCount = None
                 self._changes.append(MemberChange(ChangeKind.FORGOTTEN, member, member))
 
@@ -933,7 +937,30 @@ class Swim:
         elif isinstance(update, Suspect):
             self._suspect(update, now)
         else:
-            self._dead(update, now)
+            if self._doubtedVerdict(update, now):
+                # Then it is only a suspicion (or a confirmation of the one
+                # here): the member gets its chance to refute.  So a stale
+                # verdict (from the far side of a healed partition, say)
+                # does not kill a member that is alive and reachable.
+                self._suspect(Suspect(update.nodeId, update.incarnation, update.accuser), now)
+            else:
+                self._dead(update, now)
+
+    def _doubtedVerdict(self, update: Dead, now: float) -> bool:
+        """
+        Whether C{update}, another node's verdict of death, is contradicted
+        here: this node heard from the member itself within the shortest
+        suspicion timeout, later than any verdict made by the rules could
+        have been reached.
+        """
+        nodeId = update.nodeId
+        if update.accuser in (nodeId, self.nodeId) or nodeId == self.nodeId:
+            return False
+        current = self._members.get(nodeId)
+        heard = self._lastHeard.get(nodeId)
+        if current is None or not current.live or current.incarnation != update.incarnation or heard is None:
+            return False
+        return now - heard < self.config.suspicionTimeout(self.liveCount())
 
     def _refute(self, accusedIncarnation: int) -> None:
         local = self.local

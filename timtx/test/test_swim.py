@@ -231,6 +231,8 @@ class CoreTests(SynchronousTestCase):
         """
         h = Harness("a", "b", "c")
         h.join()
+        # a has not heard from c for longer than a suspicion takes.
+        h.now += h.cores["a"].config.suspicionTimeout(3)
         h.cores["a"].receive("b", Gossip((Dead("c", h.cores["c"].incarnation, "b"),)), h.now)
         self.assertEqual(h.state("a", "c"), DEAD)
         h.flush()
@@ -238,6 +240,29 @@ class CoreTests(SynchronousTestCase):
         for observer in "ab":
             self.assertEqual(h.state(observer, "c"), ALIVE)
         self.assertEqual(h.kinds("a", "c")[-2:], [ChangeKind.DIED, ChangeKind.JOINED])
+
+    def test_deadVerdictAboutUndoubtedMemberIsSuspicion(self):
+        """
+        Another node's verdict of death about a member this one heard from
+        itself within the shortest suspicion timeout (a stale verdict from
+        the far side of a healed partition, say) only makes it suspect; it
+        refutes and never dies.  Without such news from the member, the
+        verdict is taken.
+        """
+        h = Harness("a", "b", "c")
+        h.join()
+        for swim in h.cores.values():
+            swim.takeChanges()
+        h.cores["a"].receive("b", Gossip((Dead("c", h.cores["c"].incarnation, "b"),)), h.now)
+        self.assertEqual(h.state("a", "c"), SUSPECT)
+        h.flush()
+        h.run(5.0)
+        self.assertEqual(h.state("a", "c"), ALIVE)
+        self.assertEqual(h.kinds("a", "c"), [ChangeKind.SUSPECTED, ChangeKind.RECOVERED])
+        a = core("a")
+        a.receive("b", Gossip((Alive("c", 1, "c:1"),)), 0.0)
+        a.receive("d", Gossip((Dead("c", 1, "d"),)), 0.1)
+        self.assertEqual(a.member("c").state, DEAD)
 
     def test_staleUpdatesIgnored(self):
         """
