@@ -55,6 +55,7 @@ from timtx.cluster.directory import UserDirectory
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.messaging import ClusterMessaging
 from timtx.cluster.router import ClusterRouter
+from timtx.cluster.swim import ChangeKind, MemberChange
 from timtx.config import Config
 from timtx.crypto.ids import NodeKeys
 from timtx.crypto.vault import KeyringError, StanzaVault, loadKeyring
@@ -384,6 +385,7 @@ class Node(MultiService):
         if self.cluster is not None:
             #: Mirrors this node's cache changes on the other nodes.
             self.cacheMirror = CacheMirror(self.cluster, relations=self.relations, presence=self.presence)
+            self.cluster.addObserver(self._memberBack)
 
         self.dispatcher = Dispatcher()
         route = self.dispatcher.route
@@ -438,6 +440,27 @@ class Node(MultiService):
         self._incidents = incidents
         count = self.inbox.recheckLive()
         self.log.info("store available again: reading the inboxes of {count} live sessions again", count=count)
+
+    def _memberBack(self, change: MemberChange) -> None:
+        """
+        A node declared dead (or gone) is back: a partition healed.  While
+        the two sides could not reach each other, what one side stored for
+        users here stayed in their inboxes; read them again now, so that it
+        arrives without a new login, and before what is pushed from now on.
+        """
+        if (
+            change.kind is not ChangeKind.JOINED
+            or change.previous is None
+            or self.cluster is None
+            or change.member.nodeId == self.cluster.nodeId
+        ):
+            return
+        count = self.inbox.recheckLive()
+        self.log.info(
+            "node {node} is back: reading the inboxes of {count} live sessions again",
+            node=change.member.nodeId,
+            count=count,
+        )
 
     def _lastSessionEnded(self, session: Session) -> None:
         if self.cluster is None:
