@@ -411,13 +411,17 @@ class MeshInNamespacesTests(TestCase):
         running = defer.DeferredList([s.run() for s in senders], fireOnOneErrback=True, consumeErrors=True)
         yield deferLater(reactor, 1.5, lambda: None)
         mesh.split(3)
+        log.msg("node 3 cut off")
         yield waitUntil(lambda: mesh.allSee([1, 2], "alive") and mesh.views()[1].get("node3") == "dead", 15)
         yield waitUntil(lambda: mesh.views()[3].get("node1") == "dead", 15)
         yield deferLater(reactor, 2.0, lambda: None)
         mesh.heal(3)
+        log.msg("node 3 reachable again")
         yield waitUntil(lambda: mesh.allSee([1, 2, 3], "alive"), 20)
+        log.msg("all alive in every view")
         yield running
         for sender, recorder in zip(senders, recorders, strict=True):
+            log.msg(f"{sender.name}: {sender.retries} resends")
             yield self.assertReceivedOnce(sender, recorder)
         self.assertCleanLogs(mesh)
 
@@ -439,14 +443,17 @@ class MeshInNamespacesTests(TestCase):
         toAlice = yield self.pair(mesh, carol, 1, alice, 3, aliceGot, KILL_MESSAGES, "c-")
         running = defer.DeferredList([fromAlice.run(), toAlice.run()], fireOnOneErrback=True, consumeErrors=True)
         yield deferLater(reactor, 1.5, lambda: None)
+        log.msg("killing node 3")
         yield mesh.kill(3)
         yield waitUntil(lambda: not fromAlice.client.connected, 10)
         # Her client comes back through another node, as a tim client with
         # several server addresses does.
         fromAlice.client = yield self.login(mesh, alice, 2, aliceGot)
         fromAlice.client.requestOfflineMessages()
+        log.msg("alice logged in on node 2")
         yield waitUntil(lambda: mesh.views()[1].get("node3") == "dead", 15)
         yield running
+        log.msg(f"all sent; resends: alice {fromAlice.retries}, carol {toAlice.retries}")
         yield self.assertReceivedOnce(fromAlice, bobGot)
         yield self.assertReceivedOnce(toAlice, aliceGot)
         self.assertCleanLogs(mesh)
