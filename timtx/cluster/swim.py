@@ -20,16 +20,20 @@ misses acks it should have had, or finds itself suspected, trusts its own
 judgement less (its I{awareness} score): its probe interval and timeout
 stretch, so a slow node does not accuse healthy ones.
 
-Two more guards against a node that is alive but slow (a saturated event
-loop), beyond memberlist's.  The driver reports how late its event loop ran
-a due timer (L{Swim.observeLag}): lag beyond half the probe timeout counts
-against the local health score, and every timeout of this node is padded by
-its recent lag, so a node that cannot keep time does not accuse others for
-answers it has not yet read.  And each ack's round trip is measured, acks
-that come after their probe ended too: a member whose acks came late lately
-gets that much longer to answer a probe and to refute a suspicion, at most
-the shortest suspicion timeout more, so a slow member is not declared dead
-while a silent one still is within the usual bound.
+Guards against a node that is alive but slow (a saturated event loop),
+beyond memberlist's.  The driver reports how late its event loop ran a due
+timer (L{Swim.observeLag}): lag beyond half the probe timeout counts against
+the local health score, and every timeout of this node is padded by its
+recent lag (at most the longest suspicion timeout), so a node that cannot
+keep time does not accuse others for answers it has not yet read.  Each
+ack's round trip is measured, acks that come after their probe ended too: a
+member whose acks came late lately gets that much longer to answer a probe
+and twice that to refute a suspicion, at most the shortest suspicion timeout
+more, so a slow member is not declared dead while a silent one still is
+within the usual bound.  And another node's verdict of death is only a
+suspicion for a node that heard from the member itself within the shortest
+suspicion timeout: a stale verdict, sent when a partition heals by a node
+that had no one to tell, does not kill a member that is alive.
 
 Changes (alive, suspect, dead) are broadcast by piggybacking them on
 probes and acks, and on small gossip messages to C{gossipNodes} random
@@ -82,8 +86,8 @@ MAX_NUMBER = (1 << 53) - 1
 #: Probes remembered after they end, so that a late ack still measures how
 #: slow its member is.
 MAX_ENDED_PROBES = 64
-#: How many probe intervals a measured lag or round trip is remembered for
-#: (it fades linearly to nothing over that time), at least.
+#: How many probe intervals a measured lag or round trip is kept for, at
+#: least (then it fades linearly to nothing over as long).
 SLOWNESS_MEMORY_PROBES = 10
 
 
@@ -600,9 +604,12 @@ class Swim:
 
     def localLag(self, now: float) -> float:
         """
-        The recent lag of the driver's event loop (see L{observeLag}).
+        The recent lag of the driver's event loop (see L{observeLag}), at
+        most the longest suspicion timeout: the most any timeout is padded.
         """
-        return self._lag.get(now, self._slownessMemory())
+        config = self.config
+        cap = config.suspicionTimeout(self.liveCount()) * config.suspicionMaxMult
+        return min(self._lag.get(now, self._slownessMemory()), cap)
 
     def slowness(self, nodeId: str, now: float) -> float:
         """

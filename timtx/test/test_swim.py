@@ -356,8 +356,8 @@ class CoreTests(SynchronousTestCase):
         """
         An event loop that ran a timer late by more than half the probe
         timeout counts against local health (once per probe interval), and
-        the lag pads every timeout of this node for a while; small lag does
-        neither.
+        the lag pads every timeout of this node for a while (at most the
+        longest suspicion timeout); small lag does neither.
         """
         a = core("a")
         a.receive("b", Gossip((Alive("b", 0, "b:1"), Alive("c", 0, "c:1"))), 0.0)
@@ -383,6 +383,10 @@ class CoreTests(SynchronousTestCase):
         self.assertNotEqual([m for _, m in a.messagesToSend() if isinstance(m, PingReq)], [])
         # Forgotten in time.
         self.assertEqual(a.localLag(1000.0), 0.0)
+        # A long stall pads at most the longest suspicion timeout.
+        a.observeLag(60.0, 1000.0)
+        config = a.config
+        self.assertEqual(a.localLag(1000.0), config.suspicionTimeout(3) * config.suspicionMaxMult)
 
     def test_lateAckStretchesPatience(self):
         """
