@@ -124,24 +124,6 @@ class _Mesh:
         views = self.views()
         return all(views.get(n, {}).get(f"node{m}") == state for n in nodes for m in nodes)
 
-    def split(self, n: int) -> None:
-        """
-        Cut node C{n}'s host off the other hosts (nftables drops, both
-        ways); it still reaches the test, so its clients and the database.
-        """
-        others = ", ".join(self.topology.host(m).address for m in self.processes if m != n)
-        for command in (
-            "add table inet txsplit",
-            "add chain inet txsplit in { type filter hook input priority 0; }",
-            "add chain inet txsplit out { type filter hook output priority 0; }",
-            f"add rule inet txsplit in ip saddr {{ {others} }} drop",
-            f"add rule inet txsplit out ip daddr {{ {others} }} drop",
-        ):
-            netns._run(self.topology.run(n, "nft", command))
-
-    def heal(self, n: int) -> None:
-        netns._run(self.topology.run(n, "nft", "delete table inet txsplit"))
-
     def kill(self, n: int) -> Any:
         """
         SIGKILL node C{n}; fires when it has exited.
@@ -412,12 +394,12 @@ class MeshInNamespacesTests(TestCase):
             recorders.append(recorder)
         running = defer.DeferredList([s.run() for s in senders], fireOnOneErrback=True, consumeErrors=True)
         yield deferLater(reactor, 1.5, lambda: None)
-        mesh.split(3)
+        mesh.topology.isolate(3)
         log.msg("node 3 cut off")
         yield waitUntil(lambda: mesh.allSee([1, 2], "alive") and mesh.views()[1].get("node3") == "dead", 15)
         yield waitUntil(lambda: mesh.views()[3].get("node1") == "dead", 15)
         yield deferLater(reactor, 2.0, lambda: None)
-        mesh.heal(3)
+        mesh.topology.reconnect(3)
         healed = reactor.seconds()
         log.msg("node 3 reachable again")
         yield waitUntil(lambda: mesh.allSee([1, 2, 3], "alive"), 20)
