@@ -5,7 +5,9 @@ L{timtx.test.netns.MeshTopology}) sharing one PostgreSQL database, each
 started with C{twist tim} as an operator would; clients on each host.
 
 The database listens on this machine's loopback, which the hosts cannot
-reach: the test forwards a port on its own LAN address to it.
+reach: the test forwards a port on its own LAN address to it.  So a host cut
+off the others (L{netns.MeshTopology.isolate}) still reaches the database
+and its clients: a partition between nodes, each side serving its users.
 
 Needs root, C{ip} and PostgreSQL; skips without them (fails under CI).
 """
