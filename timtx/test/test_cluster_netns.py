@@ -330,8 +330,9 @@ class MeshInNamespacesTests(TestCase):
 
         inOrder = [(seq, text) for seq, text in got if not late(text)]
         self.assertEqual(inOrder, sorted(inOrder), "out of order")
-        if got != sorted(got):
-            log.msg(f"{sender.name}: came after later ones: {[m for m in got if late(m[1])]}")
+        overtaken = [got[i] for i in range(len(got)) if any(seq > got[i][0] for seq, _ in got[:i])]
+        if overtaken:
+            log.msg(f"{sender.name}: came after later ones: {overtaken}")
 
     def assertCleanLogs(self, mesh: _Mesh) -> None:
         for path in mesh.logs.values():
