@@ -17,7 +17,7 @@ from typing import Any, Callable
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -57,6 +57,7 @@ from timtx.cluster.membership import ClusterService
 from timtx.cluster.messaging import ClusterMessaging
 from timtx.cluster.rooms import ClusterVRoomService
 from timtx.cluster.router import ClusterRouter
+from timtx.cluster.swim import ChangeKind, MemberChange
 from timtx.config import Config
 from timtx.crypto.ids import NodeKeys
 from timtx.crypto.vault import KeyringError, StanzaVault, loadKeyring
@@ -424,6 +425,7 @@ class Node(MultiService):
             self.cacheMirror = CacheMirror(
                 self.cluster, relations=self.relations, presence=self.presence, groups=self.directory
             )
+            self.cluster.addObserver(self._memberBack)
 
         self.dispatcher = Dispatcher()
         route = self.dispatcher.route
@@ -500,6 +502,43 @@ class Node(MultiService):
             path=path,
             count=count,
         )
+
+    #: Seconds after the last node came back before the inboxes of live
+    #: sessions are read once more: the views of the nodes converge
+    #: meanwhile, and what a node stored while it still held a recipient
+    #: offline (its own view not yet healed) is found then.
+    healSettle = 3.0
+    _healTimer: IDelayedCall | None = None
+
+    def _memberBack(self, change: MemberChange) -> None:
+        """
+        A node declared dead (or gone) is back: a partition healed.  While
+        the two sides could not reach each other, what one side stored for
+        users here stayed in their inboxes; read them again now, so that it
+        arrives without a new login and before what is pushed from now on,
+        and once more when the views have settled.
+        """
+        if change.kind is not ChangeKind.JOINED or change.previous is None:
+            return
+        if self.cluster is None or change.member.nodeId == self.cluster.nodeId or self.stopping:
+            return
+        count = self.inbox.recheckLive()
+        self.log.info(
+            "node {node} is back: reading the inboxes of {count} live sessions again",
+            node=change.member.nodeId,
+            count=count,
+        )
+        if self._healTimer is not None and self._healTimer.active():
+            self._healTimer.reset(self.healSettle)
+        else:
+            self._healTimer = self.clock.callLater(self.healSettle, self._healSettled)
+
+    def _healSettled(self) -> None:
+        self._healTimer = None
+        if self.stopping:
+            return
+        count = self.inbox.recheckLive()
+        self.log.info("the cluster settled: reading the inboxes of {count} live sessions once more", count=count)
 
     def _lastSessionEnded(self, session: Session) -> None:
         if self.cluster is None:
@@ -691,6 +730,8 @@ class Node(MultiService):
             return succeed(None)
         self.stopping = True
         self.resealer.stop()
+        if self._healTimer is not None and self._healTimer.active():
+            self._healTimer.cancel()
         for sweep, _ in self._sweeps:
             if sweep.running:
                 sweep.stop()

@@ -112,6 +112,8 @@ COUNTERS_SAVE_INTERVAL = 5.0
 #: SWIM messages queued for a node being dialled; more are dropped (SWIM
 #: copes with loss).
 MAX_QUEUED_SWIM = 64
+#: Seconds between log lines saying the event loop lags (one at most).
+LAG_LOG_INTERVAL = 30.0
 
 
 class PeerUnavailable(Exception):
@@ -515,7 +517,12 @@ class ClusterService(Service):
         self._observers: list[Observer] = []
         self._ownership = Ownership([nodeId])
         self._port: Any = None
+        # The call that next runs the SWIM core's timers, for the deadline it
+        # asked for; while _awaitingIO, the reactor's I/O pass before them.
         self._timer: IDelayedCall | None = None
+        self._deadline = 0.0
+        self._awaitingIO = False
+        self._lagLoggedAt = -LAG_LOG_INTERVAL
         self._saveTimer: IDelayedCall | None = None
         self._links: set[PeerProtocol] = set()
         self._closed: dict[PeerProtocol, Deferred[None]] = {}
@@ -916,6 +923,7 @@ class ClusterService(Service):
             if timer is not None and timer.active():
                 timer.cancel()
         self._timer = self._saveTimer = None
+        self._awaitingIO = False
         self._save()
         for dialer in [*self._seedDialers.values(), *self._sideDialers.values()]:
             dialer.stop()
@@ -1415,10 +1423,34 @@ class ClusterService(Service):
         self._pump()
 
     def _tick(self) -> None:
+        # The deadline has come, but on a busy reactor the answers that came
+        # in time may still wait unread in the sockets: Twisted runs due
+        # timers before it reads.  A verdict now would accuse a node for
+        # this node's own slowness, so the reactor gets one I/O pass first
+        # (a call in 0 s runs after it).
+        self._awaitingIO = True
+        self._timer = self.clock.callLater(0, self._tickAfterIO)
+
+    def _tickAfterIO(self) -> None:
         self._timer = None
-        if self.swim is not None:
-            self.swim.tick(self.clock.seconds())
-            self._pump()
+        self._awaitingIO = False
+        swim = self.swim
+        if swim is None:
+            return
+        now = self.clock.seconds()
+        # How late the event loop came round (timer lateness and the I/O
+        # pass): Lifeguard's local health, counted by the core.
+        lag = now - self._deadline
+        swim.observeLag(lag, now)
+        if lag > self.swimConfig.probeTimeout and now - self._lagLoggedAt >= LAG_LOG_INTERVAL:
+            self._lagLoggedAt = now
+            self.log.info(
+                "event loop {lag:.3f} s late: the failure detector waits longer (awareness {awareness})",
+                lag=lag,
+                awareness=swim.awareness,
+            )
+        swim.tick(now)
+        self._pump()
 
     def _pump(self) -> None:
         swim = self.swim
@@ -1429,15 +1461,17 @@ class ClusterService(Service):
         changes = swim.takeChanges()
         if changes:
             self._membershipChanged(changes)
-        if self._stopping:
+        if self._stopping or self._awaitingIO:
+            # (After the I/O pass the tick runs whatever is due then.)
             return
         deadline = swim.nextTimer()
         if self._timer is not None:
-            if deadline is not None and abs(self._timer.getTime() - deadline) < 1e-9:
+            if deadline is not None and abs(self._deadline - deadline) < 1e-9:
                 return
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
+            self._deadline = deadline
             self._timer = self.clock.callLater(max(deadline - self.clock.seconds(), 0.0), self._tick)
 
     def _sendSwim(self, nodeId: str, data: bytes) -> None:

@@ -10,6 +10,14 @@ randomness comes from one C{random.Random(seed)}, and messages are encoded
 and decoded as on the wire, so a run with the same seed repeats exactly and
 exercises the codec too.
 
+A node can be made I{slow} (L{Simulation.slow}), as a saturated process
+is: its event loop runs in iterations that each take a random busy time;
+at the start of one it runs the timers that are due, then reads what has
+arrived, and what it sends leaves when the iteration ends.  Its driver does
+what L{timtx.cluster.membership.ClusterService} does on such a loop (one
+I/O pass before due timers run, the lag reported to the core), or, with
+C{lagAware=False}, what a plain driver would (timers first, no lag).
+
     sim = Simulation(seed=1)
     sim.start(["n1", "n2", "n3"])
     sim.runUntil(sim.converged, limit=10)
@@ -46,6 +54,15 @@ class SimulatedNode:
     changes: list[tuple[float, MemberChange]] = field(default_factory=list)
     deadline: float | None = None
     generation: int = 0
+    #: The range each event loop iteration's busy time is drawn from, for a
+    #: slow node; C{None} for a node that handles everything at once.
+    busy: tuple[float, float] | None = None
+    #: Messages arrived and not read yet (a slow node's socket buffers).
+    inbox: list[tuple[str, bytes]] = field(default_factory=list)
+    #: A slow node's due timers wait for the I/O pass; since this deadline.
+    tickAfterIO: float | None = None
+    #: When what a slow node sends now leaves (its iteration's end).
+    sendAt: float | None = None
 
     def view(self) -> dict[str, MemberState]:
         return {member.nodeId: member.state for member in self.swim.members()}
@@ -74,11 +91,13 @@ class Simulation:
         loss: float = 0.0,
         delay: tuple[float, float] = (0.0005, 0.005),
         clock: Clock | None = None,
+        lagAware: bool = True,
     ):
         self.rng = random.Random(seed)
         self.config = config or SwimConfig()
         self.loss = loss
         self.delay = delay
+        self.lagAware = lagAware
         self.clock = clock or Clock()
         self.nodes: dict[str, SimulatedNode] = {}
         self.messages = 0
@@ -161,6 +180,28 @@ class Simulation:
         node.swim.leave(self.now())
         self._pump(node)
         node.running = False
+
+    def slow(self, nodeId: str, busy: tuple[float, float] | None) -> None:
+        """
+        Make C{nodeId}'s event loop busy: each iteration takes a time drawn
+        from C{busy} (seconds); C{None} makes it prompt again.
+        """
+        node = self.nodes[nodeId]
+        wasSlow = node.busy is not None
+        node.busy = busy
+        if busy is not None and not wasSlow:
+            node.deadline = None
+            node.generation += 1
+            self._at(self.now(), ("iterate", node, node.generation))
+        elif busy is None and wasSlow:
+            node.generation += 1
+            node.deadline = None
+            node.tickAfterIO = None
+            inbox, node.inbox = node.inbox, []
+            for source, data in inbox:
+                node.swim.receive(source, decodeMessage(data), self.now())
+            node.swim.tick(self.now())
+            self._pump(node)
 
     def partition(self, *groups: Iterable[str]) -> None:
         """
@@ -260,6 +301,11 @@ class Simulation:
                 if node.running and node.generation == generation:
                     node.swim.tick(now)
                     self._pump(node)
+            elif event[0] == "iterate":
+                node, generation = event[1], event[2]
+                assert isinstance(node, SimulatedNode)
+                if node.running and node.generation == generation:
+                    self._iterate(node, now)
             elif event[0] == "join":
                 node, seeds = event[1], event[2]
                 assert isinstance(node, SimulatedNode) and isinstance(seeds, tuple)
@@ -268,13 +314,41 @@ class Simulation:
                 _, source, target, data = event
                 self._deliver(str(source), str(target), bytes(data), now)  # type: ignore[call-overload]
 
+    def _iterate(self, node: SimulatedNode, now: float) -> None:
+        """
+        One iteration of a slow node's event loop, as Twisted runs one: due
+        timers first, then the sockets; busy until the next.
+        """
+        assert node.busy is not None
+        busy = self.rng.uniform(*node.busy)
+        node.sendAt = now + busy
+        swim = node.swim
+        deadline = swim.nextTimer()
+        if self.lagAware:
+            if node.tickAfterIO is not None:
+                swim.observeLag(now - node.tickAfterIO, now)
+                node.tickAfterIO = None
+                swim.tick(now)
+            elif deadline is not None and deadline <= now:
+                node.tickAfterIO = deadline
+        elif deadline is not None and deadline <= now:
+            swim.tick(now)
+        inbox, node.inbox = node.inbox, []
+        for source, data in inbox:
+            swim.receive(source, decodeMessage(data), now)
+        self._pump(node)
+        node.sendAt = None
+        self._at(now + busy, ("iterate", node, node.generation))
+
     def _pump(self, node: SimulatedNode) -> None:
         swim = node.swim
         now = self.now()
         for target, message in swim.messagesToSend():
-            self._send(node.nodeId, target, message)
+            self._send(node.nodeId, target, message, node.sendAt)
         for change in swim.takeChanges():
             node.changes.append((now, change))
+        if node.busy is not None:
+            return
         deadline = swim.nextTimer()
         if deadline != node.deadline:
             node.generation += 1
@@ -282,19 +356,23 @@ class Simulation:
             if deadline is not None and node.running:
                 self._at(deadline, ("tick", node, node.generation))
 
-    def _send(self, source: str, target: str, message: Message) -> None:
+    def _send(self, source: str, target: str, message: Message, at: float | None = None) -> None:
         data = encodeMessage(message)
         self.messages += 1
         self.bytes += len(data)
         if self.rng.random() < self.loss:
             return
-        self._at(self.now() + self.rng.uniform(*self.delay), ("deliver", source, target, data))
+        leaves = self.now() if at is None else at
+        self._at(leaves + self.rng.uniform(*self.delay), ("deliver", source, target, data))
 
     def _deliver(self, source: str, target: str, data: bytes, now: float) -> None:
         node = self.nodes.get(target)
         if node is None or not node.running:
             return
         if not self.reachable(source, target):
+            return
+        if node.busy is not None:
+            node.inbox.append((source, data))
             return
         node.swim.receive(source, decodeMessage(data), now)
         self._pump(node)

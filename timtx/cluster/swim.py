@@ -20,6 +20,21 @@ misses acks it should have had, or finds itself suspected, trusts its own
 judgement less (its I{awareness} score): its probe interval and timeout
 stretch, so a slow node does not accuse healthy ones.
 
+Guards against a node that is alive but slow (a saturated event loop),
+beyond memberlist's.  The driver reports how late its event loop ran a due
+timer (L{Swim.observeLag}): lag beyond half the probe timeout counts against
+the local health score, and every timeout of this node is padded by its
+recent lag (at most the longest suspicion timeout), so a node that cannot
+keep time does not accuse others for answers it has not yet read.  Each
+ack's round trip is measured, acks that come after their probe ended too: a
+member whose acks came late lately gets that much longer to answer a probe
+and twice that to refute a suspicion, at most the shortest suspicion timeout
+more, so a slow member is not declared dead while a silent one still is
+within the usual bound.  And another node's verdict of death is only a
+suspicion for a node that heard from the member itself within the shortest
+suspicion timeout: a stale verdict, sent when a partition heals by a node
+that had no one to tell, does not kill a member that is alive.
+
 Changes (alive, suspect, dead) are broadcast by piggybacking them on
 probes and acks, and on small gossip messages to C{gossipNodes} random
 members every C{gossipInterval} while there is something to tell; each
@@ -68,6 +83,12 @@ MAX_UPDATES = 256
 MAX_MEMBERS = 10000
 #: Incarnations and sequence numbers stay below 2**53, exact in JSON.
 MAX_NUMBER = (1 << 53) - 1
+#: Probes remembered after they end, so that a late ack still measures how
+#: slow its member is.
+MAX_ENDED_PROBES = 64
+#: How many probe intervals a measured lag or round trip is kept for, at
+#: least (then it fades linearly to nothing over as long).
+SLOWNESS_MEMORY_PROBES = 10
 
 
 class MemberState(Enum):
@@ -328,26 +349,53 @@ class _Timers:
         self._heap.clear()
 
 
+class _RecentPeak:
+    """
+    The largest value seen lately: each is kept for C{memory} seconds,
+    then fades linearly to 0 over as long, unless a larger one comes.
+    """
+
+    __slots__ = ("value", "at")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.at = 0.0
+
+    def get(self, now: float, memory: float) -> float:
+        age = max(now - self.at, 0.0)
+        if age <= memory:
+            return self.value
+        return self.value * max(0.0, 2.0 - age / memory)
+
+    def add(self, value: float, now: float, memory: float) -> None:
+        if value >= self.get(now, memory):
+            self.value = value
+            self.at = now
+
+
 class _Suspicion:
     """
     A suspicion timer whose deadline moves from C{longest} toward
     C{shortest} as C{k} independent confirmations arrive.
     """
 
-    def __init__(self, accuser: str, k: int, shortest: float, longest: float, start: float):
+    def __init__(self, accuser: str, k: int, shortest: float, longest: float, start: float, extra: float):
         self.confirmations = {accuser}
         self.k = k
         self.shortest = shortest
         self.longest = longest
         self.start = start
+        #: Added for a slow suspect or a lagging local node; only grows.
+        self.extra = extra
         self.n = 0
         self.timer: _Timer | None = None
 
     def deadline(self) -> float:
+        start = self.start + self.extra
         if self.k < 1:
-            return self.start + self.shortest
+            return start + self.shortest
         fraction = math.log(self.n + 1) / math.log(self.k + 1)
-        return self.start + max(self.shortest, self.longest - fraction * (self.longest - self.shortest))
+        return start + max(self.shortest, self.longest - fraction * (self.longest - self.shortest))
 
     def confirm(self, accuser: str) -> bool:
         """
@@ -363,6 +411,7 @@ class _Suspicion:
 @dataclass
 class _Probe:
     target: str
+    sentAt: float = 0.0
     acked: bool = False
     expectedNacks: int = 0
     nacks: int = 0
@@ -409,7 +458,8 @@ class Swim:
     @ivar nodeId: this node's id.
     @ivar config: a L{SwimConfig}.
     @ivar awareness: the Lifeguard health score, from 0 (healthy) to
-        C{awarenessMax - 1}; timeouts are multiplied by C{awareness + 1}.
+        C{awarenessMax - 1}; timeouts are multiplied by C{awareness + 1}
+        (and padded by the recent lag of the driver's event loop).
     @ivar left: whether L{leave} was called; the node then takes no part.
     @ivar sent: messages returned by L{messagesToSend} so far, for
         measurements.
@@ -450,6 +500,11 @@ class Swim:
         self._urgent: list[str] = []
         self._liveCount: int | None = None
         self._strangers: dict[str, float] = {}
+        self._lag = _RecentPeak()
+        self._lagPenaltyAt: float | None = None
+        self._roundTrips: dict[str, _RecentPeak] = {}
+        self._lastHeard: dict[str, float] = {}
+        self._endedProbes: dict[int, tuple[str, float]] = {}
         config = self.config
         # Start each periodic task at a random phase, so nodes started
         # together do not act in step.
@@ -529,6 +584,45 @@ class Swim:
         """
         self._timers.run(now)
 
+    def observeLag(self, lag: float, now: float) -> None:
+        """
+        The driver's event loop ran a due timer (or handled input) C{lag}
+        seconds later than asked: the node is busy, and its timeouts end
+        before it has read the answers that came in time.  Lag beyond half
+        the probe timeout raises the awareness score (at most once per
+        probe interval), and every timeout is padded by the recent lag.
+        """
+        if lag <= 0 or self.left:
+            return
+        config = self.config
+        self._lag.add(lag, now, self._slownessMemory())
+        if lag > config.probeTimeout / 2 and (
+            self._lagPenaltyAt is None or now - self._lagPenaltyAt >= config.probeInterval
+        ):
+            self._lagPenaltyAt = now
+            self._adjustAwareness(1)
+
+    def localLag(self, now: float) -> float:
+        """
+        The recent lag of the driver's event loop (see L{observeLag}), at
+        most the longest suspicion timeout: the most any timeout is padded.
+        """
+        config = self.config
+        cap = config.suspicionTimeout(self.liveCount()) * config.suspicionMaxMult
+        return min(self._lag.get(now, self._slownessMemory()), cap)
+
+    def slowness(self, nodeId: str, now: float) -> float:
+        """
+        The extra time C{nodeId} is given to answer a probe and to refute a
+        suspicion: its recent round trip, late acks included, at most the
+        shortest suspicion timeout.
+        """
+        peak = self._roundTrips.get(nodeId)
+        if peak is None:
+            return 0.0
+        cap = self.config.suspicionTimeout(self.liveCount())
+        return min(peak.get(now, self._slownessMemory()), cap)
+
     def receive(self, sender: str, message: Message, now: float) -> None:
         """
         Handle a message from C{sender}, whose identity the transport has
@@ -536,6 +630,8 @@ class Swim:
         """
         if self.left:
             return
+        if sender in self._members:
+            self._lastHeard[sender] = now
         for update in message.updates:
             self._apply(update, now)
         known = self._members.get(sender)
@@ -545,7 +641,7 @@ class Swim:
             if message.target == self.nodeId:
                 self._send(sender, Ack(message.seq, self._piggyback()))
         elif isinstance(message, Ack):
-            self._ackReceived(message.seq)
+            self._ackReceived(message.seq, now)
         elif isinstance(message, Nack):
             waiter = self._acks.get(message.seq)
             if isinstance(waiter, _Probe):
@@ -652,8 +748,24 @@ class Swim:
         local = self.local
         self._broadcast(Alive(self.nodeId, local.incarnation, local.address, local.clientAddresses, local.meta))
 
-    def _scaled(self, seconds: float) -> float:
-        return seconds * (self.awareness + 1)
+    def _scaled(self, seconds: float, now: float) -> float:
+        return seconds * (self.awareness + 1) + self.localLag(now)
+
+    def _slownessMemory(self) -> float:
+        """
+        How long a lag or a slow round trip is remembered: long enough to
+        cover a round of probes of every member.
+        """
+        return max(SLOWNESS_MEMORY_PROBES, 2 * self.liveCount()) * self.config.probeInterval
+
+    def _roundTrip(self, nodeId: str, seconds: float, now: float) -> None:
+        member = self._members.get(nodeId)
+        if member is None or nodeId == self.nodeId:
+            return
+        peak = self._roundTrips.get(nodeId)
+        if peak is None:
+            peak = self._roundTrips[nodeId] = _RecentPeak()
+        peak.add(seconds, now, self._slownessMemory())
 
     def _adjustAwareness(self, delta: int) -> None:
         self.awareness = min(max(self.awareness + delta, 0), self.config.awarenessMax - 1)
@@ -694,21 +806,24 @@ class Swim:
         return None
 
     def _probeTick(self, now: float) -> None:
-        interval = self._scaled(self.config.probeInterval)
+        interval = self._scaled(self.config.probeInterval, now)
         self._timers.at(now + interval, self._probeTick)
         target = self._nextProbeTarget()
         if target is None:
             return
         member = self._members[target]
         seq = next(self._seq)
-        probe = _Probe(target)
+        probe = _Probe(target, now)
         self._acks[seq] = probe
         # The buddy system: a suspect learns of the suspicion from the ping.
         extra = Suspect(target, member.incarnation, self.nodeId) if member.state is SUSPECT else None
         self._send(target, Ping(seq, target, self._piggyback(extra)))
+        slowness = self.slowness(target, now)
         probe.timers = [
-            self._timers.at(now + self._scaled(self.config.probeTimeout), lambda t: self._probeTimedOut(seq, t)),
-            self._timers.at(now + interval, lambda t: self._probeEnded(seq, t)),
+            self._timers.at(
+                now + self._scaled(self.config.probeTimeout, now) + slowness, lambda t: self._probeTimedOut(seq, t)
+            ),
+            self._timers.at(now + interval + slowness, lambda t: self._probeEnded(seq, t)),
         ]
 
     def _probeTimedOut(self, seq: int, now: float) -> None:
@@ -724,6 +839,9 @@ class Swim:
         probe = self._acks.pop(seq, None)
         if not isinstance(probe, _Probe):
             return
+        self._endedProbes[seq] = (probe.target, probe.sentAt)
+        if len(self._endedProbes) > MAX_ENDED_PROBES:
+            del self._endedProbes[next(iter(self._endedProbes))]
         if probe.expectedNacks > 0:
             self._adjustAwareness(max(probe.expectedNacks - probe.nacks, 0))
         else:
@@ -732,9 +850,16 @@ class Swim:
         if member is not None and member.live:
             self._suspect(Suspect(probe.target, member.incarnation, self.nodeId), now)
 
-    def _ackReceived(self, seq: int) -> None:
+    def _ackReceived(self, seq: int, now: float) -> None:
         waiter = self._acks.pop(seq, None)
+        if waiter is None:
+            # An ack after its probe ended: the member lives, slowly.
+            ended = self._endedProbes.pop(seq, None)
+            if ended is not None:
+                self._roundTrip(ended[0], now - ended[1], now)
+            return
         if isinstance(waiter, _Probe):
+            self._roundTrip(waiter.target, now - waiter.sentAt, now)
             waiter.acked = True
             for timer in waiter.timers:
                 timer.cancelled = True
@@ -756,7 +881,7 @@ class Swim:
                 del self._acks[seq]
                 self._send(origin, Nack(request.seq))
 
-        self._timers.at(now + self._scaled(self.config.probeTimeout), timedOut)
+        self._timers.at(now + self._scaled(self.config.probeTimeout, now) + self.slowness(target, now), timedOut)
 
     # Periodic tasks.
 
@@ -795,6 +920,8 @@ class Swim:
         for nodeId, member in list(self._members.items()):
             if not member.live and nodeId != self.nodeId and now - member.since >= ttl:
                 del self._members[nodeId]
+                self._roundTrips.pop(nodeId, None)
+                self._lastHeard.pop(nodeId, None)
                 self._liveCount = None
                 self._changes.append(MemberChange(ChangeKind.FORGOTTEN, member, member))
 
@@ -817,7 +944,30 @@ class Swim:
         elif isinstance(update, Suspect):
             self._suspect(update, now)
         else:
-            self._dead(update, now)
+            if self._doubtedVerdict(update, now):
+                # Then it is only a suspicion (or a confirmation of the one
+                # here): the member gets its chance to refute.  So a stale
+                # verdict (from the far side of a healed partition, say)
+                # does not kill a member that is alive and reachable.
+                self._suspect(Suspect(update.nodeId, update.incarnation, update.accuser), now)
+            else:
+                self._dead(update, now)
+
+    def _doubtedVerdict(self, update: Dead, now: float) -> bool:
+        """
+        Whether C{update}, another node's verdict of death, is contradicted
+        here: this node heard from the member itself within the shortest
+        suspicion timeout, later than any verdict made by the rules could
+        have been reached.
+        """
+        nodeId = update.nodeId
+        if update.accuser in (nodeId, self.nodeId) or nodeId == self.nodeId:
+            return False
+        current = self._members.get(nodeId)
+        heard = self._lastHeard.get(nodeId)
+        if current is None or not current.live or current.incarnation != update.incarnation or heard is None:
+            return False
+        return now - heard < self.config.suspicionTimeout(self.liveCount())
 
     def _refute(self, accusedIncarnation: int) -> None:
         local = self.local
@@ -878,7 +1028,9 @@ class Swim:
         if members - 2 < k:
             k = 0
         shortest = config.suspicionTimeout(members)
-        suspicion = _Suspicion(update.accuser, k, shortest, shortest * config.suspicionMaxMult, now)
+        suspicion = _Suspicion(
+            update.accuser, k, shortest, shortest * config.suspicionMaxMult, now, self._suspicionExtra(nodeId, now)
+        )
         self._suspicions[nodeId] = suspicion
         self._scheduleSuspicion(nodeId, suspicion)
 
@@ -888,10 +1040,26 @@ class Swim:
 
         def expired(now: float) -> None:
             if self._suspicions.get(nodeId) is suspicion:
+                # Late acks may have shown since that the suspect is slow.
+                extra = self._suspicionExtra(nodeId, now)
+                if extra > suspicion.extra:
+                    suspicion.extra = extra
+                    if suspicion.deadline() > now:
+                        self._scheduleSuspicion(nodeId, suspicion)
+                        return
                 member = self._members[nodeId]
                 self._dead(Dead(nodeId, member.incarnation, self.nodeId), now)
 
         suspicion.timer = self._timers.at(suspicion.deadline(), expired)
+
+    def _suspicionExtra(self, nodeId: str, now: float) -> float:
+        """
+        A suspect seen slow lately needs a round trip through its slow
+        event loop to learn of the suspicion and another for its refutation
+        to leave, and a lagging local node reads it late: the suspicion
+        waits that much longer.
+        """
+        return 2 * self.slowness(nodeId, now) + self.localLag(now)
 
     def _cancelSuspicion(self, nodeId: str) -> None:
         suspicion = self._suspicions.pop(nodeId, None)

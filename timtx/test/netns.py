@@ -316,6 +316,28 @@ class MeshTopology:
         """
         return ["ip", "netns", "exec", self.host(index).namespace, *argv]
 
+    def isolate(self, index: int) -> None:
+        """
+        Cut host C{index} off every other host (nftables drops in its
+        namespace, both ways); it still reaches the root namespace, so the
+        test and what the test forwards (the database).
+        """
+        others = ", ".join(self.host(i).address for i in range(1, self.hosts + 1) if i != index)
+        for command in (
+            "add table inet txsplit",
+            "add chain inet txsplit in { type filter hook input priority 0; }",
+            "add chain inet txsplit out { type filter hook output priority 0; }",
+            f"add rule inet txsplit in ip saddr {{ {others} }} drop",
+            f"add rule inet txsplit out ip daddr {{ {others} }} drop",
+        ):
+            _run(self.run(index, "nft", command))
+
+    def reconnect(self, index: int) -> None:
+        """
+        Undo L{isolate}.
+        """
+        _run(self.run(index, "nft", "delete table inet txsplit"))
+
 
 def buildMesh(testCase: Any, hosts: int) -> MeshTopology:
     """

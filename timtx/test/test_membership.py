@@ -53,15 +53,34 @@ class FakeEndpoint:
         return self.network.connect(self.address, factory)
 
 
+class IteratingClock(MemoryReactorClock):
+    """
+    A clock whose L{advance} is one reactor iteration's timer phase: it
+    runs only the calls due when it starts; calls they add for now wait for
+    the next one, after the I/O in between (L{FakeNetwork.flush}), as on a
+    real reactor.
+    """
+
+    def advance(self, amount):
+        self.rightNow += amount
+        self._sortCalls()
+        due = [call for call in self.calls if call.getTime() <= self.seconds()]
+        for call in due:
+            if call in self.calls:
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+
 class FakeNetwork:
     """
     Services on one clock, linked in memory.  A crashed address accepts no
     dial and its links go silent.
     """
 
-    def __init__(self, testCase):
+    def __init__(self, testCase, clock=None):
         self.testCase = testCase
-        self.clock = MemoryReactorClock()
+        self.clock = clock or MemoryReactorClock()
         self.listeners = {}
         self.pumps = []
         self.silent = set()
@@ -449,6 +468,33 @@ class FakeNetworkTests(SynchronousTestCase):
         self.net.run(1.0)
         self.assertIn("node0", self.net.links(b))
         self.assertTrue(self.net.converged())
+
+    def test_lateTimerReadsFirstAndCountsLag(self):
+        """
+        When the reactor comes round to a probe's deadlines late, with the
+        ack already waiting unread, the service lets it read first (Twisted
+        runs due timers before I/O): no suspicion.  The lateness is reported
+        to the core as lag, which pads its timeouts.
+        """
+        self.net = FakeNetwork(self, IteratingClock())
+        a, b = self.mesh(2)
+        self.net.silent.add(b.address)
+        probes = []
+        while not probes:
+            self.net.clock.advance(0.01)
+            probes = [p for p in a.swim._acks.values() if getattr(p, "target", None) == "node1"]
+        # a's reactor is busy for a whole probe period: the probe's timeout
+        # and end are both due when it comes round, and b's ack arrives
+        # meanwhile.
+        self.net.clock.advance(a.swimConfig.probeInterval + 0.1)
+        self.net.silent.discard(b.address)
+        self.net.flush()
+        self.net.clock.advance(0)
+        self.net.flush()
+        self.assertTrue(probes[0].acked)
+        self.assertIs(a.member("node1").state, ALIVE)
+        self.assertGreater(a.swim.localLag(self.net.clock.seconds()), a.swimConfig.probeTimeout)
+        self.assertEqual(b.member("node0").state, ALIVE)
 
 
 class ConfigTests(SynchronousTestCase):

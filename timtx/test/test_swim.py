@@ -31,6 +31,7 @@ from timtx.cluster.swim import (
     SwimConfig,
     SwimDecodeError,
     Sync,
+    _Probe,
     decodeMessage,
     encodeMessage,
 )
@@ -230,6 +231,8 @@ class CoreTests(SynchronousTestCase):
         """
         h = Harness("a", "b", "c")
         h.join()
+        # a has not heard from c for longer than a suspicion takes.
+        h.now += h.cores["a"].config.suspicionTimeout(3)
         h.cores["a"].receive("b", Gossip((Dead("c", h.cores["c"].incarnation, "b"),)), h.now)
         self.assertEqual(h.state("a", "c"), DEAD)
         h.flush()
@@ -237,6 +240,29 @@ class CoreTests(SynchronousTestCase):
         for observer in "ab":
             self.assertEqual(h.state(observer, "c"), ALIVE)
         self.assertEqual(h.kinds("a", "c")[-2:], [ChangeKind.DIED, ChangeKind.JOINED])
+
+    def test_deadVerdictAboutUndoubtedMemberIsSuspicion(self):
+        """
+        Another node's verdict of death about a member this one heard from
+        itself within the shortest suspicion timeout (a stale verdict from
+        the far side of a healed partition, say) only makes it suspect; it
+        refutes and never dies.  Without such news from the member, the
+        verdict is taken.
+        """
+        h = Harness("a", "b", "c")
+        h.join()
+        for swim in h.cores.values():
+            swim.takeChanges()
+        h.cores["a"].receive("b", Gossip((Dead("c", h.cores["c"].incarnation, "b"),)), h.now)
+        self.assertEqual(h.state("a", "c"), SUSPECT)
+        h.flush()
+        h.run(5.0)
+        self.assertEqual(h.state("a", "c"), ALIVE)
+        self.assertEqual(h.kinds("a", "c"), [ChangeKind.SUSPECTED, ChangeKind.RECOVERED])
+        a = core("a")
+        a.receive("b", Gossip((Alive("c", 1, "c:1"),)), 0.0)
+        a.receive("d", Gossip((Dead("c", 1, "d"),)), 0.1)
+        self.assertEqual(a.member("c").state, DEAD)
 
     def test_staleUpdatesIgnored(self):
         """
@@ -325,6 +351,93 @@ class CoreTests(SynchronousTestCase):
         h.cut.clear()
         h.run(30.0)
         self.assertEqual(a.awareness, 0)
+
+    def test_lagRaisesAwarenessAndPadsTimeouts(self):
+        """
+        An event loop that ran a timer late by more than half the probe
+        timeout counts against local health (once per probe interval), and
+        the lag pads every timeout of this node for a while (at most the
+        longest suspicion timeout); small lag does neither.
+        """
+        a = core("a")
+        a.receive("b", Gossip((Alive("b", 0, "b:1"), Alive("c", 0, "c:1"))), 0.0)
+        a.messagesToSend()
+        timeout = a.config.probeTimeout
+        a.observeLag(timeout / 4, 0.0)
+        self.assertEqual(a.awareness, 0)
+        a.observeLag(0.5, 0.0)
+        a.observeLag(0.5, 0.01)
+        self.assertEqual(a.awareness, 1)
+        self.assertEqual(a.localLag(0.01), 0.5)
+        a.observeLag(0.5, a.config.probeInterval)
+        self.assertEqual(a.awareness, 2)
+        # The next probe's timeout: 3 x 0.15 s plus the 0.5 s lag.
+        pings = []
+        while not pings:
+            probeAt = a.nextTimer()
+            a.tick(probeAt)
+            pings = [m for _, m in a.messagesToSend() if isinstance(m, Ping)]
+        a.tick(probeAt + 3 * timeout + 0.49)
+        self.assertEqual([m for _, m in a.messagesToSend() if isinstance(m, PingReq)], [])
+        a.tick(probeAt + 3 * timeout + 0.51)
+        self.assertNotEqual([m for _, m in a.messagesToSend() if isinstance(m, PingReq)], [])
+        # Forgotten in time.
+        self.assertEqual(a.localLag(1000.0), 0.0)
+        # A long stall pads at most the longest suspicion timeout.
+        a.observeLag(60.0, 1000.0)
+        config = a.config
+        self.assertEqual(a.localLag(1000.0), config.suspicionTimeout(3) * config.suspicionMaxMult)
+
+    def test_lateAckStretchesPatience(self):
+        """
+        An ack that comes after its probe ended shows the member is alive
+        but slow: its next probe waits that much longer, and so does a
+        suspicion of it, up to the shortest suspicion timeout more.
+        """
+        h = Harness("a", "b", "c")
+        h.join()
+        a = h.cores["a"]
+        self.assertEqual(a.slowness("b", h.now), 0.0)
+        # a probes b; b's ack comes 0.6 s later, after the probe ended.
+        h.cut.add(frozenset("ab"))
+        h.cut.add(frozenset("bc"))
+        seqs = []
+        logged = len(h.log)
+        while not seqs:
+            h.run(0.05)
+            seqs = [
+                m.seq
+                for s, t, m in h.log[logged:]
+                if s == "a" and t == "b" and isinstance(m, Ping) and isinstance(a._acks.get(m.seq), _Probe)
+            ]
+        sentAt = h.now
+        h.run(0.6)
+        a.receive("b", Ack(seqs[0]), h.now)
+        self.assertLess(abs(a.slowness("b", h.now) - (h.now - sentAt)), 0.06)
+        a.receive("b", Ack(seqs[0]), h.now + 5)
+        self.assertLessEqual(a.slowness("b", h.now), a.config.suspicionTimeout(3))
+        # Much later acks are capped.
+        a._roundTrip("b", 30.0, h.now)
+        self.assertEqual(a.slowness("b", h.now), a.config.suspicionTimeout(3))
+
+    def test_slowSuspectGetsLonger(self):
+        """
+        A suspicion of a member seen slow waits twice its slowness more
+        before the member is declared dead.
+        """
+        a = core("a")
+        a.receive("b", Gossip((Alive("b", 0, "b:1"), Alive("c", 0, "c:1"))), 0.0)
+        a._roundTrip("b", 0.5, 0.0)
+        a.receive("c", Gossip((Suspect("b", 0, "c"), Suspect("c", 0, "b"))), 0.0)
+        suspicions = a._suspicions
+        self.assertAlmostEqual(suspicions["b"].deadline() - suspicions["c"].deadline(), 1.0)
+        # Its late ack since counts too: the verdict is put off.
+        a._roundTrip("c", 0.4, 0.5)
+        deadline = suspicions["c"].deadline()
+        a.takeChanges()
+        a.tick(deadline)
+        self.assertEqual(a.takeChanges(), [])
+        self.assertAlmostEqual(suspicions["c"].deadline(), deadline + 0.8)
 
     def test_leave(self):
         """
@@ -676,6 +789,59 @@ class SimulationTests(SynchronousTestCase):
         took = sim.runUntil(sim.converged, 10.0)
         self.assertIsNotNone(took)
         self.assertLess(took, 2.0)
+
+    def slowRun(self, n, seed, lagAware=True, busy=(0.1, 0.5)):
+        """
+        Run a converged cluster of C{n} for 60 s with C{n01}'s event loop
+        saturated (each iteration busy 0.1-0.5 s); the deaths and
+        suspicions seen, and whether it ended converged.
+        """
+        sim = self.converged(n, seed, lagAware=lagAware)
+        start = sim.now()
+        sim.slow("n01", busy)
+        sim.run(60.0)
+        changes = [c.kind for node in sim.running() for t, c in node.changes if t >= start]
+        sim.slow("n01", None)
+        return changes.count(ChangeKind.DIED), changes.count(ChangeKind.SUSPECTED), sim.converged()
+
+    def test_slowNodeNeitherAccusesNorFlaps(self):
+        """
+        A node whose event loop is saturated (it reads and answers 0.1 to
+        0.5 s late) is suspected now and then and refutes, but in 60 s
+        nobody is declared dead: not the slow node (its late acks stretch
+        the others' patience), not the healthy ones (it does not judge
+        before it has read, and its own lag makes it patient).  A plain
+        driver (timers before reads, no lag counted) suspects more.
+        """
+        for n in (3, 5):
+            for seed in range(4):
+                deaths, suspicions, converged = self.slowRun(n, seed)
+                self.assertEqual(deaths, 0, f"n={n} seed={seed}")
+                self.assertTrue(converged)
+            self.assertLess(
+                sum(self.slowRun(n, seed)[1] for seed in range(2)),
+                sum(self.slowRun(n, seed, lagAware=False)[1] for seed in range(2)),
+            )
+
+    def test_deadNodeDetectedNextToSlowOne(self):
+        """
+        With a saturated node in the cluster, a node that stops silently is
+        still declared dead by every other member within 5 s, and so is
+        the slow node when it stops in turn.
+        """
+        for n in (3, 5):
+            for seed in range(3):
+                sim = self.converged(n, seed)
+                sim.slow("n01", (0.1, 0.5))
+                sim.run(10.0)
+                sim.crash("n02")
+                took = sim.runUntil(lambda sim=sim: sim.allSee("n02", [DEAD]), 30.0)
+                self.assertIsNotNone(took)
+                self.assertLess(took, self.detectionBound)
+                sim.crash("n01")
+                took = sim.runUntil(lambda sim=sim: sim.allSee("n01", [DEAD]), 30.0)
+                self.assertIsNotNone(took)
+                self.assertLess(took, self.detectionBound)
 
     def test_repeatable(self):
         """
