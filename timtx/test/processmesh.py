@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from typing import Any
 
 from twisted.internet import defer, error, protocol, reactor
@@ -203,15 +202,8 @@ class ProcessMesh:
         Cut node C{n}'s host off from the other hosts (both ways); it still
         reaches the database and its clients (this namespace).
         """
-        others = ", ".join(self.address(i) for i in self.nodes if i != n)
-        rules = (
-            "table inet split {\n"
-            " chain in { type filter hook input priority 0; ip saddr { %s } drop; }\n"
-            " chain out { type filter hook output priority 0; ip daddr { %s } drop; }\n"
-            "}\n" % (others, others)
-        )
-        self._nft(n, rules)
         if n not in self._isolated:
+            self.topology.isolate(n)
             self._isolated.add(n)
             self.testCase.addCleanup(self.heal, n)
 
@@ -221,22 +213,7 @@ class ProcessMesh:
         """
         if n in self._isolated:
             self._isolated.discard(n)
-            self._nft(n, None)
-
-    def _nft(self, n: int, rules: str | None) -> None:
-        namespace = self.topology.host(n).namespace
-        subprocess.run(
-            ["ip", "netns", "exec", namespace, "nft", "delete", "table", "inet", "split"],
-            capture_output=True,
-            check=False,
-        )
-        if rules is not None:
-            subprocess.run(
-                ["ip", "netns", "exec", namespace, "nft", "-f", "-"],
-                input=rules.encode(),
-                check=True,
-                capture_output=True,
-            )
+            self.topology.reconnect(n)
 
     # What a node sees, as C{python -m timtx cluster members} prints it.
 
