@@ -37,7 +37,7 @@ from twisted.trial.unittest import TestCase
 from timtx.client import connect, register
 from timtx.crypto.ids import NodeKeys
 from timtx.protocols.codec import Encoding
-from timtx.protocols.constants import Business, TimType
+from timtx.protocols.constants import Business, GroupType, TimType
 from timtx.protocols.structs import Tid, TimPresence
 from timtx.test import netns
 from timtx.test.base import waitUntil
@@ -174,7 +174,8 @@ class NatMeshTests(TestCase):
         nodes join through the public one; every node sees all three alive;
         each learns its NAT's mapping; they reach each other through the
         relay and stay there (no punch with an endpoint-dependent side),
-        and a 1:1 message and presence between their users arrive.
+        and a 1:1 message, presence, a group message and a live room's
+        frames between their users arrive.
         """
         # The sender's node stores and routes (over the relayed link), not
         # a conversation owner that may be the public node.
@@ -203,6 +204,26 @@ class NatMeshTests(TestCase):
         sender.send(TimType.TIMPRESENCE, TimPresence(toTid=Tid(node=recipient.uid), status="behind a NAT"))
         got = yield recipient.next(lambda i: i.timType == TimType.TIMPRESENCE, timeout=30)
         self.assertEqual((got.body.status, got.body.fromTid.node), ("behind a NAT", sender.uid))
+
+        # A group with a member on each NAT'd node: a message from one
+        # reaches the other.
+        gid = (yield sender.business(Business.NEWROOM, node="behind NATs", reqInt=GroupType.OPEN)).n
+        yield sender.business(Business.PULLROOM, node=gid, node2=recipient.uid)
+        sender.sendMessage(None, "to the group", msType=3, roomTid=Tid(node=gid))
+        got = yield recipient.next(
+            lambda i: i.timType == TimType.TIMMESSAGE and i.body.dataString == "to the group", 30
+        )
+        self.assertEqual(got.body.roomTid.node, gid)
+
+        # A live room founded on one NAT'd node, watched from the other.
+        vnode = yield sender.vroomRegister()
+        yield recipient.vroomSubscribe(vnode)
+        for i in range(5):
+            sender.pushStream(vnode, b"frame %d" % i)
+        frames = []
+        for _ in range(5):
+            frames.append((yield recipient.next(TimType.TIMSTREAM, timeout=30)).body.body)
+        self.assertEqual(frames, [b"frame %d" % i for i in range(5)])
         self.assertNoTraceback()
 
     @defer.inlineCallbacks
