@@ -25,7 +25,20 @@ an order that a crash cannot break:
   3. the intent is forgotten.
 
 The call succeeds only after step 2, so nothing is confirmed before it is
-complete.  If step 2 fails, the call fails with L{StoreOutcomeUnknown} (it
+complete.
+
+Duplicate keys of messages: a key is written in step 1, on the
+conversation's shard, where the store fences it in the same transaction
+as the message (L{timtx.persistence.errors.DuplicateConflict}); and, when
+the sender's shard is another, copied there in step 2, where
+C{recentDuplicates} reads it (that copy is an upsert: it never fences).
+So a resend to the same conversation is always fenced, as on one store.
+What is not fenced: the same key sent to two conversations on different
+shards (a client reusing an id for another message, not a resend), and
+the keys written before a move of the conversation's slots, for the rest
+of their window: a move places duplicate keys by sender, so the fence
+copies stay behind (the check before appending still finds the sender's
+copy, as it did before the store fenced keys).  If step 2 fails, the call fails with L{StoreOutcomeUnknown} (it
 is stored where it started and will be completed), and every node looks
 for intents older than C{repair_interval} seconds and completes them.  An
 inbox entry is therefore never written before the message it refers to,
@@ -899,15 +912,16 @@ class ShardedStore:
 
     def _localMessages(self, messages: list[NewMessage], intent: Intent) -> list[NewMessage]:
         """
-        C{messages} with only the inbox entries and duplicate keys that live
-        on their conversation's shard.
+        C{messages} with only the inbox entries that live on their
+        conversation's shard, and every duplicate key: a key is always
+        written with its message, where the store fences it (see the module
+        docstring), and copied to its sender's shard as a part.
         """
         shard = self._shard(convKey(messages[0].conv))
         local = []
         for m in messages:
             inbox = tuple(entry for entry in m.inbox if self._shard(entry[0]) == shard)
-            dedupe = m.dedupe if m.dedupe is not None and self._shard(m.dedupe[0]) == shard else None
-            local.append(NewMessage(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created, inbox, dedupe))
+            local.append(NewMessage(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created, inbox, m.dedupe))
         return local
 
     def lastMessage(self, conv: str) -> Deferred[tuple[int, int]]:
