@@ -65,12 +65,13 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from timtx.chat.conversations import Appended
+from timtx.chat.conversations import AlreadyStored, Appended
 from timtx.chat.groups.core import Groups
 from timtx.chat.groups.directory import GroupDirectory, GroupState
 from timtx.chat.messagerules import MaybeStored, refusal
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, groupKey
+from timtx.cluster.resends import STATUS_RESENT, packResent, unpackResent
 from timtx.cluster.wire import BadPayload, dumps, loads, pack, unpack
 from timtx.crypto.vault import StanzaVault
 from timtx.delivery.encoded import Encoded
@@ -508,6 +509,8 @@ class ClusterGroups(Groups):
 
 def _answered(answer: bytes) -> Appended:
     status, first, second = unpack(answer, 3)
+    if status == STATUS_RESENT:
+        raise unpackResent(first, second)
     if status == b"ok":
         return Appended(codec.decode_compact(TimMessage, first), {})
     error = MaybeStored if status == b"maybe" else TimProtocolError
@@ -515,6 +518,8 @@ def _answered(answer: bytes) -> Appended:
 
 
 def _refused(failure: Failure) -> bytes:
+    if isinstance(failure.value, AlreadyStored):
+        return packResent(failure.value.duplicate)
     error = failure.value if isinstance(failure.value, TimProtocolError) else refusal(failure)
     status = b"maybe" if isinstance(error, MaybeStored) else b"refused"
     return pack(status, b"%d" % error.code, error.text.encode("utf-8"))

@@ -26,11 +26,12 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from timtx.chat.conversations import Appended
+from timtx.chat.conversations import AlreadyStored, Appended
 from timtx.chat.messagerules import MaybeStored, refusal
 from timtx.chat.messaging import PersonalMessaging
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, conversationKey
+from timtx.cluster.resends import STATUS_RESENT, packResent, unpackResent
 from timtx.cluster.wire import BadPayload, integer, pack, text, unpack
 from timtx.protocols import codec
 from timtx.protocols.constants import ErrorCode
@@ -112,6 +113,8 @@ class ClusterMessaging(PersonalMessaging):
 
 def _answered(answer: bytes) -> Appended:
     status, first, second = unpack(answer, 3)
+    if status == STATUS_RESENT:
+        raise unpackResent(first, second)
     if status == b"ok":
         return Appended(codec.decode_compact(TimMessage, first), {})
     error = MaybeStored if status == b"maybe" else TimProtocolError
@@ -119,6 +122,8 @@ def _answered(answer: bytes) -> Appended:
 
 
 def _refused(failure: Failure) -> bytes:
+    if isinstance(failure.value, AlreadyStored):
+        return packResent(failure.value.duplicate)
     error = failure.value if isinstance(failure.value, TimProtocolError) else refusal(failure)
     status = b"maybe" if isinstance(error, MaybeStored) else b"refused"
     return pack(status, b"%d" % error.code, error.text.encode("utf-8"))
