@@ -5,9 +5,11 @@ the store refused the message as a resend of one it holds
 (L{AlreadyStored}): C{dup}, where that message is stored, so that the
 sender's node answers its client with it as it answers any resend.
 
-A node older than this answer does not know C{dup} and tells its client
-the append failed (5103 from a malformed answer); the client's next resend
-is then recognised by its id.
+During a rolling upgrade, a sender's node older than this answer does
+not know C{dup}: it tells its client the append failed (5103), and so
+again for each resend that its own memory of ids does not recognise,
+until the client logs in to an upgraded node.  Nothing is stored twice
+either way.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from timtx.chat.conversations import AlreadyStored, Conversations
+from timtx.crypto.ids import NodeKeys
+from timtx.crypto.vault import StanzaVault
 from timtx.persistence import (
     BUILTIN_STORES,
     DuplicateConflict,
@@ -43,6 +46,7 @@ from timtx.persistence.records import (
 )
 from timtx.persistence.sqlite import MIGRATIONS, SQLiteStore
 from timtx.persistence.worker import SerialWorker, WorkerStopped
+from timtx.protocols.structs import TimMessage
 from timtx.test.databases import mariadbDatabase, postgresqlDatabase
 
 
@@ -414,6 +418,33 @@ class MessageStoreTestsMixin:
         self.assertEqual([e.stanza for e in (yield store.readInbox("bob", 0, 10))], [b"ok1", b"ok2"])
         self.assertEqual((yield store.lastMessage("c")), (2, 2))
         self.assertEqual(sorted((yield store.recentDuplicates("a", 0.0))), [1, 2, 3])
+
+    @inlineCallbacks
+    def test_conversationBatchWithResend(self):
+        """
+        Through a conversation owner: a batch holding a resend of a stored
+        message stores the others, numbered without a gap, and answers the
+        resend with the stored copy.
+        """
+        store = yield self.store()
+        conversations = Conversations(store=store, vault=StanzaVault(NodeKeys(b"s" * 32)), clock=reactor)
+
+        def append(text, clientId):
+            message = TimMessage(msType=2, odType=1, id=clientId, dataString=text)
+            return conversations.append("c", "a", message, ("bob",), dedupe=("a", clientId))
+
+        first = yield append("first", 1)
+        # Three queued while one is written: one batch, on stores that
+        # answer later.
+        calls = [append("new1", 2), append("new2", 3), append("resent", 1), append("new3", 4)]
+        results = yield gatherResults([d.addErrback(lambda f: f.trap(AlreadyStored) and f.value) for d in calls])
+        self.assertEqual([r.message.seq for r in results if not isinstance(r, AlreadyStored)], [2, 3, 4])
+        refused = results[2]
+        self.assertEqual((refused.duplicate.conv, refused.duplicate.seq), ("c", 1))
+        self.assertEqual(refused.duplicate.mid, first.message.mid)
+        stored = yield store.messagesAfter("c", 0, 10)
+        self.assertEqual([m.seq for m in stored], [1, 2, 3, 4])
+        self.assertEqual((yield store.countInbox("bob")), 4)
 
     @inlineCallbacks
     def test_duplicateKeyBeforeSequence(self):
