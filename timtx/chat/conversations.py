@@ -155,6 +155,8 @@ class Conversations:
     @param maxBatch: most messages written in one transaction.
 
     @ivar stored: messages made durable.
+    @ivar resent: appends not stored because they were resends of a stored
+        message (refused by the store, or a copy in the same batch).
     """
 
     log = Logger()
@@ -180,6 +182,7 @@ class Conversations:
         self.maxIdle = maxIdle
         self._logs: OrderedDict[str, ConversationLog] = OrderedDict()
         self.stored = 0
+        self.resent = 0
 
     def append(
         self,
@@ -275,6 +278,7 @@ class Conversations:
             message = draft.message
             draft.done.callback(Appended(message, dict(zip(draft.recipients, entries, strict=True))))
             if resends:
+                self.resent += len(resends)
                 stored = Duplicate(log.conv, message.seq if draft.keep else None, message.mid or 0, draft.created)
                 for resend in resends:
                     resend.resent(stored)
@@ -297,6 +301,7 @@ class Conversations:
             again = []
             for index, draft in enumerate(batch):
                 if index in held:
+                    self.resent += 1 + len(draft.resends)
                     self.log.info(
                         "{conv}: a resend of mid {mid} ({sender}) was not stored again",
                         conv=log.conv,
