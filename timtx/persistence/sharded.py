@@ -35,10 +35,12 @@ C{recentDuplicates} reads it (that copy is an upsert: it never fences).
 So a resend to the same conversation is always fenced, as on one store.
 What is not fenced: the same key sent to two conversations on different
 shards (a client reusing an id for another message, not a resend), and
-the keys written before a move of the conversation's slots, for the rest
-of their window: a move places duplicate keys by sender, so the fence
-copies stay behind (the check before appending still finds the sender's
-copy, as it did before the store fenced keys).  If step 2 fails, the call fails with L{StoreOutcomeUnknown} (it
+the keys written before a move of the conversation's or the sender's
+slots, for the rest of their window: a move places duplicate keys by
+sender, so a fence copy stays on the conversation's old shard, or leaves
+with the sender's slots when one row served both (the check before
+appending still finds the sender's copy, as it did before the store
+fenced keys).  If step 2 fails, the call fails with L{StoreOutcomeUnknown} (it
 is stored where it started and will be completed), and every node looks
 for intents older than C{repair_interval} seconds and completes them.  An
 inbox entry is therefore never written before the message it refers to,
