@@ -18,35 +18,32 @@ an order that a crash cannot break:
   1. on the shard of the call's home key (the conversation, the group, the
      owner), the part that lives there together with an I{intent} row
      naming what is left for other shards, in one transaction: the fence
-     of C{appendMessages} (a taken seq) is checked here, and nothing
+     of C{appendMessages} (a taken seq, a stored duplicate key) is
+     checked here, and nothing
      happens elsewhere if it fails;
   2. the parts on the other shards, each safe to repeat (an inbox entry is
      made once per intent and index);
   3. the intent is forgotten.
 
 The call succeeds only after step 2, so nothing is confirmed before it is
-complete.
-
-Duplicate keys of messages: a key is written in step 1, on the
-conversation's shard, where the store fences it in the same transaction
-as the message (L{timtx.persistence.errors.DuplicateConflict}); and, when
-the sender's shard is another, copied there in step 2, where
-C{recentDuplicates} reads it (that copy is an upsert: it never fences).
-So a resend to the same conversation is always fenced, as on one store.
-What is not fenced: the same key sent to two conversations on different
-shards (a client reusing an id for another message, not a resend), and
-the keys written before a move of the conversation's or the sender's
-slots, for the rest of their window: a move places duplicate keys by
-sender, so a fence copy stays on the conversation's old shard, or leaves
-with the sender's slots when one row served both (the check before
-appending still finds the sender's copy, as it did before the store
-fenced keys).  If step 2 fails, the call fails with L{StoreOutcomeUnknown} (it
+complete.  If step 2 fails, the call fails with L{StoreOutcomeUnknown} (it
 is stored where it started and will be completed), and every node looks
 for intents older than C{repair_interval} seconds and completes them.  An
 inbox entry is therefore never written before the message it refers to,
 and a confirmed message never lacks its inbox entry.  An inbox entry that
 refers to a history row on another shard is read with that row in a second
 step.
+
+Duplicate keys of messages: a key is written in step 1, on the
+conversation's shard, where the store fences it in the same transaction as
+the message (L{timtx.persistence.errors.DuplicateConflict}); and, when the
+sender's shard is another, copied there in step 2, where
+C{recentDuplicates} reads it (that copy is an upsert: it never fences). So
+a resend to the same conversation is always fenced, as on one store. What
+is not fenced: the same key sent to two conversations on different shards
+(a client reusing an id for another message, not a resend).  The key is
+placed by both (L{timtx.persistence.placement.TABLES}), so moves carry it
+with either.
 
 Order: results are released in the order calls were made, as every store
 promises, and a call's writes reach each shard in call order: a call
