@@ -7,15 +7,37 @@ with the one stored message and recipients get it once.
 """
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.chat.conversations import pairConversation
+from timtx.cluster.resends import STATUS_RESENT, packResent, unpackResent
+from timtx.cluster.wire import BadPayload, unpack
 from timtx.delivery.fanout import groupConversation
+from timtx.persistence.records import Duplicate
 from timtx.protocols.constants import Business, GroupType
 from timtx.protocols.structs import Tid
 from timtx.test.test_clusterrouting import ClusterFixture
 from timtx.test.test_groups import groupMessage
 from timtx.test.test_messaging import isMessage
+
+
+class ResentAnswerTests(SynchronousTestCase):
+    def test_roundTrip(self):
+        """
+        The C{dup} answer carries where the stored message is, a message
+        kept only in inboxes (no seq) included.
+        """
+        for stored in (Duplicate("p:a:b", 7, 1 << 52, 1764567890.123456), Duplicate("g:G", None, 5, 0.5)):
+            status, conv, where = unpack(packResent(stored), 3)
+            self.assertEqual(status, STATUS_RESENT)
+            self.assertEqual(unpackResent(conv, where).duplicate, stored)
+
+    def test_malformed(self):
+        """
+        A C{dup} answer whose place is not numbers is a bad payload.
+        """
+        for where in (b"", b"1 2", b"x 2 3.0", b"1 2 3.0 4"):
+            self.assertRaises(BadPayload, unpackResent, b"c", where)
 
 
 class RacingResendTests(ClusterFixture, TestCase):
