@@ -252,6 +252,7 @@ class ShardedStore:
         self._opening: dict[int, Deferred[Any]] = {}
         #: Intents finished by this node's repairs, for tests and monitoring.
         self.repaired = 0
+        self._incidents = 0
 
     # Opening and closing.
 
@@ -384,7 +385,15 @@ class ShardedStore:
 
     @property
     def incidents(self) -> int:
-        return sum(getattr(store, "incidents", 0) for store in self.shards.values())
+        """
+        The shards' incidents, and this store's own: a write left pending
+        on another shard (its caller was told L{StoreOutcomeUnknown}) and
+        each repair that completed one.  After either, a message may be
+        stored (and its inbox entries made) that no one was pushed: its
+        sender's resend is answered with it, matched by its duplicate key
+        (L{timtx.delivery.inbox.InboxDelivery.recheckLive} delivers it).
+        """
+        return self._incidents + sum(getattr(store, "incidents", 0) for store in self.shards.values())
 
     def _leaseExpired(self) -> bool:
         return self._clock.seconds() - self._confirmed > self.mapLease
@@ -724,6 +733,7 @@ class ShardedStore:
                     return combine(value, remoteQids)
 
                 def incomplete(failure: Failure) -> Failure:
+                    self._incidents += 1
                     why = _first(failure).getErrorMessage()
                     return Failure(
                         StoreOutcomeUnknown(
@@ -833,6 +843,7 @@ class ShardedStore:
 
             def done(_: object) -> Any:
                 self.repaired += 1
+                self._incidents += 1
                 dropped: Deferred[None] = self._store(home).dropIntents([intent.id])
                 return dropped
 

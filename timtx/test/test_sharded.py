@@ -167,6 +167,7 @@ class CrossShardTests(TestCase):
         If the shard of the recipient cannot be reached after the message
         is stored, the call fails with L{StoreOutcomeUnknown} (never a
         confirmation), and a repair finishes it: the entry appears once.
+        Both count as incidents of the store.
         """
         clock = Clock()
         store, shards = yield self.sharded(clock=clock, repairInterval=5.0)
@@ -175,11 +176,15 @@ class CrossShardTests(TestCase):
         broken.applyParts = lambda parts, intent: _unavailable()
         d = store.appendMessages([NewMessage(conv, 1, 7, conv, b"x", 0.0, inbox=((bob, None),))])
         self.failureResultOf(d, StoreOutcomeUnknown)
+        # An incident: the node reads its live sessions' inboxes again.
+        self.assertEqual(store.incidents, 1)
         self.assertEqual(len(shards["m0"]._intents), 1)
         self.assertEqual(broken.countInbox(bob).result, 0)
         del broken.applyParts
         clock.advance(6)
         self.assertEqual(store.repaired, 1)
+        # Another, once the entry that no one was pushed exists.
+        self.assertEqual(store.incidents, 2)
         self.assertEqual(broken.countInbox(bob).result, 1)
         self.assertEqual(shards["m0"]._intents, {})
         self.assertEqual((yield store.readInbox(bob, 0, 10))[0].stanza, b"x")
