@@ -544,8 +544,9 @@ class MessagesConfig:
         100_000,
         _int(1),
         "Most recent message ids (of all senders together) the node keeps in memory to recognise resends, "
-        "about 360 bytes each. An id pushed out by newer ones is forgotten before dedupe_window ends: at 1,000 "
-        "messages a second the default recognises a resend for 100 seconds.",
+        "about 360 bytes each. A resend of an id pushed out by newer ones before dedupe_window ends costs a "
+        "trip to the store, which still refuses to store it again (at 1,000 messages a second the default "
+        "keeps 100 seconds of ids in memory).",
     )
     history_limit: int = option(100, _int(1, 10000), "Most messages one TIMPULLMESSAGE returns, whatever it asks for.")
     offline_batch: int = option(

@@ -206,6 +206,11 @@ class NodeCollector(Collector):
         yield CounterMetricFamily(
             "timtx_messages_stored", "Messages made durable (1:1 and group).", value=node.conversations.stored
         )
+        yield CounterMetricFamily(
+            "timtx_messages_resent",
+            "Messages not stored again: resends the store refused by their duplicate key, or copies in one batch.",
+            value=node.conversations.resent,
+        )
         deliveries = CounterMetricFamily(
             "timtx_deliveries",
             "Messages written to sessions: direct (1:1 inbox pushes), group (fan-out), offline (in offline lists).",

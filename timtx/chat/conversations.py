@@ -15,6 +15,16 @@ after the commit, so nothing is announced before it is durable.
 The owner's state is only C{(last seq, last mid)}, read back from the store
 on first use; that is what lets a cluster move ownership of a conversation
 to another node.
+
+A message with a duplicate key C{(sender, client id)} that is already
+stored (a resend that reached this owner while, or after, the first copy
+was written, through this node or another) is not stored again: the store
+refuses it (L{DuplicateConflict}, checked in the same transaction as the
+message, so two copies racing on two nodes are stored once) and its append
+fails with L{AlreadyStored}, naming the stored copy, for the caller to
+answer it as a resend.  The other messages of its batch are numbered again
+without it, so no seq is left unused.  Two copies in one batch never reach
+the store: the later one waits for the earlier and is answered with it.
 """
 
 from __future__ import annotations
@@ -29,9 +39,9 @@ from twisted.python.failure import Failure
 
 from timtx.chat.messagerules import refusal
 from timtx.crypto.vault import StanzaVault
-from timtx.persistence.errors import SequenceConflict, StoreUnavailable
+from timtx.persistence.errors import DuplicateConflict, SequenceConflict, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
-from timtx.persistence.records import NewMessage
+from timtx.persistence.records import Duplicate, NewMessage
 from timtx.protocols.structs import TimMessage
 
 #: mids count milliseconds from here, shifted left by 12 bits: 4096 ids per
@@ -80,6 +90,19 @@ class Appended:
     qids: dict[str, int]
 
 
+class AlreadyStored(Exception):
+    """
+    An append was refused as a resend: its duplicate key is held by a
+    stored message, which is what the sender is to be answered with.
+
+    @ivar duplicate: where that message is stored.
+    """
+
+    def __init__(self, duplicate: Duplicate):
+        super().__init__(f"a resend of mid {duplicate.mid} of {duplicate.conv}")
+        self.duplicate = duplicate
+
+
 @dataclass
 class _Draft:
     sender: str
@@ -91,6 +114,20 @@ class _Draft:
     done: Deferred[Appended] = field(default_factory=Deferred)
     #: Times the store refused its numbers as taken (L{SequenceConflict}).
     conflicts: int = 0
+    #: Later appends with the same duplicate key, answered with this one.
+    resends: list[_Draft] = field(default_factory=list)
+
+    def resent(self, duplicate: Duplicate) -> None:
+        """
+        Answer this append and those waiting on it as resends of
+        C{duplicate}.
+        """
+        for draft in [self, *self.resends]:
+            draft.done.errback(AlreadyStored(duplicate))
+
+    def failed(self, error: Exception) -> None:
+        for draft in [self, *self.resends]:
+            draft.done.errback(error)
 
 
 class ConversationLog:
@@ -118,6 +155,8 @@ class Conversations:
     @param maxBatch: most messages written in one transaction.
 
     @ivar stored: messages made durable.
+    @ivar resent: appends not stored because they were resends of a stored
+        message (refused by the store, or a copy in the same batch).
     """
 
     log = Logger()
@@ -143,6 +182,7 @@ class Conversations:
         self.maxIdle = maxIdle
         self._logs: OrderedDict[str, ConversationLog] = OrderedDict()
         self.stored = 0
+        self.resent = 0
 
     def append(
         self,
@@ -182,7 +222,7 @@ class Conversations:
             d = self.store.lastMessage(log.conv)
             d.addCallbacks(self._loaded, self._loadFailed, callbackArgs=(log,), errbackArgs=(log,))
             return
-        batch, log.pending = log.pending[: self.maxBatch], log.pending[self.maxBatch :]
+        batch, log.pending = _firstOfEachKey(log.pending[: self.maxBatch]), log.pending[self.maxBatch :]
         seq, mid = log.lastSeq, log.lastMid
         rows = []
         for draft in batch:
@@ -227,14 +267,21 @@ class Conversations:
         log.busy = False
         pending, log.pending = log.pending, []
         for draft in pending:
-            draft.done.errback(refusal(failure))
+            draft.failed(refusal(failure))
 
     def _written(self, qids: list[list[int]], log: ConversationLog, batch: list[_Draft], seq: int, mid: int) -> None:
         log.lastSeq, log.lastMid = seq, mid
         log.busy = False
         self.stored += len(batch)
         for draft, entries in zip(batch, qids, strict=True):
-            draft.done.callback(Appended(draft.message, dict(zip(draft.recipients, entries, strict=True))))
+            resends, draft.resends = draft.resends, []
+            message = draft.message
+            draft.done.callback(Appended(message, dict(zip(draft.recipients, entries, strict=True))))
+            if resends:
+                self.resent += len(resends)
+                stored = Duplicate(log.conv, message.seq if draft.keep else None, message.mid or 0, draft.created)
+                for resend in resends:
+                    resend.resent(stored)
         self._flush(log)
         self._evictIdle()
 
@@ -247,7 +294,26 @@ class Conversations:
         for draft in batch:
             draft.message.mid = None
             draft.message.seq = None
-        if failure.check(SequenceConflict):
+        if isinstance(failure.value, DuplicateConflict):
+            # Resends of stored messages: answered with those, and the
+            # rest numbered again without them.
+            held = failure.value.held
+            again = []
+            for index, draft in enumerate(batch):
+                if index in held:
+                    self.resent += 1 + len(draft.resends)
+                    self.log.info(
+                        "{conv}: a resend of mid {mid} ({sender}) was not stored again",
+                        conv=log.conv,
+                        mid=held[index].mid,
+                        sender=draft.sender,
+                    )
+                    draft.resent(held[index])
+                else:
+                    again.append(draft)
+            log.pending[:0] = again
+            batch = []
+        elif failure.check(SequenceConflict):
             # Another node numbered this conversation meanwhile (a moment of
             # split ownership, fenced by the store): number the batch again
             # from the stored position, a few times, then refuse.
@@ -273,7 +339,7 @@ class Conversations:
         else:
             self.log.failure("storing {count} messages of {conv} failed", failure, count=len(batch), conv=log.conv)
         for draft in batch:
-            draft.done.errback(refusal(failure))
+            draft.failed(refusal(failure))
         self._flush(log)
 
     def _evictIdle(self) -> None:
@@ -283,3 +349,27 @@ class Conversations:
                 self._logs.move_to_end(conv)
                 return
             del self._logs[conv]
+
+
+def _firstOfEachKey(batch: list[_Draft]) -> list[_Draft]:
+    """
+    C{batch} without the appends whose duplicate key an earlier one of it
+    (or of its resends) has: each waits on that one, to be answered with
+    it, since a store refuses a key given twice in one call.
+    """
+    first: dict[tuple[str, int], _Draft] = {}
+    kept = []
+    for draft in batch:
+        key = draft.dedupe
+        if key is None:
+            kept.append(draft)
+            continue
+        earlier = first.get(key)
+        if earlier is not None:
+            earlier.resends.append(draft)
+            earlier.resends.extend(draft.resends)
+            draft.resends = []
+            continue
+        first[key] = draft
+        kept.append(draft)
+    return kept

@@ -8,7 +8,11 @@ dedupe_window} seconds, such a resend is answered with the first message
 instead of being stored again.
 
 The keys live in the store, written in the same transaction as the message,
-so they survive restarts.  A sender's recent keys are read once, on its
+so they survive restarts, and the store fences them: a message whose key
+is stored already is refused there (L{AlreadyStored}), even when this
+filter did not know the key (two copies racing through two nodes, or
+written by a node that stopped while committing), and is answered here
+like any resend.  A sender's recent keys are read once, on its
 first message with an id, and kept in memory; after that, checks cost no
 store round trip, and a resend that arrives while the first copy is still
 being written waits for it.
@@ -17,8 +21,9 @@ Memory holds at most C{[messages] dedupe_memory_keys} keys, the most recently
 written, whoever sent them: the number of keys a window holds grows with
 the message rate (a node taking 600 messages a second writes 180,000 in five
 minutes), so past the bound a key is forgotten before its window ends.  A
-resend of it is then stored again: a client resends what it did not see
-echoed, its last few messages, not one from 100,000 messages ago.
+resend of it then costs a trip to the store, whose fence refuses it: a
+client resends what it did not see echoed, its last few messages, not one
+from 100,000 messages ago.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from timtx.chat.conversations import Appended
-from timtx.chat.messagerules import MaybeStored
+from timtx.chat.conversations import AlreadyStored, Appended
+from timtx.chat.messagerules import MaybeStored, refuseUnstored
 from timtx.crypto.vault import StanzaVault
 from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import Duplicate
 from timtx.protocols.constants import TimType
+from timtx.protocols.structs import TimMessage
 from timtx.util.cache import LoadingCache
 
 if TYPE_CHECKING:
@@ -61,14 +67,14 @@ class InFlight:
 
     def __init__(self, created: float) -> None:
         self.created = created
-        self._waiters: list[Deferred[Appended]] = []
+        self._waiters: list[Deferred[Appended | Duplicate]] = []
 
-    def wait(self) -> Deferred[Appended]:
-        d: Deferred[Appended] = Deferred()
+    def wait(self) -> Deferred[Appended | Duplicate]:
+        d: Deferred[Appended | Duplicate] = Deferred()
         self._waiters.append(d)
         return d
 
-    def fire(self, result: Appended | Failure) -> None:
+    def fire(self, result: Appended | Duplicate | Failure) -> None:
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             if isinstance(result, Failure):
@@ -162,6 +168,14 @@ class DuplicateFilter:
             return appended
 
         def failed(failure: Failure) -> Failure:
+            if isinstance(failure.value, AlreadyStored):
+                # The store had the key: a resend after all.  Known from
+                # now on as what it holds; those who waited get that.
+                stored: Duplicate = failure.value.duplicate
+                if keys.get(key) is inFlight:
+                    keys[key] = (stored.created, sys.intern(stored.conv), stored.seq, stored.mid)
+                inFlight.fire(stored)
+                return failure
             if keys.get(key) is inFlight:
                 del keys[key]
             if failure.check(MaybeStored):
@@ -193,6 +207,17 @@ class DuplicateFilter:
             session.send(TimType.TIMMESSAGE, self.vault.openMessage(row.conv, row.seq, row.stanza))
         else:
             session.sendAck(TimType.TIMMESSAGE, t=seen.mid)
+
+    def refused(self, failure: Failure, session: Session, message: TimMessage) -> Any:
+        """
+        The errback of a message's append: one the store refused as a
+        resend (L{AlreadyStored}) is answered as one, with the message it
+        resends; any other failure is told to the sender by its id.
+        """
+        if not isinstance(failure.value, AlreadyStored):
+            return refuseUnstored(failure, session, message)
+        d = self.answer(session, failure.value.duplicate)
+        return d.addErrback(refuseUnstored, session, message)
 
     def forget(self, sender: str) -> None:
         """

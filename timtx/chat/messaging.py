@@ -35,7 +35,7 @@ from twisted.logger import Logger
 
 from timtx.chat.conversations import Appended, Conversations, pairConversation
 from timtx.chat.duplicates import DuplicateFilter
-from timtx.chat.messagerules import refuseUnstored, stamp, target
+from timtx.chat.messagerules import stamp, target
 from timtx.chat.permissions import MessagePermissions
 from timtx.crypto.vault import StanzaVault
 from timtx.delivery.encoded import Encoded
@@ -138,7 +138,7 @@ class PersonalMessaging:
         appending = self.appendAndRoute(conv, session.uid, message, other, keep, dedupe)
         if dedupe is not None:
             self.duplicates.remember(session.uid, dedupe[1], appending, conv)
-        appending.addErrback(refuseUnstored, session, message)
+        appending.addErrback(self.duplicates.refused, session, message)
         return None
 
     def appendAndRoute(

@@ -65,12 +65,13 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from timtx.chat.conversations import Appended
+from timtx.chat.conversations import AlreadyStored, Appended
 from timtx.chat.groups.core import Groups
 from timtx.chat.groups.directory import GroupDirectory, GroupState
-from timtx.chat.messagerules import MaybeStored, refusal
+from timtx.chat.messagerules import MaybeStored
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, groupKey
+from timtx.cluster.resends import appendAnswer, refusalAnswer
 from timtx.cluster.wire import BadPayload, dumps, integer, loads, pack, text, thrift, unpack
 from timtx.crypto.vault import StanzaVault
 from timtx.delivery.encoded import Encoded
@@ -455,7 +456,7 @@ class ClusterGroups(Groups):
     ) -> Deferred[Appended]:
         owner = self.owner(state.gid)
         if owner == self.cluster.nodeId:
-            return super().appendAndRoute(state, sender, message, dedupe, echo)
+            return self._appendHere(state, sender, message, dedupe, echo)
         payload = pack(
             state.gid.encode(),
             sender.encode(),
@@ -469,19 +470,47 @@ class ClusterGroups(Groups):
             if not sent:
                 # Refused before anything left this node (the owner is not
                 # a live member here, or too busy): store it here.
-                return Groups.appendAndRoute(self, state, sender, message, dedupe, echo)
+                return self._appendHere(state, sender, message, dedupe, echo)
             if failure.check(TimProtocolError):
                 return failure
             return Failure(MaybeStored(ErrorCode.ERR_DATABASE, "message may not be stored, send it again"))
 
         d: Deferred[Any] = self.cluster.request(owner, KIND_APPEND, payload)
-        d.addCallbacks(_answered, failed)
+        d.addCallbacks(appendAnswer, failed)
         sent = True
         self.forwarded += 1
         return d
 
     def route(self, state: GroupState, encoded: Encoded, seq: int, echoTo: str | None) -> None:
         self.routing.route(state.gid, state.members, encoded, seq, echoTo, echoTo is not None)
+
+    def _appendHere(
+        self, state: GroupState, sender: str, message: TimMessage, dedupe: tuple[str, int] | None, echo: bool
+    ) -> Deferred[Appended]:
+        d = Groups.appendAndRoute(self, state, sender, message, dedupe, echo)
+        return d.addErrback(self._resent, state)
+
+    def _resent(self, failure: Failure, state: GroupState) -> Failure:
+        """
+        A resend the store refused as stored already: its first copy may
+        never have been routed (its sender was told 5103 when the store
+        could not say whether it was committed).  Route the stored copy
+        again, to no echo: a node that delivered it drops it as late
+        (L{GroupDelivery}), one that did not delivers it.
+        """
+        if isinstance(failure.value, AlreadyStored) and failure.value.duplicate.seq is not None:
+            stored = failure.value.duplicate
+            d = self.store.getMessage(stored.conv, stored.mid)
+            d.addCallback(self._routeStored, state)
+            d.addErrback(
+                lambda f: self.routing.log.info("routing a resent message again failed: {why}", why=f.getErrorMessage())
+            )
+        return failure
+
+    def _routeStored(self, row: Any, state: GroupState) -> None:
+        if row is not None:
+            message = self.vault.openMessage(row.conv, row.seq, row.stanza)
+            self.route(state, Encoded(message), row.seq, None)
 
     def _appendReceived(self, node: str, payload: bytes) -> Deferred[bytes]:
         gid, sender, body, clientId, echo = unpack(payload, 5)
@@ -494,7 +523,7 @@ class ClusterGroups(Groups):
         def found(state: GroupState | None) -> Any:
             if state is None:
                 raise TimProtocolError(ErrorCode.ERR_NOEXIST, "no such group")
-            appending = Groups.appendAndRoute(self, state, uid, message, dedupe, bool(echo))
+            appending = self._appendHere(state, uid, message, dedupe, bool(echo))
             duplicates = self.duplicates
             if dedupe is not None and duplicates is not None and duplicates.peek(*dedupe)[0]:
                 # The sender's keys are in memory here too (it has a
@@ -503,18 +532,4 @@ class ClusterGroups(Groups):
             return appending
 
         d.addCallback(found)
-        return d.addCallbacks(lambda appended: pack(b"ok", codec.encode_compact(appended.message), b""), _refused)
-
-
-def _answered(answer: bytes) -> Appended:
-    status, first, second = unpack(answer, 3)
-    if status == b"ok":
-        return Appended(codec.decode_compact(TimMessage, first), {})
-    error = MaybeStored if status == b"maybe" else TimProtocolError
-    raise error(integer(first), second.decode("utf-8", "replace"))
-
-
-def _refused(failure: Failure) -> bytes:
-    error = failure.value if isinstance(failure.value, TimProtocolError) else refusal(failure)
-    status = b"maybe" if isinstance(error, MaybeStored) else b"refused"
-    return pack(status, b"%d" % error.code, error.text.encode("utf-8"))
+        return d.addCallbacks(lambda appended: pack(b"ok", codec.encode_compact(appended.message), b""), refusalAnswer)

@@ -27,10 +27,11 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from timtx.chat.conversations import Appended
-from timtx.chat.messagerules import MaybeStored, refusal
+from timtx.chat.messagerules import MaybeStored
 from timtx.chat.messaging import PersonalMessaging
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, conversationKey
+from timtx.cluster.resends import appendAnswer, refusalAnswer
 from timtx.cluster.wire import integer, pack, text, thrift, unpack
 from timtx.protocols import codec
 from timtx.protocols.constants import ErrorCode
@@ -85,7 +86,7 @@ class ClusterMessaging(PersonalMessaging):
             return Failure(MaybeStored(ErrorCode.ERR_DATABASE, "message may not be stored, send it again"))
 
         d: Deferred[Any] = self.cluster.request(owner, KIND_APPEND, payload)
-        d.addCallbacks(_answered, failed)
+        d.addCallbacks(appendAnswer, failed)
         sent = True
         self.forwarded += 1
         return d
@@ -103,19 +104,5 @@ class ClusterMessaging(PersonalMessaging):
             self.duplicates.remember(dedupe[0], dedupe[1], d, text(conv))
         return d.addCallbacks(
             lambda appended: pack(b"ok", codec.encode_compact(appended.message), b"%d" % appended.qids[to]),
-            _refused,
+            refusalAnswer,
         )
-
-
-def _answered(answer: bytes) -> Appended:
-    status, first, second = unpack(answer, 3)
-    if status == b"ok":
-        return Appended(codec.decode_compact(TimMessage, first), {})
-    error = MaybeStored if status == b"maybe" else TimProtocolError
-    raise error(integer(first), second.decode("utf-8", "replace"))
-
-
-def _refused(failure: Failure) -> bytes:
-    error = failure.value if isinstance(failure.value, TimProtocolError) else refusal(failure)
-    status = b"maybe" if isinstance(error, MaybeStored) else b"refused"
-    return pack(status, b"%d" % error.code, error.text.encode("utf-8"))

@@ -14,7 +14,13 @@ from typing import Any
 
 from zope.interface import implementer
 
-from timtx.persistence.errors import SchemaTooNew, SequenceConflict, StoreOutcomeUnknown, StoreUnavailable
+from timtx.persistence.errors import (
+    DuplicateConflict,
+    SchemaTooNew,
+    SequenceConflict,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+)
 from timtx.persistence.interfaces import IMessageStore, IStoreFactory
 from timtx.persistence.memory import MemoryStoreFactory
 from timtx.persistence.sqlite import SQLiteStoreFactory
@@ -166,6 +172,7 @@ __all__ = [
     "IStoreFactory",
     "SchemaTooNew",
     "SequenceConflict",
+    "DuplicateConflict",
     "StoreOutcomeUnknown",
     "StoreUnavailable",
     "makeStore",

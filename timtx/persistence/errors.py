@@ -3,13 +3,17 @@
 What a store call can fail with, beyond a plain bug.
 
 Services tell these apart: L{SequenceConflict} means another node numbered
-the conversation (reload and retry), L{StoreUnavailable} means the database
+the conversation (reload and retry), L{DuplicateConflict} means a message
+is a resend of one already stored (answer it with that one),
+L{StoreUnavailable} means the database
 cannot be reached (answer the client with a retryable error), and
 L{StoreOutcomeUnknown} means the write may or may not have happened (never
 confirm it; a resend is matched by its duplicate key).
 """
 
 from __future__ import annotations
+
+from timtx.persistence.records import Duplicate
 
 
 class SequenceConflict(Exception):
@@ -27,6 +31,26 @@ class SequenceConflict(Exception):
         super().__init__(f"seq {seq} of {conv} is already stored")
         self.conv = conv
         self.seq = seq
+
+
+class DuplicateConflict(Exception):
+    """
+    L{appendMessages<timtx.persistence.interfaces.IMessageStore.appendMessages>}
+    was given messages whose duplicate key C{(sender, client id)} is
+    already stored (committed before, or by a concurrent transaction that
+    the store waited for).  Nothing of that call was written.  The caller
+    answers those messages with the ones holding their keys, and appends
+    the others again.
+
+    @ivar held: for each refused message, its index in the call and the
+        L{timtx.persistence.records.Duplicate} holding its key (where
+        that message is stored).
+    """
+
+    def __init__(self, held: dict[int, Duplicate]):
+        first = min(held)
+        super().__init__(f"message {first} of the call is a resend of mid {held[first].mid} of {held[first].conv}")
+        self.held = held
 
 
 class StoreUnavailable(Exception):

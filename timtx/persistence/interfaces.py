@@ -125,6 +125,16 @@ class IMessageStore(Interface):
         split view of who numbers a conversation cost a retry, never a
         duplicate.
 
+        A message whose duplicate key C{(sender, client id)} is already
+        stored fails the call with
+        L{timtx.persistence.errors.DuplicateConflict}, naming the message
+        that holds the key, and writes nothing of the call; other calls are
+        not affected.  A key a concurrent transaction is writing counts as
+        stored once that transaction commits (the store waits for it), so
+        two appends of the same key racing on two nodes store it once.
+        Keys removed by C{purgeDuplicates} no longer count.  Callers give
+        a key at most once per call.
+
         @type messages: L{list} of L{timtx.persistence.records.NewMessage}
         @return: a L{Deferred} firing with, per message, the list of inbox
             qids created, in the order of its C{inbox}.

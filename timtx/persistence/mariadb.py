@@ -1045,6 +1045,8 @@ class _Append(Appends):
         Write C{appends} in a few statements, in order; the result is each
         one's.
 
+        @raise DuplicateConflict: for the first call with a duplicate key
+            held by another message, and then
         @raise SequenceConflict: for the first taken C{(conv, seq)} (the
             batch then runs again op by op, so that only the call that
             holds it fails).
@@ -1052,6 +1054,26 @@ class _Append(Appends):
         rows, inbox, dupes = Appends.together(appends)
 
         def append(c: Any) -> list[list[list[int]]]:
+            # The fence of duplicate keys, first: a resend is refused
+            # whatever else is wrong with its call.
+            for chunk in _chunks(dupes, 0):
+                try:
+                    c.execute(
+                        "INSERT INTO duplicates (sender, client_id, conv, seq, mid, created) VALUES " + _rows(chunk)
+                    )
+                except Exception as e:
+                    if driver is None or driver.code(e) != _DUPLICATE_KEY:
+                        raise
+                    # A locking read sees the latest committed rows, not
+                    # this transaction's snapshot: a key that a concurrent
+                    # transaction committed (InnoDB made the insert wait for
+                    # it) is found.
+                    c.execute(
+                        "SELECT sender, client_id, conv, seq, mid, created FROM duplicates "
+                        "WHERE (sender, client_id) IN (" + _rows([key[:2] for key in chunk]) + ") LOCK IN SHARE MODE"
+                    )
+                    Appends.checkKeys(appends, c.fetchall())
+                    raise
             if len({(row[0], row[1]) for row in rows}) != len(rows):
                 Appends.checkStored(rows, {(row[0], row[1]) for row in rows})
             for chunk in _chunks(rows, 4):
@@ -1066,13 +1088,6 @@ class _Append(Appends):
                             raise SequenceConflict(conv, seq) from None
                     raise
             qids = _insertInbox(c, inbox)
-            for chunk in _chunks(dupes, 0):
-                c.execute(
-                    "INSERT INTO duplicates (sender, client_id, conv, seq, mid, created) VALUES "
-                    + _rows(chunk)
-                    + " ON DUPLICATE KEY UPDATE conv = VALUES(conv), seq = VALUES(seq), mid = VALUES(mid), "
-                    "created = VALUES(created)"
-                )
             return Appends.split(appends, qids)
 
         return append

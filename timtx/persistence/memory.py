@@ -13,7 +13,7 @@ from typing import Any, Iterator
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
-from timtx.persistence.errors import SequenceConflict
+from timtx.persistence.errors import DuplicateConflict, SequenceConflict
 from timtx.persistence.interfaces import IMessageStore, IShardStore, IStoreFactory
 from timtx.persistence.records import (
     BLOCK_BY_USER,
@@ -100,6 +100,18 @@ class MemoryStore:
     # Messages.
 
     def appendMessages(self, messages: list[NewMessage]) -> Deferred[list[list[int]]]:
+        held: dict[int, Duplicate] = {}
+        keys: dict[tuple[str, int], Duplicate] = {}
+        for index, m in enumerate(messages):
+            if m.dedupe is None:
+                continue
+            holder = self._duplicates.get(m.dedupe) or keys.get(m.dedupe)
+            if holder is not None:
+                held[index] = holder
+            else:
+                keys[m.dedupe] = Duplicate(m.conv, m.seq, m.mid, m.created)
+        if held:
+            return fail(DuplicateConflict(held))
         taken: set[tuple[str, int]] = set()
         for m in messages:
             if m.seq is None:

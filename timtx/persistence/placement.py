@@ -63,13 +63,13 @@ class Table:
     @ivar pk: its primary key columns.
     @ivar keys: the columns holding the placement keys of a row (two for
         the rows kept on both sides).
-    @ivar conv: the key is a conversation (see L{convKey}).
+    @ivar conv: the key columns that hold a conversation (see L{convKey}).
     """
 
     name: str
     pk: tuple[str, ...]
     keys: tuple[str, ...]
-    conv: bool = False
+    conv: tuple[str, ...] = ()
 
     def keySql(self, column: str, row: str = "") -> str:
         """
@@ -77,7 +77,7 @@ class Table:
         as C{NEW}, if given).
         """
         ref = f"{row}.{column}" if row else column
-        if self.conv:
+        if column in self.conv:
             ref = f"CASE WHEN left({ref}, 2) = 'g:' THEN substr({ref}, 3) ELSE {ref} END"
         return f"timtx_slot({ref})"
 
@@ -86,9 +86,11 @@ class Table:
 TABLES: tuple[Table, ...] = (
     Table("accounts", ("uid",), ("uid",)),
     Table("login_tokens", ("token_key",), ("token_key",)),
-    Table("messages", ("conv", "seq"), ("conv",), conv=True),
+    Table("messages", ("conv", "seq"), ("conv",), conv=("conv",)),
     Table("inbox", ("uid", "qid"), ("uid",)),
-    Table("duplicates", ("sender", "client_id"), ("sender",)),
+    # With the sender (read there) and with the conversation (where the
+    # store fences it).
+    Table("duplicates", ("sender", "client_id"), ("sender", "conv"), conv=("conv",)),
     Table("stances", ("owner", "other"), ("owner", "other")),
     Table("profiles", ("uid",), ("uid",)),
     Table("invisible", ("uid",), ("uid",)),

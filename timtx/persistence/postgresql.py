@@ -594,18 +594,30 @@ _NEW_INBOX = """q AS (
     INSERT INTO inbox (qid, uid, conv, seq, stanza, created) SELECT qid, uid, conv, seq, stanza, created FROM q
 )"""
 
+#: An append: history rows, inbox entries, duplicate keys.  A taken
+#: C{(conv, seq)} is skipped and found missing from C{m}.  A duplicate key
+#: already stored is the fence of resends: the no-op update locks the
+#: stored row (waiting for a concurrent transaction that inserted it, as an
+#: insert would) and returns it as committed, which a C{DO NOTHING} would
+#: not, and C{h} keeps the keys held by another message.
 _APPEND = f"""WITH m AS (
     INSERT INTO messages (conv, seq, mid, sender, stanza, created)
     SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::text[], %s::bytea[], %s::float8[])
     ON CONFLICT (conv, seq) DO NOTHING
     RETURNING conv, seq
-), {_NEW_INBOX}, d AS (
-    INSERT INTO duplicates (sender, client_id, conv, seq, mid, created)
+), {_NEW_INBOX}, k AS (
     SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::float8[])
-    ON CONFLICT (sender, client_id) DO UPDATE
-    SET conv = excluded.conv, seq = excluded.seq, mid = excluded.mid, created = excluded.created
+    AS k(sender, client_id, conv, seq, mid, created)
+), d AS (
+    INSERT INTO duplicates (sender, client_id, conv, seq, mid, created) SELECT * FROM k
+    ON CONFLICT (sender, client_id) DO UPDATE SET created = duplicates.created
+    RETURNING sender, client_id, conv, seq, mid, created
+), h AS (
+    SELECT d.* FROM d JOIN k USING (sender, client_id) WHERE d.conv <> k.conv OR d.mid <> k.mid
 )
-SELECT ARRAY(SELECT conv FROM m), ARRAY(SELECT seq FROM m), ARRAY(SELECT qid FROM q ORDER BY ord)"""
+SELECT ARRAY(SELECT conv FROM m), ARRAY(SELECT seq FROM m), ARRAY(SELECT qid FROM q ORDER BY ord),
+    ARRAY(SELECT sender FROM h), ARRAY(SELECT client_id FROM h), ARRAY(SELECT conv FROM h),
+    ARRAY(SELECT seq FROM h), ARRAY(SELECT mid FROM h), ARRAY(SELECT created FROM h)"""
 
 #: Intent rows of a sharded store, written with the first step of a write
 #: that spans shards (see L{timtx.persistence.sharded}).
@@ -716,15 +728,19 @@ class _Append(Appends):
         """
         One statement for C{appends}, in order; its result is each one's.
 
-        @raise SequenceConflict: from the result, for the first taken
-            C{(conv, seq)} (the batch then runs again op by op, so that
-            only the call that holds it fails).
+        @raise DuplicateConflict: from the result, for the first call with
+            a duplicate key held by another message, and then
+        @raise SequenceConflict: for the first taken C{(conv, seq)} (the
+            batch then runs again op by op, so that only the call that
+            holds it fails).
         """
         rows, inbox, dupes = Appends.together(appends)
         intents = [row for a in appends for row in getattr(a, "intents", ())]
 
         def result(cursor: Any) -> list[list[list[int]]]:
-            convs, seqs, qids = cursor.fetchone()
+            convs, seqs, qids, *held = cursor.fetchone()
+            if held[0]:
+                Appends.checkKeys(appends, zip(*held, strict=True))
             if len(seqs) != len(rows):
                 Appends.checkStored(rows, zip(convs, seqs, strict=True))
             return Appends.split(appends, qids)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
-from timtx.persistence.errors import SequenceConflict
-from timtx.persistence.records import Group, NewMessage, StoredMessage
+from timtx.persistence.errors import DuplicateConflict, SequenceConflict
+from timtx.persistence.records import Duplicate, Group, NewMessage, StoredMessage
 
 #: An inbox row: uid, conv, seq, stanza, created.
 InboxRow = tuple[str, "str | None", "int | None", "bytes | None", float]
@@ -25,7 +25,10 @@ class Appends:
     @ivar rows: history rows: conv, seq, mid, sender, stanza, created.
     @ivar inbox: inbox rows, in the order of the messages and their C{inbox}.
     @ivar sizes: how many inbox rows each message has.
-    @ivar dupes: duplicate-key rows by key.
+    @ivar dupes: duplicate-key rows: sender, client id, conv, seq, mid,
+        created.
+    @ivar keys: per duplicate key, the index of its message in the call,
+        the key, and where the message goes (conv, mid).
     """
 
     def __init__(self, messages: list[NewMessage]):
@@ -34,22 +37,40 @@ class Appends:
             (uid, m.conv, m.seq if body is None else None, body, m.created) for m in messages for uid, body in m.inbox
         ]
         self.sizes = [len(m.inbox) for m in messages]
-        self.dupes = {m.dedupe: (*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None}
+        self.dupes = [(*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None]
+        self.keys = [(i, m.dedupe, m.conv, m.mid) for i, m in enumerate(messages) if m.dedupe is not None]
 
     @staticmethod
     def together(appends: list[Appends]) -> tuple[list[tuple[Any, ...]], list[InboxRow], list[tuple[Any, ...]]]:
         """
-        The rows of C{appends} in call order; one duplicate-key row per key,
-        the last one winning, as replaces in call order would leave it.
+        The rows of C{appends} in call order.  A duplicate key given twice
+        is kept twice: the second is a resend of the first, refused by the
+        store's fence like any other.
         """
-        dupes: dict[Any, tuple[Any, ...]] = {}
-        for a in appends:
-            dupes.update(a.dupes)
         return (
             [row for a in appends for row in a.rows],
             [entry for a in appends for entry in a.inbox],
-            list(dupes.values()),
+            [row for a in appends for row in a.dupes],
         )
+
+    @staticmethod
+    def checkKeys(appends: list[Appends], stored: Iterable[tuple[Any, ...]]) -> None:
+        """
+        @param stored: duplicate-key rows as stored now (sender, client id,
+            conv, seq, mid, created), for keys of C{appends}; a key stored
+            by its own message counts as that message's.
+        @raise DuplicateConflict: for the first call with a message whose
+            key is held by another message.
+        """
+        holders = {(row[0], row[1]): Duplicate(row[2], row[3], row[4], row[5]) for row in stored}
+        for a in appends:
+            held = {}
+            for index, key, conv, mid in a.keys:
+                holder = holders.get(key)
+                if holder is not None and (holder.conv, holder.mid) != (conv, mid):
+                    held[index] = holder
+            if held:
+                raise DuplicateConflict(held)
 
     @staticmethod
     def checkStored(rows: list[tuple[Any, ...]], stored: Iterable[tuple[str, int]]) -> None:

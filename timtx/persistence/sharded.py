@@ -18,7 +18,8 @@ an order that a crash cannot break:
   1. on the shard of the call's home key (the conversation, the group, the
      owner), the part that lives there together with an I{intent} row
      naming what is left for other shards, in one transaction: the fence
-     of C{appendMessages} (a taken seq) is checked here, and nothing
+     of C{appendMessages} (a taken seq, a stored duplicate key) is
+     checked here, and nothing
      happens elsewhere if it fails;
   2. the parts on the other shards, each safe to repeat (an inbox entry is
      made once per intent and index);
@@ -32,6 +33,17 @@ inbox entry is therefore never written before the message it refers to,
 and a confirmed message never lacks its inbox entry.  An inbox entry that
 refers to a history row on another shard is read with that row in a second
 step.
+
+Duplicate keys of messages: a key is written in step 1, on the
+conversation's shard, where the store fences it in the same transaction as
+the message (L{timtx.persistence.errors.DuplicateConflict}); and, when the
+sender's shard is another, copied there in step 2, where
+C{recentDuplicates} reads it (that copy is an upsert: it never fences). So
+a resend to the same conversation is always fenced, as on one store. What
+is not fenced: the same key sent to two conversations on different shards
+(a client reusing an id for another message, not a resend).  The key is
+placed by both (L{timtx.persistence.placement.TABLES}), so moves carry it
+with either.
 
 Order: results are released in the order calls were made, as every store
 promises, and a call's writes reach each shard in call order: a call
@@ -240,6 +252,7 @@ class ShardedStore:
         self._opening: dict[int, Deferred[Any]] = {}
         #: Intents finished by this node's repairs, for tests and monitoring.
         self.repaired = 0
+        self._incidents = 0
 
     # Opening and closing.
 
@@ -372,7 +385,15 @@ class ShardedStore:
 
     @property
     def incidents(self) -> int:
-        return sum(getattr(store, "incidents", 0) for store in self.shards.values())
+        """
+        The shards' incidents, and this store's own: a write left pending
+        on another shard (its caller was told L{StoreOutcomeUnknown}) and
+        each repair that completed one.  After either, a message may be
+        stored (and its inbox entries made) that no one was pushed: its
+        sender's resend is answered with it, matched by its duplicate key
+        (L{timtx.delivery.inbox.InboxDelivery.recheckLive} delivers it).
+        """
+        return self._incidents + sum(getattr(store, "incidents", 0) for store in self.shards.values())
 
     def _leaseExpired(self) -> bool:
         return self._clock.seconds() - self._confirmed > self.mapLease
@@ -712,6 +733,7 @@ class ShardedStore:
                     return combine(value, remoteQids)
 
                 def incomplete(failure: Failure) -> Failure:
+                    self._incidents += 1
                     why = _first(failure).getErrorMessage()
                     return Failure(
                         StoreOutcomeUnknown(
@@ -821,6 +843,7 @@ class ShardedStore:
 
             def done(_: object) -> Any:
                 self.repaired += 1
+                self._incidents += 1
                 dropped: Deferred[None] = self._store(home).dropIntents([intent.id])
                 return dropped
 
@@ -899,15 +922,16 @@ class ShardedStore:
 
     def _localMessages(self, messages: list[NewMessage], intent: Intent) -> list[NewMessage]:
         """
-        C{messages} with only the inbox entries and duplicate keys that live
-        on their conversation's shard.
+        C{messages} with only the inbox entries that live on their
+        conversation's shard, and every duplicate key: a key is always
+        written with its message, where the store fences it (see the module
+        docstring), and copied to its sender's shard as a part.
         """
         shard = self._shard(convKey(messages[0].conv))
         local = []
         for m in messages:
             inbox = tuple(entry for entry in m.inbox if self._shard(entry[0]) == shard)
-            dedupe = m.dedupe if m.dedupe is not None and self._shard(m.dedupe[0]) == shard else None
-            local.append(NewMessage(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created, inbox, dedupe))
+            local.append(NewMessage(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created, inbox, m.dedupe))
         return local
 
     def lastMessage(self, conv: str) -> Deferred[tuple[int, int]]:

@@ -31,6 +31,7 @@ from timtx.persistence.records import (
     StoredMessage,
     TokenGrant,
 )
+from timtx.persistence.rows import Appends
 from timtx.persistence.sealed import keyCounts, keysSql, selectSql, updateSql
 from timtx.persistence.worker import SerialWorker
 
@@ -632,6 +633,17 @@ class _Append:
     def combine(appends: list[_Append]) -> Callable[[sqlite3.Connection], list[list[list[int]]]]:
         def run(c: sqlite3.Connection) -> list[list[list[int]]]:
             messages = [m for a in appends for m in a.messages]
+            dupes = [(*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None]
+            if dupes:
+                # The fence of duplicate keys, first: a resend is refused
+                # whatever else is wrong with its call.
+                stored = c.executemany(
+                    "INSERT INTO duplicates (sender, client_id, conv, seq, mid, created) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (sender, client_id) DO NOTHING",
+                    dupes,
+                ).rowcount
+                if stored != len(dupes):
+                    Appends.checkKeys([Appends(a.messages) for a in appends], _storedKeys(c, dupes))
             rows = [(m.conv, m.seq, m.mid, m.sender, m.stanza, m.created) for m in messages if m.seq is not None]
             if rows:
                 stored = c.executemany(
@@ -662,16 +674,24 @@ class _Append:
                 c.executemany(
                     "INSERT INTO inbox (qid, uid, conv, seq, stanza, created) VALUES (?, ?, ?, ?, ?, ?)", inbox
                 )
-            dupes = [(*m.dedupe, m.conv, m.seq, m.mid, m.created) for m in messages if m.dedupe is not None]
-            if dupes:
-                c.executemany(
-                    "INSERT OR REPLACE INTO duplicates (sender, client_id, conv, seq, mid, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    dupes,
-                )
             return results
 
         return run
+
+
+def _storedKeys(c: sqlite3.Connection, dupes: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """
+    The duplicate-key rows stored now for the keys of C{dupes}.
+    """
+    found = []
+    for sender, clientId, *_ in dupes:
+        row = c.execute(
+            "SELECT sender, client_id, conv, seq, mid, created FROM duplicates WHERE sender = ? AND client_id = ?",
+            (sender, clientId),
+        ).fetchone()
+        if row is not None:
+            found.append(row)
+    return found
 
 
 def _firstTaken(c: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:

@@ -8,13 +8,13 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.chat.conversations import MID_EPOCH_MS, Conversations, MidClock, pairConversation
+from timtx.chat.conversations import MID_EPOCH_MS, AlreadyStored, Conversations, MidClock, pairConversation
 from timtx.chat.messagerules import MaybeStored
 from timtx.crypto.ids import NodeKeys
 from timtx.crypto.vault import StanzaVault
 from timtx.persistence.errors import SequenceConflict, StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.memory import MemoryStore
-from timtx.persistence.records import NewMessage
+from timtx.persistence.records import Duplicate, NewMessage
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
@@ -138,6 +138,77 @@ class ConversationsTests(SynchronousTestCase):
         self.store.release()
         self.assertEqual(self.successResultOf(mine).message.seq, 3)
         self.assertEqual([e for e in observer if "log_failure" in e], [])
+
+    def test_resendRefusedByStore(self):
+        """
+        A message whose duplicate key the store holds (written through
+        another node) fails with L{AlreadyStored} naming the stored copy;
+        the other messages of its batch are numbered again without it, so
+        no seq is left unused, and nothing is logged as a failure.
+        """
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        stored = NewMessage("c", 1, 10**15, "a", b"theirs", 5.0, dedupe=("a", 7))
+        self.successResultOf(MemoryStore.appendMessages(self.store, [stored]))
+        # The next three wait while this one is written: one batch.
+        writing = self.conversations.append("c", "a", message("new0"), ("b",))
+        done = [
+            self.conversations.append("c", "a", message(text), ("b",), dedupe=dedupe)
+            for text, dedupe in (("new1", ("a", 6)), ("resent", ("a", 7)), ("new2", None))
+        ]
+        self.store.release()
+        self.assertEqual(self.successResultOf(writing).message.seq, 2)
+        ((_, rows),) = self.store.waiting
+        self.assertEqual([r.seq for r in rows], [3, 4, 5])
+        self.store.release()
+        ((_, rows),) = self.store.waiting
+        self.assertEqual([r.seq for r in rows], [3, 4])
+        self.store.release()
+        refused = self.failureResultOf(done[1], AlreadyStored).value
+        self.assertEqual(refused.duplicate, Duplicate("c", 1, 10**15, 5.0))
+        self.assertEqual([self.successResultOf(done[i]).message.seq for i in (0, 2)], [3, 4])
+        self.assertEqual(self.successResultOf(self.store.lastMessage("c"))[0], 4)
+        self.assertEqual([e for e in observer if "log_failure" in e], [])
+
+    def test_resendInOneBatch(self):
+        """
+        Two appends of one key in one batch (copies from two nodes reaching
+        the owner together): the first is stored, the second never reaches
+        the store and is answered with the first once it is durable.
+        """
+        first = self.conversations.append("c", "a", message("m"), ("b",), dedupe=("a", 7))
+        others = [
+            self.conversations.append("c", "a", message(text), ("b",), dedupe=dedupe)
+            for text, dedupe in (("copy", ("a", 7)), ("next", ("a", 8)), ("copy2", ("a", 8)))
+        ]
+        self.store.release()
+        # The copy of the first was not in its batch: the store refuses it.
+        ((_, rows),) = self.store.waiting
+        self.assertEqual([(r.seq, r.dedupe) for r in rows], [(2, ("a", 7)), (3, ("a", 8))])
+        self.store.release()
+        ((_, rows),) = self.store.waiting
+        self.assertEqual([(r.seq, r.dedupe) for r in rows], [(2, ("a", 8))])
+        self.store.release()
+        stored = self.successResultOf(first).message
+        copy = self.failureResultOf(others[0], AlreadyStored).value.duplicate
+        self.assertEqual((copy.conv, copy.seq, copy.mid), ("c", 1, stored.mid))
+        self.assertEqual(self.successResultOf(others[1]).message.seq, 2)
+        self.assertEqual(self.failureResultOf(others[2], AlreadyStored).value.duplicate.seq, 2)
+
+    def test_resendInFailedBatch(self):
+        """
+        When the batch holding the first copy fails, the copies waiting on
+        it fail with it (and are resent by their clients).
+        """
+        writing = self.conversations.append("c", "a", message("m"), ("b",))
+        done = [self.conversations.append("c", "a", message("m"), ("b",), dedupe=("a", 7)) for _ in range(2)]
+        self.store.release()
+        self.successResultOf(writing)
+        ((_, rows),) = self.store.waiting
+        self.assertEqual(len(rows), 1)
+        self.store.fail = StoreUnavailable("down")
+        self.store.release()
+        for d in done:
+            self.assertEqual(self.failureResultOf(d, TimProtocolError).value.code, ErrorCode.ERR_DATABASE)
 
     def test_sequenceConflictGivesUp(self):
         """

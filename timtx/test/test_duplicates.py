@@ -7,7 +7,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.chat.conversations import MID_EPOCH_MS, Appended, Conversations, pairConversation
+from timtx.chat.conversations import MID_EPOCH_MS, AlreadyStored, Appended, Conversations, pairConversation
 from timtx.chat.duplicates import DuplicateFilter, InFlight
 from timtx.crypto.ids import NodeKeys
 from timtx.crypto.vault import StanzaVault
@@ -30,7 +30,8 @@ class DuplicateFilterTests(SynchronousTestCase):
         What the 1:1 path does with a message that has a client id: check,
         then append and remember.
 
-        @return: what the filter knew C{clientId} as before, or C{None} if it
+        @return: what the filter knew C{clientId} as before, or the store
+            when it refused the append (L{AlreadyStored}), or C{None} if it
             was new (and is now stored).
         """
         seen = self.successResultOf(self.filter.check(sender, clientId))
@@ -40,7 +41,9 @@ class DuplicateFilterTests(SynchronousTestCase):
         message = TimMessage(msType=2, odType=1, id=clientId, dataString="hi")
         appending = self.conversations.append(conv, sender, message, (other,), dedupe=(sender, clientId))
         self.filter.remember(sender, clientId, appending, conv)
-        return None
+        refused = []
+        appending.addErrback(lambda f: f.trap(AlreadyStored) and refused.append(f.value.duplicate))
+        return refused[0] if refused else None
 
     def test_resendRecognised(self):
         """
@@ -86,13 +89,36 @@ class DuplicateFilterTests(SynchronousTestCase):
         """
         However many distinct senders send, memory holds at most C{maxKeys}
         keys, the most recent: a resend of a recent message is recognised,
-        one pushed out by 100 newer keys is stored again.
+        one pushed out by 100 newer keys is not known in memory, but the
+        store refuses to store it again and names the first copy.
         """
         for n in range(1000):
             self.assertIsNone(self.send(f"user{n}", n))
             self.assertLessEqual(len(self.filter), 100)
         self.assertIsInstance(self.send("user999", 999), Duplicate)
-        self.assertIsNone(self.send("user0", 0))
+        self.assertIsNone(self.successResultOf(self.filter.check("user0", 0)))
+        conv = pairConversation("user0", "bob")
+        refused = self.send("user0", 0)
+        self.assertEqual((refused.conv, refused.seq), (conv, 1))
+        self.assertEqual(self.successResultOf(self.store.lastMessage(conv))[0], 1)
+        # Known in memory again, as what the store holds.
+        self.assertEqual(self.filter.peek("user0", 0), (True, refused))
+
+    def test_storeRefusalAnswersWaiters(self):
+        """
+        Resends that waited for a write the store refused as a resend get
+        the message it named, and the key is known as that message.
+        """
+        self.successResultOf(self.filter.check("alice", 7))
+        appending = Deferred()
+        self.filter.remember("alice", 7, appending, "p:alice:bob")
+        seen = self.successResultOf(self.filter.check("alice", 7))
+        waited = seen.wait()
+        stored = Duplicate("p:alice:bob", 3, 42, self.clock.seconds())
+        appending.addErrback(lambda f: f.trap(AlreadyStored))
+        appending.errback(AlreadyStored(stored))
+        self.assertEqual(self.successResultOf(waited), stored)
+        self.assertEqual(self.filter.peek("alice", 7), (True, stored))
 
     def test_boundedOverTime(self):
         """

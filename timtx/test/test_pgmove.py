@@ -69,9 +69,7 @@ def rowsOf(dsn):
                     row = tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
                     named = dict(zip(columns, row, strict=True))
                     pk = tuple(named[c] for c in table.pk)
-                    keys = [named[c] for c in table.keys]
-                    if table.conv:
-                        keys = [convKey(k) for k in keys]
+                    keys = [convKey(named[c]) if c in table.conv else named[c] for c in table.keys]
                     rows[pk] = (row, keys)
                 found[table.name] = rows
         return found

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from timtx.persistence.errors import StoreOutcomeUnknown, StoreUnavailable
+from timtx.persistence.errors import DuplicateConflict, StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.placement import SLOTS, Range, ShardMap, convKey, evenRanges, parseSlots, slotOf
 from timtx.persistence.records import (
@@ -19,6 +19,7 @@ from timtx.persistence.records import (
     ROLE_MEMBER,
     STANCE_FRIEND,
     Account,
+    Duplicate,
     Group,
     Member,
     NewMessage,
@@ -67,6 +68,8 @@ class ShardedMemoryStoreTests(MessageStoreTestsMixin, TestCase):
     The conformance suite on three shards in memory.
     """
 
+    fencesAcrossConversations = False
+
     def makeStore(self):
         store, self.shards = memorySharded()
         return store.open().addCallback(lambda _: store)
@@ -76,6 +79,8 @@ class ShardedPostgreSQLStoreTests(MessageStoreTestsMixin, TestCase):
     """
     The conformance suite on three PostgreSQL databases.
     """
+
+    fencesAcrossConversations = False
 
     @inlineCallbacks
     def makeStore(self):
@@ -136,7 +141,8 @@ class CrossShardTests(TestCase):
         A 1:1 message whose conversation, recipient and sender live on three
         shards: the history row on the conversation's, the inbox entry on
         the recipient's (referring to the row), the duplicate key on the
-        sender's; nothing left pending.
+        sender's and, as the fence of resends, on the conversation's;
+        nothing left pending.
         """
         store, shards = yield self.sharded()
         conv, bob, alice = keyOn(0, prefix="c"), keyOn(1, prefix="b"), keyOn(2, prefix="a")
@@ -146,6 +152,7 @@ class CrossShardTests(TestCase):
         self.assertEqual(list(shards["m0"]._messages), [conv])
         self.assertEqual(list(shards["m1"]._inbox), [bob])
         self.assertEqual(list(shards["m2"]._duplicates), [(alice, 5)])
+        self.assertEqual(list(shards["m0"]._duplicates), [(alice, 5)])
         (entry,) = yield store.readInbox(bob, 0, 10)
         self.assertEqual((entry.qid, entry.conv, entry.seq, entry.stanza), (qid, conv, 1, b"sealed"))
         yield store.replaceMessage(conv, 1, b"tomb", MESSAGE_RECALLED, [(alice, b"notice")], 2.0)
@@ -160,6 +167,7 @@ class CrossShardTests(TestCase):
         If the shard of the recipient cannot be reached after the message
         is stored, the call fails with L{StoreOutcomeUnknown} (never a
         confirmation), and a repair finishes it: the entry appears once.
+        Both count as incidents of the store.
         """
         clock = Clock()
         store, shards = yield self.sharded(clock=clock, repairInterval=5.0)
@@ -168,11 +176,15 @@ class CrossShardTests(TestCase):
         broken.applyParts = lambda parts, intent: _unavailable()
         d = store.appendMessages([NewMessage(conv, 1, 7, conv, b"x", 0.0, inbox=((bob, None),))])
         self.failureResultOf(d, StoreOutcomeUnknown)
+        # An incident: the node reads its live sessions' inboxes again.
+        self.assertEqual(store.incidents, 1)
         self.assertEqual(len(shards["m0"]._intents), 1)
         self.assertEqual(broken.countInbox(bob).result, 0)
         del broken.applyParts
         clock.advance(6)
         self.assertEqual(store.repaired, 1)
+        # Another, once the entry that no one was pushed exists.
+        self.assertEqual(store.incidents, 2)
         self.assertEqual(broken.countInbox(bob).result, 1)
         self.assertEqual(shards["m0"]._intents, {})
         self.assertEqual((yield store.readInbox(bob, 0, 10))[0].stanza, b"x")
@@ -212,6 +224,26 @@ class CrossShardTests(TestCase):
             store.appendMessages([NewMessage(conv, 1, 2, conv, b"y", 0.0, inbox=((bob, None),))]), SequenceConflict
         )
         self.assertEqual((yield store.countInbox(bob)), 0)
+        self.assertEqual(shards["m0"]._intents, {})
+
+    @inlineCallbacks
+    def test_duplicateKeyFencedWithConversation(self):
+        """
+        A resend to a conversation on another shard than its sender's is
+        refused on the conversation's shard, naming the first copy, and
+        nothing of it reaches the recipient's shard.
+        """
+        store, shards = yield self.sharded()
+        conv, bob, alice = keyOn(0, prefix="c"), keyOn(1, prefix="b"), keyOn(2, prefix="a")
+        yield store.appendMessages([NewMessage(conv, 1, 7, alice, b"x", 1.0, inbox=((bob, None),), dedupe=(alice, 5))])
+        error = yield self.assertFailure(
+            store.appendMessages([NewMessage(conv, 2, 8, alice, b"x", 2.0, inbox=((bob, None),), dedupe=(alice, 5))]),
+            DuplicateConflict,
+        )
+        self.assertEqual(error.held, {0: Duplicate(conv, 1, 7, 1.0)})
+        self.assertEqual((yield store.countInbox(bob)), 1)
+        self.assertEqual((yield store.lastMessage(conv)), (1, 7))
+        yield deferLater(store.dropDelay + 0.1)
         self.assertEqual(shards["m0"]._intents, {})
 
     @inlineCallbacks

@@ -7,10 +7,23 @@ import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from timtx.persistence import BUILTIN_STORES, IMessageStore, SequenceConflict, StoreUnavailable, storeFactory
+from timtx.chat.conversations import AlreadyStored, Conversations
+from timtx.crypto.ids import NodeKeys
+from timtx.crypto.vault import StanzaVault
+from timtx.persistence import (
+    BUILTIN_STORES,
+    DuplicateConflict,
+    IMessageStore,
+    SequenceConflict,
+    StoreUnavailable,
+    storeFactory,
+)
 from timtx.persistence.errors import SchemaTooNew
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.records import (
@@ -33,6 +46,7 @@ from timtx.persistence.records import (
 )
 from timtx.persistence.sqlite import MIGRATIONS, SQLiteStore
 from timtx.persistence.worker import SerialWorker, WorkerStopped
+from timtx.protocols.structs import TimMessage
 from timtx.test.databases import mariadbDatabase, postgresqlDatabase
 
 
@@ -333,6 +347,118 @@ class MessageStoreTestsMixin:
         self.assertEqual((yield store.purgeDuplicates(15.0)), 1)
         self.assertEqual(list((yield store.recentDuplicates("a", 0.0))), [78])
 
+    #: Whether a key stored with one conversation fences appends to any
+    #: other (a sharded store fences it with its conversation only).
+    fencesAcrossConversations = True
+
+    @inlineCallbacks
+    def test_duplicateKeyFences(self):
+        """
+        A second append of a stored duplicate key fails with
+        L{DuplicateConflict} naming the message that holds it, and writes
+        nothing of its call; once the key is purged it no longer fences.
+        """
+        store = yield self.store()
+        yield store.appendMessages(
+            [NewMessage("c", 1, 5, "a", b"first", 10.0, inbox=(("bob", None),), dedupe=("a", 77))]
+        )
+        again = [
+            NewMessage("c", 2, 6, "a", b"other", 11.0, inbox=(("bob", None),), dedupe=("a", 78)),
+            NewMessage("c", 3, 7, "a", b"resent", 11.0, inbox=(("bob", None),), dedupe=("a", 77)),
+        ]
+        error = yield self.assertFailure(store.appendMessages(again), DuplicateConflict)
+        self.assertEqual(error.held, {1: Duplicate("c", 1, 5, 10.0)})
+        self.assertEqual((yield store.lastMessage("c")), (1, 5))
+        self.assertEqual([e.stanza for e in (yield store.readInbox("bob", 0, 10))], [b"first"])
+        self.assertEqual((yield store.recentDuplicates("a", 0.0)), {77: Duplicate("c", 1, 5, 10.0)})
+        # A message kept only in inboxes is fenced too.
+        error = yield self.assertFailure(
+            store.appendMessages(
+                [NewMessage("c", None, 8, "a", None, 12.0, inbox=(("x", b"copy"),), dedupe=("a", 77))]
+            ),
+            DuplicateConflict,
+        )
+        self.assertEqual(error.held, {0: Duplicate("c", 1, 5, 10.0)})
+        self.assertEqual((yield store.countInbox("x")), 0)
+        if self.fencesAcrossConversations:
+            error = yield self.assertFailure(
+                store.appendMessages([NewMessage("d", 1, 8, "a", b"elsewhere", 12.0, dedupe=("a", 77))]),
+                DuplicateConflict,
+            )
+            self.assertEqual(error.held, {0: Duplicate("c", 1, 5, 10.0)})
+            self.assertEqual((yield store.lastMessage("d")), (0, 0))
+        self.assertEqual((yield store.purgeDuplicates(10.5)), 1)
+        yield store.appendMessages([NewMessage("c", 2, 9, "a", b"later", 20.0, dedupe=("a", 77))])
+        self.assertEqual((yield store.recentDuplicates("a", 0.0)), {77: Duplicate("c", 2, 9, 20.0)})
+
+    @inlineCallbacks
+    def test_duplicateKeyAlone(self):
+        """
+        Calls made together (committed together by stores with group
+        commit) are not taken down by one that resends a stored key, nor by
+        one that repeats a key another call of the batch writes: each of
+        those fails alone, naming the holder, and the others are stored.
+        """
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("c", 1, 1, "a", b"x", 1.0, dedupe=("a", 1))])
+        calls = [
+            store.appendMessages([NewMessage("c", 2, 2, "a", b"ok1", 2.0, inbox=(("bob", None),), dedupe=("a", 2))]),
+            store.appendMessages([NewMessage("c", 3, 3, "a", b"stored", 3.0, inbox=(("bob", None),), dedupe=("a", 1))]),
+            store.createAccount(Account("u1", "", "h", 0.0)),
+            store.appendMessages([NewMessage("c", 3, 4, "a", b"batch", 4.0, inbox=(("bob", None),), dedupe=("a", 2))]),
+            store.appendMessages([NewMessage("f", 1, 5, "a", b"ok2", 5.0, inbox=(("bob", None),), dedupe=("a", 3))]),
+        ]
+        ok1, stored, account, batch, ok2 = yield gatherResults(
+            [d.addErrback(lambda f: f.trap(DuplicateConflict) and f.value) for d in calls]
+        )
+        self.assertEqual(stored.held, {0: Duplicate("c", 1, 1, 1.0)})
+        self.assertEqual(batch.held, {0: Duplicate("c", 2, 2, 2.0)})
+        self.assertIs(account, True)
+        self.assertEqual([len(ok1[0]), len(ok2[0])], [1, 1])
+        self.assertEqual([e.stanza for e in (yield store.readInbox("bob", 0, 10))], [b"ok1", b"ok2"])
+        self.assertEqual((yield store.lastMessage("c")), (2, 2))
+        self.assertEqual(sorted((yield store.recentDuplicates("a", 0.0))), [1, 2, 3])
+
+    @inlineCallbacks
+    def test_conversationBatchWithResend(self):
+        """
+        Through a conversation owner: a batch holding a resend of a stored
+        message stores the others, numbered without a gap, and answers the
+        resend with the stored copy.
+        """
+        store = yield self.store()
+        conversations = Conversations(store=store, vault=StanzaVault(NodeKeys(b"s" * 32)), clock=reactor)
+
+        def append(text, clientId):
+            message = TimMessage(msType=2, odType=1, id=clientId, dataString=text)
+            return conversations.append("c", "a", message, ("bob",), dedupe=("a", clientId))
+
+        first = yield append("first", 1)
+        # Three queued while one is written: one batch, on stores that
+        # answer later.
+        calls = [append("new1", 2), append("new2", 3), append("resent", 1), append("new3", 4)]
+        results = yield gatherResults([d.addErrback(lambda f: f.trap(AlreadyStored) and f.value) for d in calls])
+        self.assertEqual([r.message.seq for r in results if not isinstance(r, AlreadyStored)], [2, 3, 4])
+        refused = results[2]
+        self.assertEqual((refused.duplicate.conv, refused.duplicate.seq), ("c", 1))
+        self.assertEqual(refused.duplicate.mid, first.message.mid)
+        stored = yield store.messagesAfter("c", 0, 10)
+        self.assertEqual([m.seq for m in stored], [1, 2, 3, 4])
+        self.assertEqual((yield store.countInbox("bob")), 4)
+
+    @inlineCallbacks
+    def test_duplicateKeyBeforeSequence(self):
+        """
+        A call that both resends a stored key and takes a stored seq is
+        refused as a resend: numbering it again would not help.
+        """
+        store = yield self.store()
+        yield store.appendMessages([NewMessage("c", 1, 1, "a", b"x", 1.0, dedupe=("a", 1))])
+        error = yield self.assertFailure(
+            store.appendMessages([NewMessage("c", 1, 2, "a", b"y", 2.0, dedupe=("a", 1))]), DuplicateConflict
+        )
+        self.assertEqual(error.held, {0: Duplicate("c", 1, 1, 1.0)})
+
     @inlineCallbacks
     def test_relations(self):
         store = yield self.store()
@@ -498,7 +624,117 @@ class SQLiteStoreTests(MessageStoreTestsMixin, TestCase):
         self.assertLess(store._worker.batches, 50)
 
 
-class PostgreSQLStoreTests(MessageStoreTestsMixin, TestCase):
+class ConcurrentWritersMixin:
+    """
+    The fence of duplicate keys between transactions of different
+    connections (nodes), for the server stores.  A subclass provides
+    C{makeStore()}, C{rawConnect()} (a blocking DB-API connection to the
+    same database, in a transaction, called in a thread) and
+    C{LOCK_WAITS} (SQL counting this database's sessions waiting for a
+    row lock).
+    """
+
+    @inlineCallbacks
+    def heldKey(self, finish):
+        """
+        Another connection writes message 1 of C{c} with key C{(a, 77)}
+        and keeps its transaction open; the store appends message 1 of C{d}
+        with the same key, which must wait for it; the other connection
+        then does C{finish} (C{commit} or C{rollback}).
+
+        @return: the store, and the append's outcome.
+        """
+        store = yield self.store()
+        other = yield deferToThread(self.rawConnect)
+        self.addCleanup(deferToThread, other.close)
+
+        def write():
+            with other.cursor() as cursor:
+                cursor.execute(
+                    "INSERT INTO messages (conv, seq, mid, sender, stanza, created) VALUES ('c', 1, 1, 'a', %s, 1.0)",
+                    (b"first",),
+                )
+                cursor.execute(
+                    "INSERT INTO duplicates (sender, client_id, conv, seq, mid, created) "
+                    "VALUES ('a', 77, 'c', 1, 1, 1.0)"
+                )
+
+        yield deferToThread(write)
+        outcome = []
+        d = store.appendMessages([NewMessage("d", 1, 2, "a", b"second", 2.0, inbox=(("bob", None),), dedupe=("a", 77))])
+        d.addBoth(outcome.append)
+        waiting = 0
+        for _ in range(400):
+            waiting = yield deferToThread(self._count, self.LOCK_WAITS)
+            if waiting or outcome:
+                break
+            yield deferLater(reactor, 0.025, lambda: None)
+        self.assertEqual((waiting, outcome), (1, []), "the append waits for the other transaction")
+        yield deferToThread(getattr(other, finish))
+        while not outcome:
+            yield deferLater(reactor, 0.01, lambda: None)
+        return store, outcome[0]
+
+    def _count(self, sql):
+        connection = self.rawConnect()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql)
+                return cursor.fetchone()[0]
+        finally:
+            connection.close()
+
+    @inlineCallbacks
+    def test_duplicateKeyCommittedMeanwhile(self):
+        """
+        A key another transaction holds uncommitted fences once it
+        commits: the append waits, then fails naming that message, and only
+        the first copy is stored.
+        """
+        store, outcome = yield self.heldKey("commit")
+        self.assertIsInstance(outcome, Failure)
+        outcome.trap(DuplicateConflict)
+        self.assertEqual(outcome.value.held, {0: Duplicate("c", 1, 1, 1.0)})
+        self.assertEqual((yield store.lastMessage("d")), (0, 0))
+        self.assertEqual((yield store.countInbox("bob")), 0)
+        self.assertEqual((yield store.recentDuplicates("a", 0.0)), {77: Duplicate("c", 1, 1, 1.0)})
+
+    @inlineCallbacks
+    def test_duplicateKeyRolledBackMeanwhile(self):
+        """
+        A key whose other transaction rolls back does not fence: the
+        append that waited for it stores its message.
+        """
+        store, outcome = yield self.heldKey("rollback")
+        self.assertEqual(outcome, [[outcome[0][0]]])
+        self.assertEqual((yield store.lastMessage("d")), (1, 2))
+        self.assertEqual((yield store.recentDuplicates("a", 0.0)), {77: Duplicate("d", 1, 2, 2.0)})
+
+    @inlineCallbacks
+    def test_duplicateKeyRacingStores(self):
+        """
+        Two stores (two nodes' pools) append the same key at once, to two
+        seqs of one conversation: exactly one is stored, and the other
+        names it.
+        """
+        first = yield self.store()
+        second = yield self.store()
+        results = yield gatherResults(
+            [
+                store.appendMessages([NewMessage("c", seq, seq, "a", b"m%d" % seq, 1.0, dedupe=("a", 5))]).addErrback(
+                    lambda f: f.trap(DuplicateConflict) and f.value
+                )
+                for seq, store in ((1, first), (2, second))
+            ]
+        )
+        refused = [r for r in results if isinstance(r, DuplicateConflict)]
+        self.assertEqual(len(refused), 1)
+        stored = yield first.messagesAfter("c", 0, 10)
+        self.assertEqual(len(stored), 1)
+        self.assertEqual(refused[0].held, {0: Duplicate("c", stored[0].seq, stored[0].mid, 1.0)})
+
+
+class PostgreSQLStoreTests(MessageStoreTestsMixin, ConcurrentWritersMixin, TestCase):
     """
     The conformance suite on this machine's PostgreSQL, in a database of
     each test's own.
@@ -508,13 +744,21 @@ class PostgreSQLStoreTests(MessageStoreTestsMixin, TestCase):
     def makeStore(self):
         from timtx.persistence.postgresql import PostgreSQLStore
 
-        self.dsn = yield postgresqlDatabase(self)
+        if not hasattr(self, "dsn"):
+            self.dsn = yield postgresqlDatabase(self)
         store = PostgreSQLStore(reactor, self.dsn, poolSize=3)
         yield store.open()
         return store
 
+    LOCK_WAITS = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
 
-class MariaDBStoreTests(MessageStoreTestsMixin, TestCase):
+    def rawConnect(self):
+        import psycopg2
+
+        return psycopg2.connect(self.dsn)
+
+
+class MariaDBStoreTests(MessageStoreTestsMixin, ConcurrentWritersMixin, TestCase):
     """
     The conformance suite on this machine's MariaDB with PyMySQL (the
     driver installed with timtx), in a database of each test's own.
@@ -526,10 +770,24 @@ class MariaDBStoreTests(MessageStoreTestsMixin, TestCase):
     def makeStore(self):
         from timtx.persistence.mariadb import MariaDBStore
 
-        self.url = yield mariadbDatabase(self)
+        if not hasattr(self, "url"):
+            self.url = yield mariadbDatabase(self)
         store = MariaDBStore(reactor, self.url, driver=self.driver, poolSize=3)
         yield store.open()
         return store
+
+    LOCK_WAITS = (
+        "SELECT COUNT(*) FROM information_schema.innodb_trx t "
+        "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
+        "WHERE t.trx_state = 'LOCK WAIT' AND p.db = DATABASE()"
+    )
+
+    def rawConnect(self):
+        import pymysql
+
+        from timtx.persistence.mariadb import parseDSN
+
+        return pymysql.connect(**parseDSN(self.url))
 
 
 class MariaDBMysqlclientStoreTests(MariaDBStoreTests):

@@ -14,7 +14,7 @@ from twisted.internet.defer import inlineCallbacks
 
 from timtx.chat.duplicates import DuplicateFilter
 from timtx.chat.groups.core import Groups
-from timtx.chat.messagerules import refuseUnstored, stamp
+from timtx.chat.messagerules import stamp
 from timtx.chat.messaging import PersonalMessaging
 from timtx.delivery.encoded import Encoded
 from timtx.delivery.fanout import groupConversation
@@ -96,7 +96,7 @@ class GroupMessages:
         appending = groups.appendAndRoute(state, session.uid, message, dedupe, echo=True)
         if dedupe is not None:
             self.duplicates.remember(session.uid, dedupe[1], appending, groupConversation(state.gid))
-        appending.addErrback(refuseUnstored, session, message)
+        appending.addErrback(self.duplicates.refused, session, message)
 
     @inlineCallbacks
     def _stream(self, session: Session, message: TimMessage) -> Any:
