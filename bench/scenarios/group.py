@@ -10,7 +10,16 @@ TIMMESSAGE with msType 3 and C{roomTid}; members acknowledge each push.
 
 Measured: send → receive latency over every delivery (p50, p99, max),
 deliveries/s from the first send to the last delivery, and lost: deliveries
-expected and never seen.  A node without groups answers the create with
+expected and never seen.
+
+With C{--processes N} the node is one C{twist tim} with C{[node] processes
+= N} behind one client port, and the kernel decides which process accepts
+each member; with C{--nodes N}, N nodes in one cluster, member C{i} on node
+C{i mod N}.  Either way the nodes share a server store, the group's owner
+sends each message once to every process holding members, and the run
+reads every process's C{/metrics} (an admin port of its own) to report how
+the members ended up spread and the bytes over the peer links per group
+message, less what the mesh sends when idle (measured just before).  A node without groups answers the create with
 4107 (or, today, 4104 "unknown business rtype"), and the scenario is
 skipped.
 """
@@ -21,6 +30,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 
+from bench.nodemetrics import ADMIN_SECTION, NodeMetrics, Snapshot
+from bench.nodeproc import waitFor
 from bench.runner import COMMON, Param, Result, Run, Scenario
 from bench.scenarios.common import (
     SERVER_STORE,
@@ -45,6 +56,12 @@ P99_GOAL_MS = 1000
 DELIVERIES_GOAL = 30000
 #: Issue 11's goal for fan-out on PostgreSQL: 1,000 members at 1 msg/s.
 SERVER_P99_GOAL_MS = 100
+#: Issue 13's goal for 10,000 members spread over node processes at 1 msg/s.
+SPREAD_P99_GOAL_MS = 500
+
+_PEER_SENT = "timtx_cluster_peer_bytes_total{sent}"
+_PEER_RECEIVED = "timtx_cluster_peer_bytes_total{received}"
+_GROUP_DELIVERIES = "timtx_deliveries_total{group}"
 
 #: Notices that tell a member it is in a group (tim 2.1 answers an open
 #: join with PASSROOM instead of a TimAck).
@@ -144,6 +161,9 @@ class GroupFanout(Scenario):
         Param("body", int, 100, 100, "characters of text per message"),
         Param("store", str, "sqlite", "sqlite", "node store", ("sqlite", "memory", "postgresql", "mariadb")),
         *SERVER_STORE,
+        Param("processes", int, 1, 1, "node processes behind one client port ([node] processes) on a server store"),
+        Param("nodes", int, 1, 1, "nodes forming one cluster on a server store; member i on node i mod N"),
+        Param("idle", float, 5.0, 1.0, "processes or nodes: seconds the mesh's idle traffic is measured"),
         Param("standin", int, 0, 0, "1: serve it with bench/standin.py, to test the generator itself"),
         Param("timeout", float, 600.0, 60.0, "seconds to wait for deliveries after the last send"),
         *COMMON,
@@ -153,21 +173,35 @@ class GroupFanout(Scenario):
         store = "" if params["store"] == "sqlite" else f"-{params['store']}"
         if params["store"] == "postgresql" and params["shards"]:
             store += f"-{params['shards']}shards"
+        if params["processes"] > 1:
+            store += f"-{params['processes']}processes"
+        if params["nodes"] > 1:
+            store += f"-{params['nodes']}nodes"
         return f"group-{params['size']}{store}" + ("-standin" if params["standin"] else "")
 
     def nodeSections(self, params: dict) -> dict:
-        return {"store": {"backend": params["store"], **serverStore(params)}, **standIn(params)}
+        sections = {"store": {"backend": params["store"], **serverStore(params)}, **standIn(params)}
+        if params["processes"] > 1:
+            sections["node"] = {"processes": params["processes"]}
+        if spread(params):
+            sections.update(ADMIN_SECTION)
+        return sections
 
     async def drive(self, run: Run) -> Result:
         p = run.params
         size, groups = p["size"], p["groups"]
         workers = run.workers
+        nodes = len(run.nodes)
+        if spread(p) and p["store"] not in ("postgresql", "mariadb"):
+            raise ValueError("--processes and --nodes need a store the nodes share: postgresql or mariadb")
+        # Member i on node i mod N (with one node, all on it).
+        nodesOf = lambda indices: {"nodes": [i % nodes for i in indices]} if nodes > 1 else {}  # noqa: E731
         founders = [g * size for g in range(groups)]
         ownerOfFounder = {f: f % workers.count for f in founders}
         run.log("probing group support")
         first = founders[0]
         await workers.one(ownerOfFounder[first], "register", indices=[first])
-        await workers.one(ownerOfFounder[first], "login", indices=[first])
+        await workers.one(ownerOfFounder[first], "login", indices=[first], **nodesOf([first]))
         probe = await workers.one(ownerOfFounder[first], "create", indices=[first])
         raiseIfUnsupported(probe, "groups (TIMBUSINESS rtype 8)")
         gids = dict(probe["gids"])
@@ -175,7 +209,7 @@ class GroupFanout(Scenario):
         usersOf = run.share(others)
         run.log(f"registering and logging in {len(others)} more users")
         await workers.all("register", lambda w: {"indices": usersOf(w)})
-        await workers.all("login", lambda w: {"indices": usersOf(w)})
+        await workers.all("login", lambda w: {"indices": usersOf(w), **nodesOf(usersOf(w))})
         for f in founders[1:]:
             answer = await workers.one(ownerOfFounder[f], "create", indices=[f])
             raiseIfUnsupported(answer, "groups (TIMBUSINESS rtype 8)")
@@ -205,6 +239,13 @@ class GroupFanout(Scenario):
                 run, lambda w: len(membersOf(w)) * p["warmup"], send(p["warmup"]), timeout, sending, profiled=False
             )
             lost += deliverySummary(tallies, cpu)["lost"]
+        metrics = NodeMetrics(run.nodes) if spread(p) else None
+        idle = None
+        if metrics is not None:
+            run.log(f"measuring the mesh's idle traffic for {p['idle']:g}s")
+            idle = await idleTraffic(run, metrics, p["idle"])
+            before = await metrics.snapshot()
+            run.log("sessions per process: " + perProcess(before.each("timtx_sessions")))
         run.log(f"measured: {p['messages']} messages at {p['rate']}/s to {len(members)} members")
         tallies, cpu = await measuredRun(
             run, lambda w: len(membersOf(w)) * p["messages"], send(p["messages"]), timeout, sending
@@ -226,6 +267,12 @@ class GroupFanout(Scenario):
             ("node RSS after the run", f"{s['node_rss_kb'] / 1024:.1f} MiB"),
             ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
         ]
+        if metrics is not None and idle is not None:
+            after = await metrics.snapshot()
+            peers = peerReport(before, after, idle, p["messages"] * groups, s["seconds"])
+            result.metrics["per_process"] = peers.pop("per_process")
+            result.metrics.update(peers)
+            result.rows += peerRows(result.metrics)
         p99 = s["latency"]["p99_ms"]
         if size >= 10000 and p["rate"] <= 1:
             result.goals.append(
@@ -239,6 +286,15 @@ class GroupFanout(Scenario):
                     p99 < SERVER_P99_GOAL_MS,
                 )
             )
+        if spread(p) and size >= 10000 and p["rate"] <= 1:
+            result.goals.append(
+                (
+                    f"10,000 members over {max(nodes, p['processes'])} node processes at 1 msg/s:"
+                    f" p99 < {SPREAD_P99_GOAL_MS} ms, 0 lost",
+                    f"{p99} ms, lost {lost}",
+                    p99 < SPREAD_P99_GOAL_MS and not lost,
+                )
+            )
         result.goals.append(
             (
                 f"≥ {DELIVERIES_GOAL:,} deliveries/s per node process",
@@ -247,3 +303,78 @@ class GroupFanout(Scenario):
             )
         )
         return result
+
+
+def spread(params: dict[str, Any]) -> bool:
+    """
+    Whether the members are spread over more than one node process.
+    """
+    return bool(params["processes"] > 1 or params["nodes"] > 1)
+
+
+async def idleTraffic(run: Run, metrics: NodeMetrics, seconds: float) -> dict[str, float]:
+    """
+    Peer bytes/s each process sends while no client sends anything:
+    membership probes and the like, taken off what a measured run sent.
+    """
+    first = await metrics.snapshot()
+    started = run.reactor.seconds()
+    await waitFor(run.reactor, seconds)
+    change = (await metrics.snapshot()).minus(first)
+    elapsed = run.reactor.seconds() - started
+    return {name: sent / elapsed for name, sent in change.each(_PEER_SENT).items()}
+
+
+def peerReport(
+    before: Snapshot, after: Snapshot, idle: dict[str, float], messages: int, seconds: float
+) -> dict[str, Any]:
+    """
+    Peer bytes per group message, per process and on average, raw and less
+    the idle traffic over the run's C{seconds}.
+    """
+    change = after.minus(before)
+    processes = {}
+    for name in sorted(after.processes):
+        sent = change.processes[name].get(_PEER_SENT, 0.0)
+        processes[name] = {
+            "sessions": int(after.processes[name].get("timtx_sessions", 0)),
+            "group_deliveries": int(change.processes[name].get(_GROUP_DELIVERIES, 0)),
+            "peer_bytes_sent": int(sent),
+            "peer_bytes_received": int(change.processes[name].get(_PEER_RECEIVED, 0.0)),
+            "peer_bytes_idle_per_second": round(idle.get(name, 0.0), 1),
+            "peer_bytes_sent_per_message": round(sent / messages, 1) if messages else 0.0,
+        }
+    count = len(processes) or 1
+    sent = change.total(_PEER_SENT)
+    background = sum(idle.values()) * seconds
+    return {
+        "per_process": processes,
+        "peer_bytes_sent": int(sent),
+        "peer_bytes_idle_per_second": round(sum(idle.values()), 1),
+        "peer_bytes_per_message_per_node": round(sent / messages / count, 1) if messages else 0.0,
+        "peer_bytes_per_message_per_node_less_idle": (
+            round(max(sent - background, 0.0) / messages / count, 1) if messages else 0.0
+        ),
+    }
+
+
+def peerRows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    processes = metrics["per_process"]
+    sessions = {name: float(v["sessions"]) for name, v in processes.items()}
+    deliveries = {name: float(v["group_deliveries"]) for name, v in processes.items()}
+    sent = {name: float(v["peer_bytes_sent_per_message"]) for name, v in processes.items()}
+    return [
+        ("sessions per process", perProcess(sessions)),
+        ("group deliveries per process (measured run)", perProcess(deliveries)),
+        ("peer bytes sent per group message, per process", perProcess(sent)),
+        (
+            "peer bytes per group message per node (all sent / messages / processes)",
+            f"{fmt(metrics['peer_bytes_per_message_per_node'])}"
+            f" ({fmt(metrics['peer_bytes_per_message_per_node_less_idle'])} less idle traffic"
+            f" of {fmt(metrics['peer_bytes_idle_per_second'])} B/s in all)",
+        ),
+    ]
+
+
+def perProcess(values: dict[str, float]) -> str:
+    return ", ".join(f"{name} {fmt(value)}" for name, value in sorted(values.items()))
