@@ -354,6 +354,7 @@ async def runScenario(
         if database is not None:
             database.drop()
         record["seconds"] = round(time.time() - started, 1)
+        record["load_average_end"] = conditions.loadAverage()
         if keep or record["status"] == "failed":
             record["workdir"] = workdir
         else:
