@@ -296,6 +296,7 @@ class GroupFanout(Scenario):
             ("deliveries/s", fmt(s["per_second"])),
             *latencyRows("send → receive", s["_latency"]),
             ("lost", str(s["lost"])),
+            ("sends answered 5103 and sent again / other send errors", f"{s['resends']} / {s['send_errors']}"),
             ("node CPU", f"{s['node_cpu_percent']}% of one core, {s['node_cpu_us_per_delivery']} µs per delivery"),
             ("node RSS after the run", f"{s['node_rss_kb'] / 1024:.1f} MiB"),
             ("generator CPU", f"{s['generator_cpu_percent']}% of one core (all workers)"),
