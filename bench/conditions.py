@@ -94,7 +94,16 @@ def collect() -> dict[str, Any]:
         "thrift_c_codec": codec.ACCELERATED,
         "fd_limit": [soft, hard],
         "git": _git(),
+        # The machine is shared: what else ran weighs on every number.
+        "load_average": loadAverage(),
     }
+
+
+def loadAverage() -> list[float]:
+    """
+    The 1, 5 and 15 minute load averages.
+    """
+    return [round(load, 2) for load in os.getloadavg()]
 
 
 def oneLine(c: dict[str, Any]) -> str:

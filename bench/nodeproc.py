@@ -172,8 +172,9 @@ class NodeProcess:
     def profileBegin(self) -> None:
         """
         With C{profile="py-spy"}, start sampling every thread of the node
-        (the SQLite one too) from outside; scenarios call this when their
-        measured phase begins.  Only the first measured phase is sampled.
+        (the SQLite one too), and of every node process it runs, from
+        outside; scenarios call this when their measured phase begins.
+        Only the first measured phase is sampled.
         """
         if self.profile != "py-spy" or self.profilePath is not None:
             return
@@ -191,6 +192,8 @@ class NodeProcess:
                 "raw",
                 "--threads",
                 "--nonblocking",
+                # With [node] processes, the node processes are children.
+                *(["--subprocesses"] if self.processes > 1 else []),
                 "--output",
                 self.profilePath,
             ],

@@ -35,6 +35,12 @@ def markdown(record: dict[str, Any]) -> str:
     git = record["conditions"].get("git") or {}
     if git.get("commit"):
         lines.append(f"Commit {git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}.")
+    load, loadEnd = record["conditions"].get("load_average"), record.get("load_average_end")
+    if load:
+        lines.append(
+            f"Load average (1, 5, 15 min) at the start: {' '.join(map(str, load))}"
+            + (f"; at the end: {' '.join(map(str, loadEnd))}." if loadEnd else ".")
+        )
     lines.append("")
     status = record["status"]
     if status != "ok":

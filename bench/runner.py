@@ -354,6 +354,7 @@ async def runScenario(
         if database is not None:
             database.drop()
         record["seconds"] = round(time.time() - started, 1)
+        record["load_average_end"] = conditions.loadAverage()
         if keep or record["status"] == "failed":
             record["workdir"] = workdir
         else:
@@ -470,23 +471,51 @@ def selfTimes(pstatsPath: str, top: int = 40) -> str:
 def collapsedSelfTimes(path: str, top: int = 40) -> str:
     """
     Samples per thread, and the C{top} (thread, function) pairs by samples
-    in the function itself, from py-spy's collapsed stacks.
+    in the function itself, from py-spy's collapsed stacks.  Stacks of
+    C{--subprocesses} start with a frame per process (the host of
+    C{[node] processes}, then its child); a thread is then named by its
+    node process, and functions are also summed over all of them.
     """
     from collections import Counter
 
     threads: Counter[str] = Counter()
     leaves: Counter[tuple[str, str]] = Counter()
+    functions: Counter[str] = Counter()
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             if not stack or not count.isdigit():
                 continue
             frames = stack.split(";")
-            threads[frames[0]] += int(count)
-            leaves[(frames[0], frames[-1])] += int(count)
+            thread = _sampledThread(frames)
+            threads[thread] += int(count)
+            leaves[(thread, frames[-1])] += int(count)
+            functions[frames[-1]] += int(count)
     total = sum(threads.values()) or 1
     lines = [f"{total} samples (threads holding or waiting for the CPU)", ""]
     lines += [f"{100 * n / total:5.1f}%  {thread}" for thread, n in threads.most_common()]
+    if any(thread.startswith("process ") for thread in threads):
+        lines += ["", "Self samples by function, all processes:"]
+        lines += [f"{100 * n / total:5.1f}%  {leaf}" for leaf, n in functions.most_common(top)]
     lines += ["", "Self samples by function:"]
     lines += [f"{100 * n / total:5.1f}%  {thread}: {leaf}" for (thread, leaf), n in leaves.most_common(top)]
     return "\n".join(lines) + "\n"
+
+
+def _sampledThread(frames: list[str]) -> str:
+    """
+    The thread of one collapsed stack: its first frame, or with
+    C{--subprocesses} the innermost process (C{process N} for a child
+    started with C{--process N}) and the thread.
+    """
+    import re
+
+    processes = 0
+    while processes < len(frames) - 1 and frames[processes].startswith("process "):
+        processes += 1
+    if not processes:
+        return frames[0]
+    owner = frames[processes - 1]
+    child = re.search(r" --process (\d+)", owner)
+    name = f"process {child.group(1)}" if child else owner.split(":", 1)[0].replace("process ", "pid ")
+    return f"{name} {frames[processes]}"

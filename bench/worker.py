@@ -31,6 +31,7 @@ from twisted.protocols.basic import LineReceiver
 from bench.stats import Histogram
 from bench.wire import LeanConnection, Tim2, findMarkers, marker, nowNs, openConnection, padded
 from timtx.protocols.codec import Encoding
+from timtx.protocols.constants import ErrorCode
 from timtx.protocols.frames import client_frame
 from timtx.protocols.structs import TimAck
 
@@ -66,6 +67,12 @@ class Sender:
     remaining: int
     echoed: bool = True
     inFlight: int = 0
+    #: The frames sent lately, by seq, kept to send one again when the node
+    #: answers 5103 ("may not be stored, send it again"); the oldest go
+    #: first past L{Role.keptFrames}.
+    sent: dict[int, bytes] = field(default_factory=dict)
+    #: Times each seq was sent again.
+    resent: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +107,11 @@ class Role:
 
     #: Connections logging in at once, per worker.
     loginConcurrency = 200
+    #: Frames kept per sender to send again, and how many times each; the
+    #: first resend waits L{resendDelay} seconds, each next one twice as long.
+    keptFrames = 4096
+    resendAttempts = 5
+    resendDelay = 0.5
 
     def __init__(self, reactor: Any, spec: dict[str, Any]):
         self.reactor = reactor
@@ -119,6 +131,7 @@ class Role:
         self.tally = Tally()
         self.echoLatency = Histogram()
         self.sendErrors = 0
+        self.resends = 0
         self.errorSamples: list[str] = []
         self.lostConnections = 0
         self._sendDone: Deferred[None] | None = None
@@ -234,6 +247,7 @@ class Role:
         self.tally = Tally(expected=count, done=Deferred())
         self.echoLatency = Histogram()
         self.sendErrors = 0
+        self.resends = 0
         if count == 0:
             self.tally.done.callback(None)  # type: ignore[union-attr]
         return {}
@@ -254,6 +268,7 @@ class Role:
             **tally.toJSON(),
             "echo": self.echoLatency.toJSON(),
             "send_errors": self.sendErrors,
+            "resends": self.resends,
             "error_samples": self.errorSamples[:5],
             "lost_connections": self.lostConnections,
             "send_first_ns": self._sendFirstNs,
@@ -289,12 +304,15 @@ class Role:
         """
         if ack.ok:
             return
+        sender = self._senderOf.get(connection.index)
+        if sender is not None and ack.error is not None and ack.error.code == ErrorCode.ERR_DATABASE:
+            if self._resend(sender, ack.t):
+                return
         self.sendErrors += 1
         if len(self.errorSamples) < 5:
             self.errorSamples.append(
                 f"{ack.timType}: {ack.error.code if ack.error else '?'} {ack.error.info if ack.error else ''}"
             )
-        sender = self._senderOf.get(connection.index)
         if sender is not None and sender.echoed:
             self._released(sender)
 
@@ -340,8 +358,32 @@ class Role:
         sender.remaining -= 1
         if sender.echoed:
             sender.inFlight += 1
-        sender.connection.sendRaw(sender.build(seq, self.messageText(sender, seq)))
+        frame = sender.build(seq, self.messageText(sender, seq))
+        sender.sent[seq] = frame
+        if len(sender.sent) > self.keptFrames:
+            del sender.sent[next(iter(sender.sent))]
+        sender.connection.sendRaw(frame)
         self._sendLastNs = nowNs()
+
+    def _resend(self, sender: Sender, messageId: int | None) -> bool:
+        """
+        Send the message C{messageId} (its seq in the low 24 bits, as every
+        sender builds ids) again, unchanged: the node recognises a resend by
+        its id and answers with the first if that was stored.  Its marker
+        keeps the first send's time, so latency counts the wait.
+
+        @return: whether it will be sent again.
+        """
+        seq = (messageId or 0) & 0xFFFFFF
+        frame = sender.sent.get(seq)
+        attempts = sender.resent.get(seq, 0)
+        if frame is None or attempts >= self.resendAttempts:
+            return False
+        sender.resent[seq] = attempts + 1
+        self.resends += 1
+        connection = sender.connection
+        self.reactor.callLater(self.resendDelay * 2**attempts, connection.sendRaw, frame)
+        return True
 
     def _openLoop(self, rate: float) -> None:
         state = {"budget": 0.0, "last": time.monotonic(), "next": 0}

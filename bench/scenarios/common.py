@@ -145,6 +145,7 @@ def deliverySummary(tallies: list[dict[str, Any]], cpu: dict[str, float]) -> dic
         "lost": expected - received,
         "duplicates": sum(t["duplicates"] for t in tallies),
         "send_errors": sum(t["send_errors"] for t in tallies),
+        "resends": sum(t.get("resends", 0) for t in tallies),
         "error_samples": [e for t in tallies for e in t["error_samples"]][:5],
         "lost_connections": sum(t["lost_connections"] for t in tallies),
         "seconds": round(seconds, 3),

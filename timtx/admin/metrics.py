@@ -301,6 +301,17 @@ class NodeCollector(Collector):
                 for kind, count in sorted(kinds.items()):
                     paths.add_metric([kind], count)
                 yield paths
+            # Not every cluster view counts its links' bytes (test doubles).
+            traffic = getattr(node.cluster, "traffic", None)
+            if traffic is not None:
+                peerBytes = CounterMetricFamily(
+                    "timtx_cluster_peer_bytes",
+                    "Bytes over this node's peer links since it started, by direction.",
+                    labels=["direction"],
+                )
+                peerBytes.add_metric(["sent"], traffic.sent)
+                peerBytes.add_metric(["received"], traffic.received)
+                yield peerBytes
 
         # The admin side itself.
         if self.admin is not None:

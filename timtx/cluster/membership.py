@@ -88,7 +88,7 @@ from timtx.cluster.swim import (
 )
 from timtx.config import ClusterConfig, Config, ConfigError, splitHostPort
 from timtx.protocols.peer import KIND_PATTERN, MAX_REQUEST_ID, MIN_SECRET_BYTES, CloseCode, ResponseStatus
-from timtx.transports.peer import IPeerHandler, PeerFactory, PeerProtocol, PeerSettings, PeerTLS
+from timtx.transports.peer import IPeerHandler, PeerFactory, PeerProtocol, PeerSettings, PeerTLS, PeerTraffic
 
 #: The message kind SWIM uses; not available to applications.
 SWIM_KIND = "swim"
@@ -602,6 +602,13 @@ class ClusterService(Service):
         node sees them now.
         """
         return self._ownership
+
+    @property
+    def traffic(self) -> PeerTraffic:
+        """
+        The bytes this node's peer links carried, both ways, since it started.
+        """
+        return self.settings.traffic
 
     def addObserver(self, observer: Observer) -> None:
         """

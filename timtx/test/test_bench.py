@@ -182,4 +182,30 @@ class QuickTests(SynchronousTestCase):
             record = json.load(f)
         self.assertEqual(record["metrics"]["duplicates"], 0)
         self.assertEqual(len(record["other_node_exits"]), 2)
+
+    def test_groupAcrossProcesses(self):
+        """
+        C{python -m bench group --quick --store postgresql --processes 3}
+        runs one node host of three processes behind one client port: every
+        member gets every message, whichever process accepted it; the
+        report says how many sessions each process holds (all the members)
+        and how many peer bytes each group message cost.
+        """
+        root = checkout()
+        requirePostgreSQL()
+        process, outcome = runBench(self, root, "group", "--quick", "--store", "postgresql", "--processes", "3")
+        self.assertIsNotNone(outcome, process.stderr[-3000:])
+        [entry] = outcome
+        self.assertEqual(entry["status"], "ok", f"{entry['reason']}\n{process.stderr[-3000:]}")
+        self.assertEqual(entry["variant"], "group-20-postgresql-3processes")
+        self.assertEqual(entry["lost"], 0)
+        with open(entry["files"]["json"], encoding="utf-8") as f:
+            metrics = json.load(f)["metrics"]
+        self.assertGreater(metrics["received"], 0)
+        self.assertEqual(metrics["duplicates"], 0)
+        processes = metrics["per_process"]
+        self.assertEqual(sorted(processes), ["node/p1", "node/p2", "node/p3"])
+        self.assertEqual(sum(p["sessions"] for p in processes.values()), 20)
+        self.assertEqual(sum(p["group_deliveries"] for p in processes.values()), metrics["received"])
+        self.assertGreater(metrics["peer_bytes_per_message_per_node"], 0)
         self.assertEqual(process.returncode, 0, process.stderr[-3000:])

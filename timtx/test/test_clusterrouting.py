@@ -12,6 +12,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from timtx.admin.metrics import NodeCollector, Sampler
 from timtx.admin.status import clusterStatus
 from timtx.client import TimRequestFailed, connect, register, requestToken
 from timtx.cluster.membership import PeerRequestFailed, checkClusterConfig, loadSecret
@@ -151,6 +152,29 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
             self.assertIsInstance(node.router, ClusterRouter)
         status = clusterStatus(nodes[1])
         self.assertEqual((status["clustered"], status["self"], status["live"]), (True, "node2", 3))
+
+    @inlineCallbacks
+    def test_peerBytes(self):
+        """
+        Each node counts the bytes over its peer links, both ways, and
+        reports them as C{timtx_cluster_peer_bytes_total}: a message from a
+        user on one node to one on the other adds at least its text to what
+        the first sent and the second received.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield self.friends(node1, alice, bob)
+        sent, received = node1.cluster.traffic.sent, node2.cluster.traffic.received
+        text = "x" * 5000
+        alice.sendMessage(bob.uid, text)
+        self.assertEqual((yield bob.next(isMessage)).body.dataString, text)
+        self.assertGreater(node1.cluster.traffic.sent - sent, len(text))
+        self.assertGreater(node2.cluster.traffic.received - received, len(text))
+        families = {f.name: f for f in NodeCollector(node1, Sampler(node1, reactor)).collect()}
+        samples = {s.labels["direction"]: s.value for s in families["timtx_cluster_peer_bytes"].samples}
+        self.assertEqual(samples["sent"], node1.cluster.traffic.sent)
+        self.assertGreater(samples["received"], 0)
 
     @inlineCallbacks
     def test_badPayloads(self):

@@ -192,6 +192,35 @@ class StringTransportTests(SynchronousTestCase):
         self.assertEqual(self.link.closeCode, CloseCode.OVERLOADED)
         self.assertFalse(self.link.sendMessage("m", b"more"))
 
+    def test_trafficCounted(self):
+        """
+        The settings' L{PeerTraffic} counts every byte the link wrote and
+        read, the handshake included, and the links of one node share it.
+        """
+        self.connect()
+        wrote = read = 0
+        for _ in range(2):
+            incoming = b"".join(self.peer.dataToSend())
+            read += len(incoming)
+            self.link.dataReceived(incoming)
+            wrote += len(self.transport.value())
+            self.peer.receiveData(self.transport.value())
+            self.transport.clear()
+            while self.peer.nextEvent() is not None:
+                pass
+        self.assertTrue(self.link.established)
+        self.link.sendMessage("m", b"x" * 1000)
+        wrote += len(self.transport.value())
+        self.peer.sendMessage("n", b"y" * 500)
+        incoming = b"".join(self.peer.dataToSend())
+        read += len(incoming)
+        self.link.dataReceived(incoming)
+        traffic = self.link.settings.traffic
+        self.assertEqual((traffic.sent, traffic.received), (wrote, read))
+        self.assertGreater(wrote, 1000)
+        other = self.link.factory.buildProtocol(None)
+        self.assertIs(other.settings.traffic, traffic)
+
     def test_resumeResetsBacklog(self):
         self.connect(maxOutputBytes=100000)
         self.establish()
