@@ -51,6 +51,11 @@ def roomKey(rid: str) -> str:
     return f"room:{rid}"
 
 
+#: Owners one snapshot remembers before it starts again (about 150 bytes
+#: each).
+MAX_REMEMBERED_OWNERS = 200_000
+
+
 class NoOwner(LookupError):
     """
     No live member: nothing can own anything.
@@ -68,6 +73,9 @@ class Ownership:
     def __init__(self, nodes: Iterable[str]):
         self.nodes: tuple[str, ...] = tuple(sorted(set(nodes)))
         self._prefixes = [(nodeId, nodeId.encode("utf-8") + b"\x00") for nodeId in self.nodes]
+        # Owners already computed: a snapshot never changes its mind, and a
+        # group message asks for the owner of every member's user key.
+        self._owners: dict[str, str] = {}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Ownership) and other.nodes == self.nodes
@@ -95,10 +103,17 @@ class Ownership:
 
         @raise NoOwner: if there are no nodes.
         """
+        owner = self._owners.get(key)
+        if owner is not None:
+            return owner
         if not self._prefixes:
             raise NoOwner(key)
         # Ties (one in 2**64) go to the greater node id, on every node alike.
-        return max(self._scores(key))[1]
+        owner = max(self._scores(key))[1]
+        if len(self._owners) >= MAX_REMEMBERED_OWNERS:
+            self._owners.clear()
+        self._owners[key] = owner
+        return owner
 
     def owners(self, key: str, n: int) -> list[str]:
         """

@@ -7,6 +7,7 @@ from collections import Counter
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from timtx.cluster import ownership as ownershipModule
 from timtx.cluster.ownership import NoOwner, Ownership, conversationKey, groupKey, roomKey, score, userKey
 
 KEYS = [userKey(str(i)) for i in range(3000)]
@@ -90,3 +91,16 @@ class OwnershipTests(SynchronousTestCase):
         )
         self.assertIn("node-1", Ownership(NODES))
         self.assertEqual(repr(Ownership(["b", "a"])), "Ownership(['a', 'b'])")
+
+    def test_rememberedOwners(self):
+        """
+        A snapshot answers a key it was asked before from memory, the same
+        as it computed it, and remembers a bounded number of keys.
+        """
+        self.patch(ownershipModule, "MAX_REMEMBERED_OWNERS", 10)
+        snapshot = Ownership(["a", "b", "c"])
+        keys = [userKey(f"u{i}") for i in range(25)]
+        first = [snapshot.owner(key) for key in keys]
+        self.assertEqual([snapshot.owner(key) for key in keys], first)
+        self.assertEqual(first, [max(Ownership(["a", "b", "c"])._scores(key))[1] for key in keys])
+        self.assertLessEqual(len(snapshot._owners), 10)
