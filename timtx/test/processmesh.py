@@ -25,8 +25,10 @@ from twisted.protocols.portforward import ProxyFactory
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
+from timtx.client import connect, register
 from timtx.cluster.membership import MEMBERS_FILE
 from timtx.crypto.ids import NodeKeys
+from timtx.protocols.codec import Encoding
 from timtx.test import netns
 from timtx.test.base import waitUntil
 from timtx.test.databases import _dsnWith, postgresqlDatabase
@@ -70,12 +72,55 @@ secret = mesh test secret, 16 bytes or more
 {extra}"""
 
 
-class _Process(protocol.ProcessProtocol):
+class NodeProcess(protocol.ProcessProtocol):
+    """
+    One C{twist tim} (or any) child process, stopped when the test ends.
+
+    @ivar ended: fires when the process has exited.
+    """
+
     def __init__(self) -> None:
         self.ended: defer.Deferred[None] = defer.Deferred()
+        self.transport: Any = None
+
+    @classmethod
+    def spawn(cls, testCase: TestCase, argv: list[str], directory: FilePath) -> NodeProcess:
+        """
+        Run C{argv} in C{directory} with L{netns.childEnvironment}; the
+        test's cleanup stops it (L{stop}).
+        """
+        process = cls()
+        reactor.spawnProcess(process, argv[0], argv, env=netns.childEnvironment(), path=directory.path)
+        testCase.addCleanup(process.stop)
+        return process
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(None)
+
+    @defer.inlineCallbacks
+    def kill(self) -> Any:
+        """
+        C{kill -9}, and wait until it is gone.
+        """
+        if not self.ended.called:
+            self.transport.signalProcess("KILL")
+        yield self.ended
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        """
+        Stop as an operator does: SIGTERM, SIGKILL after 10 s.
+        """
+        if self.ended.called:
+            return
+        try:
+            self.transport.signalProcess(signal.SIGTERM)
+        except error.ProcessExitedAlready:
+            return
+        timer = reactor.callLater(10, lambda: self.ended.called or self.transport.signalProcess("KILL"))
+        yield self.ended
+        if timer.active():
+            timer.cancel()
 
 
 class ProcessMesh:
@@ -93,7 +138,7 @@ class ProcessMesh:
         self.dsn = dsn
         self.extra = extra
         self.count = topology.hosts
-        self._processes: dict[int, tuple[_Process, Any]] = {}
+        self._processes: dict[int, NodeProcess] = {}
         self._isolated: set[int] = set()
 
     @classmethod
@@ -158,42 +203,24 @@ class ProcessMesh:
             extra=self.extra,
         )
         self.config(n).setContent(text.encode())
-        process = _Process()
         argv = self.topology.run(n, *twistTim(self.config(n).path, self.log(n).path))
-        transport = reactor.spawnProcess(process, argv[0], argv, env=netns.childEnvironment(), path=self.directory.path)
-        self._processes[n] = (process, transport)
-        self.testCase.addCleanup(self.stop, n, process, transport)
+        self._processes[n] = NodeProcess.spawn(self.testCase, argv, self.directory)
 
     def untilReady(self, n: int) -> defer.Deferred[None]:
         log = self.log(n)
         return waitUntil(lambda: log.exists() and b"timtx node ready" in log.getContent(), 30)
 
-    @defer.inlineCallbacks
-    def kill(self, n: int) -> Any:
+    def kill(self, n: int) -> defer.Deferred[None]:
         """
-        C{kill -9} node C{n}, and wait until it is gone.
+        C{kill -9} node C{n}; fires when it is gone.
         """
-        process, transport = self._processes[n]
-        transport.signalProcess("KILL")
-        yield process.ended
+        return self._processes[n].kill()
 
-    @defer.inlineCallbacks
-    def stop(self, n: int, process: _Process | None = None, transport: Any = None) -> Any:
+    def stop(self, n: int) -> defer.Deferred[None]:
         """
         Stop node C{n} as an operator does (SIGTERM, SIGKILL after 10 s).
         """
-        if process is None:
-            process, transport = self._processes[n]
-        if process.ended.called:
-            return
-        try:
-            transport.signalProcess(signal.SIGTERM)
-        except error.ProcessExitedAlready:
-            return
-        timer = reactor.callLater(10, lambda: process.ended.called or transport.signalProcess("KILL"))
-        yield process.ended
-        if timer.active():
-            timer.cancel()
+        return self._processes[n].stop()
 
     # The network.
 
@@ -237,8 +264,45 @@ class ProcessMesh:
         """
         return waitUntil(lambda: len(self.live(n)) == count, seconds)
 
-    def tracebacks(self) -> dict[int, int]:
+    def allSee(self, nodes: list[int], state: str) -> bool:
         """
-        Tracebacks logged by each node, by node.
+        Whether every node of C{nodes} sees every node of C{nodes} (itself
+        included) in C{state}.
         """
-        return {n: self.log(n).getContent().count(b"Traceback") for n in self.nodes if self.log(n).exists()}
+        return all(self.members(n).get(f"node{m}") == state for n in nodes for m in nodes)
+
+    # Clients.
+
+    @defer.inlineCallbacks
+    def register(self, *names: str) -> Any:
+        """
+        Register users C{names} (password C{secret}) through node 1.
+        """
+        for name in names:
+            yield register(reactor, self.url(1, "/tim2"), name, "secret")
+
+    @defer.inlineCallbacks
+    def login(self, n: int, name: str, encoding: Encoding = Encoding.COMPACT) -> Any:
+        """
+        A client of user C{name} logged in on node C{n}, disconnected when
+        the test ends.
+        """
+        client = yield connect(reactor, self.url(n), encoding)
+        self.testCase.addCleanup(client.disconnect)
+        yield client.login(name, "secret")
+        return client
+
+    # After the test.
+
+    def assertNoTracebacks(self) -> None:
+        """
+        Fail the test, showing the first one, if any node logged a
+        traceback.
+        """
+        for n in self.nodes:
+            content = self.log(n).getContent() if self.log(n).exists() else b""
+            if b"Traceback" in content:
+                start = content.index(b"Traceback")
+                self.testCase.fail(
+                    f"node{n} logged a traceback:\n{content[start : start + 3000].decode(errors='replace')}"
+                )

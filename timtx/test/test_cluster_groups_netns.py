@@ -216,7 +216,7 @@ class GroupAcrossHostsTests(TestCase):
             self.addCleanup(client.disconnect)
             offline = yield client.offlineMessages(timeout=60)
             self.assertEqual({m.seq: m.dataString for m in offline if m.msType == 3}, stored)
-        self.assertEqual(mesh.tracebacks(), dict.fromkeys(mesh.nodes, 0))
+        mesh.assertNoTracebacks()
 
     @defer.inlineCallbacks
     def registerAll(self, mesh: ProcessMesh, names: list[str]) -> Any:

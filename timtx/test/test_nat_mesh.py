@@ -24,11 +24,10 @@ import json
 import os
 import re
 import shutil
-import signal
 import tempfile
 from typing import Any
 
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.protocols.portforward import ProxyFactory
 from twisted.python.filepath import FilePath
@@ -42,6 +41,7 @@ from timtx.protocols.structs import Tid, TimPresence
 from timtx.test import netns
 from timtx.test.base import waitUntil
 from timtx.test.databases import _dsnWith, postgresqlDatabase
+from timtx.test.processmesh import NodeProcess
 from timtx.test.test_tap import twistTim
 
 EXAMPLES = FilePath(__file__).parent().parent().parent().child("examples").child("nat")
@@ -51,14 +51,6 @@ CLIENT_PORT = 5120
 #: let in an answer from another port?) times out in seconds, not the 20 of
 #: the defaults.
 FAST_STUN = {"stun_rto": "0.2", "stun_max_rto": "1.0", "stun_retransmissions": "4"}
-
-
-class _Node(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(None)
 
 
 def nodeConfig(name: str, dsn: str, dataDir: str) -> bytes:
@@ -120,7 +112,8 @@ class NatMeshTests(TestCase):
                 text += "".join(f"{key} = {value}\n" for key, value in overrides.items()).encode()
             config.setContent(text)
             self.logs[name] = directory.child(f"{name}.log")
-            self.spawn(hosts[name].namespace, directory, config, self.logs[name])
+            argv = ["ip", "netns", "exec", hosts[name].namespace, *twistTim(config.path, self.logs[name].path)]
+            NodeProcess.spawn(self, argv, directory)
 
         def meshed() -> bool:
             for name in NODES:
@@ -299,27 +292,3 @@ class NatMeshTests(TestCase):
             missing = [text for text in confirmed if text not in received]
             raise AssertionError(f"confirmed and never received: {missing}") from None
         self.assertNoTraceback()
-
-    def spawn(self, namespace: str, directory: FilePath, config: FilePath, log: FilePath) -> None:
-        node = _Node()
-        argv = ["ip", "netns", "exec", namespace, *twistTim(config.path, log.path)]
-        transport = reactor.spawnProcess(node, argv[0], argv, env=netns.childEnvironment(), path=directory.path)
-
-        def kill() -> None:
-            if not node.ended.called:
-                transport.signalProcess("KILL")
-
-        @defer.inlineCallbacks
-        def stop() -> Any:
-            if node.ended.called:
-                return
-            try:
-                transport.signalProcess(signal.SIGTERM)
-            except error.ProcessExitedAlready:
-                return
-            timer = reactor.callLater(10, kill)
-            yield node.ended
-            if timer.active():
-                timer.cancel()
-
-        self.addCleanup(stop)
