@@ -1,11 +1,13 @@
 # -*- test-case-name: timtx.test.test_rooms_netns -*-
 """
-A stream room across three node processes on three "hosts" (network
-namespaces, as in L{timtx.test.test_cluster_netns}), sharing one PostgreSQL
-database: subscribers on every host, and the node holding the room killed
-with SIGKILL while frames flow.
+A stream room across five node processes on five "hosts"
+(L{timtx.test.processmesh}), sharing one PostgreSQL database: subscribers
+on every host, and the node holding the room killed with SIGKILL while
+frames flow (issue 13: a stream room with subscribers on every node
+survives the death of its owner node).
 
-Needs root, C{ip} and PostgreSQL; skips without them (fails under CI).
+Needs root, C{ip}, C{nft} and PostgreSQL; skips without them (fails under
+CI).
 """
 
 from __future__ import annotations
@@ -13,23 +15,48 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
-from twisted.protocols.portforward import ProxyFactory
-from twisted.python.filepath import FilePath
+from twisted.python import log
 from twisted.trial.unittest import TestCase
 
-from timtx.client import connect, register
-from timtx.crypto.ids import NodeKeys
+from timtx.client import TimClient, TimRequestFailed
+from timtx.cluster.ownership import Ownership, roomKey
 from timtx.protocols.codec import Encoding
-from timtx.protocols.constants import TimType
-from timtx.test import netns
-from timtx.test import test_cluster_netns as mesh
+from timtx.protocols.constants import ErrorCode, TimType
 from timtx.test.base import waitUntil
-from timtx.test.databases import _dsnWith, postgresqlDatabase
-from timtx.test.test_tap import twistTim
+from timtx.test.processmesh import ProcessMesh
 
-NODES = 3
+NODES = 5
+#: The founder's node, which holds the room (it draws a room id it holds).
+FOUNDER = 3
+#: Seconds between frames of each publisher.
+PERIOD = 0.04
+#: Frames from each publisher every surviving subscriber must get after the
+#: holder was declared dead.
+AFTER = 25
+
+
+class Publisher:
+    """
+    A granted user pushing C{phase}-tagged frames at a steady rate through
+    whichever client it has; none while it has none connected.
+    """
+
+    def __init__(self, name: str, vnode: str, client: TimClient):
+        self.name = name
+        self.vnode = vnode
+        self.client = client
+        self.phase = "before"
+        self.pushes = LoopingCall(self.push)
+
+    def push(self) -> None:
+        if self.client.connected:
+            self.client.pushStream(self.vnode, f"{self.phase}-{self.name}".encode())
+
+    def stop(self) -> None:
+        if self.pushes.running:
+            self.pushes.stop()
 
 
 class RoomInNamespacesTests(TestCase):
@@ -38,104 +65,72 @@ class RoomInNamespacesTests(TestCase):
     @defer.inlineCallbacks
     def test_holderKilledMidStream(self) -> Any:
         """
-        The node holding a private stream room is killed (SIGKILL) while a
-        publisher on another host pushes 50 frames a second: once the
-        others declare it dead, the subscribers on the surviving hosts get
-        the frames again, each once and in order, and the room's rules (a
-        private room, a granted publisher) held.
+        A private stream room has subscribers on each of five nodes and two
+        granted publishers pushing 25 frames a second each, one on the
+        holder's node and one on another.  The holder's node is killed
+        (SIGKILL): the publisher that was on it logs in again on another
+        node and pushes on; once the others declare the holder dead, every
+        subscriber on the four surviving hosts gets both publishers' frames
+        again, each once and in order (frame ids only rise); and the room's
+        rules held (still private: a user not allowed is refused).
         """
-        dsn = yield postgresqlDatabase(self)
-        topology = netns.buildMesh(self, NODES)
-        forward: Any = ProxyFactory("127.0.0.1", 5432)
-        proxy = reactor.listenTCP(0, forward, interface=topology.root)
-        self.addCleanup(proxy.stopListening)
-        proxied: Any = proxy.getHost()
-        nodeDsn = _dsnWith(dsn, host=topology.root, port=proxied.port)
-        directory = FilePath(self.mktemp())
-        directory.makedirs()
-        NodeKeys.fromFile(directory.child("node.key").path)
-        seeds = ", ".join(f"{topology.host(i).address}:7946" for i in range(1, NODES + 1))
-        logs, kills = [], []
-        for n in range(1, NODES + 1):
-            address = topology.host(n).address
-            config = directory.child(f"node{n}.ini")
-            config.setContent(mesh.CONFIG.format(n=n, address=address, dsn=nodeDsn, seeds=seeds).encode())
-            log = directory.child(f"node{n}.log")
-            logs.append(log)
-            kills.append(self.spawn(topology, n, directory, config, log))
-        for log in logs:
-            yield waitUntil(lambda log=log: log.exists() and b"timtx node ready" in log.getContent(), 30)
-        for log in logs:
-            yield waitUntil(lambda log=log: log.getContent().count(b"joined") >= NODES - 1, 30)
+        mesh = yield ProcessMesh.start(self, NODES)
+        tag = os.urandom(3).hex()
+        names = [f"host{tag}", f"near{tag}", f"far{tag}", f"stranger{tag}"]
+        viewerNodes = [*mesh.nodes, 2]
+        viewerNames = [f"viewer{i}{tag}" for i in range(len(viewerNodes))]
+        yield mesh.register(*names, *viewerNames)
 
-        def url(n: int, path: str = "/tim") -> str:
-            scheme = "ws" if path == "/tim" else "http"
-            return f"{scheme}://{topology.host(n).address}:5120{path}"
+        founder = yield mesh.login(FOUNDER, names[0])
+        vnode = yield founder.vroomRegister(private=True)
+        holder = Ownership(f"node{n}" for n in mesh.nodes).owner(roomKey(vnode))
+        self.assertEqual(holder, f"node{FOUNDER}", "a founder's node holds the rooms it registers")
+        survivors = [n for n in mesh.nodes if n != FOUNDER]
 
-        @defer.inlineCallbacks
-        def user(name: str, n: int, encoding: Encoding = Encoding.COMPACT) -> Any:
-            yield register(reactor, url(n, "/tim2"), name, "secret")
-            client = yield connect(reactor, url(n), encoding)
-            self.addCleanup(client.disconnect)
-            yield client.login(name, "secret")
-            return client
-
-        tag = os.getpid()
-        # The founder's node (host 3) draws a room id it holds itself.
-        host = yield user(f"host{tag}", 3)
-        vnode = yield host.vroomRegister(private=True)
-        publisher = yield user(f"pub{tag}", 1)
-        yield host.vroomGrant(vnode, publisher.uid)
         viewers = []
-        for i, n in enumerate((1, 2, 2, 3)):
-            viewer = yield user(f"viewer{i}{tag}", n, Encoding.JSON if i % 2 else Encoding.COMPACT)
-            yield host.vroomAllow(vnode, viewer.uid)
+        for i, (name, n) in enumerate(zip(viewerNames, viewerNodes, strict=True)):
+            viewer = yield mesh.login(n, name, Encoding.JSON if i % 2 else Encoding.COMPACT)
+            yield founder.vroomAllow(vnode, viewer.uid)
             yield viewer.vroomSubscribe(vnode)
-            viewers.append(viewer)
-        body = [b"before"]
-        pushes = LoopingCall(lambda: publisher.pushStream(vnode, body[0]))
-        pushes.start(0.02)
-        self.addCleanup(lambda: pushes.stop() if pushes.running else None)
-        survivors = viewers[:3]
-        yield defer.gatherResults([viewer.next(TimType.TIMSTREAM) for viewer in survivors])
-        kills[2]()
-        yield waitUntil(lambda: b"node3 died" in logs[0].getContent() and b"node3 died" in logs[1].getContent(), 30)
-        body[0] = b"after"
-        for viewer in survivors:
-            frames: list[Any] = []
-            while len([f for f in frames if f.body == b"after"]) < 50:
-                frames.append((yield viewer.next(TimType.TIMSTREAM, timeout=30)).body)
-            ids = [f.id for f in frames]
+            viewers.append((n, viewer))
+        publishers = []
+        for name, n in ((names[1], FOUNDER), (names[2], survivors[0])):
+            client = yield mesh.login(n, name)
+            yield founder.vroomGrant(vnode, client.uid)
+            publisher = Publisher(name, vnode, client)
+            publisher.pushes.start(PERIOD)
+            self.addCleanup(publisher.stop)
+            publishers.append(publisher)
+        near = publishers[0]
+
+        frames: dict[TimClient, list[Any]] = {}
+        for n, viewer in viewers:
+            if n != FOUNDER:
+                frames[viewer] = [(yield viewer.next(TimType.TIMSTREAM, timeout=30)).body]
+
+        log.msg(f"killing node{FOUNDER}, which holds {vnode}")
+        yield mesh.kill(FOUNDER)
+        # The publisher's client comes back through another node, as a tim
+        # client with several server addresses does.
+        yield waitUntil(lambda: not near.client.connected, 10)
+        near.client = yield mesh.login(survivors[-1], near.name)
+        log.msg(f"{near.name} logged in again on node{survivors[-1]}")
+        for n in survivors:
+            yield mesh.untilLive(n, NODES - 1)
+        log.msg(f"node{FOUNDER} dead in every survivor's view")
+        for publisher in publishers:
+            publisher.phase = "after"
+
+        wanted = {f"after-{publisher.name}".encode() for publisher in publishers}
+        for viewer, got in frames.items():
+            while any(sum(f.body == body for f in got) < AFTER for body in wanted):
+                got.append((yield viewer.next(TimType.TIMSTREAM, timeout=30)).body)
+            ids = [f.id for f in got]
             self.assertEqual(ids, sorted(set(ids)))
-        pushes.stop()
-        for log in logs[:2]:
-            self.assertNotIn(b"Traceback", log.getContent())
+        for publisher in publishers:
+            publisher.stop()
 
-    def spawn(self, topology: netns.MeshTopology, n: int, directory: FilePath, config: FilePath, log: FilePath) -> Any:
-        """
-        Start node C{n}, stopped when the test ends; return what kills it
-        with SIGKILL.
-        """
-        node = mesh._Node()
-        argv = topology.run(n, *twistTim(config.path, log.path))
-        transport = reactor.spawnProcess(node, argv[0], argv, env=netns.childEnvironment(), path=directory.path)
-
-        def kill() -> None:
-            if not node.ended.called:
-                transport.signalProcess("KILL")
-
-        @defer.inlineCallbacks
-        def stop() -> Any:
-            if node.ended.called:
-                return
-            try:
-                transport.signalProcess("TERM")
-            except Exception:
-                return
-            timer = reactor.callLater(10, kill)
-            yield node.ended
-            if timer.active():
-                timer.cancel()
-
-        self.addCleanup(stop)
-        return kill
+        stranger = yield mesh.login(survivors[1], names[3])
+        failure = yield self.assertFailure(stranger.vroomSubscribe(vnode), TimRequestFailed)
+        self.assertEqual(failure.code, ErrorCode.ERR_AUTH)
+        mesh.assertNoTracebacks()
