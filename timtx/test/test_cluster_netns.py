@@ -1,39 +1,32 @@
 # -*- test-case-name: timtx.test.test_cluster_netns -*-
 """
-Three node processes on three "hosts" (network namespaces on one LAN,
-L{timtx.test.netns.MeshTopology}) sharing one PostgreSQL database, each
-started with C{twist tim} as an operator would; clients on each host.
+Three node processes on three "hosts" (L{timtx.test.processmesh}: network
+namespaces on one LAN sharing one PostgreSQL database), each started with
+C{twist tim} as an operator would; clients on each host.
 
-The database listens on this machine's loopback, which the hosts cannot
-reach: the test forwards a port on its own LAN address to it.  So a host cut
-off the others (L{netns.MeshTopology.isolate}) still reaches the database
-and its clients: a partition between nodes, each side serving its users.
+A host cut off from the others (L{ProcessMesh.isolate}) still reaches the
+database and its clients: a partition between nodes, each side serving its
+users.
 
-Needs root, C{ip} and PostgreSQL; skips without them (fails under CI).
+Needs root, C{ip}, C{nft} and PostgreSQL; skips without them (fails under
+CI).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any
 
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import defer, error, reactor
 from twisted.internet.task import deferLater
-from twisted.protocols.portforward import ProxyFactory
 from twisted.python import log
-from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from timtx.client import ClientTimeout, TimRequestFailed, connect, register
-from timtx.cluster.membership import readMembers
-from timtx.crypto.ids import NodeKeys
+from timtx.client import ClientTimeout, TimRequestFailed
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, ErrorCode, TimType
-from timtx.test import netns
 from timtx.test.base import waitUntil
-from timtx.test.databases import _dsnWith, postgresqlDatabase
-from timtx.test.test_tap import twistTim
+from timtx.test.processmesh import ProcessMesh
 
 NODES = 3
 MESSAGES = 1000
@@ -42,97 +35,9 @@ MESSAGES = 1000
 PARTITION_MESSAGES = 200
 KILL_MESSAGES = 120
 
-CONFIG = """\
-[node]
-data_dir = node{n}-data
-key_file = node.key
-
-[client]
-listen = tcp:5120:interface={address}
-tcp_listen =
-max_connections_per_ip = 0
-request_rate = 0
-
-[accounts]
-scrypt_n = 16
-scrypt_r = 1
-http_rate = 0
-
-[admin]
-listen =
-
-[devices]
-limit = 0
-type_limit = 0
-
-[store]
-backend = postgresql
-dsn = {dsn}
-
-[cluster]
-listen = tcp:7946:interface={address}
-node_id = node{n}
-seeds = {seeds}
-secret = mesh test secret, 16 bytes or more
-"""
-
-
-class _Node(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended: defer.Deferred[None] = defer.Deferred()
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback(None)
-
 
 def isMessage(incoming: Any) -> bool:
     return bool(incoming.timType == TimType.TIMMESSAGE and incoming.body.dataString)
-
-
-class _Mesh:
-    """
-    A running mesh: its topology, working directory and node processes.
-    """
-
-    def __init__(self, topology: netns.MeshTopology, directory: FilePath):
-        self.topology = topology
-        self.directory = directory
-        self.logs: dict[int, FilePath] = {}
-        self.processes: dict[int, Any] = {}
-
-    def url(self, n: int, path: str = "/tim") -> str:
-        scheme = "ws" if path == "/tim" else "http"
-        return f"{scheme}://{self.topology.host(n).address}:5120{path}"
-
-    def views(self) -> dict[int, dict[str, str]]:
-        """
-        Each running node's saved view: node id to state.
-        """
-        views: dict[int, dict[str, str]] = {}
-        for n in self.processes:
-            try:
-                saved = readMembers(self.directory.child(f"node{n}-data").path)
-            except (OSError, ValueError):
-                views[n] = {}
-                continue
-            views[n] = {m["nodeId"]: m["state"] for m in saved["members"]}
-        return views
-
-    def allSee(self, nodes: list[int], state: str) -> bool:
-        """
-        Whether every node of C{nodes} sees every node of C{nodes} in
-        C{state} (itself included).
-        """
-        views = self.views()
-        return all(views.get(n, {}).get(f"node{m}") == state for n in nodes for m in nodes)
-
-    def kill(self, n: int) -> Any:
-        """
-        SIGKILL node C{n}; fires when it has exited.
-        """
-        transport, node = self.processes.pop(n)
-        transport.signalProcess("KILL")
-        return node.ended
 
 
 class _Recorder:
@@ -243,48 +148,23 @@ class MeshInNamespacesTests(TestCase):
     timeout = 180
 
     @defer.inlineCallbacks
-    def startMesh(self) -> Any:
-        """
-        Start C{NODES} nodes on their hosts, sharing a new database, and
-        wait until each has joined the others.
-        """
-        dsn = yield postgresqlDatabase(self)
-        topology = netns.buildMesh(self, NODES)
-        forward: Any = ProxyFactory("127.0.0.1", 5432)
-        proxy = reactor.listenTCP(0, forward, interface=topology.root)
-        self.addCleanup(proxy.stopListening)
-        proxied: Any = proxy.getHost()
-        nodeDsn = _dsnWith(dsn, host=topology.root, port=proxied.port)
-        directory = FilePath(self.mktemp())
-        directory.makedirs()
-        NodeKeys.fromFile(directory.child("node.key").path)
-        mesh = _Mesh(topology, directory)
-        seeds = ", ".join(f"{topology.host(i).address}:7946" for i in range(1, NODES + 1))
-        for n in range(1, NODES + 1):
-            address = topology.host(n).address
-            config = directory.child(f"node{n}.ini")
-            config.setContent(CONFIG.format(n=n, address=address, dsn=nodeDsn, seeds=seeds).encode())
-            log = directory.child(f"node{n}.log")
-            mesh.logs[n] = log
-            mesh.processes[n] = self.spawn(topology, n, directory, config, log)
-        for log in mesh.logs.values():
-            yield waitUntil(lambda log=log: log.exists() and b"timtx node ready" in log.getContent(), 30)
-        for log in mesh.logs.values():
-            yield waitUntil(lambda log=log: log.getContent().count(b"joined") >= NODES - 1, 30)
-        return mesh
-
-    @defer.inlineCallbacks
-    def login(self, mesh: _Mesh, name: str, n: int, recorder: _Recorder | None = None) -> Any:
-        client = yield connect(reactor, mesh.url(n), Encoding.COMPACT)
-        self.addCleanup(client.disconnect)
-        yield client.login(name, "secret")
+    def login(self, mesh: ProcessMesh, name: str, n: int, recorder: _Recorder | None = None) -> Any:
+        client = yield mesh.login(n, name)
         if recorder is not None:
             recorder.attach(client)
         return client
 
     @defer.inlineCallbacks
     def pair(
-        self, mesh: _Mesh, fromName: str, a: int, toName: str, b: int, recorder: _Recorder, count: int, prefix: str
+        self,
+        mesh: ProcessMesh,
+        fromName: str,
+        a: int,
+        toName: str,
+        b: int,
+        recorder: _Recorder,
+        count: int,
+        prefix: str,
     ) -> Any:
         """
         Log C{toName} in on node C{b}, recording what it gets, and
@@ -297,11 +177,6 @@ class MeshInNamespacesTests(TestCase):
         yield sender.client.business(Business.ADDROSTER, node=sender.toUid)
         yield recipient.business(Business.ADDROSTER, node=sender.uid)
         return sender
-
-    @defer.inlineCallbacks
-    def users(self, mesh: _Mesh, *names: str) -> Any:
-        for name in names:
-            yield register(reactor, mesh.url(1, "/tim2"), name, "secret")
 
     @defer.inlineCallbacks
     def assertReceivedOnce(
@@ -334,10 +209,6 @@ class MeshInNamespacesTests(TestCase):
         if overtaken:
             log.msg(f"{sender.name}: came after later ones: {overtaken}")
 
-    def assertCleanLogs(self, mesh: _Mesh) -> None:
-        for path in mesh.logs.values():
-            self.assertNotIn(b"Traceback", path.getContent())
-
     @defer.inlineCallbacks
     def test_thousandMessagesAcrossHosts(self) -> Any:
         """
@@ -345,9 +216,9 @@ class MeshInNamespacesTests(TestCase):
         second arrive complete and in order on every device of both, the
         third host holding a device of each.
         """
-        mesh = yield self.startMesh()
+        mesh = yield ProcessMesh.start(self, NODES)
         alice, bob = f"alice{os.getpid()}", f"bob{os.getpid()}"
-        yield self.users(mesh, alice, bob)
+        yield mesh.register(alice, bob)
         devices = []
         for name, n, encoding in [
             (alice, 1, Encoding.COMPACT),
@@ -355,10 +226,7 @@ class MeshInNamespacesTests(TestCase):
             (alice, 3, Encoding.JSON),
             (bob, 3, Encoding.COMPACT),
         ]:
-            client = yield connect(reactor, mesh.url(n), encoding)
-            self.addCleanup(client.disconnect)
-            yield client.login(name, "secret")
-            devices.append(client)
+            devices.append((yield mesh.login(n, name, encoding)))
         sender, recipient = devices[0], devices[1]
         yield sender.business(Business.ADDROSTER, node=recipient.uid)
         yield recipient.business(Business.ADDROSTER, node=sender.uid)
@@ -371,7 +239,7 @@ class MeshInNamespacesTests(TestCase):
                 got.append((yield device.next(isMessage, timeout=60)).body)
             self.assertEqual([m.dataString for m in got], texts)
             self.assertEqual([m.seq for m in got], list(range(1, MESSAGES + 1)))
-        self.assertCleanLogs(mesh)
+        mesh.assertNoTracebacks()
 
     @defer.inlineCallbacks
     def test_partitionHeals(self) -> Any:
@@ -384,11 +252,11 @@ class MeshInNamespacesTests(TestCase):
         confirmed reaches its recipient once by seq, in order, without a
         gap, the ones stored for the other side during the split included.
         """
-        mesh = yield self.startMesh()
+        mesh = yield ProcessMesh.start(self, NODES)
         tag = os.urandom(3).hex()
         pairs = [(1, 3), (3, 2), (1, 2), (3, 3)]
         names = [(f"s{tag}{a}{b}", f"r{tag}{a}{b}") for a, b in pairs]
-        yield self.users(mesh, *[name for pair in names for name in pair])
+        yield mesh.register(*[name for pair in names for name in pair])
         senders, recorders = [], []
         for (a, b), (fromName, toName) in zip(pairs, names, strict=True):
             recorder = _Recorder()
@@ -397,12 +265,12 @@ class MeshInNamespacesTests(TestCase):
             recorders.append(recorder)
         running = defer.DeferredList([s.run() for s in senders], fireOnOneErrback=True, consumeErrors=True)
         yield deferLater(reactor, 1.5, lambda: None)
-        mesh.topology.isolate(3)
+        mesh.isolate(3)
         log.msg("node 3 cut off")
-        yield waitUntil(lambda: mesh.allSee([1, 2], "alive") and mesh.views()[1].get("node3") == "dead", 15)
-        yield waitUntil(lambda: mesh.views()[3].get("node1") == "dead", 15)
+        yield waitUntil(lambda: mesh.allSee([1, 2], "alive") and mesh.members(1).get("node3") == "dead", 15)
+        yield waitUntil(lambda: mesh.members(3).get("node1") == "dead", 15)
         yield deferLater(reactor, 2.0, lambda: None)
-        mesh.topology.reconnect(3)
+        mesh.heal(3)
         healed = reactor.seconds()
         log.msg("node 3 reachable again")
         yield waitUntil(lambda: mesh.allSee([1, 2, 3], "alive"), 20)
@@ -412,7 +280,7 @@ class MeshInNamespacesTests(TestCase):
         for sender, recorder in zip(senders, recorders, strict=True):
             log.msg(f"{sender.name}: {sender.retries} resends")
             yield self.assertReceivedOnce(sender, recorder, (healed, converged + 1.0))
-        self.assertCleanLogs(mesh)
+        mesh.assertNoTracebacks()
 
     @defer.inlineCallbacks
     def test_killedNodeClientsMove(self) -> Any:
@@ -423,10 +291,10 @@ class MeshInNamespacesTests(TestCase):
         reaches its recipient once by seq, in order, without a gap, the ones
         sent to it while it was away included.
         """
-        mesh = yield self.startMesh()
+        mesh = yield ProcessMesh.start(self, NODES)
         tag = os.urandom(3).hex()
         alice, bob, carol = f"a{tag}", f"b{tag}", f"c{tag}"
-        yield self.users(mesh, alice, bob, carol)
+        yield mesh.register(alice, bob, carol)
         aliceGot, bobGot = _Recorder(), _Recorder()
         fromAlice = yield self.pair(mesh, alice, 3, bob, 1, bobGot, KILL_MESSAGES, "a-")
         toAlice = yield self.pair(mesh, carol, 1, alice, 3, aliceGot, KILL_MESSAGES, "c-")
@@ -440,34 +308,9 @@ class MeshInNamespacesTests(TestCase):
         fromAlice.client = yield self.login(mesh, alice, 2, aliceGot)
         fromAlice.client.requestOfflineMessages()
         log.msg("alice logged in on node 2")
-        yield waitUntil(lambda: mesh.views()[1].get("node3") == "dead", 15)
+        yield waitUntil(lambda: mesh.members(1).get("node3") == "dead", 15)
         yield running
         log.msg(f"all sent; resends: alice {fromAlice.retries}, carol {toAlice.retries}")
         yield self.assertReceivedOnce(fromAlice, bobGot)
         yield self.assertReceivedOnce(toAlice, aliceGot)
-        self.assertCleanLogs(mesh)
-
-    def spawn(self, topology: netns.MeshTopology, n: int, directory: FilePath, config: FilePath, log: FilePath) -> Any:
-        node = _Node()
-        argv = topology.run(n, *twistTim(config.path, log.path))
-        transport = reactor.spawnProcess(node, argv[0], argv, env=netns.childEnvironment(), path=directory.path)
-
-        def kill() -> None:
-            if not node.ended.called:
-                transport.signalProcess("KILL")
-
-        @defer.inlineCallbacks
-        def stop() -> Any:
-            if node.ended.called:
-                return
-            try:
-                transport.signalProcess(signal.SIGTERM)
-            except error.ProcessExitedAlready:
-                return
-            timer = reactor.callLater(10, kill)
-            yield node.ended
-            if timer.active():
-                timer.cancel()
-
-        self.addCleanup(stop)
-        return transport, node
+        mesh.assertNoTracebacks()
