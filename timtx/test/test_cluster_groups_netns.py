@@ -133,9 +133,7 @@ class GroupAcrossHostsTests(TestCase):
         tag = os.urandom(3).hex()
         names = [f"m{tag}-{i}" for i in range(MEMBERS)]
         uids = yield self.registerAll(mesh, names)
-        founder = yield connect(reactor, mesh.url(1), Encoding.COMPACT)
-        self.addCleanup(founder.disconnect)
-        yield founder.login(names[0], "secret")
+        founder = yield mesh.login(1, names[0])
         gid = (yield founder.business(Business.NEWROOM, node="everyone", reqInt=GroupType.OPEN)).n
         yield self.pullIn(founder, gid, uids[1:])
 
