@@ -10,6 +10,9 @@ host cut off from the others (L{ProcessMesh.isolate}) still reaches the
 database, as a node on the far side of a broken switch between racks
 would: the interesting split, where both sides go on storing.
 
+L{NodeProcess} is one such child process on its own, for tests with
+another topology (L{timtx.test.test_nat_mesh}).
+
 Needs root, C{ip}, C{nft} and PostgreSQL; skips without them (fails under
 CI).
 """
