@@ -304,6 +304,7 @@ class Node(MultiService):
             devices=self.config.devices,
             kick=self._kickSession,
             lastSessionEnded=self._lastSessionInCluster,
+            registeringAgain=self._registeringAgain,
         )
         self.sessions.onSessionRemoved.append(self._sessionLeft)
         return ClusterRouter(local, directory, self.cluster)
@@ -539,6 +540,28 @@ class Node(MultiService):
             return
         count = self.inbox.recheckLive()
         self.log.info("the cluster settled: reading the inboxes of {count} live sessions once more", count=count)
+
+    def _registeringAgain(self, uid: str, registered: Deferred[bool]) -> None:
+        """
+        C{uid}'s sessions here are registered again after a membership
+        change, and the owner may never have had them (it was dying as they
+        were registered, say): what was stored for the user meanwhile was
+        pushed to its other nodes, or nowhere, and waits in its inbox.  Hold pushes to the sessions until the owner has
+        them, then have them read the inbox: what waited comes first, in
+        order, and nothing stays there while they are online.
+        """
+        held = self.inbox.hold(uid)
+        self.log.info(
+            "registering the sessions of {uid} again, unconfirmed before: {count} read the inbox once the owner has them",
+            uid=uid,
+            count=len(held),
+        )
+
+        def reread(result: object) -> object:
+            self.inbox.reread(held)
+            return result
+
+        registered.addBoth(reread)
 
     def _lastSessionEnded(self, session: Session) -> None:
         if self.cluster is None:

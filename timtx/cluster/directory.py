@@ -94,8 +94,18 @@ class UserDirectory:
         node that a login elsewhere pushed out (C{kick-oldest}).
     @param lastSessionEnded: called with C{(uid, domain)} by the owner when
         a user's last session in the whole cluster ends.
+    @param registeringAgain: called with C{(uid, registered)} as this node
+        registers C{uid}'s sessions again, after a membership change, when
+        the owner may never have had them (registering them failed or was
+        under way: the owner was unreachable, dying, say): the nodes
+        storing for C{uid} meanwhile did not push here, so what they stored
+        waits in its inbox.  C{registered} fires (with a result or a
+        failure) once the new owner has them.
 
     @ivar entries: for each user owned here, its sessions by node.
+    @ivar unconfirmed: users whose sessions here their owner may not know
+        (their last registration failed or is under way), with that
+        registration's number.
     """
 
     log = Logger()
@@ -109,6 +119,7 @@ class UserDirectory:
         devices: DevicesConfig | None = None,
         kick: Callable[[str, int], object] | None = None,
         lastSessionEnded: Callable[[str, str], object] | None = None,
+        registeringAgain: Callable[[str, Deferred[bool]], object] | None = None,
     ):
         self.cluster = cluster
         self.devices = devices
@@ -116,6 +127,9 @@ class UserDirectory:
         self.sessions = sessions
         self.maxCached = maxCached
         self.lastSessionEnded = lastSessionEnded
+        self.registeringAgain = registeringAgain
+        self.unconfirmed: dict[str, int] = {}
+        self._registrations = count(1)
         self.entries: dict[str, dict[str, list[SessionEntry]]] = {}
         #: Copies of the entries of users this node is the successor for:
         #: their domain and sessions by node.
@@ -179,14 +193,19 @@ class UserDirectory:
         message: dict[str, Any] = {"uid": uid, "domain": domain, "sessions": sessions}
         if admit is not None:
             message["admit"] = self.sessionId(admit)
+        number = self.unconfirmed[uid] = next(self._registrations)
         d: Deferred[Any] = self.cluster.request(self.owner(uid), KIND_SET, dumps(message))
-        d.addCallbacks(
-            lambda answer: loads(answer).get("admitted") is not False, self._registerFailed, errbackArgs=(uid,)
-        )
+        d.addCallbacks(self._registered, self._registerFailed, callbackArgs=(uid, number), errbackArgs=(uid,))
         return d
 
     def forgetSession(self, session: Session) -> None:
         self._sids.pop(session, None)
+
+    def _registered(self, answer: bytes, uid: str, number: int) -> bool:
+        if self.unconfirmed.get(uid) == number:
+            # Not an older registration answered after a newer one started.
+            del self.unconfirmed[uid]
+        return loads(answer).get("admitted") is not False
 
     def _registerFailed(self, failure: Failure, uid: str) -> bool:
         self.log.warn("registering the sessions of {uid} failed: {why}", uid=uid, why=failure.getErrorMessage())
@@ -453,14 +472,28 @@ class UserDirectory:
             del self.entries[uid]
             self._subscribers.pop(uid, None)
             self._domains.pop(uid, None)
+        # Those that went offline meanwhile have nothing left to confirm.
+        for uid in set(self.unconfirmed) - set(self.sessions.users()):
+            del self.unconfirmed[uid]
         for uid in self.sessions.users():
-            if moved(uid):
+            if moved(uid) or uid in self.unconfirmed:
                 sessions = self.sessions.sessionsView(uid)
                 if sessions:
-                    self.register(uid, sessions[0].domain)
+                    self._registerAgain(uid, sessions[0].domain)
         for uid in list(self.entries):
             if self._successor(old, uid) != self._successor(new, uid):
                 self._replicate(uid, self._domains.get(uid, ""))
+
+    def _registerAgain(self, uid: str, domain: str) -> None:
+        """
+        Register C{uid}'s sessions with its owner after a change of
+        membership; if the last registration was not confirmed, tell
+        L{registeringAgain}.
+        """
+        missed = uid in self.unconfirmed
+        d = self.register(uid, domain)
+        if missed and self.registeringAgain is not None:
+            self.registeringAgain(uid, d)
 
     def _promote(self, new: Ownership) -> None:
         """

@@ -44,9 +44,12 @@ class SessionFlow:
         acknowledged.
     @ivar unacked: pushes of any kind not yet acknowledged.
     @ivar timer: the wait for the client to ask for what it missed.
+    @ivar held: pushes wait until the inbox is read again
+        (L{timtx.delivery.inbox.InboxDelivery.hold}); no drain makes it
+        live meanwhile.
     """
 
-    __slots__ = ("live", "draining", "quiet", "backlogged", "skipped", "inFlight", "unacked", "timer")
+    __slots__ = ("live", "draining", "quiet", "backlogged", "skipped", "inFlight", "unacked", "timer", "held")
 
     def __init__(self) -> None:
         self.live = False
@@ -57,6 +60,7 @@ class SessionFlow:
         self.inFlight: dict[int, int] = {}
         self.unacked = 0
         self.timer: IDelayedCall | None = None
+        self.held = False
 
 
 class FlowControl:

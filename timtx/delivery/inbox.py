@@ -148,7 +148,7 @@ class InboxDelivery:
         if session.closed or state.live or state.draining:
             return
         if not count and not self.sources:
-            state.live = True
+            state.live = not state.held
         elif self.config.offline_push_after:
             # Others (groups) may hold something too: look after the wait
             # either way, so new messages never overtake missed ones.
@@ -284,6 +284,41 @@ class InboxDelivery:
             return
         self.log.failure("removing acknowledged entries of {uid} failed", failure, uid=uid)
 
+    def hold(self, uid: str) -> list[Session]:
+        """
+        Push nothing to C{uid}'s sessions here until L{reread}: entries may
+        be waiting in its inbox that were never pushed here (the user's
+        owner did not know of these sessions), and they must come before
+        what is pushed from now on.  Pushes meanwhile wait in the inbox.
+
+        @return: the sessions held, for L{reread}.
+        """
+        held = []
+        for session in self.sessions.sessionsView(uid):
+            state = self.flow.state(session)
+            if state is not None and not session.closed:
+                state.held = True
+                state.live = False
+                held.append(session)
+        return held
+
+    def reread(self, sessions: list[Session]) -> None:
+        """
+        Let L{hold}'s sessions go live again once they have read their
+        inbox (what waited comes as offline lists, in order, then
+        TIMOFFLINEMSGEND).
+        """
+        for session in sessions:
+            state = self.flow.state(session)
+            if state is None or session.closed or not state.held:
+                continue
+            state.held = False
+            if state.draining:
+                # The read under way may have passed what waits: once more.
+                state.skipped = True
+            else:
+                self.drain(session)
+
     # Offline lists.
 
     def drain(self, session: Session, quiet: bool = False) -> None:
@@ -386,7 +421,7 @@ class InboxDelivery:
             self._readInbox(session, state, 0)
             return
         state.draining = False
-        state.live = True
+        state.live = not state.held
         if state.timer is not None and state.timer.active():
             state.timer.cancel()
         state.timer = None

@@ -22,10 +22,10 @@ from timtx.delivery.sessions import AckIds, Session
 from timtx.interfaces import IFrameSink, IRouter
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.worker import WorkerStopped
-from timtx.protocols.codec import Encoding
+from timtx.protocols.codec import Encoding, decode_compact
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import parse_server_frame
-from timtx.protocols.structs import TimMessage
+from timtx.protocols.structs import TimMessage, TimMessageList
 
 
 @implementer(IFrameSink)
@@ -57,8 +57,8 @@ class _Sink:
 class LocalRouterTests(SynchronousTestCase):
     def setUp(self):
         clock = Clock()
-        store = MemoryStore()
-        vault = StanzaVault(NodeKeys(b"r" * 32))
+        store = self.store = MemoryStore()
+        vault = self.vault = StanzaVault(NodeKeys(b"r" * 32))
         self.ackIds = AckIds()
         self.sessions = SessionRegistry(DevicesConfig(limit=0, type_limit=0))
         self.inbox = InboxDelivery(
@@ -116,6 +116,79 @@ class LocalRouterTests(SynchronousTestCase):
         self.assertEqual((state.unacked, state.backlogged), (2, True))
         session.ackReceived(sink.frames[1].ackId)
         self.assertEqual(state.unacked, 1)
+
+    def stored(self, uid, text):
+        """
+        Put a message for C{uid} in its inbox; return it and its qid.
+        """
+        message = TimMessage(id=len(text), dataString=text)
+        [qid] = self.successResultOf(self.store.addInbox([(uid, self.vault.sealFor(uid, message))], 0.0))
+        return message, qid
+
+    def texts(self, frame):
+        """
+        The texts of a pushed message or an offline list.
+        """
+        if frame.timType == TimType.TIMOFFLINEMSG:
+            return [m.dataString for m in decode_compact(TimMessageList, frame.payload).messageList]
+        return [decode_compact(TimMessage, frame.payload).dataString]
+
+    def test_heldUntilReread(self):
+        """
+        A session held (its node registers it again with the user's owner,
+        which did not know of it) gets no pushes, and a drain meanwhile does
+        not make it live; once reread, what waited in the inbox comes first,
+        in an offline list, then TIMOFFLINEMSGEND, and it is live again.
+        Other users' sessions are not held.
+        """
+        session, sink = self.live("ann")
+        other, otherSink = self.live("bob")
+        held = self.inbox.hold("ann")
+        self.assertEqual(held, [session])
+        self.stored("ann", "missed")
+        self.inbox.drain(session)
+        [offline] = sink.frames
+        self.assertEqual(self.texts(offline), ["missed"])
+        session.ackReceived(offline.ackId)
+        self.assertEqual(sink.frames[-1].timType, TimType.TIMOFFLINEMSGEND)
+        self.assertFalse(self.inbox.flow.state(session).live)
+        del sink.frames[:]
+
+        message, qid = self.stored("ann", "while held")
+        self.router.push("ann", qid, Encoded(message))
+        self.router.push("bob", 99, Encoded(TimMessage(id=9, dataString="to bob")))
+        self.assertEqual((sink.frames, len(otherSink.frames)), ([], 1))
+        self.inbox.reread(held)
+        self.assertEqual(self.texts(sink.frames[0]), ["while held"])
+        self.assertFalse(self.inbox.flow.state(session).live)
+        session.ackReceived(sink.frames[0].ackId)
+        self.assertEqual(sink.frames[-1].timType, TimType.TIMOFFLINEMSGEND)
+        self.assertTrue(self.inbox.flow.state(session).live)
+        message, qid = self.stored("ann", "live")
+        self.router.push("ann", qid, Encoded(message))
+        self.assertEqual(self.texts(sink.frames[-1]), ["live"])
+        self.assertEqual(sink.frames[-1].timType, TimType.TIMMESSAGE)
+
+    def test_rereadDuringDrain(self):
+        """
+        A held session reread while a read of its inbox is under way goes
+        live only when that read has found all that waits, what was stored
+        during it included.
+        """
+        session, sink = self.live("ann")
+        held = self.inbox.hold("ann")
+        self.stored("ann", "first")
+        self.inbox.drain(session)
+        [offline] = sink.frames
+        self.assertEqual(self.texts(offline), ["first"])
+        self.stored("ann", "second")
+        self.inbox.reread(held)
+        session.ackReceived(offline.ackId)
+        self.assertEqual(self.texts(sink.frames[-1]), ["second"])
+        self.assertFalse(self.inbox.flow.state(session).live)
+        session.ackReceived(sink.frames[-1].ackId)
+        self.assertEqual(sink.frames[-1].timType, TimType.TIMOFFLINEMSGEND)
+        self.assertTrue(self.inbox.flow.state(session).live)
 
 
 class _StoppingStore(MemoryStore):

@@ -1,0 +1,171 @@
+# -*- test-case-name: timtx.test.test_userdirectory -*-
+"""
+Tests for L{timtx.cluster.directory.UserDirectory} on a fake cluster: a
+registration its owner never got is made again when the membership
+changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from timtx.cluster.directory import KIND_SET, UserDirectory
+from timtx.cluster.ownership import Ownership, userKey
+from timtx.cluster.swim import ChangeKind, Member, MemberChange, MemberState
+from timtx.cluster.wire import dumps, loads
+from timtx.config import DevicesConfig
+from timtx.delivery.registry import SessionRegistry
+from timtx.delivery.sessions import AckIds, Session
+from timtx.protocols.codec import Encoding
+from timtx.test.test_router import _Sink
+
+
+class _Cluster:
+    """
+    What the directory uses of a L{ClusterService}: requests are kept for
+    the test to answer, sends go nowhere.
+    """
+
+    def __init__(self, nodeId: str, nodes: list[str]):
+        self.nodeId = nodeId
+        self.ownership = Ownership(nodes)
+        self.requests: list[tuple[str, str, Any, Deferred[bytes]]] = []
+        self.observers: list[Any] = []
+
+    def addHandler(self, kind: str, handler: Any) -> None:
+        pass
+
+    def addObserver(self, observer: Any) -> None:
+        self.observers.append(observer)
+
+    def request(self, node: str, kind: str, payload: bytes) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        self.requests.append((node, kind, loads(payload), d))
+        return d
+
+    def send(self, node: str, kind: str, payload: bytes) -> Deferred[None]:
+        return succeed(None)
+
+    def dies(self, nodeId: str) -> None:
+        self.ownership = Ownership(n for n in self.ownership.nodes if n != nodeId)
+        change = MemberChange(ChangeKind.DIED, Member(nodeId, 1, MemberState.DEAD, f"{nodeId}:7946"), None)
+        for observer in self.observers:
+            observer(change)
+
+
+def ownedBy(ownership: Ownership, node: str, prefix: str) -> str:
+    """
+    A uid C{node} owns.
+    """
+    return next(uid for i in range(1000) if ownership.owner(userKey(uid := f"{prefix}{i}")) == node)
+
+
+class RegisteringAgainTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.cluster = _Cluster("node2", ["node1", "node2", "node3"])
+        self.sessions = SessionRegistry(DevicesConfig(limit=0, type_limit=0))
+        self.told: list[tuple[str, Deferred[bool]]] = []
+        self.directory = UserDirectory(
+            self.cluster,  # type: ignore[arg-type]
+            self.sessions,
+            registeringAgain=lambda uid, d: self.told.append((uid, d)),
+        )
+        self.ackIds = AckIds()
+
+    def online(self, uid: str) -> None:
+        self.sessions.admit(Session(_Sink(), uid, "", None, 0, Encoding.COMPACT, 0.0, self.ackIds))
+
+    def registered(self, uid: str, fail: bool) -> None:
+        d = self.directory.register(uid, "")
+        node, kind, payload, answer = self.cluster.requests.pop()
+        self.assertEqual((node, kind, payload["uid"]), (self.directory.owner(uid), KIND_SET, uid))
+        if fail:
+            answer.errback(ConnectionRefusedError("the owner is dying"))
+        else:
+            answer.callback(dumps({"admitted": True}))
+        # A login goes ahead either way.
+        self.assertIs(self.successResultOf(d), True)
+
+    def test_failedThenAgain(self) -> None:
+        """
+        A user whose registration failed is registered again when the
+        membership changes, and C{registeringAgain} is told, with a
+        L{Deferred} that fires once the owner has it; a user registered
+        fine whose owner did not move is not registered again.
+        """
+        ann = ownedBy(self.cluster.ownership, "node3", "ann")
+        bob = ownedBy(self.cluster.ownership, "node1", "bob")
+        self.online(ann)
+        self.online(bob)
+        self.registered(ann, fail=True)
+        self.registered(bob, fail=False)
+        self.assertEqual(list(self.directory.unconfirmed), [ann])
+
+        self.cluster.dies("node3")
+        [(node, kind, payload, answer)] = self.cluster.requests
+        self.assertEqual((node, kind, payload["uid"]), (self.directory.owner(ann), KIND_SET, ann))
+        [(uid, registered)] = self.told
+        self.assertEqual(uid, ann)
+        self.assertNoResult(registered)
+        answer.callback(dumps({"admitted": True}))
+        self.assertIs(self.successResultOf(registered), True)
+        self.assertEqual(self.directory.unconfirmed, {})
+
+    def test_underWayThenAgain(self) -> None:
+        """
+        A user whose registration is still under way when its owner dies
+        (the request waits for a node that stopped answering) is
+        registered again, and C{registeringAgain} is told; the first
+        request failing later changes nothing.  Nor does an older
+        registration confirmed after a newer one started.
+        """
+        ann = ownedBy(self.cluster.ownership, "node3", "ann")
+        self.online(ann)
+        self.directory.register(ann, "")
+        [(_, _, _, first)] = self.cluster.requests
+        self.assertEqual(list(self.directory.unconfirmed), [ann])
+        self.cluster.dies("node3")
+        [(uid, registered)] = self.told
+        self.assertEqual(uid, ann)
+        self.cluster.requests[-1][3].callback(dumps({"admitted": True}))
+        first.errback(ConnectionRefusedError("it died"))
+        self.assertIs(self.successResultOf(registered), True)
+        self.assertEqual(self.directory.unconfirmed, {})
+
+        self.directory.register(ann, "")
+        self.directory.register(ann, "")
+        older, newer = self.cluster.requests[-2:]
+        older[3].callback(dumps({"admitted": True}))
+        self.assertEqual(list(self.directory.unconfirmed), [ann])
+        newer[3].callback(dumps({"admitted": True}))
+        self.assertEqual(self.directory.unconfirmed, {})
+
+    def test_offlineForgotten(self) -> None:
+        """
+        A user that went offline here after a failed registration is
+        neither registered again nor remembered.
+        """
+        ann = ownedBy(self.cluster.ownership, "node3", "ann")
+        self.online(ann)
+        self.registered(ann, fail=True)
+        for session in list(self.sessions.sessionsView(ann)):
+            self.sessions.remove(session)
+        self.cluster.dies("node3")
+        self.assertEqual((self.cluster.requests, self.told, self.directory.unconfirmed), ([], [], {}))
+
+    def test_ownerMovedWithoutFailure(self) -> None:
+        """
+        A user registered fine whose owner moves is registered with the new
+        owner without telling C{registeringAgain}: the nodes storing for it
+        knew its sessions all along.
+        """
+        ann = ownedBy(self.cluster.ownership, "node3", "ann")
+        self.online(ann)
+        self.registered(ann, fail=False)
+        self.cluster.dies("node3")
+        [(node, kind, payload, answer)] = self.cluster.requests
+        self.assertEqual(payload["uid"], ann)
+        self.assertEqual(self.told, [])
