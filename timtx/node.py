@@ -546,9 +546,10 @@ class Node(MultiService):
         C{uid}'s sessions here are registered again after a membership
         change, and the owner may never have had them (it was dying as they
         were registered, say): what was stored for the user meanwhile was
-        pushed to its other nodes, or nowhere, and waits in its inbox.  Hold pushes to the sessions until the owner has
-        them, then have them read the inbox: what waited comes first, in
-        order, and nothing stays there while they are online.
+        pushed to its other nodes, or nowhere, and waits in its inbox.
+        Hold pushes to the sessions until the owner has them, then have
+        them read the inbox: what waited comes first, in order, and nothing
+        stays there while they are online.
         """
         held = self.inbox.hold(uid)
         self.log.info(
