@@ -15,7 +15,7 @@ import sysconfig
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from timtx.testing import requireOrSkip, sourceRoot
 
@@ -128,3 +128,25 @@ class InstallTests(TestCase):
         output, purelib = yield self.installInto(editable=True)
         self.assertIn(f"timtx at {self.root.path}", output)
         self.assertIn("'tim'", output)
+
+
+class PackageListTests(SynchronousTestCase):
+    def test_everyPackageListed(self):
+        """
+        setup.cfg lists every package of the checkout: one left out is
+        missing from an install (and everything importing it fails there).
+        """
+        import configparser
+
+        root = sourceRoot()
+        if root is None:
+            raise SkipTest("no source checkout")
+        config = configparser.ConfigParser()
+        config.read(root.child("setup.cfg").path)
+        listed = set(config["options"]["packages"].split())
+        found = {
+            ".".join(path.segmentsFrom(root)[:-1])
+            for path in root.child("timtx").walk()
+            if path.basename() == "__init__.py"
+        }
+        self.assertEqual(found - listed, set())
