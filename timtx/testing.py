@@ -279,10 +279,23 @@ class MemoryClientNode:
         return succeed(1)
 
 
+def _openDescriptors() -> int:
+    """
+    The file descriptors this process holds now (0 where /proc is not).
+    """
+    import os
+
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
 def fitDescriptors(wanted: int, perUnit: int, spare: int = 256) -> int:
     """
     How many of C{wanted} units that each hold C{perUnit} file descriptors
-    this process can open: the soft limit is raised toward the hard one if
+    this process can open besides those it holds already: the soft limit
+    is raised toward the hard one if
     needed (and put back at exit of the process, as it is per process).
     When fewer fit, a warning says how many, so that a test that scales
     down says so.
@@ -290,7 +303,7 @@ def fitDescriptors(wanted: int, perUnit: int, spare: int = 256) -> int:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = wanted * perUnit + spare
+    needed = wanted * perUnit + spare + _openDescriptors()
     if soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         try:
@@ -298,7 +311,7 @@ def fitDescriptors(wanted: int, perUnit: int, spare: int = 256) -> int:
             soft = target
         except (ValueError, OSError):
             pass
-    fits = max(1, min(wanted, (soft - spare) // perUnit))
+    fits = max(1, min(wanted, (soft - spare - _openDescriptors()) // perUnit))
     if fits < wanted:
         warnings.warn(
             f"only {fits} of {wanted} fit under the descriptor limit ({soft}); running with {fits}",

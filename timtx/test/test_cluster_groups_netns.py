@@ -182,7 +182,8 @@ class GroupAcrossHostsTests(TestCase):
             yield mesh.untilLive(n, 3, seconds=60)
         yield task.deferLater(reactor, 3, lambda: None)
         traffic.stop()
-        yield waitUntil(lambda: len(confirmed) + len(unconfirmed) == next(sent), 60)
+        attempts = next(sent)
+        yield waitUntil(lambda: len(confirmed) + len(unconfirmed) == attempts, 60)
 
         stored = yield wholeHistory(founder, gid)
         self.assertEqual(sorted(stored), list(range(1, len(stored) + 1)), "gaps in the group's seqs")

@@ -43,8 +43,8 @@ from timtx.test.base import waitUntil
 from timtx.test.databases import _dsnWith, postgresqlDatabase
 from timtx.test.processmesh import NodeProcess
 from timtx.test.test_tap import twistTim
+from timtx.testing import requireOrSkip, sourceRoot
 
-EXAMPLES = FilePath(__file__).parent().parent().parent().child("examples").child("nat")
 NODES = ("pub", "h1", "h2")
 CLIENT_PORT = 5120
 #: STUN retransmissions for a test: discovery's last probe (does the NAT
@@ -58,7 +58,10 @@ def nodeConfig(name: str, dsn: str, dataDir: str) -> bytes:
     The example configuration of node C{name}, with the test's store and
     directories.
     """
-    text = EXAMPLES.child(f"{name}.ini").getContent().decode()
+    root = sourceRoot()
+    if root is None:
+        requireOrSkip("no source checkout (examples/ is not installed)")
+    text = root.child("examples").child("nat").child(f"{name}.ini").getContent().decode()
     text = re.sub(r"(?m)^dsn = .*$", lambda m: f"dsn = {dsn}", text)
     text = re.sub(r"(?m)^data_dir = .*$", lambda m: f"data_dir = {dataDir}", text)
     return text.encode()
