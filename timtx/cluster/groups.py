@@ -65,7 +65,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from timtx.chat.conversations import AlreadyStored, Appended
+from timtx.chat.conversations import Appended
 from timtx.chat.groups.core import Groups
 from timtx.chat.groups.directory import GroupDirectory, GroupState
 from timtx.chat.messagerules import MaybeStored
@@ -487,30 +487,7 @@ class ClusterGroups(Groups):
     def _appendHere(
         self, state: GroupState, sender: str, message: TimMessage, dedupe: tuple[str, int] | None, echo: bool
     ) -> Deferred[Appended]:
-        d = Groups.appendAndRoute(self, state, sender, message, dedupe, echo)
-        return d.addErrback(self._resent, state)
-
-    def _resent(self, failure: Failure, state: GroupState) -> Failure:
-        """
-        A resend the store refused as stored already: its first copy may
-        never have been routed (its sender was told 5103 when the store
-        could not say whether it was committed).  Route the stored copy
-        again, to no echo: a node that delivered it drops it as late
-        (L{GroupDelivery}), one that did not delivers it.
-        """
-        if isinstance(failure.value, AlreadyStored) and failure.value.duplicate.seq is not None:
-            stored = failure.value.duplicate
-            d = self.store.getMessage(stored.conv, stored.mid)
-            d.addCallback(self._routeStored, state)
-            d.addErrback(
-                lambda f: self.routing.log.info("routing a resent message again failed: {why}", why=f.getErrorMessage())
-            )
-        return failure
-
-    def _routeStored(self, row: Any, state: GroupState) -> None:
-        if row is not None:
-            message = self.vault.openMessage(row.conv, row.seq, row.stanza)
-            self.route(state, Encoded(message), row.seq, None)
+        return Groups.appendAndRoute(self, state, sender, message, dedupe, echo)
 
     def _appendReceived(self, node: str, payload: bytes) -> Deferred[bytes]:
         gid, sender, body, clientId, echo = unpack(payload, 5)

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from timtx.chat.conversations import Appended, Conversations
+from timtx.chat.conversations import AlreadyStored, Appended, Conversations
 from timtx.chat.groups.directory import GroupDirectory, GroupState
 from timtx.crypto.vault import StanzaVault
 from timtx.delivery.encoded import Encoded
@@ -45,6 +47,8 @@ class Groups:
     """
     The collaborators and rules the group services share.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -140,7 +144,30 @@ class Groups:
             routed, in seq order.
         """
         d = self.conversations.append(groupConversation(state.gid), sender, message, (), dedupe=dedupe)
-        return d.addCallback(self._appended, state, sender if echo else None)
+        d.addCallback(self._appended, state, sender if echo else None)
+        return d.addErrback(self._resent, state)
+
+    def _resent(self, failure: Failure, state: GroupState) -> Failure:
+        """
+        A resend the store refused as stored already: its first copy may
+        never have been routed (its sender was told 5103 when the store
+        could not say whether it was committed).  Route the stored copy
+        again, to no echo: sessions that had it get it twice (at least
+        once; clients keep one per seq), the others get it.
+        """
+        if isinstance(failure.value, AlreadyStored) and failure.value.duplicate.seq is not None:
+            stored = failure.value.duplicate
+            d = self.store.getMessage(stored.conv, stored.mid)
+            d.addCallback(self._routeStored, state)
+            d.addErrback(
+                lambda f: self.log.info("routing a resent message again failed: {why}", why=f.getErrorMessage())
+            )
+        return failure
+
+    def _routeStored(self, row: Any, state: GroupState) -> None:
+        if row is not None:
+            message = self.vault.openMessage(row.conv, row.seq, row.stanza)
+            self.route(state, Encoded(message), row.seq, None)
 
     def _appended(self, appended: Appended, state: GroupState, echoTo: str | None) -> Appended:
         self.route(state, Encoded(appended.message), appended.message.seq or 0, echoTo)
