@@ -20,6 +20,7 @@ CI).
 from __future__ import annotations
 
 import json
+import re
 import signal
 from typing import Any
 
@@ -37,7 +38,6 @@ from timtx.test.base import waitUntil
 from timtx.test.databases import _dsnWith, postgresqlDatabase
 from timtx.test.test_tap import twistTim
 
-CLIENT_PORT = 5120
 PEER_PORT = 7946
 
 CONFIG = """\
@@ -46,7 +46,7 @@ data_dir = node{n}-data
 key_file = node.key
 
 [client]
-listen = tcp:{clientPort}:interface={address}
+listen = tcp:0:interface={address}
 tcp_listen =
 max_connections_per_ip = 0
 request_rate = 0
@@ -73,6 +73,19 @@ node_id = node{n}
 seeds = {seeds}
 secret = mesh test secret, 16 bytes or more
 {extra}"""
+
+
+def listeningPort(log: FilePath, listener: str = "client-ws") -> int:
+    """
+    The port a node's C{listener} got (nodes in tests listen on port 0),
+    from the node's log: the last run's, for a node started again.
+
+    @raise LookupError: if the log does not say yet.
+    """
+    found = re.findall(rb"%s listening on \S+:(\d+)" % listener.encode(), log.getContent() if log.exists() else b"")
+    if not found:
+        raise LookupError(f"{log.path} names no port for {listener} yet")
+    return int(found[-1])
 
 
 class NodeProcess(protocol.ProcessProtocol):
@@ -181,7 +194,7 @@ class ProcessMesh:
         Where clients of node C{n} connect: C{/tim} (WebSocket) or C{/tim2}.
         """
         scheme = "ws" if path == "/tim" else "http"
-        return f"{scheme}://{self.address(n)}:{CLIENT_PORT}{path}"
+        return f"{scheme}://{self.address(n)}:{listeningPort(self.log(n))}{path}"
 
     def log(self, n: int) -> FilePath:
         return self.directory.child(f"node{n}.log")
@@ -199,7 +212,6 @@ class ProcessMesh:
         text = CONFIG.format(
             n=n,
             address=self.address(n),
-            clientPort=CLIENT_PORT,
             peerPort=PEER_PORT,
             dsn=self.dsn,
             seeds=seeds,

@@ -41,12 +41,11 @@ from timtx.protocols.structs import Tid, TimPresence
 from timtx.test import netns
 from timtx.test.base import waitUntil
 from timtx.test.databases import _dsnWith, postgresqlDatabase
-from timtx.test.processmesh import NodeProcess
+from timtx.test.processmesh import NodeProcess, listeningPort
 from timtx.test.test_tap import twistTim
 from timtx.testing import requireOrSkip, sourceRoot
 
 NODES = ("pub", "h1", "h2")
-CLIENT_PORT = 5120
 #: STUN retransmissions for a test: discovery's last probe (does the NAT
 #: let in an answer from another port?) times out in seconds, not the 20 of
 #: the defaults.
@@ -64,6 +63,8 @@ def nodeConfig(name: str, dsn: str, dataDir: str) -> bytes:
     text = root.child("examples").child("nat").child(f"{name}.ini").getContent().decode()
     text = re.sub(r"(?m)^dsn = .*$", lambda m: f"dsn = {dsn}", text)
     text = re.sub(r"(?m)^data_dir = .*$", lambda m: f"data_dir = {dataDir}", text)
+    # Clients' port chosen by the OS (the test reads it from the log).
+    text = re.sub(r"(?m)^(listen = tcp:)\d+:", r"\g<1>0:", text, count=1)
     return text.encode()
 
 
@@ -85,10 +86,6 @@ class NatMeshTests(TestCase):
         topology = netns.build(self, kinds)
         self.topology = topology
         router = topology.linkRoot()
-        topology.exposeTcp(CLIENT_PORT, topology.public.address, CLIENT_PORT)
-        for i in (1, 2):
-            topology.forwardTcp(i, CLIENT_PORT)
-            topology.exposeTcp(CLIENT_PORT + i, topology.nat(i).address, CLIENT_PORT)
 
         # The store through a Unix socket, which every namespace can reach.
         socketDir = tempfile.mkdtemp(prefix="txpg")
@@ -129,10 +126,22 @@ class NatMeshTests(TestCase):
 
         yield waitUntil(meshed, 45)
 
+        # Each node's client port, through its NAT to the router's
+        # root-side address (under a port of its own there).
+        exposed: dict[str, int] = {}
+        for i, name in enumerate(NODES):
+            port = listeningPort(self.logs[name])
+            if i:
+                topology.forwardTcp(i, port)
+            outside = port
+            while outside in exposed.values():
+                outside += 1
+            topology.exposeTcp(outside, topology.nat(i).address if i else topology.public.address, port)
+            exposed[name] = outside
+
         def url(name: str, path: str = "/tim") -> str:
             scheme = "ws" if path == "/tim" else "http"
-            port = CLIENT_PORT + NODES.index(name)
-            return f"{scheme}://{router}:{port}{path}"
+            return f"{scheme}://{router}:{exposed[name]}{path}"
 
         alice, bob = f"alice{os.getpid()}", f"bob{os.getpid()}"
         yield register(reactor, url("h1", "/tim2"), alice, "secret")
