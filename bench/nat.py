@@ -30,6 +30,7 @@ from typing import Any
 
 from bench.conditions import collect, oneLine
 from bench.nodeproc import ROOT
+from bench.report import writeMeasurement
 from timtx.test import netns
 from timtx.test.natnode import peerArguments
 
@@ -184,14 +185,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     conditions = collect()
     result = run(args)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"nat-{stamp}.json"), "w") as f:
-        json.dump({"conditions": conditions, "result": result}, f, indent=2)
-    text = markdown(result, conditions)
-    with open(os.path.join(args.out, f"nat-{stamp}.md"), "w") as f:
-        f.write(text)
-    sys.stdout.write(text)
+    writeMeasurement(args.out, "nat", conditions, result, markdown(result, conditions))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from typing import Any
 from bench.conditions import collect, oneLine
 from bench.nat import percentile
 from bench.nodeproc import ROOT
+from bench.report import writeMeasurement
 from timtx.test import netns
 from timtx.test.test_tap import twistTim
 
@@ -390,25 +391,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = parser.parse_args(argv)
     conditions = collect()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    os.makedirs(args.out, exist_ok=True)
     if args.throughput:
         measured = throughput(args)
-        with open(os.path.join(args.out, f"natmesh-throughput-{stamp}.json"), "w") as f:
-            json.dump({"conditions": conditions, "result": measured}, f, indent=2)
-        text = throughputMarkdown(measured, conditions)
-        with open(os.path.join(args.out, f"natmesh-throughput-{stamp}.md"), "w") as f:
-            f.write(text)
-        sys.stdout.write(text)
+        writeMeasurement(args.out, "natmesh-throughput", conditions, measured, throughputMarkdown(measured, conditions))
         return
     result = run(args)
     name = "natmesh" if args.kinds == "eim,eim" else f"natmesh-{args.kinds.replace(',', '-')}"
-    with open(os.path.join(args.out, f"{name}-{stamp}.json"), "w") as f:
-        json.dump({"conditions": conditions, "result": result}, f, indent=2)
-    text = markdown(result, conditions)
-    with open(os.path.join(args.out, f"{name}-{stamp}.md"), "w") as f:
-        f.write(text)
-    sys.stdout.write(text)
+    writeMeasurement(args.out, name, conditions, result, markdown(result, conditions))
 
 
 if __name__ == "__main__":

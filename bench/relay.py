@@ -24,7 +24,6 @@ Results go to C{bench/results/}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -36,6 +35,7 @@ from twisted.internet import defer, task
 
 from bench.conditions import collect, oneLine
 from bench.nodeproc import ROOT
+from bench.report import writeMeasurement
 from timtx.cluster.membership import ClusterService
 from timtx.config import ClusterConfig
 
@@ -163,14 +163,7 @@ def main(argv: list[str]) -> None:
     @defer.inlineCallbacks
     def body(reactor: Any) -> Any:
         result = yield run(reactor, args)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"relay-{stamp}.json"), "w") as f:
-            json.dump({"conditions": conditions, "result": result}, f, indent=2)
-        text = markdown(result, conditions)
-        with open(os.path.join(args.out, f"relay-{stamp}.md"), "w") as f:
-            f.write(text)
-        sys.stdout.write(text)
+        writeMeasurement(args.out, "relay", conditions, result, markdown(result, conditions))
 
     # react() exits the process when body's Deferred fires.
     task.react(body)

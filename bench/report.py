@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -24,6 +25,21 @@ def writeRecord(record: dict[str, Any], out: str) -> dict[str, str]:
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(markdown(record))
     return paths
+
+
+def writeMeasurement(out: str, name: str, conditions: dict[str, Any], result: Any, text: str) -> None:
+    """
+    Write a measurement of one of the standalone benchmarks (C{bench.nat},
+    C{bench.natmesh}, C{bench.relay}) as C{name-stamp.json} (its conditions
+    and result) and C{.md} (C{text}), and print C{text}.
+    """
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump({"conditions": conditions, "result": result}, f, indent=2)
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write(text)
+    sys.stdout.write(text)
 
 
 def markdown(record: dict[str, Any]) -> str:

@@ -1231,6 +1231,13 @@ class ClusterService(Service):
         """
         if address.startswith(RELAY_ADDRESS):
             return
+        self._dialOnce(nodeId, address)
+
+    def _dialOnce(self, nodeId: str, address: str) -> None:
+        """
+        Dial C{nodeId} at C{address} once, beside whatever link it has,
+        unless such a dial is under way.
+        """
         dialer = self._sideDialers.get(nodeId)
         if dialer is not None and not dialer.stopped:
             return
@@ -1267,11 +1274,7 @@ class ClusterService(Service):
         except ValueError as e:
             self.log.warn("bad dial-back request from node {node}: {error}", node=nodeId, error=e)
             return
-        dialer = self._sideDialers.get(nodeId)
-        if dialer is not None and not dialer.stopped:
-            return
-        dialer = self._sideDialers[nodeId] = _Dialer(self, address, nodeId, persistent=False)
-        dialer.start()
+        self._dialOnce(nodeId, address)
 
     def _dialedBack(self, nodeId: str) -> None:
         self.reachable = True

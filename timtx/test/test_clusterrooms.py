@@ -567,6 +567,19 @@ class HolderMovesTests(TestCase):
     encoding = Encoding.COMPACT
 
     @inlineCallbacks
+    def framesGoOn(self, viewers, before, moved):
+        """
+        Each viewer, which got C{before}, goes on getting frames past
+        C{moved} + 20 (the room's frame id when it moved), rising, each
+        once.
+        """
+        for viewer, first in zip(viewers, before, strict=True):
+            ids = [first.body.id]
+            while ids[-1] <= moved + 20:
+                ids.append((yield viewer.next(STREAM, timeout=20)).body.id)
+            self.assertEqual(ids, sorted(set(ids)))
+
+    @inlineCallbacks
     def holderGoesMidStream(self, **sections):
         nodes = yield self.cluster(3, **sections)
         holderNode = nodes[2]
@@ -598,12 +611,7 @@ class HolderMovesTests(TestCase):
         yield waitUntil(lambda: vnode in newHolder.vrooms.registry)
         room = newHolder.vrooms.registry.get(vnode)
         yield waitUntil(lambda: room.mirrorOf is None)
-        moved = room.seq
-        for viewer, first in zip(viewers, before, strict=True):
-            ids = [first.body.id]
-            while ids[-1] <= moved + 20:
-                ids.append((yield viewer.next(STREAM, timeout=20)).body.id)
-            self.assertEqual(ids, sorted(set(ids)))
+        yield self.framesGoOn(viewers, before, room.seq)
         pushes.stop()
         self.assertIsNone(room.mirrorOf)
         self.assertTrue(room.private)
@@ -695,12 +703,7 @@ class HolderMovesTests(TestCase):
         yield waitUntil(lambda: vnode in node3.vrooms.registry)
         room = node3.vrooms.registry.get(vnode)
         yield waitUntil(lambda: room.mirrorOf is None)
-        moved = room.seq
-        for viewer, first in zip(viewers, before, strict=True):
-            ids = [first.body.id]
-            while ids[-1] <= moved + 20:
-                ids.append((yield viewer.next(STREAM, timeout=20)).body.id)
-            self.assertEqual(ids, sorted(set(ids)))
+        yield self.framesGoOn(viewers, before, room.seq)
         pushes.stop()
         self.assertEqual(nodes[0].vrooms.registry.get(vnode).mirrorOf, "node3")
         self.assertEqual(node3.vrooms.nodes[vnode], {"node1", "node2"})

@@ -101,7 +101,11 @@ class FakeNetwork:
         self.pumps.append(pump)
         return succeed(client)
 
-    def service(self, name, seeds=(), dataDir=None, **cluster):
+    def service(self, name, seeds=(), dataDir=None, dialable=True, serviceArgs=None, **cluster):
+        """
+        Start node C{name}; C{dialable} false keeps others from dialling it,
+        C{serviceArgs} go to L{ClusterService} as they are.
+        """
         config = ClusterConfig(
             listen="tcp:0:interface=127.0.0.1",
             advertise=f"{name}:7946",
@@ -121,9 +125,11 @@ class FakeNetwork:
             secret=cluster.pop("secret", SECRET) if "secret" in cluster else SECRET,
             dataDir=dataDir or self.testCase.mktemp(),
             rng=random.Random(name),
+            **(serviceArgs or {}),
         )
         service.startService()
-        self.listeners[config.advertise] = self.clock.tcpServers[-1][1]
+        if dialable:
+            self.listeners[config.advertise] = self.clock.tcpServers[-1][1]
         self.silent.discard(config.advertise)
         self.crashed.discard(name)
         self.services[name] = service

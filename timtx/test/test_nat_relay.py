@@ -10,15 +10,13 @@ refusals); L{RelayedMeshTests} run whole services on L{FakeNetwork}
 no listener others can reach.
 """
 
-import random
-
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.cluster.__main__ import formatMembers
-from timtx.cluster.membership import META_REACH, META_RELAY, ClusterService, readMembers
+from timtx.cluster.membership import META_REACH, META_RELAY, readMembers
 from timtx.cluster.relay import (
     CHUNK_BYTES,
     CIRCUIT_ID_BYTES,
@@ -35,8 +33,7 @@ from timtx.cluster.relay import (
     RelayLimits,
 )
 from timtx.cluster.swim import MemberState
-from timtx.config import ClusterConfig
-from timtx.test.test_membership import SECRET, FakeEndpoint, FakeNetwork
+from timtx.test.test_membership import FakeNetwork
 
 ALIVE = MemberState.ALIVE
 
@@ -305,29 +302,12 @@ class NatNetwork(FakeNetwork):
     """
 
     def natService(self, name, seeds=(), reachable=True, dialable=None, **relay):
-        config = ClusterConfig(listen="tcp:0:interface=127.0.0.1", advertise=f"{name}:7946", seeds=tuple(seeds))
-        network = self
-
-        class Service(ClusterService):
-            def endpointFor(self, address):
-                return FakeEndpoint(network, address)
-
-        service = Service(
-            config,
-            self.clock,
-            nodeId=name,
-            secret=SECRET,
-            dataDir=self.testCase.mktemp(),
-            rng=random.Random(name),
-            reachable=reachable,
-            relayLimits=RelayLimits(**relay),
+        return self.service(
+            name,
+            seeds,
+            dialable=reachable if dialable is None else dialable,
+            serviceArgs={"reachable": reachable, "relayLimits": RelayLimits(**relay)},
         )
-        service.startService()
-        if reachable if dialable is None else dialable:
-            self.listeners[config.advertise] = self.clock.tcpServers[-1][1]
-        self.services[name] = service
-        self.testCase.assertIsNone(self.testCase.successResultOf(service.ready))
-        return service
 
 
 class RelayedMeshTests(SynchronousTestCase):
