@@ -133,11 +133,10 @@ class ExpansionTests(TestCase):
         self.assertEqual(storedAfter - storedBefore, confirmed)
 
     test_moveHalfUnderTraffic.skip = (  # type: ignore[attr-defined]
-        "known bug, open in issue 11: a group write that spans shards while its slot moves is stored but "
-        "reported as of unknown outcome (StoreOutcomeUnknown); its sender is told 5103, and a resend recognised "
-        "from the duplicate keys is confirmed without the stored copy being pushed, so members whose cursors "
-        "pass it never get it (failed 3 of 5 end-of-session .ci/run runs since the store fences resends); "
-        "see the closing note"
+        "known bug, open in issue 11: after a move under traffic, a resend's duplicate-key copy can be missing "
+        "from a shard that should hold it ('duplicates ... missing on shards [0]'), failing the placement check "
+        "(1 in 4 runs); before that, group messages confirmed by a resend were lost (fixed: "
+        "Groups.routeAgain); see the closing note"
     )
 
     @inlineCallbacks

@@ -22,7 +22,7 @@ from timtx.delivery.fanout import GroupFanout, groupConversation
 from timtx.delivery.notices import Notices
 from timtx.interfaces import IRouter
 from timtx.persistence.interfaces import IMessageStore
-from timtx.persistence.records import ROLE_FOUNDER, ROLE_MANAGER, ROLE_MEMBER, Member
+from timtx.persistence.records import ROLE_FOUNDER, ROLE_MANAGER, ROLE_MEMBER, Duplicate, Member
 from timtx.protocols.constants import ErrorCode, MsType, OdType, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Tid, TimMessage
@@ -149,20 +149,26 @@ class Groups:
 
     def _resent(self, failure: Failure, state: GroupState) -> Failure:
         """
-        A resend the store refused as stored already: its first copy may
-        never have been routed (its sender was told 5103 when the store
-        could not say whether it was committed).  Route the stored copy
-        again, to no echo: sessions that had it get it twice (at least
-        once; clients keep one per seq), the others get it.
+        A resend the store refused as stored already: route the stored copy
+        again (L{routeAgain}).
         """
-        if isinstance(failure.value, AlreadyStored) and failure.value.duplicate.seq is not None:
-            stored = failure.value.duplicate
-            d = self.store.getMessage(stored.conv, stored.mid)
-            d.addCallback(self._routeStored, state)
-            d.addErrback(
-                lambda f: self.log.info("routing a resent message again failed: {why}", why=f.getErrorMessage())
-            )
+        if isinstance(failure.value, AlreadyStored):
+            self.routeAgain(state, failure.value.duplicate)
         return failure
+
+    def routeAgain(self, state: GroupState, stored: Duplicate) -> None:
+        """
+        Route the stored message a resend is recognised as, to no echo.  Its
+        first copy may never have been routed: its sender was told 5103
+        when the store could not say whether the write was committed.
+        Sessions that had it get it twice (at least once; clients keep one
+        per seq), the others get it, before their cursors pass it.
+        """
+        if stored.seq is None:
+            return
+        d = self.store.getMessage(stored.conv, stored.mid)
+        d.addCallback(self._routeStored, state)
+        d.addErrback(lambda f: self.log.info("routing a resent message again failed: {why}", why=f.getErrorMessage()))
 
     def _routeStored(self, row: Any, state: GroupState) -> None:
         if row is not None:

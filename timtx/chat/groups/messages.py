@@ -18,7 +18,7 @@ from timtx.chat.messagerules import stamp
 from timtx.chat.messaging import PersonalMessaging
 from timtx.delivery.encoded import Encoded
 from timtx.delivery.fanout import groupConversation
-from timtx.persistence.records import MESSAGE_NORMAL, MESSAGE_RECALLED, ROLE_MEMBER
+from timtx.persistence.records import MESSAGE_NORMAL, MESSAGE_RECALLED, ROLE_MEMBER, Duplicate
 from timtx.protocols.constants import ErrorCode, MsType, OdType, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Tid, TimMessage, TimReq
@@ -90,6 +90,10 @@ class GroupMessages:
         if clientId is not None and self.duplicates.enabled:
             seen = yield self.duplicates.check(session.uid, clientId)
             if seen is not None:
+                if isinstance(seen, Duplicate):
+                    # Known from the store's keys: its first write may have
+                    # been committed without being routed.
+                    groups.routeAgain(state, seen)
                 yield self.duplicates.answer(session, seen)
                 return
             dedupe = (session.uid, clientId)
