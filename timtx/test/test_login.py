@@ -6,8 +6,9 @@ encodings, device limits, timeouts, limits and every kind of bad input.
 
 import json
 import os
+import socket
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -279,6 +280,24 @@ class RawTCPTests(NodeTestCase):
         protocol = yield connectProtocol(TCP4ClientEndpoint(reactor, address.host, address.port), Raw())
         self.addCleanup(protocol.transport.loseConnection)
         return protocol, received, done
+
+    @inlineCallbacks
+    def test_smallWritesLeaveAtOnce(self):
+        """
+        The node turns Nagle's algorithm off on a raw TCP client's socket
+        (autobahn does it for WebSocket ones): a push is not held back
+        behind the previous one's acknowledgement.
+        """
+        node = yield self.node()
+        protocol, received, done = yield self.rawConnection(node)
+        yield deferLater(reactor, 0, lambda: None)
+        ours = protocol.transport.getHost().port
+        (server,) = [
+            reader
+            for reader in reactor.getReaders()
+            if isinstance(reader, tcp.Server) and reader.getPeer().port == ours
+        ]
+        self.assertTrue(server.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @inlineCallbacks
     def test_byteByByte(self):

@@ -12,11 +12,13 @@ import dataclasses
 import json
 import os
 import random
+import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -586,6 +588,17 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(error.key, "tls_cert")
 
 
+def noDelay(link):
+    """
+    Whether the socket under a link has C{TCP_NODELAY} set.
+    """
+    transport = link.transport
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        # Its handle is the TLS connection; the socket is one floor down.
+        transport = transport.transport
+    return bool(transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
 class LoopbackTests(TestCase):
     """
     Real services over TCP on 127.0.0.1.
@@ -684,6 +697,21 @@ class LoopbackTests(TestCase):
         self.assertEqual(answer, b"over tls")
         link = a._peers["c"].link
         self.assertIsNotNone(link.transport.getPeerCertificate())
+        self.assertTrue(noDelay(link), "Nagle's algorithm still on under TLS")
+
+    @inlineCallbacks
+    def test_linksSendSmallWritesAtOnce(self):
+        """
+        Links between nodes turn Nagle's algorithm off, on both sides: a
+        small answer is not held back behind the previous one's
+        acknowledgement.
+        """
+        a, b, c = yield self.mesh()
+        for service in (a, b, c):
+            links = [peer.link for peer in service._peers.values() if peer.link is not None]
+            self.assertEqual(len(links), 2)
+            for link in links:
+                self.assertTrue(noDelay(link), f"{service.nodeId}: Nagle's algorithm still on")
 
     @inlineCallbacks
     def test_tlsForeignCA(self):

@@ -49,6 +49,7 @@ from timtx.protocols.peer import (
     ResponseStatus,
     closeCodeName,
 )
+from timtx.transports.nodelay import sendSmallWritesAtOnce
 
 
 class IPeerHandler(Interface):
@@ -235,6 +236,7 @@ class PeerProtocol(Protocol):
             features=settings.features,
             session=settings.session,
         )
+        sendSmallWritesAtOnce(self.transport)
         self.transport.registerProducer(self, True)
         self._handshakeTimer = self.clock.callLater(self.limits.handshakeTimeout, self._handshakeExpired)
         self._flush()

@@ -15,6 +15,7 @@ from timtx.interfaces import IClientNode
 from timtx.protocols.errors import FrameTooLarge
 from timtx.protocols.frames import LengthPrefixedDecoder
 from timtx.transports.admission import ConnectionGate, Ticket
+from timtx.transports.nodelay import sendSmallWritesAtOnce
 from timtx.transports.server import TimServerProtocolMixin
 
 _LENGTH = struct.Struct(">I")
@@ -34,6 +35,7 @@ class TimTcpServerProtocol(TimServerProtocolMixin, Protocol):
             self._closing = True
             self.transport.abortConnection()
             return
+        sendSmallWritesAtOnce(self.transport)
         self.limits = self.connectionLimits()
         # Until login, a frame may be no larger than a login needs.
         self._decoder = LengthPrefixedDecoder(self.limits.maxFrameBytesBeforeLogin)
