@@ -22,12 +22,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.interface import Method
 
-from timtx.persistence.errors import StoreUnavailable
+from timtx.persistence.errors import DuplicateConflict, SequenceConflict, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
 
 #: C{observe(operation, seconds, outcome)}; the outcome is C{"ok"},
 #: C{"unavailable"} (L{StoreUnavailable}: the database could not be
-#: reached) or C{"error"}.
+#: reached), C{"conflict"} (a fence answered: a resend already stored, a
+#: seq another writer took) or C{"error"}.
 StoreObserver = Callable[[str, float, str], None]
 
 #: Lifecycle calls, not timed.
@@ -37,7 +38,14 @@ _UNTIMED = frozenset({"open", "close"})
 def _outcome(result: object) -> str:
     if not isinstance(result, Failure):
         return "ok"
-    return "unavailable" if isinstance(result.value, StoreUnavailable) else "error"
+    if isinstance(result.value, StoreUnavailable):
+        return "unavailable"
+    if isinstance(result.value, (DuplicateConflict, SequenceConflict)):
+        # The store did its job: a fence refused a write that the caller
+        # answers or numbers again.  Counted apart, so that an alert on
+        # errors does not fire on every resend.
+        return "conflict"
+    return "error"
 
 
 def _timedMethod(name: str) -> Callable[..., Deferred[Any]]:

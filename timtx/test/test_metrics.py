@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.admin.metrics import Sampler, frameTypeLabel
 from timtx.admin.service import STATIC_FILES, staticFile
-from timtx.persistence.errors import StoreUnavailable
+from timtx.persistence.errors import SequenceConflict, StoreUnavailable
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.timed import TimedStore
 from timtx.protocols.constants import TimType
@@ -78,7 +78,7 @@ class TimedStoreTests(SynchronousTestCase):
         self.assertEqual(store.name, "memory")
         self.assertEqual(self.successResultOf(store.countInbox("u")), 0)
         self.assertEqual(stats.latency["countInbox"].count, 1)
-        self.assertEqual(stats.outcomes, {"ok": 1, "unavailable": 0, "error": 0})
+        self.assertEqual(stats.outcomes, {"ok": 1, "unavailable": 0, "conflict": 0, "error": 0})
 
         class Down:
             name = "down"
@@ -89,6 +89,9 @@ class TimedStoreTests(SynchronousTestCase):
             def getAccount(self, uid):
                 return fail(ValueError("bug"))
 
+            def appendMessages(self, messages):
+                return fail(SequenceConflict("c", 1))
+
             def relationsOf(self, uid):
                 return succeed([])
 
@@ -96,10 +99,12 @@ class TimedStoreTests(SynchronousTestCase):
         self.failureResultOf(down.countInbox("u"), StoreUnavailable)
         self.assertFalse(stats.available)
         self.failureResultOf(down.getAccount("u"), ValueError)
-        self.assertEqual(stats.outcomes, {"ok": 1, "unavailable": 1, "error": 1})
+        # A fence refusing a write is the store working, not an error.
+        self.failureResultOf(down.appendMessages([]), SequenceConflict)
+        self.assertEqual(stats.outcomes, {"ok": 1, "unavailable": 1, "conflict": 1, "error": 1})
         self.successResultOf(down.relationsOf("u"))
         self.assertTrue(stats.available)
-        self.assertEqual(stats.merged().count, 4)
+        self.assertEqual(stats.merged().count, 5)
 
 
 class SamplerTests(SynchronousTestCase):

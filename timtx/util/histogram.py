@@ -130,14 +130,14 @@ class StoreStats:
     Fed by L{timtx.persistence.timed.TimedStore}.
 
     @ivar latency: operation name -> L{Histogram} of seconds.
-    @ivar outcomes: C{"ok"}, C{"unavailable"}, C{"error"} -> calls.
+    @ivar outcomes: C{"ok"}, C{"unavailable"}, C{"conflict"}, C{"error"} -> calls.
     @ivar available: C{False} from a call that could not reach the database
         until one that succeeds.
     """
 
     def __init__(self) -> None:
         self.latency: dict[str, Histogram] = {}
-        self.outcomes: dict[str, int] = {"ok": 0, "unavailable": 0, "error": 0}
+        self.outcomes: dict[str, int] = {"ok": 0, "unavailable": 0, "conflict": 0, "error": 0}
         self.available = True
 
     def observe(self, operation: str, seconds: float, outcome: str) -> None:
