@@ -22,7 +22,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.transports import wsspeed
-from timtx.transports.wsspeed import SMALL_FRAME, FastUnmasking, QuietSettings, SmallXorMasker, maskerFor
+from timtx.transports.wsspeed import SMALL_FRAME, FastUnmasking, QuietReads, QuietSettings, SmallXorMasker, maskerFor
 
 
 class SmallXorMaskerTests(SynchronousTestCase):
@@ -53,9 +53,9 @@ class SmallXorMaskerTests(SynchronousTestCase):
         self.assertIsInstance(maskerFor(b"abcd", 10), SmallXorMasker)
 
 
-class _TunedServer(FastUnmasking, QuietSettings, WebSocketServerProtocol):  # type: ignore[misc]
+class _TunedServer(FastUnmasking, QuietReads, QuietSettings, WebSocketServerProtocol):  # type: ignore[misc]
     """
-    Both speed-ups on a plain autobahn server that records what it gets.
+    The speed-ups on a plain autobahn server that records what it gets.
     """
 
     def onOpen(self):
@@ -136,6 +136,28 @@ class AutobahnStillFitsTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(seen, [xormasker.XorMaskerNull, SmallXorMasker])
         self.assertEqual(factory.received, [b"hello"])
+
+    def test_readsWithoutDebugText(self):
+        """
+        With L{QuietReads}, frames arrive as with autobahn's own reader, and
+        the adapter's per-read debug arguments are never formatted.
+        """
+        import autobahn.twisted.websocket as adapter
+
+        styled = []
+
+        def counting(value, *args, **kwargs):
+            styled.append(value)
+            return str(value)
+
+        factory = self.serverFactory()
+        client, server, pump = _connect(factory)
+        self.patch(adapter, "hlval", counting)
+        self.patch(adapter, "hltype", counting)
+        client.sendMessage(b"quiet", isBinary=True)
+        pump.flush()
+        self.assertEqual(factory.received, [b"quiet"])
+        self.assertEqual(styled, [])
 
     def test_settingsCopied(self):
         """

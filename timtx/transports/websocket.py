@@ -19,14 +19,14 @@ from autobahn.websocket.types import ConnectionDeny
 from timtx.interfaces import IClientNode
 from timtx.transports.admission import Ticket
 from timtx.transports.server import TimServerProtocolMixin
-from timtx.transports.wsspeed import FastUnmasking, QuietSettings
+from timtx.transports.wsspeed import FastUnmasking, QuietReads, QuietSettings
 
 #: Close code for a message over the size limit (RFC 6455).
 CLOSE_TOO_BIG = 1009
 
 
 class TimWebSocketServerProtocol(  # type: ignore[misc]
-    TimServerProtocolMixin, FastUnmasking, QuietSettings, WebSocketServerProtocol
+    TimServerProtocolMixin, FastUnmasking, QuietReads, QuietSettings, WebSocketServerProtocol
 ):
     """
     A tim client over WebSocket.
@@ -103,7 +103,9 @@ class TimWebSocketServerProtocol(  # type: ignore[misc]
         # send (it raises); what would go out then is lost either way.
         if self.state != self.STATE_OPEN:
             return
-        self.sendMessage(parts[0] if len(parts) == 1 else b"".join(parts), isBinary=True)
+        # Framed as a prepared message: the same bytes sendMessage would
+        # write, without the debug text autobahn formats for every frame.
+        self.sendPrepared(self.prepareFrame(parts[0] if len(parts) == 1 else b"".join(parts)))
 
     def prepareFrame(self, frame: bytes) -> Any:
         # Framed once by autobahn, written as is to every WebSocket session.
