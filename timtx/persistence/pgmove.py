@@ -19,7 +19,9 @@ resumed where it stopped by running the command again:
      touching it, and say so in their heartbeats once their calls under
      older maps are done.  When every live node has (a node silent for
      C{map_lease} refuses calls by itself), S is fenced (its triggers
-     refuse writes to the range), the last changes are copied, the range is
+     refuse writes to the range's rows, but not to S's own copy of a row
+     kept on both keys' shards whose other key stays on S: nodes on the
+     new map write it there), the last changes are copied, the range is
      checked (row count and a checksum per table, equal on S and T), T's
      qids are set past the moved ones, and the map gives the range to T
      (v+2).  Nodes then send the calls they held to T.
@@ -312,15 +314,30 @@ def status(directoryDsn: str) -> dict[str, Any]:
         directory.close()
 
 
-def _triggerSql(table: Table) -> str:
+def _triggerSql(table: Table, kept: list[tuple[int, int]]) -> str:
     """
     The function and trigger that record changes of the range's rows of
     C{table} on a move's source, and refuse them once it is fenced.
+
+    @param kept: the slots the source keeps (its own outside the range).
+        A row kept on both keys' shards whose other key is in one of them
+        is the source's own copy, not the range's: a node that knows the
+        new map writes it there (and the target's copy on the target), so
+        the fence lets it through.  Its changes are still recorded: if the
+        switch is undone, the range is the source's again.
     """
     name = f"timtx_capture_{table.name}"
 
     def slots(row: str) -> str:
         return ", ".join(table.keySql(column, row) for column in table.keys)
+
+    def own(row: str) -> str:
+        if len(table.keys) < 2 or not kept:
+            return "false"
+        tests = [
+            f"{table.keySql(column, row)} BETWEEN {int(lo)} AND {int(hi)}" for column in table.keys for lo, hi in kept
+        ]
+        return "COALESCE(" + " OR ".join(tests) + ", false)"
 
     def pk(row: str) -> str:
         return (
@@ -337,14 +354,21 @@ CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     slots integer[] := '{{}}';
     fenced boolean;
+    own boolean := true;
 BEGIN
-    IF TG_OP <> 'INSERT' THEN slots := slots || ARRAY[{slots("OLD")}]; END IF;
-    IF TG_OP <> 'DELETE' THEN slots := slots || ARRAY[{slots("NEW")}]; END IF;
+    IF TG_OP <> 'INSERT' THEN
+        slots := slots || ARRAY[{slots("OLD")}];
+        own := own AND {own("OLD")};
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        slots := slots || ARRAY[{slots("NEW")}];
+        own := own AND {own("NEW")};
+    END IF;
     SELECT bool_or(c.fenced) INTO fenced FROM shard_capture c, unnest(slots) s WHERE s BETWEEN c.lo AND c.hi;
     IF fenced IS NULL THEN
         RETURN NULL;
     END IF;
-    IF fenced THEN
+    IF fenced AND NOT own THEN
         RAISE EXCEPTION 'timtx: slot moved to another shard; the node will use the new shard map'
             USING ERRCODE = 'TX001';
     END IF;
@@ -360,6 +384,19 @@ DROP TRIGGER IF EXISTS timtx_capture ON {table.name};
 CREATE TRIGGER timtx_capture AFTER INSERT OR UPDATE OR DELETE ON {table.name}
     FOR EACH ROW EXECUTE FUNCTION {name}();
 """
+
+
+def _outside(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """
+    The slots of C{ranges} outside C{lo}-C{hi}.
+    """
+    pieces = []
+    for first, last in ranges:
+        if first < lo:
+            pieces.append((first, min(last, lo - 1)))
+        if last > hi:
+            pieces.append((max(first, hi + 1), last))
+    return pieces
 
 
 def _dropTriggerSql(table: Table) -> str:
@@ -549,8 +586,9 @@ class Mover:
         # way on its table only, and cannot deadlock with a node's batch
         # that writes several tables.  The copy starts once all are in
         # place, so what changed before is copied anyway.
+        kept = _outside(self.directory.shardMap().slotsOf(move.source), move.lo, move.hi)
         for done, table in enumerate(TABLES):
-            self._locking(source, _triggerSql(table))
+            self._locking(source, _triggerSql(table, kept))
             self.progress("prepare", done + 1, len(TABLES), f"changes of {table.name} are recorded")
         self.directory.setMoving(True)
         self._advance(move, "copy")

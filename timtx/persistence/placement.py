@@ -207,6 +207,34 @@ def decodeParts(payload: bytes) -> tuple[Part, ...]:
     return tuple(parts)
 
 
+#: Where the placement keys of a part's row are among its arguments (see
+#: L{Part}): two for the rows kept on both keys' shards.
+_ROW_KEYS: dict[str, tuple[int, ...]] = {
+    "inbox": (0,),
+    "dedupe": (0, 2),
+    "stance": (0, 1),
+    "member": (0, 1),
+    "unmember": (0, 1),
+    "block": (0, 1),
+}
+
+
+def rowSlots(part: Part) -> frozenset[int]:
+    """
+    The slots of every placement key of the row C{part} writes, not only
+    of the part's own key: for a row kept on both sides, the other key's
+    too.  A call that writes the part waits while either is held, as the
+    call that made it did; during a move's switch the source takes no
+    write of a row of the range but its own copies
+    (L{timtx.persistence.pgmove}), and the range is compared then.
+    """
+    keys = {part.key}
+    for index in _ROW_KEYS.get(part.kind, ()):
+        key = part.args[index]
+        keys.add(convKey(key) if part.kind == "dedupe" and index == 2 else key)
+    return frozenset(slotOf(key) for key in keys)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"b": value.hex()}

@@ -53,7 +53,9 @@ use, so that a read issued after a write on the same shard runs after it.
 Moves (L{timtx.persistence.pgmove}): while the mover switches a slot range
 to another shard, the map marks it I{held}; a call touching it waits (and
 every later call with it, to keep the order) until the map names the new
-shard, or fails after C{statement_timeout}.
+shard, or fails after C{statement_timeout}.  A call touches every key of
+the rows it writes, both keys of a row kept on both sides even where it
+writes one copy (a repair: L{timtx.persistence.placement.rowSlots}).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ from zope.interface import implementer
 
 from timtx.persistence.errors import StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
-from timtx.persistence.placement import ShardMap, convKey, evenRanges, slotOf, statusOf
+from timtx.persistence.placement import ShardMap, convKey, evenRanges, rowSlots, slotOf, statusOf
 from timtx.persistence.pool import InOrder
 from timtx.persistence.records import (
     Account,
@@ -850,7 +852,9 @@ class ShardedStore:
             d.addCallbacks(done, _first)
             return d
 
-        return self._submit((slotOf(p.key) for p in intent.parts), start)
+        # Every key of the rows written, not only the parts' own: a part is
+        # a row's copy on one side, and the row's other key may be held.
+        return self._submit((slot for p in intent.parts for slot in rowSlots(p)), start)
 
     # IMessageStore: accounts and tokens.
 

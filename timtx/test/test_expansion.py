@@ -132,13 +132,6 @@ class ExpansionTests(TestCase):
         storedAfter = len(logical["messages"])
         self.assertEqual(storedAfter - storedBefore, confirmed)
 
-    test_moveHalfUnderTraffic.skip = (  # type: ignore[attr-defined]
-        "known bug, open in issue 11: after a move under traffic, a resend's duplicate-key copy can be missing "
-        "from a shard that should hold it ('duplicates ... missing on shards [0]'), failing the placement check "
-        "(1 in 4 runs); before that, group messages confirmed by a resend were lost (fixed: "
-        "Groups.routeAgain); see the closing note"
-    )
-
     @inlineCallbacks
     def storedMessages(self, dsns):
         from timtx.test.test_pgmove import rowsOf

@@ -443,3 +443,114 @@ class CommandTests(TestCase):
         )
         self.assertEqual([n["node"] for n in mine["nodes"]], [store.nodeName])
         self.assertNotIn("password", json.dumps(mine))
+
+
+def keyIn(prefix, lo, hi):
+    """
+    A key whose slot is between C{lo} and C{hi}.
+    """
+    for i in range(100000):
+        key = f"{prefix}{i}"
+        if lo <= slotOf(key) <= hi:
+            return key
+    raise AssertionError("no key found")
+
+
+class FenceTests(TestCase):
+    """
+    The source's fence between a move's switch and its cleanup.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_sourceKeepsItsOwnCopies(self):
+        """
+        Once a move has switched (the map gives the range to the target),
+        until its cleanup drops the triggers, the source still takes writes
+        of the copies it keeps of rows kept on both keys' shards whose other
+        key stays there: the sender's copy of a duplicate key, a stance
+        by its owner, a membership by its user.  Such writes succeed at
+        once (none is left to the repair), and every row ends where the
+        map puts it.  Rows that leave with the range are still refused.
+        """
+        import psycopg2
+
+        from timtx.persistence.pgmove import Mover, addShard
+
+        dsns = yield shardedDatabases(self, 3)
+        store = yield openSharded(self, dsns[:2])
+        yield deferToThread(addShard, dsns[0], dsns[2])
+        # Shard 0 holds 0-2047 and moves 0-1023 to shard 2; it keeps
+        # 1024-2047.  Shard 1 holds 2048-4095.
+        moving, kept, elsewhere = (0, 1023), (1024, 2047), (2048, SLOTS - 1)
+        sender, other = keyIn("s", *kept), keyIn("o", *moving)
+        conv = keyIn(f"p:{sender}:", *moving)
+        gid = keyIn("g", *moving)
+        stranger = keyIn("x", *elsewhere)
+        yield store.createAccount(Account(sender, "", "h", 0.0))
+
+        class Switched(Exception):
+            pass
+
+        def stopAfterSwitch(phase, done, total, detail):
+            if phase == "switch" and "are on shard" in detail:
+                raise Switched()
+
+        mover = Mover(dsns[0], progress=stopAfterSwitch, lease=5.0)
+        self.addCleanup(mover.close)
+        yield self.assertFailure(deferToThread(mover.move, *moving, 2), Switched)
+        for _ in range(500):
+            if store.map.shardOf(0) == 2:
+                break
+            yield sleep(0.02)
+        self.assertEqual(store.map.shardOf(kept[0]), 0)
+
+        yield store.appendMessages(
+            [NewMessage(conv, 1, 11, sender, b"m", 1.0, inbox=((other, None),), dedupe=(sender, 7))]
+        )
+        yield store.setStance(sender, other, STANCE_FRIEND)
+        yield store.createGroup(Group(gid, "dom", other, 2, 1, 3.0), Member(other, ROLE_FOUNDER, 3.0))
+        yield store.putMember(gid, Member(sender, ROLE_MEMBER, 4.0))
+        self.assertEqual(store.incidents, 0)
+        self.assertEqual(sorted((yield store.recentDuplicates(sender, 0.0))), [7])
+
+        def refused(sql, params):
+            connection = psycopg2.connect(dsns[0])
+            connection.autocommit = True
+            try:
+                connection.cursor().execute(sql, params)
+            except psycopg2.Error as e:
+                return e.pgcode
+            finally:
+                connection.close()
+            return None
+
+        # The fence still refuses what leaves with the range: a row of one
+        # key there, and a copy whose other key is not the source's either.
+        code = yield deferToThread(refused, "INSERT INTO accounts VALUES (%s, '', 'h', 0)", (other,))
+        self.assertEqual(code, "TX001")
+        code = yield deferToThread(refused, "INSERT INTO duplicates VALUES (%s, 1, %s, 1, 1, 0)", (stranger, conv))
+        self.assertEqual(code, "TX001")
+
+        again = Mover(dsns[0], lease=5.0)
+        self.addCleanup(again.close)
+        move = yield deferToThread(again.resume)
+        self.assertEqual(move.phase, "done")
+        shardMap, shards = yield deferToThread(self.shardDsns, dsns[0])
+        errors, logical = yield deferToThread(placementErrors, shardMap, shards)
+        self.assertEqual(errors, [])
+        self.assertIn((sender, 7), logical["duplicates"])
+        self.assertIn((sender, other), logical["stances"])
+        self.assertIn((gid, sender), logical["group_members"])
+        self.assertEqual((store.repaired, store.incidents), (0, 0))
+
+    def shardDsns(self, directoryDsn):
+        from timtx.persistence.pgmove import Directory
+
+        directory = Directory(directoryDsn)
+        try:
+            shardMap = directory.shardMap()
+        finally:
+            directory.close()
+        return shardMap, shardMap.shards

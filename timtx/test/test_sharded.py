@@ -329,6 +329,36 @@ class CrossShardTests(TestCase):
         self.successResultOf(stuck)
 
     @inlineCallbacks
+    def test_repairWaitsForEveryKeyOfItsRows(self):
+        """
+        A repair of a sender's copy of a duplicate key waits while the
+        conversation's slot is held, though the part's own slot (the
+        sender's) is not: during a move's switch the source is compared
+        with the target and takes no write of a row with a key in the
+        range but its own copies.
+        """
+        clock = Clock()
+        store, shards = yield self.sharded(
+            clock=clock, repairInterval=5.0, holdTimeout=30.0, mapPoll=1.0, mapLease=60.0
+        )
+        conv, sender = keyOn(0, prefix="c"), keyOn(1, prefix="s")
+        shards["m1"].applyParts = lambda parts, intent: _unavailable()
+        d = store.appendMessages([NewMessage(conv, 1, 7, sender, b"x", 0.0, dedupe=(sender, 3))])
+        self.failureResultOf(d, StoreOutcomeUnknown)
+        del shards["m1"].applyParts
+        directory = shards["m0"]
+        base = directory._shardMap
+        held = tuple(Range(r.lo, r.hi, r.shard, held=(r.shard == 0)) for r in base.ranges)
+        directory._shardMap = ShardMap(base.version + 1, base.shards, held, moving=True)
+        clock.advance(6.0)
+        self.assertEqual(store.map.version, base.version + 1)
+        self.assertEqual((store.repaired, self.successResultOf(shards["m1"].recentDuplicates(sender, 0.0))), (0, {}))
+        directory._shardMap = ShardMap(base.version + 2, base.shards, base.ranges, moving=False)
+        clock.advance(0.1)
+        self.assertEqual(store.repaired, 1)
+        self.assertEqual(sorted(self.successResultOf(shards["m1"].recentDuplicates(sender, 0.0))), [3])
+
+    @inlineCallbacks
     def test_lease(self):
         """
         A node that cannot confirm the map for C{map_lease} seconds refuses
