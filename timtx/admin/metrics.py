@@ -288,7 +288,9 @@ class NodeCollector(Collector):
         if isinstance(getattr(node, "cluster", None), ClusterView):
             if cluster["links"] is not None:
                 yield GaugeMetricFamily(
-                    "timtx_cluster_peer_links", "Peer links established.", value=len(cluster["links"])
+                    "timtx_cluster_peer_links",
+                    "Peer links established.",
+                    value=sum(1 for link in cluster["links"] if link.get("up", True)),
                 )
             if cluster["paths"] is not None:
                 paths = GaugeMetricFamily(

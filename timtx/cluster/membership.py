@@ -1075,7 +1075,34 @@ class ClusterService(Service):
         assert self._responderFactory is not None, "not started"
         return self._responderFactory
 
-    # Paths to peers, for the members file.
+    # Paths to peers, for the members file and the admin API.
+
+    def links(self) -> list[dict[str, Any]]:
+        """
+        Each other live member and whether a link to it is up now (the
+        admin API's C{GET /api/cluster}).
+        """
+        return [
+            {"node": member.nodeId, "up": self._linkUp(member.nodeId)}
+            for member in self.liveMembers()
+            if member.nodeId != self.nodeId
+        ]
+
+    def paths(self) -> list[dict[str, Any]]:
+        """
+        How this node reaches each other live member now, as
+        L{linkPath} says, with the member's id (the admin API's
+        C{GET /api/cluster}; C{timtx_cluster_paths} counts them).
+        """
+        return [
+            {"node": member.nodeId, **self.linkPath(member.nodeId)}
+            for member in self.liveMembers()
+            if member.nodeId != self.nodeId
+        ]
+
+    def _linkUp(self, nodeId: str) -> bool:
+        peer = self._peers.get(nodeId)
+        return peer is not None and peer.link is not None
 
     def linkPath(self, nodeId: str) -> dict[str, Any]:
         """

@@ -5,6 +5,7 @@ C{[cluster]} on loopback (ports chosen by the OS), sharing one PostgreSQL
 database, with real tim clients logged in to different nodes.
 """
 
+import json
 import os
 import random
 
@@ -152,6 +153,15 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
             self.assertIsInstance(node.router, ClusterRouter)
         status = clusterStatus(nodes[1])
         self.assertEqual((status["clustered"], status["self"], status["live"]), (True, "node2", 3))
+        # The links and the paths that reach the other two, as the admin
+        # API shows them.
+        self.assertEqual(
+            sorted((link["node"], link["up"]) for link in status["links"]), [("node1", True), ("node3", True)]
+        )
+        self.assertEqual(
+            sorted((path["node"], path["path"]) for path in status["paths"]), [("node1", "tcp"), ("node3", "tcp")]
+        )
+        json.dumps(status)
 
     @inlineCallbacks
     def test_peerBytes(self):
@@ -175,6 +185,9 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
         samples = {s.labels["direction"]: s.value for s in families["timtx_cluster_peer_bytes"].samples}
         self.assertEqual(samples["sent"], node1.cluster.traffic.sent)
         self.assertGreater(samples["received"], 0)
+        self.assertEqual(families["timtx_cluster_peer_links"].samples[0].value, 1)
+        paths = {s.labels["path"]: s.value for s in families["timtx_cluster_paths"].samples}
+        self.assertEqual(paths, {"tcp": 1})
 
     @inlineCallbacks
     def test_badPayloads(self):
