@@ -84,10 +84,16 @@ class Appended:
 
     @ivar message: the message with C{mid} (and C{seq} if kept) set.
     @ivar qids: the inbox entry of each recipient.
+    @ivar handover: numbered right after this owner read a position that
+        another writer had just moved (see L{Conversations.handoverWindow}):
+        that writer's last pushes may still be on their way, so pushing this
+        one could overtake them.  Its recipients should read their inboxes
+        instead, which are in seq order.
     """
 
     message: TimMessage
     qids: dict[str, int]
+    handover: bool = False
 
 
 class AlreadyStored(Exception):
@@ -141,6 +147,8 @@ class ConversationLog:
         self.lastMid = 0
         self.pending: list[_Draft] = []
         self.busy = False
+        #: The next batch follows a position another writer just moved.
+        self.handover = False
 
     @property
     def idle(self) -> bool:
@@ -164,6 +172,14 @@ class Conversations:
     #: Times a batch is numbered again after L{SequenceConflict} (another
     #: node numbered the conversation) before its messages are refused.
     maxConflicts = 3
+
+    #: Seconds: a position read from the store whose last message is
+    #: younger than this was moved by another writer that may still be
+    #: pushing it (a node that owned the conversation until a membership
+    #: change, or numbered it at the same moment), so the next batch is
+    #: marked L{Appended.handover}.  0 on a single node, where nobody else
+    #: writes; a cluster sets it.
+    handoverWindow = 0.0
 
     def __init__(
         self,
@@ -255,8 +271,13 @@ class Conversations:
         )
 
     def _loaded(self, last: tuple[int, int], log: ConversationLog) -> None:
+        ours = last[1] == log.lastMid
         log.lastSeq, log.lastMid = last
         log.busy = False
+        if self.handoverWindow and last[1] and not ours:
+            # A mid counts milliseconds: when its writer numbered it.
+            written = (last[1] >> MID_SHIFT) + MID_EPOCH_MS
+            log.handover = self.clock.seconds() * 1000 - written < self.handoverWindow * 1000
         self._flush(log)
 
     def _loadFailed(self, failure: Failure, log: ConversationLog) -> None:
@@ -272,11 +293,12 @@ class Conversations:
     def _written(self, qids: list[list[int]], log: ConversationLog, batch: list[_Draft], seq: int, mid: int) -> None:
         log.lastSeq, log.lastMid = seq, mid
         log.busy = False
+        handover, log.handover = log.handover, False
         self.stored += len(batch)
         for draft, entries in zip(batch, qids, strict=True):
             resends, draft.resends = draft.resends, []
             message = draft.message
-            draft.done.callback(Appended(message, dict(zip(draft.recipients, entries, strict=True))))
+            draft.done.callback(Appended(message, dict(zip(draft.recipients, entries, strict=True)), handover))
             if resends:
                 self.resent += len(resends)
                 stored = Duplicate(log.conv, message.seq if draft.keep else None, message.mid or 0, draft.created)

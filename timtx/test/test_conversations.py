@@ -139,6 +139,63 @@ class ConversationsTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(mine).message.seq, 3)
         self.assertEqual([e for e in observer if "log_failure" in e], [])
 
+    def appendNow(self, conversations, text):
+        d = conversations.append("c", "a", message(text), ("b",))
+        self.store.release()
+        return self.successResultOf(d)
+
+    def test_handoverAfterAnotherWriter(self):
+        """
+        In a cluster, the first batch an owner numbers from a position
+        another writer moved within C{handoverWindow} is marked a handover
+        (the other writer's pushes may still be on their way); the batches
+        after it are not.
+        """
+        self.conversations.handoverWindow = 10.0
+        previous = Conversations(store=self.store, vault=self.conversations.vault, clock=self.clock)
+        self.assertFalse(self.appendNow(previous, "by the old owner").handover)
+        self.clock.advance(2)
+        first = self.appendNow(self.conversations, "by the new owner")
+        self.assertEqual((first.message.seq, first.handover), (2, True))
+        second = self.appendNow(self.conversations, "later")
+        self.assertEqual((second.message.seq, second.handover), (3, False))
+
+    def test_noHandoverAfterQuiet(self):
+        """
+        A position last moved longer ago than the window, or on a single
+        node (no window), is numbered on as usual.
+        """
+        previous = Conversations(store=self.store, vault=self.conversations.vault, clock=self.clock)
+        self.appendNow(previous, "long ago")
+        self.conversations.handoverWindow = 10.0
+        self.clock.advance(11)
+        self.assertFalse(self.appendNow(self.conversations, "now").handover)
+        single = Conversations(store=self.store, vault=self.conversations.vault, clock=self.clock)
+        self.appendNow(self.conversations, "just now")
+        self.assertFalse(self.appendNow(single, "on one node").handover)
+
+    def test_handoverAfterConflict(self):
+        """
+        A batch numbered again after another node took its seq is a
+        handover; reading back its own position after a failed write is not.
+        """
+        self.conversations.handoverWindow = 10.0
+        self.assertFalse(self.appendNow(self.conversations, "one").handover)
+        mid = self.conversations.mids.next() + (1 << 20)
+        self.successResultOf(MemoryStore.appendMessages(self.store, [NewMessage("c", 2, mid, "x", b"theirs", 0.0)]))
+        mine = self.conversations.append("c", "a", message("two"), ("b",))
+        self.store.release()
+        self.store.release()
+        appended = self.successResultOf(mine)
+        self.assertEqual((appended.message.seq, appended.handover), (3, True))
+        self.store.fail = StoreUnavailable("down")
+        lost = self.conversations.append("c", "a", message("lost"), ("b",))
+        self.store.release()
+        self.failureResultOf(lost)
+        self.store.fail = False
+        again = self.appendNow(self.conversations, "again")
+        self.assertEqual((again.message.seq, again.handover), (4, False))
+
     def test_resendRefusedByStore(self):
         """
         A message whose duplicate key the store holds (written through
