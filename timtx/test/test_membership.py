@@ -707,10 +707,15 @@ class LoopbackTests(TestCase):
         acknowledgement.
         """
         a, b, c = yield self.mesh()
+
+        def linksOf(service):
+            return [peer.link for peer in service._peers.values() if peer.link is not None]
+
+        # Members agree before every link is up (a duplicate pair of links
+        # may still be being resolved).
+        yield self.waitFor(lambda: all(len(linksOf(service)) == 2 for service in (a, b, c)))
         for service in (a, b, c):
-            links = [peer.link for peer in service._peers.values() if peer.link is not None]
-            self.assertEqual(len(links), 2)
-            for link in links:
+            for link in linksOf(service):
                 self.assertTrue(noDelay(link), f"{service.nodeId}: Nagle's algorithm still on")
 
     @inlineCallbacks
