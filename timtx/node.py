@@ -754,6 +754,8 @@ class Node(MultiService):
             return succeed(None)
         self.stopping = True
         self.resealer.stop()
+        if isinstance(self.router, ClusterRouter):
+            self.router.stop()
         if self._healTimer is not None and self._healTimer.active():
             self._healTimer.cancel()
         for sweep, _ in self._sweeps:

@@ -15,6 +15,16 @@ answer; the owner remembers who asked and sends each change to them
 costs one hop, to the nodes holding the recipient's sessions, and a lookup
 only the first time.
 
+An answer is kept only if it is I{sure}: the node asked owns the user in
+its own view too, and still does in the asker's.  While views differ after
+a membership change, the node an asker takes for the new owner may not
+know it yet: it answers what it has (the copy it kept as successor, say),
+flagged as not the owner's, and the asker neither keeps it nor trusts it
+(L{UserDirectory.route}; the router reads the user's inbox again once it
+can be sure, L{timtx.cluster.router}).  Kept, such an answer (often "no
+sessions": the registrations go to the owner) would route the user's
+messages nowhere until its next change.
+
 Why a login waits for its registration: the owner answers C{dir.set} only
 once every node that cached the user has the change (or could not be
 reached).  The new session reads its inbox after that, so a message stored
@@ -61,6 +71,20 @@ KIND_UPDATE = "dir.update"
 KIND_DROP = "dir.drop"
 KIND_KICK = "dir.kick"
 KIND_REPLICA = "dir.replica"
+
+
+@dataclass(frozen=True)
+class Located:
+    """
+    Where a user's sessions are, as a lookup found (L{UserDirectory.route}).
+
+    @ivar nodes: the nodes holding them.
+    @ivar sure: whether the answer is the owner's in both views; if not,
+        sessions may be elsewhere too.
+    """
+
+    nodes: frozenset[str]
+    sure: bool
 
 
 @dataclass(frozen=True)
@@ -137,7 +161,7 @@ class UserDirectory:
         self._domains: dict[str, str] = {}
         self._subscribers: dict[str, set[str]] = {}
         self._cache: OrderedDict[str, frozenset[str]] = OrderedDict()
-        self._lookups: dict[str, Deferred[frozenset[str]]] = {}
+        self._lookups: dict[str, Deferred[Located]] = {}
         self._sids: dict[Session, int] = {}
         self._nextSid = count(1)
         self._ownership = cluster.ownership
@@ -361,8 +385,15 @@ class UserDirectory:
 
     def _getReceived(self, node: str, payload: bytes) -> bytes:
         uid = _text(loads(payload), "uid")
-        self._subscribers.setdefault(uid, set()).add(node)
-        return dumps({"uid": uid, "nodes": sorted(self.entries.get(uid, ()))})
+        if self.owner(uid) == self.nodeId:
+            self._subscribers.setdefault(uid, set()).add(node)
+            return dumps({"uid": uid, "nodes": sorted(self.entries.get(uid, ())), "owner": True})
+        # The asker's view says this node owns the user, this node's does
+        # not (yet): answer what is known here, the copy kept as successor
+        # if any, as not the owner's, so that the asker does not keep it.
+        replica = self.replicas.get(uid)
+        nodes = replica[1] if replica is not None else self.entries.get(uid, {})
+        return dumps({"uid": uid, "nodes": sorted(nodes), "owner": False})
 
     def _dropReceived(self, node: str, payload: bytes) -> None:
         uids = loads(payload).get("uids")
@@ -408,32 +439,44 @@ class UserDirectory:
         user share one request, and their callbacks run in the order they
         were asked.
         """
+        return self.route(uid).addCallback(lambda located: located.nodes)
+
+    def route(self, uid: str) -> Deferred[Located]:
+        """
+        Like L{locate}, and whether the answer is sure: C{False} when the
+        owner could not be asked or was not the owner in its own view
+        (views differ after a membership change), or ownership moved while
+        it answered.  Sessions of C{uid} may then be elsewhere too.
+        """
         known = self.nodes(uid)
         if known is not None:
-            return succeed(known)
+            return succeed(Located(known, True))
         pending = self._lookups.get(uid)
         if pending is None:
             owner = self.owner(uid)
             pending = self._lookups[uid] = Deferred()
             d = self.cluster.request(owner, KIND_GET, dumps({"uid": uid}))
             d.addCallbacks(self._located, self._locateFailed, callbackArgs=(uid, owner), errbackArgs=(uid,))
-        waiter: Deferred[frozenset[str]] = Deferred()
+        waiter: Deferred[Located] = Deferred()
         pending.addCallback(_fan, waiter)
         return waiter
 
     def _located(self, answer: bytes, uid: str, owner: str) -> None:
-        nodes = frozenset(str(n) for n in loads(answer).get("nodes", ()))
-        if self.owner(uid) == owner:
+        message = loads(answer)
+        nodes = frozenset(str(n) for n in message.get("nodes", ()))
+        # A node of an earlier version does not say: it answered as owner.
+        sure = message.get("owner", True) is not False and self.owner(uid) == owner
+        if sure:
             self._remember(uid, nodes)
         pending = self._lookups.pop(uid, None)
         if pending is not None:
-            pending.callback(nodes)
+            pending.callback(Located(nodes, sure))
 
     def _locateFailed(self, failure: Failure, uid: str) -> None:
         self.log.warn("cannot locate {uid}: {why}", uid=uid, why=failure.getErrorMessage())
         pending = self._lookups.pop(uid, None)
         if pending is not None:
-            pending.callback(frozenset())
+            pending.callback(Located(frozenset(), False))
 
     def _remember(self, uid: str, nodes: frozenset[str]) -> None:
         self._cache[uid] = nodes
@@ -547,6 +590,6 @@ def _text(message: dict[str, Any], key: str) -> str:
     return value
 
 
-def _fan(nodes: frozenset[str], waiter: Deferred[frozenset[str]]) -> frozenset[str]:
-    waiter.callback(nodes)
-    return nodes
+def _fan(located: Located, waiter: Deferred[Located]) -> Located:
+    waiter.callback(located)
+    return located

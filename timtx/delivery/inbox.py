@@ -284,6 +284,30 @@ class InboxDelivery:
             return
         self.log.failure("removing acknowledged entries of {uid} failed", failure, uid=uid)
 
+    def recheck(self, uid: str) -> int:
+        """
+        Read C{uid}'s inbox again for its sessions here: another node stored
+        something for the user that it may not have pushed here (it could
+        not be sure where the user's sessions were, L{timtx.cluster.router}).
+        A live session drains (what waits comes as offline lists, in order,
+        then TIMOFFLINEMSGEND, and it is live again); one already reading
+        looks once more before going live; a held or backlogged one reads
+        its inbox anyway before going live.
+
+        @return: how many sessions will read it.
+        """
+        count = 0
+        for session in self.sessions.sessionsView(uid):
+            state = self.flow.state(session)
+            if state is None or session.closed:
+                continue
+            count += 1
+            if state.draining:
+                state.skipped = True
+            elif state.live:
+                self.drain(session)
+        return count
+
     def hold(self, uid: str) -> list[Session]:
         """
         Push nothing to C{uid}'s sessions here until L{reread}: entries may

@@ -190,6 +190,36 @@ class LocalRouterTests(SynchronousTestCase):
         self.assertEqual(sink.frames[-1].timType, TimType.TIMOFFLINEMSGEND)
         self.assertTrue(self.inbox.flow.state(session).live)
 
+    def test_recheck(self):
+        """
+        L{InboxDelivery.recheck}: a live session of the user drains its
+        inbox (an offline list, TIMOFFLINEMSGEND, live again); one already
+        reading looks once more before going live; a held one waits for
+        its reread; another user's is not touched.
+        """
+        session, sink = self.live("ann")
+        _, otherSink = self.live("bob")
+        self.stored("ann", "missed")
+        self.assertEqual(self.inbox.recheck("ann"), 1)
+        self.assertFalse(self.inbox.flow.state(session).live)
+        [offline] = sink.frames
+        self.assertEqual(self.texts(offline), ["missed"])
+        self.stored("ann", "during")
+        self.assertEqual(self.inbox.recheck("ann"), 1)
+        session.ackReceived(offline.ackId)
+        self.assertEqual(self.texts(sink.frames[-1]), ["during"])
+        session.ackReceived(sink.frames[-1].ackId)
+        self.assertEqual(sink.frames[-1].timType, TimType.TIMOFFLINEMSGEND)
+        self.assertTrue(self.inbox.flow.state(session).live)
+        self.assertEqual(otherSink.frames, [])
+
+        del sink.frames[:]
+        held = self.inbox.hold("ann")
+        self.inbox.recheck("ann")
+        self.assertEqual(sink.frames, [])
+        self.inbox.reread(held)
+        self.assertEqual([f.timType for f in sink.frames], [TimType.TIMOFFLINEMSGEND])
+
 
 class _StoppingStore(MemoryStore):
     """
