@@ -18,19 +18,25 @@ Messages to one node go over one link in the order they were routed, so a
 recipient gets what one node stored for it in that order.
 
 A push the router cannot be sure reached every session of its recipient
-makes the recipient I{doubtful} here: the user's owner could not be asked,
-or answered while not the owner in its own view (views differ for a moment
-after a membership change), a push to a live node failed, or the user's
-owner moved soon after a push went by the old answer (a kept answer may
-have been stale by then: the user's sessions registered with the new owner
-only).  Pushes to a doubtful user wait in its inbox; the router looks the
-user up again (at once after each membership change, else with backoff)
-and once the answer is sure, tells each node holding the user's sessions
-to read its inbox again (C{route.reread}, L{InboxDelivery.recheck
-<timtx.delivery.inbox.InboxDelivery.recheck>}), before pushing anything
-newer to it: so what waited arrives, as offline lists, in order, before
-what is pushed from then on, and nothing stays in the inbox of a live
-session until its next login.
+makes the recipient I{doubtful} here, up to that push's inbox id: the
+user's owner could not be asked, or answered while not the owner in its
+own view (views differ for a moment after a membership change), a push to
+a live node failed, or the user's owner moved soon after a push went by
+the old answer (a kept answer may have been stale by then: the user's
+sessions registered with the new owner only).  Pushes to a doubtful user
+wait in its inbox until the router is sure where its sessions are (it
+looks the user up again at each membership change, else with backoff, and
+at the user's next push); then it tells each node holding them to look in
+the user's inbox (C{route.reread} with that inbox id,
+L{InboxDelivery.recheck <timtx.delivery.inbox.InboxDelivery.recheck>})
+before pushing anything newer.  A session that missed nothing sees
+nothing of it; one that did gets what it missed as offline lists, in
+order, before what is pushed from then on.  Nothing stays in the inbox of
+a live session until its next login.
+
+A resend recognised by its id (L{reread}) has the recipient's nodes look
+in its inbox too, a moment later: its first copy may have been stored by
+a node that died before pushing it.
 
 Group messages go once to each node holding members, which fans them out
 to its own sessions: L{pushToGroup} and L{sendToGroup} hand them to
@@ -105,6 +111,10 @@ class ClusterRouter:
     #: moved are doubted: the seconds a membership change may take to reach
     #: every node (a registration with the new owner may have come first).
     movedHorizon = 10.0
+    #: Seconds after a resend is recognised before the recipient's inbox
+    #: is looked in (L{reread}): pushes of the first copy under way arrive
+    #: meanwhile, and are not taken for missed.
+    resendGrace = 1.0
 
     def __init__(self, local: LocalRouter, directory: UserDirectory, cluster: ClusterService):
         self.local = local
@@ -117,15 +127,17 @@ class ClusterRouter:
         self.rereads = 0
         #: Routes group messages once per node (set by L{GroupRouting}).
         self.groups: GroupRoute | None = None
-        #: Users whose pushes may have missed sessions, in doubt order.
-        self._doubtful: dict[str, None] = {}
+        #: Users whose pushes may have missed sessions, in doubt order, with
+        #: the highest inbox id in doubt (C{None}: any).
+        self._doubtful: dict[str, int | None] = {}
+        self._graces: set[IDelayedCall] = set()
         self._resolving: set[str] = set()
         self._resolveCall: IDelayedCall | None = None
         self._delay = self.rerouteDelay
         self._stopped = False
         #: When a push to each user was last routed by a directory answer,
-        #: oldest first, for L{movedHorizon}.
-        self._routedAt: OrderedDict[str, float] = OrderedDict()
+        #: and its inbox id, oldest first, for L{movedHorizon}.
+        self._routedAt: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self._ownership = cluster.ownership
         cluster.addHandler(KIND_PUSH, self._pushReceived)
         cluster.addHandler(KIND_SEND, self._sendReceived)
@@ -141,21 +153,21 @@ class ClusterRouter:
         if self._resolveCall is not None and self._resolveCall.active():
             self._resolveCall.cancel()
         self._resolveCall = None
+        for call in self._graces:
+            if call.active():
+                call.cancel()
+        self._graces.clear()
 
     # IRouter.
 
     def push(self, uid: str, qid: int, message: Encoded) -> None:
         self.local.push(uid, qid, message)
-        if uid in self._doubtful:
-            # It waits in the inbox; the reread that ends the doubt
-            # delivers it, after what waits before it.
-            return
         payload = _lazy(lambda: pack(*_encodings(message), uid.encode(), b"%d" % qid))
         nodes = self.directory.nodes(uid)
         if nodes is None:
-            self.directory.route(uid).addCallback(self._routed, uid, payload)
+            self.directory.route(uid).addCallback(self._routed, uid, qid, payload)
         else:
-            self._pushTo(uid, nodes, payload)
+            self._pushTo(uid, qid, nodes, payload)
 
     def send(self, uid: str, timType: int, message: Encoded) -> None:
         self.local.send(uid, timType, message)
@@ -180,6 +192,19 @@ class ClusterRouter:
         for uid in members:
             if uid != skip:
                 self.send(uid, timType, message)
+
+    def reread(self, uid: str) -> None:
+        if self._stopped:
+            return
+
+        def look() -> None:
+            self._graces.discard(call)
+            self.local.reread(uid)
+            self._doubt(uid, None)
+            self._resolveLater(0)
+
+        call = self.clock.callLater(self.resendGrace, look)
+        self._graces.add(call)
 
     def isOnline(self, uid: str) -> bool:
         if self.local.isOnline(uid):
@@ -217,37 +242,57 @@ class ClusterRouter:
 
     # Pushing, and doubt.
 
-    def _routed(self, located: Located, uid: str, payload: Callable[[], bytes]) -> None:
-        if uid in self._doubtful:
-            return
+    def _routed(self, located: Located, uid: str, qid: int, payload: Callable[[], bytes]) -> None:
         if not located.sure:
-            self._doubt(uid)
+            # It waits in the inbox until the router is sure.
+            self._doubt(uid, qid)
             return
-        self._pushTo(uid, located.nodes, payload)
+        self._pushTo(uid, qid, located.nodes, payload)
 
-    def _pushTo(self, uid: str, nodes: frozenset[str], payload: Callable[[], bytes]) -> None:
-        self._noteRouted(uid)
+    def _pushTo(self, uid: str, qid: int, nodes: frozenset[str], payload: Callable[[], bytes]) -> None:
+        if uid in self._doubtful:
+            self._settle(uid, nodes)
+        self._noteRouted(uid, qid)
         me = self.cluster.nodeId
         for node in nodes:
             if node == me:
                 continue
             self.forwarded[KIND_PUSH] = self.forwarded.get(KIND_PUSH, 0) + 1
             d = self.cluster.send(node, KIND_PUSH, payload())
-            d.addErrback(self._pushFailed, node, uid, KIND_PUSH)
+            d.addErrback(self._pushFailed, node, uid, qid, KIND_PUSH)
 
-    def _noteRouted(self, uid: str) -> None:
+    def _settle(self, uid: str, nodes: frozenset[str]) -> None:
+        """
+        Sure now that C{nodes} hold C{uid}'s sessions: have each look in the
+        user's inbox for what it may have missed, before anything newer is
+        pushed to it (same links, in order).
+        """
+        upTo = self._doubtful.pop(uid)
+        if not self._doubtful:
+            self._delay = self.rerouteDelay
+        me = self.cluster.nodeId
+        payload = pack(uid.encode(), b"" if upTo is None else b"%d" % upTo)
+        for node in nodes:
+            if node == me:
+                # Sessions here got every push (LocalRouter).
+                continue
+            self.rereads += 1
+            d = self.cluster.send(node, KIND_REREAD, payload)
+            d.addErrback(self._pushFailed, node, uid, upTo, KIND_REREAD)
+
+    def _noteRouted(self, uid: str, qid: int) -> None:
         routedAt = self._routedAt
         now = self.clock.seconds()
-        routedAt[uid] = now
+        routedAt[uid] = (now, qid)
         routedAt.move_to_end(uid)
         horizon = now - self.movedHorizon
         while routedAt:
-            oldest, when = next(iter(routedAt.items()))
+            oldest, (when, _) = next(iter(routedAt.items()))
             if when >= horizon:
                 break
             del routedAt[oldest]
 
-    def _pushFailed(self, failure: Failure, node: str, uid: str, kind: str) -> None:
+    def _pushFailed(self, failure: Failure, node: str, uid: str, qid: int | None, kind: str) -> None:
         """
         A push (or reread) did not reach C{node}: its entry waits in the
         inbox.  A node still live may hold sessions of C{uid} that are to
@@ -263,12 +308,14 @@ class ClusterRouter:
             why=failure.getErrorMessage(),
         )
         if live:
-            self._doubt(uid)
+            self._doubt(uid, qid)
 
-    def _doubt(self, uid: str) -> None:
-        if uid not in self._doubtful:
+    def _doubt(self, uid: str, qid: int | None) -> None:
+        if uid in self._doubtful:
+            self._doubtful[uid] = _higher(self._doubtful[uid], qid)
+        else:
             self.doubted += 1
-            self._doubtful[uid] = None
+            self._doubtful[uid] = qid
         self._resolveLater(self._delay)
 
     def _resolveLater(self, delay: float) -> None:
@@ -299,20 +346,7 @@ class ClusterRouter:
             self._delay = min(self._delay * 2, self.rerouteMaxDelay)
             self._resolveLater(self._delay)
             return
-        del self._doubtful[uid]
-        if not self._doubtful:
-            self._delay = self.rerouteDelay
-        # Sent before anything newer is pushed to the user (same links, in
-        # order): each node reads its sessions' inboxes, then takes pushes.
-        self._noteRouted(uid)
-        me = self.cluster.nodeId
-        for node in located.nodes:
-            if node == me:
-                # Sessions here got every push (LocalRouter).
-                continue
-            self.rereads += 1
-            d = self.cluster.send(node, KIND_REREAD, uid.encode())
-            d.addErrback(self._pushFailed, node, uid, KIND_REREAD)
+        self._settle(uid, located.nodes)
 
     def _membershipChanged(self, change: MemberChange) -> None:
         """
@@ -322,8 +356,9 @@ class ClusterRouter:
         new = self.cluster.ownership
         old, self._ownership = self._ownership, new
         if old != new:
-            for uid in [uid for uid in self._routedAt if _moved(old, new, uid)]:
-                self._doubt(uid)
+            for uid, (_, qid) in list(self._routedAt.items()):
+                if _moved(old, new, uid):
+                    self._doubt(uid, qid)
         self._delay = self.rerouteDelay
         self._resolveLater(self._delay)
 
@@ -348,13 +383,13 @@ class ClusterRouter:
         self.local.sendFrame(text(uid), header, body)
 
     def _rereadReceived(self, node: str, payload: bytes) -> None:
+        uid, upTo = unpack(payload, 2)
         self._count(KIND_REREAD)
-        uid = text(payload)
-        count = self.local.inbox.recheck(uid)
+        count = self.local.inbox.recheck(text(uid), integer(upTo) if upTo else None)
         self.log.info(
-            "node {node} stored for {uid} without being sure it was pushed here: {count} sessions read the inbox again",
+            "node {node} stored for {uid} without being sure it was pushed here: {count} sessions look in the inbox",
             node=node,
-            uid=uid,
+            uid=text(uid),
             count=count,
         )
 
@@ -365,6 +400,15 @@ def _moved(old: Ownership, new: Ownership, uid: str) -> bool:
         return old.owner(key) != new.owner(key)
     except NoOwner:
         return True
+
+
+def _higher(one: int | None, other: int | None) -> int | None:
+    """
+    The higher of two inbox ids in doubt, C{None} (all) the highest.
+    """
+    if one is None or other is None:
+        return None
+    return max(one, other)
 
 
 def _lazy(make: Callable[[], bytes]) -> Callable[[], bytes]:

@@ -73,6 +73,32 @@ class BacklogSource(Protocol):
         """
 
 
+class _Check:
+    """
+    A look at a live session's inbox under way (L{InboxDelivery.recheck}).
+
+    @ivar upTo: entries above this qid are not looked for (C{None}: all).
+    @ivar held: C{(qid, encoded)} pushed meanwhile, in order.
+    @ivar again: another look was asked for meanwhile.
+    """
+
+    __slots__ = ("upTo", "held", "again")
+
+    def __init__(self, upTo: int | None):
+        self.upTo = upTo
+        self.held: list[tuple[int, Encoded]] = []
+        self.again = False
+
+
+def _higher(one: int | None, other: int | None) -> int | None:
+    """
+    The higher of two bounds, C{None} (none) the highest.
+    """
+    if one is None or other is None:
+        return None
+    return max(one, other)
+
+
 class InboxDelivery:
     """
     Drains and pushes the inboxes of this node's sessions.
@@ -123,6 +149,8 @@ class InboxDelivery:
         self.sources: list[BacklogSource] = []
         #: Drains to try again once the store is back, by session.
         self._retries: dict[Session, IDelayedCall] = {}
+        #: Live sessions whose inbox is being looked at (L{recheck}).
+        self._checking: dict[Session, _Check] = {}
         self._recheck: IDelayedCall | None = None
         self._stopped = False
         self.pushed = 0
@@ -161,6 +189,7 @@ class InboxDelivery:
             self.drain(session)
 
     def sessionEnded(self, session: Session) -> None:
+        self._checking.pop(session, None)
         retry = self._retries.pop(session, None)
         if retry is not None and retry.active():
             retry.cancel()
@@ -170,14 +199,19 @@ class InboxDelivery:
 
     # Pushing.
 
-    def push(self, uid: str, qid: int, encoded: Encoded) -> None:
+    def push(self, uid: str, qid: int, encoded: Encoded, only: Session | None = None) -> None:
         """
         Push a durable inbox entry of C{uid} to its live sessions on this
-        node.  Call in the order entries were written.
+        node (or to C{only}).  Call in the order entries were written.
         """
         ackId = header = onAck = None
         admit = self.flow.admit
-        for session in self.sessions.sessionsView(uid):
+        checking = self._checking
+        for session in self.sessions.sessionsView(uid) if only is None else (only,):
+            if checking and session in checking:
+                # After what the look at its inbox finds, if anything.
+                checking[session].held.append((qid, encoded))
+                continue
             state = admit(session)
             if state is None:
                 continue
@@ -284,17 +318,25 @@ class InboxDelivery:
             return
         self.log.failure("removing acknowledged entries of {uid} failed", failure, uid=uid)
 
-    def recheck(self, uid: str) -> int:
+    def recheck(self, uid: str, upTo: int | None = None) -> int:
         """
-        Read C{uid}'s inbox again for its sessions here: another node stored
-        something for the user that it may not have pushed here (it could
-        not be sure where the user's sessions were, L{timtx.cluster.router}).
-        A live session drains (what waits comes as offline lists, in order,
-        then TIMOFFLINEMSGEND, and it is live again); one already reading
-        looks once more before going live; a held or backlogged one reads
-        its inbox anyway before going live.
+        Look in C{uid}'s inbox again for its sessions here: another node
+        stored something for the user that it may not have pushed here (it
+        could not be sure where the user's sessions were,
+        L{timtx.cluster.router}), or a resend was recognised whose first
+        copy may never have been pushed.
 
-        @return: how many sessions will read it.
+        A live session stays live, and what is pushed to it meanwhile
+        waits, while its inbox is read: if an entry up to C{upTo} (any
+        entry, if C{None}) is there that was neither pushed to it nor
+        waits, the session drains (what waits comes as offline lists, in
+        order, then TIMOFFLINEMSGEND, and it is live again); if not, what
+        waited is pushed as usual, and the session sees nothing of the
+        look.  A session already reading looks once more before going
+        live; a held, backlogged or new one reads its inbox anyway before
+        going live.
+
+        @return: how many sessions will look.
         """
         count = 0
         for session in self.sessions.sessionsView(uid):
@@ -305,8 +347,53 @@ class InboxDelivery:
             if state.draining:
                 state.skipped = True
             elif state.live:
-                self.drain(session)
+                check = self._checking.get(session)
+                if check is None:
+                    self._look(session, state, _Check(upTo))
+                else:
+                    check.again = True
+                    check.upTo = _higher(check.upTo, upTo)
         return count
+
+    def _look(self, session: Session, state: SessionFlow, check: _Check) -> None:
+        self._checking[session] = check
+        self._removeNow(session.uid)
+        limit = len(state.inFlight) + len(check.held) + 1
+        d = self.store.readInbox(session.uid, 0, limit)
+        d.addCallbacks(
+            self._looked, self._lookFailed, callbackArgs=(session, state, check), errbackArgs=(session, check)
+        )
+
+    def _looked(self, entries: list[InboxEntry], session: Session, state: SessionFlow, check: _Check) -> None:
+        if session.closed or self._checking.get(session) is not check:
+            return
+        held = {qid for qid, _ in check.held}
+        upTo = check.upTo
+        missed = any(
+            e.qid not in state.inFlight and e.qid not in held and (upTo is None or e.qid <= upTo) for e in entries
+        )
+        if missed:
+            # What was held is in the inbox too, after what was missed.
+            del self._checking[session]
+            self.drain(session)
+            return
+        if check.again:
+            # Asked again while reading: what was stored since may be new.
+            check.again = False
+            self._look(session, state, check)
+            return
+        del self._checking[session]
+        for qid, encoded in check.held:
+            self.push(session.uid, qid, encoded, only=session)
+
+    def _lookFailed(self, failure: Failure, session: Session, check: _Check) -> None:
+        if self._checking.get(session) is not check:
+            return
+        del self._checking[session]
+        self.log.info("looking in the inbox of {uid} failed: {why}", uid=session.uid, why=failure.getErrorMessage())
+        # A drain reads it all (what was held included), and tries again
+        # after an outage.
+        self.drain(session)
 
     def hold(self, uid: str) -> list[Session]:
         """
@@ -367,6 +454,9 @@ class InboxDelivery:
             state.timer.cancel()
         if not quiet:
             state.timer = None
+        # A look at the inbox under way (L{recheck}) is overtaken: what it
+        # held is in the inbox, and this read finds it.
+        self._checking.pop(session, None)
         state.draining = True
         state.quiet = quiet
         state.live = False

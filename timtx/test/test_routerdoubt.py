@@ -7,9 +7,10 @@ synchronous network whose views the tests change one node at a time,
 sharing one in-memory store, with real inbox delivery to sessions.
 
 A push the storing node cannot be sure reached every session of its
-recipient waits in the inbox, and the recipient's nodes are told to read
-it again once the storing node is sure where its sessions are: a live
-session gets everything stored for it, in order, without a new login.
+recipient waits in the inbox, and the recipient's nodes are told to look
+in it once the storing node is sure where its sessions are: a live
+session gets everything stored for it, in order, without a new login, and
+one that missed nothing sees nothing of it.
 """
 
 from __future__ import annotations
@@ -271,9 +272,9 @@ class DoubtfulPushTests(SynchronousTestCase):
     def test_pushToLiveNodeFailed(self) -> None:
         """
         A push that did not reach a node still live makes its user
-        doubtful: newer pushes wait in the inbox, and the node is told to
-        read it again once it can be reached; a push to a dead node's
-        sessions, which are gone, does not.
+        doubtful: the next push to the user is preceded by a reread, and
+        the node's session gets what it missed first; a push to a dead
+        node's sessions, which are gone, does not.
         """
         bob = userOwnedBy(["node1", "node2"])
         session, sink = self.nodes["node1"].live(bob)
@@ -283,17 +284,54 @@ class DoubtfulPushTests(SynchronousTestCase):
         self.stored("node2", bob, "lost")
         self.network.down.discard("node1")
         self.stored("node2", bob, "after")
-        self.assertEqual(self.received(session, sink), [])
-        self.clock.advance(ClusterRouter.rerouteDelay)
         self.assertEqual(self.received(session, sink), [("TIMOFFLINEMSG", ["lost", "after"]), ("TIMOFFLINEMSGEND", [])])
-        pushes = [entry for entry in self.network.log if entry[2] in (KIND_PUSH, KIND_REREAD)]
-        self.assertEqual(pushes, [("node2", "node1", KIND_PUSH), ("node2", "node1", KIND_REREAD)])
+        pushes = [entry[2] for entry in self.network.log if entry[2] in (KIND_PUSH, KIND_REREAD)]
+        self.assertEqual(pushes, [KIND_PUSH, KIND_REREAD, KIND_PUSH])
+        self.stored("node2", bob, "live again")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["live again"])])
 
         self.nodes["node2"].cluster.sees("node3")
         self.network.down.add("node3")
         carol = userOwnedBy(["node1", "node3"])
-        self.nodes["node2"].router._pushTo(carol, frozenset(["node3"]), lambda: b"")
+        self.nodes["node2"].router._pushTo(carol, 1, frozenset(["node3"]), lambda: b"")
         self.assertEqual(self.nodes["node2"].router.doubted, 1)
+
+    def test_nothingMissed(self) -> None:
+        """
+        A user doubted for nothing (his owner moved soon after a push that
+        reached him) sees nothing of it: his node looks in his inbox, finds
+        nothing he was not pushed, and pushes stay live.
+        """
+        bob = userOwnedBy(["node3", "node1"])
+        session, sink = self.nodes["node1"].live(bob)
+        self.stored("node2", bob, "before")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["before"])])
+        self.network.down.add("node3")
+        for node in ("node1", "node2"):
+            self.nodes[node].cluster.sees("node3")
+        self.stored("node2", bob, "after")
+        self.clock.advance(ClusterRouter.rerouteMaxDelay)
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["after"])])
+        self.assertEqual(self.nodes["node2"].router.rereads, 1)
+
+    def test_resend(self) -> None:
+        """
+        L{ClusterRouter.reread} (a resend recognised by its id) has the
+        user's sessions look in the inbox on every node holding them, a
+        moment later: what was stored and never pushed comes then.
+        """
+        bob = userOwnedBy(["node1", "node2"])
+        here, hereSink = self.nodes["node2"].live(bob)
+        there, thereSink = self.nodes["node1"].live(bob)
+        message = TimMessage(id=1, dataString="never pushed")
+        self.successResultOf(self.store.addInbox([(bob, self.vault.sealFor(bob, message))], 0.0))
+        self.nodes["node2"].router.reread(bob)
+        self.assertEqual(self.received(here, hereSink) + self.received(there, thereSink), [])
+        self.clock.advance(ClusterRouter.resendGrace)
+        for session, sink in [(here, hereSink), (there, thereSink)]:
+            self.assertEqual(
+                self.received(session, sink), [("TIMOFFLINEMSG", ["never pushed"]), ("TIMOFFLINEMSGEND", [])]
+            )
 
     def test_stop(self) -> None:
         """
@@ -302,6 +340,7 @@ class DoubtfulPushTests(SynchronousTestCase):
         bob = userOwnedBy(["node3", "node1"])
         self.network.down.add("node3")
         self.stored("node2", bob, "one")
-        self.assertTrue(self.clock.getDelayedCalls())
+        self.nodes["node2"].router.reread(bob)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
         self.nodes["node2"].router.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
