@@ -305,6 +305,7 @@ class Node(MultiService):
             kick=self._kickSession,
             lastSessionEnded=self._lastSessionInCluster,
             registeringAgain=self._registeringAgain,
+            unknownToOwner=self._unknownToOwner,
         )
         self.sessions.onSessionRemoved.append(self._sessionLeft)
         return ClusterRouter(local, directory, self.cluster)
@@ -563,6 +564,18 @@ class Node(MultiService):
             return result
 
         registered.addBoth(reread)
+
+    def _unknownToOwner(self, uid: str) -> None:
+        """
+        C{uid}'s sessions here were registered again with an owner that did
+        not know of them: what it answered lookups meanwhile routed
+        nowhere here.  Have them look in the inbox (a session that missed
+        nothing sees nothing of it).
+        """
+        count = self.inbox.recheck(uid)
+        self.log.info(
+            "the owner of {uid} did not know of its {count} sessions here: they look in the inbox", uid=uid, count=count
+        )
 
     def _lastSessionEnded(self, session: Session) -> None:
         if self.cluster is None:

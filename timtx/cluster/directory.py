@@ -125,6 +125,11 @@ class UserDirectory:
         storing for C{uid} meanwhile did not push here, so what they stored
         waits in its inbox.  C{registered} fires (with a result or a
         failure) once the new owner has them.
+    @param unknownToOwner: called with C{uid} when this node registered
+        sessions of C{uid} again (not a login) and the owner did not know
+        it held any: the owner may have answered lookups without them
+        meanwhile (it took the user over without the copy of its entry),
+        so what was stored then waits in the inbox.
 
     @ivar entries: for each user owned here, its sessions by node.
     @ivar unconfirmed: users whose sessions here their owner may not know
@@ -144,6 +149,7 @@ class UserDirectory:
         kick: Callable[[str, int], object] | None = None,
         lastSessionEnded: Callable[[str, str], object] | None = None,
         registeringAgain: Callable[[str, Deferred[bool]], object] | None = None,
+        unknownToOwner: Callable[[str], object] | None = None,
     ):
         self.cluster = cluster
         self.devices = devices
@@ -152,6 +158,7 @@ class UserDirectory:
         self.maxCached = maxCached
         self.lastSessionEnded = lastSessionEnded
         self.registeringAgain = registeringAgain
+        self.unknownToOwner = unknownToOwner
         self.unconfirmed: dict[str, int] = {}
         self._registrations = count(1)
         self.entries: dict[str, dict[str, list[SessionEntry]]] = {}
@@ -219,17 +226,22 @@ class UserDirectory:
             message["admit"] = self.sessionId(admit)
         number = self.unconfirmed[uid] = next(self._registrations)
         d: Deferred[Any] = self.cluster.request(self.owner(uid), KIND_SET, dumps(message))
-        d.addCallbacks(self._registered, self._registerFailed, callbackArgs=(uid, number), errbackArgs=(uid,))
+        again = admit is None and bool(sessions)
+        d.addCallbacks(self._registered, self._registerFailed, callbackArgs=(uid, number, again), errbackArgs=(uid,))
         return d
 
     def forgetSession(self, session: Session) -> None:
         self._sids.pop(session, None)
 
-    def _registered(self, answer: bytes, uid: str, number: int) -> bool:
+    def _registered(self, answer: bytes, uid: str, number: int, again: bool) -> bool:
         if self.unconfirmed.get(uid) == number:
             # Not an older registration answered after a newer one started.
             del self.unconfirmed[uid]
-        return loads(answer).get("admitted") is not False
+        message = loads(answer)
+        # A node of an earlier version does not say: take it as known.
+        if again and message.get("known", True) is False and self.unknownToOwner is not None:
+            self.unknownToOwner(uid)
+        return message.get("admitted") is not False
 
     def _registerFailed(self, failure: Failure, uid: str) -> bool:
         self.log.warn("registering the sessions of {uid} failed: {why}", uid=uid, why=failure.getErrorMessage())
@@ -247,12 +259,13 @@ class UserDirectory:
             sessions = [SessionEntry(node, int(sid), int(termtyp), float(login)) for sid, termtyp, login in rows]
         except (TypeError, ValueError):
             raise BadPayload("sessions are [sid, termtyp, loginTime] lists") from None
+        known = node in self.entries.get(uid, {})
         admitted = True
         admit = message.get("admit")
         if isinstance(admit, int):
             sessions, admitted = self._admit(uid, node, sessions, admit)
         d = self._set(uid, domain, node, sessions)
-        return d.addCallback(lambda _: dumps({"admitted": admitted}))
+        return d.addCallback(lambda _: dumps({"admitted": admitted, "known": known}))
 
     def _admit(self, uid: str, node: str, sessions: list[SessionEntry], sid: int) -> tuple[list[SessionEntry], bool]:
         """

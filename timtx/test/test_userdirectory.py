@@ -234,3 +234,53 @@ class SureAnswersTests(SynchronousTestCase):
         answer = loads(self.directory._getReceived("node3", dumps({"uid": mine})))
         self.assertEqual(answer, {"uid": mine, "nodes": [], "owner": True})
         self.assertEqual(self.directory._subscribers, {mine: {"node3"}})
+
+
+class UnknownToOwnerTests(SynchronousTestCase):
+    """
+    A registration after a move that the owner answers as news: its
+    sessions here were unknown to it, and may have missed pushes.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = _Cluster("node2", ["node1", "node2", "node3"])
+        self.sessions = SessionRegistry(DevicesConfig(limit=0, type_limit=0))
+        self.unknown: list[str] = []
+        self.directory = UserDirectory(
+            self.cluster,  # type: ignore[arg-type]
+            self.sessions,
+            unknownToOwner=self.unknown.append,
+        )
+        self.ackIds = AckIds()
+
+    def test_told(self) -> None:
+        """
+        Registering sessions again (not a login) answered C{known: false}
+        tells C{unknownToOwner}; answered C{known: true}, or without the
+        flag (an earlier version), or for a login, it does not.
+        """
+        ann = ownedBy(self.cluster.ownership, "node1", "ann")
+        session = Session(_Sink(), ann, "", None, 0, Encoding.COMPACT, 0.0, self.ackIds)
+        self.sessions.admit(session)
+        for admit, answer in [
+            (None, {"admitted": True, "known": True}),
+            (None, {"admitted": True}),
+            (session, {"admitted": True, "known": False}),
+            (None, {"admitted": True, "known": False}),
+        ]:
+            self.directory.register(ann, "", admit=admit)
+            self.cluster.requests.pop()[3].callback(dumps(answer))
+        self.assertEqual(self.unknown, [ann])
+
+    def test_answer(self) -> None:
+        """
+        The owner says whether it had sessions of the registering node for
+        the user before.
+        """
+        ann = ownedBy(self.cluster.ownership, "node2", "ann")
+        payload = dumps({"uid": ann, "domain": "", "sessions": [[1, 0, 0.0]]})
+        first = self.successResultOf(self.directory._setReceived("node1", payload))
+        again = self.successResultOf(self.directory._setReceived("node1", payload))
+        self.assertEqual(
+            [loads(first), loads(again)], [{"admitted": True, "known": False}, {"admitted": True, "known": True}]
+        )
