@@ -61,6 +61,7 @@ from timtx.cluster.ownership import NoOwner, Ownership, userKey
 from timtx.cluster.swim import MemberChange
 from timtx.cluster.wire import integer, pack, text, unpack
 from timtx.delivery.encoded import Encoded
+from timtx.delivery.inbox import higherBound
 from timtx.interfaces import IRouter
 from timtx.protocols.codec import Encoding
 
@@ -312,7 +313,7 @@ class ClusterRouter:
 
     def _doubt(self, uid: str, qid: int | None) -> None:
         if uid in self._doubtful:
-            self._doubtful[uid] = _higher(self._doubtful[uid], qid)
+            self._doubtful[uid] = higherBound(self._doubtful[uid], qid)
         else:
             self.doubted += 1
             self._doubtful[uid] = qid
@@ -400,15 +401,6 @@ def _moved(old: Ownership, new: Ownership, uid: str) -> bool:
         return old.owner(key) != new.owner(key)
     except NoOwner:
         return True
-
-
-def _higher(one: int | None, other: int | None) -> int | None:
-    """
-    The higher of two inbox ids in doubt, C{None} (all) the highest.
-    """
-    if one is None or other is None:
-        return None
-    return max(one, other)
 
 
 def _lazy(make: Callable[[], bytes]) -> Callable[[], bytes]:

@@ -90,9 +90,10 @@ class _Check:
         self.again = False
 
 
-def _higher(one: int | None, other: int | None) -> int | None:
+def higherBound(one: int | None, other: int | None) -> int | None:
     """
-    The higher of two bounds, C{None} (none) the highest.
+    The higher of two bounds on the inbox ids to look for
+    (L{InboxDelivery.recheck}), C{None} (no bound) the highest.
     """
     if one is None or other is None:
         return None
@@ -352,7 +353,7 @@ class InboxDelivery:
                     self._look(session, state, _Check(upTo))
                 else:
                     check.again = True
-                    check.upTo = _higher(check.upTo, upTo)
+                    check.upTo = higherBound(check.upTo, upTo)
         return count
 
     def _look(self, session: Session, state: SessionFlow, check: _Check) -> None:
@@ -373,6 +374,7 @@ class InboxDelivery:
             e.qid not in state.inFlight and e.qid not in held and (upTo is None or e.qid <= upTo) for e in entries
         )
         if missed:
+            self.log.info("{uid} missed pushes: its session here reads its inbox again", uid=session.uid)
             # What was held is in the inbox too, after what was missed.
             del self._checking[session]
             self.drain(session)
