@@ -428,6 +428,7 @@ class Node(MultiService):
                 self.cluster, relations=self.relations, presence=self.presence, groups=self.directory
             )
             self.cluster.addObserver(self._memberBack)
+            self.cluster.addObserver(self._memberDied)
 
         self.dispatcher = Dispatcher()
         route = self.dispatcher.route
@@ -511,6 +512,23 @@ class Node(MultiService):
     #: offline (its own view not yet healed) is found then.
     healSettle = 3.0
     _healTimer: IDelayedCall | None = None
+
+    def _memberDied(self, change: MemberChange) -> None:
+        """
+        A node was declared dead: pushes it wrote to its links just before
+        it died (a SIGKILL between a commit and the socket's flush) may
+        never have left it, with no one left to know.  Every live session
+        here looks in its inbox (L{InboxDelivery.lookLive}): one that
+        missed nothing sees nothing of it.
+        """
+        if change.kind is not ChangeKind.DIED or self.stopping:
+            return
+        count = self.inbox.lookLive()
+        self.log.info(
+            "node {node} died: {count} users with live sessions here look in their inboxes",
+            node=change.member.nodeId,
+            count=count,
+        )
 
     def _memberBack(self, change: MemberChange) -> None:
         """

@@ -153,6 +153,7 @@ class InboxDelivery:
         #: Live sessions whose inbox is being looked at (L{recheck}).
         self._checking: dict[Session, _Check] = {}
         self._recheck: IDelayedCall | None = None
+        self._lookCall: IDelayedCall | None = None
         self._stopped = False
         self.pushed = 0
         self.acked = 0
@@ -266,8 +267,9 @@ class InboxDelivery:
         later.
         """
         self._stopped = True
-        if self._recheck is not None and self._recheck.active():
-            self._recheck.cancel()
+        for call in (self._recheck, self._lookCall):
+            if call is not None and call.active():
+                call.cancel()
         for retry in self._retries.values():
             if retry.active():
                 retry.cancel()
@@ -305,6 +307,29 @@ class InboxDelivery:
 
         drainSome(0)
         return len(live)
+
+    def lookLive(self, chunk: int = 200, pause: float = 0.05) -> int:
+        """
+        Have every live session look in its inbox (L{recheck}, so that one
+        that missed nothing sees nothing of it), in chunks of C{chunk} users
+        C{pause} seconds apart: a node died, and pushes it wrote to its
+        links just before may never have left it.
+
+        @return: how many users will look.
+        """
+        users = list(dict.fromkeys(session.uid for session in self.sessions if not session.closed))
+
+        def lookSome(start: int) -> None:
+            self._lookCall = None
+            for uid in users[start : start + chunk]:
+                self.recheck(uid)
+            if start + chunk < len(users) and not self._stopped:
+                self._lookCall = self.clock.callLater(pause, lookSome, start + chunk)
+
+        if self._lookCall is not None and self._lookCall.active():
+            self._lookCall.cancel()
+        lookSome(0)
+        return len(users)
 
     def _removeFailed(self, uid: str, qids: list[int], failure: Failure) -> None:
         if failure.check(StoreUnavailable) and not self._stopped:

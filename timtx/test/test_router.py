@@ -335,6 +335,26 @@ class RecheckTests(SynchronousTestCase):
         self.inbox.reread(held)
         self.assertEqual(len(self.store.reads), 1)
 
+    def test_lookLive(self):
+        """
+        L{InboxDelivery.lookLive}: every user with live sessions looks, a
+        chunk at a time; one that missed an entry drains, the others see
+        nothing.
+        """
+        _, annSink = self.live("ann")
+        _, bobSink = self.live("bob")
+        self.storedNow("bob", "missed")
+        self.assertEqual(self.inbox.lookLive(chunk=1, pause=0.1), 2)
+        self.assertEqual([uid for uid, _, _, _ in self.store.reads], ["ann"])
+        self.store.release()
+        self.inbox.clock.advance(0.1)
+        self.assertEqual([uid for uid, _, _, _ in self.store.reads], ["bob"])
+        self.store.release()
+        self.store.release()
+        self.assertEqual(annSink.frames, [])
+        self.assertEqual([self.texts(f) for f in bobSink.frames], [["missed"]])
+        self.inbox.stop()
+
     def storedNow(self, uid, text):
         message = TimMessage(id=len(text), dataString=text)
         [qid] = self.successResultOf(self.store.addInbox([(uid, self.vault.sealFor(uid, message))], 0.0))
