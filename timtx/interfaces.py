@@ -234,3 +234,12 @@ class IRouter(Interface):
         """
         @return: whether C{uid} has a session anywhere.
         """
+
+    def reread(uid: str) -> None:
+        """
+        Have C{uid}'s live sessions, wherever they are, read its inbox
+        again: something may be stored there that was never pushed (the
+        first copy of a resend recognised by its id, whose storing node may
+        have died before routing it).  What waits arrives as offline lists,
+        before anything pushed to the user from then on.
+        """

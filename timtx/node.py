@@ -305,6 +305,7 @@ class Node(MultiService):
             kick=self._kickSession,
             lastSessionEnded=self._lastSessionInCluster,
             registeringAgain=self._registeringAgain,
+            unknownToOwner=self._unknownToOwner,
         )
         self.sessions.onSessionRemoved.append(self._sessionLeft)
         return ClusterRouter(local, directory, self.cluster)
@@ -427,6 +428,7 @@ class Node(MultiService):
                 self.cluster, relations=self.relations, presence=self.presence, groups=self.directory
             )
             self.cluster.addObserver(self._memberBack)
+            self.cluster.addObserver(self._memberDied)
 
         self.dispatcher = Dispatcher()
         route = self.dispatcher.route
@@ -511,6 +513,23 @@ class Node(MultiService):
     healSettle = 3.0
     _healTimer: IDelayedCall | None = None
 
+    def _memberDied(self, change: MemberChange) -> None:
+        """
+        A node was declared dead: pushes it wrote to its links just before
+        it died (a SIGKILL between a commit and the socket's flush) may
+        never have left it, with no one left to know.  Every live session
+        here looks in its inbox (L{InboxDelivery.lookLive}): one that
+        missed nothing sees nothing of it.
+        """
+        if change.kind is not ChangeKind.DIED or self.stopping:
+            return
+        count = self.inbox.lookLive()
+        self.log.info(
+            "node {node} died: {count} users with live sessions here look in their inboxes",
+            node=change.member.nodeId,
+            count=count,
+        )
+
     def _memberBack(self, change: MemberChange) -> None:
         """
         A node declared dead (or gone) is back: a partition healed.  While
@@ -563,6 +582,18 @@ class Node(MultiService):
             return result
 
         registered.addBoth(reread)
+
+    def _unknownToOwner(self, uid: str) -> None:
+        """
+        C{uid}'s sessions here were registered again with an owner that did
+        not know of them: what it answered lookups meanwhile routed
+        nowhere here.  Have them look in the inbox (a session that missed
+        nothing sees nothing of it).
+        """
+        count = self.inbox.recheck(uid)
+        self.log.info(
+            "the owner of {uid} did not know of its {count} sessions here: they look in the inbox", uid=uid, count=count
+        )
 
     def _lastSessionEnded(self, session: Session) -> None:
         if self.cluster is None:
@@ -754,6 +785,8 @@ class Node(MultiService):
             return succeed(None)
         self.stopping = True
         self.resealer.stop()
+        if isinstance(self.router, ClusterRouter):
+            self.router.stop()
         if self._healTimer is not None and self._healTimer.active():
             self._healTimer.cancel()
         for sweep, _ in self._sweeps:

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from timtx.chat.conversations import Appended, Conversations, pairConversation
+from timtx.chat.conversations import AlreadyStored, Appended, Conversations, pairConversation
 from timtx.chat.duplicates import DuplicateFilter
 from timtx.chat.messagerules import stamp, target
 from timtx.chat.permissions import MessagePermissions
@@ -41,7 +42,7 @@ from timtx.crypto.vault import StanzaVault
 from timtx.delivery.encoded import Encoded
 from timtx.interfaces import IRouter
 from timtx.persistence.interfaces import IMessageStore
-from timtx.persistence.records import MESSAGE_BURNED, MESSAGE_NORMAL, MESSAGE_RECALLED
+from timtx.persistence.records import MESSAGE_BURNED, MESSAGE_NORMAL, MESSAGE_RECALLED, Duplicate
 from timtx.protocols.constants import ErrorCode, MsType, OdType, TimType
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Tid, TimMessage
@@ -125,6 +126,10 @@ class PersonalMessaging:
         the owner keeps the order, so the connection's next frame may start.
         """
         if seen is not None:
+            if isinstance(seen, Duplicate):
+                # Known from the stored keys: its first copy's node may
+                # have stored it and died before pushing it.
+                self.router.reread(other)
             return self.duplicates.answer(session, seen)
         clientId = message.id
         stamp(session, message, self.clock.seconds())
@@ -138,8 +143,18 @@ class PersonalMessaging:
         appending = self.appendAndRoute(conv, session.uid, message, other, keep, dedupe)
         if dedupe is not None:
             self.duplicates.remember(session.uid, dedupe[1], appending, conv)
+        appending.addErrback(self._resent, other)
         appending.addErrback(self.duplicates.refused, session, message)
         return None
+
+    def _resent(self, failure: Failure, recipient: str) -> Failure:
+        """
+        A resend the store refused as stored already: its first copy may
+        never have been pushed (L{IRouter.reread}).
+        """
+        if isinstance(failure.value, AlreadyStored):
+            self.router.reread(recipient)
+        return failure
 
     def appendAndRoute(
         self, conv: str, sender: str, message: TimMessage, recipient: str, keep: bool, dedupe: tuple[str, int] | None

@@ -15,6 +15,16 @@ answer; the owner remembers who asked and sends each change to them
 costs one hop, to the nodes holding the recipient's sessions, and a lookup
 only the first time.
 
+An answer is kept only if it is I{sure}: the node asked owns the user in
+its own view too, and still does in the asker's.  While views differ after
+a membership change, the node an asker takes for the new owner may not
+know it yet: it answers what it has (the copy it kept as successor, say),
+flagged as not the owner's, and the asker neither keeps it nor trusts it
+(L{UserDirectory.route}; the router reads the user's inbox again once it
+can be sure, L{timtx.cluster.router}).  Kept, such an answer (often "no
+sessions": the registrations go to the owner) would route the user's
+messages nowhere until its next change.
+
 Why a login waits for its registration: the owner answers C{dir.set} only
 once every node that cached the user has the change (or could not be
 reached).  The new session reads its inbox after that, so a message stored
@@ -64,6 +74,20 @@ KIND_REPLICA = "dir.replica"
 
 
 @dataclass(frozen=True)
+class Located:
+    """
+    Where a user's sessions are, as a lookup found (L{UserDirectory.route}).
+
+    @ivar nodes: the nodes holding them.
+    @ivar sure: whether the answer is the owner's in both views; if not,
+        sessions may be elsewhere too.
+    """
+
+    nodes: frozenset[str]
+    sure: bool
+
+
+@dataclass(frozen=True)
 class SessionEntry:
     """
     One session as the directory knows it.
@@ -101,6 +125,11 @@ class UserDirectory:
         storing for C{uid} meanwhile did not push here, so what they stored
         waits in its inbox.  C{registered} fires (with a result or a
         failure) once the new owner has them.
+    @param unknownToOwner: called with C{uid} when this node registered
+        sessions of C{uid} again (not a login) and the owner did not know
+        it held any: the owner may have answered lookups without them
+        meanwhile (it took the user over without the copy of its entry),
+        so what was stored then waits in the inbox.
 
     @ivar entries: for each user owned here, its sessions by node.
     @ivar unconfirmed: users whose sessions here their owner may not know
@@ -120,6 +149,7 @@ class UserDirectory:
         kick: Callable[[str, int], object] | None = None,
         lastSessionEnded: Callable[[str, str], object] | None = None,
         registeringAgain: Callable[[str, Deferred[bool]], object] | None = None,
+        unknownToOwner: Callable[[str], object] | None = None,
     ):
         self.cluster = cluster
         self.devices = devices
@@ -128,6 +158,7 @@ class UserDirectory:
         self.maxCached = maxCached
         self.lastSessionEnded = lastSessionEnded
         self.registeringAgain = registeringAgain
+        self.unknownToOwner = unknownToOwner
         self.unconfirmed: dict[str, int] = {}
         self._registrations = count(1)
         self.entries: dict[str, dict[str, list[SessionEntry]]] = {}
@@ -137,7 +168,7 @@ class UserDirectory:
         self._domains: dict[str, str] = {}
         self._subscribers: dict[str, set[str]] = {}
         self._cache: OrderedDict[str, frozenset[str]] = OrderedDict()
-        self._lookups: dict[str, Deferred[frozenset[str]]] = {}
+        self._lookups: dict[str, Deferred[Located]] = {}
         self._sids: dict[Session, int] = {}
         self._nextSid = count(1)
         self._ownership = cluster.ownership
@@ -195,17 +226,22 @@ class UserDirectory:
             message["admit"] = self.sessionId(admit)
         number = self.unconfirmed[uid] = next(self._registrations)
         d: Deferred[Any] = self.cluster.request(self.owner(uid), KIND_SET, dumps(message))
-        d.addCallbacks(self._registered, self._registerFailed, callbackArgs=(uid, number), errbackArgs=(uid,))
+        again = admit is None and bool(sessions)
+        d.addCallbacks(self._registered, self._registerFailed, callbackArgs=(uid, number, again), errbackArgs=(uid,))
         return d
 
     def forgetSession(self, session: Session) -> None:
         self._sids.pop(session, None)
 
-    def _registered(self, answer: bytes, uid: str, number: int) -> bool:
+    def _registered(self, answer: bytes, uid: str, number: int, again: bool) -> bool:
         if self.unconfirmed.get(uid) == number:
             # Not an older registration answered after a newer one started.
             del self.unconfirmed[uid]
-        return loads(answer).get("admitted") is not False
+        message = loads(answer)
+        # A node of an earlier version does not say: take it as known.
+        if again and message.get("known", True) is False and self.unknownToOwner is not None:
+            self.unknownToOwner(uid)
+        return message.get("admitted") is not False
 
     def _registerFailed(self, failure: Failure, uid: str) -> bool:
         self.log.warn("registering the sessions of {uid} failed: {why}", uid=uid, why=failure.getErrorMessage())
@@ -223,12 +259,13 @@ class UserDirectory:
             sessions = [SessionEntry(node, int(sid), int(termtyp), float(login)) for sid, termtyp, login in rows]
         except (TypeError, ValueError):
             raise BadPayload("sessions are [sid, termtyp, loginTime] lists") from None
+        known = node in self.entries.get(uid, {})
         admitted = True
         admit = message.get("admit")
         if isinstance(admit, int):
             sessions, admitted = self._admit(uid, node, sessions, admit)
         d = self._set(uid, domain, node, sessions)
-        return d.addCallback(lambda _: dumps({"admitted": admitted}))
+        return d.addCallback(lambda _: dumps({"admitted": admitted, "known": known}))
 
     def _admit(self, uid: str, node: str, sessions: list[SessionEntry], sid: int) -> tuple[list[SessionEntry], bool]:
         """
@@ -361,8 +398,15 @@ class UserDirectory:
 
     def _getReceived(self, node: str, payload: bytes) -> bytes:
         uid = _text(loads(payload), "uid")
-        self._subscribers.setdefault(uid, set()).add(node)
-        return dumps({"uid": uid, "nodes": sorted(self.entries.get(uid, ()))})
+        if self.owner(uid) == self.nodeId:
+            self._subscribers.setdefault(uid, set()).add(node)
+            return dumps({"uid": uid, "nodes": sorted(self.entries.get(uid, ())), "owner": True})
+        # The asker's view says this node owns the user, this node's does
+        # not (yet): answer what is known here, the copy kept as successor
+        # if any, as not the owner's, so that the asker does not keep it.
+        replica = self.replicas.get(uid)
+        nodes = replica[1] if replica is not None else self.entries.get(uid, {})
+        return dumps({"uid": uid, "nodes": sorted(nodes), "owner": False})
 
     def _dropReceived(self, node: str, payload: bytes) -> None:
         uids = loads(payload).get("uids")
@@ -408,32 +452,44 @@ class UserDirectory:
         user share one request, and their callbacks run in the order they
         were asked.
         """
+        return self.route(uid).addCallback(lambda located: located.nodes)
+
+    def route(self, uid: str) -> Deferred[Located]:
+        """
+        Like L{locate}, and whether the answer is sure: C{False} when the
+        owner could not be asked or was not the owner in its own view
+        (views differ after a membership change), or ownership moved while
+        it answered.  Sessions of C{uid} may then be elsewhere too.
+        """
         known = self.nodes(uid)
         if known is not None:
-            return succeed(known)
+            return succeed(Located(known, True))
         pending = self._lookups.get(uid)
         if pending is None:
             owner = self.owner(uid)
             pending = self._lookups[uid] = Deferred()
             d = self.cluster.request(owner, KIND_GET, dumps({"uid": uid}))
             d.addCallbacks(self._located, self._locateFailed, callbackArgs=(uid, owner), errbackArgs=(uid,))
-        waiter: Deferred[frozenset[str]] = Deferred()
+        waiter: Deferred[Located] = Deferred()
         pending.addCallback(_fan, waiter)
         return waiter
 
     def _located(self, answer: bytes, uid: str, owner: str) -> None:
-        nodes = frozenset(str(n) for n in loads(answer).get("nodes", ()))
-        if self.owner(uid) == owner:
+        message = loads(answer)
+        nodes = frozenset(str(n) for n in message.get("nodes", ()))
+        # A node of an earlier version does not say: it answered as owner.
+        sure = message.get("owner", True) is not False and self.owner(uid) == owner
+        if sure:
             self._remember(uid, nodes)
         pending = self._lookups.pop(uid, None)
         if pending is not None:
-            pending.callback(nodes)
+            pending.callback(Located(nodes, sure))
 
     def _locateFailed(self, failure: Failure, uid: str) -> None:
         self.log.warn("cannot locate {uid}: {why}", uid=uid, why=failure.getErrorMessage())
         pending = self._lookups.pop(uid, None)
         if pending is not None:
-            pending.callback(frozenset())
+            pending.callback(Located(frozenset(), False))
 
     def _remember(self, uid: str, nodes: frozenset[str]) -> None:
         self._cache[uid] = nodes
@@ -547,6 +603,6 @@ def _text(message: dict[str, Any], key: str) -> str:
     return value
 
 
-def _fan(nodes: frozenset[str], waiter: Deferred[frozenset[str]]) -> frozenset[str]:
-    waiter.callback(nodes)
-    return nodes
+def _fan(located: Located, waiter: Deferred[Located]) -> Located:
+    waiter.callback(located)
+    return located

@@ -73,6 +73,33 @@ class BacklogSource(Protocol):
         """
 
 
+class _Check:
+    """
+    A look at a live session's inbox under way (L{InboxDelivery.recheck}).
+
+    @ivar upTo: entries above this qid are not looked for (C{None}: all).
+    @ivar held: C{(qid, encoded)} pushed meanwhile, in order.
+    @ivar again: another look was asked for meanwhile.
+    """
+
+    __slots__ = ("upTo", "held", "again")
+
+    def __init__(self, upTo: int | None):
+        self.upTo = upTo
+        self.held: list[tuple[int, Encoded]] = []
+        self.again = False
+
+
+def higherBound(one: int | None, other: int | None) -> int | None:
+    """
+    The higher of two bounds on the inbox ids to look for
+    (L{InboxDelivery.recheck}), C{None} (no bound) the highest.
+    """
+    if one is None or other is None:
+        return None
+    return max(one, other)
+
+
 class InboxDelivery:
     """
     Drains and pushes the inboxes of this node's sessions.
@@ -123,7 +150,10 @@ class InboxDelivery:
         self.sources: list[BacklogSource] = []
         #: Drains to try again once the store is back, by session.
         self._retries: dict[Session, IDelayedCall] = {}
+        #: Live sessions whose inbox is being looked at (L{recheck}).
+        self._checking: dict[Session, _Check] = {}
         self._recheck: IDelayedCall | None = None
+        self._lookCall: IDelayedCall | None = None
         self._stopped = False
         self.pushed = 0
         self.acked = 0
@@ -161,6 +191,7 @@ class InboxDelivery:
             self.drain(session)
 
     def sessionEnded(self, session: Session) -> None:
+        self._checking.pop(session, None)
         retry = self._retries.pop(session, None)
         if retry is not None and retry.active():
             retry.cancel()
@@ -170,14 +201,19 @@ class InboxDelivery:
 
     # Pushing.
 
-    def push(self, uid: str, qid: int, encoded: Encoded) -> None:
+    def push(self, uid: str, qid: int, encoded: Encoded, only: Session | None = None) -> None:
         """
         Push a durable inbox entry of C{uid} to its live sessions on this
-        node.  Call in the order entries were written.
+        node (or to C{only}).  Call in the order entries were written.
         """
         ackId = header = onAck = None
         admit = self.flow.admit
-        for session in self.sessions.sessionsView(uid):
+        checking = self._checking
+        for session in self.sessions.sessionsView(uid) if only is None else (only,):
+            if checking and session in checking:
+                # After what the look at its inbox finds, if anything.
+                checking[session].held.append((qid, encoded))
+                continue
             state = admit(session)
             if state is None:
                 continue
@@ -231,8 +267,9 @@ class InboxDelivery:
         later.
         """
         self._stopped = True
-        if self._recheck is not None and self._recheck.active():
-            self._recheck.cancel()
+        for call in (self._recheck, self._lookCall):
+            if call is not None and call.active():
+                call.cancel()
         for retry in self._retries.values():
             if retry.active():
                 retry.cancel()
@@ -271,6 +308,29 @@ class InboxDelivery:
         drainSome(0)
         return len(live)
 
+    def lookLive(self, chunk: int = 200, pause: float = 0.05) -> int:
+        """
+        Have every live session look in its inbox (L{recheck}, so that one
+        that missed nothing sees nothing of it), in chunks of C{chunk} users
+        C{pause} seconds apart: a node died, and pushes it wrote to its
+        links just before may never have left it.
+
+        @return: how many users will look.
+        """
+        users = list(dict.fromkeys(session.uid for session in self.sessions if not session.closed))
+
+        def lookSome(start: int) -> None:
+            self._lookCall = None
+            for uid in users[start : start + chunk]:
+                self.recheck(uid)
+            if start + chunk < len(users) and not self._stopped:
+                self._lookCall = self.clock.callLater(pause, lookSome, start + chunk)
+
+        if self._lookCall is not None and self._lookCall.active():
+            self._lookCall.cancel()
+        lookSome(0)
+        return len(users)
+
     def _removeFailed(self, uid: str, qids: list[int], failure: Failure) -> None:
         if failure.check(StoreUnavailable) and not self._stopped:
             # Removing is safe to repeat: keep them and try again later,
@@ -283,6 +343,84 @@ class InboxDelivery:
                 self._removalCall = self.clock.callLater(self.outageRetry, self.flushRemovals)
             return
         self.log.failure("removing acknowledged entries of {uid} failed", failure, uid=uid)
+
+    def recheck(self, uid: str, upTo: int | None = None) -> int:
+        """
+        Look in C{uid}'s inbox again for its sessions here: another node
+        stored something for the user that it may not have pushed here (it
+        could not be sure where the user's sessions were,
+        L{timtx.cluster.router}), or a resend was recognised whose first
+        copy may never have been pushed.
+
+        A live session stays live, and what is pushed to it meanwhile
+        waits, while its inbox is read: if an entry up to C{upTo} (any
+        entry, if C{None}) is there that was neither pushed to it nor
+        waits, the session drains (what waits comes as offline lists, in
+        order, then TIMOFFLINEMSGEND, and it is live again); if not, what
+        waited is pushed as usual, and the session sees nothing of the
+        look.  A session already reading looks once more before going
+        live; a held, backlogged or new one reads its inbox anyway before
+        going live.
+
+        @return: how many sessions will look.
+        """
+        count = 0
+        for session in self.sessions.sessionsView(uid):
+            state = self.flow.state(session)
+            if state is None or session.closed:
+                continue
+            count += 1
+            if state.draining:
+                state.skipped = True
+            elif state.live:
+                check = self._checking.get(session)
+                if check is None:
+                    self._look(session, state, _Check(upTo))
+                else:
+                    check.again = True
+                    check.upTo = higherBound(check.upTo, upTo)
+        return count
+
+    def _look(self, session: Session, state: SessionFlow, check: _Check) -> None:
+        self._checking[session] = check
+        self._removeNow(session.uid)
+        limit = len(state.inFlight) + len(check.held) + 1
+        d = self.store.readInbox(session.uid, 0, limit)
+        d.addCallbacks(
+            self._looked, self._lookFailed, callbackArgs=(session, state, check), errbackArgs=(session, check)
+        )
+
+    def _looked(self, entries: list[InboxEntry], session: Session, state: SessionFlow, check: _Check) -> None:
+        if session.closed or self._checking.get(session) is not check:
+            return
+        held = {qid for qid, _ in check.held}
+        upTo = check.upTo
+        missed = any(
+            e.qid not in state.inFlight and e.qid not in held and (upTo is None or e.qid <= upTo) for e in entries
+        )
+        if missed:
+            self.log.info("{uid} missed pushes: its session here reads its inbox again", uid=session.uid)
+            # What was held is in the inbox too, after what was missed.
+            del self._checking[session]
+            self.drain(session)
+            return
+        if check.again:
+            # Asked again while reading: what was stored since may be new.
+            check.again = False
+            self._look(session, state, check)
+            return
+        del self._checking[session]
+        for qid, encoded in check.held:
+            self.push(session.uid, qid, encoded, only=session)
+
+    def _lookFailed(self, failure: Failure, session: Session, check: _Check) -> None:
+        if self._checking.get(session) is not check:
+            return
+        del self._checking[session]
+        self.log.info("looking in the inbox of {uid} failed: {why}", uid=session.uid, why=failure.getErrorMessage())
+        # A drain reads it all (what was held included), and tries again
+        # after an outage.
+        self.drain(session)
 
     def hold(self, uid: str) -> list[Session]:
         """
@@ -343,6 +481,9 @@ class InboxDelivery:
             state.timer.cancel()
         if not quiet:
             state.timer = None
+        # A look at the inbox under way (L{recheck}) is overtaken: what it
+        # held is in the inbox, and this read finds it.
+        self._checking.pop(session, None)
         state.draining = True
         state.quiet = quiet
         state.live = False

@@ -56,3 +56,6 @@ class LocalRouter:
 
     def isOnline(self, uid: str) -> bool:
         return self.sessions.isOnline(uid)
+
+    def reread(self, uid: str) -> None:
+        self.inbox.recheck(uid)

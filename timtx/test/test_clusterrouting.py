@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.admin.metrics import NodeCollector, Sampler
 from timtx.admin.status import clusterStatus
+from timtx.chat.conversations import pairConversation
 from timtx.client import TimRequestFailed, connect, register, requestToken
 from timtx.cluster.membership import PeerRequestFailed, checkClusterConfig, loadSecret
 from timtx.cluster.messaging import ClusterMessaging
@@ -25,8 +26,8 @@ from timtx.config import load, replace
 from timtx.delivery.router import LocalRouter
 from timtx.persistence.records import STANCE_BLOCK, STANCE_FRIEND
 from timtx.protocols.codec import Encoding
-from timtx.protocols.constants import Business, ErrorCode, NodeInfo, TimType
-from timtx.protocols.structs import Tid, TimPresence, TimUserBean
+from timtx.protocols.constants import Business, ErrorCode, MsType, NodeInfo, OdType, TimType
+from timtx.protocols.structs import Tid, TimMessage, TimPresence, TimUserBean
 from timtx.test.base import waitUntil, within
 from timtx.test.databases import postgresqlDatabase
 from timtx.test.test_messaging import isMessage
@@ -467,6 +468,44 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
         self.assertEqual(second.mid, first.mid)
         history = yield bob.history(alice.uid)
         self.assertEqual([m.dataString for m in history], ["once", "before"])
+
+    @inlineCallbacks
+    def test_resendOfUnpushedMessage(self):
+        """
+        A message stored and never pushed (its conversation's owner died
+        between the commit and the push, say) reaches its recipient's live
+        session once the sender's resend is recognised: the recipient's
+        nodes look in its inbox, a moment later (pushes of a first copy
+        under way arrive meanwhile): it may come after newer ones.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield self.friends(node1, alice, bob)
+        stored = TimMessage(
+            id=4242,
+            dataString="stored, never pushed",
+            msType=MsType.SOURCE_USER,
+            odType=OdType.ORDER_INOF,
+            fromTid=Tid(node=alice.uid),
+            toTid=Tid(node=bob.uid),
+            timestamp=1,
+        )
+        conv = pairConversation(alice.uid, bob.uid)
+        yield node1.conversations.append(conv, alice.uid, stored, (bob.uid,), dedupe=(alice.uid, 4242))
+        yield alice.disconnect()
+        again = yield self.user(node1, alice.loginName, registerFirst=False)
+        echo = yield again.postMessage(bob.uid, "stored, never pushed", id=4242)
+        self.assertEqual(echo.seq, 1)
+        yield again.postMessage(bob.uid, "next")
+        got = []
+        while len(got) < 2:
+            incoming = yield bob.next(lambda i: i.timType in (TimType.TIMMESSAGE, TimType.TIMOFFLINEMSG))
+            if incoming.timType == TimType.TIMOFFLINEMSG:
+                got.extend(m.dataString for m in incoming.body.messageList or ())
+            elif incoming.body.dataString:
+                got.append(incoming.body.dataString)
+        self.assertEqual(sorted(got), ["next", "stored, never pushed"])
 
     def owner(self, nodes, uid):
         """

@@ -234,3 +234,128 @@ class InboxReadAfterSessionTests(SynchronousTestCase):
         inbox.sessionEnded(session)
         store.reads[0].errback(WorkerStopped())
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class _HeldReads(MemoryStore):
+    """
+    A memory store whose inbox reads wait until L{release}.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def readInbox(self, uid, after, limit):
+        d = Deferred()
+        self.reads.append((uid, after, limit, d))
+        return d
+
+    def release(self):
+        reads, self.reads = self.reads, []
+        for uid, after, limit, d in reads:
+            MemoryStore.readInbox(self, uid, after, limit).chainDeferred(d)
+
+
+class RecheckTests(SynchronousTestCase):
+    """
+    L{InboxDelivery.recheck}: another node may not have pushed what it
+    stored for a user here.
+    """
+
+    live = LocalRouterTests.live
+    texts = LocalRouterTests.texts
+
+    def setUp(self):
+        LocalRouterTests.setUp(self)
+        self.store = self.inbox.store = _HeldReads()
+
+    def test_nothingMissed(self):
+        """
+        A live session whose inbox holds nothing it was not pushed sees
+        nothing of the look: what was pushed meanwhile waited, and goes out
+        live after it, in order; entries above the bound are not looked
+        for.
+        """
+        session, sink = self.live("ann")
+        message, qid = self.storedNow("ann", "pushed")
+        self.router.push("ann", qid, Encoded(message))
+        self.assertEqual(self.inbox.recheck("ann", upTo=qid), 1)
+        self.storedNow("ann", "above the bound, on its way")
+        during, duringQid = self.storedNow("ann", "during")
+        self.router.push("ann", duringQid, Encoded(during))
+        self.assertEqual(len(sink.frames), 1)
+        self.store.release()
+        self.assertEqual([self.texts(f) for f in sink.frames], [["pushed"], ["during"]])
+        self.assertEqual({f.timType for f in sink.frames}, {TimType.TIMMESSAGE})
+        self.assertTrue(self.inbox.flow.state(session).live)
+
+    def test_missed(self):
+        """
+        An entry it was not pushed has the session drain: it comes in an
+        offline list, with what was pushed meanwhile after it, then
+        TIMOFFLINEMSGEND, and the session is live again.
+        """
+        session, sink = self.live("ann")
+        self.storedNow("ann", "missed")
+        self.inbox.recheck("ann")
+        during, duringQid = self.storedNow("ann", "during")
+        self.router.push("ann", duringQid, Encoded(during))
+        self.store.release()
+        self.store.release()
+        [offline] = sink.frames
+        self.assertEqual(self.texts(offline), ["missed", "during"])
+        session.ackReceived(offline.ackId)
+        self.store.release()
+        self.assertEqual(sink.frames[-1].timType, TimType.TIMOFFLINEMSGEND)
+        self.assertTrue(self.inbox.flow.state(session).live)
+
+    def test_askedAgainWhileLooking(self):
+        """
+        A second look asked for while one is under way raises its bound (and
+        reads again if the first finds nothing); a draining session looks
+        once more before going live; a held one waits for its reread.
+        """
+        session, sink = self.live("ann")
+        self.inbox.recheck("ann", upTo=0)
+        _, qid = self.storedNow("ann", "missed")
+        self.inbox.recheck("ann", upTo=qid)
+        self.store.release()
+        self.assertEqual(sink.frames, [])
+        self.store.release()
+        self.store.release()
+        [offline] = sink.frames
+        self.assertEqual(self.texts(offline), ["missed"])
+        self.inbox.recheck("ann")
+        self.assertTrue(self.inbox.flow.state(session).skipped)
+
+        other, otherSink = self.live("bob")
+        held = self.inbox.hold("bob")
+        self.inbox.recheck("bob")
+        self.assertEqual(self.store.reads, [])
+        self.inbox.reread(held)
+        self.assertEqual(len(self.store.reads), 1)
+
+    def test_lookLive(self):
+        """
+        L{InboxDelivery.lookLive}: every user with live sessions looks, a
+        chunk at a time; one that missed an entry drains, the others see
+        nothing.
+        """
+        _, annSink = self.live("ann")
+        _, bobSink = self.live("bob")
+        self.storedNow("bob", "missed")
+        self.assertEqual(self.inbox.lookLive(chunk=1, pause=0.1), 2)
+        self.assertEqual([uid for uid, _, _, _ in self.store.reads], ["ann"])
+        self.store.release()
+        self.inbox.clock.advance(0.1)
+        self.assertEqual([uid for uid, _, _, _ in self.store.reads], ["bob"])
+        self.store.release()
+        self.store.release()
+        self.assertEqual(annSink.frames, [])
+        self.assertEqual([self.texts(f) for f in bobSink.frames], [["missed"]])
+        self.inbox.stop()
+
+    def storedNow(self, uid, text):
+        message = TimMessage(id=len(text), dataString=text)
+        [qid] = self.successResultOf(self.store.addInbox([(uid, self.vault.sealFor(uid, message))], 0.0))
+        return message, qid

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.cluster.directory import KIND_SET, UserDirectory
+from timtx.cluster.directory import KIND_GET, KIND_SET, UserDirectory
 from timtx.cluster.ownership import Ownership, userKey
 from timtx.cluster.swim import ChangeKind, Member, MemberChange, MemberState
 from timtx.cluster.wire import dumps, loads
@@ -169,3 +169,118 @@ class RegisteringAgainTests(SynchronousTestCase):
         [(node, kind, payload, answer)] = self.cluster.requests
         self.assertEqual(payload["uid"], ann)
         self.assertEqual(self.told, [])
+
+
+class SureAnswersTests(SynchronousTestCase):
+    """
+    A lookup's answer is kept only if it is the owner's in both views.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = _Cluster("node2", ["node1", "node2", "node3"])
+        self.directory = UserDirectory(self.cluster, SessionRegistry(DevicesConfig(limit=0, type_limit=0)))  # type: ignore[arg-type]
+
+    def asked(self, uid: str, answer: Any) -> Any:
+        d = self.directory.route(uid)
+        node, kind, payload, pending = self.cluster.requests.pop()
+        self.assertEqual((node, kind, payload), (self.directory.owner(uid), KIND_GET, {"uid": uid}))
+        if isinstance(answer, Exception):
+            pending.errback(answer)
+        else:
+            pending.callback(dumps(answer))
+        return self.successResultOf(d)
+
+    def test_ownersAnswerKept(self) -> None:
+        """
+        The owner's answer is sure and kept; an answer without the flag
+        (a node of an earlier version) counts as the owner's.
+        """
+        ann = ownedBy(self.cluster.ownership, "node1", "ann")
+        bob = ownedBy(self.cluster.ownership, "node3", "bob")
+        located = self.asked(ann, {"uid": ann, "nodes": ["node3"], "owner": True})
+        self.assertEqual((located.nodes, located.sure), (frozenset(["node3"]), True))
+        self.assertEqual(self.directory.nodes(ann), frozenset(["node3"]))
+        self.assertTrue(self.asked(bob, {"uid": bob, "nodes": []}).sure)
+        self.assertEqual(self.directory.nodes(bob), frozenset())
+
+    def test_notTheOwnerNotKept(self) -> None:
+        """
+        An answer from a node that does not own the user in its own view,
+        or a lookup that failed, is not sure and not kept.
+        """
+        ann = ownedBy(self.cluster.ownership, "node1", "ann")
+        located = self.asked(ann, {"uid": ann, "nodes": ["node1"], "owner": False})
+        self.assertEqual((located.nodes, located.sure), (frozenset(["node1"]), False))
+        self.assertIsNone(self.directory.nodes(ann))
+        located = self.asked(ann, ConnectionRefusedError("the owner is dying"))
+        self.assertEqual((located.nodes, located.sure), (frozenset(), False))
+        self.assertIsNone(self.directory.nodes(ann))
+
+    def test_answerAsNotTheOwner(self) -> None:
+        """
+        Asked about a user it does not own in its view, a node answers its
+        successor's copy (or nothing) flagged as not the owner's, and does
+        not take the asker as a subscriber; about a user it owns, its
+        entry, as the owner.
+        """
+        mine = ownedBy(self.cluster.ownership, "node2", "ann")
+        theirs = ownedBy(self.cluster.ownership, "node1", "bob")
+        self.directory._replicaReceived(
+            "node1", dumps({"uid": theirs, "domain": "", "nodes": {"node3": [[1, 0, 0.0]]}})
+        )
+        answer = loads(self.directory._getReceived("node3", dumps({"uid": theirs})))
+        self.assertEqual(answer, {"uid": theirs, "nodes": ["node3"], "owner": False})
+        self.assertEqual(self.directory._subscribers, {})
+        answer = loads(self.directory._getReceived("node3", dumps({"uid": mine})))
+        self.assertEqual(answer, {"uid": mine, "nodes": [], "owner": True})
+        self.assertEqual(self.directory._subscribers, {mine: {"node3"}})
+
+
+class UnknownToOwnerTests(SynchronousTestCase):
+    """
+    A registration after a move that the owner answers as news: its
+    sessions here were unknown to it, and may have missed pushes.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = _Cluster("node2", ["node1", "node2", "node3"])
+        self.sessions = SessionRegistry(DevicesConfig(limit=0, type_limit=0))
+        self.unknown: list[str] = []
+        self.directory = UserDirectory(
+            self.cluster,  # type: ignore[arg-type]
+            self.sessions,
+            unknownToOwner=self.unknown.append,
+        )
+        self.ackIds = AckIds()
+
+    def test_told(self) -> None:
+        """
+        Registering sessions again (not a login) answered C{known: false}
+        tells C{unknownToOwner}; answered C{known: true}, or without the
+        flag (an earlier version), or for a login, it does not.
+        """
+        ann = ownedBy(self.cluster.ownership, "node1", "ann")
+        session = Session(_Sink(), ann, "", None, 0, Encoding.COMPACT, 0.0, self.ackIds)
+        self.sessions.admit(session)
+        for admit, answer in [
+            (None, {"admitted": True, "known": True}),
+            (None, {"admitted": True}),
+            (session, {"admitted": True, "known": False}),
+            (None, {"admitted": True, "known": False}),
+        ]:
+            self.directory.register(ann, "", admit=admit)
+            self.cluster.requests.pop()[3].callback(dumps(answer))
+        self.assertEqual(self.unknown, [ann])
+
+    def test_answer(self) -> None:
+        """
+        The owner says whether it had sessions of the registering node for
+        the user before.
+        """
+        ann = ownedBy(self.cluster.ownership, "node2", "ann")
+        payload = dumps({"uid": ann, "domain": "", "sessions": [[1, 0, 0.0]]})
+        first = self.successResultOf(self.directory._setReceived("node1", payload))
+        again = self.successResultOf(self.directory._setReceived("node1", payload))
+        self.assertEqual(
+            [loads(first), loads(again)], [{"admitted": True, "known": False}, {"admitted": True, "known": True}]
+        )

@@ -1,0 +1,346 @@
+# -*- test-case-name: timtx.test.test_routerdoubt -*-
+"""
+Pushes across nodes while the views of the members differ, as after a
+node is killed: L{timtx.cluster.router.ClusterRouter} and
+L{timtx.cluster.directory.UserDirectory} of three nodes over a fake,
+synchronous network whose views the tests change one node at a time,
+sharing one in-memory store, with real inbox delivery to sessions.
+
+A push the storing node cannot be sure reached every session of its
+recipient waits in the inbox, and the recipient's nodes are told to look
+in it once the storing node is sure where its sessions are: a live
+session gets everything stored for it, in order, without a new login, and
+one that missed nothing sees nothing of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from timtx.cluster.directory import UserDirectory
+from timtx.cluster.membership import PeerUnavailable
+from timtx.cluster.ownership import Ownership, userKey
+from timtx.cluster.router import KIND_PUSH, KIND_REREAD, ClusterRouter
+from timtx.cluster.swim import ChangeKind, Member, MemberChange, MemberState
+from timtx.config import DevicesConfig, MessagesConfig
+from timtx.crypto.ids import NodeKeys
+from timtx.crypto.vault import StanzaVault
+from timtx.delivery.encoded import Encoded
+from timtx.delivery.fanout import GroupFanout
+from timtx.delivery.inbox import InboxDelivery
+from timtx.delivery.registry import SessionRegistry
+from timtx.delivery.router import LocalRouter
+from timtx.delivery.sessions import AckIds, Session
+from timtx.persistence.memory import MemoryStore
+from timtx.protocols.codec import Encoding, decode_compact
+from timtx.protocols.constants import TimType
+from timtx.protocols.structs import TimMessage, TimMessageList
+from timtx.test.test_router import _Sink
+
+NODES = ["node1", "node2", "node3"]
+
+
+class _Network:
+    """
+    Nodes that reach each other at once, unless one is down; every
+    message is logged as C{(from, to, kind)}.
+    """
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, _Cluster] = {}
+        self.down: set[str] = set()
+        self.log: list[tuple[str, str, str]] = []
+
+    def deliver(self, source: str, target: str, kind: str, payload: bytes) -> Deferred[Any]:
+        if target in self.down:
+            return fail(PeerUnavailable(target, "killed"))
+        self.log.append((source, target, kind))
+        return maybeDeferred(self.nodes[target].handlers[kind], source, payload)
+
+
+class _Cluster:
+    """
+    What the directory and the router use of a L{ClusterService}, with a
+    view of the members the test sets.
+    """
+
+    def __init__(self, network: _Network, nodeId: str, clock: Clock):
+        self.network = network
+        self.nodeId = nodeId
+        self.clock = clock
+        self.ownership = Ownership(NODES)
+        self.handlers: dict[str, Callable[[str, bytes], Any]] = {}
+        self.observers: list[Callable[[MemberChange], object]] = []
+        network.nodes[nodeId] = self
+
+    def addHandler(self, kind: str, handler: Callable[[str, bytes], Any]) -> None:
+        self.handlers[kind] = handler
+
+    def addObserver(self, observer: Callable[[MemberChange], object]) -> None:
+        self.observers.append(observer)
+
+    def member(self, nodeId: str) -> Member | None:
+        state = MemberState.ALIVE if nodeId in self.ownership else MemberState.DEAD
+        return Member(nodeId, 1, state, f"{nodeId}:7946")
+
+    def send(self, node: str, kind: str, payload: bytes) -> Deferred[None]:
+        if node == self.nodeId:
+            self.handlers[kind](node, payload)
+            return succeed(None)
+        return self.network.deliver(self.nodeId, node, kind, payload).addCallback(lambda _: None)
+
+    def request(self, node: str, kind: str, payload: bytes) -> Deferred[bytes]:
+        if node == self.nodeId:
+            return maybeDeferred(self.handlers[kind], node, payload)
+        return self.network.deliver(self.nodeId, node, kind, payload)
+
+    def sees(self, dead: str) -> None:
+        """
+        This node declares C{dead} dead.
+        """
+        self.ownership = Ownership(n for n in self.ownership.nodes if n != dead)
+        change = MemberChange(ChangeKind.DIED, Member(dead, 1, MemberState.DEAD, f"{dead}:7946"), None)
+        for observer in list(self.observers):
+            observer(change)
+
+
+class _Node:
+    """
+    The delivery side of one node: sessions, inbox delivery, the
+    directory and the cluster router.
+    """
+
+    def __init__(self, network: _Network, nodeId: str, clock: Clock, store: MemoryStore, vault: StanzaVault):
+        self.cluster = _Cluster(network, nodeId, clock)
+        self.ackIds = AckIds()
+        self.sessions = SessionRegistry(DevicesConfig(limit=0, type_limit=0))
+        self.inbox = InboxDelivery(
+            MessagesConfig(), store=store, vault=vault, sessions=self.sessions, ackIds=self.ackIds, clock=clock
+        )
+        fanout = GroupFanout(
+            store=store,
+            vault=vault,
+            sessions=self.sessions,
+            flow=self.inbox.flow,
+            ackIds=self.ackIds,
+            groupsOf=lambda uid: succeed(set()),
+        )
+        self.directory = UserDirectory(self.cluster, self.sessions)  # type: ignore[arg-type]
+        local = LocalRouter(self.sessions, self.inbox, fanout)
+        self.router = ClusterRouter(local, self.directory, self.cluster)  # type: ignore[arg-type]
+
+    def live(self, uid: str) -> tuple[Session, _Sink]:
+        """
+        A live session of C{uid} here, registered with its owner.
+        """
+        sink = _Sink()
+        session = Session(sink, uid, "", None, 0, Encoding.COMPACT, 0.0, self.ackIds)
+        self.sessions.admit(session)
+        self.inbox.flow.start(session).live = True
+        self.directory.register(uid, "")
+        return session, sink
+
+
+def userOwnedBy(owners: list[str]) -> str:
+    """
+    A uid whose owner and successor are C{owners}.
+    """
+    ownership = Ownership(NODES)
+    return next(uid for i in range(10_000) if ownership.owners(userKey(uid := f"bob{i}"), 2) == owners)
+
+
+class DoubtfulPushTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = MemoryStore()
+        self.vault = StanzaVault(NodeKeys(b"d" * 32))
+        self.network = _Network()
+        self.nodes = {n: _Node(self.network, n, self.clock, self.store, self.vault) for n in NODES}
+        for node in self.nodes.values():
+            self.addCleanup(node.router.stop)
+
+    def stored(self, storing: str, uid: str, text: str) -> None:
+        """
+        Store a message for C{uid} and push it from node C{storing}, as a
+        conversation's owner does.
+        """
+        message = TimMessage(id=len(text), dataString=text)
+        [qid] = self.successResultOf(self.store.addInbox([(uid, self.vault.sealFor(uid, message))], 0.0))
+        self.nodes[storing].router.push(uid, qid, Encoded(message))
+
+    def received(self, session: Session, sink: _Sink) -> list[Any]:
+        """
+        What C{session} got, acknowledging each frame: C{(type, texts)}.
+        """
+        got: list[Any] = []
+        while sink.frames:
+            frame = sink.frames.pop(0)
+            texts: list[str | None] = []
+            if frame.timType == TimType.TIMOFFLINEMSG:
+                texts = [m.dataString for m in decode_compact(TimMessageList, frame.payload).messageList or ()]
+            elif frame.timType == TimType.TIMMESSAGE:
+                texts = [decode_compact(TimMessage, frame.payload).dataString]
+            got.append((TimType(frame.timType).name, texts))
+            if frame.ackId is not None:
+                session.ackReceived(frame.ackId)
+        return got
+
+    def test_newOwnerNotYetAware(self) -> None:
+        """
+        Node 3 owned bob, whose session is on node 1 (its successor, which
+        keeps a copy of the entry).  Node 3 is killed; node 2 sees it dead
+        first and asks node 1, bob's owner in its view, which does not know
+        yet that it is: its answer is not kept, and what node 2 stores for
+        bob meanwhile waits in bob's inbox.  Once node 1 sees the death
+        too, node 2 is sure, tells node 1 to read bob's inbox again before
+        pushing anything newer: bob's live session gets all of it, in
+        order, without a login.  (Kept, node 1's answer, "no sessions",
+        routed bob's messages nowhere until his next change of sessions.)
+        """
+        bob = userOwnedBy(["node3", "node1"])
+        session, sink = self.nodes["node1"].live(bob)
+        self.assertIn(bob, self.nodes["node1"].directory.replicas)
+        self.network.down.add("node3")
+        self.nodes["node2"].cluster.sees("node3")
+
+        self.stored("node2", bob, "one")
+        self.stored("node2", bob, "two")
+        self.assertEqual(self.received(session, sink), [])
+        self.assertIsNone(self.nodes["node2"].directory.nodes(bob))
+        self.clock.advance(ClusterRouter.rerouteMaxDelay)
+        self.assertEqual(self.received(session, sink), [])
+
+        self.nodes["node1"].cluster.sees("node3")
+        self.stored("node2", bob, "three")
+        self.clock.advance(ClusterRouter.rerouteMaxDelay)
+        self.assertEqual(
+            self.received(session, sink),
+            [("TIMOFFLINEMSG", ["one", "two", "three"]), ("TIMOFFLINEMSGEND", [])],
+        )
+        self.stored("node2", bob, "live")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["live"])])
+        self.assertEqual(self.nodes["node2"].router.rereads, 1)
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(self.store.countInbox(bob)), 0)
+
+    def test_ownerUnreachable(self) -> None:
+        """
+        A push whose recipient's owner cannot be asked (killed, not yet
+        declared dead) waits in the inbox, and the user's nodes read it
+        again once its new owner answers.
+        """
+        bob = userOwnedBy(["node3", "node1"])
+        session, sink = self.nodes["node1"].live(bob)
+        self.network.down.add("node3")
+        self.stored("node2", bob, "one")
+        self.clock.advance(ClusterRouter.rerouteDelay)
+        self.assertEqual(self.received(session, sink), [])
+        for node in ("node1", "node2"):
+            self.nodes[node].cluster.sees("node3")
+        self.clock.advance(ClusterRouter.rerouteDelay)
+        self.assertEqual(self.received(session, sink), [("TIMOFFLINEMSG", ["one"]), ("TIMOFFLINEMSGEND", [])])
+
+    def test_staleAnswerAfterMove(self) -> None:
+        """
+        Node 2 kept bob's nodes from his owner, node 3.  Node 3 is killed;
+        node 1, seeing it first, owns bob now without a copy of his entry
+        (lost, say), and bob logs in again on node 1 meanwhile: node 2,
+        still routing by the answer it kept, pushes to no node.  When node
+        2 sees the death, bob's owner moved soon after those pushes: node
+        2 looks him up again and has node 1 read his inbox.
+        """
+        bob = userOwnedBy(["node3", "node1"])
+        self.stored("node2", bob, "offline")
+        self.assertEqual(self.nodes["node2"].directory.nodes(bob), frozenset())
+        self.network.down.add("node3")
+        self.nodes["node1"].cluster.sees("node3")
+        self.nodes["node1"].directory.entries.pop(bob, None)
+        session, sink = self.nodes["node1"].live(bob)
+        self.assertEqual(self.received(session, sink), [])
+        self.stored("node2", bob, "stale")
+        self.assertEqual(self.received(session, sink), [])
+        self.nodes["node2"].cluster.sees("node3")
+        self.clock.advance(ClusterRouter.rerouteDelay)
+        self.assertEqual(
+            self.received(session, sink), [("TIMOFFLINEMSG", ["offline", "stale"]), ("TIMOFFLINEMSGEND", [])]
+        )
+
+    def test_pushToLiveNodeFailed(self) -> None:
+        """
+        A push that did not reach a node still live makes its user
+        doubtful: the next push to the user is preceded by a reread, and
+        the node's session gets what it missed first; a push to a dead
+        node's sessions, which are gone, does not.
+        """
+        bob = userOwnedBy(["node1", "node2"])
+        session, sink = self.nodes["node1"].live(bob)
+        self.stored("node2", bob, "live")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["live"])])
+        self.network.down.add("node1")
+        self.stored("node2", bob, "lost")
+        self.network.down.discard("node1")
+        self.stored("node2", bob, "after")
+        self.assertEqual(self.received(session, sink), [("TIMOFFLINEMSG", ["lost", "after"]), ("TIMOFFLINEMSGEND", [])])
+        pushes = [entry[2] for entry in self.network.log if entry[2] in (KIND_PUSH, KIND_REREAD)]
+        self.assertEqual(pushes, [KIND_PUSH, KIND_REREAD, KIND_PUSH])
+        self.stored("node2", bob, "live again")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["live again"])])
+
+        self.nodes["node2"].cluster.sees("node3")
+        self.network.down.add("node3")
+        carol = userOwnedBy(["node1", "node3"])
+        self.nodes["node2"].router._pushTo(carol, 1, frozenset(["node3"]), lambda: b"")
+        self.assertEqual(self.nodes["node2"].router.doubted, 1)
+
+    def test_nothingMissed(self) -> None:
+        """
+        A user doubted for nothing (his owner moved soon after a push that
+        reached him) sees nothing of it: his node looks in his inbox, finds
+        nothing he was not pushed, and pushes stay live.
+        """
+        bob = userOwnedBy(["node3", "node1"])
+        session, sink = self.nodes["node1"].live(bob)
+        self.stored("node2", bob, "before")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["before"])])
+        self.network.down.add("node3")
+        for node in ("node1", "node2"):
+            self.nodes[node].cluster.sees("node3")
+        self.stored("node2", bob, "after")
+        self.clock.advance(ClusterRouter.rerouteMaxDelay)
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["after"])])
+        self.assertEqual(self.nodes["node2"].router.rereads, 1)
+
+    def test_resend(self) -> None:
+        """
+        L{ClusterRouter.reread} (a resend recognised by its id) has the
+        user's sessions look in the inbox on every node holding them, a
+        moment later: what was stored and never pushed comes then.
+        """
+        bob = userOwnedBy(["node1", "node2"])
+        here, hereSink = self.nodes["node2"].live(bob)
+        there, thereSink = self.nodes["node1"].live(bob)
+        message = TimMessage(id=1, dataString="never pushed")
+        self.successResultOf(self.store.addInbox([(bob, self.vault.sealFor(bob, message))], 0.0))
+        self.nodes["node2"].router.reread(bob)
+        self.assertEqual(self.received(here, hereSink) + self.received(there, thereSink), [])
+        self.clock.advance(ClusterRouter.resendGrace)
+        for session, sink in [(here, hereSink), (there, thereSink)]:
+            self.assertEqual(
+                self.received(session, sink), [("TIMOFFLINEMSG", ["never pushed"]), ("TIMOFFLINEMSGEND", [])]
+            )
+
+    def test_stop(self) -> None:
+        """
+        A stopped router looks nothing up again.
+        """
+        bob = userOwnedBy(["node3", "node1"])
+        self.network.down.add("node3")
+        self.stored("node2", bob, "one")
+        self.nodes["node2"].router.reread(bob)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        self.nodes["node2"].router.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
