@@ -205,6 +205,16 @@ class IRouter(Interface):
         entries were written.
         """
 
+    def pushAfterLook(uid: str, qid: int, message: Any) -> None:
+        """
+        L{push}, after C{uid}'s live sessions have looked in its inbox for
+        an older entry that was never pushed to them: another writer may
+        have just stored one in the same conversation and its push may still
+        be on its way (a conversation that changed owners,
+        L{timtx.chat.conversations.Appended.handover}).  If a session finds
+        one, it reads its inbox, in order, instead of taking this push live.
+        """
+
     def send(uid: str, timType: int, message: Any) -> None:
         """
         Send to every session of C{uid} without storing or asking for an ack:

@@ -54,7 +54,7 @@ from timtx.cluster.caches import CacheMirror
 from timtx.cluster.directory import UserDirectory
 from timtx.cluster.groups import ClusterGroups, GroupRouting
 from timtx.cluster.membership import ClusterService
-from timtx.cluster.messaging import ClusterMessaging
+from timtx.cluster.messaging import HANDOVER_WINDOW, ClusterMessaging
 from timtx.cluster.rooms import ClusterVRoomService
 from timtx.cluster.router import ClusterRouter
 from timtx.cluster.swim import ChangeKind, MemberChange
@@ -326,6 +326,10 @@ class Node(MultiService):
         self.relations = RelationCache(store)
         permissions = MessagePermissions(self.relations, self.accounts, config.messages.noauth)
         self.conversations = Conversations(store=store, vault=vault, clock=clock, maxBatch=config.store.batch_max)
+        if self.cluster is not None:
+            # Other nodes number conversations too: a batch right after one
+            # of theirs must not overtake their pushes.
+            self.conversations.handoverWindow = HANDOVER_WINDOW
         self.duplicates = DuplicateFilter(
             store=store,
             vault=vault,

@@ -176,7 +176,13 @@ class PersonalMessaging:
         encoded = Encoded(appended.message)
         # Every session of the sender sees what it sent, as stored.
         self.router.send(sender, TimType.TIMMESSAGE, encoded)
-        self.router.push(recipient, appended.qids[recipient], encoded)
+        if appended.handover:
+            # The conversation's last writer was another node a moment ago:
+            # its push of the message before this one may still be on its
+            # way, and this one must not overtake it.
+            self.router.pushAfterLook(recipient, appended.qids[recipient], encoded)
+        else:
+            self.router.push(recipient, appended.qids[recipient], encoded)
         return appended
 
     # Recall and burn.

@@ -14,7 +14,12 @@ different nodes.
 
 When the owner cannot be reached at all, the sender's node stores and
 routes the message itself: the store fences the numbers, so a moment of
-two owners costs a retry, never a duplicate seq.  When the owner was asked
+two owners costs a retry, never a duplicate seq.  Whenever a node numbers a
+conversation right after another node did (ownership moved, or two nodes
+numbered it at once), its first message is pushed after the recipient's
+sessions looked in the inbox (C{HANDOVER_WINDOW}): the other node's last
+push may still be on its way, and the look sends what it finds first, in
+order.  When the owner was asked
 and did not answer, the message may or may not be stored: the client is
 asked to send it again, and the resend is recognised by its id.
 """
@@ -39,6 +44,13 @@ from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
 
 KIND_APPEND = "conv.append"
+
+#: Seconds within which a conversation's position moved by another node
+#: marks this node's next batch of it a handover
+#: (L{timtx.chat.conversations.Conversations.handoverWindow}), pushed after
+#: a look so that it cannot overtake that node's last push: longer than a
+#: push takes between two live nodes, as the router's C{movedHorizon} is.
+HANDOVER_WINDOW = 10.0
 
 
 class ClusterMessaging(PersonalMessaging):

@@ -163,12 +163,19 @@ class ClusterRouter:
 
     def push(self, uid: str, qid: int, message: Encoded) -> None:
         self.local.push(uid, qid, message)
+        self._route(uid, qid, message, look=False)
+
+    def pushAfterLook(self, uid: str, qid: int, message: Encoded) -> None:
+        self.local.pushAfterLook(uid, qid, message)
+        self._route(uid, qid, message, look=True)
+
+    def _route(self, uid: str, qid: int, message: Encoded, look: bool) -> None:
         payload = _lazy(lambda: pack(*_encodings(message), uid.encode(), b"%d" % qid))
         nodes = self.directory.nodes(uid)
         if nodes is None:
-            self.directory.route(uid).addCallback(self._routed, uid, qid, payload)
+            self.directory.route(uid).addCallback(self._routed, uid, qid, payload, look)
         else:
-            self._pushTo(uid, qid, nodes, payload)
+            self._pushTo(uid, qid, nodes, payload, look)
 
     def send(self, uid: str, timType: int, message: Encoded) -> None:
         self.local.send(uid, timType, message)
@@ -243,21 +250,31 @@ class ClusterRouter:
 
     # Pushing, and doubt.
 
-    def _routed(self, located: Located, uid: str, qid: int, payload: Callable[[], bytes]) -> None:
+    def _routed(self, located: Located, uid: str, qid: int, payload: Callable[[], bytes], look: bool) -> None:
         if not located.sure:
             # It waits in the inbox until the router is sure.
             self._doubt(uid, qid)
             return
-        self._pushTo(uid, qid, located.nodes, payload)
+        self._pushTo(uid, qid, located.nodes, payload, look)
 
-    def _pushTo(self, uid: str, qid: int, nodes: frozenset[str], payload: Callable[[], bytes]) -> None:
+    def _pushTo(
+        self, uid: str, qid: int, nodes: frozenset[str], payload: Callable[[], bytes], look: bool = False
+    ) -> None:
         if uid in self._doubtful:
             self._settle(uid, nodes)
         self._noteRouted(uid, qid)
         me = self.cluster.nodeId
+        # A look first, for a push that may overtake another writer's: the
+        # same link carries both, in order, and the push waits for the look.
+        lookFirst = pack(uid.encode(), b"%d" % (qid - 1)) if look else None
         for node in nodes:
             if node == me:
                 continue
+            if lookFirst is not None:
+                self.rereads += 1
+                self.cluster.send(node, KIND_REREAD, lookFirst).addErrback(
+                    self._pushFailed, node, uid, qid - 1, KIND_REREAD
+                )
             self.forwarded[KIND_PUSH] = self.forwarded.get(KIND_PUSH, 0) + 1
             d = self.cluster.send(node, KIND_PUSH, payload())
             d.addErrback(self._pushFailed, node, uid, qid, KIND_PUSH)
@@ -388,7 +405,7 @@ class ClusterRouter:
         self._count(KIND_REREAD)
         count = self.local.inbox.recheck(text(uid), integer(upTo) if upTo else None)
         self.log.info(
-            "node {node} stored for {uid} without being sure it was pushed here: {count} sessions look in the inbox",
+            "node {node} asks {count} sessions of {uid} here to look in the inbox for what it may not have pushed",
             node=node,
             uid=text(uid),
             count=count,

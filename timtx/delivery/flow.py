@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from timtx.delivery.sessions import Session
 
 
+#: Offline-listed inbox entries a session remembers (L{SessionFlow.listed}).
+LISTED_REMEMBERED = 64
+
+
 class SessionFlow:
     """
     What flow control and the inbox reader know about one session.
@@ -47,9 +51,13 @@ class SessionFlow:
     @ivar held: pushes wait until the inbox is read again
         (L{timtx.delivery.inbox.InboxDelivery.hold}); no drain makes it
         live meanwhile.
+    @ivar listed: the last L{LISTED_REMEMBERED} inbox entries (qids) it got
+        in offline lists, or C{None} before any: a push of one of them that
+        arrives late (from a node that stored it just before a conversation
+        changed owners) is not sent again, out of order.
     """
 
-    __slots__ = ("live", "draining", "quiet", "backlogged", "skipped", "inFlight", "unacked", "timer", "held")
+    __slots__ = ("live", "draining", "quiet", "backlogged", "skipped", "inFlight", "unacked", "timer", "held", "listed")
 
     def __init__(self) -> None:
         self.live = False
@@ -61,6 +69,21 @@ class SessionFlow:
         self.unacked = 0
         self.timer: IDelayedCall | None = None
         self.held = False
+        self.listed: dict[int, None] | None = None
+
+    def noteListed(self, qids: list[int]) -> None:
+        """
+        Remember that C{qids} went out in an offline list.
+        """
+        listed = self.listed
+        if listed is None:
+            listed = self.listed = {}
+        for qid in qids:
+            listed[qid] = None
+        # Late pushes come shortly after the list that overtook them: the
+        # newest entries are the ones worth remembering.
+        while len(listed) > LISTED_REMEMBERED:
+            del listed[next(iter(listed))]
 
 
 class FlowControl:

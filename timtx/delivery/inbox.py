@@ -208,11 +208,17 @@ class InboxDelivery:
         """
         ackId = header = onAck = None
         admit = self.flow.admit
+        stateOf = self.flow.state
         checking = self._checking
         for session in self.sessions.sessionsView(uid) if only is None else (only,):
             if checking and session in checking:
                 # After what the look at its inbox finds, if anything.
                 checking[session].held.append((qid, encoded))
+                continue
+            known = stateOf(session)
+            if known is not None and known.listed and qid in known.listed:
+                # It went out in an offline list already, which overtook
+                # this push (a handover of its conversation, say).
                 continue
             state = admit(session)
             if state is None:
@@ -507,6 +513,7 @@ class InboxDelivery:
             return
         messages = [m for m in (self._open(session.uid, e) for e in entries) if m is not None]
         qids = [e.qid for e in entries]
+        state.noteListed(qids)
 
         def acked(s: Session) -> None:
             self._remove(s.uid, qids)

@@ -37,6 +37,11 @@ class LocalRouter:
     def push(self, uid: str, qid: int, message: Encoded) -> None:
         self.inbox.push(uid, qid, message)
 
+    def pushAfterLook(self, uid: str, qid: int, message: Encoded) -> None:
+        # The push is held while the look reads the inbox.
+        self.inbox.recheck(uid, qid - 1)
+        self.inbox.push(uid, qid, message)
+
     def send(self, uid: str, timType: int, message: Encoded) -> None:
         for session in self.sessions.sessionsView(uid):
             session.sendPayload(timType, message.payload(session.encoding))

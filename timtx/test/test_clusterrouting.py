@@ -19,6 +19,7 @@ from timtx.chat.conversations import pairConversation
 from timtx.client import TimRequestFailed, connect, register, requestToken
 from timtx.cluster.membership import PeerRequestFailed, checkClusterConfig, loadSecret
 from timtx.cluster.messaging import ClusterMessaging
+from timtx.cluster.ownership import conversationKey
 from timtx.cluster.router import ClusterRouter
 from timtx.cluster.swim import ChangeKind, MemberChange
 from timtx.cluster.wire import BadPayload, pack, unpack
@@ -506,6 +507,43 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
             elif incoming.body.dataString:
                 got.append(incoming.body.dataString)
         self.assertEqual(sorted(got), ["next", "stored, never pushed"])
+
+    @inlineCallbacks
+    def test_handoverNotOvertaken(self):
+        """
+        A conversation's last message was stored by another node a moment
+        ago (its owner until a membership change) and its push has not
+        arrived: the owner's next message does not overtake it.  The
+        recipient's node looks in the inbox first and sends both, in
+        order.
+        """
+        node1, node2 = yield self.cluster(2)
+        alice = yield self.user(node1)
+        bob = yield self.user(node2)
+        yield self.friends(node1, alice, bob)
+        conv = pairConversation(alice.uid, bob.uid)
+        ownerId = node1.cluster.ownership.owner(conversationKey(conv))
+        previous = node2 if ownerId == node1.cluster.nodeId else node1
+        stored = TimMessage(
+            dataString="by the previous owner",
+            msType=MsType.SOURCE_USER,
+            odType=OdType.ORDER_INOF,
+            fromTid=Tid(node=alice.uid),
+            toTid=Tid(node=bob.uid),
+            timestamp=1,
+        )
+        # Stored, its push still on the way (never, here).
+        yield previous.conversations.append(conv, alice.uid, stored, (bob.uid,))
+        echo = yield alice.postMessage(bob.uid, "by the new owner")
+        self.assertEqual(echo.seq, 2)
+        got = []
+        while len(got) < 2:
+            incoming = yield bob.next(lambda i: i.timType in (TimType.TIMMESSAGE, TimType.TIMOFFLINEMSG))
+            if incoming.timType == TimType.TIMOFFLINEMSG:
+                got.extend(m.dataString for m in incoming.body.messageList or ())
+            elif incoming.body.dataString:
+                got.append(incoming.body.dataString)
+        self.assertEqual(got, ["by the previous owner", "by the new owner"])
 
     def owner(self, nodes, uid):
         """

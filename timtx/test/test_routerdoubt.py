@@ -153,7 +153,11 @@ def userOwnedBy(owners: list[str]) -> str:
     return next(uid for i in range(10_000) if ownership.owners(userKey(uid := f"bob{i}"), 2) == owners)
 
 
-class DoubtfulPushTests(SynchronousTestCase):
+class ThreeNodes(SynchronousTestCase):
+    """
+    Three nodes' delivery sides over one network and one store.
+    """
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.store = MemoryStore()
@@ -189,6 +193,8 @@ class DoubtfulPushTests(SynchronousTestCase):
                 session.ackReceived(frame.ackId)
         return got
 
+
+class DoubtfulPushTests(ThreeNodes):
     def test_newOwnerNotYetAware(self) -> None:
         """
         Node 3 owned bob, whose session is on node 1 (its successor, which
@@ -344,3 +350,70 @@ class DoubtfulPushTests(SynchronousTestCase):
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)
         self.nodes["node2"].router.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HandoverTests(ThreeNodes):
+    """
+    A conversation changes owners (a membership change, or two nodes
+    numbering it at once): the new owner's first message is pushed after
+    a look, so that it cannot overtake the old owner's last push, still on
+    its way (L{ClusterRouter.pushAfterLook}).
+    """
+
+    def inInbox(self, uid: str, text: str) -> tuple[int, Encoded]:
+        """
+        Store a message for C{uid} whose push is still to come.
+        """
+        message = TimMessage(id=len(text), dataString=text)
+        [qid] = self.successResultOf(self.store.addInbox([(uid, self.vault.sealFor(uid, message))], 0.0))
+        return qid, Encoded(message)
+
+    def test_handoverDoesNotOvertake(self) -> None:
+        """
+        Node 3 stored "ten" for bob and its push is slow; node 2, the new
+        owner, stores "eleven" and pushes it after a look: bob's session
+        finds "ten" unpushed and reads both, in order.  The old push,
+        arriving last, is not shown again, and later pushes go live.
+        """
+        bob = userOwnedBy(["node1", "node2"])
+        session, sink = self.nodes["node1"].live(bob)
+        tenQid, ten = self.inInbox(bob, "ten")
+        elevenQid, eleven = self.inInbox(bob, "eleven")
+        self.nodes["node2"].router.pushAfterLook(bob, elevenQid, eleven)
+        self.assertEqual(self.received(session, sink), [("TIMOFFLINEMSG", ["ten", "eleven"]), ("TIMOFFLINEMSGEND", [])])
+        kinds = [entry[2] for entry in self.network.log if entry[1] == "node1" and entry[2] in (KIND_PUSH, KIND_REREAD)]
+        self.assertEqual(kinds, [KIND_REREAD, KIND_PUSH])
+        self.nodes["node3"].router.push(bob, tenQid, ten)
+        self.assertEqual(self.received(session, sink), [])
+        self.stored("node2", bob, "twelve")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["twelve"])])
+
+    def test_handoverNothingOlder(self) -> None:
+        """
+        When nothing older waits unpushed (the old owner's push arrived, and
+        is in flight or acknowledged), the handover push goes out live.
+        """
+        bob = userOwnedBy(["node1", "node2"])
+        session, sink = self.nodes["node1"].live(bob)
+        self.stored("node3", bob, "acknowledged")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["acknowledged"])])
+        self.clock.advance(0)
+        self.stored("node3", bob, "in flight")
+        qid, encoded = self.inInbox(bob, "after the move")
+        self.nodes["node2"].router.pushAfterLook(bob, qid, encoded)
+        self.assertEqual(
+            self.received(session, sink), [("TIMMESSAGE", ["in flight"]), ("TIMMESSAGE", ["after the move"])]
+        )
+
+    def test_handoverHere(self) -> None:
+        """
+        A recipient on the new owner's own node looks the same way.
+        """
+        bob = userOwnedBy(["node1", "node2"])
+        session, sink = self.nodes["node2"].live(bob)
+        tenQid, ten = self.inInbox(bob, "ten")
+        elevenQid, eleven = self.inInbox(bob, "eleven")
+        self.nodes["node2"].router.pushAfterLook(bob, elevenQid, eleven)
+        self.assertEqual(self.received(session, sink), [("TIMOFFLINEMSG", ["ten", "eleven"]), ("TIMOFFLINEMSGEND", [])])
+        self.nodes["node3"].router.push(bob, tenQid, ten)
+        self.assertEqual(self.received(session, sink), [])
