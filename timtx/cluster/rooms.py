@@ -248,6 +248,9 @@ class ClusterVRoomService(VRoomService):
         #: subscribers of, until it comes back or is forgotten.
         self._lost: dict[str, set[str]] = {}
         self._ownership = cluster.ownership
+        #: Draws a room id of so many bytes (one from a seed in the
+        #: deterministic simulation, L{timtx.test.groupsim}).
+        self.newId: Callable[[int], str] = new_random_id
         #: The view before the last change of ownership.
         self._previous: Ownership | None = None
         handlers: dict[str, Callable[[str, bytes], Any]] = {
@@ -397,7 +400,7 @@ class ClusterVRoomService(VRoomService):
     def _drawId(self) -> str:
         draws = 4 * max(len(self.cluster.ownership.nodes), 1)
         for _ in range(draws):
-            vnode = new_random_id(ROOM_ID_BYTES)
+            vnode = self.newId(ROOM_ID_BYTES)
             if self.holder(vnode) == self.nodeId and vnode not in self.registry:
                 return vnode
         return vnode
