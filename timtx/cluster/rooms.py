@@ -207,6 +207,20 @@ class RoomRules:
         self.publishers: set[str] = set(publishers)
         self.allowed: set[str] = set(allowed)
 
+    def asDict(self) -> dict[str, Any]:
+        """
+        The rules as L{roomRules} gives them, to send on.
+        """
+        return {
+            "vnode": self.vnode,
+            "founder": self.founder,
+            "private": self.private,
+            "publishers": sorted(self.publishers),
+            "allowed": sorted(self.allowed),
+            "version": self.version,
+            "seq": self.seq,
+        }
+
 
 class ClusterVRoomService(VRoomService):
     """
@@ -267,6 +281,7 @@ class ClusterVRoomService(VRoomService):
         for kind, handler in handlers.items():
             cluster.addHandler(kind, self._counted(kind, handler))
         cluster.addObserver(self._membershipChanged)
+        cluster.addLinkObserver(self._linkChanged)
 
     def startService(self) -> None:
         super().startService()
@@ -769,6 +784,25 @@ class ClusterVRoomService(VRoomService):
                     self.nodes[vnode].add(node)
         if old != new:
             self._settle(old, rejoin=False)
+
+    def _linkChanged(self, node: str, path: str | None) -> None:
+        """
+        A link to C{node} is up (new, back, or to a restarted process):
+        register again with it the rooms it holds that this node mirrors
+        or keeps a copy of, as a sweep does.  A holder killed and started
+        again before anyone declared it dead changes no ownership, and has
+        lost its rooms: without this they would come back at the next
+        sweep at best, and a room mirrored nowhere, whose rules only its
+        successor's copy has, never.
+        """
+        if path is None:
+            return
+        for room in self.registry.rooms():
+            if room.mirrorOf == node and self.holder(room.vnode) == node:
+                self._join(room, node, subscribe=True)
+        for vnode, rules in list(self.replicas.items()):
+            if vnode not in self.registry and self.holder(vnode) == node:
+                self._join(None, node, subscribe=False, rules=rules.asDict())
 
     def expire(self) -> None:
         super().expire()
