@@ -28,10 +28,12 @@ names every broken promise:
     print("\\n".join(sim.check() or ["ok"]))
     print("\\n".join(sim.trace))
 
-The same seed repeats the same run in the same process, and in another
-one with the same C{PYTHONHASHSEED} (the nodes iterate sets of names).
-C{python -m timtx.test.groupsim --seed 7} runs one seed and prints its
-trace.
+The same seed repeats the same run in one process.  In another the nodes
+may order a few simultaneous events differently (they iterate sets of
+objects, whose order follows memory addresses), so a rare seed passes in
+one process and fails in another: the failing run's trace (with the
+nodes' log lines, C{logs}) is the record.  C{python -m timtx.test.groupsim
+--seed 7 --trace --logs} runs one seed and prints its trace.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ import random
 import shutil
 import tempfile
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.interface import Method
@@ -238,6 +241,9 @@ class GroupSim:
     #: order on each device are checked, not the absence of holes.
     restarts = False
 
+    #: Whether the nodes' log lines go into the trace too.
+    logs = False
+
     def __init__(self, seed: int, **overrides: Any):
         for key, value in overrides.items():
             setattr(self, key, value)
@@ -270,6 +276,18 @@ class GroupSim:
 
     def log(self, text: str) -> None:
         self.trace.append(f"{self.clock.seconds():8.3f} {text}")
+
+    def _nodeLogged(self, event: dict[str, Any]) -> None:
+        source = event.get("log_source")
+        for nodeId, node in self.nodes.items():
+            parts = (node, node.cluster, node.vrooms, node.userDirectory, node.router, node.groups, node.inbox)
+            if any(source is part for part in parts) or getattr(source, "service", None) is node.cluster:
+                text = formatEvent(event)
+                failure = event.get("log_failure")
+                if failure is not None:
+                    text += f": {failure.getErrorMessage()}"
+                self.log(f"[{nodeId}] {text}")
+                return
 
     # Nodes.
 
@@ -631,6 +649,8 @@ class GroupSim:
         self.log(f"room {room} registered by {founder.name} on {founder.node}, held by {holder}")
 
     def run(self) -> None:
+        if self.logs:
+            globalLogPublisher.addObserver(cast(ILogObserver, self._nodeLogged))
         try:
             self.setUp()
             end = self.clock.seconds() + self.activeSeconds
@@ -638,6 +658,8 @@ class GroupSim:
             self.runFor(self.activeSeconds)
             self.repair()
         finally:
+            if self.logs:
+                globalLogPublisher.removeObserver(cast(ILogObserver, self._nodeLogged))
             shutil.rmtree(self.tempDir, ignore_errors=True)
 
     def repair(self) -> None:
@@ -806,9 +828,10 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a tool
     parser.add_argument("--seed", type=int, action="append", required=True)
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--restarts", action="store_true", help="restart crashed nodes while messages flow")
+    parser.add_argument("--logs", action="store_true", help="put the nodes' log lines in the trace")
     args = parser.parse_args(argv)
     for seed in args.seed:
-        sim = GroupSim(seed, restarts=args.restarts)
+        sim = GroupSim(seed, restarts=args.restarts, logs=args.logs)
         sim.run()
         problems = sim.check()
         print(f"seed {seed}: {'ok' if not problems else f'{len(problems)} problems'}")

@@ -5,11 +5,14 @@ deterministic simulation (L{timtx.test.groupsim}), each with its own
 random operations, crashes, partitions and heals, checked afterwards.
 
 A failing seed prints its number, every broken promise and the run's
-trace; C{python -m timtx.test.groupsim --seed N [--restarts]} runs it
-again, identically.
+trace (with the nodes' log lines); C{python -m timtx.test.groupsim --seed
+N [--restarts] --trace --logs} runs it again (identically in one process;
+in another a rare seed may take another turn, see docs/cluster.md).
 """
 
 from __future__ import annotations
+
+import shutil
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -17,12 +20,20 @@ from timtx.test.groupsim import GroupSim
 
 #: Seeds whose runs find a known bug, and what it is; their tests are
 #: skipped with that reason until it is fixed.
-KNOWN: dict[tuple[int, bool], str] = {}
+KNOWN: dict[tuple[int, bool], str] = {
+    (44, False): (
+        "stale user location after a one-sided death verdict: n3 held n1 dead for 18 ms (15.917-15.935) "
+        "while n1 never saw n3 die; n3, owner of s3, dropped n1 from the nodes it tells of s3's moves, and "
+        "n1 kept its cached location of s3 ({n1}, from s3's session there). s3 later logged in on n2; n1, "
+        "owner of the group, never pushed it there: s3 missed seqs 55, 57 and 58 live and its own message "
+        "(56) got no echo (timtx/cluster/directory.py)"
+    ),
+}
 
 
 def _run(testCase: SynchronousTestCase, seed: int, restarts: bool) -> None:
     reason = KNOWN.get((seed, restarts))
-    sim = GroupSim(seed, restarts=restarts)
+    sim = GroupSim(seed, restarts=restarts, logs=True)
     sim.run()
     problems = sim.check()
     if reason is not None and problems:
@@ -70,7 +81,45 @@ class GroupSimRestartTests(SynchronousTestCase):
     """
 
 
-for _seed in range(1, 16):
+for _seed in [*range(1, 16), 44]:
     setattr(GroupSimTests, f"test_seed{_seed}", _seedTest(_seed, False))
 for _seed in range(101, 111):
     setattr(GroupSimRestartTests, f"test_seed{_seed}", _seedTest(_seed, True))
+
+
+class RoomHolderRestartTests(SynchronousTestCase):
+    """
+    Found by the simulation (restart seeds 111, 121, 127, 130, 131): a
+    room's holder killed and started again before anyone declared it dead.
+    """
+
+    def test_roomsComeBack(self) -> None:
+        """
+        No ownership changes, so no node hands anything over; the holder's
+        rooms come back as soon as the links to it are up again: one that
+        other nodes mirror from their mirrors, one mirrored nowhere from
+        its successor's copy.  Before, the first came back at the next
+        sweep (a minute by default), the second never.
+        """
+        sim = GroupSim(3)
+        self.addCleanup(shutil.rmtree, sim.tempDir, True)
+        sim.setUp()
+        founder = sim.devices[sim.publishers[0]]
+        assert founder.client is not None and sim.room is not None
+        lonely: list[str] = []
+        founder.client.vroomRegister().addCallback(lonely.append)
+        sim.runFor(2.0, lambda: bool(lonely))
+        # Its copy reaches the successor.
+        sim.runFor(1.0)
+        holder = sim.nodes[sim.nodeIds[0]].vrooms.holder(sim.room)
+        self.assertEqual(holder, sim.nodes[sim.nodeIds[0]].vrooms.holder(lonely[0]))
+        mirrored = [n for n, node in sim.nodes.items() if n != holder and node.vrooms.registry.get(sim.room)]
+        self.assertTrue(mirrored)
+        sim.crash(holder, reset=False)
+        sim.runFor(0.2)
+        node = sim.startNode(holder)
+        sim.runFor(2.0)
+        for vnode in (sim.room, lonely[0]):
+            room = node.vrooms.registry.get(vnode)
+            self.assertIsNotNone(room, vnode)
+            self.assertIsNone(room.mirrorOf)
