@@ -46,7 +46,7 @@ import tempfile
 from functools import partial
 from typing import Any, Callable, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -109,7 +109,7 @@ class DelayedStore:
 
     def close(self) -> Deferred[None]:
         # The store outlives every node.
-        return self._later("lastMessage", "")
+        return succeed(None)
 
 
 def _delayedMethod(name: str) -> Callable[..., Deferred[Any]]:
@@ -829,9 +829,10 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - a tool
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--restarts", action="store_true", help="restart crashed nodes while messages flow")
     parser.add_argument("--logs", action="store_true", help="put the nodes' log lines in the trace")
+    parser.add_argument("--nodes", type=int, default=GroupSim.nodeCount, help="how many nodes")
     args = parser.parse_args(argv)
     for seed in args.seed:
-        sim = GroupSim(seed, restarts=args.restarts, logs=args.logs)
+        sim = GroupSim(seed, restarts=args.restarts, logs=args.logs, nodeCount=args.nodes)
         sim.run()
         problems = sim.check()
         print(f"seed {seed}: {'ok' if not problems else f'{len(problems)} problems'}")
