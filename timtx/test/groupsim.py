@@ -187,8 +187,9 @@ class Device:
     node: str | None = None
     #: Connections made so far; each gets its own record.
     connections: int = 0
-    #: (connection, gid, seq, text) in the order they arrived.
-    got: list[tuple[int, str, int, str]] = dataclasses.field(default_factory=list)
+    #: (connection, gid, seq, text, offline) in the order they arrived;
+    #: offline: read from the group's history (TIMOFFLINEMSG), not pushed.
+    got: list[tuple[int, str, int, str, bool]] = dataclasses.field(default_factory=list)
     #: Whether the connection is logged in and has asked for what it missed.
     ready: bool = False
     busy: bool = False
@@ -431,13 +432,11 @@ class GroupSim:
             messages = list(incoming.body.messageList or ())
         else:
             return
+        offline = incoming.timType == TimType.TIMOFFLINEMSG
         for message in messages:
-            self._got(device, connection, message)
-
-    def _got(self, device: Device, connection: int, message: Any) -> None:
-        room = message.roomTid.node if message.roomTid is not None else None
-        if room in self.gids and message.seq is not None:
-            device.got.append((connection, room, message.seq, message.dataString or ""))
+            room = message.roomTid.node if message.roomTid is not None else None
+            if room in self.gids and message.seq is not None:
+                device.got.append((connection, room, message.seq, message.dataString or "", offline))
 
     # Operations.
 
@@ -465,7 +464,7 @@ class GroupSim:
                 return
             sent.seq, sent.outcome = seq, "confirmed"
             # The echo is the sender's copy, in the stream where it came.
-            device.got.append((connection, gid, seq, sent.text))
+            device.got.append((connection, gid, seq, sent.text, False))
             self.log(f"{sent.text} confirmed as {gid}/{seq} via {device.node}")
 
         def refused(failure: Failure) -> None:
@@ -501,7 +500,8 @@ class GroupSim:
         if client is None or not device.ready or self.room is None:
             return
         count = self.pushed[device.name] = self.pushed.get(device.name, 0) + 1
-        client.pushStream(self.room, f"{device.name}:{count}".encode())
+        client.pushStream(self.room, f"{device.name}:{device.connections}:{count}".encode())
+        self.log(f"{device.name} pushes frame {count} via {device.node}")
 
     def business(self, device: Device, rtype: int, gid: str, then: Callable[[], None]) -> None:
         client = device.client
@@ -744,9 +744,11 @@ class GroupSim:
 
     def checkRoom(self) -> list[str]:
         """
-        Each subscription got the room's frames with rising ids, each
-        publisher's in the order pushed; once all was repaired, each
-        subscriber got every publisher's last frame.
+        Each subscription got the room's frames with rising ids, those of
+        each publisher's connection in the order pushed (a publisher that
+        logs in on another node may overtake what it pushed before, still
+        on its way from the first); once all was repaired, each subscriber
+        got every publisher's last frame.
         """
         problems = []
         # Rooms live in memory: one is lost once every node holding a copy
@@ -766,16 +768,18 @@ class GroupSim:
                     problems.append(f"{name} (connection {connection}) got room frames with ids {ids}")
                 counts: dict[str, list[int]] = {}
                 for _, body in frames:
-                    publisher, _, count = body.partition(":")
-                    counts.setdefault(publisher, []).append(int(count))
+                    publisher, pushedOn, count = body.split(":")
+                    counts.setdefault(f"{publisher} (connection {pushedOn})", []).append(int(count))
                 for publisher, pushed in counts.items():
                     if any(b <= a for a, b in zip(pushed, pushed[1:], strict=False)):
                         problems.append(f"{name} (connection {connection}) got {publisher}'s frames as {pushed}")
-            last = [(c, body) for c, _, body in device.frames if c == device.connections]
+            last = {
+                (body.split(":")[0], int(body.split(":")[2])) for c, _, body in device.frames if c == device.connections
+            }
             if self.roomGone:
                 continue
             for publisher, count in getattr(self, "lastFrames", {}).items():
-                if (device.connections, f"{publisher}:{count}") not in last:
+                if (publisher, count) not in last:
                     problems.append(
                         f"{name} (connection {device.connections}, subscribed on {device.subscribed}) "
                         f"did not get {publisher}'s last frame {count}"
@@ -784,32 +788,41 @@ class GroupSim:
 
     def _checkDevice(self, device: Device, gid: str, stored: dict[int, str], last: int) -> list[str]:
         problems = []
-        byConnection: dict[int, list[int]] = {}
+        # Per connection, what was pushed and what was read from the
+        # history, each in the order it came: a push may overtake what the
+        # device has yet to read (it asked for it as it logged in), as the
+        # protocol allows; the device sorts the two by seq.
+        byStream: dict[tuple[int, bool], list[int]] = {}
         own = {seq for seq, text in stored.items() if text.startswith(device.name + "#")}
-        for connection, room, seq, text in device.got:
+        for connection, room, seq, text, offline in device.got:
             if room != gid or seq in own:
                 # Its own messages come as echoes, when it sends them.
                 continue
             if stored.get(seq) != text and text:
                 problems.append(f"{device.name} got {gid}/{seq} as {text!r}, stored as {stored.get(seq)!r}")
-            byConnection.setdefault(connection, []).append(seq)
-        for connection, seqs in byConnection.items():
+            byStream.setdefault((connection, offline), []).append(seq)
+        for (connection, offline), seqs in byStream.items():
+            how = "read" if offline else "pushed"
             seen: set[int] = set()
             top = 0
             for seq in seqs:
-                if seq in seen:
-                    continue
-                if seq < top:
-                    problems.append(f"{device.name} (connection {connection}) got {gid}/{seq} after {top}: {seqs}")
-                elif device.steady and not self.restarts and top and not set(range(top + 1, seq)) <= own:
+                if seq < top and seq not in seen:
                     problems.append(
-                        f"{device.name} (connection {connection}) got {gid}/{seq} after {top}, "
-                        f"missing {sorted(set(range(top + 1, seq)) - own)}: {seqs}"
+                        f"{device.name} (connection {connection}) got {gid}/{seq} {how} after {top}: {seqs}"
                     )
                 seen.add(seq)
                 top = max(top, seq)
         if device.steady and not self.restarts:
-            got = {seq for _, room, seq, _ in device.got if room == gid} | own
+            # No hole on any connection: between the first and the last seq
+            # it got, it got every one.
+            byConnection: dict[int, set[int]] = {}
+            for (connection, _), seqs in byStream.items():
+                byConnection.setdefault(connection, set()).update(seqs)
+            for connection, seen in byConnection.items():
+                holes = sorted(set(range(min(seen), max(seen) + 1)) - seen - own)
+                if holes:
+                    problems.append(f"{device.name} (connection {connection}) missed {gid} seqs {holes}")
+            got = {seq for _, room, seq, _, _ in device.got if room == gid} | own
             first = min(got, default=1)
             missing = [seq for seq in sorted(stored) if first <= seq <= last and seq not in got]
             if missing:

@@ -31,17 +31,17 @@ KNOWN: dict[tuple[int, bool], str] = {
 }
 
 
-def _run(testCase: SynchronousTestCase, seed: int, restarts: bool) -> None:
+def _run(testCase: SynchronousTestCase, seed: int, restarts: bool, nodes: int) -> None:
     reason = KNOWN.get((seed, restarts))
-    sim = GroupSim(seed, restarts=restarts, logs=True)
+    sim = GroupSim(seed, restarts=restarts, logs=True, nodeCount=nodes)
     sim.run()
     problems = sim.check()
     if reason is not None and problems:
         raise testCase.skipTest(reason)
     if problems:
-        option = " --restarts" if restarts else ""
+        option = (" --restarts" if restarts else "") + (f" --nodes {nodes}" if nodes != GroupSim.nodeCount else "")
         testCase.fail(
-            f"seed {seed}{' (restarts)' if restarts else ''}: {len(problems)} problems "
+            f"seed {seed}{option}: {len(problems)} problems "
             f"(python -m timtx.test.groupsim --seed {seed}{option} --trace)\n"
             + "\n".join(problems)
             + "\n\ntrace:\n"
@@ -49,13 +49,13 @@ def _run(testCase: SynchronousTestCase, seed: int, restarts: bool) -> None:
         )
 
 
-def _seedTest(seed: int, restarts: bool) -> object:
+def _seedTest(seed: int, restarts: bool, nodes: int = GroupSim.nodeCount) -> object:
     def test(self: SynchronousTestCase) -> None:
-        _run(self, seed, restarts)
+        _run(self, seed, restarts, nodes)
 
     if restarts:
         test.__doc__ = (
-            f"Seed {seed}, nodes restarting while messages flow: every group message stored once, under one "
+            f"Seed {seed}, {nodes} nodes restarting while messages flow: every group message stored once, under one "
             "seq, with no hole; each device gets them in seq order; the room's frames in order."
         )
     else:
@@ -85,6 +85,8 @@ for _seed in [*range(1, 16), 44]:
     setattr(GroupSimTests, f"test_seed{_seed}", _seedTest(_seed, False))
 for _seed in range(101, 111):
     setattr(GroupSimRestartTests, f"test_seed{_seed}", _seedTest(_seed, True))
+for _seed in range(201, 206):
+    setattr(GroupSimRestartTests, f"test_fiveNodesSeed{_seed}", _seedTest(_seed, True, 5))
 
 
 class RoomHolderRestartTests(SynchronousTestCase):
