@@ -271,7 +271,10 @@ class SimConnection:
         if self.ended[other]:
             return
         if isinstance(item, bytes):
-            self.protocols[other].dataReceived(item)
+            # A transport closing reads no more (as Twisted's stops reading
+            # at loseConnection).
+            if not self.transports[other].disconnecting:
+                self.protocols[other].dataReceived(item)
         else:
             self._end(other, item)
 
