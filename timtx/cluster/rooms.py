@@ -789,16 +789,21 @@ class ClusterVRoomService(VRoomService):
         """
         A link to C{node} is up (new, back, or to a restarted process):
         register again with it the rooms it holds that this node mirrors
-        or keeps a copy of, as a sweep does.  A holder killed and started
-        again before anyone declared it dead changes no ownership, and has
-        lost its rooms: without this they would come back at the next
-        sweep at best, and a room mirrored nowhere, whose rules only its
-        successor's copy has, never.
+        or keeps a copy of, as a sweep does, and give it again the copy of
+        the rooms held here whose successor it is.  A node killed and
+        started again before anyone declared it dead changes no ownership,
+        and has lost its rooms and copies: without this a holder's rooms
+        would come back at the next sweep at best, and a room mirrored
+        nowhere, whose rules only its successor's copy has, never (nor
+        any room whose successor, then holder, restarted so).
         """
         if path is None:
             return
         for room in self.registry.rooms():
-            if room.mirrorOf == node and self.holder(room.vnode) == node:
+            if room.mirrorOf is None:
+                if self._successor(room.vnode) == node:
+                    self._sendRules(room, node)
+            elif room.mirrorOf == node and self.holder(room.vnode) == node:
                 self._join(room, node, subscribe=True)
         for vnode, rules in list(self.replicas.items()):
             if vnode not in self.registry and self.holder(vnode) == node:

@@ -125,3 +125,35 @@ class RoomHolderRestartTests(SynchronousTestCase):
             room = node.vrooms.registry.get(vnode)
             self.assertIsNotNone(room, vnode)
             self.assertIsNone(room.mirrorOf)
+
+    def test_successorThenHolder(self) -> None:
+        """
+        The successor of a room mirrored nowhere restarts unseen, then its
+        holder: the holder gave its copy to the successor again once the
+        link to it was back, so the room survives (restart seed 168 lost
+        it).
+        """
+        sim = GroupSim(3)
+        self.addCleanup(shutil.rmtree, sim.tempDir, True)
+        sim.setUp()
+        founder = sim.devices[sim.publishers[0]]
+        assert founder.client is not None
+        lonely: list[str] = []
+        founder.client.vroomRegister().addCallback(lonely.append)
+        sim.runFor(2.0, lambda: bool(lonely))
+        sim.runFor(1.0)
+        vrooms = sim.nodes[sim.nodeIds[0]].vrooms
+        holder, successor = vrooms.holder(lonely[0]), vrooms._successor(lonely[0])
+        assert successor is not None
+        sim.crash(successor, reset=False)
+        sim.runFor(0.2)
+        sim.startNode(successor)
+        sim.runFor(2.0)
+        self.assertIn(lonely[0], sim.nodes[successor].vrooms.replicas)
+        sim.crash(holder, reset=False)
+        sim.runFor(0.2)
+        node = sim.startNode(holder)
+        sim.runFor(2.0)
+        room = node.vrooms.registry.get(lonely[0])
+        self.assertIsNotNone(room)
+        self.assertIsNone(room.mirrorOf)
