@@ -239,7 +239,7 @@ class Node(MultiService):
         #: Which nodes hold each user's sessions (with a cluster).
         self.userDirectory: UserDirectory | None = None
         if config.cluster.listen:
-            self.cluster = ClusterService.fromConfig(config, reactor, protocol=self.protocols.lookup("peer"))
+            self.cluster = self.makeCluster()
             # STUN and direct paths to NAT'd peers (docs/nat.md); it stops
             # after the mesh has closed its links, so is added first.
             self.directPaths = DirectPaths(self.cluster, reactor, config.nat)
@@ -253,6 +253,14 @@ class Node(MultiService):
         self._addListeners()
 
     # Building.
+
+    def makeCluster(self) -> ClusterService:
+        """
+        This node's part in the cluster, from C{[cluster]}; a subclass
+        overrides it to link its peers another way (the deterministic
+        simulation, L{timtx.test.groupsim}, links them in memory).
+        """
+        return ClusterService.fromConfig(self.config, self.reactor, protocol=self.protocols.lookup("peer"))
 
     def _buildDelivery(self) -> None:
         """

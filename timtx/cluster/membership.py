@@ -525,6 +525,8 @@ class ClusterService(Service):
         self._lagLoggedAt = -LAG_LOG_INTERVAL
         self._saveTimer: IDelayedCall | None = None
         self._links: set[PeerProtocol] = set()
+        #: Links given up for a duplicate, read until they close (L{_adopt}).
+        self._retiring: dict[PeerProtocol, IDelayedCall] = {}
         self._closed: dict[PeerProtocol, Deferred[None]] = {}
         self._incarnation = 0
         self._remembered: list[str] = []
@@ -926,9 +928,10 @@ class ClusterService(Service):
         if swim is not None and self.config.leave_on_stop and not swim.left:
             swim.leave(self.clock.seconds())
             self._pump()
-        for timer in (self._timer, self._saveTimer):
+        for timer in (self._timer, self._saveTimer, *self._retiring.values()):
             if timer is not None and timer.active():
                 timer.cancel()
+        self._retiring.clear()
         self._timer = self._saveTimer = None
         self._awaitingIO = False
         self._save()
@@ -1324,13 +1327,27 @@ class ClusterService(Service):
             return True
         if current.peerSession != link.peerSession:
             keep, drop = link, current
-            why = "the peer restarted"
-        else:
-            keep, drop = sorted((current, link), key=self._linkRank)
-            why = "two links to one node"
+            peer.link = keep
+            drop.close(CloseCode.DUPLICATE_LINK, "the peer restarted: keeping the other link")
+            return keep is link
+        keep, drop = sorted((current, link), key=self._linkRank)
         peer.link = keep
-        drop.close(CloseCode.DUPLICATE_LINK, f"{why}: keeping the other link")
+        # The peer may have written requests on the link given up before
+        # it chose alike (it may not even have the other one yet): read
+        # them for a while, answering on the one kept, then close it.
+        # Closed at once, its requests would be lost and wait their whole
+        # timeout (a login's registration, a room's).
+        if drop not in self._retiring:
+            self._retiring[drop] = self.clock.callLater(
+                self.config.handshake_timeout,
+                self._retire,
+                drop,
+            )
         return keep is link
+
+    def _retire(self, link: PeerProtocol) -> None:
+        self._retiring.pop(link, None)
+        link.close(CloseCode.DUPLICATE_LINK, "two links to one node: keeping the other link")
 
     def _linkRank(self, link: PeerProtocol) -> tuple[bool, str, bytes]:
         # A direct link before a relayed one; both ends know which is which.
@@ -1339,6 +1356,9 @@ class ClusterService(Service):
 
     def peerLinkLost(self, link: PeerProtocol, reason: str) -> None:
         self._links.discard(link)
+        retiring = self._retiring.pop(link, None)
+        if retiring is not None and retiring.active():
+            retiring.cancel()
         closed = self._closed.pop(link, None)
         if closed is not None:
             closed.callback(None)
@@ -1425,8 +1445,9 @@ class ClusterService(Service):
         d.addCallbacks(answered, failed)
 
     def _respond(self, peer: _Peer, link: PeerProtocol, requestId: int, status: ResponseStatus, payload: bytes) -> None:
-        # The link the request came on may have given way to another.
-        for candidate in (link, peer.link):
+        # The link the request came on may have given way to another (and
+        # be closing): the one kept first.
+        for candidate in (peer.link, link):
             if candidate is not None and candidate.sendResponse(requestId, status, payload):
                 return
 

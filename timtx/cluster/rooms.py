@@ -207,6 +207,20 @@ class RoomRules:
         self.publishers: set[str] = set(publishers)
         self.allowed: set[str] = set(allowed)
 
+    def asDict(self) -> dict[str, Any]:
+        """
+        The rules as L{roomRules} gives them, to send on.
+        """
+        return {
+            "vnode": self.vnode,
+            "founder": self.founder,
+            "private": self.private,
+            "publishers": sorted(self.publishers),
+            "allowed": sorted(self.allowed),
+            "version": self.version,
+            "seq": self.seq,
+        }
+
 
 class ClusterVRoomService(VRoomService):
     """
@@ -248,6 +262,9 @@ class ClusterVRoomService(VRoomService):
         #: subscribers of, until it comes back or is forgotten.
         self._lost: dict[str, set[str]] = {}
         self._ownership = cluster.ownership
+        #: Draws a room id of so many bytes (one from a seed in the
+        #: deterministic simulation, L{timtx.test.groupsim}).
+        self.newId: Callable[[int], str] = new_random_id
         #: The view before the last change of ownership.
         self._previous: Ownership | None = None
         handlers: dict[str, Callable[[str, bytes], Any]] = {
@@ -264,6 +281,7 @@ class ClusterVRoomService(VRoomService):
         for kind, handler in handlers.items():
             cluster.addHandler(kind, self._counted(kind, handler))
         cluster.addObserver(self._membershipChanged)
+        cluster.addLinkObserver(self._linkChanged)
 
     def startService(self) -> None:
         super().startService()
@@ -397,7 +415,7 @@ class ClusterVRoomService(VRoomService):
     def _drawId(self) -> str:
         draws = 4 * max(len(self.cluster.ownership.nodes), 1)
         for _ in range(draws):
-            vnode = new_random_id(ROOM_ID_BYTES)
+            vnode = self.newId(ROOM_ID_BYTES)
             if self.holder(vnode) == self.nodeId and vnode not in self.registry:
                 return vnode
         return vnode
@@ -766,6 +784,30 @@ class ClusterVRoomService(VRoomService):
                     self.nodes[vnode].add(node)
         if old != new:
             self._settle(old, rejoin=False)
+
+    def _linkChanged(self, node: str, path: str | None) -> None:
+        """
+        A link to C{node} is up (new, back, or to a restarted process):
+        register again with it the rooms it holds that this node mirrors
+        or keeps a copy of, as a sweep does, and give it again the copy of
+        the rooms held here whose successor it is.  A node killed and
+        started again before anyone declared it dead changes no ownership,
+        and has lost its rooms and copies: without this a holder's rooms
+        would come back at the next sweep at best, and a room mirrored
+        nowhere, whose rules only its successor's copy has, never (nor
+        any room whose successor, then holder, restarted so).
+        """
+        if path is None:
+            return
+        for room in self.registry.rooms():
+            if room.mirrorOf is None:
+                if self._successor(room.vnode) == node:
+                    self._sendRules(room, node)
+            elif room.mirrorOf == node and self.holder(room.vnode) == node:
+                self._join(room, node, subscribe=True)
+        for vnode, rules in list(self.replicas.items()):
+            if vnode not in self.registry and self.holder(vnode) == node:
+                self._join(None, node, subscribe=False, rules=rules.asDict())
 
     def expire(self) -> None:
         super().expire()

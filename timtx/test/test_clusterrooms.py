@@ -128,6 +128,9 @@ class _Cluster:
     def addObserver(self, observer):
         pass
 
+    def addLinkObserver(self, observer):
+        pass
+
     def waiting(self, nodeId):
         return self.waitingFor.get(nodeId)
 

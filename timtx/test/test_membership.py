@@ -30,6 +30,7 @@ from timtx.cluster.membership import (
     PeerRequestFailed,
     PeerTimeout,
     PeerUnavailable,
+    _Pending,
     checkClusterConfig,
     loadNodeId,
     loadSecret,
@@ -420,11 +421,41 @@ class FakeNetworkTests(SynchronousTestCase):
         a._dialSeeds()
         b._dialSeeds()
         self.assertIsNotNone(self.net.run(3.0, until=self.net.converged))
-        self.net.run(1.0)
+        # The link given up is read a while longer (see the next test).
+        self.net.run(a.config.handshake_timeout + 1.0)
         linkA, linkB = self.net.links(a)["b"], self.net.links(b)["a"]
         self.assertEqual(linkA.linkId, linkB.linkId)
         open_ = [p for p in self.net.pumps if not p.clientIO.disconnected]
         self.assertEqual(len(open_), 1)
+
+    def test_requestOnLinkGivenUp(self):
+        """
+        A request a node wrote on the link its peer gives up for a
+        duplicate, before it chose alike, is still read and answered (on
+        the link kept): the peer reads the link it gave up until
+        C{handshake_timeout} has passed.  Closed at once, the request was
+        lost and waited its whole timeout (found by the group simulation:
+        a login's registration and a room's, after a node restarted).
+        """
+        a = self.net.service("a")
+        b = self.net.service("b")
+        b.addHandler("upper", lambda node, payload: payload.upper())
+        a._remembered = ["b:7946"]
+        b._remembered = ["a:7946"]
+        a._dialSeeds()
+        b._dialSeeds()
+        self.assertIsNotNone(self.net.run(3.0, until=self.net.converged))
+        self.assertEqual(len(a._retiring), 1)
+        [givenUp] = a._retiring
+        peer = a._peers["b"]
+        self.assertIsNot(givenUp, peer.link)
+        # What a would have written on it before it had the other link.
+        requestId = peer.newRequestId()
+        answered = Deferred()
+        peer.requests[requestId] = _Pending(answered, self.net.clock.callLater(10.0, lambda: None))
+        givenUp.sendRequest(requestId, "upper", b"still read")
+        self.net.run(0.5)
+        self.assertEqual(self.successResultOf(answered), b"STILL READ")
 
     def test_wrongSecretNeverJoins(self):
         """
