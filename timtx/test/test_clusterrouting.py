@@ -135,6 +135,22 @@ class ClusterFixture:
                     yield node.relations.setStance(a.uid, b.uid, STANCE_FRIEND)
 
 
+@inlineCallbacks
+def textsReceived(client, count):
+    """
+    The texts of the next C{count} messages C{client} receives, pushed or
+    in offline lists, in the order they came.
+    """
+    got = []
+    while len(got) < count:
+        incoming = yield client.next(lambda i: i.timType in (TimType.TIMMESSAGE, TimType.TIMOFFLINEMSG))
+        if incoming.timType == TimType.TIMOFFLINEMSG:
+            got.extend(m.dataString for m in incoming.body.messageList or ())
+        elif incoming.body.dataString:
+            got.append(incoming.body.dataString)
+    return got
+
+
 class ClusterRoutingTests(ClusterFixture, TestCase):
     """
     Nodes that form a mesh, and clients on different nodes.
@@ -499,13 +515,7 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
         echo = yield again.postMessage(bob.uid, "stored, never pushed", id=4242)
         self.assertEqual(echo.seq, 1)
         yield again.postMessage(bob.uid, "next")
-        got = []
-        while len(got) < 2:
-            incoming = yield bob.next(lambda i: i.timType in (TimType.TIMMESSAGE, TimType.TIMOFFLINEMSG))
-            if incoming.timType == TimType.TIMOFFLINEMSG:
-                got.extend(m.dataString for m in incoming.body.messageList or ())
-            elif incoming.body.dataString:
-                got.append(incoming.body.dataString)
+        got = yield textsReceived(bob, 2)
         self.assertEqual(sorted(got), ["next", "stored, never pushed"])
 
     @inlineCallbacks
@@ -536,13 +546,7 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
         yield previous.conversations.append(conv, alice.uid, stored, (bob.uid,))
         echo = yield alice.postMessage(bob.uid, "by the new owner")
         self.assertEqual(echo.seq, 2)
-        got = []
-        while len(got) < 2:
-            incoming = yield bob.next(lambda i: i.timType in (TimType.TIMMESSAGE, TimType.TIMOFFLINEMSG))
-            if incoming.timType == TimType.TIMOFFLINEMSG:
-                got.extend(m.dataString for m in incoming.body.messageList or ())
-            elif incoming.body.dataString:
-                got.append(incoming.body.dataString)
+        got = yield textsReceived(bob, 2)
         self.assertEqual(got, ["by the previous owner", "by the new owner"])
 
     def owner(self, nodes, uid):
