@@ -71,6 +71,7 @@ KIND_UPDATE = "dir.update"
 KIND_DROP = "dir.drop"
 KIND_KICK = "dir.kick"
 KIND_REPLICA = "dir.replica"
+KIND_BACK = "dir.back"
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,9 @@ class UserDirectory:
         meanwhile (it took the user over without the copy of its entry),
         so what was stored then waits in the inbox.
 
+    @ivar forgotten: called with the users whose cached nodes this node
+        dropped because their owner had held it dead (C{dir.back}): pushes
+        routed by them lately may have missed sessions.
     @ivar entries: for each user owned here, its sessions by node.
     @ivar unconfirmed: users whose sessions here their owner may not know
         (their last registration failed or is under way), with that
@@ -160,6 +164,7 @@ class UserDirectory:
         self.registeringAgain = registeringAgain
         self.unknownToOwner = unknownToOwner
         self.unconfirmed: dict[str, int] = {}
+        self.forgotten: list[Callable[[list[str]], object]] = []
         self._registrations = count(1)
         self.entries: dict[str, dict[str, list[SessionEntry]]] = {}
         #: Copies of the entries of users this node is the successor for:
@@ -178,6 +183,7 @@ class UserDirectory:
         cluster.addHandler(KIND_DROP, self._dropReceived)
         cluster.addHandler(KIND_KICK, self._kickReceived)
         cluster.addHandler(KIND_REPLICA, self._replicaReceived)
+        cluster.addHandler(KIND_BACK, self._backReceived)
         cluster.addObserver(self._membershipChanged)
 
     @property
@@ -519,6 +525,8 @@ class UserDirectory:
         gone = change.kind in (ChangeKind.DIED, ChangeKind.LEFT, ChangeKind.FORGOTTEN)
         if gone:
             self._nodeGone(change.member.nodeId)
+        elif change.kind is ChangeKind.JOINED and change.previous is not None:
+            self._tellBack(change.member.nodeId)
         if old == new:
             return
         moved = self._moved(old, new)
@@ -539,6 +547,48 @@ class UserDirectory:
         for uid in list(self.entries):
             if self._successor(old, uid) != self._successor(new, uid):
                 self._replicate(uid, self._domains.get(uid, ""))
+
+    def _tellBack(self, node: str) -> None:
+        """
+        C{node}, held dead here, is back: this node dropped its sessions and
+        its lookups when it died (L{_nodeGone}); have it register the
+        first again and forget the second.  It may never have seen a change
+        itself, and would do neither on its own.
+        """
+        if node == self.nodeId:
+            return
+        d = self.cluster.send(node, KIND_BACK, b"")
+        d.addErrback(self._backFailed, node)
+
+    def _backFailed(self, failure: Failure, node: str) -> None:
+        # Held dead again, it is told when next back; if the link failed
+        # while it lives, its sessions stay unknown here until it registers
+        # them again (a login, a membership change): logged, to be seen.
+        self.log.warn("telling node {node} it is back failed: {why}", node=node, why=failure.getErrorMessage())
+
+    def _backReceived(self, node: str, payload: bytes) -> None:
+        """
+        C{node} held this node dead and sees it back: it has none of this
+        node's sessions of the users it owns, and tells it of none of their
+        moves.  Register those users again and forget where they were.
+        """
+        stale = [uid for uid in self._cache if self.owner(uid) == node]
+        for uid in stale:
+            del self._cache[uid]
+        users = [uid for uid in self.sessions.users() if self.owner(uid) == node]
+        for uid in users:
+            sessions = self.sessions.sessionsView(uid)
+            if sessions:
+                self._registerAgain(uid, sessions[0].domain)
+        self.log.info(
+            "node {node} held this node dead: registering {users} users again, forgetting {stale} cached",
+            node=node,
+            users=len(users),
+            stale=len(stale),
+        )
+        if stale:
+            for callback in self.forgotten:
+                callback(stale)
 
     def _registerAgain(self, uid: str, domain: str) -> None:
         """

@@ -23,7 +23,9 @@ user's owner could not be asked, or answered while not the owner in its
 own view (views differ for a moment after a membership change), a push to
 a live node failed, or the user's owner moved soon after a push went by
 the old answer (a kept answer may have been stale by then: the user's
-sessions registered with the new owner only).  Pushes to a doubtful user
+sessions registered with the new owner only), or the owner held this node
+dead for a while and did not tell it of the user's moves (C{dir.back},
+L{UserDirectory.forgotten}).  Pushes to a doubtful user
 wait in its inbox until the router is sure where its sessions are (it
 looks the user up again at each membership change, else with backoff, and
 at the user's next push); then it tells each node holding them to look in
@@ -145,6 +147,7 @@ class ClusterRouter:
         cluster.addHandler(KIND_FRAME, self._frameReceived)
         cluster.addHandler(KIND_REREAD, self._rereadReceived)
         cluster.addObserver(self._membershipChanged)
+        directory.forgotten.append(self._forgotten)
 
     def stop(self) -> None:
         """
@@ -379,6 +382,17 @@ class ClusterRouter:
                     self._doubt(uid, qid)
         self._delay = self.rerouteDelay
         self._resolveLater(self._delay)
+
+    def _forgotten(self, uids: list[str]) -> None:
+        """
+        The directory dropped the nodes it kept of C{uids}: their owner had
+        held this node dead, and was not telling it of their moves.  Doubt
+        those pushed to lately: a push may have gone by a stale answer.
+        """
+        for uid in uids:
+            routed = self._routedAt.get(uid)
+            if routed is not None:
+                self._doubt(uid, routed[1])
 
     # Receiving.
 

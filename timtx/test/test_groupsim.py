@@ -21,20 +21,22 @@ from timtx.test.groupsim import GroupSim
 #: Seeds whose runs find a known bug, and what it is; their tests are
 #: skipped with that reason until it is fixed.
 KNOWN: dict[tuple[int, bool], str] = {
-    (44, False): (
-        "stale user location after a one-sided death verdict: n3 held n1 dead for 18 ms (15.917-15.935) "
-        "while n1 never saw n3 die; n3, owner of s3, dropped n1 from the nodes it tells of s3's moves, and "
-        "n1 kept its cached location of s3 ({n1}, from s3's session there). s3 later logged in on n2; n1, "
-        "owner of the group, never pushed it there: s3 missed seqs 55, 57 and 58 live and its own message "
-        "(56) got no echo (timtx/cluster/directory.py)"
-    ),
     (319, False): (
         "a publisher's frames out of its order across a holder split: s2's push 17 waited on the link from n2 "
         "to the holder n1 while n1 was cut off; n2 declared n1 dead, took the room over and numbered pushes "
         "18 and 19; at the heal n1 numbered 17 after them (ids rise), and subscribers got 18, 19, 17 "
         "(timtx/cluster/rooms.py; docs/cluster.md says so)"
     ),
+    (328, False): (
+        "the room bug of seed 319: the holder n1 cut off while s1 pushed frames 28 to 30 through n5, and "
+        "subscribers got 30 before 29 (timtx/cluster/rooms.py); the group messages this seed lost to a "
+        "one-sided death verdict (issue 13) reach every member now"
+    ),
 }
+
+#: For some of L{KNOWN}: what each problem the known bug causes says; a
+#: run with any other problem fails.
+KNOWN_PROBLEM: dict[tuple[int, bool], str] = {(328, False): "'s frames as "}
 
 
 def _run(testCase: SynchronousTestCase, seed: int, restarts: bool, nodes: int) -> None:
@@ -42,7 +44,8 @@ def _run(testCase: SynchronousTestCase, seed: int, restarts: bool, nodes: int) -
     sim = GroupSim(seed, restarts=restarts, logs=True, nodeCount=nodes)
     sim.run()
     problems = sim.check()
-    if reason is not None and problems:
+    known = KNOWN_PROBLEM.get((seed, restarts), "")
+    if reason is not None and problems and all(known in problem for problem in problems):
         raise testCase.skipTest(reason)
     if problems:
         option = (" --restarts" if restarts else "") + (f" --nodes {nodes}" if nodes != GroupSim.nodeCount else "")
@@ -89,7 +92,7 @@ class GroupSimRestartTests(SynchronousTestCase):
 
 for _seed in [*range(1, 16), 44]:
     setattr(GroupSimTests, f"test_seed{_seed}", _seedTest(_seed, False))
-for _seed in [319]:
+for _seed in [319, 328]:
     setattr(GroupSimTests, f"test_fiveNodesSeed{_seed}", _seedTest(_seed, False, 5))
 for _seed in range(101, 111):
     setattr(GroupSimRestartTests, f"test_seed{_seed}", _seedTest(_seed, True))

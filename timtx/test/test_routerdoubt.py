@@ -107,6 +107,16 @@ class _Cluster:
         for observer in list(self.observers):
             observer(change)
 
+    def back(self, node: str) -> None:
+        """
+        This node sees C{node}, which it held dead, alive again.
+        """
+        self.ownership = Ownership(n for n in NODES if n in self.ownership or n == node)
+        previous = Member(node, 1, MemberState.DEAD, f"{node}:7946")
+        change = MemberChange(ChangeKind.JOINED, Member(node, 2, MemberState.ALIVE, f"{node}:7946"), previous)
+        for observer in list(self.observers):
+            observer(change)
+
 
 class _Node:
     """
@@ -129,7 +139,11 @@ class _Node:
             ackIds=self.ackIds,
             groupsOf=lambda uid: succeed(set()),
         )
-        self.directory = UserDirectory(self.cluster, self.sessions)  # type: ignore[arg-type]
+        self.directory = UserDirectory(
+            self.cluster,  # type: ignore[arg-type]
+            self.sessions,
+            unknownToOwner=self.inbox.recheck,
+        )
         local = LocalRouter(self.sessions, self.inbox, fanout)
         self.router = ClusterRouter(local, self.directory, self.cluster)  # type: ignore[arg-type]
 
@@ -141,7 +155,7 @@ class _Node:
         session = Session(sink, uid, "", None, 0, Encoding.COMPACT, 0.0, self.ackIds)
         self.sessions.admit(session)
         self.inbox.flow.start(session).live = True
-        self.directory.register(uid, "")
+        self.directory.register(uid, "", admit=session)
         return session, sink
 
 
@@ -350,6 +364,99 @@ class DoubtfulPushTests(ThreeNodes):
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)
         self.nodes["node2"].router.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class OneSidedDeathTests(ThreeNodes):
+    """
+    Node 3 holds node 1 dead for a moment while node 1 never sees a change
+    (group simulation seeds 44 and, with five nodes, 328): node 3 drops
+    node 1's sessions of the users it owns and stops telling node 1 of
+    their moves.  Seeing node 1 back, it tells it so (C{dir.back}): node 1
+    registers those users again and forgets where it cached them.
+    """
+
+    def heldDead(self, node: str, by: str) -> None:
+        """
+        C{by} declares C{node} dead, unreachable meanwhile; C{node} sees
+        nothing.
+        """
+        self.network.down.add(node)
+        self.nodes[by].cluster.sees(node)
+
+    def seenBack(self, node: str, by: str) -> None:
+        self.network.down.discard(node)
+        self.nodes[by].cluster.back(node)
+
+    def test_cachedLocationForgotten(self) -> None:
+        """
+        Node 1 routed to bob (owned by node 3) and cached his session there.
+        Node 3 holds node 1 dead, and bob logs in on node 2 meanwhile: node
+        1 is not told.  Once node 3 sees node 1 back, node 1 forgets the
+        stale answer: its next push reaches both sessions, and the one it
+        pushed to node 1 only meanwhile (routed by that answer) reaches
+        node 2 from bob's inbox.
+        """
+        bob = userOwnedBy(["node3", "node2"])
+        first, firstSink = self.nodes["node1"].live(bob)
+        self.stored("node1", bob, "before")
+        self.assertEqual(self.nodes["node1"].directory.nodes(bob), frozenset(["node1"]))
+        self.assertEqual(self.received(first, firstSink), [("TIMMESSAGE", ["before"])])
+        self.heldDead("node1", by="node3")
+        second, secondSink = self.nodes["node2"].live(bob)
+        self.network.down.discard("node1")
+        self.stored("node1", bob, "stale")
+        self.assertEqual(self.received(second, secondSink), [])
+        self.seenBack("node1", by="node3")
+        self.assertEqual(self.nodes["node1"].directory.nodes(bob), None)
+        self.clock.advance(ClusterRouter.rerouteDelay)
+        self.assertEqual(self.received(second, secondSink), [("TIMOFFLINEMSG", ["stale"]), ("TIMOFFLINEMSGEND", [])])
+        self.stored("node1", bob, "after")
+        self.assertEqual(self.nodes["node1"].directory.nodes(bob), frozenset(["node1", "node2"]))
+        self.assertEqual(self.received(first, firstSink), [("TIMMESSAGE", ["stale"]), ("TIMMESSAGE", ["after"])])
+        self.assertEqual(self.received(second, secondSink), [("TIMMESSAGE", ["after"])])
+
+    def test_sessionsRegisteredAgain(self) -> None:
+        """
+        Node 3 dropped bob's session on node 1 when it held node 1 dead,
+        and told node 2, which routes to bob: node 2's pushes wait in the
+        inbox.  Once node 3 sees node 1 back, node 1 registers bob again:
+        node 3 did not know of the session, so it reads what waited, and
+        node 2's next push goes live.
+        """
+        bob = userOwnedBy(["node3", "node2"])
+        session, sink = self.nodes["node1"].live(bob)
+        self.stored("node2", bob, "before")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["before"])])
+        self.heldDead("node1", by="node3")
+        self.assertEqual(self.nodes["node3"].directory.sessionsOf(bob), [])
+        self.assertEqual(self.nodes["node2"].directory.nodes(bob), frozenset())
+        self.network.down.discard("node1")
+        self.stored("node2", bob, "waits")
+        self.assertEqual(self.received(session, sink), [])
+        self.seenBack("node1", by="node3")
+        self.assertEqual([entry.node for entry in self.nodes["node3"].directory.sessionsOf(bob)], ["node1"])
+        self.assertEqual(self.nodes["node2"].directory.nodes(bob), frozenset(["node1"]))
+        self.assertEqual(self.received(session, sink), [("TIMOFFLINEMSG", ["waits"]), ("TIMOFFLINEMSGEND", [])])
+        self.stored("node2", bob, "after")
+        self.assertEqual(self.received(session, sink), [("TIMMESSAGE", ["after"])])
+
+    def test_othersUntouched(self) -> None:
+        """
+        Only the users the node that held it dead owns are registered
+        again and forgotten: what node 1 cached of a user node 2 owns
+        stays, and nothing is sent to node 2.
+        """
+        bob = userOwnedBy(["node3", "node2"])
+        carol = userOwnedBy(["node2", "node3"])
+        self.nodes["node1"].live(bob)
+        self.nodes["node1"].live(carol)
+        self.stored("node1", carol, "cached")
+        self.heldDead("node1", by="node3")
+        self.network.log.clear()
+        self.seenBack("node1", by="node3")
+        self.assertEqual(self.nodes["node1"].directory.nodes(carol), frozenset(["node1"]))
+        self.assertNotIn("node2", [target for source, target, kind in self.network.log if source == "node1"])
+        self.assertIn(("node1", "node3", "dir.set"), self.network.log)
 
 
 class HandoverTests(ThreeNodes):
