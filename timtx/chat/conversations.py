@@ -42,6 +42,7 @@ from timtx.crypto.vault import StanzaVault
 from timtx.persistence.errors import DuplicateConflict, SequenceConflict, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import Duplicate, NewMessage
+from timtx.protocols import codec
 from timtx.protocols.structs import TimMessage
 
 #: mids count milliseconds from here, shifted left by 12 bits: 4096 ids per
@@ -84,10 +85,14 @@ class Appended:
 
     @ivar message: the message with C{mid} (and C{seq} if kept) set.
     @ivar qids: the inbox entry of each recipient.
+    @ivar compact: C{message} in Thrift compact (tim 2.0 layout), as it
+        was sealed for the store: what compact sessions are sent, without
+        encoding it again.  C{None} if not known.
     """
 
     message: TimMessage
     qids: dict[str, int]
+    compact: bytes | None = None
 
 
 class AlreadyStored(Exception):
@@ -116,6 +121,8 @@ class _Draft:
     conflicts: int = 0
     #: Later appends with the same duplicate key, answered with this one.
     resends: list[_Draft] = field(default_factory=list)
+    #: The message in Thrift compact as its numbers were sealed.
+    compact: bytes | None = None
 
     def resent(self, duplicate: Duplicate) -> None:
         """
@@ -232,11 +239,15 @@ class Conversations:
             if draft.keep:
                 seq += 1
                 message.seq = seq
-                stanza: bytes | None = self.vault.sealMessage(log.conv, seq, message)
+            # Encoded once: sealed here, and sent as is to compact sessions
+            # once durable (L{Appended.compact}).
+            draft.compact = compact = codec.encode_compact(message)
+            if draft.keep:
+                stanza: bytes | None = self.vault.sealEncodedMessage(log.conv, seq, compact)
                 inbox: tuple[tuple[str, bytes | None], ...] = tuple((uid, None) for uid in draft.recipients)
             else:
                 stanza = None
-                inbox = tuple((uid, self.vault.sealFor(uid, message)) for uid in draft.recipients)
+                inbox = tuple((uid, self.vault.sealEncodedFor(uid, compact)) for uid in draft.recipients)
             rows.append(
                 NewMessage(
                     log.conv,
@@ -276,7 +287,7 @@ class Conversations:
         for draft, entries in zip(batch, qids, strict=True):
             resends, draft.resends = draft.resends, []
             message = draft.message
-            draft.done.callback(Appended(message, dict(zip(draft.recipients, entries, strict=True))))
+            draft.done.callback(Appended(message, dict(zip(draft.recipients, entries, strict=True)), draft.compact))
             if resends:
                 self.resent += len(resends)
                 stored = Duplicate(log.conv, message.seq if draft.keep else None, message.mid or 0, draft.created)
@@ -294,6 +305,7 @@ class Conversations:
         for draft in batch:
             draft.message.mid = None
             draft.message.seq = None
+            draft.compact = None
         if isinstance(failure.value, DuplicateConflict):
             # Resends of stored messages: answered with those, and the
             # rest numbered again without them.
