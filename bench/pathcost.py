@@ -10,7 +10,8 @@ an in-memory one and the node is driven directly.  Each round, every user
 hands its connection C{window} TIMMESSAGE frames to its partner in one read
 (masked WebSocket frames, as C{bench direct} sends), the reactor runs until
 every message is stored and pushed, and each recipient acknowledges its
-pushes in one read.  Nothing else runs in the process meanwhile, so
+pushes in one read.  The garbage collector is set as C{twist} sets it
+for a node (frozen after startup, C{[node] gc_thresholds}).  Nothing else runs in the process meanwhile, so
 C{time.process_time()} over the rounds is the node's CPU (its SQLite
 thread's included), plus the driver's small and constant share: splitting
 the pushes out of the recorded bytes and building the ack frames.
@@ -42,6 +43,7 @@ from timtx.protocols import codec
 from timtx.protocols.constants import TimType
 from timtx.protocols.frames import client_ack, client_frame, parse_server_frame
 from timtx.protocols.structs import Tid, TimMessage
+from timtx.tap import tuneGarbageCollector
 from timtx.testing import loggedInClient, testConfig
 
 _ZERO_MASK = b"\0\0\0\0"
@@ -131,6 +133,8 @@ def measure(reactor: Any, options: argparse.Namespace) -> Any:
             clients.append((yield loggedInClient(reactor, node, f"cost{i}")))
         # Let every session go live (its inbox read at login).
         yield task.deferLater(reactor, 0.5, lambda: None)
+        # The garbage collector as twist sets it for a node.
+        tuneGarbageCollector(node.config.node.gc_thresholds)
         protocols = sorted(node.connections, key=lambda p: p.session.uid)
         tally: dict[str, Any] = {"pushed": 0, "expected": 0, "waiter": None}
         originals = [protocol.transport for protocol in protocols]
