@@ -42,6 +42,7 @@ from timtx.crypto.vault import StanzaVault
 from timtx.persistence.errors import DuplicateConflict, SequenceConflict, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.records import Duplicate, NewMessage
+from timtx.protocols import codec
 from timtx.protocols.structs import TimMessage
 
 #: mids count milliseconds from here, shifted left by 12 bits: 4096 ids per
@@ -84,15 +85,19 @@ class Appended:
 
     @ivar message: the message with C{mid} (and C{seq} if kept) set.
     @ivar qids: the inbox entry of each recipient.
+    @ivar compact: C{message} in Thrift compact (tim 2.0 layout), as it
+        was sealed for the store: what compact sessions are sent, without
+        encoding it again.  C{None} if not known.
     @ivar handover: numbered right after this owner read a position that
         another writer had just moved (see L{Conversations.handoverWindow}):
         that writer's last pushes may still be on their way, so pushing this
-        one could overtake them.  Its recipients should read their inboxes
-        instead, which are in seq order.
+        one could overtake them.  Its recipients look in their inboxes
+        first, which are in seq order.
     """
 
     message: TimMessage
     qids: dict[str, int]
+    compact: bytes | None = None
     handover: bool = False
 
 
@@ -122,6 +127,8 @@ class _Draft:
     conflicts: int = 0
     #: Later appends with the same duplicate key, answered with this one.
     resends: list[_Draft] = field(default_factory=list)
+    #: The message in Thrift compact as its numbers were sealed.
+    compact: bytes | None = None
 
     def resent(self, duplicate: Duplicate) -> None:
         """
@@ -248,11 +255,15 @@ class Conversations:
             if draft.keep:
                 seq += 1
                 message.seq = seq
-                stanza: bytes | None = self.vault.sealMessage(log.conv, seq, message)
+            # Encoded once: sealed here, and sent as is to compact sessions
+            # once durable (L{Appended.compact}).
+            draft.compact = compact = codec.encode_compact(message)
+            if draft.keep:
+                stanza: bytes | None = self.vault.sealEncodedMessage(log.conv, seq, compact)
                 inbox: tuple[tuple[str, bytes | None], ...] = tuple((uid, None) for uid in draft.recipients)
             else:
                 stanza = None
-                inbox = tuple((uid, self.vault.sealFor(uid, message)) for uid in draft.recipients)
+                inbox = tuple((uid, self.vault.sealEncodedFor(uid, compact)) for uid in draft.recipients)
             rows.append(
                 NewMessage(
                     log.conv,
@@ -298,7 +309,9 @@ class Conversations:
         for draft, entries in zip(batch, qids, strict=True):
             resends, draft.resends = draft.resends, []
             message = draft.message
-            draft.done.callback(Appended(message, dict(zip(draft.recipients, entries, strict=True)), handover))
+            draft.done.callback(
+                Appended(message, dict(zip(draft.recipients, entries, strict=True)), draft.compact, handover)
+            )
             if resends:
                 self.resent += len(resends)
                 stored = Duplicate(log.conv, message.seq if draft.keep else None, message.mid or 0, draft.created)
@@ -316,6 +329,7 @@ class Conversations:
         for draft in batch:
             draft.message.mid = None
             draft.message.seq = None
+            draft.compact = None
         if isinstance(failure.value, DuplicateConflict):
             # Resends of stored messages: answered with those, and the
             # rest numbered again without them.

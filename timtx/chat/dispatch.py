@@ -58,7 +58,8 @@ def _outagesAnswered(handler: Handler) -> Handler:
             result = handler(session, body)
         except StoreUnavailable:
             raise refusal(Failure()) from None
-        if isinstance(result, Deferred):
+        # (None first: isinstance against Deferred, an ABC, costs a call.)
+        if result is not None and isinstance(result, Deferred):
             result.addErrback(_unavailable)
         return result
 

@@ -55,7 +55,7 @@ class InboundMessages:
             if clientId is not None:
                 e.ackFields.setdefault("t", clientId)
             raise
-        if isinstance(result, Deferred) and clientId is not None:
+        if result is not None and clientId is not None and isinstance(result, Deferred):
             result.addErrback(tagged, clientId)
         return result
 

@@ -173,7 +173,7 @@ class PersonalMessaging:
         return d.addCallback(self._appended, sender, recipient)
 
     def _appended(self, appended: Appended, sender: str, recipient: str) -> Appended:
-        encoded = Encoded(appended.message)
+        encoded = Encoded(appended.message, appended.compact)
         # Every session of the sender sees what it sent, as stored.
         self.router.send(sender, TimType.TIMMESSAGE, encoded)
         if appended.handover:

@@ -203,6 +203,13 @@ class StanzaVault:
     def sealMessage(self, conv: str, seq: int, message: TimMessage) -> bytes:
         return self._sealer.seal(messageAAD(conv, seq), codec.encode_compact(message))
 
+    def sealEncodedMessage(self, conv: str, seq: int, compact: bytes) -> bytes:
+        """
+        L{sealMessage} for a message already encoded (Thrift compact, tim
+        2.0 layout): a caller that sends those bytes too encodes once.
+        """
+        return self._sealer.seal(messageAAD(conv, seq), compact)
+
     def openMessage(self, conv: str, seq: int, blob: bytes) -> TimMessage:
         return codec.decode_compact(TimMessage, self._sealer.open(messageAAD(conv, seq), blob))
 
@@ -211,6 +218,12 @@ class StanzaVault:
         Seal a copy of C{message} kept for C{uid} (an inbox entry).
         """
         return self._sealer.seal(inboxAAD(uid), codec.encode_compact(message))
+
+    def sealEncodedFor(self, uid: str, compact: bytes) -> bytes:
+        """
+        L{sealFor} for a message already encoded (as L{sealEncodedMessage}).
+        """
+        return self._sealer.seal(inboxAAD(uid), compact)
 
     def openFor(self, uid: str, blob: bytes) -> TimMessage:
         return codec.decode_compact(TimMessage, self._sealer.open(inboxAAD(uid), blob))

@@ -20,9 +20,13 @@ class Encoded:
 
     __slots__ = ("message", "_compact", "_json")
 
-    def __init__(self, message: Any):
+    def __init__(self, message: Any, compact: bytes | None = None):
+        """
+        @param compact: C{message} already encoded in Thrift compact (tim
+            2.0 layout), if the caller has it.
+        """
         self.message = message
-        self._compact: bytes | None = None
+        self._compact = compact
         self._json: bytes | None = None
 
     @classmethod

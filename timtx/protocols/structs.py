@@ -297,9 +297,17 @@ class TimStruct:
     _by_folded_key: ClassVar[dict[str, Field]]
     _specs: ClassVar[dict[Generation, tuple[Any, ...]]]
 
+    #: The names of C{FIELDS}, in order (set with them).
+    _names: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, **values: Any) -> None:
-        for field in self.FIELDS:
-            setattr(self, field.name, values.pop(field.name, None))
+        if not values:
+            # The decoder's case, for every struct it reads: all unset.
+            for name in self._names:
+                setattr(self, name, None)
+            return
+        for name in self._names:
+            setattr(self, name, values.pop(name, None))
         if values:
             raise TypeError(f"{type(self).__name__} has no field(s) {sorted(values)}")
 
@@ -419,6 +427,7 @@ class TimStruct:
             extra = {f.name for f in fields} - names
             if extra:
                 raise TypeError(f"{cls.__name__}'s {generation.value} layout has fields not in FIELDS: {extra}")
+        cls._names = tuple(f.name for f in cls.FIELDS)
         cls._specs = {}
         cls.thrift_spec = cls.spec_for(Generation.TIM20)
         cls._by_json_key = {f.json: f for f in cls.FIELDS}

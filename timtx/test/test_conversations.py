@@ -15,6 +15,7 @@ from timtx.crypto.vault import StanzaVault
 from timtx.persistence.errors import SequenceConflict, StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.memory import MemoryStore
 from timtx.persistence.records import Duplicate, NewMessage
+from timtx.protocols import codec
 from timtx.protocols.constants import ErrorCode
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import TimMessage
@@ -116,6 +117,31 @@ class ConversationsTests(SynchronousTestCase):
         self.store.release()
         self.assertIsNone(self.successResultOf(first).message.seq)
         self.assertEqual(self.successResultOf(second).message.seq, 1)
+
+    def test_compactIsWhatWasSealed(self):
+        """
+        L{Appended.compact} is the message as stored, in Thrift compact:
+        the bytes the history row and a transient inbox copy open to, and
+        those of the message as numbered, also after it was numbered again.
+        """
+        vault = self.conversations.vault
+        kept = self.conversations.append("c", "a", message("kept"), ("b",))
+        transient = self.conversations.append("c", "a", message("custom"), ("b",), keep=False)
+        self.store.release()
+        self.store.release()
+        results = [self.successResultOf(d) for d in (kept, transient)]
+        for appended in results:
+            self.assertEqual(appended.compact, codec.encode_compact(appended.message))
+        stored = self.store._messages["c"][1]
+        self.assertEqual(vault.openMessage("c", 1, stored.stanza), results[0].message)
+        # Another writer takes seq 2: the next message is sealed again as 3.
+        self.successResultOf(MemoryStore.appendMessages(self.store, [NewMessage("c", 2, 10**15, "x", b"theirs", 0.0)]))
+        again = self.conversations.append("c", "a", message("again"), ("b",))
+        self.store.release()
+        self.store.release()
+        appended = self.successResultOf(again)
+        self.assertEqual(appended.message.seq, 3)
+        self.assertEqual(appended.compact, codec.encode_compact(appended.message))
 
     def test_sequenceConflictNumbersAgain(self):
         """

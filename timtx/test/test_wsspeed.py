@@ -22,6 +22,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from timtx.transports import wsspeed
+from timtx.transports.websocket import binaryFrameHeader
 from timtx.transports.wsspeed import SMALL_FRAME, FastUnmasking, QuietReads, QuietSettings, SmallXorMasker, maskerFor
 
 
@@ -132,9 +133,11 @@ class AutobahnStillFitsTests(SynchronousTestCase):
             seen.append(type(server.current_frame_masker))
 
         server.onFrameBegin = spy
-        client.sendMessage(b"hello", isBinary=True)
+        # A fragmented message: its frames go through autobahn's parser
+        # (whole single frames are read by QuietReads).
+        client.sendMessage(b"hello", isBinary=True, fragmentSize=3)
         pump.flush()
-        self.assertEqual(seen, [xormasker.XorMaskerNull, SmallXorMasker])
+        self.assertEqual(seen, [xormasker.XorMaskerNull, SmallXorMasker] * 2)
         self.assertEqual(factory.received, [b"hello"])
 
     def test_readsWithoutDebugText(self):
@@ -171,6 +174,193 @@ class AutobahnStillFitsTests(SynchronousTestCase):
         for name in WebSocketServerProtocol.CONFIG_ATTRS:
             self.assertEqual(getattr(server, name), getattr(factory, name), name)
         self.assertEqual(server.maxMessagePayloadSize, 1 << 20)
+
+
+def _clientFrame(payload, opcode=2, fin=True, mask=None, masked=True, rsv=0):
+    """
+    The bytes of one client frame, built by hand so that tests can send
+    what autobahn's client would not (unmasked, long length encodings).
+    """
+    size = len(payload)
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    maskBit = 0x80 if masked else 0
+    if size < 126:
+        header = bytes((first, maskBit | size))
+    elif size < 65536:
+        header = bytes((first, maskBit | 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((first, maskBit | 127)) + size.to_bytes(8, "big")
+    if not masked:
+        return header + payload
+    mask = os.urandom(4) if mask is None else mask
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class _Recording(WebSocketServerProtocol):
+    def onMessage(self, payload, isBinary):
+        self.factory.received.append((payload, isBinary))
+
+
+class _TunedRecording(FastUnmasking, QuietReads, QuietSettings, _Recording):  # type: ignore[misc]
+    pass
+
+
+_STATS = (
+    "incomingOctetsWireLevel",
+    "incomingOctetsWebSocketLevel",
+    "incomingOctetsAppLevel",
+    "incomingWebSocketFrames",
+    "incomingWebSocketMessages",
+)
+
+
+class FastReadsTests(SynchronousTestCase):
+    """
+    L{QuietReads} takes whole binary frames itself; whatever the bytes, a
+    server with it receives, answers and counts exactly what autobahn's
+    own reader does.
+    """
+
+    def servers(self, **options):
+        """
+        An open tuned server and an open plain autobahn one, each with the
+        same options, on in-memory wires.
+        """
+        pair = []
+        for protocol, extra in ((_TunedRecording, {"applyMask": False}), (_Recording, {})):
+            factory = WebSocketServerFactory("ws://localhost/tim")
+            factory.protocol = protocol
+            factory.setProtocolOptions(**{**options, **extra})
+            client, server, pump = _connect(factory)
+            factory.received = []
+            pair.append((server, pump))
+        return pair
+
+    def assertSameReading(self, chunks, **options):
+        (tuned, _), (plain, _) = self.servers(**options)
+        written = []
+        for server in (tuned, plain):
+            for chunk in chunks:
+                server.dataReceived(chunk)
+            written.append(b"".join(server.transport.stream))
+        self.assertEqual(tuned.factory.received, plain.factory.received)
+        self.assertEqual(tuned.state, plain.state)
+        for name in _STATS:
+            self.assertEqual(getattr(tuned.trafficStats, name), getattr(plain.trafficStats, name), name)
+        self.assertEqual(written[0], written[1])
+        return tuned
+
+    def test_wholeFramesTaken(self):
+        """
+        Whole small binary frames, many in one read, arrive without
+        autobahn's frame parser.
+        """
+        (tuned, pump), _ = self.servers()
+        tuned.processData = lambda: self.fail("autobahn's parser ran")
+        sent = [os.urandom(n) for n in (0, 1, 5, 125, 126, 300, SMALL_FRAME)]
+        tuned.dataReceived(b"".join(_clientFrame(p) for p in sent) + _clientFrame(b"zero", mask=b"\0\0\0\0"))
+        self.assertEqual(tuned.factory.received, [(p, True) for p in sent] + [(b"zero", True)])
+
+    def test_randomStreams(self):
+        """
+        Random mixes of frames (binary, text, fragments, pings, empty,
+        larger than L{SMALL_FRAME}), cut at random places, read the same.
+        """
+        rng = random.Random(11)
+        for _ in range(60):
+            frames = []
+            for _ in range(rng.randrange(1, 12)):
+                kind = rng.randrange(6)
+                payload = bytes(rng.randrange(256) for _ in range(rng.choice((0, 1, 7, 125, 126, 200))))
+                if kind == 0:
+                    frames.append(_clientFrame("text é".encode(), opcode=1))
+                elif kind == 1:
+                    frames.append(_clientFrame(payload[:50], opcode=2, fin=False))
+                    frames.append(_clientFrame(payload[50:], opcode=0))
+                elif kind == 2:
+                    frames.append(_clientFrame(b"ping", opcode=9))
+                elif kind == 3:
+                    frames.append(_clientFrame(os.urandom(SMALL_FRAME + rng.randrange(1, 100))))
+                else:
+                    frames.append(_clientFrame(payload))
+            stream = b"".join(frames)
+            cuts = sorted(rng.sample(range(1, len(stream)), min(rng.randrange(0, 6), len(stream) - 1)))
+            chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+            self.assertSameReading(chunks)
+
+    def test_refusedAsAutobahnRefuses(self):
+        """
+        Frames autobahn refuses (unmasked, over the size limit, a 16-bit
+        length that fits in 7 bits, reserved bits) after good ones in the
+        same read: the good ones arrive, and autobahn refuses the rest
+        with the same close frame.
+        """
+        good = _clientFrame(b"good")
+        for bad in (
+            _clientFrame(b"unmasked", masked=False),
+            _clientFrame(b"x" * 2000),
+            bytes((0x82, 0x80 | 126)) + (5).to_bytes(2, "big") + b"\0\0\0\0" + b"short",
+            _clientFrame(b"rsv", rsv=1),
+        ):
+            tuned = self.assertSameReading([good + bad + good], maxFramePayloadSize=1000)
+            self.assertEqual(tuned.factory.received, [(b"good", True)])
+
+    def test_closedByTheMessage(self):
+        """
+        A message whose handler closes the connection: the frames after it
+        are read by autobahn in its closing state, as without the fast path.
+        """
+
+        class Closing(_TunedRecording):
+            def onMessage(self, payload, isBinary):
+                super().onMessage(payload, isBinary)
+                if payload == b"close":
+                    self.sendClose(1000)
+
+        factory = WebSocketServerFactory("ws://localhost/tim")
+        factory.protocol = Closing
+        factory.setProtocolOptions(applyMask=False)
+        client, server, pump = _connect(factory)
+        factory.received = []
+        server.dataReceived(_clientFrame(b"one") + _clientFrame(b"close") + _clientFrame(b"after"))
+        self.assertEqual(server.state, server.STATE_CLOSING)
+        self.assertEqual([p for p, _ in factory.received], [b"one", b"close", b"after"])
+
+
+class FramedSendsTests(SynchronousTestCase):
+    """
+    A single session's frames are framed by timtx, byte for byte as
+    autobahn frames them.
+    """
+
+    def test_headerAsAutobahns(self):
+        factory = WebSocketServerFactory("ws://localhost/tim")
+        for size in (0, 1, 125, 126, 127, 65535, 65536, 70000):
+            payload = os.urandom(size)
+            self.assertEqual(
+                binaryFrameHeader(size) + payload, factory.prepareMessage(payload, isBinary=True).payloadHybi, size
+            )
+
+    def test_sendBytes(self):
+        """
+        L{TimWebSocketServerProtocol.sendBytes} writes the parts as one
+        frame, as autobahn's C{sendMessage} would.
+        """
+        from collections import deque
+
+        from twisted.internet.testing import StringTransport
+
+        from timtx.transports.websocket import TimWebSocketServerProtocol
+
+        protocol = TimWebSocketServerProtocol.__new__(TimWebSocketServerProtocol)
+        protocol.state = protocol.STATE_OPEN
+        protocol._perMessageCompress = None
+        protocol.send_queue = deque()
+        protocol.transport = StringTransport()
+        protocol.sendBytes([b"\x82head", b"payload" * 30])
+        factory = WebSocketServerFactory("ws://localhost/tim")
+        expected = factory.prepareMessage(b"\x82head" + b"payload" * 30, isBinary=True).payloadHybi
+        self.assertEqual(protocol.transport.value(), expected)
 
 
 class NoProcessWideChangeTests(SynchronousTestCase):

@@ -511,7 +511,9 @@ class TimServerProtocolMixin:
                 except BaseException:
                     self._handlerFailed(Failure(), frame)
                     continue
-                if not isinstance(result, Deferred):
+                # Deferred is an ABC: isinstance(None, Deferred) runs
+                # Python code, so the usual None is tested first.
+                if result is None or not isinstance(result, Deferred):
                     continue
                 self._busy = True
                 result.addErrback(self._handlerFailed, frame)

@@ -25,6 +25,18 @@ from timtx.transports.wsspeed import FastUnmasking, QuietReads, QuietSettings
 CLOSE_TOO_BIG = 1009
 
 
+def binaryFrameHeader(size: int) -> bytes:
+    """
+    The header of one final, unmasked binary frame of C{size} bytes, as
+    autobahn writes it (RFC 6455, 5.2: the shortest length encoding).
+    """
+    if size < 126:
+        return bytes((0x82, size))
+    if size < 0x10000:
+        return bytes((0x82, 126)) + size.to_bytes(2, "big")
+    return bytes((0x82, 127)) + size.to_bytes(8, "big")
+
+
 class TimWebSocketServerProtocol(  # type: ignore[misc]
     TimServerProtocolMixin, FastUnmasking, QuietReads, QuietSettings, WebSocketServerProtocol
 ):
@@ -103,8 +115,13 @@ class TimWebSocketServerProtocol(  # type: ignore[misc]
         # send (it raises); what would go out then is lost either way.
         if self.state != self.STATE_OPEN:
             return
-        # Framed as a prepared message: the same bytes sendMessage would
-        # write, without the debug text autobahn formats for every frame.
+        if self._perMessageCompress is None and not self.send_queue:
+            # Framed here: the bytes autobahn's sendMessage would write
+            # (one final binary frame, unmasked from a server), without its
+            # debug text or the PreparedMessage a single session does not
+            # share.
+            self.transport.write(b"".join((binaryFrameHeader(sum(map(len, parts))), *parts)))
+            return
         self.sendPrepared(self.prepareFrame(parts[0] if len(parts) == 1 else b"".join(parts)))
 
     def prepareFrame(self, frame: bytes) -> Any:

@@ -25,8 +25,11 @@ client, a downstream project's WAMP code) behaves as autobahn ships it.
     logged or not: 4.5% of a node's time in a 1:1 run across nodes.
     L{QuietReads} hands the bytes to autobahn's framework-independent
     reader, as the adapter does, without the line.  (Sending has the same
-    line; timtx sends through prepared frames, which
-    L{timtx.transports.websocket} writes without it.)
+    line; L{timtx.transports.websocket} frames what it sends itself.)
+  - The per-frame machinery.  For a whole small binary frame, the frame
+    every tim client sends, autobahn runs eight hooks, a frame header
+    object, a masker and an unobserved event.  L{QuietReads} reads such
+    frames itself and hands everything else to autobahn's reader.
 
 C{timtx.test.test_wsspeed} checks the autobahn behaviour they rely on, so
 that an autobahn release that changes it fails the suite rather than
@@ -123,13 +126,108 @@ class QuietSettings:
         super().connectionMade()  # type: ignore[misc]
 
 
+#: The first byte of a final, uncompressed binary frame (FIN, RSV 0, opcode 2).
+_FINAL_BINARY = 0x82
+_OPEN = WebSocketServerProtocol.STATE_OPEN
+_ZERO_MASK = b"\0\0\0\0"
+
+
+def unmask(mask: bytes, data: bytes) -> bytes:
+    """
+    C{data} unmasked with C{mask} from the frame's first byte.
+    """
+    if mask == _ZERO_MASK:
+        return data
+    n = len(data)
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
 class QuietReads:
     """
-    Mix into an autobahn Twisted WebSocket protocol (before it in the
-    bases): reads without formatting autobahn's per-read debug line.
+    Mix into an autobahn Twisted WebSocket server protocol (before it in
+    the bases): reads without formatting autobahn's per-read debug line,
+    and hands the common frame to C{onMessage} itself.
+
+    The common frame is a whole client message in one final binary frame
+    of at most L{SMALL_FRAME} bytes, masked, within the size limits, on an
+    open connection with nothing buffered or half-read.  For it, autobahn
+    runs eight hooks, builds a frame header and a masker, copies its
+    buffer, and fires a C{message} event no one observes: a fifth of the
+    reactor thread in a 1:1 profile (docs/benchmarks.md).  This does what
+    they do for such a frame (the traffic counts, the unmasking, the call
+    of C{onMessage}) and nothing else.  Everything else — control frames,
+    text (whose UTF-8 autobahn checks), fragments, a frame split across
+    reads, one over a limit, anything malformed, a closing connection,
+    compression, frame logging, timings, observers — goes to autobahn's
+    own reader from the first byte it does not take, so its checks and
+    errors are unchanged.
     """
 
     def dataReceived(self, data: bytes) -> None:
         # What autobahn's WebSocketAdapterProtocol.dataReceived does after
-        # its debug line.
+        # its debug line is self._dataReceived(data); whole binary frames
+        # are taken first.
+        if (
+            self.state == _OPEN  # type: ignore[attr-defined]
+            and not self.data  # type: ignore[attr-defined]
+            and self.current_frame is None  # type: ignore[attr-defined]
+            and not self.inside_message  # type: ignore[attr-defined]
+            and self._perMessageCompress is None  # type: ignore[attr-defined]
+            and self._listeners is None  # type: ignore[attr-defined]
+            and not self.failedByMe  # type: ignore[attr-defined]
+            and not self.logFrames  # type: ignore[attr-defined]
+            and not self.logOctets  # type: ignore[attr-defined]
+            and not self.trackedTimings  # type: ignore[attr-defined]
+            and self.autoPingTimeoutCall is None  # type: ignore[attr-defined]
+        ):
+            # Counted as autobahn's _dataReceived counts a read while open.
+            self.trafficStats.incomingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
+            taken = self._takeFrames(data)
+            if taken < len(data):
+                # The rest, from the first frame not taken, as autobahn's
+                # _dataReceived goes on after counting.
+                self.data += data[taken:] if taken else data  # type: ignore[attr-defined]
+                self.consumeData()  # type: ignore[attr-defined]
+            return
         self._dataReceived(data)  # type: ignore[attr-defined]
+
+    def _takeFrames(self, data: bytes) -> int:
+        """
+        Hand the whole common frames at the start of C{data} to
+        C{onMessage}; return how many bytes they took.
+        """
+        end = len(data)
+        offset = 0
+        stats = self.trafficStats  # type: ignore[attr-defined]
+        maxFrame = self.maxFramePayloadSize  # type: ignore[attr-defined]
+        maxMessage = self.maxMessagePayloadSize  # type: ignore[attr-defined]
+        while end - offset >= 6 and data[offset] == _FINAL_BINARY:
+            second = data[offset + 1]
+            if not second & 0x80:
+                break  # unmasked: autobahn refuses it
+            length = second & 0x7F
+            start = offset + 6
+            if length == 126:
+                start += 2
+                if end < start:
+                    break
+                length = int.from_bytes(data[offset + 2 : offset + 4], "big")
+                if length < 126:
+                    break  # not the shortest encoding: autobahn refuses it
+            elif length == 127:
+                break
+            stop = start + length
+            if stop > end or length > SMALL_FRAME or 0 < maxFrame < length or 0 < maxMessage < length:
+                break
+            payload = unmask(data[start - 4 : start], data[start:stop])
+            offset = stop
+            # autobahn's counts of a frame read while open.
+            stats.incomingOctetsWebSocketLevel += length
+            stats.incomingOctetsAppLevel += length
+            stats.incomingWebSocketFrames += 1
+            stats.incomingWebSocketMessages += 1
+            self.onMessage(payload, True)  # type: ignore[attr-defined]
+            if self.state != _OPEN or self.failedByMe:  # type: ignore[attr-defined]
+                break
+        return offset
