@@ -36,7 +36,7 @@ from __future__ import annotations
 import secrets
 from functools import partial
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -100,6 +100,39 @@ def higherBound(one: int | None, other: int | None) -> int | None:
     return max(one, other)
 
 
+class _Paced:
+    """
+    One pass over many sessions or users, C{chunk} at a time and C{pause}
+    seconds apart, so that a node with many does not flood the store; a new
+    pass replaces the one under way.
+    """
+
+    def __init__(self, clock: IReactorTime):
+        self.clock = clock
+        self._call: IDelayedCall | None = None
+        self._stopped = False
+
+    def run(self, items: list[Any], act: Callable[[Any], object], chunk: int, pause: float) -> None:
+        def some(start: int) -> None:
+            self._call = None
+            for item in items[start : start + chunk]:
+                act(item)
+            if start + chunk < len(items) and not self._stopped:
+                self._call = self.clock.callLater(pause, some, start + chunk)
+
+        self._cancel()
+        some(0)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
 class InboxDelivery:
     """
     Drains and pushes the inboxes of this node's sessions.
@@ -152,8 +185,9 @@ class InboxDelivery:
         self._retries: dict[Session, IDelayedCall] = {}
         #: Live sessions whose inbox is being looked at (L{recheck}).
         self._checking: dict[Session, _Check] = {}
-        self._recheck: IDelayedCall | None = None
-        self._lookCall: IDelayedCall | None = None
+        #: Passes over every live session after an outage or a death.
+        self._rechecks = _Paced(clock)
+        self._looks = _Paced(clock)
         self._stopped = False
         self.pushed = 0
         self.acked = 0
@@ -273,9 +307,8 @@ class InboxDelivery:
         later.
         """
         self._stopped = True
-        for call in (self._recheck, self._lookCall):
-            if call is not None and call.active():
-                call.cancel()
+        self._rechecks.stop()
+        self._looks.stop()
         for retry in self._retries.values():
             if retry.active():
                 retry.cancel()
@@ -299,19 +332,12 @@ class InboxDelivery:
         """
         live = [session for session in self.sessions if (state := self.flow.state(session)) is not None and state.live]
 
-        def drainSome(start: int) -> None:
-            self._recheck = None
-            for session in live[start : start + chunk]:
-                state = self.flow.state(session)
-                if state is not None and state.live and not session.closed:
-                    self.drain(session)
-            if start + chunk < len(live) and not self._stopped:
-                self._recheck = self.clock.callLater(pause, drainSome, start + chunk)
+        def drainIfLive(session: Session) -> None:
+            state = self.flow.state(session)
+            if state is not None and state.live and not session.closed:
+                self.drain(session)
 
-        if self._recheck is not None and self._recheck.active():
-            self._recheck.cancel()
-
-        drainSome(0)
+        self._rechecks.run(live, drainIfLive, chunk, pause)
         return len(live)
 
     def lookLive(self, chunk: int = 200, pause: float = 0.05) -> int:
@@ -324,17 +350,7 @@ class InboxDelivery:
         @return: how many users will look.
         """
         users = list(dict.fromkeys(session.uid for session in self.sessions if not session.closed))
-
-        def lookSome(start: int) -> None:
-            self._lookCall = None
-            for uid in users[start : start + chunk]:
-                self.recheck(uid)
-            if start + chunk < len(users) and not self._stopped:
-                self._lookCall = self.clock.callLater(pause, lookSome, start + chunk)
-
-        if self._lookCall is not None and self._lookCall.active():
-            self._lookCall.cancel()
-        lookSome(0)
+        self._looks.run(users, self.recheck, chunk, pause)
         return len(users)
 
     def _removeFailed(self, uid: str, qids: list[int], failure: Failure) -> None:
