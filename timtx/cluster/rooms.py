@@ -413,7 +413,11 @@ class ClusterVRoomService(VRoomService):
         return d
 
     def _drawId(self) -> str:
-        draws = 4 * max(len(self.cluster.ownership.nodes), 1)
+        # Each draw is held here with a chance of 1 in N: 4N draws alone
+        # miss about once in 55 (e^-4), and a room created here would then
+        # be held elsewhere; 32 more make a miss about once in 10^8 for
+        # small clusters, for a hash per member and draw.
+        draws = 4 * max(len(self.cluster.ownership.nodes), 1) + 32
         for _ in range(draws):
             vnode = self.newId(ROOM_ID_BYTES)
             if self.holder(vnode) == self.nodeId and vnode not in self.registry:
