@@ -115,6 +115,13 @@ class ClusterMessaging(PersonalMessaging):
             # here): add this one, so a resend through this node is known.
             self.duplicates.remember(dedupe[0], dedupe[1], d, text(conv))
         return d.addCallbacks(
-            lambda appended: pack(b"ok", codec.encode_compact(appended.message), b"%d" % appended.qids[to]),
+            lambda appended: pack(b"ok", _compact(appended), b"%d" % appended.qids[to]),
             refusalAnswer,
         )
+
+
+def _compact(appended: Appended) -> bytes:
+    """
+    The stored message in compact, as it was sealed (encoded once).
+    """
+    return appended.compact if appended.compact is not None else codec.encode_compact(appended.message)

@@ -70,8 +70,9 @@ from timtx.testing import testConfig
 from timtx.transports.tcp import TimTcpServerFactory
 
 SECRET = "cluster-secret-for-the-simulation"
+#: Ports on the simulated network only (no socket is bound).
 PEER_PORT = 7000
-CLIENT_PORT = 5121
+CLIENT_PORT = 7001
 #: Seconds a device waits for an answer: longer than a node waits for
 #: another (C{[cluster] request_timeout}), so it hears the node's verdict.
 REQUEST_TIMEOUT = 25.0
