@@ -682,6 +682,13 @@ class VRoomsConfig:
         "subscribers see them as missed, so a slow or dead node holds up neither the publisher nor the other "
         "nodes. At most half of [cluster] max_peer_output_bytes is used, so other traffic always has room.",
     )
+    max_publishing_sessions: int = option(
+        256,
+        _int(1),
+        "In a cluster: publishing sessions per room whose last frame each node remembers, so that a frame of "
+        "theirs that arrives after a later one (a push held up while the room's holder moved) is dropped, not "
+        "delivered out of order; past it the session heard from longest ago is forgotten.",
+    )
     max_stream_bytes: int = option(
         262144,
         _int(1, 1 << 30),

@@ -50,7 +50,7 @@ import json
 import os
 import random
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from twisted.application.internet import backoffPolicy
@@ -306,6 +306,9 @@ class _Peer:
     requests: dict[int, _Pending] = field(default_factory=dict)
     nextRequestId: int = 0
     serving: int = 0
+    #: What the last link established with it offered (see
+    #: L{ClusterService.peerFeatures}).
+    features: frozenset[str] = frozenset()
 
     def newRequestId(self) -> int:
         self.nextRequestId = (self.nextRequestId + 1) & MAX_REQUEST_ID
@@ -611,6 +614,30 @@ class ClusterService(Service):
         The bytes this node's peer links carried, both ways, since it started.
         """
         return self.settings.traffic
+
+    def offer(self, feature: str) -> None:
+        """
+        Offer C{feature} in the handshake of every link made from now on
+        (call it before the service starts): a service that adds an
+        optional field to its messages sends it only to the nodes that
+        offer it too (L{peerFeatures}), so a node that does not know it
+        is sent what it reads.
+
+        @raise ValueError: for a name that is not a valid kind.
+        """
+        self._checkKind(feature)
+        if feature not in self.settings.features:
+            self.settings = replace(self.settings, features=(*self.settings.features, feature))
+
+    def peerFeatures(self, nodeId: str) -> frozenset[str]:
+        """
+        The features both this node and C{nodeId} offered on the last link
+        established between them (kept while it is down: what waits for it
+        goes on the next one, to the same process as a rule); none before
+        the first.
+        """
+        peer = self._peers.get(nodeId)
+        return frozenset() if peer is None else peer.features
 
     def addObserver(self, observer: Observer) -> None:
         """
@@ -1226,7 +1253,10 @@ class ClusterService(Service):
                 self._seedDialers.pop(dialer.address, None)
             elif peer.dialer is dialer:
                 peer.dialer = None
-        if not self._adopt(peer, link):
+        adopted = self._adopt(peer, link)
+        if peer.link is not None:
+            peer.features = peer.link.features
+        if not adopted:
             return
         if peer.dialer is not None:
             peer.dialer.stop()

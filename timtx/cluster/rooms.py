@@ -81,11 +81,35 @@ only rise, so none is delivered twice or out of order.  Frames may still be
 lost then (numbered by two holders, the later of two equal ids is dropped).  Every sweep of idle rooms
 also re-registers each mirror with its holder and hands over rooms held
 in the wrong place, so such splits heal within one sweep interval.
+
+A publisher's order.  Ids alone do not keep it across such a split: a push
+held up on the link to the old holder and numbered by it after the heal
+gets an id above those the new holder gave meanwhile to the publisher's
+later pushes.  So the publisher's node stamps each push (L{Stamp}) with
+its publishing session (a source: a random id of this process and the
+session's id in it) and a number from one counter of the process, which
+rises with every push; the holder puts the stamp in the frame it sends
+on.  Each node that delivers (the holder to its subscribers, a node with
+subscribers to its) remembers per room the last number taken from each
+session (C{VRoom.stamps}) and drops, counted as refused C{out-of-order},
+a push or frame whose number is not above it: a push dropped takes no id,
+a frame dropped is a gap its subscribers see in C{missed}.  Late is lost,
+never out of order.  The order is a session's, not a user's: ordering two
+sessions (a publisher logged in again elsewhere, or on two devices at
+once) would need the nodes' clocks to agree, and a clock behind would
+silence the later session; so a new session's frames may still overtake
+its old one's, as before.  At most C{max_publishing_sessions} sessions
+are remembered per room, the one heard from longest ago forgotten.  The
+stamp is two fields at the end of C{room.push} and C{room.frame}, sent to
+nodes that offer L{ORDER_FEATURE}; from one that does not, frames and
+pushes come unstamped and are taken by their ids, as before.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
+from itertools import count
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
@@ -95,7 +119,7 @@ from twisted.python.failure import Failure
 from timtx.chat.business import requireNode
 from timtx.chat.vrooms.registry import ROOM_ID_BYTES, Subscription, VRoom
 from timtx.chat.vrooms.service import VROOM_ALLOW, VROOM_DISALLOW, VRoomService, flag
-from timtx.chat.vrooms.streams import StreamFrame
+from timtx.chat.vrooms.streams import Stamp, StreamFrame
 from timtx.cluster.directory import UserDirectory
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, Ownership, roomKey
@@ -120,6 +144,14 @@ KIND_GONE = "room.gone"
 KIND_PUSH = "room.push"
 KIND_REFUSED = "room.refused"
 KIND_FRAME = "room.frame"
+
+#: Offered by nodes that stamp pushes and frames with their publishing
+#: session's order (the two fields at the end of C{room.push} and
+#: C{room.frame}); a node that does not offer it is sent neither.
+ORDER_FEATURE = "room.order"
+
+#: The longest source a stamp may name (this node's are 23 characters).
+MAX_SOURCE_CHARS = 64
 
 #: Seconds between sweeps when rooms never expire: the sweep also heals
 #: the node sets (see the module docstring).
@@ -235,7 +267,8 @@ class ClusterVRoomService(VRoomService):
     @ivar dropped: frames (C{room.frame}) and pushes (C{room.push}) not
         sent because too much already waited for their node.
     @ivar refused: peer messages refused, by reason (C{unknown-room},
-        C{not-holder}, C{no-permission}, C{stale}, C{bad-payload}).
+        C{not-holder}, C{no-permission}, C{stale}, C{out-of-order},
+        C{bad-payload}).
     @ivar failed: messages that could not be sent (their node unreachable),
         by kind.
     """
@@ -267,6 +300,11 @@ class ClusterVRoomService(VRoomService):
         self.newId: Callable[[int], str] = new_random_id
         #: The view before the last change of ownership.
         self._previous: Ownership | None = None
+        #: This process, in the source of the stamps of its sessions'
+        #: pushes: a session id is unique only within one process.
+        self._process = secrets.token_hex(8)
+        self._pushes = count(1)
+        cluster.offer(ORDER_FEATURE)
         handlers: dict[str, Callable[[str, bytes], Any]] = {
             KIND_CREATE: self._createReceived,
             KIND_JOIN: self._joinReceived,
@@ -536,29 +574,85 @@ class ClusterVRoomService(VRoomService):
     ) -> tuple[int, int]:
         if self._servedHere(vnode):
             return super().push(session, vnode, body, dtype, timType)
-        fields = (vnode, session.uid, str(self.directory.sessionId(session)), "" if dtype is None else str(dtype))
+        holder = self.holder(vnode)
+        sid = self.directory.sessionId(session)
+        fields = (vnode, session.uid, str(sid), "" if dtype is None else str(dtype))
         payload = pack(*(f.encode() for f in fields), b"%d" % timType, body)
-        self._sendBounded(self.holder(vnode), KIND_PUSH, payload)
+        if ORDER_FEATURE in self.cluster.peerFeatures(holder):
+            payload += _packStamp(self._stampFor(sid))
+        self._sendBounded(holder, KIND_PUSH, payload)
         return 0, 0
+
+    def stamp(self, session: Session) -> Stamp:
+        return self._stampFor(self.directory.sessionId(session))
+
+    def _stampFor(self, sid: int) -> Stamp:
+        """
+        The stamp of the next push of session C{sid} of this node: one
+        counter for all sessions and rooms of the process (it only has to
+        rise within each session), and a source unique in the cluster.
+        """
+        return f"{self._process}.{sid}", next(self._pushes)
+
+    def publish(
+        self, room: VRoom, publisher: str, body: bytes, dtype: int | None = None, stamp: Stamp | None = None
+    ) -> StreamFrame:
+        frame = super().publish(room, publisher, body, dtype, stamp)
+        if stamp is not None:
+            self._remember(room, stamp)
+        return frame
 
     def deliver(self, room: VRoom, frame: StreamFrame) -> tuple[int, int]:
         counts = super().deliver(room, frame)
         nodes = self.nodes.get(room.vnode) if room.mirrorOf is None else None
         if nodes:
             payload = pack(room.vnode.encode(), b"%d" % room.seq, frame.payload(Encoding.COMPACT))
+            stamped = payload + _packStamp(frame.stamp) if frame.stamp is not None else payload
             for node in list(nodes):
-                self._sendBounded(node, KIND_FRAME, payload)
+                ordered = ORDER_FEATURE in self.cluster.peerFeatures(node)
+                self._sendBounded(node, KIND_FRAME, stamped if ordered else payload)
         return counts
 
+    def _late(self, room: VRoom, stamp: Stamp | None) -> bool:
+        """
+        Whether a frame stamped C{stamp} comes after one its session
+        pushed later (or the same one twice): then it is dropped, not
+        delivered out of its publisher's order; counted as refused
+        (C{out-of-order}).  Unstamped frames (from a node that does not
+        offer L{ORDER_FEATURE}) are never late.
+        """
+        if stamp is None:
+            return False
+        last = room.stamps.get(stamp[0])
+        if last is None or stamp[1] > last:
+            return False
+        self._refuse("out-of-order")
+        return True
+
+    def _remember(self, room: VRoom, stamp: Stamp) -> None:
+        """
+        C{stamp} is the last taken here from its session; past
+        C{max_publishing_sessions} the session heard from longest ago is
+        forgotten (its late frames would be taken, as unstamped ones).
+        """
+        source, number = stamp
+        stamps = room.stamps
+        stamps[source] = max(number, stamps.get(source, number))
+        stamps.move_to_end(source)
+        while len(stamps) > self.config.max_publishing_sessions:
+            stamps.popitem(last=False)
+
     def _pushReceived(self, node: str, payload: bytes) -> None:
-        vnode, uid, sid, dtype, timType, body = unpack(payload, 6)
+        vnode, uid, sid, dtype, timType, body, *stampFields = unpack(payload, 6, optional=2)
+        stamp = _stamp(stampFields)
         room = self._held(text(vnode))
         if room is None:
             self._refusePush(node, "unknown-room", uid, sid, vnode, timType, ErrorCode.ERR_NOEXIST)
         elif not room.mayPublish(text(uid)):
             self._refusePush(node, "no-permission", uid, sid, vnode, timType, ErrorCode.ERR_AUTH)
-        else:
-            self.deliver(room, self.publish(room, text(uid), body, integer(dtype) if dtype else None))
+        elif not self._late(room, stamp):
+            # A late push is not numbered: no subscriber sees a gap for it.
+            self.deliver(room, self.publish(room, text(uid), body, integer(dtype) if dtype else None, stamp))
 
     def _refusePush(
         self, node: str, reason: str, uid: bytes, sid: bytes, vnode: bytes, timType: bytes, code: int
@@ -579,7 +673,8 @@ class ClusterVRoomService(VRoomService):
             session.sendError(timType, TimProtocolError(code, str(message.get("text", ""))), n=vnode)
 
     def _frameReceived(self, node: str, payload: bytes) -> None:
-        vnode, seq, compact = unpack(payload, 3)
+        vnode, seq, compact, *stampFields = unpack(payload, 3, optional=2)
+        stamp = _stamp(stampFields)
         room = self.registry.get(text(vnode))
         if room is None:
             # Nobody subscribes here (any more): the holder should not send.
@@ -593,6 +688,10 @@ class ClusterVRoomService(VRoomService):
         if number <= room.seq:
             self._refuse("stale")
             return
+        if self._late(room, stamp):
+            # Its id is not taken: the next frame's gap counts it as
+            # missed here.
+            return
         gap = number - room.seq - 1
         if gap:
             # Dropped for this node on the way (or lost with a holder):
@@ -604,6 +703,9 @@ class ClusterVRoomService(VRoomService):
         room.frames.mark()
         room.bytes.mark(len(compact))
         frame = RemoteStreamFrame(compact)
+        if stamp is not None:
+            frame.stamp = stamp
+            self._remember(room, stamp)
         if room.mirrorOf is None:
             # Numbered by the previous holder while views differ: for the
             # subscribers here only; the other nodes hear it from it too.
@@ -924,6 +1026,26 @@ def _answer(data: bytes) -> dict[str, Any]:
         n = answer.get("n")
         raise _error(code, str(answer.get("text", "")), n if isinstance(n, str) else None)
     return answer
+
+
+def _packStamp(stamp: Stamp) -> bytes:
+    """
+    The two fields a stamp adds at the end of C{room.push} and
+    C{room.frame}: its source and its number (decimal).
+    """
+    return pack(stamp[0].encode(), b"%d" % stamp[1])
+
+
+def _stamp(fields: list[bytes]) -> Stamp | None:
+    """
+    The stamp L{_packStamp} wrote, if the sender added one.
+    """
+    if not fields:
+        return None
+    source = text(fields[0])
+    if not source or len(source) > MAX_SOURCE_CHARS:
+        raise BadPayload(f"a stamp's source has 1 to {MAX_SOURCE_CHARS} characters")
+    return source, integer(fields[1])
 
 
 def _text(message: dict[str, Any], key: str) -> str:

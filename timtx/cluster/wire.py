@@ -44,18 +44,23 @@ def pack(*fields: bytes) -> bytes:
     return b"".join(parts)
 
 
-def unpack(data: bytes, count: int) -> list[bytes]:
+def unpack(data: bytes, count: int, optional: int = 0) -> list[bytes]:
     """
-    The C{count} fields of a payload made by L{pack}.
+    The C{count} fields of a payload made by L{pack}, and the C{optional}
+    ones after them if it has them (a field a newer node adds at the end):
+    all of those or none.
 
     @raise BadPayload: if it holds another number of fields or is cut short.
     """
     fields: list[bytes] = []
     view = memoryview(data)
     offset = 0
-    for _ in range(count):
+    for i in range(count + optional):
+        if i == count and offset == len(view):
+            return fields
         if offset + 4 > len(view):
-            raise BadPayload(f"expected {count} fields, got {len(fields)}")
+            expected = f"{count} or {count + optional}" if optional else f"{count}"
+            raise BadPayload(f"expected {expected} fields, got {len(fields)}")
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += 4
         if offset + length > len(view):

@@ -17,9 +17,9 @@ from timtx.admin.metrics import NodeCollector, Sampler
 from timtx.chat.vrooms.registry import VRoomRegistry
 from timtx.client import TimRequestFailed
 from timtx.cluster.ownership import Ownership, roomKey
-from timtx.cluster.rooms import ClusterVRoomService, RemoteStreamFrame, RoomRules, roomRules
+from timtx.cluster.rooms import ORDER_FEATURE, ClusterVRoomService, RemoteStreamFrame, RoomRules, roomRules
 from timtx.cluster.swim import ChangeKind, MemberChange
-from timtx.cluster.wire import BadPayload, dumps, pack
+from timtx.cluster.wire import BadPayload, dumps, pack, unpack
 from timtx.config import VRoomsConfig
 from timtx.crypto.ids import new_random_id
 from timtx.protocols import codec
@@ -121,6 +121,15 @@ class _Cluster:
         self.handlers = {}
         self.waitingFor = {}
         self.sent = []
+        self.offered = set()
+        #: What each other node offers (L{ClusterService.peerFeatures}).
+        self.features = {}
+
+    def offer(self, feature):
+        self.offered.add(feature)
+
+    def peerFeatures(self, nodeId):
+        return self.features.get(nodeId, frozenset())
 
     def addHandler(self, kind, handler):
         self.handlers[kind] = handler
@@ -154,6 +163,63 @@ class _Session:
         self.written.append(codec.decode_compact(TimStream, payload))
 
 
+class _Directory:
+    """
+    What L{ClusterVRoomService} uses of a L{UserDirectory}: session ids.
+    """
+
+    def __init__(self):
+        self.sids = {}
+
+    def sessionId(self, session):
+        return self.sids.setdefault(session, len(self.sids) + 1)
+
+
+def fakeService(nodeId, nodes, **config):
+    """
+    A L{ClusterVRoomService} on a fake cluster and a clock, and that
+    cluster.
+    """
+    cluster = _Cluster(nodeId, nodes)
+    vroomsConfig = VRoomsConfig(**{"node_stream_buffer_bytes": 10_000, **config})
+    clock = Clock()
+    service = ClusterVRoomService(
+        vroomsConfig,
+        cluster=cluster,
+        directory=_Directory(),
+        peerOutputBytes=1 << 20,
+        registry=VRoomRegistry(vroomsConfig, clock),
+        accounts=None,
+        clock=clock,
+        maxOutputBytes=1 << 20,
+    )
+    return service, cluster
+
+
+def sendFrame(cluster, sender, number, stamp=None, body=b"f"):
+    """
+    Hand C{cluster}'s node frame C{number} of room C{room} from node
+    C{sender}, stamped C{stamp} (source, number) or, as a node without
+    L{ORDER_FEATURE} sends it, not.
+    """
+    stream = TimStream(id=number, VNode="room", body=body, fromNode="founder")
+    fields = [b"room", b"%d" % number, codec.encode_compact(stream)]
+    if stamp is not None:
+        fields += [stamp[0].encode(), b"%d" % stamp[1]]
+    cluster.handlers["room.frame"](sender, pack(*fields))
+
+
+def sendPush(cluster, sender, body, stamp=None, uid="founder"):
+    """
+    Hand C{cluster}'s node a push into room C{room} from node C{sender},
+    stamped C{stamp} or not.
+    """
+    fields = [b"room", uid.encode(), b"1", b"", b"94", body]
+    if stamp is not None:
+        fields += [stamp[0].encode(), b"%d" % stamp[1]]
+    cluster.handlers["room.push"](sender, pack(*fields))
+
+
 class DropPolicyTests(SynchronousTestCase):
     """
     The per-node bound on what waits, on a fake cluster and a clock: no
@@ -161,20 +227,7 @@ class DropPolicyTests(SynchronousTestCase):
     """
 
     def service(self, nodeId, nodes, **config):
-        cluster = _Cluster(nodeId, nodes)
-        vroomsConfig = VRoomsConfig(**{"node_stream_buffer_bytes": 10_000, **config})
-        clock = Clock()
-        service = ClusterVRoomService(
-            vroomsConfig,
-            cluster=cluster,
-            directory=None,
-            peerOutputBytes=1 << 20,
-            registry=VRoomRegistry(vroomsConfig, clock),
-            accounts=None,
-            clock=clock,
-            maxOutputBytes=1 << 20,
-        )
-        return service, cluster
+        return fakeService(nodeId, nodes, **config)
 
     def test_slowNodeSkipped(self):
         """
@@ -201,18 +254,149 @@ class DropPolicyTests(SynchronousTestCase):
         service.registry.adopt("room", "founder", False, mirrorOf="a")
         viewer = _Session("viewer")
         service.registry.subscribe(viewer, "room")
-
-        def frame(number):
-            stream = TimStream(id=number, VNode="room", body=b"f", fromNode="founder")
-            payload = pack(b"room", b"%d" % number, codec.encode_compact(stream))
-            cluster.handlers["room.frame"]("a", payload)
-
-        frame(1)
-        frame(4)
-        frame(3)
+        for number in (1, 4, 3):
+            sendFrame(cluster, "a", number)
         self.assertEqual([(f.id, f.missed) for f in viewer.written], [(1, None), (4, 2)])
         self.assertEqual(service.refused, {"stale": 1})
         self.assertEqual(service.registry.subscription(viewer, "room").missed, 2)
+
+
+class PublisherOrderTests(SynchronousTestCase):
+    """
+    A publishing session's frames reach subscribers in the order it pushed
+    them, also when a push was held up while the room's holder moved: the
+    frame that comes after a later one of its session is dropped (issue
+    13; five-node simulation seeds 319 and 328).
+    """
+
+    def mirror(self, **config):
+        service, cluster = fakeService("b", ["a", "b"], **config)
+        service.registry.adopt("room", "founder", False, mirrorOf="a")
+        viewer = _Session("viewer")
+        service.registry.subscribe(viewer, "room")
+        return service, cluster, viewer
+
+    def test_offered(self):
+        """
+        Nodes offer the stamps in their links' handshake.
+        """
+        _, cluster = fakeService("a", ["a"])
+        self.assertEqual(cluster.offered, {ORDER_FEATURE})
+
+    def test_lateFrameDropped(self):
+        """
+        A mirror drops a frame whose session already had a later one taken
+        there, though its id is higher (numbered after the heal of a split
+        by the holder it waited for); its subscribers count it as missed
+        with the next frame.  Another session's frames are not held back.
+        """
+        service, cluster, viewer = self.mirror()
+        sendFrame(cluster, "a", 1, ("n1.1", 1), b"s:1")
+        sendFrame(cluster, "a", 2, ("n1.1", 3), b"s:3")
+        sendFrame(cluster, "a", 3, ("n1.1", 2), b"s:2")
+        sendFrame(cluster, "a", 4, ("n1.2", 1), b"t:1")
+        sendFrame(cluster, "a", 5, ("n1.1", 4), b"s:4")
+        self.assertEqual(
+            [(f.id, f.body, f.missed) for f in viewer.written],
+            [(1, b"s:1", None), (2, b"s:3", None), (4, b"t:1", 1), (5, b"s:4", None)],
+        )
+        self.assertEqual(service.refused, {"out-of-order": 1})
+        self.assertEqual(service.registry.get("room").stamps, {"n1.1": 4, "n1.2": 1})
+
+    def test_latePushNotNumbered(self):
+        """
+        The holder drops a push whose session already had a later one
+        numbered here: it takes no id, reaches no subscriber here or on
+        another node, and the publisher is not told (a live frame late is
+        worthless, not an error).  Frames it sends carry their stamp to a
+        node that offers them, and not to one that does not.
+        """
+        service, cluster = fakeService("a", ["a"])
+        room = service.registry.register("founder", vnode="room")
+        viewer = _Session("viewer")
+        service.registry.subscribe(viewer, "room")
+        service.nodes["room"] = {"b", "c"}
+        cluster.features = {"b": frozenset({ORDER_FEATURE})}
+        sendPush(cluster, "p", b"1", ("p.1", 1))
+        sendPush(cluster, "p", b"3", ("p.1", 3))
+        sendPush(cluster, "p", b"2", ("p.1", 2))
+        self.assertEqual([f.body for f in viewer.written], [b"1", b"3"])
+        self.assertEqual(room.seq, 2)
+        self.assertEqual(service.refused, {"out-of-order": 1})
+        toB = [unpack(p, 5) for node, kind, p in cluster.sent if node == "b"]
+        self.assertEqual([(f[1], f[3], f[4]) for f in toB], [(b"1", b"p.1", b"1"), (b"2", b"p.1", b"3")])
+        toC = [unpack(p, 3) for node, kind, p in cluster.sent if node == "c"]
+        self.assertEqual([f[1] for f in toC], [b"1", b"2"])
+        self.assertFalse([kind for _, kind, _ in cluster.sent if kind == "room.refused"])
+
+    def test_unstampedStillDelivered(self):
+        """
+        Frames and pushes from a node that does not stamp them (it does not
+        offer L{ORDER_FEATURE}) are taken as before, in the order of their
+        ids, also after stamped ones.
+        """
+        service, cluster, viewer = self.mirror()
+        sendFrame(cluster, "a", 1, ("n1.1", 5))
+        sendFrame(cluster, "a", 2)
+        sendFrame(cluster, "a", 3)
+        self.assertEqual([f.id for f in viewer.written], [1, 2, 3])
+        holder, cluster = fakeService("a", ["a"])
+        room = holder.registry.register("founder", vnode="room")
+        holder.nodes["room"] = {"b"}
+        sendPush(cluster, "p", b"x")
+        sendPush(cluster, "p", b"y")
+        self.assertEqual(room.seq, 2)
+        self.assertEqual([unpack(p, 3)[1] for _, _, p in cluster.sent], [b"1", b"2"])
+        self.assertEqual((service.refused, holder.refused), ({}, {}))
+
+    def test_pushStampedForHolderThatOffers(self):
+        """
+        A session's pushes to a room held elsewhere carry its stamp, its
+        number rising, if the holder offers stamps; to one that does not,
+        the push is as before.
+        """
+        service, cluster = fakeService("b", ["a", "b"])
+        vnode = next(v for v in (f"room{i}" for i in range(100)) if service.holder(v) == "a")
+        publisher = _Session("founder")
+        cluster.features = {"a": frozenset({ORDER_FEATURE})}
+        service.push(publisher, vnode, b"1")
+        service.push(publisher, vnode, b"2")
+        cluster.features = {}
+        service.push(publisher, vnode, b"3")
+        stamped = [unpack(p, 8) for _, _, p in cluster.sent[:2]]
+        self.assertEqual(stamped[0][6], stamped[1][6])
+        self.assertLess(int(stamped[0][7]), int(stamped[1][7]))
+        self.assertEqual(unpack(cluster.sent[2][2], 6)[5], b"3")
+
+    def test_sessionsBounded(self):
+        """
+        A node remembers the last stamp of at most
+        C{max_publishing_sessions} sessions per room, forgetting the one
+        heard from longest ago: its late frames are then taken as
+        unstamped ones are.
+        """
+        service, cluster, viewer = self.mirror(max_publishing_sessions=2)
+        sendFrame(cluster, "a", 1, ("s1", 2))
+        sendFrame(cluster, "a", 2, ("s2", 1))
+        sendFrame(cluster, "a", 3, ("s1", 3))
+        sendFrame(cluster, "a", 4, ("s3", 1))
+        self.assertEqual(list(service.registry.get("room").stamps), ["s1", "s3"])
+        sendFrame(cluster, "a", 5, ("s2", 0))
+        self.assertEqual(len(viewer.written), 5)
+
+    def test_badStamp(self):
+        """
+        A stamp without a source, with one too long, or with a number that
+        is not one is a bad payload.
+        """
+        service, cluster, viewer = self.mirror()
+        for stamp in (("", 1), ("x" * 65, 1)):
+            self.assertRaises(BadPayload, sendFrame, cluster, "a", 1, stamp)
+        stream = codec.encode_compact(TimStream(id=1, VNode="room", body=b"f", fromNode="founder"))
+        payload = pack(b"room", b"1", stream, b"s", b"one")
+        self.assertRaises(BadPayload, cluster.handlers["room.frame"], "a", payload)
+        self.assertEqual(viewer.written, [])
+        self.assertEqual(service.refused, {"bad-payload": 3})
 
 
 class ClusterRoomsTests(TestCase):

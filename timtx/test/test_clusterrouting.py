@@ -85,6 +85,16 @@ class WireTests(SynchronousTestCase):
         for bad, count in [(data[:-1], 2), (data + b"x", 2), (data, 3), (data, 1), (b"\x00\x00", 1)]:
             self.assertRaises(BadPayload, unpack, bad, count)
 
+    def test_optionalFields(self):
+        """
+        Fields a newer sender adds at the end are read if they are all
+        there, and not missed if none is; some of them is malformed.
+        """
+        self.assertEqual(unpack(pack(b"a"), 1, optional=2), [b"a"])
+        self.assertEqual(unpack(pack(b"a", b"b", b"c"), 1, optional=2), [b"a", b"b", b"c"])
+        for bad in (pack(b"a", b"b"), pack(b"a", b"b", b"c", b"d"), pack()):
+            self.assertRaises(BadPayload, unpack, bad, 1, 2)
+
 
 class ClusterFixture:
     """

@@ -20,23 +20,11 @@ from timtx.test.groupsim import GroupSim
 
 #: Seeds whose runs find a known bug, and what it is; their tests are
 #: skipped with that reason until it is fixed.
-KNOWN: dict[tuple[int, bool], str] = {
-    (319, False): (
-        "a publisher's frames out of its order across a holder split: s2's push 17 waited on the link from n2 "
-        "to the holder n1 while n1 was cut off; n2 declared n1 dead, took the room over and numbered pushes "
-        "18 and 19; at the heal n1 numbered 17 after them (ids rise), and subscribers got 18, 19, 17 "
-        "(timtx/cluster/rooms.py; docs/cluster.md says so)"
-    ),
-    (328, False): (
-        "the room bug of seed 319: the holder n1 cut off while s1 pushed frames 28 to 30 through n5, and "
-        "subscribers got 30 before 29 (timtx/cluster/rooms.py); the group messages this seed lost to a "
-        "one-sided death verdict (issue 13) reach every member now"
-    ),
-}
+KNOWN: dict[tuple[int, bool], str] = {}
 
 #: For some of L{KNOWN}: what each problem the known bug causes says; a
 #: run with any other problem fails.
-KNOWN_PROBLEM: dict[tuple[int, bool], str] = {(328, False): "'s frames as "}
+KNOWN_PROBLEM: dict[tuple[int, bool], str] = {}
 
 
 def _run(testCase: SynchronousTestCase, seed: int, restarts: bool, nodes: int) -> None:

@@ -104,10 +104,11 @@ class FakeNetwork:
         self.pumps.append(pump)
         return succeed(client)
 
-    def service(self, name, seeds=(), dataDir=None, dialable=True, serviceArgs=None, **cluster):
+    def service(self, name, seeds=(), dataDir=None, dialable=True, serviceArgs=None, features=(), **cluster):
         """
         Start node C{name}; C{dialable} false keeps others from dialling it,
-        C{serviceArgs} go to L{ClusterService} as they are.
+        C{serviceArgs} go to L{ClusterService} as they are, C{features}
+        are offered before it starts.
         """
         config = ClusterConfig(
             listen="tcp:0:interface=127.0.0.1",
@@ -130,6 +131,8 @@ class FakeNetwork:
             rng=random.Random(name),
             **(serviceArgs or {}),
         )
+        for feature in features:
+            service.offer(feature)
         service.startService()
         if dialable:
             self.listeners[config.advertise] = self.clock.tcpServers[-1][1]
@@ -397,6 +400,24 @@ class FakeNetworkTests(SynchronousTestCase):
         a.addHandler("upper", lambda nodeId, payload: payload.upper())
         self.assertEqual(self.successResultOf(a.request("node0", "upper", b"x")), b"X")
         self.failureResultOf(a.request("node0", "none", b"x"), PeerRequestFailed)
+
+    def test_features(self):
+        """
+        Each node learns the features it and a peer both offered on their
+        link (none from a node never linked); a feature is named as a kind.
+        """
+        seed = "a:7946"
+        a = self.net.service("a", features=("room.order", "only.a"))
+        b = self.net.service("b", seeds=[seed], features=("room.order", "only.b"))
+        c = self.net.service("c", seeds=[seed])
+        self.assertIsNotNone(self.net.run(5.0, until=self.net.converged))
+        self.net.run(1.0)
+        self.assertEqual(a.peerFeatures("b"), frozenset({"room.order"}))
+        self.assertEqual(b.peerFeatures("a"), frozenset({"room.order"}))
+        self.assertEqual(a.peerFeatures("c"), frozenset())
+        self.assertEqual(c.peerFeatures("a"), frozenset())
+        self.assertEqual(a.peerFeatures("nobody"), frozenset())
+        self.assertRaises(ValueError, a.offer, "bad feature")
 
     def test_kinds(self):
         a = self.net.service("a")

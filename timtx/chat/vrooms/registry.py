@@ -18,6 +18,7 @@ the local L{Session}.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -91,6 +92,9 @@ class VRoom:
         allowed), so that copies on other nodes can tell the newer.
     @ivar mirrorOf: C{None} for a room this node holds; for a copy of a
         room held by another node of the cluster, that node's id.
+    @ivar stamps: in a cluster, the number in the stamp of the last frame
+        taken here from each publishing session, by its source, the one
+        heard from longest ago first (L{timtx.cluster.rooms}).
     """
 
     __slots__ = (
@@ -109,6 +113,7 @@ class VRoom:
         "dropped",
         "version",
         "mirrorOf",
+        "stamps",
     )
 
     def __init__(self, vnode: str, founder: str, private: bool, clock: IReactorTime):
@@ -126,6 +131,7 @@ class VRoom:
         self.dropped = 0
         self.version = 0
         self.mirrorOf: str | None = None
+        self.stamps: OrderedDict[str, int] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<VRoom {self.vnode} founder={self.founder} subscribers={len(self.subscribers)}>"

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 
 from timtx.chat.business import requireNode
 from timtx.chat.vrooms.registry import RoomStats, Subscription, VRoom, VRoomRegistry
-from timtx.chat.vrooms.streams import StreamFrame, fanOut
+from timtx.chat.vrooms.streams import Stamp, StreamFrame, fanOut
 from timtx.protocols.constants import ErrorCode, TimType, VRoomOp
 from timtx.protocols.errors import TimProtocolError
 from timtx.protocols.structs import Field, TimReq, TimStream, TimStruct
@@ -258,17 +258,29 @@ class VRoomService(Service):
         room = self.registry.require(vnode)
         if not room.mayPublish(session.uid):
             raise _noPermission(vnode)
-        return self.deliver(room, self.publish(room, session.uid, body, dtype))
+        return self.deliver(room, self.publish(room, session.uid, body, dtype, self.stamp(session)))
 
-    def publish(self, room: VRoom, publisher: str, body: bytes, dtype: int | None = None) -> StreamFrame:
+    def stamp(self, session: Session) -> Stamp | None:
         """
-        Number the next frame of C{room}, from C{publisher}, and count it.
+        The stamp of C{session}'s next push: none on one node, where a
+        session's frames cannot overtake one another.
+        """
+        return None
+
+    def publish(
+        self, room: VRoom, publisher: str, body: bytes, dtype: int | None = None, stamp: Stamp | None = None
+    ) -> StreamFrame:
+        """
+        Number the next frame of C{room}, from C{publisher} (its push
+        stamped C{stamp}), and count it.
         """
         room.seq += 1
         room.lastActivity = self.clock.seconds()
         room.frames.mark()
         room.bytes.mark(len(body))
-        return StreamFrame(TimStream(id=room.seq, VNode=room.vnode, dtype=dtype, body=body, fromNode=publisher))
+        frame = StreamFrame(TimStream(id=room.seq, VNode=room.vnode, dtype=dtype, body=body, fromNode=publisher))
+        frame.stamp = stamp
+        return frame
 
     def deliver(self, room: VRoom, frame: StreamFrame) -> tuple[int, int]:
         """

@@ -43,6 +43,12 @@ _STREAM_HEADER = bytes((TimType.TIMSTREAM,))
 #: At most what the C{missed} field adds to an encoded TimStream.
 _MISSED_FIELD_BYTES = 24
 
+#: What orders one publishing session's frames across the nodes of a
+#: cluster: that session's source (unique in the cluster, across restarts)
+#: and a number that rises with each of its pushes (see
+#: L{timtx.cluster.rooms}).
+Stamp = tuple[str, int]
+
 log = Logger()
 
 
@@ -53,11 +59,13 @@ class StreamFrame(Encoded):
     Each form is built at most once.
     """
 
-    __slots__ = ("_rawHeader",)
+    __slots__ = ("_rawHeader", "stamp")
 
     def __init__(self, stream: TimStream):
         super().__init__(stream)
         self._rawHeader: bytes | None = None
+        #: The publishing session's stamp (L{Stamp}), in a cluster.
+        self.stamp: Stamp | None = None
 
     @property
     def stream(self) -> TimStream:
