@@ -799,6 +799,8 @@ class Node(MultiService):
         self.resealer.stop()
         if isinstance(self.router, ClusterRouter):
             self.router.stop()
+        if self.userDirectory is not None:
+            self.userDirectory.stop()
         if self._healTimer is not None and self._healTimer.active():
             self._healTimer.cancel()
         for sweep, _ in self._sweeps:

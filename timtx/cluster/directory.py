@@ -54,6 +54,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from timtx.cluster.insist import Insistence
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, Ownership, userKey
 from timtx.cluster.swim import ChangeKind, MemberChange
@@ -177,6 +178,7 @@ class UserDirectory:
         self._sids: dict[Session, int] = {}
         self._nextSid = count(1)
         self._ownership = cluster.ownership
+        self._back = Insistence(cluster, KIND_BACK)
         cluster.addHandler(KIND_SET, self._setReceived)
         cluster.addHandler(KIND_GET, self._getReceived)
         cluster.addHandler(KIND_UPDATE, self._updateReceived)
@@ -195,6 +197,12 @@ class UserDirectory:
             return self.cluster.ownership.owner(userKey(uid))
         except NoOwner:
             return self.nodeId
+
+    def stop(self) -> None:
+        """
+        The node stops: tell no node again that it is back.
+        """
+        self._back.stop()
 
     # This node's sessions.
 
@@ -524,6 +532,8 @@ class UserDirectory:
             self._promote(new)
         gone = change.kind in (ChangeKind.DIED, ChangeKind.LEFT, ChangeKind.FORGOTTEN)
         if gone:
+            # Told again when next back, if held dead meanwhile.
+            self._back.forget(change.member.nodeId)
             self._nodeGone(change.member.nodeId)
         elif change.kind is ChangeKind.JOINED and change.previous is not None:
             self._tellBack(change.member.nodeId)
@@ -553,24 +563,21 @@ class UserDirectory:
         C{node}, held dead here, is back: this node dropped its sessions and
         its lookups when it died (L{_nodeGone}); have it register the
         first again and forget the second.  It may never have seen a change
-        itself, and would do neither on its own.
+        itself, and would do neither on its own: so it is told until it
+        answers, while it lives (L{Insistence}).
         """
         if node == self.nodeId:
             return
-        d = self.cluster.send(node, KIND_BACK, b"")
-        d.addErrback(self._backFailed, node)
-
-    def _backFailed(self, failure: Failure, node: str) -> None:
-        # Held dead again, it is told when next back; if the link failed
-        # while it lives, its sessions stay unknown here until it registers
-        # them again (a login, a membership change): logged, to be seen.
-        self.log.warn("telling node {node} it is back failed: {why}", node=node, why=failure.getErrorMessage())
+        self._back.tell(node, b"")
 
     def _backReceived(self, node: str, payload: bytes) -> None:
         """
         C{node} held this node dead and sees it back: it has none of this
         node's sessions of the users it owns, and tells it of none of their
         moves.  Register those users again and forget where they were.
+        Answered (with nothing) as soon as that is under way; handling it
+        twice (C{node} asks again when an answer is lost) costs only
+        another registration.
         """
         stale = [uid for uid in self._cache if self.owner(uid) == node]
         for uid in stale:

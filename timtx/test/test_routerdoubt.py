@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from timtx.cluster.directory import UserDirectory
-from timtx.cluster.membership import PeerUnavailable
+from timtx.cluster.directory import KIND_BACK, UserDirectory
+from timtx.cluster.membership import PeerRequestFailed, PeerTimeout, PeerUnavailable
 from timtx.cluster.ownership import Ownership, userKey
 from timtx.cluster.router import KIND_PUSH, KIND_REREAD, ClusterRouter
 from timtx.cluster.swim import ChangeKind, Member, MemberChange, MemberState
@@ -46,20 +47,28 @@ NODES = ["node1", "node2", "node3"]
 
 class _Network:
     """
-    Nodes that reach each other at once, unless one is down; every
-    message is logged as C{(from, to, kind)}.
+    Nodes that reach each other at once, unless one is down (or does not
+    answer in time: what is sent to it is lost); every message is logged
+    as C{(from, to, kind)}.  A node without a handler for a kind answers
+    an error, as a L{ClusterService} does.
     """
 
     def __init__(self) -> None:
         self.nodes: dict[str, _Cluster] = {}
         self.down: set[str] = set()
+        self.slow: set[str] = set()
         self.log: list[tuple[str, str, str]] = []
 
     def deliver(self, source: str, target: str, kind: str, payload: bytes) -> Deferred[Any]:
         if target in self.down:
             return fail(PeerUnavailable(target, "killed"))
+        if target in self.slow:
+            return fail(PeerTimeout(f"no answer from node {target} to {kind!r}"))
         self.log.append((source, target, kind))
-        return maybeDeferred(self.nodes[target].handlers[kind], source, payload)
+        handler = self.nodes[target].handlers.get(kind)
+        if handler is None:
+            return fail(PeerRequestFailed(target, f"no handler for {kind!r}"))
+        return maybeDeferred(handler, source, payload)
 
 
 class _Cluster:
@@ -67,6 +76,9 @@ class _Cluster:
     What the directory and the router use of a L{ClusterService}, with a
     view of the members the test sets.
     """
+
+    #: As a L{ClusterService}'s, without its jitter.
+    retryPolicy = staticmethod(backoffPolicy(0.25, 10.0, 2.0, jitter=lambda: 0.0))
 
     def __init__(self, network: _Network, nodeId: str, clock: Clock):
         self.network = network
@@ -457,6 +469,92 @@ class OneSidedDeathTests(ThreeNodes):
         self.assertEqual(self.nodes["node1"].directory.nodes(carol), frozenset(["node1"]))
         self.assertNotIn("node2", [target for source, target, kind in self.network.log if source == "node1"])
         self.assertIn(("node1", "node3", "dir.set"), self.network.log)
+
+    def backs(self) -> int:
+        """
+        How many C{dir.back} node 1 got from node 3.
+        """
+        return self.network.log.count(("node3", "node1", KIND_BACK))
+
+    def test_lostBackToldAgain(self) -> None:
+        """
+        Node 3's first C{dir.back} to node 1 is lost (the link fails while
+        node 1 lives in its view): it tells node 1 again, with backoff,
+        and node 1 registers bob with it; answered, it tells it no more.
+        """
+        bob = userOwnedBy(["node3", "node2"])
+        self.nodes["node1"].live(bob)
+        self.heldDead("node1", by="node3")
+        self.nodes["node3"].cluster.back("node1")
+        directory = self.nodes["node3"].directory
+        self.assertEqual((self.backs(), directory.sessionsOf(bob)), (0, []))
+        self.network.down.discard("node1")
+        self.clock.advance(_Cluster.retryPolicy(1))
+        self.assertEqual(self.backs(), 1)
+        self.assertEqual([entry.node for entry in directory.sessionsOf(bob)], ["node1"])
+        self.clock.advance(60)
+        self.assertEqual(self.backs(), 1)
+
+    def test_backTimedOut(self) -> None:
+        """
+        A C{dir.back} that gets no answer in time is sent again (handling
+        it twice would be harmless), each time later, until node 1 answers.
+        """
+        bob = userOwnedBy(["node3", "node2"])
+        self.nodes["node1"].live(bob)
+        self.heldDead("node1", by="node3")
+        self.network.down.discard("node1")
+        self.network.slow.add("node1")
+        self.nodes["node3"].cluster.back("node1")
+        self.clock.advance(_Cluster.retryPolicy(1))
+        self.clock.advance(_Cluster.retryPolicy(2))
+        self.assertEqual(self.nodes["node3"].directory.sessionsOf(bob), [])
+        self.network.slow.discard("node1")
+        self.clock.advance(_Cluster.retryPolicy(3))
+        self.assertEqual(self.backs(), 1)
+        self.assertEqual([entry.node for entry in self.nodes["node3"].directory.sessionsOf(bob)], ["node1"])
+        self.assertFalse(self.nodes["node3"].directory._back.telling("node1"))
+
+    def test_noBackOnceDeadAgain(self) -> None:
+        """
+        Node 3 stops telling node 1 it is back once it holds it dead again:
+        it tells it when next back.
+        """
+        self.heldDead("node1", by="node3")
+        self.nodes["node3"].cluster.back("node1")
+        self.nodes["node3"].cluster.sees("node1")
+        self.network.down.discard("node1")
+        self.clock.advance(60)
+        self.assertEqual(self.backs(), 0)
+        self.assertFalse(self.nodes["node3"].directory._back.telling("node1"))
+        self.nodes["node3"].cluster.back("node1")
+        self.assertEqual(self.backs(), 1)
+
+    def test_olderNodeToldOnce(self) -> None:
+        """
+        A node of a version without C{dir.back} answers that it has no
+        handler for it: it is told once, as before, not again and again.
+        """
+        del self.network.nodes["node1"].handlers[KIND_BACK]
+        self.heldDead("node1", by="node3")
+        self.seenBack("node1", by="node3")
+        self.clock.advance(60)
+        self.assertEqual(self.backs(), 1)
+        self.assertFalse(self.nodes["node3"].directory._back.telling("node1"))
+
+    def test_stopCancels(self) -> None:
+        """
+        A node that stops tells nothing more, and leaves no timer behind.
+        """
+        self.heldDead("node1", by="node3")
+        calls = len(self.clock.getDelayedCalls())
+        self.nodes["node3"].cluster.back("node1")
+        self.assertEqual(len(self.clock.getDelayedCalls()), calls + 1)
+        self.nodes["node3"].directory.stop()
+        self.assertEqual(len(self.clock.getDelayedCalls()), calls)
+        self.network.down.discard("node1")
+        self.clock.advance(60)
+        self.assertEqual(self.backs(), 0)
 
 
 class HandoverTests(ThreeNodes):
