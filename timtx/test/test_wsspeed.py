@@ -78,6 +78,10 @@ def _connect(serverFactory):
     """
     clock = Clock()
     serverFactory.reactor = clock
+    # autobahn's factories time a closing handshake on the global reactor,
+    # whatever their reactor: a test that closes would leave that timer to
+    # the tests after it.  These wires close by being pumped.
+    serverFactory.setProtocolOptions(closeHandshakeTimeout=0)
     clientFactory = WebSocketClientFactory("ws://localhost/tim", reactor=clock)
     clientFactory.protocol = _Client
     clientFactory.opened = []

@@ -15,6 +15,7 @@ from timtx.interfaces import IClientNode
 from timtx.protocols.errors import FrameTooLarge
 from timtx.protocols.frames import LengthPrefixedDecoder
 from timtx.transports.admission import ConnectionGate, Ticket
+from timtx.transports.eager import writeNow
 from timtx.transports.nodelay import sendSmallWritesAtOnce
 from timtx.transports.server import TimServerProtocolMixin
 
@@ -79,7 +80,7 @@ class TimTcpServerProtocol(TimServerProtocolMixin, Protocol):
         return _LENGTH.pack(len(frame)) + frame
 
     def sendPrepared(self, prepared: Any) -> None:
-        self.transport.write(prepared)
+        writeNow(self.transport, prepared)
 
     def loseTransport(self, reason: str) -> None:
         self.transport.loseConnection()

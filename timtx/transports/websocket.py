@@ -18,6 +18,7 @@ from autobahn.websocket.types import ConnectionDeny
 
 from timtx.interfaces import IClientNode
 from timtx.transports.admission import Ticket
+from timtx.transports.eager import writeNow
 from timtx.transports.server import TimServerProtocolMixin
 from timtx.transports.wsspeed import FastUnmasking, QuietReads, QuietSettings
 
@@ -134,7 +135,7 @@ class TimWebSocketServerProtocol(  # type: ignore[misc]
         if self._perMessageCompress is None and not self.send_queue:
             # What autobahn's sendData does for a ready frame, without the
             # debug text it formats for every frame (a fan-out hot spot).
-            self.transport.write(prepared.payloadHybi)
+            writeNow(self.transport, prepared.payloadHybi)
         else:
             self.sendPreparedMessage(prepared)
 
