@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -61,14 +62,19 @@ def runBench(testCase, root, *args):
     summary = os.path.join(out, "summary.json")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root.path, *filter(None, [env.get("PYTHONPATH")])])
-    process = subprocess.run(
-        [sys.executable, "-m", "bench", *args, "--out", out, "--summary", summary],
-        cwd=root.path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
+    argv = [sys.executable, "-m", "bench", *args, "--out", out, "--summary", summary]
+    # A session of its own: a run that does not end is killed with the
+    # nodes and generator workers it started, not only the parent.
+    running = subprocess.Popen(
+        argv, cwd=root.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+    try:
+        stdout, stderr = running.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(running.pid, signal.SIGKILL)
+        stdout, stderr = running.communicate()
+        testCase.fail(f"bench {' '.join(args)} did not end in {TIMEOUT} s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    process = subprocess.CompletedProcess(argv, running.returncode, stdout, stderr)
     outcome = None
     if os.path.exists(summary):
         with open(summary, encoding="utf-8") as f:
