@@ -139,8 +139,18 @@ class GroupDirectory:
         self._groups.clear()
         self._userGroups.clear()
 
-    def _changed(self, d: Deferred[Any], gid: str, *uids: str) -> Deferred[Any]:
+    def _changed(self, d: Deferred[Any], gid: str, *uids: str, state: GroupState | None = None) -> Deferred[Any]:
+        """
+        Once C{d} (a change of C{state}, written to the store) is done,
+        tell L{onChange}.  If C{state} is no longer the cached state of
+        C{gid} (another node's change dropped it while this one was under
+        way), the cached one may have been read before this change was
+        stored, and would miss it for good: it is read again.
+        """
+
         def tell(result: Any) -> Any:
+            if state is not None and self._groups.peek(gid) is not state:
+                self._groups.invalidate(gid)
             waits = [w for w in (listener(gid, uids) for listener in self.onChange) if isinstance(w, Deferred)]
             if not waits:
                 return result
@@ -163,19 +173,19 @@ class GroupDirectory:
 
     def update(self, state: GroupState, **changes: Any) -> Deferred[None]:
         state.group = replace(state.group, **changes)
-        return self._changed(self.store.updateGroup(state.group), state.gid)
+        return self._changed(self.store.updateGroup(state.group), state.gid, state=state)
 
     def putMember(self, state: GroupState, member: Member) -> Deferred[None]:
         state.members[member.uid] = member
         self._joined(member.uid, state.gid)
-        return self._changed(self.store.putMember(state.gid, member), state.gid, member.uid)
+        return self._changed(self.store.putMember(state.gid, member), state.gid, member.uid, state=state)
 
     def removeMember(self, state: GroupState, uid: str) -> Deferred[int]:
         state.members.pop(uid, None)
         known = self._userGroups.peek(uid)
         if known is not None:
             known.discard(state.gid)
-        return self._changed(self.store.removeMembers(state.gid, [uid]), state.gid, uid)
+        return self._changed(self.store.removeMembers(state.gid, [uid]), state.gid, uid, state=state)
 
     def setBlock(self, state: GroupState, uid: str, by: int, blocked: bool) -> Deferred[None]:
         flags = state.blocks.setdefault(uid, set())
@@ -185,7 +195,7 @@ class GroupDirectory:
             flags.discard(by)
         if not flags:
             del state.blocks[uid]
-        return self._changed(self.store.setGroupBlock(state.gid, uid, by, blocked), state.gid, uid)
+        return self._changed(self.store.setGroupBlock(state.gid, uid, by, blocked), state.gid, uid, state=state)
 
     def _joined(self, uid: str, gid: str) -> None:
         known = self._userGroups.peek(uid)
