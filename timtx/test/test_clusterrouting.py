@@ -145,6 +145,22 @@ class ClusterFixture:
                     yield node.relations.setStance(a.uid, b.uid, STANCE_FRIEND)
 
 
+def chatMessage(sender, recipient, text, **fields):
+    """
+    A 1:1 chat message from C{sender} to C{recipient}, as a node stores one
+    it was sent (for messages put in the store behind the clients' backs).
+    """
+    return TimMessage(
+        dataString=text,
+        msType=MsType.SOURCE_USER,
+        odType=OdType.ORDER_INOF,
+        fromTid=Tid(node=sender.uid),
+        toTid=Tid(node=recipient.uid),
+        timestamp=1,
+        **fields,
+    )
+
+
 @inlineCallbacks
 def textsReceived(client, count):
     """
@@ -509,15 +525,7 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
         alice = yield self.user(node1)
         bob = yield self.user(node2)
         yield self.friends(node1, alice, bob)
-        stored = TimMessage(
-            id=4242,
-            dataString="stored, never pushed",
-            msType=MsType.SOURCE_USER,
-            odType=OdType.ORDER_INOF,
-            fromTid=Tid(node=alice.uid),
-            toTid=Tid(node=bob.uid),
-            timestamp=1,
-        )
+        stored = chatMessage(alice, bob, "stored, never pushed", id=4242)
         conv = pairConversation(alice.uid, bob.uid)
         yield node1.conversations.append(conv, alice.uid, stored, (bob.uid,), dedupe=(alice.uid, 4242))
         yield alice.disconnect()
@@ -544,14 +552,7 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
         conv = pairConversation(alice.uid, bob.uid)
         ownerId = node1.cluster.ownership.owner(conversationKey(conv))
         previous = node2 if ownerId == node1.cluster.nodeId else node1
-        stored = TimMessage(
-            dataString="by the previous owner",
-            msType=MsType.SOURCE_USER,
-            odType=OdType.ORDER_INOF,
-            fromTid=Tid(node=alice.uid),
-            toTid=Tid(node=bob.uid),
-            timestamp=1,
-        )
+        stored = chatMessage(alice, bob, "by the previous owner")
         # Stored, its push still on the way (never, here).
         yield previous.conversations.append(conv, alice.uid, stored, (bob.uid,))
         echo = yield alice.postMessage(bob.uid, "by the new owner")
