@@ -192,8 +192,9 @@ class NodeProcess:
                 "raw",
                 "--threads",
                 "--nonblocking",
-                # With [node] processes, the node processes are children.
-                *(["--subprocesses"] if self.processes > 1 else []),
+                # With [node] processes, the node processes are children,
+                # and so is the SQLite store's process.
+                "--subprocesses",
                 "--output",
                 self.profilePath,
             ],
@@ -225,10 +226,15 @@ class NodeProcess:
 
     def pids(self) -> list[int]:
         """
-        The node's process, and with C{[node] processes} the node processes
-        it runs.
+        The node's process and every process under it: with C{[node]
+        processes} the node processes it runs, and the SQLite store's
+        process of each (C{[store] sqlite_process}), whose CPU and memory
+        are the node's as much as its own are.
         """
-        return [self.pid, *childPids(self.pid)] if self.processes > 1 else [self.pid]
+        found = [self.pid]
+        for pid in found:
+            found.extend(childPids(pid))
+        return found
 
     def rssKB(self) -> int:
         return sum(procStatus(pid).get("VmRSS", 0) for pid in self.pids())

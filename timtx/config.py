@@ -725,6 +725,13 @@ class StoreConfig:
         "`normal` may lose the last commits on power failure but not on a crash of the process.",
     )
     batch_max: int = option(256, _int(1, 100000), "Most write operations committed in one transaction (group commit).")
+    sqlite_process: bool = option(
+        True,
+        BOOL,
+        "Run the `sqlite` store's database work in a child process of the node, so that it does not share "
+        "the node's GIL (a third more 1:1 messages a second on two cores, see docs/benchmarks.md); "
+        "`false` runs it in a thread of the node process. A child that dies is restarted.",
+    )
     dsn: str = option(
         "",
         TEXT,
@@ -757,7 +764,8 @@ class StoreConfig:
         0.5,
         _seconds(0.01),
         "While the database server is unreachable, seconds before the first reconnection attempt; the wait "
-        "doubles after each failure (with jitter) up to reconnect_max.",
+        "doubles after each failure (with jitter) up to reconnect_max. With `sqlite` and sqlite_process, "
+        "the same waits before starting a new child process after one ended.",
     )
     reconnect_max: float = option(10.0, _seconds(0.01), "Longest wait between two reconnection attempts.")
     shards: tuple[str, ...] = option(

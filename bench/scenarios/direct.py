@@ -74,6 +74,14 @@ class Direct(Scenario):
         Param("body", int, 100, 100, "characters of text per message"),
         Param("store", str, "sqlite", "sqlite", "node store", ("sqlite", "memory", "postgresql", "mariadb")),
         Param("synchronous", str, "full", "full", "SQLite synchronous", ("full", "normal")),
+        Param(
+            "sqlite_process",
+            str,
+            "true",
+            "true",
+            "SQLite work in a child process of the node ([store] sqlite_process)",
+            ("true", "false"),
+        ),
         *SERVER_STORE,
         Param(
             "move",
@@ -111,6 +119,8 @@ class Direct(Scenario):
         name = f"direct-{params['store']}"
         if params["store"] == "mariadb" and params["driver"] != "auto":
             name += f"-{params['driver']}"
+        if params["store"] == "sqlite" and params["sqlite_process"] == "false":
+            name += "-thread"
         if params["encoding"] != "compact":
             name += f"-{params['encoding']}"
         if params["rate"]:
@@ -128,7 +138,12 @@ class Direct(Scenario):
     def nodeSections(self, params: dict) -> dict:
         sections = {
             "messages": {"noauth": True},
-            "store": {"backend": params["store"], "synchronous": params["synchronous"], **serverStore(params)},
+            "store": {
+                "backend": params["store"],
+                "synchronous": params["synchronous"],
+                "sqlite_process": params["sqlite_process"],
+                **serverStore(params),
+            },
         }
         if params["processes"] > 1:
             sections["node"] = {"processes": params["processes"]}

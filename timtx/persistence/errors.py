@@ -32,6 +32,11 @@ class SequenceConflict(Exception):
         self.conv = conv
         self.seq = seq
 
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        # Made again from its fields, not its message: a store in a child
+        # process sends it pickled (timtx.persistence.hosted).
+        return (SequenceConflict, (self.conv, self.seq))
+
 
 class DuplicateConflict(Exception):
     """
@@ -51,6 +56,9 @@ class DuplicateConflict(Exception):
         first = min(held)
         super().__init__(f"message {first} of the call is a resend of mid {held[first].mid} of {held[first].conv}")
         self.held = held
+
+    def __reduce__(self) -> tuple[type, tuple[dict[int, Duplicate]]]:
+        return (DuplicateConflict, (self.held,))
 
 
 class StoreUnavailable(Exception):

@@ -33,7 +33,7 @@ from timtx.persistence.records import (
 )
 from timtx.persistence.rows import Appends
 from timtx.persistence.sealed import keyCounts, keysSql, selectSql, updateSql
-from timtx.persistence.worker import SerialWorker
+from timtx.persistence.worker import BatchWorker, SerialWorker
 
 T = TypeVar("T")
 
@@ -183,10 +183,17 @@ class SQLiteStore:
     #: A file on the node's own disk: there is no server to lose.
     available = True
 
-    def __init__(self, reactor: Any, path: str, synchronous: str = "full", batchMax: int = 256):
+    def __init__(
+        self,
+        reactor: Any,
+        path: str,
+        synchronous: str = "full",
+        batchMax: int = 256,
+        worker: Callable[..., BatchWorker] = SerialWorker,
+    ):
         self.path = path
         self._qids = _Qids()
-        self._worker = SerialWorker(
+        self._worker = worker(
             reactor,
             _connect(path, synchronous),
             begin=lambda c: c.execute("BEGIN IMMEDIATE"),
@@ -714,5 +721,17 @@ class SQLiteStoreFactory:
     name = "sqlite"
     description = "Embedded SQLite file (WAL, group commit); the default."
 
-    def makeStore(self, config: Any, reactor: Any) -> SQLiteStore:
-        return SQLiteStore(reactor, config.store_path, config.store.synchronous, config.store.batch_max)
+    def makeStore(self, config: Any, reactor: Any) -> Any:
+        store = config.store
+        if store.sqlite_process:
+            from timtx.persistence.hosted import HostedStore
+
+            return HostedStore(
+                reactor,
+                config.store_path,
+                store.synchronous,
+                store.batch_max,
+                restartInitial=store.reconnect_initial,
+                restartMax=store.reconnect_max,
+            )
+        return SQLiteStore(reactor, config.store_path, store.synchronous, store.batch_max)

@@ -26,7 +26,7 @@ import queue
 import threading
 from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
@@ -36,6 +36,9 @@ T = TypeVar("T")
 
 _STOP = object()
 
+#: What a batch's operations came to: C{(deferred, ok, result or Failure)}.
+_Results = list[tuple[Deferred[Any], bool, Any]]
+
 
 class WorkerStopped(Exception):
     """
@@ -43,11 +46,13 @@ class WorkerStopped(Exception):
     """
 
 
-class SerialWorker:
+class BatchWorker:
     """
-    Runs C{operation(connection)} calls in order on one thread.
+    How a batch of C{operation(connection)} calls runs: in one
+    transaction, merged where they can be, and again one savepoint each if
+    that fails.  The subclasses decide where and when.
 
-    @param connect: called on the worker thread to make the connection.
+    @param connect: makes the connection.
     @param begin: called with the connection before each batch.
     @param commit: called with the connection after each batch; if it
         raises, every operation of the batch fails with that error.
@@ -81,13 +86,106 @@ class SerialWorker:
         self._rollbackTo = rollbackTo
         self._close = close
         self._batchMax = batchMax
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._started: Deferred[None] = Deferred()
-        self._stopped: Deferred[None] = Deferred()
+        self._name = name
         self._stopping = False
         #: Batches committed, for tests and monitoring.
         self.batches = 0
+
+    def start(self) -> Deferred[None]:
+        """
+        Connect.
+
+        @return: a L{Deferred} that fires once connected, or fails with the
+            connection error.
+        """
+        raise NotImplementedError
+
+    def submit(self, operation: Callable[[Any], T]) -> Deferred[T]:
+        """
+        Queue C{operation(connection)}.
+
+        @return: a L{Deferred} with its result, fired after the batch
+            holding it is committed.
+        """
+        raise NotImplementedError
+
+    def stop(self) -> Deferred[None]:
+        """
+        Run what is queued, then close the connection.
+        """
+        raise NotImplementedError
+
+    def _runBatch(self, connection: Any, batch: list[tuple[Callable[[Any], Any], Deferred[Any]]]) -> _Results:
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        try:
+            self._begin(connection)
+            merges = [getattr(operation, "merge", None) for operation, _ in batch]
+            if any(merges):
+                values: list[Any] = [None] * len(batch)
+                for indices, kind in mergedRuns(merges):
+                    if kind is None:
+                        values[indices[0]] = batch[indices[0]][0](connection)
+                    else:
+                        combined = kind.combine([merges[i] for i in indices])(connection)
+                        for index, value in zip(indices, combined, strict=True):
+                            values[index] = value
+                results = [(d, True, value) for (_, d), value in zip(batch, values, strict=True)]
+            else:
+                for operation, d in batch:
+                    results.append((d, True, operation(connection)))
+            self._commit(connection)
+        except BaseException:
+            try:
+                self._rollback(connection)
+            except BaseException:
+                pass
+            return self._runBatchIsolated(connection, batch)
+        self.batches += 1
+        return results
+
+    def _runBatchIsolated(self, connection: Any, batch: list[tuple[Callable[[Any], Any], Deferred[Any]]]) -> _Results:
+        """
+        Run a batch again with a savepoint around each operation.
+        """
+        results: list[tuple[Deferred[Any], bool, Any]] = []
+        try:
+            self._begin(connection)
+            for index, (operation, d) in enumerate(batch):
+                name = f"op{index}"
+                self._savepoint(connection, name)
+                try:
+                    value = operation(connection)
+                except BaseException:
+                    self._rollbackTo(connection, name)
+                    self._release(connection, name)
+                    results.append((d, False, Failure()))
+                else:
+                    self._release(connection, name)
+                    results.append((d, True, value))
+            self._commit(connection)
+        except BaseException:
+            failure = Failure()
+            try:
+                self._rollback(connection)
+            except BaseException:
+                pass
+            results = [(d, False, failure) for _, d in batch]
+        self.batches += 1
+        return results
+
+
+class SerialWorker(BatchWorker):
+    """
+    Runs C{operation(connection)} calls in order on one thread; see
+    L{BatchWorker} for the parameters.
+    """
+
+    def __init__(self, reactor: IReactorFromThreads, connect: Callable[[], Any], **kwargs: Any):
+        super().__init__(reactor, connect, **kwargs)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._started: Deferred[None] = Deferred()
+        self._stopped: Deferred[None] = Deferred()
 
     def start(self) -> Deferred[None]:
         """
@@ -148,7 +246,7 @@ class SerialWorker:
                         break
                 work = [item for item in batch if item is not _STOP]
                 if work:
-                    self._runBatch(connection, work)
+                    self._reactor.callFromThread(_deliver, self._runBatch(connection, work))
                 if len(work) != len(batch):
                     break
         finally:
@@ -157,67 +255,73 @@ class SerialWorker:
             finally:
                 self._reactor.callFromThread(self._stopped.callback, None)
 
-    def _runBatch(self, connection: Any, batch: list[tuple[Callable[[Any], Any], Deferred[Any]]]) -> None:
-        results: list[tuple[Deferred[Any], bool, Any]] = []
+
+class InlineWorker(BatchWorker):
+    """
+    Runs queued calls on the calling thread when told to (L{flush}), for a
+    process that does nothing but serve its store
+    (L{timtx.persistence.storehost}): there a thread would only be a
+    second holder of the GIL, and handing results back to a reactor work
+    of its own.  Results are delivered before L{flush} returns.
+    """
+
+    def __init__(self, reactor: Any, connect: Callable[[], Any], **kwargs: Any):
+        super().__init__(reactor, connect, **kwargs)
+        self._pending: list[tuple[Callable[[Any], Any], Deferred[Any]]] = []
+        self._connection: Any = None
+
+    def start(self) -> Deferred[None]:
         try:
-            self._begin(connection)
-            merges = [getattr(operation, "merge", None) for operation, _ in batch]
-            if any(merges):
-                values: list[Any] = [None] * len(batch)
-                for indices, kind in mergedRuns(merges):
-                    if kind is None:
-                        values[indices[0]] = batch[indices[0]][0](connection)
-                    else:
-                        combined = kind.combine([merges[i] for i in indices])(connection)
-                        for index, value in zip(indices, combined, strict=True):
-                            values[index] = value
-                results = [(d, True, value) for (_, d), value in zip(batch, values, strict=True)]
-            else:
-                for operation, d in batch:
-                    results.append((d, True, operation(connection)))
-            self._commit(connection)
+            self._connection = self._connect()
         except BaseException:
-            try:
-                self._rollback(connection)
-            except BaseException:
-                pass
-            self._runBatchIsolated(connection, batch)
-            return
-        self.batches += 1
-        self._reactor.callFromThread(_deliver, results)
+            self._stopping = True
+            return fail()
+        return succeed(None)
 
-    def _runBatchIsolated(self, connection: Any, batch: list[tuple[Callable[[Any], Any], Deferred[Any]]]) -> None:
+    def submit(self, operation: Callable[[Any], T]) -> Deferred[T]:
+        d: Deferred[T] = Deferred()
+        if self._stopping or self._connection is None:
+            d.errback(WorkerStopped())
+        else:
+            self._pending.append((operation, d))
+        return d
+
+    @property
+    def pending(self) -> int:
         """
-        Run a batch again with a savepoint around each operation.
+        How many calls are queued.
         """
-        results: list[tuple[Deferred[Any], bool, Any]] = []
-        try:
-            self._begin(connection)
-            for index, (operation, d) in enumerate(batch):
-                name = f"op{index}"
-                self._savepoint(connection, name)
-                try:
-                    value = operation(connection)
-                except BaseException:
-                    self._rollbackTo(connection, name)
-                    self._release(connection, name)
-                    results.append((d, False, Failure()))
-                else:
-                    self._release(connection, name)
-                    results.append((d, True, value))
-            self._commit(connection)
-        except BaseException:
-            failure = Failure()
-            try:
-                self._rollback(connection)
-            except BaseException:
-                pass
-            results = [(d, False, failure) for _, d in batch]
-        self.batches += 1
-        self._reactor.callFromThread(_deliver, results)
+        return len(self._pending)
+
+    @property
+    def batchMax(self) -> int:
+        """
+        Most calls run in one transaction.
+        """
+        return self._batchMax
+
+    def flush(self) -> None:
+        """
+        Run what is queued, at most C{batchMax} calls to a transaction.
+        """
+        while self._pending:
+            batch = self._pending[: self._batchMax]
+            del self._pending[: self._batchMax]
+            _deliver(self._runBatch(self._connection, batch))
+
+    def stop(self) -> Deferred[None]:
+        """
+        Run what is queued, then close the connection.
+        """
+        if not self._stopping:
+            self.flush()
+            self._stopping = True
+            if self._connection is not None:
+                self._close(self._connection)
+        return succeed(None)
 
 
-def _deliver(results: list[tuple[Deferred[Any], bool, Any]]) -> None:
+def _deliver(results: _Results) -> None:
     for d, ok, value in results:
         if ok:
             d.callback(value)

@@ -2,6 +2,7 @@
 Tests for L{timtx.node}: composition and lifecycle.
 """
 
+import os
 import socket
 
 from twisted.internet import reactor
@@ -12,10 +13,12 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from timtx.admin.status import storeStatus
 from timtx.crypto.ids import NodeKeys
 from timtx.node import Node, NodeStartError
 from timtx.persistence.errors import StoreUnavailable
 from timtx.persistence.memory import MemoryStore
+from timtx.persistence.sqlite import SQLiteStore
 from timtx.protocols import codec
 from timtx.testing import startNode, testConfig
 
@@ -34,6 +37,27 @@ class NodeTests(TestCase):
         yield node.ready
         self.assertEqual(node.store.name, "sqlite")
         self.assertEqual(node.keys.accountId("a", ""), NodeKeys.fromFile(node.config.key_path).accountId("a", ""))
+        # By default the SQLite work runs in a child process, which the
+        # admin API names, and which ends with the node.
+        pid = node.store.pid
+        self.assertEqual(storeStatus(node)["process"], {"pid": pid, "restarts": 0})
+        yield node.stopService()
+        self.assertIsNone(node.store.pid)
+        with self.assertRaises(ProcessLookupError):
+            os.kill(pid, 0)
+
+    @inlineCallbacks
+    def test_sqliteInProcess(self):
+        """
+        With C{sqlite_process = false} the SQLite work runs in a thread of
+        the node.
+        """
+        node = Node(testConfig(self.mktemp(), backend="sqlite", store={"sqlite_process": False}), reactor)
+        node.startService()
+        self.addCleanup(node.stopService)
+        yield node.ready
+        self.assertIsInstance(node.store.wrapped, SQLiteStore)
+        self.assertNotIn("process", storeStatus(node))
 
     @inlineCallbacks
     def test_missingCCodecIsLoud(self):

@@ -6,13 +6,15 @@ store is down, the node reconnects by itself, and every message confirmed
 to a sender, before, during or after the outage, is delivered.
 
 Runs a private PostgreSQL (L{timtx.test.databases.privateServer}) that the
-test kills -9 and restarts.  Slow: about 15 seconds each.
+test kills -9 and restarts, and the same with the SQLite store's child
+process.  Slow: about 15 seconds each.
 """
 
+import os
 import signal
 
 from twisted.internet import reactor
-from twisted.internet.defer import fail, inlineCallbacks
+from twisted.internet.defer import fail, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -30,13 +32,12 @@ def sleep(seconds):
     return deferLater(reactor, seconds, lambda: None)
 
 
-class OutageTests(NodeTestCase):
+class OutageMixin:
     """
-    The node on a private PostgreSQL that is killed and restarted under
-    traffic.
+    Traffic through a node whose store goes away and comes back.  A
+    subclass provides C{storeNode()} and C{bringBack()}.
     """
 
-    backend = "postgresql"
     timeout = 120
     sections = {
         "devices": {"limit": 0, "type_limit": 0},
@@ -49,9 +50,23 @@ class OutageTests(NodeTestCase):
     }
 
     @inlineCallbacks
-    def traffic(self):
+    def storeNode(self):
+        """
+        A node on a private PostgreSQL server, C{self.server}.
+        """
         self.server = yield privateServer(self)
         node = yield self.node(store={"dsn": self.server.dsn})
+        return node
+
+    def bringBack(self):
+        """
+        Start the store again after the outage.
+        """
+        return deferToThread(self.server.start)
+
+    @inlineCallbacks
+    def traffic(self):
+        node = yield self.storeNode()
         alice = yield self.user(node)
         bob = yield self.user(node)
         carol = yield self.user(node)
@@ -96,7 +111,7 @@ class OutageTests(NodeTestCase):
         yield deferToThread(stop)
         yield waitUntil(lambda: not node.storeAvailable, 10)
         yield sleep(1.0)
-        yield deferToThread(self.server.start)
+        yield self.bringBack()
         yield waitUntil(lambda: node.storeAvailable, 20)
         yield sleep(1.0)
         yield traffic.stop()
@@ -110,6 +125,15 @@ class OutageTests(NodeTestCase):
         after = sum(len(p.confirmed) for p in people)
         self.assertGreater(after, before)
         self.flushLoggedErrors()
+
+
+class OutageTests(OutageMixin, NodeTestCase):
+    """
+    The node on a private PostgreSQL that is killed and restarted under
+    traffic.
+    """
+
+    backend = "postgresql"
 
     def test_killed(self):
         """
@@ -157,6 +181,34 @@ def loggedInClientAgain(testCase, node, client):
     """
     again = yield loggedInClient(reactor, node, client.loginName, testCase=testCase, registerFirst=False)
     return again
+
+
+class SQLiteProcessOutageTests(OutageMixin, NodeTestCase):
+    """
+    The node on the SQLite store, whose child process is killed -9 under
+    traffic: the node starts a new one by itself.
+    """
+
+    backend = "sqlite"
+    # Long enough for sends to be refused while there is no child.
+    sections = {"devices": {"limit": 0, "type_limit": 0}, "store": {"reconnect_initial": 1.0}}
+
+    @inlineCallbacks
+    def storeNode(self):
+        node = yield self.node()
+        self.hosted = node.store
+        return node
+
+    def bringBack(self):
+        # Nothing to do: the node starts a child after reconnect_initial.
+        return succeed(None)
+
+    def test_childKilled(self):
+        """
+        The store's child process killed -9, then started again by the
+        node.
+        """
+        return self.outage(lambda: os.kill(self.hosted.pid, signal.SIGKILL))
 
 
 class _FailingStore(MemoryStore):
