@@ -158,6 +158,22 @@ def _connect(path: str, synchronous: str) -> Callable[[], sqlite3.Connection]:
     return connect
 
 
+def transactionSteps(begin: str = "BEGIN IMMEDIATE") -> dict[str, Callable[..., Any]]:
+    """
+    A L{BatchWorker}'s transaction steps on an C{sqlite3} connection
+    opened with C{isolation_level=None}.
+    """
+    return {
+        "begin": lambda c: c.execute(begin),
+        "commit": lambda c: c.execute("COMMIT"),
+        "rollback": lambda c: c.execute("ROLLBACK"),
+        "savepoint": lambda c, n: c.execute(f"SAVEPOINT {n}"),
+        "release": lambda c, n: c.execute(f"RELEASE {n}"),
+        "rollbackTo": lambda c, n: c.execute(f"ROLLBACK TO {n}"),
+        "close": lambda c: c.close(),
+    }
+
+
 def _migrate(connection: sqlite3.Connection) -> None:
     (version,) = connection.execute("PRAGMA user_version").fetchone()
     if version > len(MIGRATIONS):
@@ -194,17 +210,7 @@ class SQLiteStore:
         self.path = path
         self._qids = _Qids()
         self._worker = worker(
-            reactor,
-            _connect(path, synchronous),
-            begin=lambda c: c.execute("BEGIN IMMEDIATE"),
-            commit=lambda c: c.execute("COMMIT"),
-            rollback=lambda c: c.execute("ROLLBACK"),
-            savepoint=lambda c, n: c.execute(f"SAVEPOINT {n}"),
-            release=lambda c, n: c.execute(f"RELEASE {n}"),
-            rollbackTo=lambda c, n: c.execute(f"ROLLBACK TO {n}"),
-            close=lambda c: c.close(),
-            batchMax=batchMax,
-            name="timtx-sqlite",
+            reactor, _connect(path, synchronous), **transactionSteps(), batchMax=batchMax, name="timtx-sqlite"
         )
 
     def _run(self, operation: Callable[[sqlite3.Connection], T]) -> Deferred[T]:

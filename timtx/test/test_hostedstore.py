@@ -27,11 +27,11 @@ from timtx.persistence.errors import (
 )
 from timtx.persistence.hosted import HostedStore
 from timtx.persistence.records import Account, Duplicate, NewMessage
-from timtx.persistence.sqlite import MIGRATIONS, SQLiteStore
+from timtx.persistence.sqlite import SQLiteStore, transactionSteps
 from timtx.persistence.storehost import OPENED, FrameReader, StoreHost, packFrame
 from timtx.persistence.worker import InlineWorker, WorkerStopped
 from timtx.test.base import waitUntil
-from timtx.test.test_store import MessageStoreTestsMixin
+from timtx.test.test_store import MessageStoreTestsMixin, newerDatabase
 
 
 def _childEnv():
@@ -84,11 +84,7 @@ class HostedStoreTests(MessageStoreTestsMixin, TestCase):
         A database written by a newer timtx: opening fails with the
         child's reason, and no child is left.
         """
-        path = os.path.join(self.mktemp(), "tim.db")
-        os.makedirs(os.path.dirname(path))
-        connection = sqlite3.connect(path)
-        connection.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
-        connection.close()
+        path = newerDatabase(self.mktemp())
         store = HostedStore(reactor, path)
         yield self.assertFailure(store.open(), SchemaTooNew)
         yield store.close()
@@ -319,11 +315,7 @@ class StoreHostTests(TestCase):
         A database that cannot be opened: one answer saying why, nothing
         read.
         """
-        path = os.path.join(self.mktemp(), "tim.db")
-        os.makedirs(os.path.dirname(path))
-        connection = sqlite3.connect(path)
-        connection.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
-        connection.close()
+        path = newerDatabase(self.mktemp())
         workers = []
         store = SQLiteStore(
             None, path, "full", 256, worker=lambda *a, **k: workers.append(InlineWorker(*a, **k)) or workers[-1]
@@ -378,18 +370,7 @@ class InlineWorkerTests(TestCase):
             c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
             return c
 
-        worker = InlineWorker(
-            None,
-            connect,
-            begin=lambda c: c.execute("BEGIN"),
-            commit=lambda c: c.execute("COMMIT"),
-            rollback=lambda c: c.execute("ROLLBACK"),
-            savepoint=lambda c, n: c.execute(f"SAVEPOINT {n}"),
-            release=lambda c, n: c.execute(f"RELEASE {n}"),
-            rollbackTo=lambda c, n: c.execute(f"ROLLBACK TO {n}"),
-            close=lambda c: c.close(),
-            batchMax=batchMax,
-        )
+        worker = InlineWorker(None, connect, **transactionSteps("BEGIN"), batchMax=batchMax)
         self.successResultOf(worker.start())
         return worker
 

@@ -44,10 +44,23 @@ from timtx.persistence.records import (
     Relation,
     TokenGrant,
 )
-from timtx.persistence.sqlite import MIGRATIONS, SQLiteStore
+from timtx.persistence.sqlite import MIGRATIONS, SQLiteStore, transactionSteps
 from timtx.persistence.worker import SerialWorker, WorkerStopped
 from timtx.protocols.structs import TimMessage
 from timtx.test.databases import mariadbDatabase, postgresqlDatabase
+
+
+def newerDatabase(directory):
+    """
+    A database file in the new C{directory} as a newer timtx would leave
+    it: a schema version past this one's.
+    """
+    os.makedirs(directory)
+    path = os.path.join(directory, "tim.db")
+    connection = sqlite3.connect(path)
+    connection.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    connection.close()
+    return path
 
 
 class MessageStoreTestsMixin:
@@ -605,11 +618,7 @@ class SQLiteStoreTests(MessageStoreTestsMixin, TestCase):
         """
         A database written by a newer timtx is not touched.
         """
-        path = os.path.join(self.mktemp(), "tim.db")
-        os.makedirs(os.path.dirname(path))
-        connection = sqlite3.connect(path)
-        connection.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
-        connection.close()
+        path = newerDatabase(self.mktemp())
         store = SQLiteStore(reactor, path)
         yield self.assertFailure(store.open(), SchemaTooNew)
 
@@ -820,17 +829,7 @@ class SerialWorkerTests(TestCase):
             c.execute("CREATE TABLE t (x INTEGER PRIMARY KEY)")
             return c
 
-        worker = SerialWorker(
-            reactor,
-            connect,
-            begin=lambda c: c.execute("BEGIN"),
-            commit=lambda c: c.execute("COMMIT"),
-            rollback=lambda c: c.execute("ROLLBACK"),
-            savepoint=lambda c, n: c.execute(f"SAVEPOINT {n}"),
-            release=lambda c, n: c.execute(f"RELEASE {n}"),
-            rollbackTo=lambda c, n: c.execute(f"ROLLBACK TO {n}"),
-            close=lambda c: c.close(),
-        )
+        worker = SerialWorker(reactor, connect, **transactionSteps("BEGIN"))
         yield worker.start()
         return worker
 
