@@ -31,7 +31,6 @@ import sys
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -222,12 +221,11 @@ class HostedStore:  # type: ignore[misc]  # the interface's methods are set belo
             return
         wait = self._restartWait
         self._restartWait = min(wait * 2, self._restartMax)
-        if not reason.check(ProcessDone):
-            log.error(
-                "SQLite store process ended ({why}); calls fail as unavailable, restarting in {wait:.1f} s",
-                why=reason.value,
-                wait=wait,
-            )
+        log.error(
+            "SQLite store process ended ({why}); calls fail as unavailable, restarting in {wait:.1f} s",
+            why=reason.value,
+            wait=wait,
+        )
         self.restarts += 1
         self._restart = self._reactor.callLater(wait, self._spawn)
 
