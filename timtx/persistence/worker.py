@@ -1,6 +1,6 @@
-# -*- test-case-name: timtx.test.test_store -*-
+# -*- test-case-name: timtx.test.test_store,timtx.test.test_hostedstore -*-
 """
-One database thread with group commit.
+One database thread with group commit (or none, L{InlineWorker}).
 
 Blocking drivers (C{sqlite3}) must stay off the reactor thread.  A single
 thread owns the connection: it takes every queued operation, runs them all in
@@ -18,6 +18,10 @@ Why one thread and not a pool: SQLite allows one writer at a time anyway, a
 single commit for a burst of writes is what makes durable writes fast, and a
 strict order of operations lets callers reason simply ("a read issued after
 a write sees it").
+
+L{InlineWorker} follows the same rules without a thread, for a process that
+does nothing but serve its store (L{timtx.persistence.sqlitehost}): it runs
+what is queued when told to.  L{BatchWorker} holds what both share.
 """
 
 from __future__ import annotations
