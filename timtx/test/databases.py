@@ -265,6 +265,28 @@ def _alive(pid):
         return False
 
 
+def assertReactorWatchesOnlyLive(testCase):
+    """
+    Fail C{testCase} if the reactor watches a descriptor with nothing
+    behind it: a socket closed while still registered (a driver closing
+    its socket under the reactor) leaves the descriptor's number in the
+    reactor's sets, and once the number is reused the reactor no longer
+    polls what now holds it, so every later test that opens a socket may
+    hang or fail.  Checked where servers are killed, so that such a fault
+    is blamed on the test that made it (seen once, at the end of
+    C{test_store_faults.ServerCrashTests}).
+    """
+    from twisted.internet import reactor
+
+    selectables = getattr(reactor, "_selectables", None)
+    if selectables is None:
+        return
+    watched = set(getattr(reactor, "_reads", ())) | set(getattr(reactor, "_writes", ()))
+    stale = sorted(fd for fd in watched if fd not in selectables)
+    if stale:
+        testCase.fail(f"the reactor watches descriptors {stale} with no selectable behind them")
+
+
 def privateServer(testCase):
     """
     Start a L{PrivateServer} for C{testCase} (in a thread), destroyed when
@@ -275,6 +297,8 @@ def privateServer(testCase):
     if os.geteuid() != 0 and not os.access(PG_BIN, os.X_OK):
         requireOrSkip("cannot run initdb")
     server = PrivateServer()
+    # Registered first, so it runs last: after the test's stores closed.
+    testCase.addCleanup(assertReactorWatchesOnlyLive, testCase)
     testCase.addCleanup(deferToThread, server.destroy)
 
     def setUp():
