@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.task import LoopingCall
 from twisted.python import log
 from twisted.trial.unittest import TestCase
@@ -123,8 +123,15 @@ class RoomInNamespacesTests(TestCase):
             publisher.phase = "after"
 
         wanted = {f"after-{publisher.name}".encode() for publisher in publishers}
+        # Frames of one publisher keep each next() busy even if the other's
+        # never come: bound the wait, and say what came.
+        deadline = reactor.seconds() + 60
         for viewer, got in frames.items():
             while any(sum(f.body == body for f in got) < AFTER for body in wanted):
+                if reactor.seconds() > deadline:
+                    counts = {body: sum(f.body == body for f in got) for body in sorted(wanted)}
+                    connected = {p.name: p.client.connected for p in publishers}
+                    self.fail(f"a viewer got {counts} after the holder died (publishers connected: {connected})")
                 got.append((yield viewer.next(TimType.TIMSTREAM, timeout=30)).body)
             ids = [f.id for f in got]
             self.assertEqual(ids, sorted(set(ids)))
