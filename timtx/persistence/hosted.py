@@ -36,14 +36,24 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
-from zope.interface.interface import Method
 
 import timtx
 from timtx.persistence.errors import StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.interfaces import IMessageStore
-from timtx.persistence.storehost import OPENED, FrameReader, packFrame
+from timtx.persistence.storehost import FORWARDED, OPENED, FrameReader, packFrame
 
 log = Logger()
+
+
+def childEnvironment() -> dict[str, str]:
+    """
+    This process's environment, with which the child imports the timtx
+    this one runs, installed or not.
+    """
+    home = os.path.dirname(os.path.dirname(os.path.abspath(timtx.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
+    return env
 
 
 class _Child(ProcessProtocol):
@@ -154,11 +164,9 @@ class HostedStore:  # type: ignore[misc]  # the interface's methods are set belo
         self._restart = None
         child = _Child(self)
         self._child = child
-        # The child imports the timtx this one runs, installed or not.
-        home = os.path.dirname(os.path.dirname(os.path.abspath(timtx.__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
-        self._reactor.spawnProcess(child, sys.executable, self._argv, env=env, childFDs={0: "w", 1: "r", 2: 2})
+        self._reactor.spawnProcess(
+            child, sys.executable, self._argv, env=childEnvironment(), childFDs={0: "w", 1: "r", 2: 2}
+        )
 
     def _call(self, name: str, args: tuple[Any, ...]) -> Deferred[Any]:
         if not self.available or self._child is None or self._child.transport is None:
@@ -230,7 +238,6 @@ class HostedStore:  # type: ignore[misc]  # the interface's methods are set belo
         self._restart = self._reactor.callLater(wait, self._spawn)
 
 
-for _name in IMessageStore.names():
-    if _name not in ("open", "close") and isinstance(IMessageStore[_name], Method):
-        setattr(HostedStore, _name, _forward(_name))
+for _name in FORWARDED:
+    setattr(HostedStore, _name, _forward(_name))
 del _name

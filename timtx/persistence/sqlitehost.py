@@ -25,6 +25,21 @@ from timtx.persistence.storehost import StoreHost
 from timtx.persistence.worker import InlineWorker
 
 
+def inlineStore(path: str, synchronous: str, batchMax: int) -> tuple[SQLiteStore, InlineWorker]:
+    """
+    A store of C{path} whose calls run when its worker is flushed, and
+    that worker.
+    """
+    workers: list[InlineWorker] = []
+
+    def inline(*args: Any, **kwargs: Any) -> InlineWorker:
+        workers.append(InlineWorker(*args, **kwargs))
+        return workers[-1]
+
+    store = SQLiteStore(None, path, synchronous, batchMax, worker=inline)
+    return store, workers[0]
+
+
 def main(argv: list[str]) -> int:
     path, synchronous, batchMax = argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -33,13 +48,7 @@ def main(argv: list[str]) -> int:
     # prints (a warning, a stray print) goes to stderr, not into a frame.
     answers = os.dup(1)
     os.dup2(2, 1)
-    workers: list[InlineWorker] = []
-
-    def inline(*args: Any, **kwargs: Any) -> InlineWorker:
-        workers.append(InlineWorker(*args, **kwargs))
-        return workers[-1]
-
-    store = SQLiteStore(None, path, synchronous, int(batchMax), worker=inline)
+    store, worker = inlineStore(path, synchronous, int(batchMax))
     poller = select.poll()
     poller.register(0, select.POLLIN)
 
@@ -48,7 +57,7 @@ def main(argv: list[str]) -> int:
         while view:
             view = view[os.write(answers, view) :]
 
-    host = StoreHost(store, workers[0], lambda n: os.read(0, n), lambda: bool(poller.poll(0)), writeAll)
+    host = StoreHost(store, worker, lambda n: os.read(0, n), lambda: bool(poller.poll(0)), writeAll)
     host.serve()
     return 0
 

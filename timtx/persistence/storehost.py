@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
+from zope.interface.interface import Method
 
 from timtx.persistence.interfaces import IMessageStore
 from timtx.persistence.worker import InlineWorker
@@ -69,14 +70,19 @@ class FrameReader:
         del buffer[:start]
 
 
+#: The L{IMessageStore} calls that cross the pipe: every method but
+#: opening and closing, which each side does for itself.
+FORWARDED = frozenset(
+    name for name in IMessageStore.names() if name not in ("open", "close") and isinstance(IMessageStore[name], Method)
+)
+
+
 def storeMethods(store: Any) -> frozenset[str]:
     """
-    The names of the L{IMessageStore} methods C{store} has: what a parent
-    may call (and all it may call).
+    The L{FORWARDED} calls C{store} has: what a parent may call (and all
+    it may call).
     """
-    return frozenset(
-        name for name in IMessageStore.names() if name not in ("open", "close") and callable(getattr(store, name, None))
-    )
+    return frozenset(name for name in FORWARDED if callable(getattr(store, name, None)))
 
 
 def sendable(error: BaseException) -> BaseException:

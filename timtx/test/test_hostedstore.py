@@ -17,7 +17,6 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-import timtx
 from timtx.persistence.errors import (
     DuplicateConflict,
     SchemaTooNew,
@@ -25,18 +24,14 @@ from timtx.persistence.errors import (
     StoreOutcomeUnknown,
     StoreUnavailable,
 )
-from timtx.persistence.hosted import HostedStore
+from timtx.persistence.hosted import HostedStore, childEnvironment
 from timtx.persistence.records import Account, Duplicate, NewMessage
 from timtx.persistence.sqlite import SQLiteStore, transactionSteps
+from timtx.persistence.sqlitehost import inlineStore
 from timtx.persistence.storehost import OPENED, FrameReader, StoreHost, packFrame
 from timtx.persistence.worker import InlineWorker, WorkerStopped
 from timtx.test.base import waitUntil
 from timtx.test.test_store import MessageStoreTestsMixin, newerDatabase
-
-
-def _childEnv():
-    home = os.path.dirname(os.path.dirname(os.path.abspath(timtx.__file__)))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH")) if p)}
 
 
 def _alive(pid):
@@ -166,7 +161,7 @@ class HostedStoreTests(MessageStoreTestsMixin, TestCase):
         )
         # Killed by a signal, the parent's output comes as a failure.
         out, err, code = yield getProcessOutputAndValue(
-            sys.executable, ["-c", script, os.path.join(directory, "tim.db")], env=_childEnv()
+            sys.executable, ["-c", script, os.path.join(directory, "tim.db")], env=childEnvironment()
         ).addErrback(lambda f: f.value)
         self.assertEqual(code, signal.SIGKILL, err)
         pid = int(out.split()[0])
@@ -211,7 +206,9 @@ class StoreHostProcessTests(TestCase):
         path = os.path.join(self.mktemp(), "tim.db")
         child = _Raw()
         argv = [sys.executable, "-m", "timtx.persistence.sqlitehost", path, "full", "256"]
-        transport = reactor.spawnProcess(child, sys.executable, argv, env=_childEnv(), childFDs={0: "w", 1: "r", 2: 2})
+        transport = reactor.spawnProcess(
+            child, sys.executable, argv, env=childEnvironment(), childFDs={0: "w", 1: "r", 2: 2}
+        )
         self.addCleanup(
             lambda: child.ended if transport.pid is None else (transport.signalProcess("KILL"), child.ended)[1]
         )
@@ -272,20 +269,14 @@ class StoreHostTests(TestCase):
     L{StoreHost}'s loop, without a process.
     """
 
-    def serve(self, chunks, batchMax=256):
-        path = os.path.join(self.mktemp(), "tim.db")
-        os.makedirs(os.path.dirname(path))
-        workers = []
-
-        def inline(*args, **kwargs):
-            workers.append(InlineWorker(*args, **kwargs))
-            return workers[-1]
-
-        store = SQLiteStore(None, path, "full", batchMax, worker=inline)
-        pipe = _Pipe(chunks)
-        StoreHost(store, workers[0], pipe.read, pipe.ready, pipe.write).serve()
-        self.pipe = pipe
-        return list(FrameReader().feed(pipe.written)), workers[0]
+    def serve(self, chunks, batchMax=256, path=None):
+        if path is None:
+            path = os.path.join(self.mktemp(), "tim.db")
+            os.makedirs(os.path.dirname(path))
+        store, worker = inlineStore(path, "full", batchMax)
+        self.pipe = _Pipe(chunks)
+        StoreHost(store, worker, self.pipe.read, self.pipe.ready, self.pipe.write).serve()
+        return list(FrameReader().feed(self.pipe.written)), worker
 
     def test_batchPerRead(self):
         """
@@ -315,16 +306,10 @@ class StoreHostTests(TestCase):
         A database that cannot be opened: one answer saying why, nothing
         read.
         """
-        path = newerDatabase(self.mktemp())
-        workers = []
-        store = SQLiteStore(
-            None, path, "full", 256, worker=lambda *a, **k: workers.append(InlineWorker(*a, **k)) or workers[-1]
-        )
-        pipe = _Pipe([packFrame((1, "countInbox", ("u",)))])
-        StoreHost(store, workers[0], pipe.read, pipe.ready, pipe.write).serve()
-        ((callId, ok, error),) = FrameReader().feed(pipe.written)
+        answers, _ = self.serve([packFrame((1, "countInbox", ("u",)))], path=newerDatabase(self.mktemp()))
+        ((callId, ok, error),) = answers
         self.assertEqual((callId, ok, type(error)), (OPENED, False, SchemaTooNew))
-        self.assertEqual(len(pipe.chunks), 1)
+        self.assertEqual(len(self.pipe.chunks), 1)
 
 
 class FramingTests(SynchronousTestCase):
