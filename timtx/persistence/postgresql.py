@@ -38,6 +38,7 @@ reconnecting with backoff) is in L{timtx.persistence.pool}.
 from __future__ import annotations
 
 import functools
+import os
 import random as _random
 import re
 from typing import Any, Callable
@@ -260,15 +261,68 @@ class Op:
         self.then = then
 
 
+class _Cursor(txpostgres.Cursor):  # type: ignore[misc]
+    """
+    A txpostgres cursor watched under its connection's descriptor
+    (L{_Connection.fileno}).
+    """
+
+    def fileno(self) -> int:
+        return self._connection.fileno()  # type: ignore[no-any-return]
+
+
 class _Connection(txpostgres.Connection):  # type: ignore[misc]
     """
     A txpostgres connection that tells its link when the server closes it
     while idle, instead of letting the driver's error escape into the
     reactor's log.
+
+    Once connected, the reactor watches a duplicate of libpq's socket that
+    this connection owns and closes only after taking it out of the
+    reactor.  libpq closes its own socket whenever it finds the server
+    gone, and can do so inside a call that txpostgres makes while the
+    connection is registered (a statement started as the server dies): the
+    reactor would then keep a descriptor number with nothing behind it,
+    unregistering it would fail half-way, and once the number was reused
+    the reactor would stop polling whatever held it.  The duplicate keeps
+    the socket, and so the registration, valid until L{close}.
     """
 
+    cursorFactory = _Cursor
     link: PostgresLink | None = None
     _why = ""
+    #: The duplicate of libpq's socket that the reactor watches, once
+    #: connected.
+    _watched: int | None = None
+
+    def poll(self) -> Deferred[Any]:
+        # Only connect() polls the connection itself; the reactor watches
+        # it for good in a callback after this one.
+        d: Deferred[Any] = super().poll()
+        if self._watched is None:
+            d.addCallback(self._watch)
+        return d
+
+    def _watch(self, connected: Any) -> Any:
+        # txpostgres went back to watching libpq's own descriptor after
+        # the last poll: swap it for the duplicate.
+        self.reactor.removeReader(self)
+        self.reactor.removeWriter(self)
+        self._watched = os.dup(self._connection.fileno())
+        return connected
+
+    def fileno(self) -> int:
+        if self._watched is not None:
+            return self._watched
+        return super().fileno()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            watched, self._watched = self._watched, None
+            if watched is not None:
+                os.close(watched)
 
     def doRead(self) -> None:
         try:

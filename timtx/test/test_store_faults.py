@@ -8,6 +8,7 @@ The tests that kill a server run their own PostgreSQL (L{privateServer});
 the others use this machine's servers.  Slow-ish: about 15 seconds in all.
 """
 
+import os
 import signal
 import time
 
@@ -20,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from timtx.persistence.errors import SchemaTooNew, StoreOutcomeUnknown, StoreUnavailable
 from timtx.persistence.records import NewMessage
 from timtx.test.databases import (
+    assertReactorWatchesOnlyLive,
     freePort,
     mariadbDatabase,
     mariadbExecute,
@@ -164,6 +166,32 @@ class KilledConnectionTests(TestCase):
             yield sleep(0.02)
         yield store.appendMessages([NewMessage("c", 2, 2, "a", b"two", 0.0)])
         self.assertEqual([m.stanza for m in (yield store.messagesAfter("c", 0, 10))], [b"one", b"two"])
+
+    @inlineCallbacks
+    def test_postgresqlSocketClosedUnderTheReactor(self):
+        """
+        libpq closes its socket as soon as it finds the server gone, even
+        inside a call txpostgres makes while the reactor watches the
+        connection (a statement started as the server dies).  The reactor
+        watches a duplicate the store owns, so closing the connection then
+        takes it out of the reactor cleanly: nothing is left that a later
+        socket reusing the number would trip over.
+        """
+        from timtx.persistence.postgresql import _Connection
+
+        dsn = yield postgresqlDatabase(self)
+        connection = _Connection(reactor)
+        yield connection.connect(dsn)
+        watched = connection.fileno()
+        libpq = connection._connection.fileno()
+        self.assertNotEqual(watched, libpq)
+        self.assertEqual(os.fstat(watched).st_ino, os.fstat(libpq).st_ino)
+        self.assertIn(watched, reactor._reads)  # idle: watched for NOTIFY
+        connection._connection.close()  # what libpq does, under the reactor
+        connection.close()
+        self.assertNotIn(watched, reactor._reads)
+        self.assertEqual(connection.fileno(), -1)
+        assertReactorWatchesOnlyLive(self)
 
     @inlineCallbacks
     def test_mariadb(self):
