@@ -187,6 +187,7 @@ class UserDirectory:
         cluster.addHandler(KIND_REPLICA, self._replicaReceived)
         cluster.addHandler(KIND_BACK, self._backReceived)
         cluster.addObserver(self._membershipChanged)
+        cluster.addRestartObserver(self._nodeRestarted)
 
     @property
     def nodeId(self) -> str:
@@ -637,6 +638,16 @@ class UserDirectory:
                 return True
 
         return moved
+
+    def _nodeRestarted(self, node: str) -> None:
+        """
+        C{node} was started again, perhaps unseen (before any member held
+        it dead): the sessions its last run registered here are gone, and
+        would otherwise be counted (presence, device limits) until each
+        user logged in there again.  Its new run registers what it holds
+        over the link this is learnt on, after this.
+        """
+        self._nodeGone(node)
 
     def _nodeGone(self, node: str) -> None:
         """

@@ -309,6 +309,8 @@ class _Peer:
     #: What the last link established with it offered (see
     #: L{ClusterService.peerFeatures}).
     features: frozenset[str] = frozenset()
+    #: The run (the session id of its handshake) the last link reached.
+    run: bytes | None = None
 
     def newRequestId(self) -> int:
         self.nextRequestId = (self.nextRequestId + 1) & MAX_REQUEST_ID
@@ -512,6 +514,7 @@ class ClusterService(Service):
         #: Metadata the NAT layer advertises (its mapping, STUN servers).
         self._natMeta: dict[str, str] = {}
         self._linkObservers: list[Callable[[str, str | None], None]] = []
+        self._restartObservers: list[Callable[[str], None]] = []
         self._pathInfo: list[Callable[[str], Mapping[str, Any]]] = []
         self._peers: dict[str, _Peer] = {}
         self._seedDialers: dict[str, _Dialer] = {}
@@ -697,6 +700,17 @@ class ClusterService(Service):
         C{path} is C{tcp}, C{relayed} or C{direct}, or C{None} when lost.
         """
         self._linkObservers.append(observer)
+
+    def addRestartObserver(self, observer: Callable[[str], None]) -> None:
+        """
+        Call C{observer(nodeId)} when a link is made to another run of a
+        node than its last link reached: the node was started again,
+        perhaps before any member held it dead, and keeps nothing of its
+        last run (sessions, lookups, subscriptions).  Called before the
+        new link carries anything either way, so that what the new run
+        sends is never taken for what the old one left.
+        """
+        self._restartObservers.append(observer)
 
     def addPathInfo(self, provider: Callable[[str], Mapping[str, Any]]) -> None:
         """
@@ -1258,6 +1272,7 @@ class ClusterService(Service):
             peer.features = peer.link.features
         if not adopted:
             return
+        self._noteRun(peer, link)
         if peer.dialer is not None:
             peer.dialer.stop()
             peer.dialer = None
@@ -1270,6 +1285,14 @@ class ClusterService(Service):
         if (dialer is not None and dialer.nodeId is None) or not self.swim.joined:
             self.swim.join(peer.nodeId, self.clock.seconds())
             self._pump()
+
+    def _noteRun(self, peer: _Peer, link: PeerProtocol) -> None:
+        previous, peer.run = peer.run, link.peerSession
+        if previous is None or previous == peer.run:
+            return
+        self.log.info("node {node} was started again: what its last run held is gone", node=peer.nodeId)
+        for observer in list(self._restartObservers):
+            observer(peer.nodeId)
 
     def _relayUp(self, nodeId: str) -> None:
         """

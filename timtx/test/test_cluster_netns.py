@@ -22,7 +22,8 @@ from twisted.internet.task import deferLater
 from twisted.python import log
 from twisted.trial.unittest import TestCase
 
-from timtx.client import ClientTimeout, TimRequestFailed
+from timtx.client import ClientTimeout, TimRequestFailed, register
+from timtx.cluster.ownership import Ownership, userKey
 from timtx.protocols.codec import Encoding
 from timtx.protocols.constants import Business, ErrorCode, TimType
 from timtx.test.base import waitUntil
@@ -321,4 +322,44 @@ class MeshInNamespacesTests(TestCase):
         log.msg(f"all sent; resends: alice {fromAlice.retries}, carol {toAlice.retries}")
         yield self.assertReceivedOnce(fromAlice, bobGot)
         yield self.assertReceivedOnce(toAlice, aliceGot)
+        mesh.assertNoTracebacks()
+
+    @defer.inlineCallbacks
+    def test_restartedUnseen(self) -> Any:
+        """
+        Node 2 is killed (SIGKILL) and started again before node 1 holds it
+        dead (probes slowed down here so that it cannot): node 1, which owns
+        ann's directory entry, learns from the new run's link that the
+        sessions node 2 held are gone.  Ann's friend on node 1 is told she
+        went offline; logged in on node 2 again, she gets his messages.
+        """
+        mesh = yield ProcessMesh.start(self, 2, extra="probe_interval = 5\nprobe_timeout = 2\n")
+        tag = os.urandom(3).hex()
+        owners = Ownership(["node1", "node2"])
+        for i in range(50):
+            ann = f"a{tag}{i}"
+            annUid = yield register(reactor, mesh.url(1, "/tim2"), ann, "secret")
+            if owners.owner(userKey(annUid)) == "node1":
+                break
+        bob = f"b{tag}"
+        yield mesh.register(bob)
+        bobClient = yield mesh.login(1, bob)
+        annClient = yield mesh.login(2, ann)
+        yield bobClient.business(Business.ADDROSTER, node=annUid)
+        yield annClient.business(Business.ADDROSTER, node=str(bobClient.uid))
+        yield bobClient.ping()
+        bobClient.take(TimType.TIMPRESENCE)
+
+        log.msg("killing node 2 and starting it again")
+        yield mesh.kill(2)
+        mesh.spawn(2)
+        got = (yield bobClient.next(TimType.TIMPRESENCE, timeout=30.0)).body
+        self.assertEqual((got.offline, got.fromTid.node), (True, annUid))
+        self.assertNotIn(b"member node2 died", mesh.log(1).getContent(), "node 1 held node 2 dead")
+
+        yield mesh.untilReady(2)
+        annClient = yield mesh.login(2, ann)
+        echo = yield bobClient.postMessage(annUid, "after the restart", timeout=10.0)
+        got = (yield annClient.next(isMessage)).body
+        self.assertEqual((got.seq, got.dataString), (echo.seq, "after the restart"))
         mesh.assertNoTracebacks()

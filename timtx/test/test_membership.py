@@ -261,6 +261,30 @@ class FakeNetworkTests(SynchronousTestCase):
             self.assertNotIn("node3", self.net.links(service))
             self.assertNotIn("node3", service.ownership)
 
+    def test_restartSeen(self):
+        """
+        A node killed and started again before anyone held it dead is
+        reported to restart observers once its new run links up, before
+        anything of that run is handled; a link that merely drops and
+        comes back to the same run is not a restart.
+        """
+        node0, node1 = self.mesh(2, leave_on_stop=False)
+        restarted = []
+        node0.addRestartObserver(restarted.append)
+        self.net.links(node0)["node1"].transport.loseConnection()
+        self.assertIsNotNone(self.net.run(3.0, until=lambda: "node1" in self.net.links(node0)))
+        self.assertEqual(restarted, [])
+        dataDir = node1.dataDir
+        self.net.crash("node1")
+        handled = []
+        node0.addHandler("hello", lambda node, payload: handled.append(list(restarted)))
+        new = self.net.service("node1", seeds=["node0:7946"], dataDir=dataDir)
+        self.assertIsNotNone(self.net.run(3.0, until=lambda: "node0" in new.ownership))
+        new.send("node0", "hello", b"")
+        self.assertIsNotNone(self.net.run(3.0, until=lambda: handled))
+        self.assertEqual((restarted, handled), (["node1"], [["node1"]]))
+        self.assertTrue(self.net.allSee("node1", ALIVE))
+
     def test_gracefulStop(self):
         """
         A node that stops tells the others, who see it left at once.

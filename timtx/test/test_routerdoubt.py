@@ -95,6 +95,9 @@ class _Cluster:
     def addObserver(self, observer: Callable[[MemberChange], object]) -> None:
         self.observers.append(observer)
 
+    def addRestartObserver(self, observer: Callable[[str], object]) -> None:
+        pass
+
     def member(self, nodeId: str) -> Member | None:
         state = MemberState.ALIVE if nodeId in self.ownership else MemberState.DEAD
         return Member(nodeId, 1, state, f"{nodeId}:7946")

@@ -34,12 +34,20 @@ class _Cluster:
         self.ownership = Ownership(nodes)
         self.requests: list[tuple[str, str, Any, Deferred[bytes]]] = []
         self.observers: list[Any] = []
+        self.restartObservers: list[Any] = []
 
     def addHandler(self, kind: str, handler: Any) -> None:
         pass
 
     def addObserver(self, observer: Any) -> None:
         self.observers.append(observer)
+
+    def addRestartObserver(self, observer: Any) -> None:
+        self.restartObservers.append(observer)
+
+    def restarts(self, nodeId: str) -> None:
+        for observer in self.restartObservers:
+            observer(nodeId)
 
     def request(self, node: str, kind: str, payload: bytes) -> Deferred[bytes]:
         d: Deferred[bytes] = Deferred()
@@ -284,3 +292,41 @@ class UnknownToOwnerTests(SynchronousTestCase):
         self.assertEqual(
             [loads(first), loads(again)], [{"admitted": True, "known": False}, {"admitted": True, "known": True}]
         )
+
+
+class RestartedNodeTests(SynchronousTestCase):
+    """
+    A node started again before any member held it dead: the owner drops
+    the sessions its last run registered.
+    """
+
+    def setUp(self) -> None:
+        self.cluster = _Cluster("node2", ["node1", "node2", "node3"])
+        self.ended: list[str] = []
+        self.directory = UserDirectory(
+            self.cluster,  # type: ignore[arg-type]
+            SessionRegistry(DevicesConfig(limit=0, type_limit=0)),
+            lastSessionEnded=lambda uid, domain: self.ended.append(uid),
+        )
+
+    def register(self, node: str, uid: str, sids: list[int]) -> None:
+        payload = dumps({"uid": uid, "domain": "", "sessions": [[sid, 0, 0.0] for sid in sids]})
+        self.successResultOf(self.directory._setReceived(node, payload))
+
+    def test_sessionsOfTheLastRunDropped(self) -> None:
+        """
+        The users whose only sessions were on the restarted node are
+        offline (told once); a user with a session on another node keeps
+        it; what the new run registers afterwards counts.
+        """
+        ann = ownedBy(self.cluster.ownership, "node2", "ann")
+        bob = ownedBy(self.cluster.ownership, "node2", "bob")
+        self.register("node3", ann, [1, 2])
+        self.register("node3", bob, [3])
+        self.register("node1", bob, [4])
+        self.cluster.restarts("node3")
+        self.assertEqual(self.ended, [ann])
+        self.assertEqual(self.directory.sessionsOf(ann), [])
+        self.assertEqual([(e.node, e.sid) for e in self.directory.sessionsOf(bob)], [("node1", 4)])
+        self.register("node3", ann, [1])
+        self.assertEqual([(e.node, e.sid) for e in self.directory.sessionsOf(ann)], [("node3", 1)])
