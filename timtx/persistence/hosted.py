@@ -56,20 +56,50 @@ def childEnvironment() -> dict[str, str]:
     return env
 
 
+#: Bytes of a line of the child's stderr kept whole; a longer one is
+#: logged in pieces of this size.
+MAX_ERROR_LINE = 4096
+
+
 class _Child(ProcessProtocol):
     """
     One child process: its answers go to the store, and so does its end.
+    What it writes on stderr (a traceback as it dies, a warning) goes to
+    the node's log, line by line, where an operator looks.
+
+    @ivar lastError: the last line it wrote on stderr.
     """
 
     def __init__(self, store: HostedStore):
         self.store = store
         self.reader = FrameReader()
+        self.lastError = ""
+        self._partial = b""
 
     def outReceived(self, data: bytes) -> None:
         for callId, ok, value in self.reader.feed(data):
             self.store._answered(callId, ok, value)
 
+    def errReceived(self, data: bytes) -> None:
+        *lines, partial = (self._partial + data).split(b"\n")
+        while len(partial) > MAX_ERROR_LINE:
+            lines.append(partial[:MAX_ERROR_LINE])
+            partial = partial[MAX_ERROR_LINE:]
+        self._partial = partial
+        for line in lines:
+            self._said(line)
+
+    def _said(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if text:
+            self.lastError = text
+            pid = self.transport.pid if self.transport is not None else None
+            log.warn("SQLite store process {pid}: {line}", pid=pid, line=text)
+
     def processEnded(self, reason: Failure) -> None:
+        if self._partial:
+            self._said(self._partial)
+            self._partial = b""
         self.store._childEnded(self, reason)
 
 
@@ -165,7 +195,7 @@ class HostedStore:  # type: ignore[misc]  # the interface's methods are set belo
         child = _Child(self)
         self._child = child
         self._reactor.spawnProcess(
-            child, sys.executable, self._argv, env=childEnvironment(), childFDs={0: "w", 1: "r", 2: 2}
+            child, sys.executable, self._argv, env=childEnvironment(), childFDs={0: "w", 1: "r", 2: "r"}
         )
 
     def _call(self, name: str, args: tuple[Any, ...]) -> Deferred[Any]:
@@ -221,8 +251,9 @@ class HostedStore:  # type: ignore[misc]  # the interface's methods are set belo
             return
         if self._opened is not None:
             opened, self._opened = self._opened, None
+            said = f" (its last words: {child.lastError})" if child.lastError else ""
             opened.errback(
-                StoreUnavailable(f"the SQLite store process ended before it opened the database: {reason.value}")
+                StoreUnavailable(f"the SQLite store process ended before it opened the database: {reason.value}{said}")
             )
             self._closed = Deferred()
             self._closed.callback(None)
@@ -230,8 +261,9 @@ class HostedStore:  # type: ignore[misc]  # the interface's methods are set belo
         wait = self._restartWait
         self._restartWait = min(wait * 2, self._restartMax)
         log.error(
-            "SQLite store process ended ({why}); calls fail as unavailable, restarting in {wait:.1f} s",
+            "SQLite store process ended ({why}{said}); calls fail as unavailable, restarting in {wait:.1f} s",
             why=reason.value,
+            said=f"; its last words: {child.lastError}" if child.lastError else "",
             wait=wait,
         )
         self.restarts += 1

@@ -15,6 +15,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from timtx.persistence.errors import (
@@ -139,6 +140,28 @@ class HostedStoreTests(MessageStoreTestsMixin, TestCase):
         self.assertEqual(store.restarts, 1)
         self.assertEqual((yield store.getAccount("before")), Account("before", "", "h", 0.0))
         self.assertIs((yield store.createAccount(Account("after", "", "h", 0.0))), True)
+
+    @inlineCallbacks
+    def test_childStderrLogged(self):
+        """
+        What the child writes on stderr reaches the node's log, line by
+        line; a child that dies before it opens the database has its last
+        line in the error the node stops with.
+        """
+        said = []
+
+        def observer(event):
+            if event.get("log_format", "").startswith("SQLite store process {pid}:"):
+                said.append(event["line"])
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        store = HostedStore(reactor, os.path.join(self.mktemp(), "tim.db"), "full", batchMax="many")
+        failure = yield self.assertFailure(store.open(), StoreUnavailable)
+        last = "ValueError: invalid literal for int() with base 10: 'many'"
+        self.assertIn(f"its last words: {last}", str(failure))
+        self.assertEqual(said[0], "Traceback (most recent call last):")
+        self.assertEqual(said[-1], last)
 
     @inlineCallbacks
     def test_childOutlivesNoParent(self):
