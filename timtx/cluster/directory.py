@@ -580,6 +580,14 @@ class UserDirectory:
         twice (C{node} asks again when an answer is lost) costs only
         another registration.
         """
+        self._ownerForgot(node, "held this node dead")
+
+    def _ownerForgot(self, node: str, why: str) -> None:
+        """
+        C{node} has none of this node's sessions of the users it owns, and
+        tells it of none of their moves: register those users again and
+        forget where they were.
+        """
         stale = [uid for uid in self._cache if self.owner(uid) == node]
         for uid in stale:
             del self._cache[uid]
@@ -589,8 +597,9 @@ class UserDirectory:
             if sessions:
                 self._registerAgain(uid, sessions[0].domain)
         self.log.info(
-            "node {node} held this node dead: registering {users} users again, forgetting {stale} cached",
+            "node {node} {why}: registering {users} users again, forgetting {stale} cached",
             node=node,
+            why=why,
             users=len(users),
             stale=len(stale),
         )
@@ -642,12 +651,16 @@ class UserDirectory:
     def _nodeRestarted(self, node: str) -> None:
         """
         C{node} was started again, perhaps unseen (before any member held
-        it dead): the sessions its last run registered here are gone, and
-        would otherwise be counted (presence, device limits) until each
-        user logged in there again.  Its new run registers what it holds
-        over the link this is learnt on, after this.
+        it dead, so that no ownership moved).  The sessions its last run
+        registered here are gone, and would otherwise be counted (presence,
+        device limits) until each user logged in there again; its new run
+        registers what it holds over the link this is learnt on, after
+        this.  And it knows nothing of this node's sessions of the users it
+        owns, nor who cached them: as when it held this node dead, register
+        those again and forget what was cached of its users.
         """
         self._nodeGone(node)
+        self._ownerForgot(node, "was started again")
 
     def _nodeGone(self, node: str) -> None:
         """

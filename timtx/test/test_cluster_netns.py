@@ -328,21 +328,28 @@ class MeshInNamespacesTests(TestCase):
     def test_restartedUnseen(self) -> Any:
         """
         Node 2 is killed (SIGKILL) and started again before node 1 holds it
-        dead (probes slowed down here so that it cannot): node 1, which owns
-        ann's directory entry, learns from the new run's link that the
-        sessions node 2 held are gone.  Ann's friend on node 1 is told she
-        went offline; logged in on node 2 again, she gets his messages.
+        dead (probes slowed down here so that it cannot): node 1 learns it
+        from the new run's link.  As the owner of ann's directory entry it
+        drops the sessions node 2 held: ann's friend bob, on node 1, is told
+        she went offline.  And it registers bob's session again with node 2,
+        which owns bob's entry and forgot it: logged in on node 2 again, ann
+        and bob exchange messages both ways.
         """
         mesh = yield ProcessMesh.start(self, 2, extra="probe_interval = 5\nprobe_timeout = 2\n")
         tag = os.urandom(3).hex()
         owners = Ownership(["node1", "node2"])
-        for i in range(50):
-            ann = f"a{tag}{i}"
-            annUid = yield register(reactor, mesh.url(1, "/tim2"), ann, "secret")
-            if owners.owner(userKey(annUid)) == "node1":
-                break
-        bob = f"b{tag}"
-        yield mesh.register(bob)
+
+        @defer.inlineCallbacks
+        def ownedBy(node: str, prefix: str) -> Any:
+            for i in range(50):
+                name = f"{prefix}{tag}{i}"
+                uid = yield register(reactor, mesh.url(1, "/tim2"), name, "secret")
+                if owners.owner(userKey(uid)) == node:
+                    return name, uid
+            raise AssertionError(f"no user owned by {node}")
+
+        ann, annUid = yield ownedBy("node1", "a")
+        bob, bobUid = yield ownedBy("node2", "b")
         bobClient = yield mesh.login(1, bob)
         annClient = yield mesh.login(2, ann)
         yield bobClient.business(Business.ADDROSTER, node=annUid)
@@ -359,7 +366,15 @@ class MeshInNamespacesTests(TestCase):
 
         yield mesh.untilReady(2)
         annClient = yield mesh.login(2, ann)
-        echo = yield bobClient.postMessage(annUid, "after the restart", timeout=10.0)
-        got = (yield annClient.next(isMessage)).body
-        self.assertEqual((got.seq, got.dataString), (echo.seq, "after the restart"))
+        # Each may get the other's message pushed or, having looked in its
+        # inbox meanwhile (its owner did not know of its session), in an
+        # offline list.
+        annGot, bobGot = _Recorder(), _Recorder()
+        annGot.attach(annClient)
+        bobGot.attach(bobClient)
+        first = yield bobClient.postMessage(annUid, "after the restart", timeout=10.0)
+        second = yield annClient.postMessage(bobUid, "back", timeout=10.0)
+        yield waitUntil(lambda: annGot.bySeq(bobUid) and bobGot.bySeq(annUid), 10)
+        self.assertEqual(annGot.bySeq(bobUid), [(first.seq, "after the restart")])
+        self.assertEqual(bobGot.bySeq(annUid), [(second.seq, "back")])
         mesh.assertNoTracebacks()

@@ -303,9 +303,10 @@ class RestartedNodeTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.cluster = _Cluster("node2", ["node1", "node2", "node3"])
         self.ended: list[str] = []
+        self.sessions = SessionRegistry(DevicesConfig(limit=0, type_limit=0))
         self.directory = UserDirectory(
             self.cluster,  # type: ignore[arg-type]
-            SessionRegistry(DevicesConfig(limit=0, type_limit=0)),
+            self.sessions,
             lastSessionEnded=lambda uid, domain: self.ended.append(uid),
         )
 
@@ -330,3 +331,19 @@ class RestartedNodeTests(SynchronousTestCase):
         self.assertEqual([(e.node, e.sid) for e in self.directory.sessionsOf(bob)], [("node1", 4)])
         self.register("node3", ann, [1])
         self.assertEqual([(e.node, e.sid) for e in self.directory.sessionsOf(ann)], [("node3", 1)])
+
+    def test_itsUsersRegisteredAgain(self) -> None:
+        """
+        Its new run knows nothing of this node's sessions of the users it
+        owns, nor that this node cached where its users are: those
+        sessions are registered with it again, and the cache is forgotten.
+        """
+        carol = ownedBy(self.cluster.ownership, "node3", "carol")
+        dave = ownedBy(self.cluster.ownership, "node3", "dave")
+        self.sessions.admit(Session(_Sink(), carol, "", None, 0, Encoding.COMPACT, 0.0, AckIds()))
+        self.directory._remember(dave, frozenset({"node1"}))
+        self.assertEqual(self.directory.nodes(dave), frozenset({"node1"}))
+        self.cluster.restarts("node3")
+        [(node, kind, payload, _)] = self.cluster.requests
+        self.assertEqual((node, kind, payload["uid"]), ("node3", KIND_SET, carol))
+        self.assertIsNone(self.directory.nodes(dave))
