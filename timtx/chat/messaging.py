@@ -176,6 +176,12 @@ class PersonalMessaging:
         encoded = Encoded(appended.message, appended.compact)
         # Every session of the sender sees what it sent, as stored.
         self.router.send(sender, TimType.TIMMESSAGE, encoded)
+        return self._pushAppended(appended, recipient, encoded)
+
+    def _pushAppended(self, appended: Appended, recipient: str, encoded: Encoded) -> Appended:
+        """
+        Push a durable message to its recipient's sessions.
+        """
         if appended.handover:
             # The conversation's last writer was another node a moment ago:
             # its push of the message before this one may still be on its

@@ -1,8 +1,9 @@
 # -*- test-case-name: timtx.test.test_clusterdedupe -*-
 """
 The answers an owner node gives to C{conv.append} and C{group.append}
-(L{appendAnswer} reads them, L{refusalAnswer} writes a refusal): C{ok} with
-the stored message; C{refused} or C{maybe} (possibly stored) with a tim
+(L{appendOutcome} reads them, L{refusalAnswer} writes a refusal): C{ok} with
+the stored message, its inbox id and, to a sender's node that offered to
+echo it itself (C{conv.echo}), whether it is to; C{refused} or C{maybe} (possibly stored) with a tim
 error; or, when the store refused the message as a resend of one it holds
 (L{AlreadyStored}), C{dup}, where that message is stored, so that the
 sender's node answers its client with it as it answers any resend.
@@ -56,18 +57,28 @@ def unpackResent(conv: bytes, where: bytes) -> AlreadyStored:
 
 def appendAnswer(answer: bytes) -> Appended:
     """
-    The outcome of an append the owner answered with C{answer}.
+    The outcome of an append the owner answered with C{answer}
+    (L{appendOutcome} without the echo).
+    """
+    return appendOutcome(answer)[0]
+
+
+def appendOutcome(answer: bytes) -> tuple[Appended, bool]:
+    """
+    The outcome of an append the owner answered with C{answer}, and
+    whether the owner left the echo to the sender's sessions on the asking
+    node to it (L{timtx.cluster.messaging}, C{conv.echo}).
 
     @raise AlreadyStored: for a resend of a stored message.
     @raise MaybeStored: if the message may or may not be stored.
     @raise TimProtocolError: if the owner refused it.
     @raise BadPayload: if C{answer} is none of these.
     """
-    status, first, second = unpack(answer, 3)
+    status, first, second, *leftHere = unpack(answer, 3, optional=1)
     if status == STATUS_RESENT:
         raise unpackResent(first, second)
     if status == b"ok":
-        return Appended(thrift(TimMessage, first), {})
+        return Appended(thrift(TimMessage, first), {}, compact=first), bool(leftHere and leftHere[0])
     error = MaybeStored if status == b"maybe" else TimProtocolError
     raise error(integer(first), second.decode("utf-8", "replace"))
 

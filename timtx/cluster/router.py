@@ -184,6 +184,20 @@ class ClusterRouter:
         self.local.send(uid, timType, message)
         self._forward(uid, KIND_SEND, lambda: pack(*_encodings(message), uid.encode(), b"%d" % timType))
 
+    def sendExcept(self, uid: str, timType: int, message: Encoded, node: str) -> None:
+        """
+        L{send}, but not to C{node}, which sends to its own sessions of
+        C{uid} itself (L{sendHere}).
+        """
+        self.local.send(uid, timType, message)
+        self._forward(uid, KIND_SEND, lambda: pack(*_encodings(message), uid.encode(), b"%d" % timType), skip=node)
+
+    def sendHere(self, uid: str, timType: int, message: Encoded) -> None:
+        """
+        Send to this node's sessions of C{uid} only.
+        """
+        self.local.send(uid, timType, message)
+
     def sendFrame(self, uid: str, header: bytes, payload: bytes) -> None:
         self.local.sendFrame(uid, header, payload)
         self._forward(uid, KIND_FRAME, lambda: pack(header, payload, uid.encode()))
@@ -229,18 +243,18 @@ class ClusterRouter:
 
     # Sending.
 
-    def _forward(self, uid: str, kind: str, payload: Callable[[], bytes]) -> None:
+    def _forward(self, uid: str, kind: str, payload: Callable[[], bytes], skip: str | None = None) -> None:
         nodes = self.directory.nodes(uid)
         if nodes is None:
-            self.directory.locate(uid).addCallback(self._sendTo, kind, payload)
+            self.directory.locate(uid).addCallback(self._sendTo, kind, payload, skip)
         else:
-            self._sendTo(nodes, kind, payload)
+            self._sendTo(nodes, kind, payload, skip)
 
-    def _sendTo(self, nodes: frozenset[str], kind: str, payload: Callable[[], bytes]) -> None:
+    def _sendTo(self, nodes: frozenset[str], kind: str, payload: Callable[[], bytes], skip: str | None = None) -> None:
         me = self.cluster.nodeId
         data = None
         for node in nodes:
-            if node == me:
+            if node == me or node == skip:
                 continue
             if data is None:
                 data = payload()

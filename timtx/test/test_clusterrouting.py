@@ -18,7 +18,7 @@ from timtx.admin.status import clusterStatus
 from timtx.chat.conversations import pairConversation
 from timtx.client import TimRequestFailed, connect, register, requestToken
 from timtx.cluster.membership import PeerRequestFailed, checkClusterConfig, loadSecret
-from timtx.cluster.messaging import ClusterMessaging
+from timtx.cluster.messaging import ECHO_FEATURE, ClusterMessaging
 from timtx.cluster.ownership import conversationKey
 from timtx.cluster.router import ClusterRouter
 from timtx.cluster.swim import ChangeKind, MemberChange
@@ -349,6 +349,54 @@ class ClusterRoutingTests(ClusterFixture, TestCase):
             self.assertEqual([m.dataString for m in got if m.dataString[0] == "a"], [f"a{i}" for i in range(count)])
         owners = [n for n in nodes if n.messaging.appendedForOthers]
         self.assertLessEqual(len(owners), 1, "one node stores the conversation")
+
+    @inlineCallbacks
+    def test_echoLeftToSendersNode(self):
+        """
+        A sender's node asks the conversation's owner to leave the echo to
+        its sessions there to it: once the owner knows where the sender is,
+        the echo comes with the owner's answer instead of a message of its
+        own.  Every device of the sender, there or on a third node, gets
+        each message of the conversation once, in seq order.  An owner that
+        does not offer it (an older node) sends the echo as before.
+        """
+        nodes = yield self.cluster(3)
+        names = [uniqueName(), uniqueName()]
+        uids = []
+        for name in names:
+            uids.append((yield register(reactor, httpURL(nodes[0]), name, "secret")))
+        conversationOwner = nodes[0].cluster.ownership.owner(conversationKey(pairConversation(*uids)))
+        home, third = [n for n in nodes if n.cluster.nodeId != conversationOwner]
+        alice = yield self.user(home, names[0], registerFirst=False)
+        alice3 = yield self.user(third, names[0], registerFirst=False)
+        # On the owner: what comes to alice's node is hers alone.
+        byId = {node.cluster.nodeId: node for node in nodes}
+        bob = yield self.user(byId[conversationOwner], names[1], registerFirst=False)
+        yield self.friends(home, alice, bob)
+        yield self.sessionsKnown(nodes, alice.uid, 2)
+        echoesSent = lambda: home.router.received.get("route.send", 0)  # noqa: E731
+
+        @inlineCallbacks
+        def exchange(count, first):
+            before = echoesSent()
+            for i in range(count):
+                alice.sendMessage(bob.uid, f"a{i}")
+                bob.sendMessage(alice.uid, f"b{i}")
+            for device in (alice, alice3):
+                got = []
+                for _ in range(2 * count):
+                    got.append((yield device.next(isMessage)).body)
+                self.assertEqual([m.seq for m in got], list(range(first, first + 2 * count)))
+                self.assertEqual([m.dataString for m in got if m.dataString[0] == "a"], [f"a{i}" for i in range(count)])
+            yield alice.ping()
+            self.assertEqual(alice.take(isMessage), [], "each once")
+            return echoesSent() - before
+
+        yield exchange(1, 1)  # the owner learns where alice is
+        self.assertEqual((yield exchange(20, 3)), 0, "every echo came with an answer")
+        peer = home.cluster._peers[conversationOwner]
+        peer.features = peer.features - {ECHO_FEATURE}
+        self.assertEqual((yield exchange(5, 43)), 5, "an older owner sends its echoes")
 
     @inlineCallbacks
     def test_conversationOwnerOff(self):
