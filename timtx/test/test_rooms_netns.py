@@ -131,7 +131,18 @@ class RoomInNamespacesTests(TestCase):
                 if reactor.seconds() > deadline:
                     counts = {body: sum(f.body == body for f in got) for body in sorted(wanted)}
                     connected = {p.name: p.client.connected for p in publishers}
-                    self.fail(f"a viewer got {counts} after the holder died (publishers connected: {connected})")
+                    # What each survivor did with the room, for the diagnosis.
+                    moves = [
+                        f"node{n}: {line.decode('utf-8', 'replace')}"
+                        for n in survivors
+                        for line in mesh.log(n).getContent().splitlines()
+                        if b"virtual room" in line or b"room." in line
+                    ]
+                    self.fail(
+                        f"a viewer on node{next(n for n, v in viewers if v is viewer)} got {counts} after the holder"
+                        f" died (publishers connected: {connected}; near on node{survivors[-1]}, far on"
+                        f" node{survivors[0]}); the room in the survivors' logs:\n" + "\n".join(moves[-40:])
+                    )
                 got.append((yield viewer.next(TimType.TIMSTREAM, timeout=30)).body)
             ids = [f.id for f in got]
             self.assertEqual(ids, sorted(set(ids)))
