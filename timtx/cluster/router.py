@@ -61,11 +61,13 @@ from timtx.cluster.directory import Located, UserDirectory
 from timtx.cluster.membership import ClusterService
 from timtx.cluster.ownership import NoOwner, Ownership, userKey
 from timtx.cluster.swim import MemberChange
-from timtx.cluster.wire import integer, pack, text, unpack
+from timtx.cluster.wire import BadPayload, integer, pack, text, unpack
 from timtx.delivery.encoded import Encoded
 from timtx.delivery.inbox import higherBound
 from timtx.interfaces import IRouter
 from timtx.protocols.codec import Encoding
+from timtx.protocols.constants import TimType
+from timtx.protocols.structs import TimMessage, TimPresence
 
 if TYPE_CHECKING:
     from timtx.delivery.fanout import GroupFanout
@@ -75,6 +77,13 @@ KIND_PUSH = "route.push"
 KIND_SEND = "route.send"
 KIND_FRAME = "route.frame"
 KIND_REREAD = "route.reread"
+#: Offered by a node that reads C{route.push} and C{route.send} of
+#: messages and presence with their JSON left out (empty): it makes JSON
+#: itself, from the compact encoding, for its JSON sessions only.
+COMPACT_FEATURE = "route.compact"
+#: The frame types sent with their JSON left out to such nodes, and their
+#: structs.
+_COMPACT_ONLY: dict[int, type] = {TimType.TIMMESSAGE: TimMessage, TimType.TIMPRESENCE: TimPresence}
 
 
 class GroupRoute(Protocol):
@@ -146,6 +155,7 @@ class ClusterRouter:
         cluster.addHandler(KIND_SEND, self._sendReceived)
         cluster.addHandler(KIND_FRAME, self._frameReceived)
         cluster.addHandler(KIND_REREAD, self._rereadReceived)
+        cluster.offer(COMPACT_FEATURE)
         cluster.addObserver(self._membershipChanged)
         directory.forgotten.append(self._forgotten)
 
@@ -173,7 +183,7 @@ class ClusterRouter:
         self._route(uid, qid, message, look=True)
 
     def _route(self, uid: str, qid: int, message: Encoded, look: bool) -> None:
-        payload = _lazy(lambda: pack(*_encodings(message), uid.encode(), b"%d" % qid))
+        payload = self._encoded(message, True, uid.encode(), b"%d" % qid)
         nodes = self.directory.nodes(uid)
         if nodes is None:
             self.directory.route(uid).addCallback(self._routed, uid, qid, payload, look)
@@ -182,7 +192,7 @@ class ClusterRouter:
 
     def send(self, uid: str, timType: int, message: Encoded) -> None:
         self.local.send(uid, timType, message)
-        self._forward(uid, KIND_SEND, lambda: pack(*_encodings(message), uid.encode(), b"%d" % timType))
+        self._forward(uid, KIND_SEND, self._sent(uid, timType, message))
 
     def sendExcept(self, uid: str, timType: int, message: Encoded, node: str) -> None:
         """
@@ -190,7 +200,29 @@ class ClusterRouter:
         C{uid} itself (L{sendHere}).
         """
         self.local.send(uid, timType, message)
-        self._forward(uid, KIND_SEND, lambda: pack(*_encodings(message), uid.encode(), b"%d" % timType), skip=node)
+        self._forward(uid, KIND_SEND, self._sent(uid, timType, message), skip=node)
+
+    def _sent(self, uid: str, timType: int, message: Encoded) -> Callable[[str], bytes]:
+        return self._encoded(message, timType in _COMPACT_ONLY, uid.encode(), b"%d" % timType)
+
+    def _encoded(self, message: Encoded, compactOnly: bool, *fields: bytes) -> Callable[[str], bytes]:
+        """
+        The payload for each node: C{message} in compact and JSON, then
+        C{fields}; with C{compactOnly}, its JSON left out for the nodes
+        that offer L{COMPACT_FEATURE} (most sessions use compact: JSON is
+        made only where a session needs it).  Each made at most once.
+        """
+        made: dict[bool, bytes] = {}
+
+        def payload(node: str) -> bytes:
+            lean = compactOnly and COMPACT_FEATURE in self.cluster.peerFeatures(node)
+            data = made.get(lean)
+            if data is None:
+                json = b"" if lean else message.payload(Encoding.JSON)
+                data = made[lean] = pack(message.payload(Encoding.COMPACT), json, *fields)
+            return data
+
+        return payload
 
     def sendHere(self, uid: str, timType: int, message: Encoded) -> None:
         """
@@ -200,7 +232,8 @@ class ClusterRouter:
 
     def sendFrame(self, uid: str, header: bytes, payload: bytes) -> None:
         self.local.sendFrame(uid, header, payload)
-        self._forward(uid, KIND_FRAME, lambda: pack(header, payload, uid.encode()))
+        data = _lazy(lambda: pack(header, payload, uid.encode()))
+        self._forward(uid, KIND_FRAME, lambda node: data())
 
     def pushToGroup(self, gid: str, members: Iterable[str], message: Encoded, skip: str | None = None) -> int:
         if self.groups is None:
@@ -243,23 +276,22 @@ class ClusterRouter:
 
     # Sending.
 
-    def _forward(self, uid: str, kind: str, payload: Callable[[], bytes], skip: str | None = None) -> None:
+    def _forward(self, uid: str, kind: str, payload: Callable[[str], bytes], skip: str | None = None) -> None:
         nodes = self.directory.nodes(uid)
         if nodes is None:
             self.directory.locate(uid).addCallback(self._sendTo, kind, payload, skip)
         else:
             self._sendTo(nodes, kind, payload, skip)
 
-    def _sendTo(self, nodes: frozenset[str], kind: str, payload: Callable[[], bytes], skip: str | None = None) -> None:
+    def _sendTo(
+        self, nodes: frozenset[str], kind: str, payload: Callable[[str], bytes], skip: str | None = None
+    ) -> None:
         me = self.cluster.nodeId
-        data = None
         for node in nodes:
             if node == me or node == skip:
                 continue
-            if data is None:
-                data = payload()
             self.forwarded[kind] = self.forwarded.get(kind, 0) + 1
-            self.cluster.send(node, kind, data).addErrback(self._sendFailed, node, kind)
+            self.cluster.send(node, kind, payload(node)).addErrback(self._sendFailed, node, kind)
 
     def _sendFailed(self, failure: Failure, node: str, kind: str) -> None:
         # What is sent unstored (presence, echoes) is worthless later.
@@ -267,7 +299,7 @@ class ClusterRouter:
 
     # Pushing, and doubt.
 
-    def _routed(self, located: Located, uid: str, qid: int, payload: Callable[[], bytes], look: bool) -> None:
+    def _routed(self, located: Located, uid: str, qid: int, payload: Callable[[str], bytes], look: bool) -> None:
         if not located.sure:
             # It waits in the inbox until the router is sure.
             self._doubt(uid, qid)
@@ -275,7 +307,7 @@ class ClusterRouter:
         self._pushTo(uid, qid, located.nodes, payload, look)
 
     def _pushTo(
-        self, uid: str, qid: int, nodes: frozenset[str], payload: Callable[[], bytes], look: bool = False
+        self, uid: str, qid: int, nodes: frozenset[str], payload: Callable[[str], bytes], look: bool = False
     ) -> None:
         if uid in self._doubtful:
             self._settle(uid, nodes)
@@ -293,7 +325,7 @@ class ClusterRouter:
                     self._pushFailed, node, uid, qid - 1, KIND_REREAD
                 )
             self.forwarded[KIND_PUSH] = self.forwarded.get(KIND_PUSH, 0) + 1
-            d = self.cluster.send(node, KIND_PUSH, payload())
+            d = self.cluster.send(node, KIND_PUSH, payload(node))
             d.addErrback(self._pushFailed, node, uid, qid, KIND_PUSH)
 
     def _settle(self, uid: str, nodes: frozenset[str]) -> None:
@@ -416,12 +448,13 @@ class ClusterRouter:
     def _pushReceived(self, node: str, payload: bytes) -> None:
         compact, json, uid, qid = unpack(payload, 4)
         self._count(KIND_PUSH)
-        self.local.push(text(uid), integer(qid), Encoded.prepared(compact, json))
+        self.local.push(text(uid), integer(qid), _received(TimType.TIMMESSAGE, compact, json))
 
     def _sendReceived(self, node: str, payload: bytes) -> None:
         compact, json, uid, timType = unpack(payload, 4)
         self._count(KIND_SEND)
-        self.local.send(text(uid), integer(timType), Encoded.prepared(compact, json))
+        kind = integer(timType)
+        self.local.send(text(uid), kind, _received(kind, compact, json))
 
     def _frameReceived(self, node: str, payload: bytes) -> None:
         header, body, uid = unpack(payload, 3)
@@ -462,5 +495,16 @@ def _lazy(make: Callable[[], bytes]) -> Callable[[], bytes]:
     return get
 
 
-def _encodings(message: Encoded) -> tuple[bytes, bytes]:
-    return message.payload(Encoding.COMPACT), message.payload(Encoding.JSON)
+def _received(timType: int, compact: bytes, json: bytes) -> Encoded:
+    """
+    A message from another node: in both encodings, or in compact alone
+    (JSON left out, L{COMPACT_FEATURE}).
+
+    @raise BadPayload: for JSON left out of a frame type that may not.
+    """
+    if json:
+        return Encoded.prepared(compact, json)
+    kind = _COMPACT_ONLY.get(timType)
+    if kind is None:
+        raise BadPayload(f"frame type {timType} sent without its JSON")
+    return Encoded.fromCompact(kind, compact)

@@ -18,7 +18,7 @@ class Encoded:
     @ivar message: the struct.
     """
 
-    __slots__ = ("message", "_compact", "_json")
+    __slots__ = ("message", "_compact", "_json", "_kind")
 
     def __init__(self, message: Any, compact: bytes | None = None):
         """
@@ -28,6 +28,7 @@ class Encoded:
         self.message = message
         self._compact = compact
         self._json: bytes | None = None
+        self._kind: type | None = None
 
     @classmethod
     def prepared(cls, compact: bytes, json: bytes) -> Encoded:
@@ -40,9 +41,22 @@ class Encoded:
         encoded._json = json
         return encoded
 
+    @classmethod
+    def fromCompact(cls, kind: type, compact: bytes) -> Encoded:
+        """
+        A message of struct C{kind} that arrives in Thrift compact only
+        (from another node of the cluster): decoded, to be encoded in JSON,
+        only if a JSON session is sent it.
+        """
+        encoded = cls(None, compact)
+        encoded._kind = kind
+        return encoded
+
     def payload(self, encoding: Encoding) -> bytes:
         if encoding is Encoding.JSON:
             if self._json is None:
+                if self.message is None and self._kind is not None and self._compact is not None:
+                    self.message = codec.decode_compact(self._kind, self._compact)
                 self._json = codec.encode_json(self.message)
             return self._json
         if self._compact is None:

@@ -25,8 +25,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from timtx.cluster.directory import KIND_BACK, UserDirectory
 from timtx.cluster.membership import PeerRequestFailed, PeerTimeout, PeerUnavailable
 from timtx.cluster.ownership import Ownership, userKey
-from timtx.cluster.router import KIND_PUSH, KIND_REREAD, ClusterRouter
+from timtx.cluster.router import COMPACT_FEATURE, KIND_PUSH, KIND_REREAD, ClusterRouter
 from timtx.cluster.swim import ChangeKind, Member, MemberChange, MemberState
+from timtx.cluster.wire import unpack
 from timtx.config import DevicesConfig, MessagesConfig
 from timtx.crypto.ids import NodeKeys
 from timtx.crypto.vault import StanzaVault
@@ -37,7 +38,7 @@ from timtx.delivery.registry import SessionRegistry
 from timtx.delivery.router import LocalRouter
 from timtx.delivery.sessions import AckIds, Session
 from timtx.persistence.memory import MemoryStore
-from timtx.protocols.codec import Encoding, decode_compact
+from timtx.protocols.codec import Encoding, decode_compact, decode_json
 from timtx.protocols.constants import TimType
 from timtx.protocols.structs import TimMessage, TimMessageList
 from timtx.test.test_router import _Sink
@@ -87,6 +88,7 @@ class _Cluster:
         self.ownership = Ownership(NODES)
         self.handlers: dict[str, Callable[[str, bytes], Any]] = {}
         self.observers: list[Callable[[MemberChange], object]] = []
+        self.features: set[str] = set()
         network.nodes[nodeId] = self
 
     def addHandler(self, kind: str, handler: Callable[[str, bytes], Any]) -> None:
@@ -97,6 +99,13 @@ class _Cluster:
 
     def addRestartObserver(self, observer: Callable[[str], object]) -> None:
         pass
+
+    def offer(self, feature: str) -> None:
+        self.features.add(feature)
+
+    def peerFeatures(self, nodeId: str) -> frozenset[str]:
+        other = self.network.nodes.get(nodeId)
+        return frozenset(self.features & other.features) if other is not None else frozenset()
 
     def member(self, nodeId: str) -> Member | None:
         state = MemberState.ALIVE if nodeId in self.ownership else MemberState.DEAD
@@ -162,12 +171,12 @@ class _Node:
         local = LocalRouter(self.sessions, self.inbox, fanout)
         self.router = ClusterRouter(local, self.directory, self.cluster)  # type: ignore[arg-type]
 
-    def live(self, uid: str) -> tuple[Session, _Sink]:
+    def live(self, uid: str, encoding: Encoding = Encoding.COMPACT) -> tuple[Session, _Sink]:
         """
         A live session of C{uid} here, registered with its owner.
         """
         sink = _Sink()
-        session = Session(sink, uid, "", None, 0, Encoding.COMPACT, 0.0, self.ackIds)
+        session = Session(sink, uid, "", None, 0, encoding, 0.0, self.ackIds)
         self.sessions.admit(session)
         self.inbox.flow.start(session).live = True
         self.directory.register(uid, "", admit=session)
@@ -328,7 +337,7 @@ class DoubtfulPushTests(ThreeNodes):
         self.nodes["node2"].cluster.sees("node3")
         self.network.down.add("node3")
         carol = userOwnedBy(["node1", "node3"])
-        self.nodes["node2"].router._pushTo(carol, 1, frozenset(["node3"]), lambda: b"")
+        self.nodes["node2"].router._pushTo(carol, 1, frozenset(["node3"]), lambda node: b"")
         self.assertEqual(self.nodes["node2"].router.doubted, 1)
 
     def test_nothingMissed(self) -> None:
@@ -625,3 +634,33 @@ class HandoverTests(ThreeNodes):
         self.assertEqual(self.received(session, sink), [("TIMOFFLINEMSG", ["ten", "eleven"]), ("TIMOFFLINEMSGEND", [])])
         self.nodes["node3"].router.push(bob, tenQid, ten)
         self.assertEqual(self.received(session, sink), [])
+
+
+class CompactOnlyTests(ThreeNodes):
+    def test_jsonLeftOut(self) -> None:
+        """
+        A push to a node that offers C{route.compact} leaves the JSON out:
+        that node makes it for its JSON session, the same message.  To a
+        node that does not offer it, both encodings go, as before.
+        """
+        bob = userOwnedBy(["node1", "node2"])
+        session, sink = self.nodes["node3"].live(bob, Encoding.JSON)
+        sent: list[bytes] = []
+        deliver = self.network.deliver
+
+        def recording(source: str, target: str, kind: str, payload: bytes) -> Deferred[Any]:
+            if kind == KIND_PUSH:
+                sent.append(payload)
+            return deliver(source, target, kind, payload)
+
+        self.network.deliver = recording  # type: ignore[method-assign]
+        self.stored("node1", bob, "one")
+        self.nodes["node3"].cluster.features.discard(COMPACT_FEATURE)
+        self.stored("node1", bob, "two")
+        self.assertEqual([unpack(payload, 4)[1] == b"" for payload in sent], [True, False])
+        texts = []
+        while sink.frames:
+            frame = sink.frames.pop(0)
+            texts.append(decode_json(TimMessage, frame.payload).dataString)
+            session.ackReceived(frame.ackId)
+        self.assertEqual(texts, ["one", "two"])
