@@ -112,7 +112,7 @@ from collections import OrderedDict
 from itertools import count
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -431,7 +431,7 @@ class ClusterVRoomService(VRoomService):
         try:
             result = f()
         except TimProtocolError as e:
-            return dumps({"error": e.code, "text": e.text, "n": e.ackFields.get("n")})
+            return _refusal(e)
         return dumps(result or {})
 
     # TIMVROOM from this node's sessions.
@@ -463,43 +463,38 @@ class ClusterVRoomService(VRoomService):
         return vnode
 
     def _remove(self, session: Session, request: TimReq) -> Any:
-        return self._manage(session, request, "remove", super()._remove, VRoomOp.REMOVE)
+        return self._manage(session, request, "remove", VRoomOp.REMOVE)
 
     def _grant(self, session: Session, request: TimReq) -> Any:
-        return self._manage(session, request, "grant", super()._grant, VRoomOp.ADDAUTH)
+        return self._manage(session, request, "grant", VRoomOp.ADDAUTH)
 
     def _revoke(self, session: Session, request: TimReq) -> Any:
-        return self._manage(session, request, "revoke", super()._revoke, VRoomOp.DELAUTH)
+        return self._manage(session, request, "revoke", VRoomOp.DELAUTH)
 
     def _allow(self, session: Session, request: TimReq) -> Any:
-        return self._manage(session, request, "allow", super()._allow, VROOM_ALLOW)
+        return self._manage(session, request, "allow", VROOM_ALLOW)
 
     def _disallow(self, session: Session, request: TimReq) -> Any:
-        return self._manage(session, request, "disallow", super()._disallow, VROOM_DISALLOW)
-
-    def _manage(
-        self, session: Session, request: TimReq, op: str, local: Callable[[Session, TimReq], Any], rtype: int
-    ) -> Any:
-        """
-        A founder's operation: done here if this node holds the room (and
-        the new rules sent to the nodes that mirror it), else by its
-        holder.
-        """
-        vnode = requireNode(request)
-        if self._servedHere(vnode):
-            d = maybeDeferred(local, session, request)
-            d.addCallback(lambda _: self._rulesChanged(vnode))
-            return d
-        return self._manageElsewhere(session, request, op, rtype)
+        return self._manage(session, request, "disallow", VROOM_DISALLOW)
 
     @inlineCallbacks
-    def _manageElsewhere(self, session: Session, request: TimReq, op: str, rtype: int) -> Any:
+    def _manage(self, session: Session, request: TimReq, op: str, rtype: int) -> Any:
+        """
+        A founder's operation, done by the room's holder (this node or
+        another).  The founder is answered once the new rules reached the
+        holder's successor (L{_rulesChanged}): a change it is told was
+        made outlives the holder.
+        """
         vnode = requireNode(request)
         user = None if op == "remove" else requireNode(request, "node2")
         if user is not None and op in ("grant", "allow") and not (yield self.accounts.exists(user)):
             raise _error(ErrorCode.ERR_ACCOUNT, "no such user", user)
-        message = {"vnode": vnode, "uid": session.uid, "op": op, "user": user}
-        yield self._ask(self.holder(vnode), KIND_MANAGE, message)
+        if self._servedHere(vnode):
+            self._applyManage(session.uid, vnode, op, user)
+            yield self._rulesChanged(vnode)
+        else:
+            message = {"vnode": vnode, "uid": session.uid, "op": op, "user": user}
+            yield self._ask(self.holder(vnode), KIND_MANAGE, message)
         session.sendAck(TimType.TIMVROOM, n=user or vnode, t=rtype)
 
     def _subscribe(self, session: Session, request: TimReq) -> Any:
@@ -795,37 +790,62 @@ class ClusterVRoomService(VRoomService):
         if nodes is not None:
             nodes.discard(node)
 
-    def _manageReceived(self, node: str, payload: bytes) -> bytes:
+    def _manageReceived(self, node: str, payload: bytes) -> Deferred[bytes]:
         message = loads(payload)
         vnode, uid, op, named = _text(message, "vnode"), _text(message, "uid"), message.get("op"), message.get("user")
         if op not in _MANAGE_OPS or (op != "remove" and not isinstance(named, str)):
             raise BadPayload("op and user are required")
-        user = str(named)
+        try:
+            self._applyManage(uid, vnode, op, str(named))
+        except TimProtocolError as e:
+            return succeed(_refusal(e))
+        return self._rulesChanged(vnode).addCallback(lambda _: dumps({}))
 
-        def manage() -> None:
-            if self._held(vnode) is None:
-                raise _error(ErrorCode.ERR_NOEXIST, "no such virtual room", vnode)
-            registry = self.registry
-            if op == "remove":
-                room = registry.managed(uid, vnode)
-                self._tell(registry.remove(uid, vnode), VRoomOp.REMOVE)
-                self.roomEnded(room)
-            elif op == "grant":
-                registry.grant(uid, vnode, user)
-            elif op == "revoke":
-                registry.revoke(uid, vnode, user)
-            elif op == "allow":
-                registry.allow(uid, vnode, user)
-            else:
-                self._tell(registry.disallow(uid, vnode, user), VRoomOp.SUBCANCEL)
-            self._rulesChanged(vnode)
+    def _applyManage(self, uid: str, vnode: str, op: str, user: str | None) -> None:
+        """
+        Do founder C{uid}'s operation on room C{vnode}, held here.
 
-        return self._answering(manage)
+        @raise TimProtocolError: if it is refused.
+        """
+        if self._held(vnode) is None:
+            raise _error(ErrorCode.ERR_NOEXIST, "no such virtual room", vnode)
+        registry = self.registry
+        if op == "remove":
+            room = registry.managed(uid, vnode)
+            self._tell(registry.remove(uid, vnode), VRoomOp.REMOVE)
+            self.log.info("{uid} removed virtual room {vnode}", uid=uid, vnode=vnode)
+            self.roomEnded(room)
+            return
+        assert user is not None
+        if op == "grant":
+            registry.grant(uid, vnode, user)
+        elif op == "revoke":
+            registry.revoke(uid, vnode, user)
+        elif op == "allow":
+            registry.allow(uid, vnode, user)
+        else:
+            self._tell(registry.disallow(uid, vnode, user), VRoomOp.SUBCANCEL)
 
-    def _rulesChanged(self, vnode: str) -> None:
+    def _rulesChanged(self, vnode: str) -> Deferred[None]:
+        """
+        Send the held room's new rules to the nodes that mirror it, and to
+        its successor as a request: fires once the successor has them (or
+        could not be told), so that a founder is answered only when the
+        change would outlive this node.  Sent as messages and nothing
+        else, a change was lost whenever this node died before flushing
+        them: acknowledged, yet gone with it.
+        """
         room = self._held(vnode)
-        if room is not None:
-            self._sendRules(room, self._successor(vnode), *self.nodes.get(vnode, ()))
+        successor = self._successor(vnode)
+        if room is None:
+            return succeed(None)
+        self._sendRules(room, *(n for n in self.nodes.get(vnode, ()) if n != successor))
+        if successor is None or successor == self.nodeId:
+            return succeed(None)
+        self.sent[KIND_RULES] = self.sent.get(KIND_RULES, 0) + 1
+        d = self.cluster.request(successor, KIND_RULES, dumps(roomRules(room)))
+        d.addErrback(self._sendFailed, successor, KIND_RULES)
+        return d.addCallback(lambda _: None)
 
     def _sendRules(self, room: VRoom, *nodes: str | None) -> None:
         payload = dumps(roomRules(room))
@@ -1017,6 +1037,13 @@ class ClusterVRoomService(VRoomService):
             "refused": dict(self.refused),
             "failed": dict(self.failed),
         }
+
+
+def _refusal(error: TimProtocolError) -> bytes:
+    """
+    The answer to a request that C{error} refused (L{_answer} raises it).
+    """
+    return dumps({"error": error.code, "text": error.text, "n": error.ackFields.get("n")})
 
 
 def _answer(data: bytes) -> dict[str, Any]:

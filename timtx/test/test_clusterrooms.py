@@ -9,7 +9,7 @@ import json
 import random
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import Clock, LoopingCall
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -121,6 +121,8 @@ class _Cluster:
         self.handlers = {}
         self.waitingFor = {}
         self.sent = []
+        #: Requests, answered by the test.
+        self.requests = []
         self.offered = set()
         #: What each other node offers (L{ClusterService.peerFeatures}).
         self.features = {}
@@ -146,6 +148,11 @@ class _Cluster:
     def send(self, nodeId, kind, payload):
         self.sent.append((nodeId, kind, payload))
         return succeed(None)
+
+    def request(self, nodeId, kind, payload):
+        d = Deferred()
+        self.requests.append((nodeId, kind, payload, d))
+        return d
 
 
 class _Session:
@@ -228,6 +235,35 @@ class DropPolicyTests(SynchronousTestCase):
 
     def service(self, nodeId, nodes, **config):
         return fakeService(nodeId, nodes, **config)
+
+    def test_changeAnsweredOnceTheSuccessorHasIt(self):
+        """
+        A founder's change is answered only once the holder's successor has
+        the new rules: sent as messages alone, a change acknowledged just
+        before the holder died was lost with its unflushed output, and the
+        next holder refused a publisher it had been told was granted.  A
+        successor that cannot be told delays nothing further.
+        """
+        nodes = ["a", "b", "c"]
+        service, cluster = self.service("a", nodes)
+        ownership = Ownership(nodes)
+        vnode = next(v for i in range(1000) if ownership.owner(roomKey(v := f"room{i}")) == "a")
+        successor = ownership.owners(roomKey(vnode), 2)[1]
+        service.registry.register("founder", vnode=vnode)
+        service.nodes[vnode] = {"b", "c"}
+        for user, answer in (("publisher", None), ("other", ConnectionRefusedError("gone"))):
+            request = dumps({"vnode": vnode, "uid": "founder", "op": "grant", "user": user})
+            answered = service._manageReceived("c", request)
+            self.assertNoResult(answered)
+            node, kind, payload, d = cluster.requests.pop()
+            self.assertEqual((node, kind, user in json.loads(payload)["publishers"]), (successor, "room.rules", True))
+            if answer is None:
+                d.callback(b"")
+            else:
+                d.errback(answer)
+            self.assertEqual(self.successResultOf(answered), b"{}")
+        # The other mirror is sent the rules as before.
+        self.assertEqual({node for node, kind, _ in cluster.sent if kind == "room.rules"}, {"b", "c"} - {successor})
 
     def test_slowNodeSkipped(self):
         """

@@ -131,6 +131,16 @@ class RoomInNamespacesTests(TestCase):
                 if reactor.seconds() > deadline:
                     counts = {body: sum(f.body == body for f in got) for body in sorted(wanted)}
                     connected = {p.name: p.client.connected for p in publishers}
+                    refusals = {
+                        p.name: sorted(
+                            {
+                                (a.body.error.code, a.body.error.info)
+                                for a in p.client.take(TimType.TIMACK)
+                                if not a.body.ok and a.body.error is not None
+                            }
+                        )
+                        for p in publishers
+                    }
                     # What each survivor did with the room, for the diagnosis.
                     moves = [
                         f"node{n}: {line.decode('utf-8', 'replace')}"
@@ -141,7 +151,8 @@ class RoomInNamespacesTests(TestCase):
                     self.fail(
                         f"a viewer on node{next(n for n, v in viewers if v is viewer)} got {counts} after the holder"
                         f" died (publishers connected: {connected}; near on node{survivors[-1]}, far on"
-                        f" node{survivors[0]}); the room in the survivors' logs:\n" + "\n".join(moves[-40:])
+                        f" node{survivors[0]}; errors they were answered: {refusals}); the room in the survivors'"
+                        " logs:\n" + "\n".join(moves[-40:])
                     )
                 got.append((yield viewer.next(TimType.TIMSTREAM, timeout=30)).body)
             ids = [f.id for f in got]
