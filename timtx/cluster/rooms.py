@@ -442,10 +442,10 @@ class ClusterVRoomService(VRoomService):
         holder = self.holder(vnode)
         if holder == self.nodeId:
             room = self.registry.register(session.uid, private=private, vnode=vnode)
-            self._sendRules(room, self._successor(vnode))
             self.log.info("{uid} registered virtual room {vnode}", uid=session.uid, vnode=vnode)
-            session.sendAck(TimType.TIMVROOM, n=vnode, t=VRoomOp.REGISTER)
-            return None
+            return self._replicated(room).addCallback(
+                lambda _: session.sendAck(TimType.TIMVROOM, n=vnode, t=VRoomOp.REGISTER)
+            )
         d = self._ask(holder, KIND_CREATE, {"vnode": vnode, "founder": session.uid, "private": private})
         d.addCallback(lambda _: session.sendAck(TimType.TIMVROOM, n=vnode, t=VRoomOp.REGISTER))
         return d
@@ -729,18 +729,17 @@ class ClusterVRoomService(VRoomService):
 
     # The holder's side.
 
-    def _createReceived(self, node: str, payload: bytes) -> bytes:
+    def _createReceived(self, node: str, payload: bytes) -> Deferred[bytes]:
         message = loads(payload)
         vnode, founder, private = _text(message, "vnode"), _text(message, "founder"), message.get("private")
         if not isinstance(private, bool):
             raise BadPayload("private is required")
-
-        def create() -> None:
+        try:
             room = self.registry.register(founder, private=private, vnode=vnode)
-            self.log.info("{uid} registered virtual room {vnode} from node {node}", uid=founder, vnode=vnode, node=node)
-            self._sendRules(room, self._successor(vnode))
-
-        return self._answering(create)
+        except TimProtocolError as e:
+            return succeed(_refusal(e))
+        self.log.info("{uid} registered virtual room {vnode} from node {node}", uid=founder, vnode=vnode, node=node)
+        return self._replicated(room).addCallback(lambda _: dumps({}))
 
     def _joinReceived(self, node: str, payload: bytes) -> bytes:
         message = loads(payload)
@@ -836,10 +835,18 @@ class ClusterVRoomService(VRoomService):
         them: acknowledged, yet gone with it.
         """
         room = self._held(vnode)
-        successor = self._successor(vnode)
         if room is None:
             return succeed(None)
+        successor = self._successor(vnode)
         self._sendRules(room, *(n for n in self.nodes.get(vnode, ()) if n != successor))
+        return self._replicated(room)
+
+    def _replicated(self, room: VRoom) -> Deferred[None]:
+        """
+        Give the held C{room}'s successor its rules, as a request: fires
+        once it has them, or could not be told (L{_rulesChanged}).
+        """
+        successor = self._successor(room.vnode)
         if successor is None or successor == self.nodeId:
             return succeed(None)
         self.sent[KIND_RULES] = self.sent.get(KIND_RULES, 0) + 1

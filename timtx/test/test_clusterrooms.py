@@ -203,6 +203,16 @@ def fakeService(nodeId, nodes, **config):
     return service, cluster
 
 
+def heldBy(service):
+    """
+    A room id C{service}'s node holds in its view, and that room's
+    successor.
+    """
+    ownership = service.cluster.ownership
+    vnode = next(v for i in range(1000) if ownership.owner(roomKey(v := f"room{i}")) == service.nodeId)
+    return vnode, ownership.owners(roomKey(vnode), 2)[1]
+
+
 def sendFrame(cluster, sender, number, stamp=None, body=b"f"):
     """
     Hand C{cluster}'s node frame C{number} of room C{room} from node
@@ -244,11 +254,8 @@ class DropPolicyTests(SynchronousTestCase):
         next holder refused a publisher it had been told was granted.  A
         successor that cannot be told delays nothing further.
         """
-        nodes = ["a", "b", "c"]
-        service, cluster = self.service("a", nodes)
-        ownership = Ownership(nodes)
-        vnode = next(v for i in range(1000) if ownership.owner(roomKey(v := f"room{i}")) == "a")
-        successor = ownership.owners(roomKey(vnode), 2)[1]
+        service, cluster = self.service("a", ["a", "b", "c"])
+        vnode, successor = heldBy(service)
         service.registry.register("founder", vnode=vnode)
         service.nodes[vnode] = {"b", "c"}
         for user, answer in (("publisher", None), ("other", ConnectionRefusedError("gone"))):
@@ -264,6 +271,20 @@ class DropPolicyTests(SynchronousTestCase):
             self.assertEqual(self.successResultOf(answered), b"{}")
         # The other mirror is sent the rules as before.
         self.assertEqual({node for node, kind, _ in cluster.sent if kind == "room.rules"}, {"b", "c"} - {successor})
+
+    def test_roomAnsweredOnceTheSuccessorHasIt(self):
+        """
+        A room registered through another node is answered once the
+        holder's successor has its rules, for the same reason.
+        """
+        service, cluster = self.service("a", ["a", "b", "c"])
+        vnode, successor = heldBy(service)
+        answered = service._createReceived("c", dumps({"vnode": vnode, "founder": "f", "private": True}))
+        self.assertNoResult(answered)
+        node, kind, payload, d = cluster.requests.pop()
+        self.assertEqual((node, kind, json.loads(payload)["founder"]), (successor, "room.rules", "f"))
+        d.callback(b"")
+        self.assertEqual(self.successResultOf(answered), b"{}")
 
     def test_slowNodeSkipped(self):
         """
