@@ -160,22 +160,14 @@ class ClusterMessaging(PersonalMessaging):
     ) -> Appended:
         """
         Route a message stored for a sender on C{node}, which asked to echo
-        it to its own sessions itself.  Left to it only when this node
-        would have sent the echo there at once: where this node must first
-        ask where the sender is, what it pushes there waits for the answer,
-        and the echo must not overtake it.  C{leftToIt} gets the answer's
-        field that says which.
+        it to its own sessions itself: left to it when this node would
+        have sent it there at once (L{ClusterRouter.sendExcept}).
+        C{leftToIt} gets the answer's field that says whether it was.
         """
         router = self._echoRouter
         assert router is not None
         encoded = Encoded(appended.message, appended.compact)
-        nodes = router.directory.nodes(sender)
-        if nodes is not None and node in nodes:
-            router.sendExcept(sender, TimType.TIMMESSAGE, encoded, node)
-            leftToIt.append(b"1")
-        else:
-            router.send(sender, TimType.TIMMESSAGE, encoded)
-            leftToIt.append(b"")
+        leftToIt.append(b"1" if router.sendExcept(sender, TimType.TIMMESSAGE, encoded, node) else b"")
         return self._pushAppended(appended, recipient, encoded)
 
 

@@ -194,13 +194,25 @@ class ClusterRouter:
         self.local.send(uid, timType, message)
         self._forward(uid, KIND_SEND, self._sent(uid, timType, message))
 
-    def sendExcept(self, uid: str, timType: int, message: Encoded, node: str) -> None:
+    def sendExcept(self, uid: str, timType: int, message: Encoded, node: str) -> bool:
         """
-        L{send}, but not to C{node}, which sends to its own sessions of
-        C{uid} itself (L{sendHere}).
+        L{send}, leaving C{node} out if this node would send there at once
+        (C{node} then sends to its own sessions of C{uid} itself,
+        L{sendHere}).  Where this node must first ask where C{uid} is, what
+        it pushes there waits for the answer, and this must not overtake
+        it: then it goes to C{node} too.
+
+        @return: whether C{node} was left out.
         """
         self.local.send(uid, timType, message)
-        self._forward(uid, KIND_SEND, self._sent(uid, timType, message), skip=node)
+        payload = self._sent(uid, timType, message)
+        nodes = self.directory.nodes(uid)
+        if nodes is None:
+            self.directory.locate(uid).addCallback(self._sendTo, KIND_SEND, payload)
+            return False
+        skip = node if node in nodes else None
+        self._sendTo(nodes, KIND_SEND, payload, skip)
+        return skip is not None
 
     def _sent(self, uid: str, timType: int, message: Encoded) -> Callable[[str], bytes]:
         return self._encoded(message, timType in _COMPACT_ONLY, uid.encode(), b"%d" % timType)
@@ -276,12 +288,12 @@ class ClusterRouter:
 
     # Sending.
 
-    def _forward(self, uid: str, kind: str, payload: Callable[[str], bytes], skip: str | None = None) -> None:
+    def _forward(self, uid: str, kind: str, payload: Callable[[str], bytes]) -> None:
         nodes = self.directory.nodes(uid)
         if nodes is None:
-            self.directory.locate(uid).addCallback(self._sendTo, kind, payload, skip)
+            self.directory.locate(uid).addCallback(self._sendTo, kind, payload)
         else:
-            self._sendTo(nodes, kind, payload, skip)
+            self._sendTo(nodes, kind, payload)
 
     def _sendTo(
         self, nodes: frozenset[str], kind: str, payload: Callable[[str], bytes], skip: str | None = None
